@@ -1,0 +1,82 @@
+// KeyChain: turns token ids into chained, keyed 128-bit block keys (DESIGN.md "Keys").
+//
+//   key_0 = H(secret, "kvtier/1" ‖ model id ‖ layout fingerprint ‖ tenant salt ‖ adapter id)
+//   key_i = H(secret, key_{i-1} ‖ tokens_i ‖ extras_i),   H = XXH3-128 with a derived secret
+//
+// The secret comes from the deployment's configuration, so keys are equal in every process and
+// after every restart that uses the same secret, and differ for another secret. Variable-length
+// fields of the root are length-prefixed so ("ab","c") and ("a","bc") never meet.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kvtier/block_key.h"
+#include "kvtier/kv_layout.h"
+#include "kvtier/status.h"
+
+namespace kvtier {
+
+using TokenId = uint32_t;
+
+/// A per-block extra folded into that block's key: a multimodal item hash, for example.
+struct BlockExtra {
+  uint32_t block_index = 0;  // which full block of the prompt it belongs to
+  BlockKey item_hash;        // the item's own content hash
+};
+
+/// What a prefix's root key is made of. Two specs share blocks only when every field is equal.
+struct NamespaceSpec {
+  std::string model_id;    // e.g. "meta-llama/Llama-3.1-8B-Instruct@main"; required
+  KvLayout layout;         // must validate; its fingerprint and block size go into the root
+  std::string tenant_salt; // "" shares across all users of the deployment
+  std::string adapter_id;  // LoRA adapter, "" for the base model
+};
+
+/// A resolved namespace: the root key plus the layout its blocks follow.
+struct Namespace {
+  BlockKey root;
+  KvLayout layout;
+  uint32_t block_tokens() const noexcept { return layout.block_tokens; }
+};
+
+/// The 128-bit hash used for keys. Replaceable only so tests can force collisions.
+using KeyHashFn = BlockKey (*)(const void* data, size_t len, const uint8_t* secret,
+                               size_t secret_len);
+/// XXH3-128 with a custom secret: the production hash.
+BlockKey xxh3_128_keyed(const void* data, size_t len, const uint8_t* secret, size_t secret_len);
+
+class KeyChain {
+ public:
+  static constexpr std::string_view kFormatTag = "kvtier/1";  // bump when key derivation changes
+  static constexpr size_t kSecretBytes = 192;
+
+  /// `deployment_secret` may be any string (even empty, which gives well-known keys: fine for a
+  /// single trusted deployment, wrong when tenants must not probe each other's prompts).
+  explicit KeyChain(std::string_view deployment_secret, KeyHashFn hash = &xxh3_128_keyed);
+
+  /// The namespace root. kInvalidArgument for an empty model id or an invalid layout.
+  Result<Namespace> make_namespace(const NamespaceSpec& spec) const;
+
+  /// One link of the chain: the key of a block from its parent key, tokens and extras.
+  BlockKey block_key(const BlockKey& parent, std::span<const TokenId> tokens,
+                     std::span<const BlockKey> extras = {}) const;
+
+  /// Keys of every full block of `tokens`, written into `keys` (cleared first); a partial tail is
+  /// never keyed. `extras` must be sorted by block index; an extra beyond the last full block is
+  /// kInvalidArgument.
+  Status chain(const Namespace& ns, std::span<const TokenId> tokens,
+               std::span<const BlockExtra> extras, std::vector<BlockKey>& keys) const;
+
+  KeyHashFn hash_fn() const noexcept { return hash_; }
+
+ private:
+  std::array<uint8_t, kSecretBytes> secret_{};
+  KeyHashFn hash_;
+};
+
+}  // namespace kvtier

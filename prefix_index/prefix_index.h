@@ -1,0 +1,200 @@
+// PrefixIndex: the concurrent map from block key to block entry, with longest-prefix match,
+// residency per tier, pins and leases, priority and recency, and the eviction choice.
+//
+// Invariant (prefix closure): every indexed block's parent is indexed too (or is the namespace
+// root), so every indexed block is reachable by a prefix match. Inserts must come in prefix
+// order, and a block leaves the index only when it has no indexed children.
+//
+// Concurrency: the key space is split over shards, each with its own mutex. A match hashes its
+// whole prompt first, then visits each shard once for all of that shard's blocks, so a 128K-token
+// match takes 64 locks, not 8192. Operations that touch a block and its parent lock both shards
+// in shard order.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "kvtier/block_key.h"
+#include "kvtier/status.h"
+#include "kvtier/tier.h"
+#include "prefix_index/key_chain.h"
+
+namespace kvtier {
+
+using LeaseId = uint64_t;
+inline constexpr LeaseId kNoLease = 0;
+
+struct IndexOptions {
+  /// Number of shards; a power of two in [1, 4096]. Default 64.
+  uint32_t shards = 64;
+  /// Lease lifetime when a match takes a lease without saying how long. Default 30 s.
+  uint64_t default_lease_ns = 30'000'000'000ull;
+  /// Monotonic clock in nanoseconds, for lease expiry. Default: std::chrono::steady_clock.
+  /// Tests inject a manual clock so that expiry never depends on sleeping.
+  std::function<uint64_t()> clock_ns;
+};
+
+/// Where one block lives, as a match reports it.
+struct BlockResidency {
+  BlockKey key;
+  uint8_t tier_mask = 0;  // bit tier_bit(t) set when resident in tier t
+  std::array<SlotId, kNumTiers> slots{kNoSlot, kNoSlot, kNoSlot};
+  uint64_t byte_size = 0;
+  uint64_t checksum = 0;
+  Priority priority = Priority::kNormal;
+
+  bool resident_in(Tier t) const noexcept { return tier_mask & tier_bit(t); }
+  SlotId slot(Tier t) const noexcept { return slots[static_cast<int>(t)]; }
+};
+
+/// The longest cached prefix of a prompt.
+struct Match {
+  std::vector<BlockResidency> blocks;  // in prompt order; blocks.size() full blocks matched
+  uint64_t tokens = 0;                 // blocks.size() × block_tokens
+  LeaseId lease = kNoLease;            // pins every matched block until released or expired
+  uint64_t lease_expiry_ns = 0;
+};
+
+struct MatchOptions {
+  /// Pin every matched block under a lease, so none is evicted before the caller loads it.
+  bool take_lease = false;
+  /// Lease lifetime; 0 means IndexOptions::default_lease_ns.
+  uint64_t lease_ns = 0;
+  /// Refresh recency and hit counts of matched blocks (a "peek" sets this to false).
+  bool touch = true;
+};
+
+/// One block to insert. Blocks of a prompt go in prefix order: the parent must be indexed.
+struct BlockInsert {
+  BlockKey key;                      // KeyChain::block_key(parent, tokens, extras); checked
+  BlockKey parent;                   // the namespace root for block 0
+  uint32_t block_index = 0;          // position in the prompt, 0-based
+  std::span<const TokenId> tokens;   // exactly block_tokens ids
+  std::span<const BlockKey> extras;  // per-block extras, as hashed
+  uint64_t byte_size = 0;            // 0 = the namespace layout's block size; else must equal it
+  uint64_t checksum = 0;             // XXH3-64 of the block's bytes
+  Tier tier = Tier::kHost;           // where the bytes were written
+  SlotId slot = kNoSlot;             // the tier's handle; required
+  Priority priority = Priority::kNormal;
+};
+
+enum class InsertOutcome : uint8_t {
+  kInserted,        // a new entry
+  kAddedResidency,  // the entry existed; it is now also resident in the given tier
+};
+
+/// A block that left a tier (and maybe the index), so its tier can free the slot.
+struct EvictedBlock {
+  BlockKey key;
+  Tier tier;
+  SlotId slot;
+  bool left_index;  // no residency remained: the entry is gone
+};
+
+/// Why the caller asks for victims: to drop blocks, or to copy them down a tier first.
+enum class EvictPurpose : uint8_t {
+  kDrop,    // a block whose last residency this is must also be an index leaf
+  kDemote,  // the caller adds a lower residency before removing this one
+};
+
+struct IndexStats {
+  uint64_t entries = 0;
+  uint64_t lookups = 0;
+  uint64_t hit_blocks = 0;
+  uint64_t hit_tokens = 0;
+  uint64_t lookup_tokens = 0;  // full-block tokens asked about
+  uint64_t inserts = 0;
+  uint64_t collisions = 0;     // inserts refused because a key held another prompt's block
+  uint64_t leases_active = 0;
+  uint64_t leases_expired = 0;
+  std::array<uint64_t, kNumTiers> resident_blocks{};
+  std::array<uint64_t, kNumTiers> evictions{};
+};
+
+class PrefixIndex {
+ public:
+  static Result<std::unique_ptr<PrefixIndex>> create(const KeyChain& keys, IndexOptions options = {});
+  ~PrefixIndex();
+  PrefixIndex(const PrefixIndex&) = delete;
+  PrefixIndex& operator=(const PrefixIndex&) = delete;
+
+  const KeyChain& key_chain() const noexcept { return keys_; }
+
+  /// Longest prefix of `tokens` whose every block is indexed with the request's own parent key,
+  /// tokens and extras (a hash collision never returns another prompt's KV). Fewer tokens than
+  /// one block give an empty match, not an error.
+  Result<Match> match(const Namespace& ns, std::span<const TokenId> tokens,
+                      std::span<const BlockExtra> extras = {}, const MatchOptions& options = {});
+
+  /// Releases a lease's pins. kNotFound when it was released or expired already.
+  Status release(LeaseId lease);
+  /// Releases every lease whose expiry has passed; returns how many.
+  size_t expire_leases();
+
+  /// Inserts a block (or adds a tier residency to an existing identical block).
+  /// kInvalidArgument: wrong token count, key not derived from parent+tokens+extras, no slot.
+  /// kNotFound: the parent is not indexed. kCollision: the key holds another block.
+  /// kAlreadyExists: the block is already resident in that tier (the caller frees its slot).
+  Result<InsertOutcome> insert(const Namespace& ns, const BlockInsert& block);
+
+  /// Residency changes made by the tier manager.
+  Status add_residency(const BlockKey& key, Tier tier, SlotId slot);
+  /// Removes one tier's residency; the entry leaves the index with its last residency.
+  /// kBusy when pinned, when a child in that tier depends on it, or when it would orphan a child.
+  Result<EvictedBlock> remove_residency(const BlockKey& key, Tier tier);
+  /// Removes an entry from every tier at once: same rules as removing its last residency.
+  Result<std::vector<EvictedBlock>> erase(const BlockKey& key);
+
+  Status touch(const BlockKey& key);
+  Status pin(const BlockKey& key);
+  Status unpin(const BlockKey& key);
+  Status set_priority(const BlockKey& key, Priority priority);
+
+  /// A snapshot of one block, or nullopt.
+  std::optional<BlockResidency> get(const BlockKey& key) const;
+
+  /// Up to `max_blocks` victims in `tier`: lowest priority class first, then least recently
+  /// used; never pinned; never a block with a child resident in the same tier; for kDrop, never
+  /// a block whose removal would orphan an indexed child. Advisory: removal re-checks.
+  std::vector<BlockKey> pick_victims(Tier tier, size_t max_blocks, EvictPurpose purpose) const;
+
+  /// Drops up to `max_blocks` blocks from `tier` in eviction order, leaves first, following
+  /// parents as they become leaves. Expired leases are released first.
+  std::vector<EvictedBlock> evict(Tier tier, size_t max_blocks);
+
+  IndexStats stats() const;
+
+  /// Checks every structural invariant (prefix closure, child counts, residency masks);
+  /// for tests and `kvtier fsck`. Locks the whole index.
+  Status check_invariants() const;
+
+  struct Shard;  // defined in prefix_index.cpp
+
+ private:
+  PrefixIndex(const KeyChain& keys, IndexOptions options);
+  Shard& shard_for(const BlockKey& key) const noexcept;
+  uint64_t now_ns() const;
+  Status release_keys(std::span<const BlockKey> keys);
+  Result<EvictedBlock> remove_residency_impl(const BlockKey& key, Tier tier, bool count_eviction);
+
+  KeyChain keys_;
+  IndexOptions options_;
+  uint32_t shard_shift_;
+  std::unique_ptr<Shard[]> shards_;
+  std::atomic<uint64_t> recency_clock_{1};
+  std::atomic<LeaseId> next_lease_{1};
+
+  struct Leases;
+  std::unique_ptr<Leases> leases_;
+
+  struct Counters;
+  std::unique_ptr<Counters> counters_;
+};
+
+}  // namespace kvtier

@@ -1,0 +1,88 @@
+// Eviction choice: lowest priority class first, then least recently used, leaves before parents,
+// never a pinned block; per-tier residency.
+#include <catch2/catch.hpp>
+
+#include "index_fixture.h"
+
+using namespace kvtier;
+using namespace kvtier::testing;
+
+TEST_CASE("Eviction drops leaves before parents and keeps every block reachable") {
+  KeyChain chain("secret");
+  auto index = std::move(*PrefixIndex::create(chain, {.shards = 4}));
+  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  std::mt19937_64 rng(10);
+  auto prompt = random_tokens(rng, 40);
+  auto keys = insert_prompt(*index, ns, prompt);
+  for (size_t dropped = 1; dropped <= 10; ++dropped) {
+    auto ev = index->evict(Tier::kHost, 1);
+    REQUIRE(ev.size() == 1);
+    CHECK(ev[0].key == keys[10 - dropped]);  // always the current last block
+    CHECK(ev[0].left_index);
+    CHECK(index->match(ns, prompt)->blocks.size() == 10 - dropped);
+    REQUIRE(index->check_invariants().is_ok());
+  }
+  CHECK(index->stats().evictions[static_cast<int>(Tier::kHost)] == 10);
+}
+
+TEST_CASE("Eviction order: priority class, then recency") {
+  KeyChain chain("secret");
+  auto index = std::move(*PrefixIndex::create(chain));
+  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  std::mt19937_64 rng(11);
+  auto system = random_tokens(rng, 4), old_turn = random_tokens(rng, 4), new_turn = random_tokens(rng, 4);
+  auto k_system = insert_prompt(*index, ns, system, Tier::kHost, Priority::kRetained);
+  auto k_old = insert_prompt(*index, ns, old_turn);
+  auto k_new = insert_prompt(*index, ns, new_turn);
+  REQUIRE(index->match(ns, system).is_ok());  // recently used, but retained anyway
+  REQUIRE(index->touch(k_new[0]).is_ok());    // newer than old_turn
+
+  auto victims = index->pick_victims(Tier::kHost, 3, EvictPurpose::kDrop);
+  REQUIRE(victims.size() == 3);
+  CHECK(victims[0] == k_old[0]);
+  CHECK(victims[1] == k_new[0]);
+  CHECK(victims[2] == k_system[0]);
+}
+
+TEST_CASE("Match makes a prompt's root-most blocks the most recent") {
+  KeyChain chain("secret");
+  auto index = std::move(*PrefixIndex::create(chain));
+  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  std::mt19937_64 rng(12);
+  auto a = random_tokens(rng, 8), b = random_tokens(rng, 8);
+  auto ka = insert_prompt(*index, ns, a);
+  auto kb = insert_prompt(*index, ns, b);
+  REQUIRE(index->match(ns, a).is_ok());  // a is now newer than b
+  auto ev = index->evict(Tier::kHost, 2);
+  REQUIRE(ev.size() == 2);
+  CHECK(ev[0].key == kb[1]);
+  CHECK(ev[1].key == kb[0]);
+  CHECK(index->match(ns, a)->blocks.size() == 2);
+}
+
+TEST_CASE("Per-tier eviction keeps a block indexed while another tier holds it") {
+  KeyChain chain("secret");
+  auto index = std::move(*PrefixIndex::create(chain));
+  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  std::mt19937_64 rng(13);
+  auto prompt = random_tokens(rng, 12);
+  auto keys = insert_prompt(*index, ns, prompt, Tier::kHost);
+  for (size_t i = 0; i < keys.size(); ++i) REQUIRE(index->add_residency(keys[i], Tier::kNvme, 100 + i).is_ok());
+
+  // A parent cannot leave a tier while its child is still resident there.
+  CHECK(index->remove_residency(keys[0], Tier::kHost).status().code() == StatusCode::kBusy);
+  auto ev = index->evict(Tier::kHost, 10);
+  CHECK(ev.size() == 3);
+  for (const auto& e : ev) CHECK_FALSE(e.left_index);
+  auto m = index->match(ns, prompt);
+  REQUIRE(m->blocks.size() == 3);
+  for (const auto& b : m->blocks) {
+    CHECK_FALSE(b.resident_in(Tier::kHost));
+    CHECK(b.resident_in(Tier::kNvme));
+  }
+  // Demotion candidates may be non-leaves of the index, as long as no child is in that tier.
+  auto demote = index->pick_victims(Tier::kNvme, 10, EvictPurpose::kDemote);
+  REQUIRE(demote.size() == 1);
+  CHECK(demote[0] == keys[2]);
+  CHECK(index->check_invariants().is_ok());
+}

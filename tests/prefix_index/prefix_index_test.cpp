@@ -1,0 +1,200 @@
+// PrefixIndex: longest-prefix match, collision safety, bad input, leases and pins.
+#include <catch2/catch.hpp>
+
+#include "index_fixture.h"
+
+using namespace kvtier;
+using namespace kvtier::testing;
+
+TEST_CASE("Match returns the longest cached prefix with residency") {
+  KeyChain chain("secret");
+  auto index = std::move(*PrefixIndex::create(chain, {.shards = 8}));
+  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  std::mt19937_64 rng(3);
+  auto shared = random_tokens(rng, 40);  // 10 blocks
+  auto keys = insert_prompt(*index, ns, shared, Tier::kHost);
+
+  auto longer = shared;
+  auto more = random_tokens(rng, 13);
+  longer.insert(longer.end(), more.begin(), more.end());
+  auto m = index->match(ns, longer);
+  REQUIRE(m.is_ok());
+  CHECK(m->blocks.size() == 10);
+  CHECK(m->tokens == 40);
+  CHECK(m->blocks[3].key == keys[3]);
+  CHECK(m->blocks[3].resident_in(Tier::kHost));
+  CHECK_FALSE(m->blocks[3].resident_in(Tier::kNvme));
+  CHECK(m->blocks[3].byte_size == ns.layout.bytes_per_block());
+
+  auto diverged = shared;
+  diverged[17] ^= 1;  // block 4 differs: blocks 0..3 match
+  CHECK(index->match(ns, diverged)->blocks.size() == 4);
+  CHECK(index->match(ns, std::span(shared).first(3))->blocks.empty());  // less than one block
+
+  // Residency in a second tier shows up in the match.
+  REQUIRE(index->add_residency(keys[0], Tier::kNvme, 77).is_ok());
+  auto again = index->match(ns, shared);
+  CHECK(again->blocks[0].resident_in(Tier::kNvme));
+  CHECK(again->blocks[0].slot(Tier::kNvme) == 77);
+  CHECK(index->add_residency(keys[0], Tier::kNvme, 78).code() == StatusCode::kAlreadyExists);
+
+  auto s = index->stats();
+  CHECK(s.entries == 10);
+  CHECK(s.lookups == 4);
+  CHECK(s.hit_blocks == 10 + 4 + 0 + 10);
+  CHECK(index->check_invariants().is_ok());
+}
+
+TEST_CASE("Different salts and layouts never share blocks") {
+  KeyChain chain("secret");
+  auto index = std::move(*PrefixIndex::create(chain));
+  auto a = *chain.make_namespace({"m", small_layout(4), "tenant-a", ""});
+  auto b = *chain.make_namespace({"m", small_layout(4), "tenant-b", ""});
+  auto fp32 = *chain.make_namespace({"m", *KvLayout::standard(2, 2, 8, Dtype::kFp32, 4), "tenant-a", ""});
+  std::mt19937_64 rng(4);
+  auto prompt = random_tokens(rng, 32);
+  insert_prompt(*index, a, prompt);
+  CHECK(index->match(a, prompt)->blocks.size() == 8);
+  CHECK(index->match(b, prompt)->blocks.empty());
+  CHECK(index->match(fp32, prompt)->blocks.empty());
+}
+
+namespace {
+// A deliberately weak hash: 2 bits of key. Nearly every block collides with another.
+BlockKey weak_hash(const void* data, size_t len, const uint8_t*, size_t) {
+  uint64_t h = 0;
+  for (size_t i = 0; i < len; ++i) h += static_cast<const uint8_t*>(data)[i];
+  return BlockKey{h & 3, 0};
+}
+}  // namespace
+
+TEST_CASE("A forced hash collision never yields another prompt's block") {
+  KeyChain chain("secret", &weak_hash);
+  auto index = std::move(*PrefixIndex::create(chain, {.shards = 1}));
+  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  std::mt19937_64 rng(5);
+  std::vector<std::vector<TokenId>> stored;
+  size_t collisions_seen = 0;
+  for (int p = 0; p < 50; ++p) {
+    auto prompt = random_tokens(rng, 4);
+    std::vector<BlockKey> keys;
+    REQUIRE(chain.chain(ns, prompt, {}, keys).is_ok());
+    auto r = index->insert(ns, {.key = keys[0], .parent = ns.root, .tokens = prompt, .slot = SlotId(p)});
+    if (r) {
+      stored.push_back(prompt);
+    } else {
+      REQUIRE(r.status().code() == StatusCode::kCollision);
+      ++collisions_seen;
+      // The colliding prompt must not match the block that owns its key.
+      CHECK(index->match(ns, prompt)->blocks.empty());
+    }
+  }
+  CHECK(collisions_seen > 0);
+  CHECK(index->stats().collisions == collisions_seen);
+  for (const auto& p : stored) CHECK(index->match(ns, p)->blocks.size() == 1);
+}
+
+TEST_CASE("Bad input gives clear errors and leaves the index unchanged") {
+  KeyChain chain("secret");
+  auto index = std::move(*PrefixIndex::create(chain));
+  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  std::mt19937_64 rng(6);
+  auto prompt = random_tokens(rng, 8);
+  auto keys = insert_prompt(*index, ns, prompt);
+  const auto before = index->stats();
+
+  auto tail = random_tokens(rng, 3);
+  BlockInsert partial{.key = chain.block_key(keys[1], tail), .parent = keys[1], .block_index = 2,
+                      .tokens = tail, .slot = 1};
+  auto r = index->insert(ns, partial);
+  CHECK(r.status().code() == StatusCode::kInvalidArgument);
+  CHECK(std::string(r.status().message()).find("partial") != std::string::npos);
+
+  BlockInsert empty{.key = ns.root, .parent = ns.root, .tokens = {}, .slot = 1};
+  CHECK(index->insert(ns, empty).status().code() == StatusCode::kInvalidArgument);
+
+  auto next = random_tokens(rng, 4);
+  BlockInsert wrong_size{.key = chain.block_key(keys[1], next), .parent = keys[1], .block_index = 2,
+                         .tokens = next, .byte_size = 12345, .slot = 1};
+  CHECK(index->insert(ns, wrong_size).status().code() == StatusCode::kLayoutMismatch);
+
+  Namespace forged = ns;  // the root of one layout, the layout of another
+  forged.layout = *KvLayout::standard(2, 2, 8, Dtype::kBf16, 4);
+  BlockInsert child{.key = chain.block_key(keys[1], next), .parent = keys[1], .block_index = 2,
+                    .tokens = next, .slot = 1};
+  CHECK(index->insert(forged, child).status().code() == StatusCode::kLayoutMismatch);
+
+  BlockInsert orphan{.key = chain.block_key(BlockKey{9, 9}, next), .parent = BlockKey{9, 9},
+                     .block_index = 5, .tokens = next, .slot = 1};
+  CHECK(index->insert(ns, orphan).status().code() == StatusCode::kNotFound);
+
+  BlockInsert forged_key = child;
+  forged_key.key = BlockKey{1, 2};
+  CHECK(index->insert(ns, forged_key).status().code() == StatusCode::kInvalidArgument);
+  BlockInsert no_slot = child;
+  no_slot.slot = kNoSlot;
+  CHECK(index->insert(ns, no_slot).status().code() == StatusCode::kInvalidArgument);
+
+  KvLayout zero = ns.layout;
+  zero.block_tokens = 0;
+  Namespace bad_ns = ns;
+  bad_ns.layout = zero;
+  CHECK(index->match(bad_ns, prompt).status().code() == StatusCode::kInvalidArgument);
+  CHECK_FALSE(KvLayout::standard(2, 2, 8, Dtype::kFp16, 100000).is_ok());
+
+  const auto after = index->stats();
+  CHECK(after.entries == before.entries);
+  CHECK(after.inserts == before.inserts);
+  CHECK(index->match(ns, prompt)->blocks.size() == 2);
+  CHECK(index->check_invariants().is_ok());
+  CHECK(PrefixIndex::create(chain, {.shards = 3}).status().code() == StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("Leases pin matched blocks until released or expired") {
+  KeyChain chain("secret");
+  ManualClock clock;
+  auto index = std::move(*PrefixIndex::create(chain, {.shards = 4, .clock_ns = clock.fn()}));
+  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  std::mt19937_64 rng(7);
+  auto prompt = random_tokens(rng, 16);
+  auto keys = insert_prompt(*index, ns, prompt);
+
+  auto m = index->match(ns, prompt, {}, {.take_lease = true, .lease_ns = 1000});
+  REQUIRE(m->lease != kNoLease);
+  CHECK(index->stats().leases_active == 1);
+  CHECK(index->evict(Tier::kHost, 100).empty());  // everything is pinned
+  CHECK(index->remove_residency(keys[3], Tier::kHost).status().code() == StatusCode::kBusy);
+
+  REQUIRE(index->release(m->lease).is_ok());
+  CHECK(index->release(m->lease).code() == StatusCode::kNotFound);
+
+  auto m2 = index->match(ns, prompt, {}, {.take_lease = true, .lease_ns = 1000});
+  clock.advance(999);
+  CHECK(index->expire_leases() == 0);
+  CHECK(index->evict(Tier::kHost, 100).empty());
+  clock.advance(1);
+  CHECK(index->evict(Tier::kHost, 100).size() == 4);  // evict() expires the lease first
+  CHECK(index->stats().leases_expired == 1);
+  CHECK(index->release(m2->lease).code() == StatusCode::kNotFound);
+  CHECK(index->stats().entries == 0);
+}
+
+TEST_CASE("Explicit pins and priorities") {
+  KeyChain chain("secret");
+  auto index = std::move(*PrefixIndex::create(chain));
+  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  std::mt19937_64 rng(8);
+  auto keys = insert_prompt(*index, ns, random_tokens(rng, 8));
+  REQUIRE(index->pin(keys[1]).is_ok());
+  CHECK(index->erase(keys[1]).status().code() == StatusCode::kBusy);
+  REQUIRE(index->unpin(keys[1]).is_ok());
+  CHECK(index->unpin(keys[1]).code() == StatusCode::kBusy);
+  CHECK(index->erase(keys[0]).status().code() == StatusCode::kBusy);  // has a child
+  REQUIRE(index->set_priority(keys[0], Priority::kRetained).is_ok());
+  CHECK(index->get(keys[0])->priority == Priority::kRetained);
+  CHECK(index->pin(BlockKey{1, 1}).code() == StatusCode::kNotFound);
+  auto erased = index->erase(keys[1]);
+  REQUIRE(erased.is_ok());
+  CHECK(erased->size() == 1);
+  CHECK(index->check_invariants().is_ok());
+}

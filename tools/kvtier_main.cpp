@@ -1,0 +1,135 @@
+// `kvtier`: the command line. Subcommands: demo, keys, layout, info.
+#include <CLI/CLI.hpp>
+#include <spdlog/spdlog.h>
+
+#include <cstdio>
+#include <sstream>
+
+#include "prefix_index/key_chain.h"
+#include "tiers/device_probe.h"
+#include "tools/demo_index.h"
+
+using namespace kvtier;
+
+namespace {
+
+// "layers,kv_heads,head_dim,dtype[,block_tokens]" or a path to a Hugging Face config.json.
+Result<KvLayout> parse_layout(const std::string& spec, uint32_t block_tokens) {
+  if (spec.find(',') == std::string::npos) return KvLayout::from_hf_config_file(spec, block_tokens);
+  std::stringstream in(spec);
+  std::string part;
+  std::vector<std::string> parts;
+  while (std::getline(in, part, ',')) parts.push_back(part);
+  if (parts.size() != 4) return invalid_argument("layout is layers,kv_heads,head_dim,dtype or a config.json path");
+  auto dtype = parse_dtype(parts[3]);
+  if (!dtype) return dtype.status();
+  try {
+    return KvLayout::standard(std::stoul(parts[0]), std::stoul(parts[1]), std::stoul(parts[2]),
+                              *dtype, block_tokens);
+  } catch (const std::exception&) {
+    return invalid_argument("layout numbers must be positive integers");
+  }
+}
+
+std::vector<TokenId> parse_tokens(const std::string& text) {
+  std::vector<TokenId> tokens;
+  std::stringstream in(text);
+  std::string part;
+  while (std::getline(in, part, ',')) {
+    if (!part.empty()) tokens.push_back(static_cast<TokenId>(std::stoul(part)));
+  }
+  return tokens;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"kvtier: hierarchical KV-cache storage tier for LLM serving"};
+  app.require_subcommand(1);
+
+  IndexDemoOptions demo;
+  auto* demo_cmd = app.add_subcommand("demo", "Simulated users sharing prompts: prefix hits and evictions");
+  demo_cmd->add_option("--users", demo.users, "simulated users")->capture_default_str();
+  demo_cmd->add_option("--turns", demo.turns, "turns per user")->capture_default_str();
+  demo_cmd->add_option("--documents", demo.documents, "shared documents")->capture_default_str();
+  demo_cmd->add_option("--host-capacity-blocks", demo.host_capacity_blocks, "host tier capacity")
+      ->capture_default_str();
+
+  std::string secret, model = "demo-model", salt, adapter, layout_spec = "32,8,128,bf16", token_text;
+  uint32_t block_tokens = 16;
+  auto* keys_cmd = app.add_subcommand("keys", "Print the root and block keys of a token sequence");
+  keys_cmd->add_option("--secret", secret, "deployment secret");
+  keys_cmd->add_option("--model", model, "model id")->capture_default_str();
+  keys_cmd->add_option("--salt", salt, "tenant salt");
+  keys_cmd->add_option("--adapter", adapter, "adapter id");
+  keys_cmd->add_option("--layout", layout_spec, "layers,kv_heads,head_dim,dtype or config.json")
+      ->capture_default_str();
+  keys_cmd->add_option("--block-tokens", block_tokens, "tokens per block")->capture_default_str();
+  keys_cmd->add_option("--tokens", token_text, "comma-separated token ids")->required();
+
+  std::string config_path;
+  auto* layout_cmd = app.add_subcommand("layout", "KV sizes of a model from its config.json");
+  layout_cmd->add_option("config", config_path, "Hugging Face config.json")->required();
+  layout_cmd->add_option("--block-tokens", block_tokens, "tokens per block")->capture_default_str();
+
+  auto* info_cmd = app.add_subcommand("info", "Build and device information");
+
+  CLI11_PARSE(app, argc, argv);
+
+  if (*demo_cmd) return run_index_demo(demo);
+
+  if (*keys_cmd) {
+    auto layout = parse_layout(layout_spec, block_tokens);
+    if (!layout) {
+      std::fprintf(stderr, "kvtier keys: %s\n", layout.status().to_string().c_str());
+      return 2;
+    }
+    KeyChain chain(secret);
+    auto ns = chain.make_namespace({model, *layout, salt, adapter});
+    if (!ns) {
+      std::fprintf(stderr, "kvtier keys: %s\n", ns.status().to_string().c_str());
+      return 2;
+    }
+    std::vector<TokenId> tokens;
+    try {
+      tokens = parse_tokens(token_text);
+    } catch (const std::exception&) {
+      std::fprintf(stderr, "kvtier keys: --tokens must be comma-separated unsigned integers\n");
+      return 2;
+    }
+    std::vector<BlockKey> keys;
+    if (auto st = chain.chain(*ns, tokens, {}, keys); !st) {
+      std::fprintf(stderr, "kvtier keys: %s\n", st.to_string().c_str());
+      return 2;
+    }
+    std::printf("root %s\n", ns->root.to_hex().c_str());
+    for (size_t i = 0; i < keys.size(); ++i) std::printf("block %zu %s\n", i, keys[i].to_hex().c_str());
+    return 0;
+  }
+
+  if (*layout_cmd) {
+    auto layout = KvLayout::from_hf_config_file(config_path, block_tokens);
+    if (!layout) {
+      std::fprintf(stderr, "kvtier layout: %s\n", layout.status().to_string().c_str());
+      return 2;
+    }
+    std::printf("%s\nfingerprint %016llx\nper token %llu bytes\n", layout->describe().c_str(),
+                static_cast<unsigned long long>(layout->fingerprint()),
+                static_cast<unsigned long long>(layout->bytes_per_token()));
+    for (uint64_t t : {4096ull, 8192ull, 32768ull, 131072ull}) {
+      std::printf("%7llu tokens: %.2f GiB\n", static_cast<unsigned long long>(t),
+                  layout->bytes_for_tokens(t) / 1073741824.0);
+    }
+    return 0;
+  }
+
+  if (*info_cmd) {
+    std::printf("kvtier %s\n", "0.1.0");
+    const auto& probe = probe_devices();
+    std::printf("cuda built: %s\n", probe.cuda_built ? "yes" : "no");
+    for (const auto& g : probe.gpus) std::printf("gpu %d: %s sm_%d%d\n", g.ordinal, g.name.c_str(), g.sm_major, g.sm_minor);
+    if (!probe.has_gpu()) std::printf("no gpu: %s\n", probe.reason.c_str());
+    return 0;
+  }
+  return 0;
+}
