@@ -1,7 +1,15 @@
 // KeyChain: turns token ids into chained, keyed 128-bit block keys (DESIGN.md "Keys").
 //
-//   key_0 = H(secret, "kvtier/1" ‖ model id ‖ layout fingerprint ‖ tenant salt ‖ adapter id)
-//   key_i = H(secret, key_{i-1} ‖ tokens_i ‖ extras_i),   H = XXH3-128 with a derived secret
+//   key_0 = H(s_root, "kvtier/1" ‖ model id ‖ layout fingerprint ‖ tenant salt ‖ adapter id)
+//   d_i   = H(s_block, tokens_i ‖ extras_i)          (block digest)
+//   key_i = H(s_link, key_{i-1} ‖ d_i)              (link)
+// with H = XXH3-128 and s_root, s_block, s_link secrets derived from the deployment secret.
+//
+// Why a digest and a link rather than DESIGN.md's single H(secret, key_{i-1} ‖ tokens_i ‖ ...):
+// the chain is serial, so its cost is the latency of one hash per block. Digests do not depend
+// on each other and run in parallel; the serial link hashes only 32 bytes. This halves the cost
+// per token while every key still depends on the whole prefix. A match still compares the
+// stored parent key and tokens, so a collision can never return another prompt's KV.
 //
 // The secret comes from the deployment's configuration, so keys are equal in every process and
 // after every restart that uses the same secret, and differ for another secret. Variable-length
@@ -62,7 +70,11 @@ class KeyChain {
   /// The namespace root. kInvalidArgument for an empty model id or an invalid layout.
   Result<Namespace> make_namespace(const NamespaceSpec& spec) const;
 
-  /// One link of the chain: the key of a block from its parent key, tokens and extras.
+  /// The digest of one block's tokens and extras (independent of its position).
+  BlockKey block_digest(std::span<const TokenId> tokens, std::span<const BlockKey> extras = {}) const;
+  /// One link of the chain: a block's key from its parent key and its digest.
+  BlockKey link(const BlockKey& parent, const BlockKey& digest) const;
+  /// link(parent, block_digest(tokens, extras)).
   BlockKey block_key(const BlockKey& parent, std::span<const TokenId> tokens,
                      std::span<const BlockKey> extras = {}) const;
 
@@ -75,7 +87,9 @@ class KeyChain {
   KeyHashFn hash_fn() const noexcept { return hash_; }
 
  private:
-  std::array<uint8_t, kSecretBytes> secret_{};
+  std::array<uint8_t, kSecretBytes> secret_{};        // root keys
+  std::array<uint8_t, kSecretBytes> block_secret_{};  // block digests
+  std::array<uint8_t, kSecretBytes> link_secret_{};   // chain links
   KeyHashFn hash_;
 };
 
