@@ -27,6 +27,7 @@ KeyChain::KeyChain(std::string_view deployment_secret, KeyHashFn hash) : hash_(h
   derive(secret_, "root");
   derive(block_secret_, "block");
   derive(link_secret_, "link");
+  std::memcpy(link_words_, link_secret_.data(), sizeof link_words_);
 }
 
 namespace {
@@ -63,9 +64,26 @@ BlockKey KeyChain::block_digest(std::span<const TokenId> tokens,
   return hash_(buf.data(), buf.size(), block_secret_.data(), block_secret_.size());
 }
 
+namespace {
+// The chain link: two 64x64->128 multiply-folds (XXH3's own mixing primitive) keyed by the link
+// secret. Each output half depends on all four input words. Its latency, a few cycles, is the
+// whole serial part of keying; the strong hashing happens in the parallel block digests.
+inline BlockKey fold_link(const BlockKey& parent, const BlockKey& digest, const uint64_t* s) {
+  const uint64_t a = parent.lo ^ digest.hi ^ s[0];
+  const uint64_t b = parent.hi ^ digest.lo ^ s[1];
+  const uint64_t c = parent.lo ^ digest.lo ^ s[2];
+  const uint64_t d = parent.hi ^ digest.hi ^ s[3];
+  return BlockKey{XXH3_mul128_fold64(a, b), XXH3_mul128_fold64(c, d)};
+}
+}  // namespace
+
 BlockKey KeyChain::link(const BlockKey& parent, const BlockKey& digest) const {
-  BlockKey in[2] = {parent, digest};
-  return hash_(in, sizeof in, link_secret_.data(), link_secret_.size());
+  if (hash_ != &xxh3_128_keyed) {
+    // A test hash (e.g. a deliberately weak one) decides the whole key, links included.
+    BlockKey in[2] = {parent, digest};
+    return hash_(in, sizeof in, link_secret_.data(), link_secret_.size());
+  }
+  return fold_link(parent, digest, link_words_);
 }
 
 BlockKey KeyChain::block_key(const BlockKey& parent, std::span<const TokenId> tokens,
@@ -88,32 +106,27 @@ Status KeyChain::chain(const Namespace& ns, std::span<const TokenId> tokens,
     }
   }
   keys.resize(blocks);
-  // Pass 1: block digests are independent of each other, so the CPU overlaps them.
+  BlockKey parent = ns.root;
   size_t e = 0;
   for (size_t b = 0; b < blocks; ++b) {
     const size_t first_extra = e;
     while (e < extras.size() && extras[e].block_index == b) ++e;
     const auto block_tokens = tokens.subspan(b * bt, bt);
     if (e == first_extra && hash_ == &xxh3_128_keyed) {
-      // Hot path: the production hash called directly so it inlines.
-      XXH128_hash_t h = XXH3_128bits_withSecret(block_tokens.data(), block_tokens.size_bytes(),
-                                                block_secret_.data(), block_secret_.size());
-      keys[b] = BlockKey{h.low64, h.high64};
+      // Hot path, inlined: the digests of successive blocks do not depend on each other, so
+      // the CPU overlaps them; only the cheap fold_link is serial.
+      // The 16-token block (vLLM's and SGLang's page) gets a constant length, so the compiler
+      // drops XXH3's length dispatch.
+      XXH128_hash_t h =
+          bt == 16 ? XXH3_128bits_withSecret(block_tokens.data(), 16 * sizeof(TokenId),
+                                             block_secret_.data(), kSecretBytes)
+                   : XXH3_128bits_withSecret(block_tokens.data(), block_tokens.size_bytes(),
+                                             block_secret_.data(), kSecretBytes);
+      parent = fold_link(parent, BlockKey{h.low64, h.high64}, link_words_);
     } else {
       std::vector<BlockKey> item_hashes;
       for (size_t x = first_extra; x < e; ++x) item_hashes.push_back(extras[x].item_hash);
-      keys[b] = block_digest(block_tokens, item_hashes);
-    }
-  }
-  // Pass 2: the serial chain hashes only 32 bytes per block.
-  BlockKey parent = ns.root;
-  for (size_t b = 0; b < blocks; ++b) {
-    if (hash_ == &xxh3_128_keyed) {
-      BlockKey in[2] = {parent, keys[b]};
-      XXH128_hash_t h = XXH3_128bits_withSecret(in, sizeof in, link_secret_.data(), link_secret_.size());
-      parent = BlockKey{h.low64, h.high64};
-    } else {
-      parent = link(parent, keys[b]);
+      parent = link(parent, block_digest(block_tokens, item_hashes));
     }
     keys[b] = parent;
   }
