@@ -550,17 +550,25 @@ std::vector<Candidate> best_candidates(std::vector<Candidate> all, size_t max_bl
 }
 }  // namespace
 
+namespace {
+// The best `max_blocks` eviction candidates of one shard, under its lock.
+std::vector<Candidate> shard_candidates(const PrefixIndex::Shard& shard, Tier tier, size_t max_blocks,
+                                        EvictPurpose purpose) {
+  std::vector<Candidate> local;
+  {
+    std::lock_guard lock(shard.mu);
+    for (const auto& [key, e] : shard.map) {
+      if (eligible(e, tier, purpose)) local.push_back({e.priority, e.last_access, key});
+    }
+  }
+  return best_candidates(std::move(local), max_blocks);
+}
+}  // namespace
+
 std::vector<BlockKey> PrefixIndex::pick_victims(Tier tier, size_t max_blocks, EvictPurpose purpose) const {
   std::vector<Candidate> all;
   for (uint32_t s = 0; s < options_.shards && max_blocks > 0; ++s) {
-    std::vector<Candidate> local;
-    {
-      std::lock_guard lock(shards_[s].mu);
-      for (const auto& [key, e] : shards_[s].map) {
-        if (eligible(e, tier, purpose)) local.push_back({e.priority, e.last_access, key});
-      }
-    }
-    local = best_candidates(std::move(local), max_blocks);
+    auto local = shard_candidates(shards_[s], tier, max_blocks, purpose);
     all.insert(all.end(), local.begin(), local.end());
   }
   all = best_candidates(std::move(all), max_blocks);
@@ -577,14 +585,7 @@ std::vector<EvictedBlock> PrefixIndex::evict(Tier tier, size_t max_blocks) {
   auto later = [](const Candidate& a, const Candidate& b) { return b.evict_before(a); };
   std::priority_queue<Candidate, std::vector<Candidate>, decltype(later)> heap(later);
   for (uint32_t s = 0; s < options_.shards; ++s) {
-    std::vector<Candidate> local;
-    {
-      std::lock_guard lock(shards_[s].mu);
-      for (const auto& [key, e] : shards_[s].map) {
-        if (eligible(e, tier, EvictPurpose::kDrop)) local.push_back({e.priority, e.last_access, key});
-      }
-    }
-    for (const auto& c : best_candidates(std::move(local), max_blocks)) heap.push(c);
+    for (const auto& c : shard_candidates(shards_[s], tier, max_blocks, EvictPurpose::kDrop)) heap.push(c);
   }
   while (!heap.empty() && out.size() < max_blocks) {
     Candidate c = heap.top();
