@@ -165,6 +165,18 @@ uint64_t PrefixIndex::now_ns() const { return options_.clock_ns(); }
 
 Result<Match> PrefixIndex::match(const Namespace& ns, std::span<const TokenId> tokens,
                                  std::span<const BlockExtra> extras, const MatchOptions& options) {
+  Match result;
+  KVTIER_RETURN_IF_ERROR(match_into(ns, tokens, extras, options, result));
+  return result;
+}
+
+Status PrefixIndex::match_into(const Namespace& ns, std::span<const TokenId> tokens,
+                               std::span<const BlockExtra> extras, const MatchOptions& options,
+                               Match& result) {
+  result.blocks.clear();
+  result.tokens = 0;
+  result.lease = kNoLease;
+  result.lease_expiry_ns = 0;
   thread_local std::vector<BlockKey> keys;
   thread_local ShardGroups groups;
   thread_local std::vector<uint8_t> found;
@@ -176,8 +188,7 @@ Result<Match> PrefixIndex::match(const Namespace& ns, std::span<const TokenId> t
   const uint64_t layout_fp = ns.layout.fingerprint();
   counters_->lookups.fetch_add(1, std::memory_order_relaxed);
   counters_->lookup_tokens.fetch_add(n * bt, std::memory_order_relaxed);
-  Match result;
-  if (n == 0) return result;
+  if (n == 0) return Status::ok();
 
   extra_begin.assign(n + 1, 0);
   for (const auto& e : extras) ++extra_begin[e.block_index + 1];
@@ -251,7 +262,7 @@ Result<Match> PrefixIndex::match(const Namespace& ns, std::span<const TokenId> t
                             Leases::Record{std::vector<BlockKey>(keys.begin(), keys.begin() + matched),
                                            result.lease_expiry_ns});
   }
-  return result;
+  return Status::ok();
 }
 
 Status PrefixIndex::release_keys(std::span<const BlockKey> keys) {
