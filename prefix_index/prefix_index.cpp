@@ -404,19 +404,23 @@ Result<InsertOutcome> PrefixIndex::insert(const Namespace& ns, const BlockInsert
   return InsertOutcome::kInserted;
 }
 
+Result<std::optional<BlockKey>> PrefixIndex::parent_key_of(const BlockKey& key) const {
+  Shard& shard = shard_for(key);
+  std::lock_guard lock(shard.mu);
+  auto it = shard.map.find(key);
+  if (it == shard.map.end()) return not_found("block " + key.to_hex() + " is not indexed");
+  if (it->second.block_index == 0) return std::optional<BlockKey>();
+  return std::optional<BlockKey>(it->second.parent);
+}
+
 Status PrefixIndex::add_residency(const BlockKey& key, Tier tier, SlotId slot) {
   if (slot == kNoSlot) return invalid_argument("add_residency needs a slot");
   const int t = static_cast<int>(tier);
   Shard& shard = shard_for(key);
-  BlockKey parent_key;
-  bool has_parent;
-  {
-    std::lock_guard lock(shard.mu);
-    auto it = shard.map.find(key);
-    if (it == shard.map.end()) return not_found("block " + key.to_hex() + " is not indexed");
-    parent_key = it->second.parent;
-    has_parent = it->second.block_index > 0;
-  }
+  auto parent_of = parent_key_of(key);
+  if (!parent_of) return parent_of.status();
+  const bool has_parent = parent_of->has_value();
+  const BlockKey parent_key = has_parent ? **parent_of : BlockKey{};
   // A key's parent never changes, so reading it first and locking both shards after is safe.
   Shard* parent_shard = has_parent ? &shard_for(parent_key) : nullptr;
   PairLock lock(shard.mu, parent_shard ? &parent_shard->mu : nullptr);
@@ -441,15 +445,10 @@ Result<EvictedBlock> PrefixIndex::remove_residency_impl(const BlockKey& key, Tie
                                                         bool count_eviction) {
   const int t = static_cast<int>(tier);
   Shard& shard = shard_for(key);
-  BlockKey parent_key;
-  bool has_parent;
-  {
-    std::lock_guard lock(shard.mu);
-    auto it = shard.map.find(key);
-    if (it == shard.map.end()) return not_found("block " + key.to_hex() + " is not indexed");
-    parent_key = it->second.parent;
-    has_parent = it->second.block_index > 0;
-  }
+  auto parent_of = parent_key_of(key);
+  if (!parent_of) return parent_of.status();
+  const bool has_parent = parent_of->has_value();
+  const BlockKey parent_key = has_parent ? **parent_of : BlockKey{};
   Shard* parent_shard = has_parent ? &shard_for(parent_key) : nullptr;
   PairLock lock(shard.mu, parent_shard ? &parent_shard->mu : nullptr);
   auto it = shard.map.find(key);

@@ -185,6 +185,9 @@ class PrefixIndex {
   Shard& shard_for(const BlockKey& key) const noexcept;
   uint64_t now_ns() const;
   Status release_keys(std::span<const BlockKey> keys);
+  /// The parent key of an indexed block (nullopt for block 0). A key's parent never changes,
+  /// so callers read it first and then lock the block's and the parent's shards together.
+  Result<std::optional<BlockKey>> parent_key_of(const BlockKey& key) const;
   Result<EvictedBlock> remove_residency_impl(const BlockKey& key, Tier tier, bool count_eviction);
 
   KeyChain keys_;
