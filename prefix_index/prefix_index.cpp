@@ -548,6 +548,16 @@ std::optional<BlockResidency> PrefixIndex::get(const BlockKey& key) const {
   return it->second.residency(key);
 }
 
+std::optional<BlockRecord> PrefixIndex::describe(const BlockKey& key) const {
+  Shard& shard = shard_for(key);
+  std::lock_guard lock(shard.mu);
+  auto it = shard.map.find(key);
+  if (it == shard.map.end()) return std::nullopt;
+  const Entry& e = it->second;
+  return BlockRecord{e.parent, e.block_index, std::vector<TokenId>(e.tokens.begin(), e.tokens.end()),
+                     e.extras, e.layout_fp, e.residency(key)};
+}
+
 namespace {
 std::vector<Candidate> best_candidates(std::vector<Candidate> all, size_t max_blocks) {
   auto before = [](const Candidate& a, const Candidate& b) { return a.evict_before(b); };

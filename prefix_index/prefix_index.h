@@ -53,6 +53,16 @@ struct BlockResidency {
   SlotId slot(Tier t) const noexcept { return slots[static_cast<int>(t)]; }
 };
 
+/// Everything the index knows of one block: what a lower tier needs to persist it.
+struct BlockRecord {
+  BlockKey parent;  // the namespace root for block 0
+  uint32_t block_index = 0;
+  std::vector<TokenId> tokens;
+  std::vector<BlockKey> extras;
+  uint64_t layout_fingerprint = 0;
+  BlockResidency residency;
+};
+
 /// The longest cached prefix of a prompt.
 struct Match {
   std::vector<BlockResidency> blocks;  // in prompt order; blocks.size() full blocks matched
@@ -162,6 +172,8 @@ class PrefixIndex {
 
   /// A snapshot of one block, or nullopt.
   std::optional<BlockResidency> get(const BlockKey& key) const;
+  /// A snapshot of one block with its parent, tokens and extras, or nullopt.
+  std::optional<BlockRecord> describe(const BlockKey& key) const;
 
   /// Up to `max_blocks` victims in `tier`: lowest priority class first, then least recently
   /// used; never pinned; never a block with a child resident in the same tier; for kDrop, never

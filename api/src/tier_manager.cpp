@@ -1,0 +1,665 @@
+#include "api/src/tier_manager.h"
+
+#include <spdlog/spdlog.h>
+#include <xxhash.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace kvtier {
+
+struct TierManager::Counters {
+  std::array<std::atomic<uint64_t>, kNumTiers> demotions_out{}, promotions_in{}, drops{};
+  std::atomic<uint64_t> saved{0}, skipped{0}, loaded{0}, write_through{0};
+  std::atomic<uint64_t> recovered{0}, recovery_dropped{0}, errors{0};
+  std::array<std::mutex, kNumTiers> reclaim_mu;  // one reclaimer per tier at a time
+  std::mutex dirty_mu;
+  std::unordered_set<BlockKey> dirty;  // in a memory tier, not yet on NVMe
+};
+
+namespace {
+
+uint64_t wall_ns() {
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                   std::chrono::system_clock::now().time_since_epoch())
+                                   .count());
+}
+
+Status check_limits(const TierLimits& l, const char* name) {
+  if (!(l.low_watermark > 0 && l.low_watermark <= l.high_watermark && l.high_watermark <= 1.0)) {
+    return invalid_argument(std::string(name) + " watermarks must satisfy 0 < low <= high <= 1");
+  }
+  return Status::ok();
+}
+
+/// The next tier down that exists, or nullopt.
+std::optional<Tier> lower_of(Tier t, bool host, bool nvme) {
+  if (t == Tier::kHbm && host) return Tier::kHost;
+  if (t != Tier::kNvme && nvme) return Tier::kNvme;
+  return std::nullopt;
+}
+
+}  // namespace
+
+TierManager::TierManager(const KeyChain& keys, TierManagerOptions options)
+    : keys_(keys), options_(std::move(options)), counters_(std::make_unique<Counters>()) {}
+
+TierManager::~TierManager() { close(); }
+
+void TierManager::close() {
+  if (engine_) engine_->shutdown();
+}
+
+Result<std::unique_ptr<TierManager>> TierManager::open(const KeyChain& keys, TierManagerOptions options) {
+  KVTIER_RETURN_IF_ERROR(options.layout.validate());
+  if (options.host.capacity_bytes < options.layout.bytes_per_block()) {
+    return invalid_argument("the host tier needs capacity for at least one block (" +
+                            std::to_string(options.layout.bytes_per_block()) + " bytes)");
+  }
+  KVTIER_RETURN_IF_ERROR(check_limits(options.hbm, "HBM tier"));
+  KVTIER_RETURN_IF_ERROR(check_limits(options.host, "host tier"));
+  KVTIER_RETURN_IF_ERROR(check_limits(options.nvme_limits, "NVMe tier"));
+  std::unique_ptr<TierManager> m(new TierManager(keys, std::move(options)));
+  KVTIER_RETURN_IF_ERROR(m->open_tiers());
+  KVTIER_RETURN_IF_ERROR(m->recover());
+  return m;
+}
+
+Status TierManager::open_tiers() {
+  block_bytes_ = options_.layout.bytes_per_block();
+  auto index = PrefixIndex::create(keys_, options_.index);
+  if (!index) return index.status();
+  index_ = std::move(*index);
+
+  const uint64_t slot_bytes = align_up(block_bytes_, kIoAlignment);
+  auto host = create_host_arena({.slot_bytes = block_bytes_,
+                                 .slots = options_.host.capacity_bytes / slot_bytes,
+                                 .shared = options_.shared_host_arena});
+  if (!host) return host.status();
+  host_.arena = std::move(*host);
+  host_.slots = std::make_unique<SlotAllocator>(host_.arena->slots());
+  host_.limits = options_.host;
+
+  if (options_.hbm.capacity_bytes >= slot_bytes) {
+    auto hbm = create_hbm_arena({.slot_bytes = block_bytes_, .slots = options_.hbm.capacity_bytes / slot_bytes});
+    if (!hbm) return hbm.status();
+    hbm_.arena = std::move(*hbm);
+    hbm_.slots = std::make_unique<SlotAllocator>(hbm_.arena->slots());
+    hbm_.limits = options_.hbm;
+  }
+
+  if (!options_.nvme.dir.empty() && options_.nvme_limits.capacity_bytes > 0) {
+    NvmeTierOptions nvme = options_.nvme;
+    nvme.layout = options_.layout;
+    nvme.capacity_bytes = options_.nvme_limits.capacity_bytes;
+    auto tier = NvmeTier::open(std::move(nvme));
+    if (!tier) return tier.status();
+    nvme_ = std::move(*tier);
+  }
+
+  auto engine = TransferEngine::create(options_.transfer);
+  if (!engine) return engine.status();
+  engine_ = std::move(*engine);
+  KVTIER_RETURN_IF_ERROR(engine_->register_host_memory(host_.arena->base(), host_.arena->size_bytes()));
+  spdlog::info("kvtier: tiers: {}; {}; {}", host_.arena->describe(),
+               hbm_.arena ? hbm_.arena->describe() : std::string("no HBM tier"),
+               nvme_ ? "NVMe " + std::to_string(nvme_->slot_count()) + " slots in " + options_.nvme.dir
+                     : std::string("no NVMe tier"));
+  return Status::ok();
+}
+
+// Re-indexes every catalog entry. Entries go in block order so a parent is indexed before its
+// children; a block whose parent is gone (it lived only in memory when the process stopped) is
+// unreachable by any match and is erased to give its slot back.
+Status TierManager::recover() {
+  if (!nvme_) return Status::ok();
+  std::unordered_map<BlockKey, NamespaceRecord> namespaces;
+  KVTIER_RETURN_IF_ERROR(nvme_->for_each_namespace(
+      [&](const NamespaceRecord& r) { namespaces.emplace(r.root, r); }));
+  std::vector<CatalogEntry> entries = nvme_->entries();
+  std::sort(entries.begin(), entries.end(),
+            [](const CatalogEntry& a, const CatalogEntry& b) { return a.block_index < b.block_index; });
+  std::unordered_map<BlockKey, BlockKey> root_of;  // block → its namespace root
+  for (const CatalogEntry& e : entries) {
+    BlockKey root;
+    if (e.block_index == 0) {
+      root = e.parent.is_zero() ? e.ns_root : e.parent;
+    } else if (auto it = root_of.find(e.parent); it != root_of.end()) {
+      root = it->second;
+    }
+    auto ns_it = namespaces.find(root);
+    bool indexed = false;
+    if (ns_it != namespaces.end() && ns_it->second.layout == options_.layout) {
+      Namespace ns{root, options_.layout};
+      BlockInsert ins{.key = e.key,
+                      .parent = e.block_index == 0 ? root : e.parent,
+                      .block_index = e.block_index,
+                      .tokens = e.tokens,
+                      .extras = e.extras,
+                      .byte_size = e.payload_bytes,
+                      .checksum = e.checksum,
+                      .tier = Tier::kNvme,
+                      .slot = e.slot,
+                      .priority = e.priority};
+      auto r = index_->insert(ns, ins);
+      indexed = r.is_ok();
+      if (!r) spdlog::warn("kvtier: recovery: block {} not indexed: {}", e.key.to_hex(), r.status().to_string());
+    }
+    if (indexed) {
+      root_of.emplace(e.key, root);
+      counters_->recovered++;
+    } else {
+      counters_->recovery_dropped++;
+      nvme_->erase(e.key).ignore();  // unreachable: give the slot back
+    }
+  }
+  if (!entries.empty()) {
+    spdlog::info("kvtier: recovered {} blocks from NVMe ({} unreachable dropped)",
+                 counters_->recovered.load(), counters_->recovery_dropped.load());
+  }
+  return Status::ok();
+}
+
+bool TierManager::has_tier(Tier t) const noexcept {
+  switch (t) {
+    case Tier::kHbm: return hbm_.arena != nullptr;
+    case Tier::kHost: return true;
+    case Tier::kNvme: return nvme_ != nullptr;
+  }
+  return false;
+}
+
+const MemoryArena* TierManager::arena(Tier t) const noexcept {
+  if (t == Tier::kHbm) return hbm_.arena.get();
+  if (t == Tier::kHost) return host_.arena.get();
+  return nullptr;
+}
+
+TierManager::MemoryTier* TierManager::memory_tier(Tier t) noexcept {
+  if (t == Tier::kHbm) return hbm_.arena ? &hbm_ : nullptr;
+  if (t == Tier::kHost) return &host_;
+  return nullptr;
+}
+
+uint64_t TierManager::capacity_slots(Tier t) const noexcept {
+  if (t == Tier::kNvme) return nvme_ ? nvme_->slot_count() : 0;
+  const MemoryTier& mt = t == Tier::kHbm ? hbm_ : host_;
+  return mt.slots ? mt.slots->capacity() : 0;
+}
+
+uint64_t TierManager::used_slots(Tier t) const noexcept {
+  if (t == Tier::kNvme) {
+    if (!nvme_) return 0;
+    auto s = nvme_->stats();
+    return s.slots - s.free_slots;
+  }
+  const MemoryTier& mt = t == Tier::kHbm ? hbm_ : host_;
+  return mt.slots ? mt.slots->used() : 0;
+}
+
+static const TierLimits& limits_of(const TierManagerOptions& o, Tier t) {
+  return t == Tier::kHbm ? o.hbm : t == Tier::kHost ? o.host : o.nvme_limits;
+}
+
+Result<SlotId> TierManager::allocate_slot(Tier t) {
+  const TierLimits& lim = limits_of(options_, t);
+  const uint64_t cap = capacity_slots(t);
+  const auto high = static_cast<uint64_t>(lim.high_watermark * static_cast<double>(cap));
+  const auto low = static_cast<uint64_t>(lim.low_watermark * static_cast<double>(cap));
+  if (used_slots(t) + 1 > std::max<uint64_t>(high, 1)) reclaim(t, low).ignore();  // best effort
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    Result<SlotId> s = t == Tier::kNvme ? nvme_->allocate() : memory_tier(t)->slots->allocate();
+    if (s || s.status().code() != StatusCode::kResourceExhausted || attempt == 1) return s;
+    Status r = reclaim(t, cap ? cap - 1 : 0);
+    if (!r) return r;
+  }
+  return internal_error("unreachable");
+}
+
+void TierManager::free_slot(Tier t, SlotId slot) {
+  if (t == Tier::kNvme) return;  // NVMe slots are freed by NvmeTier::erase (catalog first)
+  memory_tier(t)->slots->free(slot).ignore();  // a double free is a bug the allocator reports
+}
+
+Location TierManager::block_location(const BlockResidency& where, Tier t) {
+  const SlotId slot = where.slot(t);
+  if (t == Tier::kNvme) {
+    return Location::storage(nvme_->location(slot).device, nvme_->location(slot).payload_offset);
+  }
+  std::byte* p = memory_tier(t)->arena->slot_ptr(slot);
+  return t == Tier::kHbm ? Location::device_memory(p) : Location::host(p);
+}
+
+Status TierManager::reclaim(Tier t, uint64_t target_used) {
+  std::lock_guard lock(counters_->reclaim_mu[static_cast<int>(t)]);
+  const std::optional<Tier> lower = lower_of(t, true, nvme_ != nullptr);
+  while (used_slots(t) > target_used) {
+    const size_t batch = std::min<uint64_t>(used_slots(t) - target_used, 64);
+    size_t progressed = 0;
+    if (lower) {
+      for (const BlockKey& key : index_->pick_victims(t, batch, EvictPurpose::kDemote)) {
+        if (demote_block(key, t).is_ok()) ++progressed;
+      }
+    }
+    if (progressed == 0) {  // no lower tier, or it cannot take more: drop, leaves first
+      for (const EvictedBlock& e : index_->evict(t, batch)) {
+        if (t == Tier::kNvme) {
+          nvme_->erase(e.key).ignore();  // already out of the index; a failure leaves a catalog orphan
+        } else {
+          free_slot(t, e.slot);
+        }
+        if (e.left_index) {
+          std::lock_guard dl(counters_->dirty_mu);
+          counters_->dirty.erase(e.key);
+        }
+        counters_->drops[static_cast<int>(t)]++;
+        ++progressed;
+      }
+    }
+    if (progressed == 0) {
+      return Status(StatusCode::kResourceExhausted,
+                    std::string(tier_name(t)) + " tier is full and every resident block is pinned");
+    }
+  }
+  return Status::ok();
+}
+
+Status TierManager::demote_block(const BlockKey& key, Tier from) {
+  const std::optional<Tier> lower = lower_of(from, true, nvme_ != nullptr);
+  if (!lower) return invalid_argument("no tier below " + std::string(tier_name(from)));
+  auto rec = index_->describe(key);
+  if (!rec) return not_found("block left the index");
+  if (!rec->residency.resident_in(*lower)) {
+    if (*lower == Tier::kNvme) {
+      KVTIER_RETURN_IF_ERROR(store_to_nvme(key, rec->residency));
+    } else {
+      auto slot = copy_into_memory_tier(rec->residency, *lower);
+      if (!slot) return slot.status();
+      if (Status s = index_->add_residency(key, *lower, *slot); !s) {
+        free_slot(*lower, *slot);
+        return s;
+      }
+    }
+  }
+  auto removed = index_->remove_residency(key, from);
+  if (!removed) return removed.status();  // pinned meanwhile: both copies stay
+  free_slot(from, removed->slot);
+  counters_->demotions_out[static_cast<int>(from)]++;
+  return Status::ok();
+}
+
+Status TierManager::store_to_nvme(const BlockKey& key, const BlockResidency& where) {
+  if (!nvme_) return Status(StatusCode::kUnavailable, "no NVMe tier");
+  auto rec = index_->describe(key);
+  if (!rec) return not_found("block left the index");
+  const Tier src_tier = where.resident_in(Tier::kHost) ? Tier::kHost : Tier::kHbm;
+  if (!where.resident_in(src_tier)) return not_found("block is in no memory tier");
+  const MemoryArena& src_arena = *memory_tier(src_tier)->arena;
+
+  auto slot = allocate_slot(Tier::kNvme);
+  if (!slot) return slot.status();
+  CatalogEntry entry;
+  entry.key = key;
+  entry.parent = rec->parent;
+  entry.ns_root = rec->block_index == 0 ? rec->parent : BlockKey{};
+  entry.block_index = rec->block_index;
+  entry.tokens = rec->tokens;
+  entry.extras = rec->extras;
+  entry.priority = rec->residency.priority;
+  entry.created_ns = entry.last_access_ns = wall_ns();
+
+  Result<CatalogEntry> written = Status(StatusCode::kInternal, "not written");
+  std::byte* src = src_arena.slot_ptr(where.slot(src_tier));
+  if (!src_arena.is_device_memory()) {
+    // Host bytes (host arena or emulated HBM): the engine writes them straight from the slot.
+    const SlotLocation loc = nvme_->location(*slot);
+    JobSpec job;
+    job.segments.push_back({.layer = 0, .bytes = block_bytes_, .src = Location::host(src),
+                            .dst = Location::storage(loc.device, loc.payload_offset)});
+    auto handle = engine_->submit(std::move(job));
+    Status s = handle ? handle->wait() : handle.status();
+    written = s ? nvme_->write_header(*slot, entry, std::span<const std::byte>(src, block_bytes_)) : Result<CatalogEntry>(s);
+  } else {
+    // CUDA HBM: bring the bytes to host memory first (the header's checksums are computed there).
+    AlignedBuffer tmp = make_aligned_buffer(align_up(block_bytes_, kIoAlignment));
+    JobSpec job;
+    job.segments.push_back({.layer = 0, .bytes = block_bytes_, .src = Location::device_memory(src),
+                            .dst = Location::host(tmp.get())});
+    auto handle = engine_->submit(std::move(job));
+    Status s = handle ? handle->wait() : handle.status();
+    written = s ? nvme_->write_block(*slot, entry, std::span<const std::byte>(tmp.get(), block_bytes_))
+                : Result<CatalogEntry>(s);
+  }
+  Status s = written ? nvme_->commit(*written) : written.status();
+  if (!s) {
+    nvme_->release_uncommitted(*slot).ignore();
+    counters_->errors++;
+    return s;
+  }
+  if (Status a = index_->add_residency(key, Tier::kNvme, *slot); !a) {
+    nvme_->erase(key).ignore();  // the block left the index meanwhile (or was stored twice)
+    return a.code() == StatusCode::kAlreadyExists ? Status::ok() : a;
+  }
+  std::lock_guard dl(counters_->dirty_mu);
+  counters_->dirty.erase(key);
+  return Status::ok();
+}
+
+Result<SlotId> TierManager::copy_into_memory_tier(const BlockResidency& from, Tier to) {
+  auto slot = allocate_slot(to);
+  if (!slot) return slot.status();
+  JobSpec job;
+  Segment seg{.layer = 0, .bytes = block_bytes_};
+  std::byte* dst = memory_tier(to)->arena->slot_ptr(*slot);
+  seg.dst = to == Tier::kHbm ? Location::device_memory(dst) : Location::host(dst);
+  Tier src_tier = Tier::kNvme;
+  for (Tier t : kAllTiers) {
+    if (t != to && from.resident_in(t)) {
+      src_tier = t;
+      break;
+    }
+  }
+  seg.src = block_location(from, src_tier);
+  if (src_tier == Tier::kNvme) {  // storage is not trusted: verify on the way in
+    seg.verify = true;
+    seg.expected_xxh3_64 = from.checksum;
+  }
+  job.segments.push_back(seg);
+  auto handle = engine_->submit(std::move(job));
+  Status s = handle ? handle->wait() : handle.status();
+  if (!s) {
+    free_slot(to, *slot);
+    counters_->errors++;
+    return s;
+  }
+  return *slot;
+}
+
+Result<Namespace> TierManager::add_namespace(const NamespaceSpec& spec) {
+  if (!(spec.layout == options_.layout)) {
+    return Status(StatusCode::kLayoutMismatch, "namespace layout " + spec.layout.describe() +
+                                                   " differs from the store's " + options_.layout.describe());
+  }
+  auto ns = keys_.make_namespace(spec);
+  if (!ns) return ns.status();
+  if (nvme_) KVTIER_RETURN_IF_ERROR(nvme_->put_namespace({ns->root, ns->layout, spec.model_id}));
+  return ns;
+}
+
+Result<size_t> TierManager::save(const Namespace& ns, std::span<const TokenId> tokens,
+                                 std::span<const std::byte> kv, Tier tier, Priority priority,
+                                 std::span<const BlockExtra> extras) {
+  if (!(ns.layout == options_.layout)) {
+    return Status(StatusCode::kLayoutMismatch, "namespace layout differs from the store's");
+  }
+  if (tier == Tier::kNvme || !memory_tier(tier)) {
+    return invalid_argument("save goes to the host or HBM tier; " + std::string(tier_name(tier)) +
+                            " is not a memory tier here");
+  }
+  std::vector<BlockKey> keys;
+  KVTIER_RETURN_IF_ERROR(keys_.chain(ns, tokens, extras, keys));
+  if (kv.size() < keys.size() * block_bytes_) {
+    return invalid_argument("kv holds " + std::to_string(kv.size()) + " bytes; " +
+                            std::to_string(keys.size()) + " full blocks need " +
+                            std::to_string(keys.size() * block_bytes_));
+  }
+  const uint32_t bt = ns.block_tokens();
+  size_t extra_pos = 0;
+  size_t saved = 0;
+  std::vector<BlockKey> pinned;  // held until the end so no block of this prompt is evicted mid-save
+  auto unpin_all = [&] {
+    for (const BlockKey& k : pinned) index_->unpin(k).ignore();
+  };
+  MemoryArena& arena = *memory_tier(tier)->arena;
+  Status failure;
+  for (size_t b = 0; b < keys.size(); ++b) {
+    std::vector<BlockKey> block_extras;
+    while (extra_pos < extras.size() && extras[extra_pos].block_index == b) {
+      block_extras.push_back(extras[extra_pos++].item_hash);
+    }
+    if (index_->pin(keys[b]).is_ok()) {  // cached already
+      pinned.push_back(keys[b]);
+      counters_->skipped++;
+      continue;
+    }
+    auto slot = allocate_slot(tier);
+    if (!slot) {
+      failure = slot.status();
+      break;
+    }
+    const std::byte* src = kv.data() + b * block_bytes_;
+    std::byte* dst = arena.slot_ptr(*slot);
+    if (arena.is_device_memory()) {
+      JobSpec job;
+      job.segments.push_back({.layer = 0, .bytes = block_bytes_, .src = Location::host(src),
+                              .dst = Location::device_memory(dst)});
+      auto h = engine_->submit(std::move(job));
+      Status s = h ? h->wait() : h.status();
+      if (!s) {
+        free_slot(tier, *slot);
+        failure = s;
+        break;
+      }
+    } else {
+      std::memcpy(dst, src, block_bytes_);
+    }
+    BlockInsert ins{.key = keys[b],
+                    .parent = b ? keys[b - 1] : ns.root,
+                    .block_index = static_cast<uint32_t>(b),
+                    .tokens = tokens.subspan(b * bt, bt),
+                    .extras = block_extras,
+                    .byte_size = block_bytes_,
+                    .checksum = XXH3_64bits(src, block_bytes_),
+                    .tier = tier,
+                    .slot = *slot,
+                    .priority = priority};
+    auto r = index_->insert(ns, ins);
+    if (!r) {
+      free_slot(tier, *slot);
+      if (r.status().code() == StatusCode::kAlreadyExists && index_->pin(keys[b]).is_ok()) {
+        pinned.push_back(keys[b]);  // another saver won the race: same bytes, keep theirs
+        counters_->skipped++;
+        continue;
+      }
+      failure = r.status();
+      break;
+    }
+    index_->pin(keys[b]).ignore();  // cannot fail: just inserted and we hold the parent pinned
+    pinned.push_back(keys[b]);
+    ++saved;
+    counters_->saved++;
+    if (options_.write_policy == WritePolicy::kWriteThrough && nvme_) {
+      if (Status s = store_to_nvme(keys[b], *index_->get(keys[b])); !s) {
+        failure = s;
+        break;
+      }
+      counters_->write_through++;
+    } else {
+      std::lock_guard dl(counters_->dirty_mu);
+      counters_->dirty.insert(keys[b]);
+    }
+  }
+  unpin_all();
+  if (!failure.is_ok()) return failure;
+  return saved;
+}
+
+Result<size_t> TierManager::promote(std::span<const BlockKey> keys, Tier to) {
+  if (to == Tier::kNvme || !memory_tier(to)) return invalid_argument("promote goes to host or HBM");
+  std::vector<BlockKey> pinned;
+  std::vector<std::pair<BlockKey, SlotId>> moved;
+  JobSpec job;
+  Status failure;
+  for (const BlockKey& key : keys) {
+    if (!index_->pin(key).is_ok()) continue;  // not indexed (any more)
+    pinned.push_back(key);
+    auto where = index_->get(key);
+    if (!where || where->resident_in(to)) continue;
+    auto slot = allocate_slot(to);
+    if (!slot) {
+      failure = slot.status();
+      break;
+    }
+    Tier src_tier = Tier::kNvme;
+    for (Tier t : kAllTiers) {
+      if (t != to && where->resident_in(t)) {
+        src_tier = t;
+        break;
+      }
+    }
+    std::byte* dst = memory_tier(to)->arena->slot_ptr(*slot);
+    Segment seg{.layer = 0, .bytes = block_bytes_, .src = block_location(*where, src_tier),
+                .dst = to == Tier::kHbm ? Location::device_memory(dst) : Location::host(dst)};
+    if (src_tier == Tier::kNvme) {
+      seg.verify = true;
+      seg.expected_xxh3_64 = where->checksum;
+    }
+    job.segments.push_back(seg);
+    moved.emplace_back(key, *slot);
+  }
+  size_t promoted = 0;
+  if (!job.segments.empty()) {
+    // One job: NVMe → staging → HBM segments pipeline the disk and the copy engine.
+    auto h = engine_->submit(std::move(job));
+    Status s = h ? h->wait() : h.status();
+    if (!s) {
+      counters_->errors++;
+      for (auto& [key, slot] : moved) free_slot(to, slot);
+      failure = s;
+    } else {
+      for (auto& [key, slot] : moved) {
+        if (index_->add_residency(key, to, slot).is_ok()) {
+          ++promoted;
+          counters_->promotions_in[static_cast<int>(to)]++;
+        } else {
+          free_slot(to, slot);
+        }
+      }
+    }
+  }
+  for (const BlockKey& k : pinned) index_->unpin(k).ignore();
+  if (!failure.is_ok()) return failure;
+  return promoted;
+}
+
+Result<TransferHandle> TierManager::load(const Match& match, std::span<std::byte* const> destinations,
+                                         LocationKind dst_kind, TransferCallback callback) {
+  if (match.lease == kNoLease) return invalid_argument("load needs a leased match (MatchOptions::take_lease)");
+  if (destinations.size() != match.blocks.size()) {
+    return invalid_argument("load: " + std::to_string(destinations.size()) + " destinations for " +
+                            std::to_string(match.blocks.size()) + " matched blocks");
+  }
+  if (dst_kind == LocationKind::kStorage) return invalid_argument("load destinations are memory");
+  auto dst_at = [&](size_t b, uint64_t off) {
+    return dst_kind == LocationKind::kDevice ? Location::device_memory(destinations[b] + off)
+                                             : Location::host(destinations[b] + off);
+  };
+
+  // Blocks only on NVMe: restore them into the host tier first (verified), so the layered copy
+  // below reads memory. What the host tier cannot take is read straight into its destination.
+  std::vector<BlockKey> nvme_only;
+  for (const BlockResidency& r : match.blocks) {
+    if (!r.resident_in(Tier::kHbm) && !r.resident_in(Tier::kHost)) nvme_only.push_back(r.key);
+  }
+  if (!nvme_only.empty() && options_.promote_on_hit) promote(nvme_only, Tier::kHost).ignore();
+
+  const uint32_t layers = options_.layout.num_layers;
+  const uint64_t layer_bytes = options_.layout.bytes_per_block_layer();
+  JobSpec direct;  // whole-block, verified reads for blocks still only on NVMe
+  JobSpec job;
+  job.num_layers = layers;
+  job.callback = std::move(callback);
+  for (size_t b = 0; b < match.blocks.size(); ++b) {
+    auto where = index_->get(match.blocks[b].key);
+    if (!where) return not_found("block " + match.blocks[b].key.to_hex() + " left the index (lease expired?)");
+    Tier src;
+    if (where->resident_in(Tier::kHbm) && (dst_kind == LocationKind::kDevice || !where->resident_in(Tier::kHost))) {
+      src = Tier::kHbm;
+    } else if (where->resident_in(Tier::kHost)) {
+      src = Tier::kHost;
+    } else {
+      direct.segments.push_back({.layer = 0, .bytes = block_bytes_, .src = block_location(*where, Tier::kNvme),
+                                 .dst = dst_at(b, 0), .verify = dst_kind == LocationKind::kHost,
+                                 .expected_xxh3_64 = where->checksum});
+      continue;
+    }
+    const Location base = block_location(*where, src);
+    for (uint32_t l = 0; l < layers; ++l) {
+      Location from = base;
+      from.ptr += l * layer_bytes;
+      job.segments.push_back({.layer = l, .bytes = layer_bytes, .src = from, .dst = dst_at(b, l * layer_bytes)});
+    }
+  }
+  if (!direct.segments.empty()) {
+    auto h = engine_->submit(std::move(direct));
+    Status s = h ? h->wait() : h.status();
+    if (!s) {
+      counters_->errors++;
+      return s;
+    }
+  }
+  counters_->loaded += match.blocks.size();
+  return engine_->submit(std::move(job));
+}
+
+Status TierManager::rebalance() {
+  for (Tier t : kAllTiers) {
+    if (!has_tier(t)) continue;
+    const TierLimits& lim = limits_of(options_, t);
+    const double cap = static_cast<double>(capacity_slots(t));
+    if (static_cast<double>(used_slots(t)) > lim.high_watermark * cap) {
+      KVTIER_RETURN_IF_ERROR(reclaim(t, static_cast<uint64_t>(lim.low_watermark * cap)));
+    }
+  }
+  return Status::ok();
+}
+
+Result<size_t> TierManager::flush() {
+  if (!nvme_) return size_t{0};
+  std::vector<std::pair<uint32_t, BlockKey>> todo;
+  {
+    std::lock_guard dl(counters_->dirty_mu);
+    for (const BlockKey& k : counters_->dirty) {
+      if (auto rec = index_->describe(k)) todo.emplace_back(rec->block_index, k);
+    }
+  }
+  std::sort(todo.begin(), todo.end());  // parents first
+  size_t stored = 0;
+  for (auto& [index, key] : todo) {
+    if (index_->pin(key).is_ok()) {
+      auto where = index_->get(key);
+      Status s = (where && !where->resident_in(Tier::kNvme)) ? store_to_nvme(key, *where) : Status::ok();
+      index_->unpin(key).ignore();
+      if (!s) return s;
+      ++stored;
+    }
+  }
+  return stored;
+}
+
+TierManagerStats TierManager::stats() const {
+  TierManagerStats s;
+  for (Tier t : kAllTiers) {
+    const int i = static_cast<int>(t);
+    s.tiers[i].capacity_slots = capacity_slots(t);
+    s.tiers[i].used_slots = used_slots(t);
+    s.tiers[i].demotions_out = counters_->demotions_out[i];
+    s.tiers[i].promotions_in = counters_->promotions_in[i];
+    s.tiers[i].drops = counters_->drops[i];
+  }
+  s.saved_blocks = counters_->saved;
+  s.skipped_blocks = counters_->skipped;
+  s.loaded_blocks = counters_->loaded;
+  s.write_through_blocks = counters_->write_through;
+  s.recovered_blocks = counters_->recovered;
+  s.recovery_dropped = counters_->recovery_dropped;
+  s.errors = counters_->errors;
+  if (nvme_) s.nvme = nvme_->stats();
+  s.transfer = engine_->stats();
+  return s;
+}
+
+}  // namespace kvtier

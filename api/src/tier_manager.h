@@ -1,0 +1,180 @@
+// TierManager: ties the prefix index, the three tiers and the transfer engine together
+// (DESIGN.md "Residency and eviction", "Persistence"). It owns the host arena, the HBM arena
+// (CUDA or emulated), the NVMe tier and the transfer engine; the index records where each block
+// lives. Under pressure it demotes HBM → host → NVMe (write-back) and finally drops, choosing
+// victims with the index's eviction order; on a hit it can promote; in write-through mode every
+// saved block is persisted before save returns. At open it rebuilds the index from the NVMe
+// catalog, so the cache survives restarts.
+//
+// Ordering rules that keep readers safe:
+//   - a residency is added to the index only after its bytes are complete in that tier;
+//   - a slot is freed only after its residency left the index, and the index refuses to remove
+//     a residency while the block is pinned (a leased match), so a load never reads a reused slot;
+//   - on NVMe the catalog entry is written after the data, and erased before the slot is freed.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "kvtier/kv_layout.h"
+#include "kvtier/status.h"
+#include "kvtier/tier.h"
+#include "prefix_index/prefix_index.h"
+#include "tiers/memory_arena.h"
+#include "tiers/nvme_tier.h"
+#include "tiers/slot_allocator.h"
+#include "transfer/transfer_engine.h"
+
+namespace kvtier {
+
+enum class WritePolicy : uint8_t {
+  kWriteBack = 0,     // blocks reach NVMe when demoted from host (or on flush())
+  kWriteThrough = 1,  // every saved block is stored on NVMe before save returns
+};
+
+struct TierLimits {
+  /// Capacity in bytes; 0 disables the tier (HBM and NVMe only; the host tier is required).
+  uint64_t capacity_bytes = 0;
+  /// Reclaim starts when occupancy exceeds high_watermark × capacity (default 0.95) ...
+  double high_watermark = 0.95;
+  /// ... and stops once it is at or below low_watermark × capacity (default 0.85).
+  double low_watermark = 0.85;
+};
+
+struct TierManagerOptions {
+  /// The KV layout of every namespace this manager serves (sets every slot size). Required.
+  KvLayout layout;
+  /// HBM tier (default disabled). Without a GPU an emulated arena in host memory stands in.
+  TierLimits hbm;
+  /// Host DRAM tier. Required: capacity_bytes > 0 (at least one block).
+  TierLimits host;
+  /// NVMe tier; enabled when nvme.dir is non-empty and nvme_limits.capacity_bytes > 0. The
+  /// nvme.layout and nvme.capacity_bytes fields are filled in from `layout` and nvme_limits.
+  NvmeTierOptions nvme;
+  TierLimits nvme_limits;
+  /// Back the host arena with a memfd so client processes can map it (default false).
+  bool shared_host_arena = false;
+  /// Default kWriteBack.
+  WritePolicy write_policy = WritePolicy::kWriteBack;
+  /// Copy a block up to the host tier when a load finds it only on NVMe (default true).
+  bool promote_on_hit = true;
+  /// Options of the transfer engine the manager creates.
+  TransferEngineOptions transfer;
+  /// Options of the prefix index.
+  IndexOptions index;
+};
+
+struct TierCounters {
+  uint64_t capacity_slots = 0;
+  uint64_t used_slots = 0;
+  uint64_t demotions_out = 0;  // blocks copied down out of this tier under pressure
+  uint64_t promotions_in = 0;  // blocks copied up into this tier
+  uint64_t drops = 0;          // blocks dropped from this tier (no lower copy kept)
+};
+
+struct TierManagerStats {
+  std::array<TierCounters, kNumTiers> tiers{};
+  uint64_t saved_blocks = 0;        // blocks written by save()
+  uint64_t skipped_blocks = 0;      // save() blocks already cached
+  uint64_t loaded_blocks = 0;
+  uint64_t write_through_blocks = 0;
+  uint64_t recovered_blocks = 0;    // indexed from the NVMe catalog at open
+  uint64_t recovery_dropped = 0;    // catalog entries that could not be indexed (orphans, layout)
+  uint64_t errors = 0;              // failed transfers and storage operations
+  NvmeTierStats nvme{};
+  TransferStats transfer{};
+};
+
+class TierManager {
+ public:
+  /// Creates the arenas, opens (or creates) the NVMe tier and rebuilds the index from it.
+  /// kInvalidArgument for a bad layout, capacity or watermark.
+  static Result<std::unique_ptr<TierManager>> open(const KeyChain& keys, TierManagerOptions options);
+  /// Waits for in-flight transfers. Host- and HBM-only blocks are not written back: call flush().
+  ~TierManager();
+  TierManager(const TierManager&) = delete;
+  TierManager& operator=(const TierManager&) = delete;
+
+  PrefixIndex& index() noexcept { return *index_; }
+  const KvLayout& layout() const noexcept { return options_.layout; }
+  bool has_tier(Tier t) const noexcept;
+  const MemoryArena* arena(Tier t) const noexcept;  // kHbm or kHost; null when disabled
+  TransferEngine& transfer() noexcept { return *engine_; }
+
+  /// Resolves a namespace and records it in the NVMe catalog so its blocks can be re-indexed
+  /// after a restart. kLayoutMismatch when spec.layout is not this manager's layout.
+  Result<Namespace> add_namespace(const NamespaceSpec& spec);
+
+  /// Saves the full blocks of `tokens` whose KV is in `kv` (canonical layout, block after block;
+  /// at least blocks × bytes_per_block bytes, host memory) into `tier` (kHost or kHbm). Blocks
+  /// already cached are skipped. Returns the number of blocks newly saved. Makes room under the
+  /// watermarks first; kResourceExhausted when everything resident is pinned.
+  Result<size_t> save(const Namespace& ns, std::span<const TokenId> tokens,
+                      std::span<const std::byte> kv, Tier tier = Tier::kHost,
+                      Priority priority = Priority::kNormal, std::span<const BlockExtra> extras = {});
+
+  /// Copies the blocks of a leased match (match.lease != kNoLease, else kInvalidArgument) into
+  /// `destinations` — one pointer per matched block, canonical layout, each bytes_per_block
+  /// long, all of `dst_kind` (kHost or kDevice) — one segment per layer per block, so
+  /// wait_layer(l) returns as soon as layer l of every block has arrived. Blocks found only on
+  /// NVMe are first restored (checksum verified) into the host tier, or, when the host tier is
+  /// full, straight through staging; a corrupt block fails the load with kChecksumMismatch.
+  Result<TransferHandle> load(const Match& match, std::span<std::byte* const> destinations,
+                              LocationKind dst_kind = LocationKind::kHost,
+                              TransferCallback callback = {});
+
+  /// Copies `keys` up into `to` (kHost or kHbm) from the fastest tier holding them. NVMe → HBM
+  /// runs as one pipelined job through staging. Blocks already there are skipped.
+  Result<size_t> promote(std::span<const BlockKey> keys, Tier to);
+
+  /// Brings every tier under its high watermark (down to its low watermark).
+  Status rebalance();
+  /// Writes every block resident only in memory tiers to NVMe (graceful shutdown).
+  Result<size_t> flush();
+  /// Waits for in-flight transfers (the engine is shut down; the manager then refuses work).
+  void close();
+
+  TierManagerStats stats() const;
+
+ private:
+  struct MemoryTier {
+    std::unique_ptr<MemoryArena> arena;
+    std::unique_ptr<SlotAllocator> slots;
+    TierLimits limits;
+  };
+
+  TierManager(const KeyChain& keys, TierManagerOptions options);
+  Status open_tiers();
+  Status recover();
+  MemoryTier* memory_tier(Tier t) noexcept;
+  uint64_t capacity_slots(Tier t) const noexcept;
+  uint64_t used_slots(Tier t) const noexcept;
+  Result<SlotId> allocate_slot(Tier t);
+  void free_slot(Tier t, SlotId slot);
+  Status reclaim(Tier t, uint64_t target_used);
+  Status demote_block(const BlockKey& key, Tier from);
+  Status store_to_nvme(const BlockKey& key, const BlockResidency& where);
+  Result<SlotId> copy_into_memory_tier(const BlockResidency& from, Tier to);
+  Location block_location(const BlockResidency& where, Tier t);
+
+  KeyChain keys_;
+  TierManagerOptions options_;
+  uint64_t block_bytes_ = 0;
+  std::unique_ptr<PrefixIndex> index_;
+  MemoryTier hbm_, host_;
+  std::unique_ptr<NvmeTier> nvme_;
+  std::unique_ptr<TransferEngine> engine_;
+
+  std::mutex reclaim_mu_;  // one reclaimer per manager; others find the work done
+  struct Counters;
+  std::unique_ptr<Counters> counters_;
+};
+
+}  // namespace kvtier

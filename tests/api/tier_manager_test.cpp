@@ -1,0 +1,310 @@
+// The tier manager: save and load through every tier, demotion under pressure, promotion,
+// write-through, restart recovery, corruption on NVMe, bad input, concurrency and memory return.
+#include <catch2/catch.hpp>
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+#include <random>
+#include <thread>
+
+#include "api/src/tier_manager.h"
+
+using namespace kvtier;
+
+namespace {
+
+struct TempDir {
+  std::string path;
+  TempDir() {
+    char tmpl[] = "/tmp/kvtier-tm-XXXXXX";
+    path = mkdtemp(tmpl);
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+};
+
+KvLayout layout() { return *KvLayout::standard(2, 2, 64, Dtype::kFp16, 16); }  // 16 KiB blocks
+
+/// KV bytes for every full block of `tokens`: a function of the tokens so any copy can be checked.
+std::vector<std::byte> kv_for(std::span<const TokenId> tokens, const KvLayout& l) {
+  const size_t blocks = tokens.size() / l.block_tokens;
+  std::vector<std::byte> kv(blocks * l.bytes_per_block());
+  for (size_t b = 0; b < blocks; ++b) {
+    uint64_t x = 0x9E3779B97F4A7C15ull;
+    for (uint32_t t = 0; t <= b; ++t) x = (x ^ tokens[t * l.block_tokens]) * 0xBF58476D1CE4E5B9ull + t;
+    for (size_t i = 0; i < l.bytes_per_block(); ++i) {
+      x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+      kv[b * l.bytes_per_block() + i] = static_cast<std::byte>(x);
+    }
+  }
+  return kv;
+}
+
+std::vector<TokenId> prompt(uint64_t seed, size_t blocks) {
+  std::mt19937_64 rng(seed);
+  std::vector<TokenId> t(blocks * 16);
+  for (auto& x : t) x = static_cast<TokenId>(rng() % 32000);
+  return t;
+}
+
+struct Fixture {
+  TempDir dir;
+  KeyChain keys{"tier-manager-test"};
+  TierManagerOptions opts;
+  std::unique_ptr<TierManager> tm;
+  Namespace ns;
+
+  explicit Fixture(uint64_t host_blocks = 64, uint64_t nvme_blocks = 256, uint64_t hbm_blocks = 0) {
+    opts.layout = layout();
+    const uint64_t bb = layout().bytes_per_block();
+    opts.host.capacity_bytes = host_blocks * bb;
+    opts.hbm.capacity_bytes = hbm_blocks * bb;
+    if (nvme_blocks) {
+      opts.nvme.dir = dir.path;
+      opts.nvme.durability = Durability::kNone;
+      opts.nvme_limits.capacity_bytes = nvme_blocks * (bb + 4096 * 2);
+    }
+    opts.transfer.staging_buffers = 4;
+    opts.transfer.staging_bytes = 64 << 10;
+    reopen();
+  }
+  void reopen() {
+    tm.reset();
+    auto r = TierManager::open(keys, opts);
+    REQUIRE(r.is_ok());
+    tm = std::move(*r);
+    auto n = tm->add_namespace({"model", layout(), "", ""});
+    REQUIRE(n.is_ok());
+    ns = *n;
+  }
+  /// Matches `tokens` with a lease, loads every matched block into host memory, checks the bytes.
+  size_t load_and_check(const std::vector<TokenId>& tokens) {
+    auto m = tm->index().match(ns, tokens, {}, {.take_lease = true});
+    REQUIRE(m.is_ok());
+    const uint64_t bb = layout().bytes_per_block();
+    std::vector<std::byte> out(m->blocks.size() * bb + 4096);
+    std::byte* base = reinterpret_cast<std::byte*>(align_up(reinterpret_cast<uintptr_t>(out.data()), 4096));
+    std::vector<std::byte*> dst;
+    for (size_t b = 0; b < m->blocks.size(); ++b) dst.push_back(base + b * bb);
+    auto h = tm->load(*m, dst);
+    REQUIRE(h.is_ok());
+    REQUIRE(h->wait().is_ok());
+    auto expect = kv_for(tokens, layout());
+    CHECK(std::memcmp(base, expect.data(), m->blocks.size() * bb) == 0);
+    tm->index().release(m->lease).ignore();
+    return m->blocks.size();
+  }
+};
+
+}  // namespace
+
+TEST_CASE("Saved blocks load back byte-identical, layer by layer") {
+  Fixture f;
+  auto tokens = prompt(1, 6);
+  auto kv = kv_for(tokens, layout());
+  auto saved = f.tm->save(f.ns, tokens, kv);
+  REQUIRE(saved.is_ok());
+  CHECK(*saved == 6);
+  CHECK(*f.tm->save(f.ns, tokens, kv) == 0);  // cached already: skipped
+
+  auto m = f.tm->index().match(f.ns, tokens, {}, {.take_lease = true});
+  REQUIRE(m->blocks.size() == 6);
+  const uint64_t bb = layout().bytes_per_block(), lb = layout().bytes_per_block_layer();
+  std::vector<std::byte> out(6 * bb);
+  std::vector<std::byte*> dst;
+  for (int b = 0; b < 6; ++b) dst.push_back(out.data() + b * bb);
+  auto h = f.tm->load(*m, dst);
+  REQUIRE(h.is_ok());
+  REQUIRE(h->wait_layer(0).is_ok());
+  for (int b = 0; b < 6; ++b) CHECK(std::memcmp(out.data() + b * bb, kv.data() + b * bb, lb) == 0);
+  REQUIRE(h->wait().is_ok());
+  CHECK(std::memcmp(out.data(), kv.data(), out.size()) == 0);
+  f.tm->index().release(m->lease).ignore();
+}
+
+TEST_CASE("Under pressure host blocks are written back to NVMe and still load") {
+  Fixture f(/*host_blocks=*/8, /*nvme_blocks=*/128);
+  std::vector<std::vector<TokenId>> prompts;
+  for (int p = 0; p < 6; ++p) {
+    prompts.push_back(prompt(100 + p, 4));
+    REQUIRE(f.tm->save(f.ns, prompts.back(), kv_for(prompts.back(), layout())).is_ok());
+  }
+  auto st = f.tm->stats();
+  CHECK(st.tiers[int(Tier::kHost)].used_slots <= 8);
+  CHECK(st.tiers[int(Tier::kHost)].demotions_out >= 16);
+  CHECK(st.nvme.blocks >= 16);
+  REQUIRE(f.tm->index().check_invariants().is_ok());
+  for (const auto& p : prompts) CHECK(f.load_and_check(p) == 4);  // the oldest come from NVMe
+  CHECK(f.tm->stats().tiers[int(Tier::kHost)].promotions_in > 0);
+}
+
+TEST_CASE("Blocks move between every pair of tiers byte-identical") {
+  Fixture f(/*host_blocks=*/32, /*nvme_blocks=*/64, /*hbm_blocks=*/32);
+  auto tokens = prompt(7, 5);
+  auto kv = kv_for(tokens, layout());
+  REQUIRE(*f.tm->save(f.ns, tokens, kv, Tier::kHbm) == 5);
+  std::vector<BlockKey> keys;
+  REQUIRE(f.tm->index().key_chain().chain(f.ns, tokens, {}, keys).is_ok());
+  auto check_tier = [&](Tier t) {
+    const MemoryArena* a = f.tm->arena(t);
+    for (size_t b = 0; b < keys.size(); ++b) {
+      auto r = f.tm->index().get(keys[b]);
+      REQUIRE(r->resident_in(t));
+      CHECK(std::memcmp(a->slot_ptr(r->slot(t)), kv.data() + b * layout().bytes_per_block(),
+                        layout().bytes_per_block()) == 0);
+    }
+  };
+  check_tier(Tier::kHbm);
+  CHECK(*f.tm->promote(keys, Tier::kHost) == 5);  // HBM → host
+  check_tier(Tier::kHost);
+  REQUIRE(*f.tm->flush() == 5);                   // host → NVMe
+  for (auto& k : keys) CHECK(f.tm->index().get(k)->resident_in(Tier::kNvme));
+  f.reopen();                                     // only NVMe survives
+  for (auto& k : keys) CHECK(f.tm->index().get(k)->tier_mask == tier_bit(Tier::kNvme));
+  CHECK(*f.tm->promote(keys, Tier::kHbm) == 5);   // NVMe → staging → HBM, verified
+  check_tier(Tier::kHbm);
+  CHECK(*f.tm->promote(keys, Tier::kHost) == 5);  // from HBM again
+  check_tier(Tier::kHost);
+  CHECK(f.load_and_check(tokens) == 5);
+}
+
+TEST_CASE("A restart brings back every flushed block and drops unreachable ones") {
+  Fixture f;
+  auto a = prompt(11, 4), b = prompt(12, 3);
+  REQUIRE(f.tm->save(f.ns, a, kv_for(a, layout())).is_ok());
+  REQUIRE(f.tm->save(f.ns, b, kv_for(b, layout())).is_ok());
+  REQUIRE(*f.tm->flush() == 7);
+  f.reopen();
+  CHECK(f.tm->stats().recovered_blocks == 7);
+  CHECK(f.load_and_check(a) == 4);
+  CHECK(f.load_and_check(b) == 3);
+  REQUIRE(f.tm->index().check_invariants().is_ok());
+}
+
+TEST_CASE("Write-through persists every block as it is saved") {
+  Fixture f;
+  f.opts.write_policy = WritePolicy::kWriteThrough;
+  f.reopen();
+  auto t = prompt(21, 3);
+  REQUIRE(*f.tm->save(f.ns, t, kv_for(t, layout())) == 3);
+  CHECK(f.tm->stats().nvme.blocks == 3);
+  CHECK(f.tm->stats().write_through_blocks == 3);
+  f.reopen();  // no flush: still there
+  CHECK(f.load_and_check(t) == 3);
+}
+
+TEST_CASE("A corrupted block on NVMe is never returned") {
+  Fixture f;
+  auto t = prompt(31, 2);
+  REQUIRE(f.tm->save(f.ns, t, kv_for(t, layout())).is_ok());
+  REQUIRE(*f.tm->flush() == 2);
+  f.reopen();
+  // Flip bytes in the middle of every slot's payload region on disk.
+  {
+    int fd = ::open((f.dir.path + "/slots.0").c_str(), O_RDWR);
+    REQUIRE(fd >= 0);
+    const uint64_t slot_bytes = align_up(layout().bytes_per_block(), 4096) + 4096;
+    for (uint64_t s = 0; s < 2; ++s) {
+      char junk[64];
+      std::memset(junk, 0xEE, sizeof junk);
+      for (uint64_t off = s * slot_bytes; off < (s + 1) * slot_bytes; off += 4096) {
+        REQUIRE(pwrite(fd, junk, sizeof junk, static_cast<off_t>(off + 2048)) == sizeof junk);
+      }
+    }
+    ::close(fd);
+  }
+  f.reopen();  // headers are damaged too: entries dropped at open, or their payload fails
+  auto m = f.tm->index().match(f.ns, t, {}, {.take_lease = true});
+  REQUIRE(m.is_ok());
+  if (!m->blocks.empty()) {
+    std::vector<std::byte> out(m->blocks.size() * layout().bytes_per_block() + 4096);
+    std::byte* base = reinterpret_cast<std::byte*>(align_up(reinterpret_cast<uintptr_t>(out.data()), 4096));
+    std::vector<std::byte*> dst;
+    for (size_t b = 0; b < m->blocks.size(); ++b) dst.push_back(base + b * layout().bytes_per_block());
+    auto h = f.tm->load(*m, dst);
+    Status s = h ? h->wait() : h.status();
+    CHECK(s.code() == StatusCode::kChecksumMismatch);
+  } else {
+    CHECK(f.tm->stats().nvme.dropped_at_open + f.tm->stats().recovery_dropped >= 1);
+  }
+}
+
+TEST_CASE("Without NVMe, pressure drops leaves first and the index stays prefix-closed") {
+  Fixture f(/*host_blocks=*/10, /*nvme_blocks=*/0);
+  for (int p = 0; p < 8; ++p) {
+    auto t = prompt(200 + p, 4);
+    REQUIRE(f.tm->save(f.ns, t, kv_for(t, layout())).is_ok());
+    REQUIRE(f.tm->index().check_invariants().is_ok());
+  }
+  auto st = f.tm->stats();
+  CHECK(st.tiers[int(Tier::kHost)].used_slots <= 10);
+  CHECK(st.tiers[int(Tier::kHost)].drops >= 22);
+  CHECK(f.load_and_check(prompt(207, 4)) == 4);  // the newest prompt is still whole
+}
+
+TEST_CASE("Bad input gets a clear error and changes nothing") {
+  Fixture f;
+  auto t = prompt(41, 3);
+  auto kv = kv_for(t, layout());
+  auto other = *KvLayout::standard(4, 2, 64, Dtype::kFp16, 16);
+  CHECK(f.tm->add_namespace({"model", other, "", ""}).status().code() == StatusCode::kLayoutMismatch);
+  CHECK(f.tm->save(f.ns, t, std::span(kv).first(kv.size() - 1)).status().code() == StatusCode::kInvalidArgument);
+  CHECK(f.tm->save(f.ns, t, kv, Tier::kNvme).status().code() == StatusCode::kInvalidArgument);
+  CHECK(f.tm->index().stats().entries == 0);
+  REQUIRE(f.tm->save(f.ns, t, kv).is_ok());
+  auto m = f.tm->index().match(f.ns, t);  // no lease
+  std::vector<std::byte*> dst(m->blocks.size(), nullptr);
+  CHECK(f.tm->load(*m, dst).status().code() == StatusCode::kInvalidArgument);
+  TierManagerOptions bad = f.opts;
+  bad.host.capacity_bytes = 100;
+  CHECK(TierManager::open(f.keys, bad).status().code() == StatusCode::kInvalidArgument);
+  bad = f.opts;
+  bad.host.low_watermark = 0.99;
+  CHECK(TierManager::open(f.keys, bad).status().code() == StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("Concurrent saves, loads and rebalances stay consistent") {
+  Fixture f(/*host_blocks=*/24, /*nvme_blocks=*/512);
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int th = 0; th < 3; ++th) {
+    threads.emplace_back([&, th] {
+      for (int i = 0; i < 12; ++i) {
+        auto t = prompt(1000 + (th * 7 + i) % 10, 3);
+        auto kv = kv_for(t, layout());
+        auto s = f.tm->save(f.ns, t, kv);
+        if (!s && s.status().code() != StatusCode::kResourceExhausted) failures++;
+        auto m = f.tm->index().match(f.ns, t, {}, {.take_lease = true});
+        if (!m) {
+          failures++;
+          continue;
+        }
+        std::vector<std::byte> out(m->blocks.size() * layout().bytes_per_block() + 4096);
+        std::byte* base = reinterpret_cast<std::byte*>(align_up(reinterpret_cast<uintptr_t>(out.data()), 4096));
+        std::vector<std::byte*> dst;
+        for (size_t b = 0; b < m->blocks.size(); ++b) dst.push_back(base + b * layout().bytes_per_block());
+        auto h = f.tm->load(*m, dst);
+        if (!h || !h->wait().is_ok()) failures++;
+        else if (std::memcmp(base, kv.data(), m->blocks.size() * layout().bytes_per_block()) != 0) failures++;
+        f.tm->index().release(m->lease).ignore();
+        if (i % 4 == 0) f.tm->rebalance().ignore();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  CHECK(failures == 0);
+  CHECK(f.tm->index().check_invariants().is_ok());
+}
+
+TEST_CASE("Arena memory returns to zero after the manager shuts down") {
+  const uint64_t before = arena_bytes_outstanding();
+  {
+    Fixture f(16, 32, 8);
+    auto t = prompt(51, 2);
+    REQUIRE(f.tm->save(f.ns, t, kv_for(t, layout())).is_ok());
+    CHECK(arena_bytes_outstanding() > before);
+  }
+  CHECK(arena_bytes_outstanding() == before);
+}
