@@ -1,4 +1,4 @@
-// `kvtier`: the command line. Subcommands: demo, keys, layout, info.
+// `kvtier`: the command line. Subcommands: demo, tier-demo, keys, layout, info.
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
@@ -8,6 +8,7 @@
 #include "prefix_index/key_chain.h"
 #include "tiers/device_probe.h"
 #include "tools/demo_index.h"
+#include "tools/demo_tiers.h"
 
 using namespace kvtier;
 
@@ -55,6 +56,15 @@ int main(int argc, char** argv) {
   demo_cmd->add_option("--host-capacity-blocks", demo.host_capacity_blocks, "host tier capacity")
       ->capture_default_str();
 
+  TierDemoOptions tier_demo;
+  auto* tier_demo_cmd = app.add_subcommand(
+      "tier-demo", "Users sharing prompts with real KV bytes across host, HBM and NVMe, then a restart");
+  tier_demo_cmd->add_option("--dir", tier_demo.dir, "NVMe tier directory (wiped)")->capture_default_str();
+  tier_demo_cmd->add_option("--users", tier_demo.users, "simulated users")->capture_default_str();
+  tier_demo_cmd->add_option("--turns", tier_demo.turns, "turns per user")->capture_default_str();
+  tier_demo_cmd->add_option("--host-mib", tier_demo.host_mib, "host tier capacity")->capture_default_str();
+  tier_demo_cmd->add_option("--nvme-mib", tier_demo.nvme_mib, "NVMe tier capacity")->capture_default_str();
+
   std::string secret, model = "demo-model", salt, adapter, layout_spec = "32,8,128,bf16", token_text;
   uint32_t block_tokens = 16;
   auto* keys_cmd = app.add_subcommand("keys", "Print the root and block keys of a token sequence");
@@ -77,6 +87,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   if (*demo_cmd) return run_index_demo(demo);
+  if (*tier_demo_cmd) return run_tier_demo(tier_demo);
 
   if (*keys_cmd) {
     auto layout = parse_layout(layout_spec, block_tokens);

@@ -291,45 +291,37 @@ Status TierManager::demote_block(const BlockKey& key, Tier from) {
   return Status::ok();
 }
 
-Status TierManager::store_to_nvme(const BlockKey& key, const BlockResidency& where) {
+Result<SlotId> TierManager::write_to_nvme(const CatalogEntry& entry, const std::byte* src,
+                                          bool src_is_device) {
   if (!nvme_) return Status(StatusCode::kUnavailable, "no NVMe tier");
-  auto rec = index_->describe(key);
-  if (!rec) return not_found("block left the index");
-  const Tier src_tier = where.resident_in(Tier::kHost) ? Tier::kHost : Tier::kHbm;
-  if (!where.resident_in(src_tier)) return not_found("block is in no memory tier");
-  const MemoryArena& src_arena = *memory_tier(src_tier)->arena;
-
   auto slot = allocate_slot(Tier::kNvme);
   if (!slot) return slot.status();
-  CatalogEntry entry;
-  entry.key = key;
-  entry.parent = rec->parent;
-  entry.ns_root = rec->block_index == 0 ? rec->parent : BlockKey{};
-  entry.block_index = rec->block_index;
-  entry.tokens = rec->tokens;
-  entry.extras = rec->extras;
-  entry.priority = rec->residency.priority;
-  entry.created_ns = entry.last_access_ns = wall_ns();
-
   Result<CatalogEntry> written = Status(StatusCode::kInternal, "not written");
-  std::byte* src = src_arena.slot_ptr(where.slot(src_tier));
-  if (!src_arena.is_device_memory()) {
-    // Host bytes (host arena or emulated HBM): the engine writes them straight from the slot.
+  const bool aligned = reinterpret_cast<uintptr_t>(src) % kIoAlignment == 0;
+  if (!src_is_device && aligned) {
+    // Aligned host bytes (an arena slot): the engine writes them straight from there.
     const SlotLocation loc = nvme_->location(*slot);
     JobSpec job;
     job.segments.push_back({.layer = 0, .bytes = block_bytes_, .src = Location::host(src),
                             .dst = Location::storage(loc.device, loc.payload_offset)});
     auto handle = engine_->submit(std::move(job));
     Status s = handle ? handle->wait() : handle.status();
-    written = s ? nvme_->write_header(*slot, entry, std::span<const std::byte>(src, block_bytes_)) : Result<CatalogEntry>(s);
+    written = s ? nvme_->write_header(*slot, entry, std::span<const std::byte>(src, block_bytes_))
+                : Result<CatalogEntry>(s);
   } else {
-    // CUDA HBM: bring the bytes to host memory first (the header's checksums are computed there).
+    // CUDA HBM, or a caller's unaligned buffer: an aligned host copy first (the header's
+    // checksums are computed in host memory; O_DIRECT needs the alignment).
     AlignedBuffer tmp = make_aligned_buffer(align_up(block_bytes_, kIoAlignment));
-    JobSpec job;
-    job.segments.push_back({.layer = 0, .bytes = block_bytes_, .src = Location::device_memory(src),
-                            .dst = Location::host(tmp.get())});
-    auto handle = engine_->submit(std::move(job));
-    Status s = handle ? handle->wait() : handle.status();
+    Status s;
+    if (src_is_device) {
+      JobSpec job;
+      job.segments.push_back({.layer = 0, .bytes = block_bytes_, .src = Location::device_memory(src),
+                              .dst = Location::host(tmp.get())});
+      auto handle = engine_->submit(std::move(job));
+      s = handle ? handle->wait() : handle.status();
+    } else {
+      std::memcpy(tmp.get(), src, block_bytes_);
+    }
     written = s ? nvme_->write_block(*slot, entry, std::span<const std::byte>(tmp.get(), block_bytes_))
                 : Result<CatalogEntry>(s);
   }
@@ -339,6 +331,35 @@ Status TierManager::store_to_nvme(const BlockKey& key, const BlockResidency& whe
     counters_->errors++;
     return s;
   }
+  return *slot;
+}
+
+CatalogEntry TierManager::catalog_entry(const BlockKey& key, const BlockKey& parent, uint32_t block_index,
+                                        std::span<const TokenId> tokens, std::span<const BlockKey> extras,
+                                        Priority priority) {
+  CatalogEntry entry;
+  entry.key = key;
+  entry.parent = parent;
+  entry.ns_root = block_index == 0 ? parent : BlockKey{};
+  entry.block_index = block_index;
+  entry.tokens.assign(tokens.begin(), tokens.end());
+  entry.extras.assign(extras.begin(), extras.end());
+  entry.priority = priority;
+  entry.created_ns = entry.last_access_ns = wall_ns();
+  return entry;
+}
+
+Status TierManager::store_to_nvme(const BlockKey& key, const BlockResidency& where) {
+  if (!nvme_) return Status(StatusCode::kUnavailable, "no NVMe tier");
+  auto rec = index_->describe(key);
+  if (!rec) return not_found("block left the index");
+  const Tier src_tier = where.resident_in(Tier::kHost) ? Tier::kHost : Tier::kHbm;
+  if (!where.resident_in(src_tier)) return not_found("block is in no memory tier");
+  const MemoryArena& src_arena = *memory_tier(src_tier)->arena;
+  auto slot = write_to_nvme(catalog_entry(key, rec->parent, rec->block_index, rec->tokens, rec->extras,
+                                          rec->residency.priority),
+                            src_arena.slot_ptr(where.slot(src_tier)), src_arena.is_device_memory());
+  if (!slot) return slot.status();
   if (Status a = index_->add_residency(key, Tier::kNvme, *slot); !a) {
     nvme_->erase(key).ignore();  // the block left the index meanwhile (or was stored twice)
     return a.code() == StatusCode::kAlreadyExists ? Status::ok() : a;
@@ -409,9 +430,12 @@ Result<size_t> TierManager::save(const Namespace& ns, std::span<const TokenId> t
   const uint32_t bt = ns.block_tokens();
   size_t extra_pos = 0;
   size_t saved = 0;
-  std::vector<BlockKey> pinned;  // held until the end so no block of this prompt is evicted mid-save
-  auto unpin_all = [&] {
-    for (const BlockKey& k : pinned) index_->unpin(k).ignore();
+  // Only the previous block stays pinned: it is the parent the next insert needs. Earlier blocks
+  // of this prompt may be demoted meanwhile, so a prompt larger than the tier still fits.
+  std::optional<BlockKey> pinned;
+  auto pin_only = [&](const BlockKey& k) {
+    if (pinned) index_->unpin(*pinned).ignore();
+    pinned = k;
   };
   MemoryArena& arena = *memory_tier(tier)->arena;
   Status failure;
@@ -421,56 +445,74 @@ Result<size_t> TierManager::save(const Namespace& ns, std::span<const TokenId> t
       block_extras.push_back(extras[extra_pos++].item_hash);
     }
     if (index_->pin(keys[b]).is_ok()) {  // cached already
-      pinned.push_back(keys[b]);
+      pin_only(keys[b]);
       counters_->skipped++;
       continue;
     }
-    auto slot = allocate_slot(tier);
-    if (!slot) {
-      failure = slot.status();
-      break;
-    }
     const std::byte* src = kv.data() + b * block_bytes_;
-    std::byte* dst = arena.slot_ptr(*slot);
-    if (arena.is_device_memory()) {
-      JobSpec job;
-      job.segments.push_back({.layer = 0, .bytes = block_bytes_, .src = Location::host(src),
-                              .dst = Location::device_memory(dst)});
-      auto h = engine_->submit(std::move(job));
-      Status s = h ? h->wait() : h.status();
-      if (!s) {
-        free_slot(tier, *slot);
-        failure = s;
-        break;
-      }
-    } else {
-      std::memcpy(dst, src, block_bytes_);
-    }
+    const BlockKey parent = b ? keys[b - 1] : ns.root;
+    const auto block_tokens = tokens.subspan(b * bt, bt);
     BlockInsert ins{.key = keys[b],
-                    .parent = b ? keys[b - 1] : ns.root,
+                    .parent = parent,
                     .block_index = static_cast<uint32_t>(b),
-                    .tokens = tokens.subspan(b * bt, bt),
+                    .tokens = block_tokens,
                     .extras = block_extras,
                     .byte_size = block_bytes_,
                     .checksum = XXH3_64bits(src, block_bytes_),
                     .tier = tier,
-                    .slot = *slot,
                     .priority = priority};
+    auto slot = allocate_slot(tier);
+    bool on_nvme = false;
+    if (!slot && slot.status().code() == StatusCode::kResourceExhausted && nvme_) {
+      // The memory tier holds nothing it may give up (pinned, or parents of resident blocks):
+      // the block goes straight to NVMe instead of failing the save.
+      slot = write_to_nvme(catalog_entry(keys[b], parent, ins.block_index, block_tokens, block_extras, priority),
+                           src, /*src_is_device=*/false);
+      on_nvme = true;
+      ins.tier = Tier::kNvme;
+    }
+    if (!slot) {
+      failure = slot.status();
+      break;
+    }
+    ins.slot = *slot;
+    if (!on_nvme) {
+      std::byte* dst = arena.slot_ptr(*slot);
+      if (arena.is_device_memory()) {
+        JobSpec job;
+        job.segments.push_back({.layer = 0, .bytes = block_bytes_, .src = Location::host(src),
+                                .dst = Location::device_memory(dst)});
+        auto h = engine_->submit(std::move(job));
+        Status s = h ? h->wait() : h.status();
+        if (!s) {
+          free_slot(tier, *slot);
+          failure = s;
+          break;
+        }
+      } else {
+        std::memcpy(dst, src, block_bytes_);
+      }
+    }
+    auto release_slot = [&] {
+      if (on_nvme) nvme_->erase(keys[b]).ignore();
+      else free_slot(tier, *slot);
+    };
     auto r = index_->insert(ns, ins);
     if (!r) {
-      free_slot(tier, *slot);
+      release_slot();
       if (r.status().code() == StatusCode::kAlreadyExists && index_->pin(keys[b]).is_ok()) {
-        pinned.push_back(keys[b]);  // another saver won the race: same bytes, keep theirs
+        pin_only(keys[b]);  // another saver won the race: same bytes, keep theirs
         counters_->skipped++;
         continue;
       }
       failure = r.status();
       break;
     }
-    index_->pin(keys[b]).ignore();  // cannot fail: just inserted and we hold the parent pinned
-    pinned.push_back(keys[b]);
+    index_->pin(keys[b]).ignore();  // cannot fail: just inserted, and its parent is pinned
+    pin_only(keys[b]);
     ++saved;
     counters_->saved++;
+    if (on_nvme) continue;
     if (options_.write_policy == WritePolicy::kWriteThrough && nvme_) {
       if (Status s = store_to_nvme(keys[b], *index_->get(keys[b])); !s) {
         failure = s;
@@ -482,7 +524,7 @@ Result<size_t> TierManager::save(const Namespace& ns, std::span<const TokenId> t
       counters_->dirty.insert(keys[b]);
     }
   }
-  unpin_all();
+  if (pinned) index_->unpin(*pinned).ignore();
   if (!failure.is_ok()) return failure;
   return saved;
 }

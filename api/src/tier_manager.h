@@ -160,7 +160,13 @@ class TierManager {
   void free_slot(Tier t, SlotId slot);
   Status reclaim(Tier t, uint64_t target_used);
   Status demote_block(const BlockKey& key, Tier from);
+  /// Stores an indexed block's memory-tier copy on NVMe and adds the NVMe residency.
   Status store_to_nvme(const BlockKey& key, const BlockResidency& where);
+  /// Allocates an NVMe slot, writes `src` (block_bytes_) and commits `entry`; the slot.
+  Result<SlotId> write_to_nvme(const CatalogEntry& entry, const std::byte* src, bool src_is_device);
+  static CatalogEntry catalog_entry(const BlockKey& key, const BlockKey& parent, uint32_t block_index,
+                                    std::span<const TokenId> tokens, std::span<const BlockKey> extras,
+                                    Priority priority);
   Result<SlotId> copy_into_memory_tier(const BlockResidency& from, Tier to);
   Location block_location(const BlockResidency& where, Tier t);
 
