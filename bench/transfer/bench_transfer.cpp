@@ -1,0 +1,275 @@
+// Transfer benchmark: each kvtier figure next to its limit, measured in the same run, as a ratio.
+//   1. NVMe store and load of 2 MiB blocks at queue depth 32 through the engine vs fio
+//      (io_uring, O_DIRECT, bs=2M, iodepth=32) on the same file          goal >= 0.9
+//   2. host copies of 2 MiB blocks through the host copy engine vs memcpy  goal >= 0.8
+//   3. pipelined NVMe -> staging -> HBM restore vs the slowest hop alone   goal >= 0.85
+//   4. host -> HBM copies vs cudaMemcpy from pinned memory (GPU only)      goal >= 0.9
+// Median of repeats, with min and max. The copy engine is create_copy_engine()'s: CUDA with a GPU.
+#include <atomic>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "bench/bench_stats.h"
+#include "tiers/device_probe.h"
+#include "tiers/memory_arena.h"
+#include "transfer/transfer_engine.h"
+
+#if defined(KVTIER_WITH_CUDA)
+#include <cuda_runtime.h>
+#endif
+
+using namespace kvtier;
+using namespace kvtier::bench;
+
+namespace {
+
+constexpr uint64_t kBlock = 2ull << 20;
+constexpr uint64_t kFileBytes = 1ull << 30;
+constexpr uint32_t kDepth = 32;
+
+void row(const char* what, const Summary& s, const char* unit) {
+  std::printf("  %-46s %9.2f %s  (min %.2f, max %.2f)\n", what, s.median, unit, s.min, s.max);
+}
+void ratio(const char* what, double kv, double limit, double goal) {
+  std::printf("  %-46s %9.2f    (goal >= %.2f)%s\n", what, kv / limit, goal, kv / limit >= goal ? "" : "  BELOW GOAL");
+}
+Summary gbps(const std::vector<double>& seconds, uint64_t bytes) {
+  std::vector<double> v;
+  for (double s : seconds) v.push_back(bytes / s / 1e9);
+  return summarize(v);
+}
+void must(const Status& s, const char* what) {
+  if (!s.is_ok()) {
+    std::fprintf(stderr, "%s: %s\n", what, s.to_string().c_str());
+    std::exit(1);
+  }
+}
+
+/// Runs `blocks` one-segment jobs, at most kDepth at once (max_inflight_jobs), and waits for all.
+template <typename MakeSegment>
+void run_blocks(TransferEngine& engine, uint64_t blocks, MakeSegment&& make) {
+  std::vector<TransferHandle> handles;
+  handles.reserve(blocks);
+  for (uint64_t i = 0; i < blocks; ++i) {
+    JobSpec spec;
+    spec.segments.push_back(make(i));
+    auto h = engine.submit(std::move(spec));
+    must(h.status(), "submit");
+    handles.push_back(std::move(*h));
+  }
+  for (auto& h : handles) must(h.wait(), "transfer");
+}
+
+/// fio's bandwidth in GB/s for rw=read|write, or a negative number when fio is missing or failed.
+double fio_gbps(const std::string& file, const char* rw) {
+  std::string cmd = std::string("fio --name=kvtier --filename=") + file + " --rw=" + rw +
+                    " --bs=2M --iodepth=32 --ioengine=io_uring --direct=1 --size=1G --numjobs=1"
+                    " --output-format=json 2>/dev/null";
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return -1;
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  if (pclose(p) != 0) return -1;
+  auto start = out.find('{');
+  if (start == std::string::npos) return -1;
+  auto json = nlohmann::json::parse(out.substr(start), nullptr, false);
+  if (json.is_discarded()) return -1;
+  return json["jobs"][0][rw]["bw_bytes"].get<double>() / 1e9;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int repeats = argc > 1 ? std::max(1, std::atoi(argv[1])) : 5;
+  const std::string dir = argc > 2 ? argv[2] : "/tmp";
+  std::printf("rerun: %s %d %s\n", argv[0], repeats, dir.c_str());
+  std::printf("transfer benchmark, %d repeats, 2 MiB blocks\n\n", repeats);
+
+  TransferEngineOptions options;
+  options.io.queue_depth = kDepth;
+  options.max_inflight_jobs = kDepth;
+  options.max_direct_ops = kDepth;
+  // A restore keeps one chunk per staging buffer in flight, so the disk's depth in the pipeline is
+  // staging_buffers: match it to the queue depth of the direct loads it is compared with.
+  options.staging_buffers = kDepth;
+  options.staging_bytes = kBlock;
+  auto made = TransferEngine::create(options);
+  must(made.status(), "engine");
+  TransferEngine& engine = **made;
+  std::printf("io engine: %s; copy engine: %s; staging %u x %.1f MiB\n\n", engine.io_engine().describe().c_str(),
+              engine.copy_engine().describe().c_str(), engine.staging_buffers(), engine.staging_bytes() / 1048576.0);
+
+  // ---- 1. NVMe store / load vs fio ----
+  const std::string file = dir + "/kvtier_bench_transfer.bin";
+  {
+    auto device = create_file_device(file, kFileBytes);
+    must(device.status(), "file device");
+    StorageDevice* dev = device->get();
+    const uint64_t blocks = kFileBytes / kBlock;
+    // kDepth host blocks, reused round robin, registered as fixed buffers.
+    AlignedBuffer host = make_aligned_buffer(kDepth * kBlock);
+    std::memset(host.get(), 0x5a, kDepth * kBlock);
+    must(engine.register_host_memory(host.get(), kDepth * kBlock), "register host");
+    auto store = time_runs(repeats, [&] {
+      run_blocks(engine, blocks, [&](uint64_t i) {
+        return Segment{0, kBlock, Location::host(host.get() + (i % kDepth) * kBlock), Location::storage(dev, i * kBlock)};
+      });
+    });
+    auto load = time_runs(repeats, [&] {
+      run_blocks(engine, blocks, [&](uint64_t i) {
+        return Segment{0, kBlock, Location::storage(dev, i * kBlock), Location::host(host.get() + (i % kDepth) * kBlock)};
+      });
+    });
+    std::vector<double> fio_w, fio_r;
+    for (int r = 0; r < repeats; ++r) {
+      double w = fio_gbps(file, "write"), rd = fio_gbps(file, "read");
+      if (w > 0) fio_w.push_back(w);
+      if (rd > 0) fio_r.push_back(rd);
+    }
+    std::printf("NVMe (%s), 1 GiB file, 2 MiB x QD%u\n", dev->describe().c_str(), kDepth);
+    const Summary kw = gbps(store, kFileBytes), kr = gbps(load, kFileBytes);
+    row("kvtier store", kw, "GB/s");
+    row("kvtier load", kr, "GB/s");
+    if (fio_w.empty() || fio_r.empty()) {
+      std::printf("  fio not found or failed: no limit measured\n");
+    } else {
+      const Summary fw = summarize(fio_w), fr = summarize(fio_r);
+      row("fio write (io_uring, O_DIRECT)", fw, "GB/s");
+      row("fio read (io_uring, O_DIRECT)", fr, "GB/s");
+      ratio("store / fio write", kw.median, fw.median, 0.9);
+      ratio("load / fio read", kr.median, fr.median, 0.9);
+    }
+    engine.unregister_host_memory(host.get());
+  }
+
+  // ---- 2. host copy engine vs memcpy (always the host engine) ----
+  {
+    constexpr uint64_t kBlocks = 128;  // 256 MiB
+    AlignedBuffer src = make_aligned_buffer(kBlocks * kBlock), dst = make_aligned_buffer(kBlocks * kBlock);
+    std::memset(src.get(), 1, kBlocks * kBlock);
+    std::memset(dst.get(), 2, kBlocks * kBlock);
+    auto plain = time_runs(repeats, [&] {
+      for (uint64_t i = 0; i < kBlocks; ++i) std::memcpy(dst.get() + i * kBlock, src.get() + i * kBlock, kBlock);
+      do_not_optimize(dst[0]);
+    });
+    auto copies = create_host_copy_engine({});
+    auto via_engine = time_runs(repeats, [&] {
+      std::mutex mu;
+      std::condition_variable cv;
+      uint64_t done = 0;
+      for (uint64_t i = 0; i < kBlocks; ++i) {
+        must(copies->submit(dst.get() + i * kBlock, src.get() + i * kBlock, kBlock, CopyDirection::kHostToHost,
+                            [&](const Status&) {
+                              std::lock_guard lock(mu);
+                              ++done;
+                              cv.notify_all();
+                            }),
+             "copy");
+      }
+      std::unique_lock lock(mu);
+      cv.wait(lock, [&] { return done == kBlocks; });
+    });
+    std::printf("\nhost copies, 256 MiB in 2 MiB blocks (1 copy thread)\n");
+    const Summary m = gbps(plain, kBlocks * kBlock), e = gbps(via_engine, kBlocks * kBlock);
+    row("memcpy", m, "GB/s");
+    row("host copy engine", e, "GB/s");
+    ratio("copy engine / memcpy", e.median, m.median, 0.8);
+  }
+
+  // ---- 3. pipelined NVMe -> staging -> HBM restore vs the slowest hop ----
+  {
+    constexpr uint64_t kBlocks = 128;  // 256 MiB
+    auto device = create_file_device(file, kFileBytes);
+    must(device.status(), "file device");
+    StorageDevice* dev = device->get();
+    HbmArenaOptions ho;
+    ho.slot_bytes = kBlock;
+    ho.slots = kBlocks;
+    auto hbm = create_hbm_arena(ho);
+    must(hbm.status(), "hbm arena");
+    const bool emulated = !(*hbm)->is_device_memory();
+    AlignedBuffer host = make_aligned_buffer(kBlocks * kBlock);
+    std::memset(host.get(), 3, kBlocks * kBlock);
+    must(engine.register_host_memory(host.get(), kBlocks * kBlock), "register host");
+    // Hop 1 alone: NVMe -> host at the same depth. Hop 2 alone: host -> HBM copies.
+    auto disk_hop = time_runs(repeats, [&] {
+      run_blocks(engine, kBlocks, [&](uint64_t i) {
+        return Segment{0, kBlock, Location::storage(dev, i * kBlock), Location::host(host.get() + i * kBlock)};
+      });
+    });
+    auto copy_hop = time_runs(repeats, [&] {
+      run_blocks(engine, kBlocks, [&](uint64_t i) {
+        return Segment{0, kBlock, Location::host(host.get() + i * kBlock), Location::device_memory((*hbm)->slot_ptr(i))};
+      });
+    });
+    auto pipeline = time_runs(repeats, [&] {
+      run_blocks(engine, kBlocks, [&](uint64_t i) {
+        return Segment{0, kBlock, Location::storage(dev, i * kBlock), Location::device_memory((*hbm)->slot_ptr(i))};
+      });
+    });
+    std::printf("\nrestore NVMe -> staging -> HBM (%s), 256 MiB in 2 MiB blocks, %u staging buffers\n",
+                emulated ? "emulated" : "cuda", engine.staging_buffers());
+    const Summary d = gbps(disk_hop, kBlocks * kBlock), c = gbps(copy_hop, kBlocks * kBlock),
+                  p = gbps(pipeline, kBlocks * kBlock);
+    row("hop 1 alone: NVMe -> host", d, "GB/s");
+    row("hop 2 alone: host -> HBM", c, "GB/s");
+    row("pipelined restore", p, "GB/s");
+    ratio("pipelined / slowest hop", p.median, std::min(d.median, c.median), 0.85);
+    engine.unregister_host_memory(host.get());
+  }
+  std::filesystem::remove(file);
+
+  // ---- 4. host -> HBM vs cudaMemcpy ----
+  std::printf("\nhost -> HBM copies vs cudaMemcpy from pinned memory\n");
+#if defined(KVTIER_WITH_CUDA)
+  if (probe_devices().has_gpu()) {
+    constexpr uint64_t kBlocks = 256;  // 512 MiB
+    auto cuda = create_cuda_copy_engine({});
+    must(cuda.status(), "cuda copy engine");
+    void* pinned = nullptr;
+    void* device_mem = nullptr;
+    cudaHostAlloc(&pinned, kBlocks * kBlock, cudaHostAllocDefault);
+    cudaMalloc(&device_mem, kBlocks * kBlock);
+    std::memset(pinned, 7, kBlocks * kBlock);
+    auto plain = time_runs(repeats, [&] { cudaMemcpy(device_mem, pinned, kBlocks * kBlock, cudaMemcpyHostToDevice); });
+    auto via_engine = time_runs(repeats, [&] {
+      std::mutex mu;
+      std::condition_variable cv;
+      uint64_t done = 0;
+      for (uint64_t i = 0; i < kBlocks; ++i) {
+        must((*cuda)->submit(static_cast<std::byte*>(device_mem) + i * kBlock, static_cast<std::byte*>(pinned) + i * kBlock,
+                             kBlock, CopyDirection::kHostToDevice,
+                             [&](const Status&) {
+                               std::lock_guard lock(mu);
+                               ++done;
+                               cv.notify_all();
+                             }),
+             "copy");
+      }
+      std::unique_lock lock(mu);
+      cv.wait(lock, [&] { return done == kBlocks; });
+    });
+    const Summary m = gbps(plain, kBlocks * kBlock), e = gbps(via_engine, kBlocks * kBlock);
+    row("cudaMemcpy H2D (pinned, one 512 MiB call)", m, "GB/s");
+    row("cuda copy engine, 2 MiB blocks", e, "GB/s");
+    ratio("copy engine / cudaMemcpy", e.median, m.median, 0.9);
+    cuda->reset();
+    cudaFree(device_mem);
+    cudaFreeHost(pinned);
+  } else {
+    std::printf("  no GPU: skipped (%s)\n", probe_devices().reason.c_str());
+  }
+#else
+  std::printf("  no GPU: skipped (built without CUDA)\n");
+#endif
+  return 0;
+}
