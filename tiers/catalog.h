@@ -1,0 +1,112 @@
+// Catalog: the RocksDB map key → NVMe slot, plus namespace records, so the index can be rebuilt
+// after a restart (DESIGN.md "Persistence"). A block's entry is written only after its data is
+// durable, and deleted before its slot is freed; the catalog never decides that order, the
+// NvmeTier does. Values are versioned binary records.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kvtier/block_key.h"
+#include "kvtier/kv_layout.h"
+#include "kvtier/status.h"
+#include "kvtier/tier.h"
+#include "tiers/block_header.h"
+
+namespace rocksdb {
+class DB;
+}
+
+namespace kvtier {
+
+/// One block on NVMe. Bump kCatalogValueVersion when the encoding of this record changes.
+struct CatalogEntry {
+  BlockKey key;
+  SlotId slot = kNoSlot;
+  uint64_t payload_bytes = 0;
+  uint64_t checksum = 0;            // XXH3-64 of the payload (as in the slot header)
+  uint64_t layout_fingerprint = 0;
+  BlockKey ns_root;
+  BlockKey parent;                  // zero for a prefix's first block
+  uint32_t block_index = 0;
+  std::vector<TokenId> tokens;
+  std::vector<BlockKey> extras;
+  Priority priority = Priority::kNormal;
+  uint64_t created_ns = 0;          // wall clock, nanoseconds since the epoch
+  uint64_t last_access_ns = 0;
+
+  friend bool operator==(const CatalogEntry&, const CatalogEntry&) = default;
+};
+
+/// A namespace: enough to rebuild the index's view of a root after restart.
+struct NamespaceRecord {
+  BlockKey root;
+  KvLayout layout;
+  std::string model_id;
+
+  friend bool operator==(const NamespaceRecord&, const NamespaceRecord&) = default;
+};
+
+inline constexpr uint8_t kCatalogValueVersion = 1;
+
+struct CatalogOptions {
+  /// Sync every write to the RocksDB WAL before it returns (WriteOptions::sync; default true).
+  /// The NvmeTier sets it from its durability mode.
+  bool sync = true;
+  /// Create the database when missing (default true).
+  bool create = true;
+};
+
+class Catalog {
+ public:
+  /// Opens (creating when allowed) the RocksDB database in `dir`. kIoError with RocksDB's message.
+  static Result<std::unique_ptr<Catalog>> open(const std::string& dir, CatalogOptions options = {});
+  ~Catalog();
+  Catalog(const Catalog&) = delete;
+  Catalog& operator=(const Catalog&) = delete;
+
+  Status put(const CatalogEntry& entry);
+  /// Deleting a key that is not there is ok (RocksDB semantics).
+  Status remove(const BlockKey& key);
+  /// kNotFound when absent; kChecksumMismatch when the stored value does not decode.
+  Result<CatalogEntry> get(const BlockKey& key) const;
+  /// Calls `fn` for every block entry in key order; `fn` must not call into the catalog.
+  /// Keys whose value does not decode are not
+  /// passed to `fn`; they are appended to `undecodable` when given.
+  Status for_each(const std::function<void(const CatalogEntry&)>& fn,
+                  std::vector<BlockKey>* undecodable = nullptr) const;
+
+  Status put_namespace(const NamespaceRecord& record);
+  Status for_each_namespace(const std::function<void(const NamespaceRecord&)>& fn) const;
+
+  /// Small named strings for the tier's own bookkeeping (its geometry). kNotFound when absent.
+  Status put_meta(std::string_view name, std::string_view value);
+  Result<std::string> get_meta(std::string_view name) const;
+
+  /// Value encodings, exposed for tests.
+  static std::string encode_entry(const CatalogEntry& entry);
+  static Result<CatalogEntry> decode_entry(std::string_view value);
+
+ private:
+  Catalog(std::unique_ptr<rocksdb::DB> db, CatalogOptions options);
+  Status write(std::string_view key, std::string_view value);
+
+  /// Serializes RocksDB calls in ThreadSanitizer builds only. Why: Debian's librocksdb is not
+  /// instrumented, so TSan sees the libstdc++ and libc calls RocksDB makes (string appends in
+  /// group commit, memcpy into the WAL buffer) but not the atomics and futexes that order them,
+  /// and reports races that are not there; some of those stacks hold no RocksDB frame, so a
+  /// suppression cannot name them. Other builds keep RocksDB's own concurrency and its group
+  /// commit of synced writes.
+  class TsanGuard;
+  mutable std::mutex tsan_mu_;
+
+  std::unique_ptr<rocksdb::DB> db_;
+  CatalogOptions options_;
+};
+
+}  // namespace kvtier
