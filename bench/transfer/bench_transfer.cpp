@@ -98,9 +98,10 @@ int main(int argc, char** argv) {
   options.io.queue_depth = kDepth;
   options.max_inflight_jobs = kDepth;
   options.max_direct_ops = kDepth;
-  // A restore keeps one chunk per staging buffer in flight, so the disk's depth in the pipeline is
-  // staging_buffers: match it to the queue depth of the direct loads it is compared with.
-  options.staging_buffers = kDepth;
+  // A restore keeps one chunk per staging buffer in flight, on the disk or in the copy engine. The
+  // io engine caps the disk at kDepth; a quarter more buffers keeps the disk at that depth while
+  // chunks sit in their second hop, so the pipeline is compared at the direct loads' depth.
+  options.staging_buffers = kDepth + kDepth / 4;
   options.staging_bytes = kBlock;
   auto made = TransferEngine::create(options);
   must(made.status(), "engine");
