@@ -11,19 +11,12 @@
 #include <thread>
 
 #include "api/src/tier_manager.h"
+#include "temp_dir.h"
 
 using namespace kvtier;
+using kvtier::testing::TempDir;
 
 namespace {
-
-struct TempDir {
-  std::string path;
-  TempDir() {
-    char tmpl[] = "/tmp/kvtier-tm-XXXXXX";
-    path = mkdtemp(tmpl);
-  }
-  ~TempDir() { std::filesystem::remove_all(path); }
-};
 
 KvLayout layout() { return *KvLayout::standard(2, 2, 64, Dtype::kFp16, 16); }  // 16 KiB blocks
 
@@ -62,7 +55,7 @@ struct Fixture {
     opts.host.capacity_bytes = host_blocks * bb;
     opts.hbm.capacity_bytes = hbm_blocks * bb;
     if (nvme_blocks) {
-      opts.nvme.dir = dir.path;
+      opts.nvme.dir = dir.path();
       opts.nvme.durability = Durability::kNone;
       opts.nvme_limits.capacity_bytes = nvme_blocks * (bb + 4096 * 2);
     }
@@ -203,7 +196,7 @@ TEST_CASE("A corrupted block on NVMe is never returned") {
   f.reopen();
   // Flip bytes in the middle of every slot's payload region on disk.
   {
-    int fd = ::open((f.dir.path + "/slots.0").c_str(), O_RDWR);
+    int fd = ::open((f.dir.path() + "/slots.0").c_str(), O_RDWR);
     REQUIRE(fd >= 0);
     const uint64_t slot_bytes = align_up(layout().bytes_per_block(), 4096) + 4096;
     for (uint64_t s = 0; s < 2; ++s) {

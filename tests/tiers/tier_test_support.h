@@ -9,30 +9,10 @@
 #include <string>
 #include <system_error>
 
+#include "temp_dir.h"
 #include "tiers/storage_device.h"
 
 namespace kvtier::testing {
-
-/// A fresh directory under /tmp, removed with everything in it when the object dies.
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = "/tmp/kvtier_tiers_XXXXXX";
-    if (::mkdtemp(pattern.data()) != nullptr) path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    if (!path_.empty()) std::filesystem::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  bool ok() const { return !path_.empty(); }
-  const std::string& path() const { return path_; }
-  std::string file(const std::string& name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
-};
 
 /// splitmix64: deterministic bytes from (seed, index) that a parent process can recompute.
 inline uint64_t mix64(uint64_t x) {

@@ -15,30 +15,11 @@
 #include <system_error>
 #include <vector>
 
+#include "temp_dir.h"
 #include "tiers/storage_device.h"
 #include "transfer/transfer_engine.h"
 
 namespace kvtier::testing {
-
-/// A fresh directory under /tmp (mkdtemp), removed with everything in it when the object dies.
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = "/tmp/kvtier_transfer_XXXXXX";
-    if (::mkdtemp(pattern.data()) != nullptr) path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    if (!path_.empty()) std::filesystem::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  bool ok() const { return !path_.empty(); }
-  std::string file(const std::string& name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
-};
 
 inline uint64_t mix64(uint64_t x) {
   x += 0x9E3779B97F4A7C15ull;
