@@ -35,9 +35,9 @@ Status check_limits(const TierLimits& l, const char* name) {
   return Status::ok();
 }
 
-/// The next tier down that exists, or nullopt.
-std::optional<Tier> lower_of(Tier t, bool host, bool nvme) {
-  if (t == Tier::kHbm && host) return Tier::kHost;
+/// The next tier down that exists, or nullopt. The host tier always exists.
+std::optional<Tier> lower_of(Tier t, bool nvme) {
+  if (t == Tier::kHbm) return Tier::kHost;
   if (t != Tier::kNvme && nvme) return Tier::kNvme;
   return std::nullopt;
 }
@@ -235,7 +235,7 @@ Location TierManager::block_location(const BlockResidency& where, Tier t) {
 
 Status TierManager::reclaim(Tier t, uint64_t target_used) {
   std::lock_guard lock(counters_->reclaim_mu[static_cast<int>(t)]);
-  const std::optional<Tier> lower = lower_of(t, true, nvme_ != nullptr);
+  const std::optional<Tier> lower = lower_of(t, nvme_ != nullptr);
   while (used_slots(t) > target_used) {
     const size_t batch = std::min<uint64_t>(used_slots(t) - target_used, 64);
     size_t progressed = 0;
@@ -268,7 +268,7 @@ Status TierManager::reclaim(Tier t, uint64_t target_used) {
 }
 
 Status TierManager::demote_block(const BlockKey& key, Tier from) {
-  const std::optional<Tier> lower = lower_of(from, true, nvme_ != nullptr);
+  const std::optional<Tier> lower = lower_of(from, nvme_ != nullptr);
   if (!lower) return invalid_argument("no tier below " + std::string(tier_name(from)));
   auto rec = index_->describe(key);
   if (!rec) return not_found("block left the index");
@@ -369,26 +369,29 @@ Status TierManager::store_to_nvme(const BlockKey& key, const BlockResidency& whe
   return Status::ok();
 }
 
-Result<SlotId> TierManager::copy_into_memory_tier(const BlockResidency& from, Tier to) {
-  auto slot = allocate_slot(to);
-  if (!slot) return slot.status();
-  JobSpec job;
-  Segment seg{.layer = 0, .bytes = block_bytes_};
-  std::byte* dst = memory_tier(to)->arena->slot_ptr(*slot);
-  seg.dst = to == Tier::kHbm ? Location::device_memory(dst) : Location::host(dst);
-  Tier src_tier = Tier::kNvme;
+Segment TierManager::copy_segment(const BlockResidency& where, Tier to, SlotId slot) {
+  Tier src_tier = Tier::kNvme;  // the fastest tier holding the block, other than `to`
   for (Tier t : kAllTiers) {
-    if (t != to && from.resident_in(t)) {
+    if (t != to && where.resident_in(t)) {
       src_tier = t;
       break;
     }
   }
-  seg.src = block_location(from, src_tier);
+  std::byte* dst = memory_tier(to)->arena->slot_ptr(slot);
+  Segment seg{.layer = 0, .bytes = block_bytes_, .src = block_location(where, src_tier),
+              .dst = to == Tier::kHbm ? Location::device_memory(dst) : Location::host(dst)};
   if (src_tier == Tier::kNvme) {  // storage is not trusted: verify on the way in
     seg.verify = true;
-    seg.expected_xxh3_64 = from.checksum;
+    seg.expected_xxh3_64 = where.checksum;
   }
-  job.segments.push_back(seg);
+  return seg;
+}
+
+Result<SlotId> TierManager::copy_into_memory_tier(const BlockResidency& from, Tier to) {
+  auto slot = allocate_slot(to);
+  if (!slot) return slot.status();
+  JobSpec job;
+  job.segments.push_back(copy_segment(from, to, *slot));
   auto handle = engine_->submit(std::move(job));
   Status s = handle ? handle->wait() : handle.status();
   if (!s) {
@@ -545,21 +548,7 @@ Result<size_t> TierManager::promote(std::span<const BlockKey> keys, Tier to) {
       failure = slot.status();
       break;
     }
-    Tier src_tier = Tier::kNvme;
-    for (Tier t : kAllTiers) {
-      if (t != to && where->resident_in(t)) {
-        src_tier = t;
-        break;
-      }
-    }
-    std::byte* dst = memory_tier(to)->arena->slot_ptr(*slot);
-    Segment seg{.layer = 0, .bytes = block_bytes_, .src = block_location(*where, src_tier),
-                .dst = to == Tier::kHbm ? Location::device_memory(dst) : Location::host(dst)};
-    if (src_tier == Tier::kNvme) {
-      seg.verify = true;
-      seg.expected_xxh3_64 = where->checksum;
-    }
-    job.segments.push_back(seg);
+    job.segments.push_back(copy_segment(*where, to, *slot));
     moved.emplace_back(key, *slot);
   }
   size_t promoted = 0;

@@ -169,6 +169,9 @@ class TierManager {
                                     Priority priority);
   Result<SlotId> copy_into_memory_tier(const BlockResidency& from, Tier to);
   Location block_location(const BlockResidency& where, Tier t);
+  /// One whole-block segment from the fastest tier holding `where` (other than `to`) into `slot`
+  /// of memory tier `to`; verified when it comes from NVMe.
+  Segment copy_segment(const BlockResidency& where, Tier to, SlotId slot);
 
   KeyChain keys_;
   TierManagerOptions options_;
@@ -178,7 +181,6 @@ class TierManager {
   std::unique_ptr<NvmeTier> nvme_;
   std::unique_ptr<TransferEngine> engine_;
 
-  std::mutex reclaim_mu_;  // one reclaimer per manager; others find the work done
   struct Counters;
   std::unique_ptr<Counters> counters_;
 };
