@@ -1,4 +1,5 @@
-// `kvtier`: the command line. Subcommands: demo, tier-demo, keys, layout, info.
+// `kvtier`: the command line. Subcommands: service-demo, demo, tier-demo, keys, layout, info, serve,
+// stats (and the hidden service-demo-user, the user processes service-demo starts).
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
@@ -8,7 +9,9 @@
 #include "prefix_index/key_chain.h"
 #include "tiers/device_probe.h"
 #include "tools/demo_index.h"
+#include "tools/demo_service.h"
 #include "tools/demo_tiers.h"
+#include "tools/serve.h"
 
 using namespace kvtier;
 
@@ -65,6 +68,34 @@ int main(int argc, char** argv) {
   tier_demo_cmd->add_option("--host-mib", tier_demo.host_mib, "host tier capacity")->capture_default_str();
   tier_demo_cmd->add_option("--nvme-mib", tier_demo.nvme_mib, "NVMe tier capacity")->capture_default_str();
 
+  ServiceDemoOptions service_demo;
+  auto add_workload = [](CLI::App& cmd, ServiceDemoWorkload& w) {
+    cmd.add_option("--users", w.users, "user processes at once")->capture_default_str();
+    cmd.add_option("--turns", w.turns, "requests per user")->capture_default_str();
+    cmd.add_option("--documents", w.documents, "shared documents")->capture_default_str();
+    cmd.add_option("--system-tokens", w.system_tokens, "shared system prompt")->capture_default_str();
+    cmd.add_option("--document-tokens", w.document_tokens, "tokens per document")->capture_default_str();
+    cmd.add_option("--question-tokens", w.question_tokens, "each request's own question")->capture_default_str();
+  };
+  auto* service_demo_cmd = app.add_subcommand(
+      "service-demo", "Start kvtierd, run user processes that share prompts through it, restart it: the cache survives");
+  service_demo_cmd->add_option("--dir", service_demo.dir, "the daemon's data dir (wiped)")->capture_default_str();
+  add_workload(*service_demo_cmd, service_demo.workload);
+  service_demo_cmd->add_option("--host-bytes", service_demo.host_bytes, "daemon's host tier")->capture_default_str();
+  service_demo_cmd->add_option("--nvme-bytes", service_demo.nvme_bytes, "daemon's NVMe tier")->capture_default_str();
+  service_demo_cmd->add_option("--window-mib", service_demo.window_mib, "each user's shared-memory window")
+      ->capture_default_str();
+
+  ServiceDemoUserOptions service_user;
+  auto* service_user_cmd = app.add_subcommand("service-demo-user", "one user process of service-demo");
+  service_user_cmd->group("");  // hidden: service-demo starts it
+  service_user_cmd->add_option("--socket", service_user.socket)->required();
+  service_user_cmd->add_option("--user", service_user.user);
+  service_user_cmd->add_flag("--replay", service_user.replay);
+  service_user_cmd->add_option("--report-fd", service_user.report_fd)->required();
+  service_user_cmd->add_option("--window-mib", service_user.window_mib);
+  add_workload(*service_user_cmd, service_user.workload);
+
   std::string secret, model = "demo-model", salt, adapter, layout_spec = "32,8,128,bf16", token_text;
   uint32_t block_tokens = 16;
   auto* keys_cmd = app.add_subcommand("keys", "Print the root and block keys of a token sequence");
@@ -84,9 +115,23 @@ int main(int argc, char** argv) {
 
   auto* info_cmd = app.add_subcommand("info", "Build and device information");
 
+  ServeFlags serve;
+  auto* serve_cmd = app.add_subcommand("serve", "Run the kvtierd daemon (the same as the kvtierd program)");
+  add_serve_flags(*serve_cmd, serve);
+
+  std::string stats_socket;
+  bool stats_raw = false;
+  auto* stats_cmd = app.add_subcommand("stats", "Print a running kvtierd's metrics");
+  stats_cmd->add_option("--socket", stats_socket, "daemon socket (default /var/lib/kvtier/kvtierd.sock)");
+  stats_cmd->add_flag("--raw", stats_raw, "Prometheus text instead of the summary");
+
   CLI11_PARSE(app, argc, argv);
 
+  if (*service_demo_cmd) return run_service_demo(service_demo);
+  if (*service_user_cmd) return run_service_demo_user(service_user);
   if (*demo_cmd) return run_index_demo(demo);
+  if (*serve_cmd) return run_serve(serve);
+  if (*stats_cmd) return run_stats(stats_socket, stats_raw);
   if (*tier_demo_cmd) return run_tier_demo(tier_demo);
 
   if (*keys_cmd) {

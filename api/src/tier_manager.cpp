@@ -415,7 +415,7 @@ Result<Namespace> TierManager::add_namespace(const NamespaceSpec& spec) {
 
 Result<size_t> TierManager::save(const Namespace& ns, std::span<const TokenId> tokens,
                                  std::span<const std::byte> kv, Tier tier, Priority priority,
-                                 std::span<const BlockExtra> extras) {
+                                 std::span<const BlockExtra> extras, size_t first_block) {
   if (!(ns.layout == options_.layout)) {
     return Status(StatusCode::kLayoutMismatch, "namespace layout differs from the store's");
   }
@@ -425,10 +425,14 @@ Result<size_t> TierManager::save(const Namespace& ns, std::span<const TokenId> t
   }
   std::vector<BlockKey> keys;
   KVTIER_RETURN_IF_ERROR(keys_.chain(ns, tokens, extras, keys));
-  if (kv.size() < keys.size() * block_bytes_) {
+  if (first_block > keys.size()) {
+    return invalid_argument("first_block " + std::to_string(first_block) + " is past the prompt's " +
+                            std::to_string(keys.size()) + " full blocks");
+  }
+  if (kv.size() < (keys.size() - first_block) * block_bytes_) {
     return invalid_argument("kv holds " + std::to_string(kv.size()) + " bytes; " +
-                            std::to_string(keys.size()) + " full blocks need " +
-                            std::to_string(keys.size() * block_bytes_));
+                            std::to_string(keys.size() - first_block) + " full blocks need " +
+                            std::to_string((keys.size() - first_block) * block_bytes_));
   }
   const uint32_t bt = ns.block_tokens();
   size_t extra_pos = 0;
@@ -449,10 +453,15 @@ Result<size_t> TierManager::save(const Namespace& ns, std::span<const TokenId> t
     }
     if (index_->pin(keys[b]).is_ok()) {  // cached already
       pin_only(keys[b]);
-      counters_->skipped++;
+      if (b >= first_block) counters_->skipped++;
       continue;
     }
-    const std::byte* src = kv.data() + b * block_bytes_;
+    if (b < first_block) {
+      failure = invalid_argument("block " + std::to_string(b) + " is before first_block " +
+                                 std::to_string(first_block) + " but not cached: save the prompt from there");
+      break;
+    }
+    const std::byte* src = kv.data() + (b - first_block) * block_bytes_;
     const BlockKey parent = b ? keys[b - 1] : ns.root;
     const auto block_tokens = tokens.subspan(b * bt, bt);
     BlockInsert ins{.key = keys[b],

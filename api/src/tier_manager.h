@@ -116,9 +116,12 @@ class TierManager {
   /// at least blocks × bytes_per_block bytes, host memory) into `tier` (kHost or kHbm). Blocks
   /// already cached are skipped. Returns the number of blocks newly saved. Makes room under the
   /// watermarks first; kResourceExhausted when everything resident is pinned.
+  /// With first_block > 0, `kv` starts at that block and every earlier block must be cached
+  /// already (kInvalidArgument otherwise): a long prompt can be saved in windows.
   Result<size_t> save(const Namespace& ns, std::span<const TokenId> tokens,
                       std::span<const std::byte> kv, Tier tier = Tier::kHost,
-                      Priority priority = Priority::kNormal, std::span<const BlockExtra> extras = {});
+                      Priority priority = Priority::kNormal, std::span<const BlockExtra> extras = {},
+                      size_t first_block = 0);
 
   /// Copies the blocks of a leased match (match.lease != kNoLease, else kInvalidArgument) into
   /// `destinations` — one pointer per matched block, canonical layout, each bytes_per_block

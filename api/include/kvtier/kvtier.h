@@ -1,0 +1,91 @@
+/* kvtier C API: a kvtierd client for engines written in other languages (C, Rust, Go, Python
+ * through ctypes/cffi). Every call returns a kvtier_status (0 = ok; the codes are
+ * kvtier::StatusCode's); after a failure kvtier_last_error() describes it. A client may be used
+ * from several threads (calls queue); a match belongs to the client that looked it up. */
+#ifndef KVTIER_KVTIER_H_
+#define KVTIER_KVTIER_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum kvtier_status {
+  KVTIER_OK = 0,
+  KVTIER_INVALID_ARGUMENT = 1,
+  KVTIER_NOT_FOUND = 2,
+  KVTIER_ALREADY_EXISTS = 3,
+  KVTIER_LAYOUT_MISMATCH = 4,
+  KVTIER_COLLISION = 5,
+  KVTIER_BUSY = 6,
+  KVTIER_RESOURCE_EXHAUSTED = 7,
+  KVTIER_IO_ERROR = 8,
+  KVTIER_CHECKSUM_MISMATCH = 9,
+  KVTIER_CANCELLED = 10,
+  KVTIER_UNAVAILABLE = 11,
+  KVTIER_PERMISSION_DENIED = 12,
+  KVTIER_PROTOCOL_ERROR = 13,
+  KVTIER_INTERNAL = 14
+} kvtier_status;
+
+typedef struct kvtier_client kvtier_client;
+typedef struct kvtier_match kvtier_match;
+
+/* Priority classes (lower is evicted first). */
+enum { KVTIER_PRIORITY_LOW = 0, KVTIER_PRIORITY_NORMAL = 1, KVTIER_PRIORITY_HIGH = 2, KVTIER_PRIORITY_RETAINED = 3 };
+
+/* The last failure's message on this thread ("" when none). Valid until the next call. */
+const char* kvtier_last_error(void);
+/* A stable lower-case name for a status, e.g. "permission_denied". */
+const char* kvtier_status_name(kvtier_status status);
+
+/* Connects to kvtierd at socket_path (NULL: the default path) with a shared-memory window of
+ * window_bytes (0: 256 MiB). */
+kvtier_status kvtier_connect(const char* socket_path, uint64_t window_bytes, kvtier_client** out);
+/* Disconnects; the daemon releases every lease and pin the client still held. NULL is a no-op. */
+void kvtier_disconnect(kvtier_client* client);
+
+/* The daemon's KV layout: canonical block bytes, tokens per block, layers. */
+uint64_t kvtier_block_bytes(const kvtier_client* client);
+uint32_t kvtier_block_tokens(const kvtier_client* client);
+uint32_t kvtier_num_layers(const kvtier_client* client);
+
+/* Resolves a namespace; tenant must be one the client's identity is bound to ("" = default). */
+kvtier_status kvtier_open_namespace(kvtier_client* client, const char* model_id, const char* tenant,
+                                    const char* adapter_id, uint32_t* namespace_out);
+
+/* The longest cached prefix of tokens, under a lease; free it with kvtier_match_free. */
+kvtier_status kvtier_lookup(kvtier_client* client, uint32_t ns, const uint32_t* tokens, size_t num_tokens,
+                            kvtier_match** out);
+uint64_t kvtier_match_tokens(const kvtier_match* match);
+size_t kvtier_match_blocks(const kvtier_match* match);
+/* Copies the first num_blocks matched blocks into blocks[i] (canonical layout, block_bytes each;
+ * device_memory != 0 for GPU pointers). Returns when every byte is in place. */
+kvtier_status kvtier_load(kvtier_client* client, const kvtier_match* match, void* const* blocks,
+                          size_t num_blocks, int device_memory);
+/* Releases the match's lease and frees it. NULL is a no-op. */
+void kvtier_match_free(kvtier_client* client, kvtier_match* match);
+
+/* Saves the full blocks of tokens from blocks[0..num_blocks) (block first_block onward; earlier
+ * blocks must be cached). *saved_out (may be NULL) receives the blocks newly saved. */
+kvtier_status kvtier_save(kvtier_client* client, uint32_t ns, const uint32_t* tokens, size_t num_tokens,
+                          void* const* blocks, size_t num_blocks, size_t first_block, int device_memory,
+                          int priority, size_t* saved_out);
+
+/* Pins (with a priority) or unpins the cached prefix of tokens; *count_out receives the blocks. */
+kvtier_status kvtier_pin(kvtier_client* client, uint32_t ns, const uint32_t* tokens, size_t num_tokens,
+                         int priority, size_t* count_out);
+kvtier_status kvtier_unpin(kvtier_client* client, uint32_t ns, const uint32_t* tokens, size_t num_tokens,
+                           size_t* count_out);
+
+/* The daemon's metrics in Prometheus text; free the string with kvtier_free_string. */
+kvtier_status kvtier_metrics(kvtier_client* client, char** text_out);
+void kvtier_free_string(char* text);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KVTIER_KVTIER_H_ */

@@ -1,0 +1,113 @@
+// The interface a serving engine uses, in-process (kvtier::Store, api/src/store.h) or through the
+// kvtierd daemon (kvtier::Client, api/src/client.h). Both implement KvStore, so an engine switches
+// between them without other changes.
+//
+// A request's life: lookup() the prompt → a Match of the longest cached prefix under a lease that
+// pins its blocks; load() the matched blocks into the engine's KV memory (per-layer completion on
+// the handle); release() the match; compute the rest of the prompt; save() its new full blocks.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "kernels/page_pack.h"
+#include "kvtier/kv_layout.h"
+#include "kvtier/status.h"
+#include "kvtier/tier.h"
+#include "prefix_index/key_chain.h"
+#include "prefix_index/prefix_index.h"
+#include "transfer/transfer_engine.h"
+
+namespace kvtier {
+
+using NamespaceId = uint32_t;
+
+/// What a namespace is made of. The tenant names a tenant of the deployment: in-process it is the
+/// salt itself; through kvtierd it must be a tenant the client's identity is bound to.
+struct NamespaceRequest {
+  std::string model_id;
+  std::string tenant;
+  std::string adapter_id;
+};
+
+/// Where an engine keeps the KV of the blocks one call saves or loads, in host or device memory.
+/// Either the canonical block layout — one pointer per block, bytes_per_block each — or an
+/// engine's paged layout: one tensor per layer (kernels/page_pack.h: vLLM, FlashInfer NHD/HND)
+/// and, per block, the page that holds it.
+struct KvBuffer {
+  LocationKind memory = LocationKind::kHost;  // kHost or kDevice
+  std::vector<std::byte*> blocks;             // canonical: [blocks]
+
+  kernels::EngineLayout engine = kernels::EngineLayout::kVllm;
+  std::vector<void*> layer_base;  // paged: [num_layers] engine tensor per layer
+  uint32_t engine_num_pages = 0;  // paged: pages per engine tensor
+  std::vector<int32_t> pages;     // paged: [blocks] the page of each block
+
+  static KvBuffer canonical(std::span<std::byte* const> blocks,
+                            LocationKind memory = LocationKind::kHost);
+  /// `count` canonical blocks back to back from `base`.
+  static KvBuffer contiguous(std::byte* base, size_t count, uint64_t block_bytes,
+                             LocationKind memory = LocationKind::kHost);
+  static KvBuffer paged(kernels::EngineLayout engine, std::vector<void*> layer_base,
+                        uint32_t engine_num_pages, std::vector<int32_t> pages,
+                        LocationKind memory = LocationKind::kHost);
+
+  bool is_paged() const noexcept { return !layer_base.empty(); }
+  size_t block_count() const noexcept { return is_paged() ? pages.size() : blocks.size(); }
+};
+
+class KvStore {
+ public:
+  virtual ~KvStore() = default;
+
+  /// The KV layout of every block this store holds.
+  virtual const KvLayout& layout() const noexcept = 0;
+
+  /// Resolves a namespace: kPermissionDenied for a tenant the caller may not use.
+  virtual Result<NamespaceId> open_namespace(const NamespaceRequest& request) = 0;
+
+  /// The longest cached prefix of `tokens` (full blocks only), under a lease that keeps every
+  /// matched block from eviction until release() or the lease's expiry. An empty match has no
+  /// lease. Only `tokens`, `blocks[i].key` (in-process) and `blocks[i].tier_mask` are meaningful.
+  virtual Result<Match> lookup(NamespaceId ns, std::span<const TokenId> tokens,
+                               std::span<const BlockExtra> extras = {}) = 0;
+
+  /// Copies the first dst.block_count() blocks of a leased match into `dst` (at most
+  /// match.blocks.size()). The handle reports per-layer completion: wait_layer(l) returns once
+  /// layer l of every block is in place. Blocks found only on NVMe are restored (checksum
+  /// verified) first; a corrupt block fails the load with kChecksumMismatch.
+  virtual Result<TransferHandle> load(const Match& match, const KvBuffer& dst) = 0;
+
+  /// Releases a match's lease (a no-op for a match without one).
+  virtual Status release(const Match& match) = 0;
+
+  /// Saves the full blocks of `tokens` whose KV `src` holds. src covers blocks
+  /// [first_block, tokens/block_tokens); earlier blocks must be cached already. Blocks already
+  /// cached are skipped. Returns the number newly saved.
+  virtual Result<size_t> save(NamespaceId ns, std::span<const TokenId> tokens, const KvBuffer& src,
+                              Priority priority = Priority::kNormal,
+                              std::span<const BlockExtra> extras = {}, size_t first_block = 0) = 0;
+
+  /// Copies the cached prefix of `tokens` up into `to` (kHost or kHbm) ahead of a request.
+  /// Returns the number of blocks moved.
+  virtual Result<size_t> prefetch(NamespaceId ns, std::span<const TokenId> tokens, Tier to,
+                                  std::span<const BlockExtra> extras = {}) = 0;
+
+  /// Pins the cached prefix of `tokens` so it is never evicted, and sets its priority. Through
+  /// kvtierd the pins end when the client disconnects. Returns the number of blocks pinned.
+  virtual Result<size_t> pin(NamespaceId ns, std::span<const TokenId> tokens,
+                             Priority priority = Priority::kRetained,
+                             std::span<const BlockExtra> extras = {}) = 0;
+  /// Undoes pin() for the cached prefix of `tokens`. Returns the number of blocks unpinned.
+  virtual Result<size_t> unpin(NamespaceId ns, std::span<const TokenId> tokens,
+                               std::span<const BlockExtra> extras = {}) = 0;
+
+  /// Counters, occupancy and latencies in Prometheus text format.
+  virtual Result<std::string> metrics_text() = 0;
+};
+
+}  // namespace kvtier

@@ -1,0 +1,163 @@
+#include "api/src/kv_copy.h"
+
+#include <cstring>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "kernels/page_pack.h"
+#include "transfer/job_state.h"
+#include "transfer/transfer_handle.h"
+
+namespace kvtier {
+
+KvBuffer KvBuffer::canonical(std::span<std::byte* const> blocks, LocationKind memory) {
+  KvBuffer b;
+  b.memory = memory;
+  b.blocks.assign(blocks.begin(), blocks.end());
+  return b;
+}
+
+KvBuffer KvBuffer::contiguous(std::byte* base, size_t count, uint64_t block_bytes, LocationKind memory) {
+  KvBuffer b;
+  b.memory = memory;
+  b.blocks.reserve(count);
+  for (size_t i = 0; i < count; ++i) b.blocks.push_back(base + i * block_bytes);
+  return b;
+}
+
+KvBuffer KvBuffer::paged(kernels::EngineLayout engine, std::vector<void*> layer_base,
+                         uint32_t engine_num_pages, std::vector<int32_t> pages, LocationKind memory) {
+  KvBuffer b;
+  b.memory = memory;
+  b.engine = engine;
+  b.layer_base = std::move(layer_base);
+  b.engine_num_pages = engine_num_pages;
+  b.pages = std::move(pages);
+  return b;
+}
+
+namespace {
+
+Status invalid(std::string m) { return Status(StatusCode::kInvalidArgument, std::move(m)); }
+
+kernels::PagePackArgs pack_args(const KvLayout& layout, const KvBuffer& buf, size_t first, size_t count,
+                                const std::byte* canonical, std::vector<int32_t>& slots) {
+  slots.resize(count);
+  std::iota(slots.begin(), slots.end(), 0);
+  kernels::PagePackArgs a;
+  a.layout = layout;
+  a.arena = const_cast<std::byte*>(canonical);
+  a.num_slots = static_cast<uint32_t>(count);
+  a.engine = buf.engine;
+  a.layer_base = buf.layer_base.data();
+  a.engine_num_pages = buf.engine_num_pages;
+  a.arena_slots = slots.data();
+  a.engine_pages = buf.pages.data() + first;
+  a.num_blocks = static_cast<uint32_t>(count);
+  return a;
+}
+
+}  // namespace
+
+Status check_kv_buffer(const KvLayout& layout, const KvBuffer& buf, bool paged_device_ok) {
+  if (buf.memory == LocationKind::kStorage) return invalid("KV buffers are host or device memory");
+  if (!buf.is_paged()) {
+    for (size_t i = 0; i < buf.blocks.size(); ++i) {
+      if (!buf.blocks[i]) return invalid("KV buffer block " + std::to_string(i) + " is null");
+    }
+    return Status::ok();
+  }
+  if (buf.memory == LocationKind::kDevice && !paged_device_ok) {
+    return Status(StatusCode::kUnavailable,
+                  "paged KV in GPU memory is not wired to the CUDA pack kernels yet: pass canonical blocks");
+  }
+  if (layout.kind != AttentionKind::kStandard) return invalid("paged KV buffers need a standard (non-MLA) layout");
+  if (buf.layer_base.size() != layout.num_layers) {
+    return invalid("paged KV buffer has " + std::to_string(buf.layer_base.size()) + " layer tensors; the layout has " +
+                   std::to_string(layout.num_layers) + " layers");
+  }
+  for (int32_t p : buf.pages) {
+    if (p < 0 || static_cast<uint32_t>(p) >= buf.engine_num_pages) {
+      return invalid("page " + std::to_string(p) + " is outside the engine's " +
+                     std::to_string(buf.engine_num_pages) + " pages");
+    }
+  }
+  for (void* base : buf.layer_base) {
+    if (!base) return invalid("paged KV buffer has a null layer tensor");
+  }
+  return Status::ok();
+}
+
+Status gather_blocks(const KvLayout& layout, const KvBuffer& src, size_t first, size_t count,
+                     std::byte* out, TransferEngine* engine) {
+  if (first + count > src.block_count()) return invalid("gather past the KV buffer's blocks");
+  const uint64_t bpb = layout.bytes_per_block();
+  if (src.is_paged()) {
+    std::vector<int32_t> slots;
+    return kernels::pack_pages_cpu(pack_args(layout, src, first, count, out, slots));
+  }
+  if (src.memory == LocationKind::kHost) {
+    for (size_t i = 0; i < count; ++i) std::memcpy(out + i * bpb, src.blocks[first + i], bpb);
+    return Status::ok();
+  }
+  if (!engine) return invalid("device KV needs a copy engine");
+  JobSpec job;
+  for (size_t i = 0; i < count; ++i) {
+    job.segments.push_back({.layer = 0, .bytes = bpb, .src = Location::device_memory(src.blocks[first + i]),
+                            .dst = Location::host(out + i * bpb)});
+  }
+  if (job.segments.empty()) return Status::ok();
+  auto h = engine->submit(std::move(job));
+  return h ? h->wait() : h.status();
+}
+
+Result<TransferHandle> scatter_blocks(const KvLayout& layout, const std::byte* in, const KvBuffer& dst,
+                                      size_t first, size_t count, TransferEngine* engine) {
+  if (first + count > dst.block_count()) return invalid("scatter past the KV buffer's blocks");
+  const uint32_t layers = layout.num_layers;
+  if (dst.is_paged()) {
+    std::vector<int32_t> slots;
+    kernels::PagePackArgs a = pack_args(layout, dst, first, count, in, slots);
+    a.layer_count = 1;
+    for (uint32_t l = 0; l < layers; ++l) {  // layer by layer, as a layered engine would consume it
+      a.layer_begin = l;
+      KVTIER_RETURN_IF_ERROR(kernels::unpack_pages_cpu(a));
+    }
+    return finished_handle(layers);
+  }
+  const uint64_t bpb = layout.bytes_per_block();
+  const uint64_t layer_bytes = layout.bytes_per_block_layer();
+  if (!engine) {
+    if (dst.memory != LocationKind::kHost) return invalid("device KV needs a copy engine");
+    for (uint32_t l = 0; l < layers; ++l) {
+      for (size_t i = 0; i < count; ++i) {
+        std::memcpy(dst.blocks[first + i] + l * layer_bytes, in + i * bpb + l * layer_bytes, layer_bytes);
+      }
+    }
+    return finished_handle(layers);
+  }
+  JobSpec job;
+  job.num_layers = layers;
+  for (uint32_t l = 0; l < layers; ++l) {
+    for (size_t i = 0; i < count; ++i) {
+      std::byte* to = dst.blocks[first + i] + l * layer_bytes;
+      job.segments.push_back({.layer = l, .bytes = layer_bytes,
+                              .src = Location::host(in + i * bpb + l * layer_bytes),
+                              .dst = dst.memory == LocationKind::kDevice ? Location::device_memory(to)
+                                                                         : Location::host(to)});
+    }
+  }
+  if (job.segments.empty()) return finished_handle(layers);
+  return engine->submit(std::move(job));
+}
+
+TransferHandle finished_handle(uint32_t num_layers, Status status) {
+  auto job = std::make_shared<detail::JobState>(std::vector<uint32_t>(num_layers, 0), TransferCallback{});
+  job->mark_running();
+  if (!status.is_ok()) job->record_error(std::move(status));
+  job->finish({});
+  return TransferHandle(std::move(job));
+}
+
+}  // namespace kvtier

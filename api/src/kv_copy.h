@@ -1,0 +1,38 @@
+// Moves blocks between an engine's KvBuffer and contiguous canonical blocks in host memory (a
+// store's scratch or a client's shared window). Shared by Store and Client so both accept the
+// same buffers.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kvtier/kv_layout.h"
+#include "kvtier/status.h"
+#include "kvtier/store.h"
+#include "transfer/transfer_engine.h"
+
+namespace kvtier {
+
+/// Checks a buffer against the layout: memory kind, block pointers, paged fields and layer count.
+/// `paged_device_ok`: whether paged KV in device memory is reachable (it is when the device is
+/// emulated in host memory; the CUDA pack path is not wired yet).
+Status check_kv_buffer(const KvLayout& layout, const KvBuffer& buf, bool paged_device_ok);
+
+/// Copies blocks [first, first + count) of `src` into `out` (count canonical blocks back to back,
+/// host memory) and waits. Device memory goes through `engine` (null only when `src` is host
+/// memory); paged layouts are packed.
+Status gather_blocks(const KvLayout& layout, const KvBuffer& src, size_t first, size_t count,
+                     std::byte* out, TransferEngine* engine);
+
+/// Copies `count` canonical blocks from `in` (host memory) into blocks [first, first + count) of
+/// `dst`. Canonical destinations get one segment per layer per block, so the handle's
+/// wait_layer(l) returns as soon as layer l is in place; paged host destinations are unpacked
+/// layer by layer before the (already final) handle returns. With a null `engine` (host
+/// destinations only) canonical blocks are copied in place, layer by layer, before it returns.
+Result<TransferHandle> scatter_blocks(const KvLayout& layout, const std::byte* in, const KvBuffer& dst,
+                                      size_t first, size_t count, TransferEngine* engine);
+
+/// A handle that is already final with `status`, for work done synchronously.
+TransferHandle finished_handle(uint32_t num_layers, Status status = Status::ok());
+
+}  // namespace kvtier

@@ -1,0 +1,191 @@
+// The kvtierd wire protocol (DESIGN.md "Sharing across processes"): a small versioned binary
+// protocol over a Unix stream socket. Control travels here; KV bytes never do — they move through
+// a shared-memory window the client creates and hands over (SCM_RIGHTS) in its hello.
+//
+// Frame: a 16-byte header, then `payload_bytes` bytes of payload. All integers little-endian.
+//
+//   u32 magic ("KVT1")  u16 version  u16 op  u32 request_id  u32 payload_bytes
+//
+// A reply carries the request's id and op | kReplyBit; its payload opens with a status
+// (u8 code, string message) and, when the code is kOk, the reply body.
+//
+// Field encodings: u8/u16/u32/u64 fixed width; string = u32 length + bytes (≤ kMaxString);
+// token list = u32 count + count × u32 (≤ kMaxTokens); a BlockKey is 16 bytes (lo, hi as u64).
+// Every decode checks every length against the bytes that remain and against its limit, rejects
+// trailing bytes, unknown enum values and unknown ops, and returns kProtocolError — it never reads
+// out of bounds, never allocates more than the frame's own size allows, and never throws.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "kvtier/block_key.h"
+#include "kvtier/kv_layout.h"
+#include "kvtier/status.h"
+#include "kvtier/tier.h"
+#include "prefix_index/key_chain.h"
+
+namespace kvtier::proto {
+
+inline constexpr uint32_t kMagic = 0x3154564Bu;  // "KVT1" little-endian
+inline constexpr uint16_t kVersion = 1;
+inline constexpr size_t kHeaderBytes = 16;
+inline constexpr uint32_t kMaxPayload = 8u << 20;  // 8 MiB: ~2M tokens
+inline constexpr uint32_t kMaxString = 4096;
+inline constexpr uint32_t kMaxTokens = 1u << 21;   // 2M tokens per request
+inline constexpr uint32_t kMaxExtras = 1u << 16;
+inline constexpr uint32_t kMaxBlocks = 1u << 20;
+inline constexpr uint16_t kReplyBit = 0x8000;
+
+enum class Op : uint16_t {
+  kHello = 1,          // first request of every connection; the window memfd rides along
+  kOpenNamespace = 2,  // model/tenant/adapter → namespace id (tenant checked against peer creds)
+  kLookup = 3,         // longest cached prefix, optionally under a lease
+  kLoad = 4,           // copy leased blocks [first, first+count) into the window
+  kRelease = 5,        // release a lease
+  kSave = 6,           // save blocks from the window
+  kPrefetch = 7,       // promote a prefix's blocks to a tier
+  kPin = 8,            // pin a prefix (released on unpin or disconnect) and set its priority
+  kUnpin = 9,
+  kStats = 10,         // Prometheus text of the daemon's metrics
+};
+/// True for the ops above (requests only).
+bool is_known_op(uint16_t op) noexcept;
+
+struct FrameHeader {
+  uint32_t magic = kMagic;
+  uint16_t version = kVersion;
+  uint16_t op = 0;
+  uint32_t request_id = 0;
+  uint32_t payload_bytes = 0;
+};
+void encode_header(const FrameHeader& h, std::byte out[kHeaderBytes]) noexcept;
+/// kProtocolError for a bad magic, payload_bytes > kMaxPayload; kUnavailable-free: the version is
+/// returned as read so the server can answer "unsupported version" before closing.
+Result<FrameHeader> decode_header(std::span<const std::byte> bytes);
+
+// ---- messages -------------------------------------------------------------------------------
+
+struct HelloRequest {
+  uint16_t min_version = kVersion;
+  uint16_t max_version = kVersion;
+  uint64_t window_bytes = 0;  // size of the memfd window passed with the frame
+  std::string client_name;    // for logs and metrics only
+};
+struct HelloReply {
+  uint16_t version = kVersion;
+  KvLayout layout;            // the daemon's KV layout (one per daemon)
+  uint64_t client_id = 0;
+  uint32_t uid = 0;           // the identity the daemon saw (peer credentials)
+  uint32_t gid = 0;
+  std::vector<std::string> tenants;  // tenants this identity may open
+};
+
+struct OpenNamespaceRequest {
+  std::string model_id;
+  std::string tenant;      // a tenant name from the daemon's config ("" = the default tenant)
+  std::string adapter_id;
+  uint64_t layout_fingerprint = 0;  // must equal the daemon layout's, else kLayoutMismatch
+};
+struct OpenNamespaceReply {
+  uint32_t namespace_id = 0;
+};
+
+struct LookupRequest {
+  uint32_t namespace_id = 0;
+  bool take_lease = true;
+  std::vector<TokenId> tokens;
+  std::vector<BlockExtra> extras;
+};
+struct LookupReply {
+  uint64_t lease = 0;              // 0 when no lease was taken or nothing matched
+  uint64_t tokens = 0;             // matched tokens
+  std::vector<uint8_t> tier_masks; // per matched block: tier_bit(t) set when resident in t
+};
+
+struct LoadRequest {
+  uint64_t lease = 0;
+  uint32_t first_block = 0;   // blocks [first_block, first_block + block_count) of the match
+  uint32_t block_count = 0;
+  uint64_t window_offset = 0; // where block first_block goes; the rest follow, bytes_per_block apart
+};
+struct LoadReply {
+  uint32_t blocks = 0;          // blocks written into the window
+  uint32_t from_nvme = 0;       // of which restored from NVMe
+};
+
+struct ReleaseRequest {
+  uint64_t lease = 0;
+};
+
+struct SaveRequest {
+  uint32_t namespace_id = 0;
+  uint8_t priority = 1;       // Priority
+  uint32_t first_block = 0;   // the window holds blocks [first_block, tokens/block_tokens)
+  uint64_t window_offset = 0;
+  std::vector<TokenId> tokens;  // the prompt from its start (earlier blocks must be cached)
+  std::vector<BlockExtra> extras;
+};
+struct SaveReply {
+  uint32_t saved = 0;  // blocks newly saved (the rest were cached already)
+};
+
+struct PrefixRequest {  // kPrefetch, kPin, kUnpin
+  uint32_t namespace_id = 0;
+  uint8_t arg = 0;      // kPrefetch: Tier; kPin: Priority; kUnpin: unused (0)
+  std::vector<TokenId> tokens;
+  std::vector<BlockExtra> extras;
+};
+struct CountReply {     // kPrefetch, kPin, kUnpin, kRelease: a count (blocks touched)
+  uint64_t count = 0;
+};
+
+struct StatsReply {
+  std::string prometheus_text;  // the one string not bound by kMaxString: only by kMaxPayload
+};
+
+// Each encode appends the payload (not the header) to `out`. Each decode reads one whole
+// payload: kProtocolError on any malformed, truncated, oversized or trailing input.
+void encode(const HelloRequest& m, std::vector<std::byte>& out);
+void encode(const HelloReply& m, std::vector<std::byte>& out);
+void encode(const OpenNamespaceRequest& m, std::vector<std::byte>& out);
+void encode(const OpenNamespaceReply& m, std::vector<std::byte>& out);
+void encode(const LookupRequest& m, std::vector<std::byte>& out);
+void encode(const LookupReply& m, std::vector<std::byte>& out);
+void encode(const LoadRequest& m, std::vector<std::byte>& out);
+void encode(const LoadReply& m, std::vector<std::byte>& out);
+void encode(const ReleaseRequest& m, std::vector<std::byte>& out);
+void encode(const SaveRequest& m, std::vector<std::byte>& out);
+void encode(const SaveReply& m, std::vector<std::byte>& out);
+void encode(const PrefixRequest& m, std::vector<std::byte>& out);
+void encode(const CountReply& m, std::vector<std::byte>& out);
+void encode(const StatsReply& m, std::vector<std::byte>& out);
+
+Status decode(std::span<const std::byte> in, HelloRequest& m);
+Status decode(std::span<const std::byte> in, HelloReply& m);
+Status decode(std::span<const std::byte> in, OpenNamespaceRequest& m);
+Status decode(std::span<const std::byte> in, OpenNamespaceReply& m);
+Status decode(std::span<const std::byte> in, LookupRequest& m);
+Status decode(std::span<const std::byte> in, LookupReply& m);
+Status decode(std::span<const std::byte> in, LoadRequest& m);
+Status decode(std::span<const std::byte> in, LoadReply& m);
+Status decode(std::span<const std::byte> in, ReleaseRequest& m);
+Status decode(std::span<const std::byte> in, SaveRequest& m);
+Status decode(std::span<const std::byte> in, SaveReply& m);
+Status decode(std::span<const std::byte> in, PrefixRequest& m);
+Status decode(std::span<const std::byte> in, CountReply& m);
+Status decode(std::span<const std::byte> in, StatsReply& m);
+
+/// A reply payload's status prefix: u8 code, string message. encode_status appends it;
+/// decode_status reads it and returns the body that follows (empty unless the code is kOk).
+void encode_status(const Status& s, std::vector<std::byte>& out);
+Result<std::span<const std::byte>> decode_status(std::span<const std::byte> in, Status& remote);
+
+/// Decodes one request payload of op `op` into the matching message and discards it: what the
+/// fuzz target and the server's first validation step call. kProtocolError for an unknown op.
+Status validate_request(uint16_t op, std::span<const std::byte> payload);
+
+}  // namespace kvtier::proto

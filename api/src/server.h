@@ -1,0 +1,95 @@
+// kvtierd: the daemon that owns the tiers and serves them to many engine processes over a Unix
+// socket (api/src/protocol.h). One thread accepts; each client connection gets a thread that
+// answers its requests in order. KV bytes move through the client's shared-memory window, which
+// the daemon maps at hello — never through the socket, and the client never maps the daemon's
+// arenas, so a client sees only the blocks its own lookups and tenants lead it to.
+//
+// A client's leases and pins are its session's: they are released when it disconnects or dies.
+// request_stop() begins a graceful shutdown: no new connections, every in-flight request finishes
+// and is answered, sessions end, write-back blocks are flushed to NVMe, and the store closes.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+
+#include "api/src/metrics.h"
+#include "api/src/service_config.h"
+#include "api/src/store.h"
+
+namespace kvtier {
+
+struct ServerCounters {
+  uint64_t clients_connected = 0;  // sessions now open
+  uint64_t clients_total = 0;      // sessions ever accepted
+  uint64_t clients_refused = 0;    // peers refused by credentials or the client limit
+  uint64_t protocol_errors = 0;    // connections closed for malformed input
+};
+
+class Server {
+ public:
+  /// Opens the store from a resolve()d config, binds the socket (mode config.socket_mode),
+  /// starts the metrics endpoint when configured, and starts accepting. kUnavailable when the
+  /// socket is in use by a live daemon; a stale socket file is replaced.
+  static Result<std::unique_ptr<Server>> start(ServiceConfig config);
+  /// request_stop() and wait() when the owner did not.
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  /// Begins the graceful shutdown. Async-signal-safe (it writes an eventfd).
+  void request_stop() noexcept;
+  /// Blocks until request_stop(), then drains: answers in-flight requests, ends every session,
+  /// flushes write-back blocks to NVMe and closes the store. Returns the flush's status.
+  /// Idempotent.
+  Status wait();
+
+  const std::string& socket_path() const noexcept { return config_.socket_path; }
+  /// The bound metrics port, 0 when the endpoint is off.
+  uint16_t metrics_port() const noexcept;
+  Store& store() noexcept { return *store_; }
+  const ServiceConfig& config() const noexcept { return config_; }
+  ServerCounters counters() const;
+  /// Blocks until at most `n` client sessions are open — the event a disconnect signals once its
+  /// leases and pins are released. False when `timeout` passed first.
+  bool wait_sessions_at_most(size_t n, std::chrono::milliseconds timeout);
+  /// Counters, occupancy and latencies in Prometheus text format (also served over HTTP).
+  std::string metrics_text();
+
+  struct Session;
+
+ private:
+  explicit Server(ServiceConfig config);
+  Status bind_socket();
+  void accept_loop();
+  void serve(std::shared_ptr<Session> session);
+  void end_session(Session& s);
+
+  ServiceConfig config_;
+  std::unique_ptr<Store> store_;
+  int listen_fd_ = -1;
+  int stop_fd_ = -1;
+  std::thread acceptor_;
+  std::atomic<bool> stopping_{false};
+
+  mutable std::mutex mu_;  // guards sessions_, active_, waited_, flush_status_
+  std::condition_variable drained_;
+  std::unordered_map<uint64_t, std::shared_ptr<Session>> sessions_;
+  size_t active_ = 0;  // connection threads still running
+  bool waited_ = false;
+  Status wait_status_;
+  std::atomic<uint64_t> next_client_id_{1};
+
+  MetricsRegistry metrics_;
+  std::unique_ptr<MetricsHttpServer> http_;
+  struct Instruments;
+  std::unique_ptr<Instruments> m_;
+};
+
+}  // namespace kvtier

@@ -1,0 +1,147 @@
+#include "api/src/socket_io.h"
+
+#include <cerrno>
+#include <cstring>
+
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+namespace kvtier::proto {
+namespace {
+
+Status gone(const char* what) {
+  return Status(StatusCode::kUnavailable, std::string(what) + ": " + std::strerror(errno));
+}
+
+void close_fds(msghdr& msg, int& keep) {
+  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    const size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (size_t i = 0; i < n; ++i) {
+      int fd;
+      std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+      if (keep < 0) keep = fd;  // the first descriptor is the one the protocol passes
+      else ::close(fd);         // anything more is unexpected: never leak it
+    }
+  }
+}
+
+/// Reads exactly n bytes. Returns the bytes read before a clean EOF (< n) or -1 on error.
+ssize_t read_exact(int sock, std::byte* buf, size_t n, int& received_fd) {
+  size_t got = 0;
+  while (got < n) {
+    iovec iov{buf + got, n - got};
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 4)];
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof(control);
+    const ssize_t r = ::recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return -1;
+    }
+    if (msg.msg_controllen > 0) close_fds(msg, received_fd);
+    if (r == 0) return static_cast<ssize_t>(got);
+    got += static_cast<size_t>(r);
+  }
+  return static_cast<ssize_t>(got);
+}
+
+}  // namespace
+
+Status send_frame(int sock, uint16_t op, uint32_t request_id, std::span<const std::byte> payload, int pass_fd) {
+  if (payload.size() > kMaxPayload) {
+    return Status(StatusCode::kInvalidArgument, "request of " + std::to_string(payload.size()) +
+                                                    " bytes exceeds the protocol's " + std::to_string(kMaxPayload));
+  }
+  std::byte header[kHeaderBytes];
+  encode_header({.op = op, .request_id = request_id, .payload_bytes = static_cast<uint32_t>(payload.size())}, header);
+  iovec iov[2] = {{header, kHeaderBytes}, {const_cast<std::byte*>(payload.data()), payload.size()}};
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
+  msghdr msg{};
+  msg.msg_iov = iov;
+  msg.msg_iovlen = payload.empty() ? 1 : 2;
+  if (pass_fd >= 0) {
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof(control);
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    std::memcpy(CMSG_DATA(c), &pass_fd, sizeof(int));
+  }
+  size_t total = kHeaderBytes + payload.size();
+  size_t sent = 0;
+  while (sent < total) {
+    const ssize_t w = ::sendmsg(sock, &msg, MSG_NOSIGNAL);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return gone("send");
+    }
+    sent += static_cast<size_t>(w);
+    if (sent == total) break;
+    // A short send: the descriptor went with the first bytes; advance the iovecs past what went.
+    msg.msg_control = nullptr;
+    msg.msg_controllen = 0;
+    size_t skip = static_cast<size_t>(w);
+    while (skip > 0 && msg.msg_iovlen > 0) {
+      if (skip >= msg.msg_iov[0].iov_len) {
+        skip -= msg.msg_iov[0].iov_len;
+        ++msg.msg_iov;
+        --msg.msg_iovlen;
+      } else {
+        msg.msg_iov[0].iov_base = static_cast<char*>(msg.msg_iov[0].iov_base) + skip;
+        msg.msg_iov[0].iov_len -= skip;
+        skip = 0;
+      }
+    }
+  }
+  return Status::ok();
+}
+
+Status recv_frame(int sock, FrameHeader& header, std::vector<std::byte>& payload, int& received_fd) {
+  received_fd = -1;
+  std::byte raw[kHeaderBytes];
+  const ssize_t got = read_exact(sock, raw, kHeaderBytes, received_fd);
+  if (got < 0) return gone("recv");
+  if (got == 0) return Status(StatusCode::kUnavailable, "peer closed the connection");
+  if (static_cast<size_t>(got) < kHeaderBytes) {
+    return Status(StatusCode::kProtocolError, "stream ended inside a frame header");
+  }
+  auto h = decode_header(raw);
+  if (!h) return h.status();
+  header = *h;
+  payload.resize(header.payload_bytes);
+  if (header.payload_bytes > 0) {
+    const ssize_t n = read_exact(sock, payload.data(), payload.size(), received_fd);
+    if (n < 0) return gone("recv");
+    if (static_cast<size_t>(n) < payload.size()) {
+      return Status(StatusCode::kProtocolError, "stream ended inside a frame payload");
+    }
+  }
+  return Status::ok();
+}
+
+Result<int> connect_unix(const std::string& path) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof(addr.sun_path)) {
+    return Status(StatusCode::kInvalidArgument, "socket path longer than " + std::to_string(sizeof(addr.sun_path) - 1) +
+                                                    " bytes: " + path);
+  }
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return gone("socket");
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    Status s(StatusCode::kUnavailable, "cannot connect to kvtierd at " + path + ": " + std::strerror(errno) +
+                                           " (is the daemon running? start it with `kvtier serve`)");
+    ::close(fd);
+    return s;
+  }
+  return fd;
+}
+
+}  // namespace kvtier::proto

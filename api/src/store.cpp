@@ -1,0 +1,270 @@
+#include "api/src/store.h"
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include <fmt/format.h>
+
+#include "api/src/kv_copy.h"
+
+namespace kvtier {
+namespace {
+
+Status invalid(std::string m) { return Status(StatusCode::kInvalidArgument, std::move(m)); }
+
+/// Extras for blocks below `end_block` (extras are sorted by block index).
+std::span<const BlockExtra> extras_below(std::span<const BlockExtra> extras, size_t end_block) {
+  size_t n = 0;
+  while (n < extras.size() && extras[n].block_index < end_block) ++n;
+  return extras.first(n);
+}
+
+/// True when a canonical host buffer's blocks lie back to back from blocks[first].
+bool is_contiguous(const KvBuffer& b, size_t first, size_t count, uint64_t bpb) {
+  if (b.is_paged() || b.memory != LocationKind::kHost) return false;
+  for (size_t i = 1; i < count; ++i) {
+    if (b.blocks[first + i] != b.blocks[first] + i * bpb) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+Store::Store(StoreOptions options) : options_(std::move(options)), keys_(options_.secret) {}
+
+Result<std::unique_ptr<Store>> Store::open(StoreOptions options) {
+  if (options.scratch_blocks == 0) return invalid("scratch_blocks must be at least 1");
+  std::unique_ptr<Store> store(new Store(std::move(options)));
+  auto tiers = TierManager::open(store->keys_, store->options_.tiers);
+  if (!tiers) return tiers.status();
+  store->tiers_ = std::move(*tiers);
+  return store;
+}
+
+Store::~Store() { close().ignore(); }
+
+Status Store::close() {
+  std::lock_guard lock(close_mu_);
+  if (closed_) return Status::ok();
+  closed_ = true;
+  auto flushed = tiers_->flush();
+  tiers_->close();
+  return flushed ? Status::ok() : flushed.status();
+}
+
+Result<Namespace> Store::namespace_of(NamespaceId id) const {
+  std::shared_lock lock(ns_mu_);
+  if (id >= namespaces_.size()) {
+    return Status(StatusCode::kNotFound, "unknown namespace id " + std::to_string(id) + ": open_namespace first");
+  }
+  return namespaces_[id];
+}
+
+Result<NamespaceId> Store::open_namespace_spec(const NamespaceSpec& spec) {
+  auto key = std::make_tuple(spec.model_id, spec.tenant_salt, spec.adapter_id);
+  {
+    std::shared_lock lock(ns_mu_);
+    if (auto it = ns_ids_.find(key); it != ns_ids_.end()) return it->second;
+  }
+  auto ns = tiers_->add_namespace(spec);
+  if (!ns) return ns.status();
+  std::unique_lock lock(ns_mu_);
+  if (auto it = ns_ids_.find(key); it != ns_ids_.end()) return it->second;  // lost a race: same root
+  const auto id = static_cast<NamespaceId>(namespaces_.size());
+  namespaces_.push_back(*ns);
+  ns_ids_.emplace(std::move(key), id);
+  return id;
+}
+
+Result<NamespaceId> Store::open_namespace(const NamespaceRequest& request) {
+  return open_namespace_spec({.model_id = request.model_id, .layout = layout(),
+                              .tenant_salt = request.tenant, .adapter_id = request.adapter_id});
+}
+
+Result<Match> Store::lookup(NamespaceId id, std::span<const TokenId> tokens, std::span<const BlockExtra> extras) {
+  auto ns = namespace_of(id);
+  if (!ns) return ns.status();
+  return tiers_->index().match(*ns, tokens, extras, {.take_lease = true});
+}
+
+Status Store::release(const Match& match) {
+  if (match.lease == kNoLease) return Status::ok();
+  return tiers_->index().release(match.lease);
+}
+
+Result<TransferHandle> Store::load(const Match& match, const KvBuffer& dst) {
+  KVTIER_RETURN_IF_ERROR(check_kv_buffer(layout(), dst, tiers_->transfer().copy_engine().device_memory_is_host()));
+  const size_t n = dst.block_count();
+  if (n > match.blocks.size()) {
+    return invalid(fmt::format("load: the buffer has {} blocks; the match has {}", n, match.blocks.size()));
+  }
+  Match part;
+  part.lease = match.lease;
+  part.tokens = uint64_t(n) * layout().block_tokens;
+  part.blocks.assign(match.blocks.begin(), match.blocks.begin() + n);
+  if (!dst.is_paged()) return tiers_->load(part, dst.blocks, dst.memory);
+
+  // Paged: restore into host scratch a window at a time, then unpack into the engine's pages.
+  const uint64_t bpb = layout().bytes_per_block();
+  const size_t window = std::min<size_t>(n, options_.scratch_blocks);
+  auto scratch = std::make_unique<std::byte[]>(window * bpb);
+  for (size_t b0 = 0; b0 < n; b0 += window) {
+    const size_t count = std::min(window, n - b0);
+    Match chunk;
+    chunk.lease = match.lease;
+    chunk.blocks.assign(part.blocks.begin() + b0, part.blocks.begin() + b0 + count);
+    std::vector<std::byte*> dsts;
+    for (size_t i = 0; i < count; ++i) dsts.push_back(scratch.get() + i * bpb);
+    auto h = tiers_->load(chunk, dsts, LocationKind::kHost);
+    if (!h) return h.status();
+    KVTIER_RETURN_IF_ERROR(h->wait());
+    auto done = scatter_blocks(layout(), scratch.get(), dst, b0, count, &tiers_->transfer());
+    if (!done) return done.status();
+    KVTIER_RETURN_IF_ERROR(done->wait());
+  }
+  return finished_handle(layout().num_layers);
+}
+
+Result<size_t> Store::save_host(NamespaceId id, std::span<const TokenId> tokens, std::span<const std::byte> kv,
+                                Priority priority, std::span<const BlockExtra> extras, size_t first_block) {
+  auto ns = namespace_of(id);
+  if (!ns) return ns.status();
+  return tiers_->save(*ns, tokens, kv, Tier::kHost, priority, extras, first_block);
+}
+
+Result<size_t> Store::save(NamespaceId id, std::span<const TokenId> tokens, const KvBuffer& src,
+                           Priority priority, std::span<const BlockExtra> extras, size_t first_block) {
+  KVTIER_RETURN_IF_ERROR(check_kv_buffer(layout(), src, tiers_->transfer().copy_engine().device_memory_is_host()));
+  const uint32_t bt = layout().block_tokens;
+  const size_t full = tokens.size() / bt;
+  if (first_block > full) return invalid(fmt::format("first_block {} is past the prompt's {} full blocks", first_block, full));
+  if (src.block_count() != full - first_block) {
+    return invalid(fmt::format("save: the buffer has {} blocks; blocks {}..{} of the prompt need {}",
+                               src.block_count(), first_block, full, full - first_block));
+  }
+  const uint64_t bpb = layout().bytes_per_block();
+  if (is_contiguous(src, 0, src.block_count(), bpb)) {
+    const size_t bytes = src.block_count() * bpb;
+    return save_host(id, tokens.first(full * bt),
+                     std::span<const std::byte>(src.blocks.empty() ? nullptr : src.blocks[0], bytes),
+                     priority, extras, first_block);
+  }
+  // Device, scattered or paged: gather a window at a time into host scratch, then save it.
+  const size_t window = std::min<size_t>(std::max<size_t>(src.block_count(), 1), options_.scratch_blocks);
+  auto scratch = std::make_unique<std::byte[]>(window * bpb);
+  size_t saved = 0;
+  for (size_t b0 = first_block; b0 < full; b0 += window) {
+    const size_t count = std::min(window, full - b0);
+    KVTIER_RETURN_IF_ERROR(gather_blocks(layout(), src, b0 - first_block, count, scratch.get(), &tiers_->transfer()));
+    const size_t end = b0 + count;
+    auto r = save_host(id, tokens.first(end * bt), {scratch.get(), count * bpb}, priority,
+                       extras_below(extras, end), b0);
+    if (!r) return r.status();
+    saved += *r;
+  }
+  return saved;
+}
+
+Result<std::vector<BlockKey>> Store::cached_prefix(NamespaceId id, std::span<const TokenId> tokens,
+                                                   std::span<const BlockExtra> extras) {
+  auto ns = namespace_of(id);
+  if (!ns) return ns.status();
+  auto m = tiers_->index().match(*ns, tokens, extras, {.take_lease = false, .touch = false});
+  if (!m) return m.status();
+  std::vector<BlockKey> keys;
+  keys.reserve(m->blocks.size());
+  for (const BlockResidency& r : m->blocks) keys.push_back(r.key);
+  return keys;
+}
+
+Result<size_t> Store::prefetch(NamespaceId id, std::span<const TokenId> tokens, Tier to,
+                               std::span<const BlockExtra> extras) {
+  if (to == Tier::kNvme || !tiers_->has_tier(to)) {
+    return invalid("prefetch goes to a memory tier this store has; " + std::string(tier_name(to)) + " is not one");
+  }
+  auto keys = cached_prefix(id, tokens, extras);
+  if (!keys) return keys.status();
+  return tiers_->promote(*keys, to);
+}
+
+Result<size_t> Store::pin(NamespaceId id, std::span<const TokenId> tokens, Priority priority,
+                          std::span<const BlockExtra> extras) {
+  auto keys = cached_prefix(id, tokens, extras);
+  if (!keys) return keys.status();
+  size_t pinned = 0;
+  for (const BlockKey& k : *keys) {
+    if (!tiers_->index().pin(k).is_ok()) break;  // evicted meanwhile: the prefix ends here
+    tiers_->index().set_priority(k, priority).ignore();
+    ++pinned;
+  }
+  return pinned;
+}
+
+Result<size_t> Store::unpin(NamespaceId id, std::span<const TokenId> tokens, std::span<const BlockExtra> extras) {
+  auto keys = cached_prefix(id, tokens, extras);
+  if (!keys) return keys.status();
+  size_t unpinned = 0;
+  for (const BlockKey& k : *keys) unpinned += tiers_->index().unpin(k).is_ok();
+  return unpinned;
+}
+
+Result<std::string> Store::metrics_text() { return render_tier_metrics(*tiers_); }
+
+std::string render_tier_metrics(TierManager& tiers) {
+  const TierManagerStats s = tiers.stats();
+  const IndexStats ix = tiers.index().stats();
+  const uint64_t bpb = tiers.layout().bytes_per_block();
+  std::string out;
+  auto family = [&](std::string_view name, std::string_view type, std::string_view help) {
+    out += fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
+  };
+  family("kvtier_tier_capacity_bytes", "gauge", "Capacity of each tier in bytes.");
+  for (Tier t : kAllTiers) {
+    if (!tiers.has_tier(t)) continue;
+    out += fmt::format("kvtier_tier_capacity_bytes{{tier=\"{}\"}} {}\n", tier_name(t),
+                       s.tiers[int(t)].capacity_slots * bpb);
+  }
+  family("kvtier_tier_used_bytes", "gauge", "Bytes of KV blocks held in each tier.");
+  for (Tier t : kAllTiers) {
+    if (!tiers.has_tier(t)) continue;
+    out += fmt::format("kvtier_tier_used_bytes{{tier=\"{}\"}} {}\n", tier_name(t), s.tiers[int(t)].used_slots * bpb);
+  }
+  family("kvtier_tier_blocks", "gauge", "Blocks resident in each tier.");
+  for (Tier t : kAllTiers) out += fmt::format("kvtier_tier_blocks{{tier=\"{}\"}} {}\n", tier_name(t), ix.resident_blocks[int(t)]);
+  family("kvtier_tier_demotions_total", "counter", "Blocks copied down out of each tier under pressure.");
+  for (Tier t : kAllTiers) out += fmt::format("kvtier_tier_demotions_total{{tier=\"{}\"}} {}\n", tier_name(t), s.tiers[int(t)].demotions_out);
+  family("kvtier_tier_promotions_total", "counter", "Blocks copied up into each tier.");
+  for (Tier t : kAllTiers) out += fmt::format("kvtier_tier_promotions_total{{tier=\"{}\"}} {}\n", tier_name(t), s.tiers[int(t)].promotions_in);
+  family("kvtier_tier_evictions_total", "counter", "Blocks evicted from each tier by the index.");
+  for (Tier t : kAllTiers) out += fmt::format("kvtier_tier_evictions_total{{tier=\"{}\"}} {}\n", tier_name(t), ix.evictions[int(t)]);
+  auto scalar = [&](std::string_view name, std::string_view type, std::string_view help, uint64_t v) {
+    family(name, type, help);
+    out += fmt::format("{} {}\n", name, v);
+  };
+  scalar("kvtier_index_entries", "gauge", "Blocks in the prefix index.", ix.entries);
+  scalar("kvtier_lookups_total", "counter", "Prefix lookups.", ix.lookups);
+  scalar("kvtier_lookup_tokens_total", "counter", "Full-block tokens asked about by lookups.", ix.lookup_tokens);
+  scalar("kvtier_hit_tokens_total", "counter", "Tokens found cached by lookups.", ix.hit_tokens);
+  scalar("kvtier_hit_blocks_total", "counter", "Blocks found cached by lookups.", ix.hit_blocks);
+  scalar("kvtier_leases_active", "gauge", "Leases currently pinning matched blocks.", ix.leases_active);
+  scalar("kvtier_leases_expired_total", "counter", "Leases released by expiry.", ix.leases_expired);
+  scalar("kvtier_collisions_total", "counter", "Inserts refused because a key held another block.", ix.collisions);
+  scalar("kvtier_saved_blocks_total", "counter", "Blocks written by save.", s.saved_blocks);
+  scalar("kvtier_loaded_blocks_total", "counter", "Blocks copied out by load.", s.loaded_blocks);
+  scalar("kvtier_recovered_blocks_total", "counter", "Blocks indexed from the NVMe catalog at open.", s.recovered_blocks);
+  scalar("kvtier_checksum_errors_total", "counter", "NVMe reads refused for a bad checksum.", s.nvme.checksum_errors);
+  scalar("kvtier_io_errors_total", "counter", "NVMe device operations that failed.", s.nvme.io_errors);
+  scalar("kvtier_store_errors_total", "counter", "Failed transfers and storage operations.", s.errors);
+  family("kvtier_transfer_bytes_total", "counter", "Bytes moved by the transfer engine, per route.");
+  for (int r = 0; r < kNumRoutes; ++r) {
+    out += fmt::format("kvtier_transfer_bytes_total{{route=\"{}\"}} {}\n", route_name(static_cast<Route>(r)),
+                       s.transfer.bytes_per_route[r]);
+  }
+  scalar("kvtier_transfer_jobs_failed_total", "counter", "Transfer jobs that failed.", s.transfer.jobs_failed);
+  return out;
+}
+
+}  // namespace kvtier

@@ -1,0 +1,87 @@
+// Store: the in-process KvStore — one TierManager (index, tiers, transfer engine) in the engine's
+// own process. kvtierd serves one Store to many processes; Client talks to it.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <shared_mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "api/src/tier_manager.h"
+#include "kvtier/store.h"
+
+namespace kvtier {
+
+struct StoreOptions {
+  /// The tiers, the index and the transfer engine (layout and host capacity required).
+  TierManagerOptions tiers;
+  /// The deployment secret every key derives from: the same secret gives the same keys across
+  /// processes and restarts. "" gives well-known keys (a single trusted deployment only).
+  std::string secret;
+  /// Host scratch a save or load of device or paged KV is staged through, in blocks (default 64).
+  uint32_t scratch_blocks = 64;
+};
+
+class Store final : public KvStore {
+ public:
+  /// Opens the tiers (and recovers the NVMe catalog). kInvalidArgument for bad options.
+  static Result<std::unique_ptr<Store>> open(StoreOptions options);
+  /// close() if it was not called.
+  ~Store() override;
+
+  TierManager& tiers() noexcept { return *tiers_; }
+  const KeyChain& keys() const noexcept { return keys_; }
+  /// The namespace an id stands for; kNotFound for an unknown id.
+  Result<Namespace> namespace_of(NamespaceId id) const;
+  /// Resolves a namespace from its full spec (the daemon passes the tenant's salt here).
+  Result<NamespaceId> open_namespace_spec(const NamespaceSpec& spec);
+
+  /// Writes back every memory-only block to NVMe and stops the transfer engine: what a graceful
+  /// shutdown calls. Idempotent; the store refuses work afterwards.
+  Status close();
+
+  // KvStore
+  const KvLayout& layout() const noexcept override { return tiers_->layout(); }
+  Result<NamespaceId> open_namespace(const NamespaceRequest& request) override;
+  Result<Match> lookup(NamespaceId ns, std::span<const TokenId> tokens,
+                       std::span<const BlockExtra> extras = {}) override;
+  Result<TransferHandle> load(const Match& match, const KvBuffer& dst) override;
+  Status release(const Match& match) override;
+  Result<size_t> save(NamespaceId ns, std::span<const TokenId> tokens, const KvBuffer& src,
+                      Priority priority = Priority::kNormal, std::span<const BlockExtra> extras = {},
+                      size_t first_block = 0) override;
+  Result<size_t> prefetch(NamespaceId ns, std::span<const TokenId> tokens, Tier to,
+                          std::span<const BlockExtra> extras = {}) override;
+  Result<size_t> pin(NamespaceId ns, std::span<const TokenId> tokens, Priority priority = Priority::kRetained,
+                     std::span<const BlockExtra> extras = {}) override;
+  Result<size_t> unpin(NamespaceId ns, std::span<const TokenId> tokens,
+                       std::span<const BlockExtra> extras = {}) override;
+  Result<std::string> metrics_text() override;
+
+  /// The keys of the cached prefix of `tokens` (no lease, recency untouched).
+  Result<std::vector<BlockKey>> cached_prefix(NamespaceId ns, std::span<const TokenId> tokens,
+                                              std::span<const BlockExtra> extras = {});
+  /// Saves canonical KV already in host memory (`kv` holds blocks [first_block, n) back to back):
+  /// the zero-gather path the daemon uses for a client's shared window.
+  Result<size_t> save_host(NamespaceId ns, std::span<const TokenId> tokens, std::span<const std::byte> kv,
+                           Priority priority, std::span<const BlockExtra> extras, size_t first_block);
+
+ private:
+  Store(StoreOptions options);
+
+  StoreOptions options_;
+  KeyChain keys_;
+  std::unique_ptr<TierManager> tiers_;
+  mutable std::shared_mutex ns_mu_;
+  std::vector<Namespace> namespaces_;                                   // id → namespace
+  std::map<std::tuple<std::string, std::string, std::string>, NamespaceId> ns_ids_;  // spec → id
+  bool closed_ = false;
+  std::mutex close_mu_;
+};
+
+/// Tier occupancy, index and transfer counters of a TierManager in Prometheus text format.
+std::string render_tier_metrics(TierManager& tiers);
+
+}  // namespace kvtier

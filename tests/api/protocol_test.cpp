@@ -1,0 +1,599 @@
+// The kvtierd wire codec: every message survives a round trip, the byte format is pinned, and
+// every malformed payload (truncated, oversized, trailing, unknown enum or op) is kProtocolError.
+#include <catch2/catch.hpp>
+
+#include <cstring>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "api/src/protocol.h"
+
+using namespace kvtier;
+using namespace kvtier::proto;
+
+namespace {
+
+using Bytes = std::vector<std::byte>;
+
+template <typename M>
+Bytes encoded(const M& m) {
+  Bytes out;
+  encode(m, out);
+  return out;
+}
+
+template <typename M>
+Status decode_as(std::span<const std::byte> in) {
+  M m;
+  return decode(in, m);
+}
+
+Bytes bytes_of(std::initializer_list<uint8_t> v) {
+  Bytes out;
+  for (uint8_t b : v) out.push_back(std::byte{b});
+  return out;
+}
+
+void put_u32(Bytes& b, size_t at, uint32_t v) {
+  for (size_t i = 0; i < 4; ++i) b.at(at + i) = std::byte(static_cast<uint8_t>(v >> (8 * i)));
+}
+
+bool is_protocol_error(const Status& s) { return s.code() == StatusCode::kProtocolError; }
+bool mentions(const Status& s, std::string_view what) {
+  return s.message().find(what) != std::string_view::npos;
+}
+
+// Token ids with every byte distinct, so a byte-order or offset slip changes the value.
+std::vector<TokenId> sample_tokens(size_t n) {
+  std::vector<TokenId> t(n);
+  for (size_t i = 0; i < n; ++i) t[i] = 0x01020304u * static_cast<uint32_t>(i + 1) + 0x80000000u;
+  return t;
+}
+
+std::vector<BlockExtra> sample_extras() {
+  return {BlockExtra{0, BlockKey{0x1122334455667788ull, 0x99AABBCCDDEEFF00ull}},
+          BlockExtra{3, BlockKey{0xFEDCBA9876543210ull, 0x0123456789ABCDEFull}}};
+}
+
+void check_same_extras(const std::vector<BlockExtra>& a, const std::vector<BlockExtra>& b) {
+  REQUIRE(a.size() == b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    CHECK(a[i].block_index == b[i].block_index);
+    CHECK(a[i].item_hash == b[i].item_hash);
+  }
+}
+
+KvLayout sample_layout() {
+  auto l = KvLayout::latent(61, 576, Dtype::kFp8E4M3, 64);  // every field off its default
+  REQUIRE(l.is_ok());
+  return *l;
+}
+
+HelloRequest sample_hello() {
+  return {.min_version = 1, .max_version = 3, .window_bytes = 0x0000000123456789ull,
+          .client_name = "vllm-worker-7"};
+}
+HelloReply sample_hello_reply() {
+  return {.version = 2, .layout = sample_layout(), .client_id = 0xA1B2C3D4E5F60718ull,
+          .uid = 1000, .gid = 4242, .tenants = {"", "team-a", "team-b"}};
+}
+OpenNamespaceRequest sample_open() {
+  return {.model_id = "meta-llama/Llama-3.1-8B-Instruct@main", .tenant = "team-a",
+          .adapter_id = "lora-sql", .layout_fingerprint = 0xDEADBEEFCAFEF00Dull};
+}
+LookupRequest sample_lookup() {
+  return {.namespace_id = 0x00C0FFEE, .take_lease = false, .tokens = sample_tokens(37),
+          .extras = sample_extras()};
+}
+LookupReply sample_lookup_reply() {
+  return {.lease = 0x1234567890ull, .tokens = 48,
+          .tier_masks = {tier_bit(Tier::kHbm), uint8_t(tier_bit(Tier::kHost) | tier_bit(Tier::kNvme)),
+                         tier_bit(Tier::kNvme)}};
+}
+LoadRequest sample_load() {
+  return {.lease = 0x1234567890ull, .first_block = 2, .block_count = 5,
+          .window_offset = 0x0000000500000000ull};
+}
+SaveRequest sample_save() {
+  return {.namespace_id = 9, .priority = static_cast<uint8_t>(Priority::kRetained),
+          .first_block = 1, .window_offset = 4096, .tokens = sample_tokens(64),
+          .extras = sample_extras()};
+}
+PrefixRequest sample_prefix() {
+  return {.namespace_id = 3, .arg = static_cast<uint8_t>(Tier::kHost),
+          .tokens = sample_tokens(16), .extras = {}};
+}
+
+// One valid payload of every message, with the decoder that must accept it.
+struct Sample {
+  std::string name;
+  Bytes payload;
+  Status (*decode)(std::span<const std::byte>);
+};
+
+std::vector<Sample> all_samples() {
+  return {
+      {"HelloRequest", encoded(sample_hello()), &decode_as<HelloRequest>},
+      {"HelloReply", encoded(sample_hello_reply()), &decode_as<HelloReply>},
+      {"OpenNamespaceRequest", encoded(sample_open()), &decode_as<OpenNamespaceRequest>},
+      {"OpenNamespaceReply", encoded(OpenNamespaceReply{77}), &decode_as<OpenNamespaceReply>},
+      {"LookupRequest", encoded(sample_lookup()), &decode_as<LookupRequest>},
+      {"LookupReply", encoded(sample_lookup_reply()), &decode_as<LookupReply>},
+      {"LoadRequest", encoded(sample_load()), &decode_as<LoadRequest>},
+      {"LoadReply", encoded(LoadReply{5, 2}), &decode_as<LoadReply>},
+      {"ReleaseRequest", encoded(ReleaseRequest{0x1234567890ull}), &decode_as<ReleaseRequest>},
+      {"SaveRequest", encoded(sample_save()), &decode_as<SaveRequest>},
+      {"SaveReply", encoded(SaveReply{3}), &decode_as<SaveReply>},
+      {"PrefixRequest", encoded(sample_prefix()), &decode_as<PrefixRequest>},
+      {"CountReply", encoded(CountReply{0x0102030405060708ull}), &decode_as<CountReply>},
+      {"StatsReply", encoded(StatsReply{"kvtier_hits_total 12\n"}), &decode_as<StatsReply>},
+  };
+}
+
+// One valid payload of every request op (kStats has none).
+std::vector<std::pair<Op, Bytes>> all_requests() {
+  PrefixRequest pin = sample_prefix();
+  pin.arg = static_cast<uint8_t>(Priority::kHigh);
+  PrefixRequest unpin = sample_prefix();
+  unpin.arg = 0;
+  return {{Op::kHello, encoded(sample_hello())},   {Op::kOpenNamespace, encoded(sample_open())},
+          {Op::kLookup, encoded(sample_lookup())}, {Op::kLoad, encoded(sample_load())},
+          {Op::kRelease, encoded(ReleaseRequest{1})}, {Op::kSave, encoded(sample_save())},
+          {Op::kPrefetch, encoded(sample_prefix())}, {Op::kPin, encoded(pin)},
+          {Op::kUnpin, encoded(unpin)}};
+}
+
+}  // namespace
+
+TEST_CASE("Every request round-trips field by field") {
+  {
+    HelloRequest in = sample_hello(), out;
+    REQUIRE(decode(encoded(in), out).is_ok());
+    CHECK(out.min_version == in.min_version);
+    CHECK(out.max_version == in.max_version);
+    CHECK(out.window_bytes == in.window_bytes);
+    CHECK(out.client_name == in.client_name);
+  }
+  {
+    OpenNamespaceRequest in = sample_open(), out;
+    REQUIRE(decode(encoded(in), out).is_ok());
+    CHECK(out.model_id == in.model_id);
+    CHECK(out.tenant == in.tenant);
+    CHECK(out.adapter_id == in.adapter_id);
+    CHECK(out.layout_fingerprint == in.layout_fingerprint);
+  }
+  {
+    LookupRequest in = sample_lookup(), out;
+    REQUIRE(decode(encoded(in), out).is_ok());
+    CHECK(out.namespace_id == in.namespace_id);
+    CHECK(out.take_lease == false);
+    CHECK(out.tokens == in.tokens);
+    check_same_extras(out.extras, in.extras);
+  }
+  {
+    LoadRequest in = sample_load(), out;
+    REQUIRE(decode(encoded(in), out).is_ok());
+    CHECK(out.lease == in.lease);
+    CHECK(out.first_block == in.first_block);
+    CHECK(out.block_count == in.block_count);
+    CHECK(out.window_offset == in.window_offset);
+  }
+  {
+    ReleaseRequest out;
+    REQUIRE(decode(encoded(ReleaseRequest{0xFFFFFFFFFFFFFFFEull}), out).is_ok());
+    CHECK(out.lease == 0xFFFFFFFFFFFFFFFEull);
+  }
+  {
+    SaveRequest in = sample_save(), out;
+    REQUIRE(decode(encoded(in), out).is_ok());
+    CHECK(out.namespace_id == in.namespace_id);
+    CHECK(out.priority == in.priority);
+    CHECK(out.first_block == in.first_block);
+    CHECK(out.window_offset == in.window_offset);
+    CHECK(out.tokens == in.tokens);
+    check_same_extras(out.extras, in.extras);
+  }
+  {
+    PrefixRequest in = sample_prefix(), out;
+    in.extras = sample_extras();
+    REQUIRE(decode(encoded(in), out).is_ok());
+    CHECK(out.namespace_id == in.namespace_id);
+    CHECK(out.arg == in.arg);
+    CHECK(out.tokens == in.tokens);
+    check_same_extras(out.extras, in.extras);
+  }
+}
+
+TEST_CASE("Every reply round-trips field by field") {
+  {
+    HelloReply in = sample_hello_reply(), out;
+    REQUIRE(decode(encoded(in), out).is_ok());
+    CHECK(out.version == in.version);
+    CHECK(out.layout == in.layout);
+    CHECK(out.client_id == in.client_id);
+    CHECK(out.uid == in.uid);
+    CHECK(out.gid == in.gid);
+    CHECK(out.tenants == in.tenants);
+  }
+  {
+    OpenNamespaceReply out;
+    REQUIRE(decode(encoded(OpenNamespaceReply{0xABCDEF01u}), out).is_ok());
+    CHECK(out.namespace_id == 0xABCDEF01u);
+  }
+  {
+    LookupReply in = sample_lookup_reply(), out;
+    REQUIRE(decode(encoded(in), out).is_ok());
+    CHECK(out.lease == in.lease);
+    CHECK(out.tokens == in.tokens);
+    CHECK(out.tier_masks == in.tier_masks);
+  }
+  {
+    LoadReply out;
+    REQUIRE(decode(encoded(LoadReply{0x01020304u, 0x0A0B0C0Du}), out).is_ok());
+    CHECK(out.blocks == 0x01020304u);
+    CHECK(out.from_nvme == 0x0A0B0C0Du);
+  }
+  {
+    SaveReply out;
+    REQUIRE(decode(encoded(SaveReply{0x7FFFFFFFu}), out).is_ok());
+    CHECK(out.saved == 0x7FFFFFFFu);
+  }
+  {
+    CountReply out;
+    REQUIRE(decode(encoded(CountReply{0x0102030405060708ull}), out).is_ok());
+    CHECK(out.count == 0x0102030405060708ull);
+  }
+  {
+    // Metrics text is the one string allowed past kMaxString.
+    StatsReply in{std::string(3 * kMaxString, 'x') + "\nkvtier_hits_total 12\n"}, out;
+    REQUIRE(decode(encoded(in), out).is_ok());
+    CHECK(out.prometheus_text == in.prometheus_text);
+  }
+}
+
+TEST_CASE("Empty lists and strings round-trip") {
+  LookupRequest in{.namespace_id = 0, .take_lease = true, .tokens = {}, .extras = {}}, out;
+  out.tokens = {1, 2, 3};  // decode replaces, never appends
+  REQUIRE(decode(encoded(in), out).is_ok());
+  CHECK(out.take_lease);
+  CHECK(out.tokens.empty());
+  CHECK(out.extras.empty());
+
+  HelloReply reply = sample_hello_reply(), reply_out;
+  reply.tenants.clear();
+  REQUIRE(decode(encoded(reply), reply_out).is_ok());
+  CHECK(reply_out.tenants.empty());
+}
+
+TEST_CASE("The byte format is little-endian in field order") {
+  LookupRequest m{.namespace_id = 7, .take_lease = true, .tokens = {1, 0x01020304u}, .extras = {}};
+  CHECK(encoded(m) == bytes_of({7, 0, 0, 0,                   // namespace_id
+                                1,                            // take_lease
+                                2, 0, 0, 0,                   // token count
+                                1, 0, 0, 0, 4, 3, 2, 1,       // tokens
+                                0, 0, 0, 0}));                // extras count
+
+  std::byte header[kHeaderBytes];
+  encode_header({.op = 3, .request_id = 0x0A0B0C0Du, .payload_bytes = 0x100}, header);
+  CHECK(Bytes(header, header + kHeaderBytes) ==
+        bytes_of({'K', 'V', 'T', '1', 1, 0, 3, 0, 0x0D, 0x0C, 0x0B, 0x0A, 0, 1, 0, 0}));
+
+  Bytes status;
+  encode_status(Status(StatusCode::kBusy, "pinned"), status);
+  CHECK(status == bytes_of({static_cast<uint8_t>(StatusCode::kBusy), 6, 0, 0, 0, 'p', 'i', 'n',
+                            'n', 'e', 'd'}));
+}
+
+TEST_CASE("The frame header round-trips and is checked") {
+  FrameHeader in{.version = 1, .op = static_cast<uint16_t>(static_cast<uint16_t>(Op::kSave) | kReplyBit),
+                 .request_id = 0xFEEDF00Du, .payload_bytes = 12345};
+  std::byte raw[kHeaderBytes];
+  encode_header(in, raw);
+  auto out = decode_header(raw);
+  REQUIRE(out.is_ok());
+  CHECK(out->magic == kMagic);
+  CHECK(out->version == in.version);
+  CHECK(out->op == in.op);
+  CHECK(out->request_id == in.request_id);
+  CHECK(out->payload_bytes == in.payload_bytes);
+
+  SECTION("another version is returned as read, for the server to answer") {
+    in.version = 7;
+    encode_header(in, raw);
+    auto h = decode_header(raw);
+    REQUIRE(h.is_ok());
+    CHECK(h->version == 7);
+  }
+  SECTION("bad magic") {
+    in.magic = 0x3254564Bu;  // "KVT2"
+    encode_header(in, raw);
+    auto h = decode_header(raw);
+    CHECK(is_protocol_error(h.status()));
+    CHECK(mentions(h.status(), "magic"));
+  }
+  SECTION("payload_bytes up to kMaxPayload, not beyond") {
+    in.payload_bytes = kMaxPayload;
+    encode_header(in, raw);
+    CHECK(decode_header(raw).is_ok());
+    in.payload_bytes = kMaxPayload + 1;
+    encode_header(in, raw);
+    auto h = decode_header(raw);
+    CHECK(is_protocol_error(h.status()));
+    CHECK(mentions(h.status(), "payload_bytes"));
+  }
+  SECTION("every short header and a long one") {
+    for (size_t len = 0; len < kHeaderBytes; ++len) {
+      CAPTURE(len);
+      CHECK(is_protocol_error(decode_header(std::span<const std::byte>(raw, len)).status()));
+    }
+    Bytes longer(raw, raw + kHeaderBytes);
+    longer.push_back(std::byte{0});
+    CHECK(is_protocol_error(decode_header(longer).status()));
+  }
+}
+
+TEST_CASE("Every truncation of every valid payload is a protocol error") {
+  for (const Sample& s : all_samples()) {
+    CAPTURE(s.name);
+    REQUIRE(s.decode(s.payload).is_ok());
+    for (size_t len = 0; len < s.payload.size(); ++len) {
+      CAPTURE(len);
+      CHECK(is_protocol_error(s.decode(std::span<const std::byte>(s.payload).first(len))));
+    }
+  }
+  for (const auto& [op, payload] : all_requests()) {
+    CAPTURE(static_cast<int>(op));
+    REQUIRE(validate_request(static_cast<uint16_t>(op), payload).is_ok());
+    for (size_t len = 0; len < payload.size(); ++len) {
+      CAPTURE(len);
+      CHECK(is_protocol_error(
+          validate_request(static_cast<uint16_t>(op), std::span<const std::byte>(payload).first(len))));
+    }
+  }
+}
+
+TEST_CASE("Trailing bytes after any message are a protocol error") {
+  for (Sample& s : all_samples()) {
+    CAPTURE(s.name);
+    s.payload.push_back(std::byte{0});
+    Status st = s.decode(s.payload);
+    CHECK(is_protocol_error(st));
+    CHECK(mentions(st, "trailing"));
+  }
+  CHECK(validate_request(static_cast<uint16_t>(Op::kStats), {}).is_ok());
+  CHECK(is_protocol_error(validate_request(static_cast<uint16_t>(Op::kStats), bytes_of({0}))));
+}
+
+TEST_CASE("A count claiming more elements than remain is refused before allocating") {
+  // LookupRequest: namespace_id u32 @0, take_lease u8 @4, token count u32 @5, tokens, extras.
+  LookupRequest m = sample_lookup();
+  m.tokens = sample_tokens(3);
+  Bytes b = encoded(m);
+
+  SECTION("tokens") {
+    put_u32(b, 5, 1000);
+    LookupRequest out;
+    Status s = decode(b, out);
+    CHECK(is_protocol_error(s));
+    CHECK(mentions(s, "LookupRequest.tokens"));
+    CHECK(mentions(s, "remain"));
+  }
+  SECTION("extras") {
+    put_u32(b, 5 + 4 + 3 * 4, kMaxExtras);  // within the limit, far past the bytes
+    Status s = decode_as<LookupRequest>(b);
+    CHECK(is_protocol_error(s));
+    CHECK(mentions(s, "extras"));
+    CHECK(mentions(s, "remain"));
+  }
+  SECTION("tenants") {
+    HelloReply reply = sample_hello_reply();
+    Bytes r = encoded(reply);
+    // version u16, layout 18 bytes, client_id u64, uid u32, gid u32, then the tenant count.
+    put_u32(r, 2 + 18 + 8 + 4 + 4, 1000);
+    Status s = decode_as<HelloReply>(r);
+    CHECK(is_protocol_error(s));
+    CHECK(mentions(s, "tenants"));
+  }
+  SECTION("tier masks") {
+    Bytes r = encoded(sample_lookup_reply());
+    put_u32(r, 16, kMaxBlocks);
+    Status s = decode_as<LookupReply>(r);
+    CHECK(is_protocol_error(s));
+    CHECK(mentions(s, "tier_masks"));
+  }
+  SECTION("a string length") {
+    Bytes h = encoded(sample_hello());
+    put_u32(h, 12, 0xFFFF);  // client_name: past kMaxString
+    CHECK(mentions(decode_as<HelloRequest>(h), "limit"));
+    put_u32(h, 12, 100);  // within the limit, past the bytes
+    Status s = decode_as<HelloRequest>(h);
+    CHECK(is_protocol_error(s));
+    CHECK(mentions(s, "client_name"));
+  }
+}
+
+TEST_CASE("Strings and lists at their limits decode and one past them does not") {
+  SECTION("strings") {
+    HelloRequest m = sample_hello();
+    m.client_name.assign(kMaxString, 'a');
+    CHECK(decode_as<HelloRequest>(encoded(m)).is_ok());
+    m.client_name.push_back('a');
+    Status s = decode_as<HelloRequest>(encoded(m));
+    CHECK(is_protocol_error(s));
+    CHECK(mentions(s, "client_name"));
+    CHECK(mentions(s, "limit"));
+  }
+  SECTION("tokens") {
+    LookupRequest m{.namespace_id = 1, .take_lease = true, .tokens = {}, .extras = {}};
+    m.tokens.assign(kMaxTokens, 5);
+    CHECK(decode_as<LookupRequest>(encoded(m)).is_ok());
+    m.tokens.push_back(5);
+    Status s = decode_as<LookupRequest>(encoded(m));
+    CHECK(is_protocol_error(s));
+    CHECK(mentions(s, "limit"));
+  }
+  SECTION("extras") {
+    SaveRequest m = sample_save();
+    m.extras.assign(kMaxExtras + 1, BlockExtra{});
+    CHECK(mentions(decode_as<SaveRequest>(encoded(m)), "extras"));
+  }
+  SECTION("tenants") {
+    HelloReply m = sample_hello_reply();
+    m.tenants.assign(1024, "t");
+    CHECK(decode_as<HelloReply>(encoded(m)).is_ok());
+    m.tenants.push_back("t");
+    CHECK(mentions(decode_as<HelloReply>(encoded(m)), "tenants"));
+  }
+  SECTION("tier masks") {
+    LookupReply m = sample_lookup_reply();
+    m.tier_masks.assign(kMaxBlocks + 1, 1);
+    CHECK(mentions(decode_as<LookupReply>(encoded(m)), "limit"));
+  }
+}
+
+TEST_CASE("Unknown ops are refused") {
+  Bytes hello = encoded(sample_hello());
+  for (uint16_t op : {uint16_t(0), uint16_t(11), uint16_t(kReplyBit | 1), uint16_t(0xFFFF)}) {
+    CAPTURE(op);
+    CHECK_FALSE(is_known_op(op));
+    Status s = validate_request(op, hello);
+    CHECK(is_protocol_error(s));
+    CHECK(mentions(s, "unknown op"));
+  }
+  for (uint16_t op = 1; op <= 10; ++op) CHECK(is_known_op(op));
+}
+
+TEST_CASE("Unknown enum values are refused") {
+  SECTION("priority 9") {
+    SaveRequest m = sample_save();
+    m.priority = 9;
+    Status s = decode_as<SaveRequest>(encoded(m));
+    CHECK(is_protocol_error(s));
+    CHECK(mentions(s, "priority"));
+    CHECK(is_protocol_error(validate_request(static_cast<uint16_t>(Op::kSave), encoded(m))));
+  }
+  SECTION("bool 2") {
+    Bytes b = encoded(sample_lookup());
+    b[4] = std::byte{2};  // take_lease
+    Status s = decode_as<LookupRequest>(b);
+    CHECK(is_protocol_error(s));
+    CHECK(mentions(s, "take_lease"));
+  }
+  SECTION("dtype 99 and attention kind 7") {
+    HelloReply m = sample_hello_reply();
+    m.layout.dtype = static_cast<Dtype>(99);
+    Status s = decode_as<HelloReply>(encoded(m));
+    CHECK(is_protocol_error(s));
+    CHECK(mentions(s, "dtype"));
+    m = sample_hello_reply();
+    m.layout.kind = static_cast<AttentionKind>(7);
+    CHECK(mentions(decode_as<HelloReply>(encoded(m)), "attention kind"));
+  }
+  SECTION("status code 200") {
+    Status remote(StatusCode::kBusy, "untouched");
+    auto body = decode_status(bytes_of({200, 0, 0, 0, 0}), remote);
+    CHECK(is_protocol_error(body.status()));
+    CHECK(mentions(body.status(), "code"));
+    CHECK(remote.code() == StatusCode::kBusy);  // left as it was
+  }
+  SECTION("a tier mask bit past the last tier") {
+    LookupReply m = sample_lookup_reply();
+    m.tier_masks[1] = 0x08;
+    CHECK(mentions(decode_as<LookupReply>(encoded(m)), "tier"));
+  }
+  SECTION("a prefix request's arg, judged by its op") {
+    PrefixRequest m = sample_prefix();
+    auto check = [&](Op op, uint8_t arg, bool ok) {
+      m.arg = arg;
+      INFO("op " << static_cast<int>(op) << " arg " << static_cast<int>(arg));
+      Status s = validate_request(static_cast<uint16_t>(op), encoded(m));
+      CHECK(s.is_ok() == ok);
+      if (!ok) CHECK(is_protocol_error(s));
+    };
+    check(Op::kPrefetch, static_cast<uint8_t>(Tier::kNvme), true);
+    check(Op::kPrefetch, kNumTiers, false);
+    check(Op::kPin, static_cast<uint8_t>(Priority::kRetained), true);
+    check(Op::kPin, kNumPriorities, false);
+    check(Op::kUnpin, 0, true);
+    check(Op::kUnpin, 1, false);
+  }
+}
+
+TEST_CASE("An invalid layout is a protocol error carrying the reason") {
+  HelloReply m = sample_hello_reply();
+  m.layout.num_layers = 0;
+  Status s = decode_as<HelloReply>(encoded(m));
+  CHECK(is_protocol_error(s));
+  CHECK(mentions(s, "HelloReply.layout"));
+  CHECK(mentions(s, "num_layers"));
+}
+
+TEST_CASE("A failed decode leaves the message untouched") {
+  SaveRequest out;
+  REQUIRE(decode(encoded(sample_save()), out).is_ok());
+  Bytes truncated = encoded(SaveRequest{.namespace_id = 1, .priority = 0, .first_block = 0,
+                                        .window_offset = 0, .tokens = sample_tokens(8), .extras = {}});
+  truncated.pop_back();
+  CHECK(is_protocol_error(decode(truncated, out)));
+  CHECK(out.namespace_id == sample_save().namespace_id);
+  CHECK(out.tokens == sample_save().tokens);
+}
+
+TEST_CASE("Reply status prefix") {
+  SECTION("ok, followed by the body") {
+    Bytes payload;
+    encode_status(Status::ok(), payload);
+    encode(LoadReply{4, 1}, payload);
+    Status remote(StatusCode::kInternal, "stale");
+    auto body = decode_status(payload, remote);
+    REQUIRE(body.is_ok());
+    CHECK(remote.is_ok());
+    LoadReply reply;
+    REQUIRE(decode(*body, reply).is_ok());
+    CHECK(reply.blocks == 4);
+    CHECK(reply.from_nvme == 1);
+  }
+  SECTION("an error with its message, and no body") {
+    Bytes payload;
+    encode_status(Status(StatusCode::kLayoutMismatch, "fingerprint differs"), payload);
+    Status remote;
+    auto body = decode_status(payload, remote);
+    REQUIRE(body.is_ok());
+    CHECK(body->empty());
+    CHECK(remote.code() == StatusCode::kLayoutMismatch);
+    CHECK(remote.message() == "fingerprint differs");
+
+    for (size_t len = 0; len < payload.size(); ++len) {
+      CAPTURE(len);
+      CHECK(is_protocol_error(decode_status(std::span<const std::byte>(payload).first(len), remote)
+                                  .status()));
+    }
+    payload.push_back(std::byte{0});  // an error reply carries no body
+    CHECK(is_protocol_error(decode_status(payload, remote).status()));
+  }
+  SECTION("every status code travels; one past the last does not") {
+    for (uint8_t c = 1; c <= static_cast<uint8_t>(StatusCode::kInternal); ++c) {
+      Bytes payload;
+      encode_status(Status(static_cast<StatusCode>(c), "m"), payload);
+      Status remote;
+      REQUIRE(decode_status(payload, remote).is_ok());
+      CHECK(static_cast<uint8_t>(remote.code()) == c);
+    }
+    Status remote;
+    uint8_t past = static_cast<uint8_t>(StatusCode::kInternal) + 1;
+    CHECK(is_protocol_error(decode_status(bytes_of({past, 0, 0, 0, 0}), remote).status()));
+  }
+  SECTION("an ok status with a message is not canonical") {
+    Status remote;
+    CHECK(is_protocol_error(decode_status(bytes_of({0, 1, 0, 0, 0, 'x'}), remote).status()));
+  }
+  SECTION("a long message is cut to kMaxString so the reply still decodes") {
+    Bytes payload;
+    encode_status(Status(StatusCode::kIoError, std::string(kMaxString + 100, 'e')), payload);
+    Status remote;
+    REQUIRE(decode_status(payload, remote).is_ok());
+    CHECK(remote.message().size() == kMaxString);
+  }
+}
