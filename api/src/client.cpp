@@ -4,6 +4,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -35,8 +36,11 @@ Result<std::unique_ptr<Client>> Client::connect(ClientOptions options) {
   c->fd_ = *fd;
   int window_fd = -1;
   if (options.window_bytes > 0) {
-    window_fd = ::memfd_create("kvtier-client-window", MFD_CLOEXEC);
-    if (window_fd < 0 || ::ftruncate(window_fd, static_cast<off_t>(options.window_bytes)) != 0) {
+    // Sealed against shrinking: the daemon refuses a window that could be truncated under it
+    // (its copies would fault with SIGBUS).
+    window_fd = ::memfd_create("kvtier-client-window", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (window_fd < 0 || ::ftruncate(window_fd, static_cast<off_t>(options.window_bytes)) != 0 ||
+        ::fcntl(window_fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_SEAL) != 0) {
       Status s(StatusCode::kResourceExhausted, std::string("cannot create the shared window: ") + std::strerror(errno));
       if (window_fd >= 0) ::close(window_fd);
       return s;

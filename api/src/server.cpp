@@ -7,6 +7,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include <fcntl.h>
 #include <poll.h>
 #include <spdlog/spdlog.h>
 #include <sys/eventfd.h>
@@ -306,10 +307,17 @@ Status Handler::hello(std::span<const std::byte> payload) {
       fatal = true;
       return Status(StatusCode::kProtocolError, "hello announced a window but passed no descriptor");
     }
+    // Only a memfd sealed against shrinking: a window the client could truncate would make the
+    // daemon's copies into it fault (SIGBUS) and take every client down.
     struct stat st{};
+    const int seals = ::fcntl(passed_fd, F_GET_SEALS);
     if (::fstat(passed_fd, &st) != 0 || !S_ISREG(st.st_mode) || static_cast<uint64_t>(st.st_size) < req.window_bytes) {
       fatal = true;
       return invalid("the window descriptor is not a memory file of at least " + std::to_string(req.window_bytes) + " bytes");
+    }
+    if (seals < 0 || !(seals & F_SEAL_SHRINK)) {
+      fatal = true;
+      return invalid("the window must be a memfd sealed with F_SEAL_SHRINK");
     }
     void* p = ::mmap(nullptr, req.window_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, passed_fd, 0);
     if (p == MAP_FAILED) {

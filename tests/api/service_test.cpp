@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -401,6 +402,26 @@ TEST_CASE("Daemon: bad protocol input closes that connection only", "[service]")
     REQUIRE(h.is_ok());
     const auto second = std::vector<std::byte>(reply.begin() + proto::kHeaderBytes + h->payload_bytes, reply.end());
     CHECK(reply_status(second) == StatusCode::kProtocolError);
+  }
+  SECTION("a window that could shrink under the daemon is refused") {
+    auto fd = proto::connect_unix(server->socket_path());
+    REQUIRE(fd.is_ok());
+    const int mem = ::memfd_create("unsealed", MFD_CLOEXEC);
+    REQUIRE(mem >= 0);
+    REQUIRE(::ftruncate(mem, 8 * kBlock) == 0);
+    std::vector<std::byte> hello;
+    proto::encode(proto::HelloRequest{.window_bytes = 8 * kBlock}, hello);
+    REQUIRE(proto::send_frame(*fd, 1, 1, hello, mem).is_ok());
+    ::close(mem);
+    proto::FrameHeader h;
+    std::vector<std::byte> payload;
+    int got_fd = -1;
+    REQUIRE(proto::recv_frame(*fd, h, payload, got_fd).is_ok());
+    Status remote;
+    REQUIRE(proto::decode_status(payload, remote).is_ok());
+    CHECK(remote.code() == StatusCode::kInvalidArgument);
+    CHECK(proto::recv_frame(*fd, h, payload, got_fd).code() == StatusCode::kUnavailable);  // closed
+    ::close(*fd);
   }
   // The well-behaved client never noticed.
   CHECK(restore_and_check(*good, *ns, prompt) == 64);
