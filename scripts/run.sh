@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The main job: set up, build, and run kvtier's demos — simulated users sharing prompts, first on
-# the prefix index, then with real KV bytes moving across host, (emulated) HBM and NVMe and a
-# restart — followed by the index and transfer benchmarks. Works on a fresh Debian 12 machine as root.
-# KVTIER_DATA_DIR (default /var/tmp/kvtier-demo) holds the demo's NVMe tier and the benchmark file.
+# The main job: set up, build, and run the kvtier service demo — the real kvtierd daemon started as
+# its own process, several user processes sharing a system prompt and documents through it (every
+# restored byte checked), then a SIGTERM, a restart on the same data dir and a replay showing the
+# cache survived on NVMe — followed by the prefix-index, transfer and service benchmarks.
+# Works on a fresh Debian 12 machine as root.
+# KVTIER_DATA_DIR (default /var/tmp/kvtier-demo) holds the daemon's data dir (service/) and the
+# transfer benchmark's file. KVTIER_BENCH_REPEATS sets the benchmarks' repeats.
+# The older in-process demos remain as `kvtier demo` and `kvtier tier-demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -13,10 +17,10 @@ mkdir -p "$DATA_DIR"
 echo
 ./build/default/tools/kvtier info
 echo
-./build/default/tools/kvtier demo
-echo
-./build/default/tools/kvtier tier-demo --dir "$DATA_DIR/tiers"
+./build/default/tools/kvtier service-demo --dir "$DATA_DIR/service"
 echo
 ./build/default/bench/prefix_index/kvtier_bench_index "${KVTIER_BENCH_REPEATS:-11}"
 echo
 ./build/default/bench/transfer/kvtier_bench_transfer "${KVTIER_BENCH_REPEATS:-5}" "$DATA_DIR"
+echo
+./build/default/bench/service/kvtier_bench_service "${KVTIER_BENCH_REPEATS:-5}"

@@ -463,8 +463,7 @@ int run_service_demo(const ServiceDemoOptions& o) {
     auto probe = Client::connect({.socket_path = socket, .window_bytes = 0, .name = "service-demo"});
     if (!probe) return fail(probe.status());
     const KvLayout& layout = (*probe)->layout();
-    std::printf("KV layout %s: %.0f KiB per block of %u tokens; one request's prompt is %.0f MiB of KV\n\n",
-                layout.describe().c_str(), layout.bytes_per_block() / 1024.0, layout.block_tokens,
+    std::printf("KV layout %s; one request's prompt is %.0f MiB of KV\n\n", layout.describe().c_str(),
                 mib(double(layout.bytes_for_tokens(prompt_tokens))));
   }
 
@@ -486,6 +485,8 @@ int run_service_demo(const ServiceDemoOptions& o) {
   std::printf("%u user processes (each its own kvtier::Client and shared-memory window) finished in %.1f s:\n",
               w.users, users_s);
   print_turn_table(*reports, w.turns);
+  std::printf("  (turn 1 starts cold: every user computes the system prompt at the same moment; from turn 2\n"
+              "   on the system prompt and the documents other users saved are restored)\n");
   bool ok = total.bad_blocks == 0 && total.requests == uint64_t(w.users) * w.turns;
   std::printf("\n  requests              %llu\n", static_cast<unsigned long long>(total.requests));
   std::printf("  hit rate              %.1f%% of prompt tokens restored (%llu of %llu)\n", total.hit_percent(),

@@ -52,23 +52,6 @@ int main(int argc, char** argv) {
   CLI::App app{"kvtier: hierarchical KV-cache storage tier for LLM serving"};
   app.require_subcommand(1);
 
-  IndexDemoOptions demo;
-  auto* demo_cmd = app.add_subcommand("demo", "Simulated users sharing prompts: prefix hits and evictions");
-  demo_cmd->add_option("--users", demo.users, "simulated users")->capture_default_str();
-  demo_cmd->add_option("--turns", demo.turns, "turns per user")->capture_default_str();
-  demo_cmd->add_option("--documents", demo.documents, "shared documents")->capture_default_str();
-  demo_cmd->add_option("--host-capacity-blocks", demo.host_capacity_blocks, "host tier capacity")
-      ->capture_default_str();
-
-  TierDemoOptions tier_demo;
-  auto* tier_demo_cmd = app.add_subcommand(
-      "tier-demo", "Users sharing prompts with real KV bytes across host, HBM and NVMe, then a restart");
-  tier_demo_cmd->add_option("--dir", tier_demo.dir, "NVMe tier directory (wiped)")->capture_default_str();
-  tier_demo_cmd->add_option("--users", tier_demo.users, "simulated users")->capture_default_str();
-  tier_demo_cmd->add_option("--turns", tier_demo.turns, "turns per user")->capture_default_str();
-  tier_demo_cmd->add_option("--host-mib", tier_demo.host_mib, "host tier capacity")->capture_default_str();
-  tier_demo_cmd->add_option("--nvme-mib", tier_demo.nvme_mib, "NVMe tier capacity")->capture_default_str();
-
   ServiceDemoOptions service_demo;
   auto add_workload = [](CLI::App& cmd, ServiceDemoWorkload& w) {
     cmd.add_option("--users", w.users, "user processes at once")->capture_default_str();
@@ -96,6 +79,23 @@ int main(int argc, char** argv) {
   service_user_cmd->add_option("--report-fd", service_user.report_fd)->required();
   service_user_cmd->add_option("--window-mib", service_user.window_mib);
   add_workload(*service_user_cmd, service_user.workload);
+
+  IndexDemoOptions demo;
+  auto* demo_cmd = app.add_subcommand("demo", "Simulated users sharing prompts: prefix hits and evictions");
+  demo_cmd->add_option("--users", demo.users, "simulated users")->capture_default_str();
+  demo_cmd->add_option("--turns", demo.turns, "turns per user")->capture_default_str();
+  demo_cmd->add_option("--documents", demo.documents, "shared documents")->capture_default_str();
+  demo_cmd->add_option("--host-capacity-blocks", demo.host_capacity_blocks, "host tier capacity")
+      ->capture_default_str();
+
+  TierDemoOptions tier_demo;
+  auto* tier_demo_cmd = app.add_subcommand(
+      "tier-demo", "Users sharing prompts with real KV bytes across host, HBM and NVMe, then a restart");
+  tier_demo_cmd->add_option("--dir", tier_demo.dir, "NVMe tier directory (wiped)")->capture_default_str();
+  tier_demo_cmd->add_option("--users", tier_demo.users, "simulated users")->capture_default_str();
+  tier_demo_cmd->add_option("--turns", tier_demo.turns, "turns per user")->capture_default_str();
+  tier_demo_cmd->add_option("--host-mib", tier_demo.host_mib, "host tier capacity")->capture_default_str();
+  tier_demo_cmd->add_option("--nvme-mib", tier_demo.nvme_mib, "NVMe tier capacity")->capture_default_str();
 
   std::string secret, model = "demo-model", salt, adapter, layout_spec = "32,8,128,bf16", token_text;
   uint32_t block_tokens = 16;

@@ -573,10 +573,13 @@ void Server::end_session(Session& s) {
   s.pins.clear();
   if (s.window) ::munmap(s.window, s.window_bytes);
   s.window = nullptr;
-  ::close(s.fd);
   m_->clients_connected->add(-1);
   std::lock_guard lock(mu_);
+  // Closed under mu_, after leaving sessions_: the stop path shuts down every listed session's
+  // fd under the same lock, and must never touch a descriptor number already reused.
   sessions_.erase(s.id);
+  ::close(s.fd);
+  s.fd = -1;
   --active_;
   drained_.notify_all();
 }

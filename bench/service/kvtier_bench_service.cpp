@@ -1,0 +1,415 @@
+// Service benchmark: kvtierd's socket path next to the in-process Store it serves, same run.
+//   a) lookup of a cached 4K-token prompt: Client over the Unix socket (the lookup takes a lease;
+//      release is a second round trip) vs Store::lookup in-process; lookup alone and lookup +
+//      release, p50 and p99                                          goal: socket lookup p50 < 20 µs
+//      The floor under any round trip, a raw 16-byte ping-pong over a socketpair, is measured too.
+//   b) 64 clients at once, a mixed workload for a fixed time: ~70% lookup + load + release of
+//      shared (pinned) prefixes, ~20% save of new prompts, ~10% lookup of misses; vs the same
+//      workload on 64 threads calling the Store directly              goal: 0 errors
+// The daemon is a Server started in this process (its own accept and per-connection threads);
+// the clients are threads of this process, each with its own Client connection and window.
+// NVMe is off: this measures the socket path, not the disk. Median of repeats, with min and max.
+// Rerun: build/default/bench/service/kvtier_bench_service [repeats] [seconds]
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <spdlog/spdlog.h>
+
+#include "api/src/client.h"
+#include "api/src/server.h"
+#include "api/src/service_config.h"
+#include "bench/bench_stats.h"
+
+using namespace kvtier;
+using namespace kvtier::bench;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+constexpr size_t kLookupPromptTokens = 4096;  // a) 256 blocks
+constexpr int kLookupCalls = 2000;            // a) per repeat, after kLookupWarmup
+constexpr int kLookupWarmup = 200;
+constexpr int kClients = 64;                  // b)
+constexpr size_t kSharedPrompts = 16;         // b) shared prefixes, pinned
+constexpr size_t kMixedPromptTokens = 512;    // b) 32 blocks (4 MiB) per load or save
+
+void must(const Status& s, const char* what) {
+  if (!s.is_ok()) {
+    std::fprintf(stderr, "kvtier_bench_service: %s: %s\n", what, s.to_string().c_str());
+    std::exit(1);
+  }
+}
+
+double us_since(Clock::time_point t0) { return std::chrono::duration<double, std::micro>(Clock::now() - t0).count(); }
+
+/// Nearest-rank percentile (q in (0, 1]); 0 for none.
+double percentile(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t rank = static_cast<size_t>(std::ceil(q * double(v.size())));
+  return v[std::clamp<size_t>(rank, 1, v.size()) - 1];
+}
+
+std::vector<TokenId> tokens_from(uint64_t seed, size_t n) {
+  std::vector<TokenId> out(n);
+  for (size_t i = 0; i < n; ++i) {
+    uint64_t z = seed * 0x9E3779B97F4A7C15ull + (i + 1) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 31)) * 0x94D049BB133111EBull;
+    out[i] = static_cast<TokenId>((z ^ (z >> 29)) % 128000);
+  }
+  return out;
+}
+
+/// The word at `word` of block `b` of shared prompt `p`: what a load must bring back.
+uint64_t shared_word(size_t p, size_t b, uint64_t word) { return (uint64_t(p + 1) << 48) ^ (uint64_t(b) << 32) ^ word; }
+
+// ---- a) lookup round trip ------------------------------------------------------------------------
+
+struct LookupSeries {
+  std::vector<double> lookup_p50, lookup_p99, both_p50, both_p99;  // per repeat, µs
+};
+
+/// kLookupCalls lookups (+ releases) of `prompt` on `store`; appends this repeat's percentiles.
+void time_lookups(KvStore& store, NamespaceId ns, const std::vector<TokenId>& prompt, LookupSeries& out) {
+  std::vector<double> lookup_us, both_us;
+  lookup_us.reserve(kLookupCalls);
+  both_us.reserve(kLookupCalls);
+  for (int i = 0; i < kLookupWarmup + kLookupCalls; ++i) {
+    const auto t0 = Clock::now();
+    auto m = store.lookup(ns, prompt);
+    const double looked = us_since(t0);
+    must(m.status(), "lookup");
+    must(store.release(*m), "release");
+    const double both = us_since(t0);
+    if (m->tokens != prompt.size()) must(Status(StatusCode::kInternal, "the cached prompt matched short"), "lookup");
+    if (i < kLookupWarmup) continue;
+    lookup_us.push_back(looked);
+    both_us.push_back(both);
+  }
+  out.lookup_p50.push_back(percentile(lookup_us, 0.5));
+  out.lookup_p99.push_back(percentile(lookup_us, 0.99));
+  out.both_p50.push_back(percentile(both_us, 0.5));
+  out.both_p99.push_back(percentile(both_us, 0.99));
+}
+
+/// The floor under any round trip on this machine: 16-byte ping-pong over a Unix socketpair
+/// between two threads (what kvtierd's framing adds nothing to). Appends this repeat's p50/p99.
+void time_socket_floor(std::vector<double>& p50, std::vector<double>& p99) {
+  int fds[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) must(Status(StatusCode::kUnavailable, "socketpair"), "floor");
+  std::thread echo([fd = fds[1]] {
+    char buf[16];
+    while (::recv(fd, buf, sizeof(buf), MSG_WAITALL) == sizeof(buf)) {
+      if (::send(fd, buf, sizeof(buf), MSG_NOSIGNAL) != sizeof(buf)) break;
+    }
+  });
+  std::vector<double> us;
+  char buf[16] = {};
+  for (int i = 0; i < kLookupWarmup + kLookupCalls; ++i) {
+    const auto t0 = Clock::now();
+    if (::send(fds[0], buf, sizeof(buf), MSG_NOSIGNAL) != sizeof(buf) ||
+        ::recv(fds[0], buf, sizeof(buf), MSG_WAITALL) != sizeof(buf)) {
+      must(Status(StatusCode::kUnavailable, "ping-pong failed"), "floor");
+    }
+    if (i >= kLookupWarmup) us.push_back(us_since(t0));
+  }
+  ::shutdown(fds[0], SHUT_RDWR);
+  echo.join();
+  ::close(fds[0]);
+  ::close(fds[1]);
+  p50.push_back(percentile(us, 0.5));
+  p99.push_back(percentile(us, 0.99));
+}
+
+void print_lookup_row(const char* what, const std::vector<double>& p50, const std::vector<double>& p99) {
+  const Summary a = summarize(p50), b = summarize(p99);
+  std::printf("  %-34s %8.1f (%6.1f .. %6.1f)  %8.1f (%6.1f .. %6.1f)\n", what, a.median, a.min, a.max, b.median,
+              b.min, b.max);
+}
+
+// ---- b) 64 clients, mixed workload ------------------------------------------------------------
+
+enum OpKind { kHit = 0, kSave = 1, kMiss = 2, kNumKinds = 3 };
+constexpr const char* kKindNames[kNumKinds] = {"lookup+load+release (shared prefix)", "save (new prompt)",
+                                               "lookup+release (miss)"};
+
+struct MixedResult {
+  double seconds = 0;
+  uint64_t ops = 0, errors = 0;
+  std::vector<double> us[kNumKinds];
+  std::string first_error;
+  double ops_per_s() const { return seconds > 0 ? double(ops) / seconds : 0; }
+};
+
+/// One worker of the mixed workload: `store` is its own Client, or the shared in-process Store.
+struct Worker {
+  KvStore* store = nullptr;
+  NamespaceId ns = 0;
+  std::vector<std::byte> load_buf, save_buf;
+  std::vector<double> us[kNumKinds];
+  uint64_t errors = 0;
+  std::string first_error;
+
+  void error(std::string what) {
+    if (errors++ == 0) first_error = std::move(what);
+  }
+
+  void run(int id, const std::vector<std::vector<TokenId>>& shared, Clock::time_point deadline, uint64_t seed_base) {
+    const uint64_t bpb = store->layout().bytes_per_block();
+    const size_t blocks = kMixedPromptTokens / store->layout().block_tokens;
+    std::mt19937_64 rng(uint64_t(id) * 7919 + seed_base);
+    uint64_t fresh = 0;
+    while (Clock::now() < deadline) {
+      const unsigned pick = rng() % 100;
+      const OpKind kind = pick < 70 ? kHit : pick < 90 ? kSave : kMiss;
+      const auto t0 = Clock::now();
+      if (kind == kHit) {
+        const size_t p = rng() % shared.size();
+        auto m = store->lookup(ns, shared[p]);
+        if (!m) {
+          error("lookup: " + m.status().to_string());
+          continue;
+        }
+        if (m->blocks.size() != blocks) error("a pinned shared prefix matched " + std::to_string(m->blocks.size()) + " blocks");
+        const size_t n = std::min(m->blocks.size(), blocks);
+        if (n > 0) {
+          auto h = store->load(*m, KvBuffer::contiguous(load_buf.data(), n, bpb));
+          Status done = h ? h->wait() : h.status();
+          if (!done) error("load: " + done.to_string());
+        }
+        if (Status s = store->release(*m); !s) error("release: " + s.to_string());
+        us[kind].push_back(us_since(t0));
+        for (size_t b = 0; b < n; ++b) {  // first and last word of every block
+          uint64_t first = 0, last = 0;
+          std::memcpy(&first, load_buf.data() + b * bpb, 8);
+          std::memcpy(&last, load_buf.data() + (b + 1) * bpb - 8, 8);
+          if (first != shared_word(p, b, 0) || last != shared_word(p, b, bpb / 8 - 1)) {
+            error("loaded bytes differ from the saved ones");
+            break;
+          }
+        }
+      } else {
+        // A prompt nobody saved before: unique to this worker, this run and this op.
+        const auto prompt = tokens_from((seed_base << 40) ^ (uint64_t(id) << 24) ^ ++fresh, kMixedPromptTokens);
+        if (kind == kSave) {
+          auto saved = store->save(ns, prompt, KvBuffer::contiguous(save_buf.data(), blocks, bpb));
+          if (!saved) error("save: " + saved.status().to_string());
+        } else {
+          auto m = store->lookup(ns, prompt);
+          if (!m) {
+            error("lookup: " + m.status().to_string());
+            continue;
+          }
+          if (!m->blocks.empty()) error("a prompt never saved matched");
+          if (Status s = store->release(*m); !s) error("release: " + s.to_string());
+        }
+        us[kind].push_back(us_since(t0));
+      }
+    }
+  }
+};
+
+MixedResult run_mixed(std::vector<Worker>& workers, const std::vector<std::vector<TokenId>>& shared, double seconds,
+                      uint64_t seed_base) {
+  std::barrier start(static_cast<std::ptrdiff_t>(workers.size() + 1));
+  Clock::time_point deadline;
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < workers.size(); ++i) {
+    threads.emplace_back([&, i] {
+      start.arrive_and_wait();
+      workers[i].run(static_cast<int>(i), shared, deadline, seed_base);
+    });
+  }
+  const auto t0 = Clock::now();
+  deadline = t0 + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+  start.arrive_and_wait();  // publishes `deadline` to the workers
+  for (auto& t : threads) t.join();
+  MixedResult r;
+  r.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  for (auto& w : workers) {
+    for (int k = 0; k < kNumKinds; ++k) {
+      r.ops += w.us[k].size();
+      r.us[k].insert(r.us[k].end(), w.us[k].begin(), w.us[k].end());
+      w.us[k].clear();
+    }
+    if (w.errors && r.first_error.empty()) r.first_error = w.first_error;
+    r.errors += w.errors;
+    w.errors = 0;
+  }
+  return r;
+}
+
+void print_mixed(const char* title, const MixedResult& r, uint64_t bytes_per_load) {
+  std::printf("  %s: %.0f ops/s (%llu ops in %.2f s), errors %llu%s%s\n", title, r.ops_per_s(),
+              static_cast<unsigned long long>(r.ops), r.seconds, static_cast<unsigned long long>(r.errors),
+              r.errors ? ": first: " : "", r.first_error.c_str());
+  std::printf("    loads moved %.2f GB/s of KV (every load's bytes pass the transfer engine's host copy engine)\n",
+              double(r.us[kHit].size() * bytes_per_load) / r.seconds / 1e9);
+  for (int k = 0; k < kNumKinds; ++k) {
+    std::printf("    %-38s %6zu ops (%4.1f%%)  p50 %8.1f µs  p99 %8.1f µs\n", kKindNames[k], r.us[k].size(),
+                100.0 * double(r.us[k].size()) / double(std::max<uint64_t>(r.ops, 1)), percentile(r.us[k], 0.5),
+                percentile(r.us[k], 0.99));
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int repeats = argc > 1 ? std::max(1, std::atoi(argv[1])) : 5;
+  const double seconds = argc > 2 ? std::max(0.5, std::atof(argv[2])) : 3.0;
+  std::printf("rerun: %s %d %g\n", argv[0], repeats, seconds);
+  spdlog::set_level(spdlog::level::warn);  // the server's startup lines; its warnings still show
+
+  char dir_template[] = "/tmp/kvtier_bench_service.XXXXXX";
+  if (!::mkdtemp(dir_template)) must(Status(StatusCode::kIoError, "mkdtemp failed"), "temp dir");
+  const std::string dir = dir_template;
+
+  ServiceConfig config;
+  config.data_dir = dir;
+  config.layout = KvLayout{AttentionKind::kStandard, 2, 8, 128, Dtype::kBf16, 16};  // 128 KiB blocks
+  config.host_bytes = 512ull << 20;
+  config.nvme_enabled = false;
+  config.hbm_enabled = false;
+  config.metrics_listen = "";
+  config.secret = "kvtier-bench-service";
+  must(resolve(config), "resolve");
+  auto server = Server::start(config);
+  must(server.status(), "server");
+  Store& store = (*server)->store();
+  const std::string socket = (*server)->socket_path();
+  const KvLayout layout = store.layout();
+  const uint64_t bpb = layout.bytes_per_block();
+  auto ns = store.open_namespace({.model_id = "bench-model", .tenant = "", .adapter_id = ""});
+  must(ns.status(), "open_namespace");
+  std::printf("kvtier service benchmark: an in-process kvtierd Server (its own accept and connection threads) "
+              "on %s;\nclients are threads of this process, each with its own Client connection; layout %s, "
+              "%.0f KiB blocks; host tier %.0f MiB, NVMe off\n",
+              socket.c_str(), layout.describe().c_str(), bpb / 1024.0, config.host_bytes / 1048576.0);
+
+  // ---- a) lookup round trip -----------------------------------------------------------------
+  const auto long_prompt = tokens_from(42, kLookupPromptTokens);
+  {
+    const size_t blocks = kLookupPromptTokens / layout.block_tokens;
+    std::vector<std::byte> kv(blocks * bpb, std::byte{0x5a});
+    auto saved = store.save(*ns, long_prompt, KvBuffer::contiguous(kv.data(), blocks, bpb));
+    must(saved.status(), "save the 4K-token prompt");
+  }
+  auto lookup_client = Client::connect({.socket_path = socket, .window_bytes = 0, .name = "bench-lookup"});
+  must(lookup_client.status(), "connect");
+  auto client_ns = (*lookup_client)->open_namespace({.model_id = "bench-model", .tenant = "", .adapter_id = ""});
+  must(client_ns.status(), "client open_namespace");
+  LookupSeries in_process, socket_series;
+  std::vector<double> floor_p50, floor_p99;
+  for (int r = 0; r < repeats; ++r) {
+    time_lookups(store, *ns, long_prompt, in_process);
+    time_lookups(**lookup_client, *client_ns, long_prompt, socket_series);
+    time_socket_floor(floor_p50, floor_p99);
+  }
+  lookup_client->reset();
+  std::printf("\na) lookup of a cached %zu-token prompt (%zu blocks): %d calls per repeat after %d warm-up, %d "
+              "repeats\n   median over repeats (min .. max), µs        p50                          p99\n",
+              kLookupPromptTokens, kLookupPromptTokens / layout.block_tokens, kLookupCalls, kLookupWarmup, repeats);
+  print_lookup_row("in-process Store::lookup", in_process.lookup_p50, in_process.lookup_p99);
+  print_lookup_row("in-process lookup + release", in_process.both_p50, in_process.both_p99);
+  print_lookup_row("socket Client::lookup", socket_series.lookup_p50, socket_series.lookup_p99);
+  print_lookup_row("socket lookup + release (2 trips)", socket_series.both_p50, socket_series.both_p99);
+  print_lookup_row("floor: raw socketpair round trip", floor_p50, floor_p99);
+  const double lookup_sock = summarize(socket_series.lookup_p50).median, lookup_proc = summarize(in_process.lookup_p50).median;
+  const double both_sock = summarize(socket_series.both_p50).median, both_proc = summarize(in_process.both_p50).median;
+  const double p99_sock = summarize(socket_series.lookup_p99).median, p99_proc = summarize(in_process.lookup_p99).median;
+  std::printf("  socket / in-process, lookup p50          %6.2f\n", lookup_sock / lookup_proc);
+  std::printf("  socket / in-process, lookup+release p50  %6.2f\n", both_sock / both_proc);
+  const double floor_rtt = summarize(floor_p50).median;
+  std::printf("  socket lookup p50 - in-process p50       %6.1f µs (one round trip; the raw floor is %.1f µs)\n",
+              lookup_sock - lookup_proc, floor_rtt);
+  const bool lookup_goal = lookup_sock < 20.0;
+  std::printf("  goal: socket lookup p50 < 20 µs: %.1f µs, %s\n", lookup_sock, lookup_goal ? "met" : "NOT MET");
+
+  // ---- b) 64 clients, mixed workload --------------------------------------------------------
+  const size_t mixed_blocks = kMixedPromptTokens / layout.block_tokens;
+  std::vector<std::vector<TokenId>> shared;
+  {
+    std::vector<std::byte> kv(mixed_blocks * bpb);
+    for (size_t p = 0; p < kSharedPrompts; ++p) {
+      shared.push_back(tokens_from(1000 + p, kMixedPromptTokens));
+      for (size_t b = 0; b < mixed_blocks; ++b) {
+        for (uint64_t w = 0; w < bpb / 8; ++w) {
+          const uint64_t v = shared_word(p, b, w);
+          std::memcpy(kv.data() + b * bpb + w * 8, &v, 8);
+        }
+      }
+      must(store.save(*ns, shared.back(), KvBuffer::contiguous(kv.data(), mixed_blocks, bpb)).status(), "save shared");
+      auto pinned = store.pin(*ns, shared.back());  // saves of new prompts must not evict them
+      must(pinned.status(), "pin shared");
+    }
+  }
+  std::vector<Worker> workers(kClients);
+  std::vector<std::unique_ptr<Client>> clients;
+  for (int i = 0; i < kClients; ++i) {
+    auto c = Client::connect({.socket_path = socket, .window_bytes = mixed_blocks * bpb,
+                              .name = "bench-" + std::to_string(i)});
+    must(c.status(), "connect");
+    auto cns = (*c)->open_namespace({.model_id = "bench-model", .tenant = "", .adapter_id = ""});
+    must(cns.status(), "client open_namespace");
+    workers[i].store = c->get();
+    workers[i].ns = *cns;
+    workers[i].load_buf.assign(mixed_blocks * bpb, std::byte{0});
+    workers[i].save_buf.assign(mixed_blocks * bpb, std::byte{0x33});
+    clients.push_back(std::move(*c));
+  }
+  std::printf("\nb) %d clients at once for %.1f s, %zu-token prompts (%zu blocks, %.0f MiB per load or save): ~70%% "
+              "lookup+load+release of %zu pinned shared prefixes, ~20%% save of new prompts, ~10%% lookup of misses\n",
+              kClients, seconds, kMixedPromptTokens, mixed_blocks, mixed_blocks * bpb / 1048576.0, kSharedPrompts);
+  const MixedResult over_socket = run_mixed(workers, shared, seconds, 1);
+  print_mixed("socket: 64 Client connections (64 threads)", over_socket, mixed_blocks * bpb);
+  for (auto& w : workers) {  // the reference: the same threads calling the Store directly
+    w.store = &store;
+    w.ns = *ns;
+  }
+  const MixedResult direct = run_mixed(workers, shared, seconds, 2);
+  print_mixed("in-process: 64 threads on the Store", direct, mixed_blocks * bpb);
+  clients.clear();
+
+  // ---- summary --------------------------------------------------------------------------------
+  const uint64_t errors = over_socket.errors + direct.errors;
+  std::printf("\nsummary                                  kvtier (socket)  reference (in-process)    ratio  goal\n");
+  std::printf("  lookup p50, 4K-token prompt            %10.1f µs  %16.1f µs  %9.2f  < 20 µs: %s\n", lookup_sock,
+              lookup_proc, lookup_sock / lookup_proc, lookup_goal ? "met" : "NOT MET");
+  std::printf("  lookup + release p50                   %10.1f µs  %16.1f µs  %9.2f  -\n", both_sock, both_proc,
+              both_sock / both_proc);
+  std::printf("  lookup p99                             %10.1f µs  %16.1f µs  %9.2f  -\n", p99_sock, p99_proc,
+              p99_sock / p99_proc);
+  std::printf("  round trip p50 over raw floor           %10.1f µs  %16.1f µs  %9.2f  -\n", lookup_sock - lookup_proc,
+              floor_rtt, (lookup_sock - lookup_proc) / floor_rtt);
+  std::printf("  64 clients mixed, ops/s                %13.0f  %19.0f  %9.2f  errors 0: %s (%llu)\n",
+              over_socket.ops_per_s(), direct.ops_per_s(), over_socket.ops_per_s() / std::max(direct.ops_per_s(), 1.0),
+              errors == 0 ? "met" : "NOT MET", static_cast<unsigned long long>(errors));
+  for (int k = 0; k < kNumKinds; ++k) {
+    const double s = percentile(over_socket.us[k], 0.5), d = percentile(direct.us[k], 0.5);
+    std::printf("  mixed p50 %-28s %10.1f µs  %16.1f µs  %9.2f  -\n", kKindNames[k], s, d, d > 0 ? s / d : 0.0);
+  }
+
+  (*server)->request_stop();
+  must((*server)->wait(), "server stop");
+  server->reset();
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);
+  return errors == 0 ? 0 : 1;
+}
