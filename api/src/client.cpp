@@ -69,16 +69,23 @@ Result<std::unique_ptr<Client>> Client::connect(ClientOptions options) {
 
 Client::~Client() {
   if (fd_ >= 0) ::close(fd_);  // the daemon releases this client's leases and pins
+  if (engine_) {  // the window was registered with it: forget it before it is unmapped
+    engine_->unregister_host_memory(window_);
+    engine_.reset();
+  }
   if (window_) ::munmap(window_, window_bytes_);
 }
 
 Status Client::call(Op op, const std::vector<std::byte>& request, std::vector<std::byte>& reply, int pass_fd) {
   const uint32_t id = next_request_++;
-  KVTIER_RETURN_IF_ERROR(proto::send_frame(fd_, static_cast<uint16_t>(op), id, request, pass_fd));
+  const Status sent = proto::send_frame(fd_, static_cast<uint16_t>(op), id, request, pass_fd);
+  // Even when the send failed, the daemon may have said why before it closed (a refused
+  // identity, the client limit): that answer is the useful error.
   proto::FrameHeader header;
   std::vector<std::byte> payload;
   int received = -1;
   Status got = proto::recv_frame(fd_, header, payload, received);
+  if (!sent && !got) return sent;
   if (received >= 0) ::close(received);
   if (!got) {
     return got.code() == StatusCode::kUnavailable
@@ -190,6 +197,7 @@ Result<size_t> Client::save(NamespaceId ns, std::span<const TokenId> tokens, con
                    std::to_string(first_block) + ".." + std::to_string(full) + " of the prompt need " +
                    std::to_string(full - first_block));
   }
+  KVTIER_RETURN_IF_ERROR(check_extras(extras, full));
   if (full == first_block) return size_t{0};
   if (window_blocks_ == 0) return invalid("the shared window cannot hold one block");
   std::lock_guard lock(mu_);

@@ -152,6 +152,19 @@ Result<TransferHandle> scatter_blocks(const KvLayout& layout, const std::byte* i
   return engine->submit(std::move(job));
 }
 
+Status check_extras(std::span<const BlockExtra> extras, size_t full_blocks) {
+  for (size_t i = 0; i < extras.size(); ++i) {
+    if (extras[i].block_index >= full_blocks) {
+      return invalid("extra " + std::to_string(i) + " belongs to block " + std::to_string(extras[i].block_index) +
+                     "; the prompt has " + std::to_string(full_blocks) + " full blocks");
+    }
+    if (i > 0 && extras[i].block_index < extras[i - 1].block_index) {
+      return invalid("extras must be sorted by block index");
+    }
+  }
+  return Status::ok();
+}
+
 TransferHandle finished_handle(uint32_t num_layers, Status status) {
   auto job = std::make_shared<detail::JobState>(std::vector<uint32_t>(num_layers, 0), TransferCallback{});
   job->mark_running();

@@ -32,6 +32,10 @@ Status gather_blocks(const KvLayout& layout, const KvBuffer& src, size_t first, 
 Result<TransferHandle> scatter_blocks(const KvLayout& layout, const std::byte* in, const KvBuffer& dst,
                                       size_t first, size_t count, TransferEngine* engine);
 
+/// Extras must be sorted by block index and belong to full blocks (< full_blocks): a chunked
+/// save hands each chunk the extras below its end, so an unsorted list would lose some.
+Status check_extras(std::span<const BlockExtra> extras, size_t full_blocks);
+
 /// A handle that is already final with `status`, for work done synchronously.
 TransferHandle finished_handle(uint32_t num_layers, Status status = Status::ok());
 

@@ -27,6 +27,7 @@ using proto::Op;
 namespace {
 
 constexpr size_t kMaxLeasesPerSession = 4096;
+constexpr size_t kMaxLeasedBlocksPerSession = 256 * 1024;  // ~18 MiB of match state
 
 Status invalid(std::string m) { return Status(StatusCode::kInvalidArgument, std::move(m)); }
 
@@ -62,6 +63,7 @@ struct Server::Session {
   uint64_t window_bytes = 0;
   std::unordered_set<NamespaceId> namespaces;  // opened by this session (tenant checked)
   std::unordered_map<LeaseId, Match> leases;
+  size_t leased_blocks = 0;  // blocks over all entries of `leases`
   std::unordered_map<BlockKey, uint32_t> pins;  // pins this session holds
 
   /// The window bytes [offset, offset + bytes), or kInvalidArgument when outside the window.
@@ -159,7 +161,12 @@ Status Server::bind_socket() {
   addr.sun_family = AF_UNIX;
   if (path.size() >= sizeof(addr.sun_path)) return invalid("socket path too long: " + path);
   std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-  // A live daemon answers a connect; a stale file from a crash does not and is replaced.
+  // A live daemon answers a connect; a stale socket from a crash does not and is replaced. Any
+  // other kind of file at the path is the operator's, never deleted.
+  struct stat st{};
+  if (::lstat(path.c_str(), &st) == 0 && !S_ISSOCK(st.st_mode)) {
+    return invalid(path + " exists and is not a socket; choose another socket_path");
+  }
   if (auto probe = proto::connect_unix(path)) {
     ::close(*probe);
     return Status(StatusCode::kUnavailable, "another kvtierd is already serving " + path);
@@ -189,20 +196,33 @@ void Server::request_stop() noexcept {
 }
 
 void Server::accept_loop() {
+  int backoff_ms = -1;
   for (;;) {
-    pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
-    if (::poll(fds, 2, -1) < 0) {
+    // Out of descriptors, the listen socket stays readable: wait on the stop event only, a while.
+    pollfd fds[2] = {{stop_fd_, POLLIN, 0}, {listen_fd_, backoff_ms < 0 ? short(POLLIN) : short(0), 0}};
+    if (::poll(fds, 2, backoff_ms) < 0) {
       if (errno == EINTR) continue;
       spdlog::error("kvtierd: poll: {}", std::strerror(errno));
       break;
     }
-    if (fds[1].revents) break;
-    if (!(fds[0].revents & POLLIN)) continue;
+    if (fds[0].revents) break;
+    backoff_ms = -1;
+    if (!(fds[1].revents & POLLIN)) continue;
     const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) continue;
+    if (fd < 0) {
+      if (errno == EMFILE || errno == ENFILE) backoff_ms = 100;
+      continue;
+    }
     ucred cred{};
     socklen_t len = sizeof(cred);
-    ::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len);
+    if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {  // no identity, no service
+      ::close(fd);
+      continue;
+    }
+    // A client that stops reading must not block its connection thread forever (a graceful
+    // shutdown waits for every thread): a send that cannot progress for 10 s ends the session.
+    const timeval send_timeout{10, 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &send_timeout, sizeof(send_timeout));
     auto refuse = [&](Status why) {
       m_->clients_refused->add(1);
       spdlog::warn("kvtierd: refused pid {} uid {}: {}", cred.pid, cred.uid, why.to_string());
@@ -361,10 +381,28 @@ Status Handler::lookup(std::span<const std::byte> payload) {
   KVTIER_RETURN_IF_ERROR(decode(payload, req));
   auto n = ns(req.namespace_id);
   if (!n) return n.status();
-  const bool lease = req.take_lease && s.leases.size() < kMaxLeasesPerSession;
+  const size_t new_blocks = req.tokens.size() / store.layout().block_tokens;
+  auto over_budget = [&] {
+    return s.leases.size() >= kMaxLeasesPerSession || s.leased_blocks + new_blocks > kMaxLeasedBlocksPerSession;
+  };
+  if (req.take_lease && over_budget()) {
+    // Leases the client forgot have expired in the index by now: forget them here too.
+    const uint64_t now = static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
+    for (auto it = s.leases.begin(); it != s.leases.end();) {
+      if (it->second.lease_expiry_ns <= now) {
+        s.leased_blocks -= it->second.blocks.size();
+        it = s.leases.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  const bool lease = req.take_lease && !over_budget();
   if (req.take_lease && !lease) {
-    return Status(StatusCode::kResourceExhausted, "this client holds " + std::to_string(kMaxLeasesPerSession) +
-                                                      " leases: release some");
+    return Status(StatusCode::kResourceExhausted, "this client holds " + std::to_string(s.leases.size()) +
+                                                      " leases over " + std::to_string(s.leased_blocks) +
+                                                      " blocks: release some");
   }
   auto m = store.tiers().index().match(*n, req.tokens, req.extras, {.take_lease = lease});
   if (!m) return m.status();
@@ -373,7 +411,10 @@ Status Handler::lookup(std::span<const std::byte> payload) {
   for (const BlockResidency& b : m->blocks) reply.tier_masks.push_back(b.tier_mask);
   asked_tokens = req.tokens.size() / store.layout().block_tokens * store.layout().block_tokens;
   hit_tokens = m->tokens;
-  if (m->lease != kNoLease) s.leases.emplace(m->lease, std::move(*m));
+  if (m->lease != kNoLease) {
+    s.leased_blocks += m->blocks.size();
+    s.leases.emplace(m->lease, std::move(*m));
+  }
   proto::encode(reply, body);
   return Status::ok();
 }
@@ -403,10 +444,28 @@ Status Handler::load(std::span<const std::byte> payload) {
     auto now = store.tiers().index().get(part.blocks[i].key);
     if (now && !now->resident_in(Tier::kHost) && !now->resident_in(Tier::kHbm)) ++from_nvme;
   }
+  // Pin for the copy itself: the lease may have expired (a client can wait it out), and an
+  // unpinned block's slot could be reused by another tenant's save mid-copy.
+  PrefixIndex& index = store.tiers().index();
+  std::vector<BlockKey> held;
+  held.reserve(part.blocks.size());
+  auto unpin_all = [&] {
+    for (const BlockKey& k : held) index.unpin(k).ignore();
+  };
+  for (const BlockResidency& b : part.blocks) {
+    if (!index.pin(b.key).is_ok()) {
+      unpin_all();
+      return Status(StatusCode::kNotFound, "a leased block left the cache: the lease expired; look the prompt up again");
+    }
+    held.push_back(b.key);
+  }
   if (!part.blocks.empty()) {
     auto h = store.tiers().load(part, dsts, LocationKind::kHost);
-    if (!h) return h.status();
-    KVTIER_RETURN_IF_ERROR(h->wait());
+    Status st = h ? h->wait() : h.status();
+    unpin_all();
+    KVTIER_RETURN_IF_ERROR(st);
+  } else {
+    unpin_all();
   }
   restored_tokens = part.tokens;
   loaded_bytes = uint64_t(req.block_count) * bpb;
@@ -421,6 +480,7 @@ Status Handler::release(std::span<const std::byte> payload) {
   KVTIER_RETURN_IF_ERROR(decode(payload, req));
   auto it = s.leases.find(req.lease);
   if (it == s.leases.end()) return Status(StatusCode::kNotFound, "lease " + std::to_string(req.lease) + " is not held by this client");
+  s.leased_blocks -= it->second.blocks.size();
   s.leases.erase(it);
   // kNotFound here means the lease expired in the index already: released either way.
   store.tiers().index().release(req.lease).ignore();
@@ -585,21 +645,22 @@ void Server::end_session(Session& s) {
 }
 
 Status Server::wait() {
-  {
-    std::unique_lock lock(mu_);
-    if (waited_) return wait_status_;
-  }
+  std::lock_guard once(wait_mu_);
+  if (waited_) return wait_status_;
   if (acceptor_.joinable()) acceptor_.join();  // returns once request_stop() was called
   {
     std::unique_lock lock(mu_);
     drained_.wait(lock, [&] { return active_ == 0; });
-    if (waited_) return wait_status_;
-    waited_ = true;
+  }
+  if (listen_fd_ >= 0) {  // start() failed before the acceptor ran: nobody may connect now
+    ::close(listen_fd_);
+    listen_fd_ = -1;
+    ::unlink(config_.socket_path.c_str());
   }
   if (http_) http_->stop();
   Status st = store_ ? store_->close() : Status::ok();
   if (!st) spdlog::error("kvtierd: flushing write-back blocks failed: {}", st.to_string());
-  std::lock_guard lock(mu_);
+  waited_ = true;
   wait_status_ = st;
   return st;
 }

@@ -78,7 +78,8 @@ class Server {
   std::thread acceptor_;
   std::atomic<bool> stopping_{false};
 
-  mutable std::mutex mu_;  // guards sessions_, active_, waited_, flush_status_
+  std::mutex wait_mu_;     // one wait() at a time: a second caller gets the first one's result
+  mutable std::mutex mu_;  // guards sessions_, active_
   std::condition_variable drained_;
   std::unordered_map<uint64_t, std::shared_ptr<Session>> sessions_;
   size_t active_ = 0;  // connection threads still running

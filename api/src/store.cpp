@@ -145,6 +145,7 @@ Result<size_t> Store::save(NamespaceId id, std::span<const TokenId> tokens, cons
     return invalid(fmt::format("save: the buffer has {} blocks; blocks {}..{} of the prompt need {}",
                                src.block_count(), first_block, full, full - first_block));
   }
+  KVTIER_RETURN_IF_ERROR(check_extras(extras, full));
   const uint64_t bpb = layout().bytes_per_block();
   if (is_contiguous(src, 0, src.block_count(), bpb)) {
     const size_t bytes = src.block_count() * bpb;

@@ -470,7 +470,7 @@ Result<size_t> TierManager::save(const Namespace& ns, std::span<const TokenId> t
                     .tokens = block_tokens,
                     .extras = block_extras,
                     .byte_size = block_bytes_,
-                    .checksum = XXH3_64bits(src, block_bytes_),
+                    .checksum = 0,  // set from the bytes as stored, below
                     .tier = tier,
                     .priority = priority};
     auto slot = allocate_slot(tier);
@@ -505,6 +505,10 @@ Result<size_t> TierManager::save(const Namespace& ns, std::span<const TokenId> t
         std::memcpy(dst, src, block_bytes_);
       }
     }
+    // The checksum of the copy the tier holds, not of `src`: a daemon client can change its
+    // shared window while it is read, and a checksum of other bytes would fail every later load.
+    const bool stored_in_host = !on_nvme && !arena.is_device_memory();
+    ins.checksum = XXH3_64bits(stored_in_host ? arena.slot_ptr(*slot) : src, block_bytes_);
     auto release_slot = [&] {
       if (on_nvme) nvme_->erase(keys[b]).ignore();
       else free_slot(tier, *slot);
