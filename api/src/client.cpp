@@ -19,12 +19,6 @@ namespace {
 
 Status invalid(std::string m) { return Status(StatusCode::kInvalidArgument, std::move(m)); }
 
-std::span<const BlockExtra> extras_below(std::span<const BlockExtra> extras, size_t end_block) {
-  size_t n = 0;
-  while (n < extras.size() && extras[n].block_index < end_block) ++n;
-  return extras.first(n);
-}
-
 std::vector<BlockExtra> to_vector(std::span<const BlockExtra> e) { return {e.begin(), e.end()}; }
 
 }  // namespace

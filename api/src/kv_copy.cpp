@@ -165,6 +165,12 @@ Status check_extras(std::span<const BlockExtra> extras, size_t full_blocks) {
   return Status::ok();
 }
 
+std::span<const BlockExtra> extras_below(std::span<const BlockExtra> extras, size_t end_block) {
+  size_t n = 0;
+  while (n < extras.size() && extras[n].block_index < end_block) ++n;
+  return extras.first(n);
+}
+
 TransferHandle finished_handle(uint32_t num_layers, Status status) {
   auto job = std::make_shared<detail::JobState>(std::vector<uint32_t>(num_layers, 0), TransferCallback{});
   job->mark_running();

@@ -36,6 +36,9 @@ Result<TransferHandle> scatter_blocks(const KvLayout& layout, const std::byte* i
 /// save hands each chunk the extras below its end, so an unsorted list would lose some.
 Status check_extras(std::span<const BlockExtra> extras, size_t full_blocks);
 
+/// The extras of blocks below `end_block` (extras sorted, as check_extras requires).
+std::span<const BlockExtra> extras_below(std::span<const BlockExtra> extras, size_t end_block);
+
 /// A handle that is already final with `status`, for work done synchronously.
 TransferHandle finished_handle(uint32_t num_layers, Status status = Status::ok());
 

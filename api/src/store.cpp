@@ -15,13 +15,6 @@ namespace {
 
 Status invalid(std::string m) { return Status(StatusCode::kInvalidArgument, std::move(m)); }
 
-/// Extras for blocks below `end_block` (extras are sorted by block index).
-std::span<const BlockExtra> extras_below(std::span<const BlockExtra> extras, size_t end_block) {
-  size_t n = 0;
-  while (n < extras.size() && extras[n].block_index < end_block) ++n;
-  return extras.first(n);
-}
-
 /// True when a canonical host buffer's blocks lie back to back from blocks[first].
 bool is_contiguous(const KvBuffer& b, size_t first, size_t count, uint64_t bpb) {
   if (b.is_paged() || b.memory != LocationKind::kHost) return false;
