@@ -70,6 +70,14 @@ int main(int argc, char** argv) {
     if (!beta) return fail("open own tenant", beta.status());
     return check_shared(*c, *beta, prompt, 0);  // the other tenant's blocks are invisible
   }
+  if (cmd == "refused") {  // as another identity, which the daemon's allow-list leaves out
+    if (::setgid(static_cast<gid_t>(arg)) != 0 || ::setuid(static_cast<uid_t>(arg)) != 0) return fail("setuid");
+    auto c = Client::connect({.socket_path = socket, .window_bytes = 64 << 10, .name = "service_child"});
+    if (c || c.status().code() != StatusCode::kPermissionDenied) {
+      return fail("connect was not refused with permission_denied", c ? Status::ok() : c.status());
+    }
+    return 0;
+  }
   if (cmd == "capi") return capi_smoke(socket.c_str(), prompt.data(), prompt.size());
 
   auto c = connect_or_die(socket);

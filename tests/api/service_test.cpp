@@ -454,6 +454,23 @@ TEST_CASE("Daemon: tenants are bound to identities", "[service]") {
   CHECK(wait_exit(spawn_child({"tenant", server->socket_path(), "61", "128", std::to_string(other)})) == 0);
 }
 
+TEST_CASE("Daemon: a peer outside allowed_uids is refused with permission_denied", "[service]") {
+  if (::geteuid() != 0) {
+    WARN("not root: refusing another identity needs setuid; skipped");
+    return;
+  }
+  TempDir dir("kvtier_svc");
+  ::chmod(dir.path().c_str(), 0755);
+  auto config = test_config(dir.path());
+  config.socket_mode = 0666;
+  config.allowed_uids = {4242};  // neither root (always allowed) nor the child's 65534
+  auto server = start_server(config);
+  CHECK(wait_exit(spawn_child({"refused", server->socket_path(), "1", "16", "65534"})) == 0);
+  CHECK(server->counters().clients_refused == 1);
+  auto c = connect(*server);  // root still is
+  CHECK(c->open_namespace({"m", "", ""}).is_ok());
+}
+
 TEST_CASE("C API: save, lookup, load from a C program", "[service]") {
   TempDir dir("kvtier_svc");
   auto server = start_server(test_config(dir.path()));
