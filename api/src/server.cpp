@@ -28,6 +28,8 @@ namespace {
 
 constexpr size_t kMaxLeasesPerSession = 4096;
 constexpr size_t kMaxLeasedBlocksPerSession = 256 * 1024;  // ~18 MiB of match state
+constexpr size_t kMaxNamespacesPerSession = 1024;  // each is recorded in the catalog
+constexpr size_t kMaxPinnedBlocksPerSession = 256 * 1024;  // pins a client may hold at once
 
 Status invalid(std::string m) { return Status(StatusCode::kInvalidArgument, std::move(m)); }
 
@@ -365,6 +367,10 @@ Status Handler::open_namespace(std::span<const std::byte> payload) {
     return Status(StatusCode::kPermissionDenied, "tenant '" + req.tenant + "' is not bound to uid " +
                                                      std::to_string(s.uid) + " gid " + std::to_string(s.gid));
   }
+  if (s.namespaces.size() >= kMaxNamespacesPerSession) {
+    return Status(StatusCode::kResourceExhausted, "this client opened " + std::to_string(kMaxNamespacesPerSession) +
+                                                      " namespaces, the most one connection may");
+  }
   if (req.layout_fingerprint != store.layout().fingerprint()) {
     return Status(StatusCode::kLayoutMismatch, "the client's KV layout differs from the daemon's " + store.layout().describe());
   }
@@ -521,6 +527,12 @@ Status Handler::prefix_op(Op op, std::span<const std::byte> payload) {
     auto keys = store.cached_prefix(req.namespace_id, req.tokens, req.extras);
     if (!keys) return keys.status();
     PrefixIndex& index = store.tiers().index();
+    size_t pinned_now = 0;
+    for (const auto& [key, n] : s.pins) pinned_now += n;
+    if (op == Op::kPin && pinned_now + keys->size() > kMaxPinnedBlocksPerSession) {
+      return Status(StatusCode::kResourceExhausted, "pinning " + std::to_string(keys->size()) + " more blocks would pass the " +
+                                                        std::to_string(kMaxPinnedBlocksPerSession) + " one client may pin");
+    }
     for (const BlockKey& k : *keys) {
       if (op == Op::kPin) {
         if (!index.pin(k).is_ok()) break;

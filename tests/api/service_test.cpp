@@ -200,6 +200,18 @@ TEST_CASE("Daemon: a client saves and restores through a window smaller than the
   CHECK(text->find("kvtierd_tokens_restored_total 400") != std::string::npos);
   CHECK(text->find("kvtier_tier_used_bytes{tier=\"host\"}") != std::string::npos);
 
+  SECTION("one connection may open at most 1024 namespaces") {
+    size_t opened = 1;  // "m" above
+    Status last;
+    for (int i = 0; i < 1100 && last.is_ok(); ++i) {
+      auto id = c->open_namespace({"model-" + std::to_string(i), "", ""});
+      if (id) ++opened;
+      else last = id.status();
+    }
+    CHECK(opened == 1024);
+    CHECK(last.code() == StatusCode::kResourceExhausted);
+    CHECK(restore_and_check(*c, *ns, prompt) == 176);  // the connection keeps serving
+  }
   SECTION("requests with bad arguments fail and the connection keeps serving") {
     CHECK(c->lookup(77, prompt).status().code() == StatusCode::kNotFound);  // never opened
     auto other_layout = c->open_namespace({"m", "no-such-tenant", ""});
