@@ -87,20 +87,20 @@ Result<ServiceConfig> build_config(const ServeFlags& f) {
 }  // namespace
 
 int run_serve(const ServeFlags& flags) {
-  spdlog::set_level(spdlog::level::from_str(flags.log_level));
-  auto config = build_config(flags);
-  if (!config) {
-    std::fprintf(stderr, "kvtierd: %s\n", config.status().to_string().c_str());
-    return 2;
-  }
-  // Block the stop signals before any thread starts, so every thread inherits the mask and only
-  // the sigwait below sees them.
+  // Block the stop signals before any thread starts — resolving the config may start the CUDA
+  // runtime's threads — so every thread inherits the mask and only the sigwait below sees them.
   sigset_t stop_signals;
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGTERM);
   sigaddset(&stop_signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   std::signal(SIGPIPE, SIG_IGN);
+  spdlog::set_level(spdlog::level::from_str(flags.log_level));
+  auto config = build_config(flags);
+  if (!config) {
+    std::fprintf(stderr, "kvtierd: %s\n", config.status().to_string().c_str());
+    return 2;
+  }
 
   auto server = Server::start(std::move(*config));
   if (!server) {
