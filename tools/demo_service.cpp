@@ -20,10 +20,9 @@
 #include <type_traits>
 #include <vector>
 
-#include <xxhash.h>
-
 #include "api/src/client.h"
 #include "api/src/metrics.h"
+#include "tools/synthetic_kv.h"
 
 namespace kvtier {
 
@@ -37,40 +36,14 @@ std::string errno_text(const char* what) { return std::string(what) + ": " + std
 
 // ---- the workload: every process derives the same prompts and the same KV -------------------
 
-/// `n` token ids from `seed`: the same seed gives the same tokens in every process.
-std::vector<TokenId> tokens_from(uint64_t seed, size_t n) {
-  std::vector<TokenId> out(n);
-  for (size_t i = 0; i < n; ++i) {
-    uint64_t z = seed * 0x9E3779B97F4A7C15ull + (i + 1) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 31)) * 0x94D049BB133111EBull;
-    out[i] = static_cast<TokenId>((z ^ (z >> 29)) % 128000);
-  }
-  return out;
-}
-
 /// Request (user, turn): the shared system prompt, a shared document, the user's own question.
 std::vector<TokenId> request_prompt(const ServiceDemoWorkload& w, uint32_t user, uint32_t turn) {
-  auto prompt = tokens_from(1, w.system_tokens);
-  const auto document = tokens_from(100 + (user + turn) % std::max(w.documents, 1u), w.document_tokens);
-  const auto question = tokens_from(1'000'000 + uint64_t(user) * 1000 + turn, w.question_tokens);
+  auto prompt = synthetic_tokens(1, w.system_tokens);
+  const auto document = synthetic_tokens(100 + (user + turn) % std::max(w.documents, 1u), w.document_tokens);
+  const auto question = synthetic_tokens(1'000'000 + uint64_t(user) * 1000 + turn, w.question_tokens);
   prompt.insert(prompt.end(), document.begin(), document.end());
   prompt.insert(prompt.end(), question.begin(), question.end());
   return prompt;
-}
-
-/// Stand-in for prefill: the KV of block `b` is a function of the prompt up to and including
-/// that block, as real attention KV is, so any process can check a restored block on its own.
-void compute_block_kv(const std::vector<TokenId>& prompt, size_t b, uint32_t block_tokens, std::byte* out,
-                      uint64_t bytes) {
-  uint64_t x = XXH3_64bits(prompt.data(), (b + 1) * block_tokens * sizeof(TokenId));
-  for (uint64_t i = 0; i < bytes; i += 8) {
-    x += 0x9E3779B97F4A7C15ull;
-    uint64_t z = x;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    std::memcpy(out + i, &z, std::min<uint64_t>(8, bytes - i));
-  }
 }
 
 /// What a user process reports per request through the shared pipe. Smaller than PIPE_BUF, so
@@ -116,11 +89,11 @@ Result<TurnReport> serve_request(Client& client, NamespaceId ns, const std::vect
 
   std::vector<std::byte> expected(bpb);
   for (size_t b = 0; b < hit; ++b) {
-    compute_block_kv(prompt, b, layout.block_tokens, expected.data(), bpb);
+    synthetic_block_kv(prompt, b, layout.block_tokens, expected.data(), bpb);
     r.bad_blocks += std::memcmp(expected.data(), kv.data() + b * bpb, bpb) != 0;
     ++r.checked_blocks;
   }
-  for (size_t b = hit; b < blocks; ++b) compute_block_kv(prompt, b, layout.block_tokens, kv.data() + b * bpb, bpb);
+  for (size_t b = hit; b < blocks; ++b) synthetic_block_kv(prompt, b, layout.block_tokens, kv.data() + b * bpb, bpb);
   if (hit < blocks) {
     const auto t1 = Clock::now();
     auto saved = client.save(ns, prompt, KvBuffer::contiguous(kv.data() + hit * bpb, blocks - hit, bpb),

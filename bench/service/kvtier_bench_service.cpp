@@ -36,6 +36,7 @@
 #include "api/src/server.h"
 #include "api/src/service_config.h"
 #include "bench/bench_stats.h"
+#include "tools/synthetic_kv.h"
 
 using namespace kvtier;
 using namespace kvtier::bench;
@@ -65,16 +66,6 @@ double percentile(std::vector<double> v, double q) {
   std::sort(v.begin(), v.end());
   const size_t rank = static_cast<size_t>(std::ceil(q * double(v.size())));
   return v[std::clamp<size_t>(rank, 1, v.size()) - 1];
-}
-
-std::vector<TokenId> tokens_from(uint64_t seed, size_t n) {
-  std::vector<TokenId> out(n);
-  for (size_t i = 0; i < n; ++i) {
-    uint64_t z = seed * 0x9E3779B97F4A7C15ull + (i + 1) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 31)) * 0x94D049BB133111EBull;
-    out[i] = static_cast<TokenId>((z ^ (z >> 29)) % 128000);
-  }
-  return out;
 }
 
 /// The word at `word` of block `b` of shared prompt `p`: what a load must bring back.
@@ -207,7 +198,7 @@ struct Worker {
         }
       } else {
         // A prompt nobody saved before: unique to this worker, this run and this op.
-        const auto prompt = tokens_from((seed_base << 40) ^ (uint64_t(id) << 24) ^ ++fresh, kMixedPromptTokens);
+        const auto prompt = synthetic_tokens((seed_base << 40) ^ (uint64_t(id) << 24) ^ ++fresh, kMixedPromptTokens);
         if (kind == kSave) {
           auto saved = store->save(ns, prompt, KvBuffer::contiguous(save_buf.data(), blocks, bpb));
           if (!saved) error("save: " + saved.status().to_string());
@@ -304,7 +295,7 @@ int main(int argc, char** argv) {
               socket.c_str(), layout.describe().c_str(), bpb / 1024.0, config.host_bytes / 1048576.0);
 
   // ---- a) lookup round trip -----------------------------------------------------------------
-  const auto long_prompt = tokens_from(42, kLookupPromptTokens);
+  const auto long_prompt = synthetic_tokens(42, kLookupPromptTokens);
   {
     const size_t blocks = kLookupPromptTokens / layout.block_tokens;
     std::vector<std::byte> kv(blocks * bpb, std::byte{0x5a});
@@ -348,7 +339,7 @@ int main(int argc, char** argv) {
   {
     std::vector<std::byte> kv(mixed_blocks * bpb);
     for (size_t p = 0; p < kSharedPrompts; ++p) {
-      shared.push_back(tokens_from(1000 + p, kMixedPromptTokens));
+      shared.push_back(synthetic_tokens(1000 + p, kMixedPromptTokens));
       for (size_t b = 0; b < mixed_blocks; ++b) {
         for (uint64_t w = 0; w < bpb / 8; ++w) {
           const uint64_t v = shared_word(p, b, w);

@@ -56,7 +56,7 @@ int main(int argc, char** argv) {
   if (argc < 5) return fail("usage: service_child share|save|hold|tenant|capi SOCKET SEED TOKENS [ARG]");
   const std::string cmd = argv[1], socket = argv[2];
   const uint64_t seed = std::strtoull(argv[3], nullptr, 10);
-  const auto prompt = test_prompt(seed, std::strtoull(argv[4], nullptr, 10));
+  const auto prompt = synthetic_tokens(seed, std::strtoull(argv[4], nullptr, 10));
   const uint64_t arg = argc > 5 ? std::strtoull(argv[5], nullptr, 10) : 0;
 
   if (cmd == "tenant") {  // drop to another identity first: the daemon sees it in SO_PEERCRED

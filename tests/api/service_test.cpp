@@ -114,7 +114,7 @@ TEST_CASE("In-process Store: save, lookup, load canonical and paged KV byte-iden
   Store& s = **store;
   auto ns = s.open_namespace({"m", "", ""});
   REQUIRE(ns.is_ok());
-  const auto prompt = test_prompt(1, 16 * 10 + 5);  // 10 full blocks and a partial tail
+  const auto prompt = synthetic_tokens(1, 16 * 10 + 5);  // 10 full blocks and a partial tail
   CHECK(save_prompt(s, *ns, prompt) == 10);
   CHECK(save_prompt(s, *ns, prompt) == 0);  // cached already
   CHECK(restore_and_check(s, *ns, prompt) == 160);
@@ -134,7 +134,7 @@ TEST_CASE("In-process Store: save, lookup, load canonical and paged KV byte-iden
     REQUIRE(h->wait().is_ok());
     REQUIRE(s.release(*m).is_ok());
     // Save the pages under another prompt and read them back canonically: the same bytes.
-    const auto other = test_prompt(2, 160);
+    const auto other = synthetic_tokens(2, 160);
     auto saved = s.save(*ns, other, KvBuffer::paged(kernels::EngineLayout::kVllm, bases, pages, page_of));
     REQUIRE(saved.is_ok());
     CHECK(*saved == 10);
@@ -148,7 +148,7 @@ TEST_CASE("In-process Store: save, lookup, load canonical and paged KV byte-iden
     REQUIRE(s.release(*m2).is_ok());
   }
   SECTION("bad input: clear errors, nothing stored") {
-    const auto fresh = test_prompt(3, 64);
+    const auto fresh = synthetic_tokens(3, 64);
     auto kv = prompt_kv(fresh, s.layout(), 0, 3);
     auto r = s.save(*ns, fresh, KvBuffer::contiguous(kv.data(), 3, kBlock));  // 4 blocks need 4
     REQUIRE_FALSE(r.is_ok());
@@ -176,12 +176,12 @@ TEST_CASE("Daemon: a client saves and restores through a window smaller than the
   auto c = connect(*server, 3 * kBlock);  // 3 blocks per round trip
   auto ns = c->open_namespace({"m", "", ""});
   REQUIRE(ns.is_ok());
-  const auto prompt = test_prompt(5, 16 * 11);
+  const auto prompt = synthetic_tokens(5, 16 * 11);
   CHECK(save_prompt(*c, *ns, prompt) == 11);
   CHECK(restore_and_check(*c, *ns, prompt) == 176);
   // A longer prompt with the same start: the shared prefix is a hit, only the rest is new.
   auto longer = prompt;
-  auto tail = test_prompt(6, 48);
+  auto tail = synthetic_tokens(6, 48);
   longer.insert(longer.end(), tail.begin(), tail.end());
   auto m = c->lookup(*ns, longer);
   REQUIRE(m.is_ok());
@@ -234,9 +234,9 @@ TEST_CASE("Daemon: two processes share a prefix, byte-identical", "[service]") {
   auto c = connect(*server);
   auto ns = c->open_namespace({"m", "", ""});
   REQUIRE(ns.is_ok());
-  CHECK(restore_and_check(*c, *ns, test_prompt(11, 200)) == 192);
+  CHECK(restore_and_check(*c, *ns, synthetic_tokens(11, 200)) == 192);
   // This process saves; another restores and checks the bytes.
-  REQUIRE(save_prompt(*c, *ns, test_prompt(12, 320)) == 20);
+  REQUIRE(save_prompt(*c, *ns, synthetic_tokens(12, 320)) == 20);
   CHECK(wait_exit(spawn_child({"share", sock, "12", "320", "320"})) == 0);
   // Two children at once on the same prefix.
   pid_t a = spawn_child({"share", sock, "12", "330", "320"});
@@ -250,7 +250,7 @@ TEST_CASE("Daemon: a client killed mid-load leaves no lease, no pin, no session"
   auto server = start_server(test_config(dir.path()));
   auto c = connect(*server);
   auto ns = c->open_namespace({"m", "", ""});
-  const auto prompt = test_prompt(21, 160);
+  const auto prompt = synthetic_tokens(21, 160);
   REQUIRE(save_prompt(*c, *ns, prompt) == 10);
   REQUIRE(*c->pin(*ns, prompt) == 10);  // this client's pin: must survive the other's death
   int fds[2];
@@ -284,7 +284,7 @@ TEST_CASE("Daemon: a client killed mid-load leaves no lease, no pin, no session"
 
 TEST_CASE("Daemon restart: the NVMe-resident cache is back, byte-identical", "[service]") {
   TempDir dir("kvtier_svc");
-  const auto prompt = test_prompt(31, 16 * 40);
+  const auto prompt = synthetic_tokens(31, 16 * 40);
   {
     auto server = start_server(test_config(dir.path()));
     auto c = connect(*server);
@@ -323,7 +323,7 @@ TEST_CASE("kvtierd process: SIGTERM flushes, a restarted daemon serves the cache
     ::close(fds[0]);
     return pid;
   };
-  const auto prompt = test_prompt(41, 16 * 12);
+  const auto prompt = synthetic_tokens(41, 16 * 12);
   pid_t pid = start();
   {
     auto c = Client::connect({.socket_path = sock, .window_bytes = 1 << 20});
@@ -349,7 +349,7 @@ TEST_CASE("Daemon: bad protocol input closes that connection only", "[service]")
   auto server = start_server(test_config(dir.path()));
   auto good = connect(*server);
   auto ns = good->open_namespace({"m", "", ""});
-  const auto prompt = test_prompt(51, 64);
+  const auto prompt = synthetic_tokens(51, 64);
   REQUIRE(save_prompt(*good, *ns, prompt) == 4);
 
   auto raw_exchange = [&](const std::vector<std::byte>& bytes, bool shut_write) {
@@ -456,7 +456,7 @@ TEST_CASE("Daemon: tenants are bound to identities", "[service]") {
   CHECK(c->open_namespace({"m", "", ""}).status().code() == StatusCode::kPermissionDenied);  // no default tenant
   auto alpha = c->open_namespace({"m", "alpha", ""});
   REQUIRE(alpha.is_ok());
-  const auto prompt = test_prompt(61, 128);
+  const auto prompt = synthetic_tokens(61, 128);
   REQUIRE(save_prompt(*c, *alpha, prompt) == 8);
   if (me != 0) {
     WARN("not root: the cross-identity half of this test needs setuid and is skipped");
