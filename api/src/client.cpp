@@ -141,12 +141,8 @@ Result<Match> Client::lookup(NamespaceId ns, std::span<const TokenId> tokens, st
 }
 
 Result<TransferHandle> Client::load(const Match& match, const KvBuffer& dst) {
-  KVTIER_RETURN_IF_ERROR(check_kv_buffer(layout_, dst, /*paged_device_ok=*/false));
+  KVTIER_RETURN_IF_ERROR(check_load(layout_, match, dst, /*paged_device_ok=*/false));
   const size_t n = dst.block_count();
-  if (n > match.blocks.size()) {
-    return invalid("load: the buffer has " + std::to_string(n) + " blocks; the match has " +
-                   std::to_string(match.blocks.size()));
-  }
   if (n == 0) return finished_handle(layout_.num_layers);
   if (match.lease == kNoLease) return invalid("load needs a leased match (from lookup)");
   if (window_blocks_ == 0) return invalid("the shared window cannot hold one block");
@@ -182,16 +178,10 @@ Status Client::release(const Match& match) {
 
 Result<size_t> Client::save(NamespaceId ns, std::span<const TokenId> tokens, const KvBuffer& src, Priority priority,
                             std::span<const BlockExtra> extras, size_t first_block) {
-  KVTIER_RETURN_IF_ERROR(check_kv_buffer(layout_, src, /*paged_device_ok=*/false));
+  auto checked = check_save(layout_, tokens.size(), src, extras, first_block, /*paged_device_ok=*/false);
+  if (!checked) return checked.status();
+  const size_t full = *checked;
   const uint32_t bt = layout_.block_tokens;
-  const size_t full = tokens.size() / bt;
-  if (first_block > full) return invalid("first_block is past the prompt's full blocks");
-  if (src.block_count() != full - first_block) {
-    return invalid("save: the buffer has " + std::to_string(src.block_count()) + " blocks; blocks " +
-                   std::to_string(first_block) + ".." + std::to_string(full) + " of the prompt need " +
-                   std::to_string(full - first_block));
-  }
-  KVTIER_RETURN_IF_ERROR(check_extras(extras, full));
   if (full == first_block) return size_t{0};
   if (window_blocks_ == 0) return invalid("the shared window cannot hold one block");
   std::lock_guard lock(mu_);

@@ -165,6 +165,32 @@ Status check_extras(std::span<const BlockExtra> extras, size_t full_blocks) {
   return Status::ok();
 }
 
+Result<size_t> check_save(const KvLayout& layout, size_t num_tokens, const KvBuffer& src,
+                          std::span<const BlockExtra> extras, size_t first_block, bool paged_device_ok) {
+  KVTIER_RETURN_IF_ERROR(check_kv_buffer(layout, src, paged_device_ok));
+  const size_t full = num_tokens / layout.block_tokens;
+  if (first_block > full) {
+    return invalid("first_block " + std::to_string(first_block) + " is past the prompt's " + std::to_string(full) +
+                   " full blocks");
+  }
+  if (src.block_count() != full - first_block) {
+    return invalid("save: the buffer has " + std::to_string(src.block_count()) + " blocks; blocks " +
+                   std::to_string(first_block) + ".." + std::to_string(full) + " of the prompt need " +
+                   std::to_string(full - first_block));
+  }
+  KVTIER_RETURN_IF_ERROR(check_extras(extras, full));
+  return full;
+}
+
+Status check_load(const KvLayout& layout, const Match& match, const KvBuffer& dst, bool paged_device_ok) {
+  KVTIER_RETURN_IF_ERROR(check_kv_buffer(layout, dst, paged_device_ok));
+  if (dst.block_count() > match.blocks.size()) {
+    return invalid("load: the buffer has " + std::to_string(dst.block_count()) + " blocks; the match has " +
+                   std::to_string(match.blocks.size()));
+  }
+  return Status::ok();
+}
+
 std::span<const BlockExtra> extras_below(std::span<const BlockExtra> extras, size_t end_block) {
   size_t n = 0;
   while (n < extras.size() && extras[n].block_index < end_block) ++n;

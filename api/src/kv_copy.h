@@ -18,6 +18,13 @@ namespace kvtier {
 /// emulated in host memory; the CUDA pack path is not wired yet).
 Status check_kv_buffer(const KvLayout& layout, const KvBuffer& buf, bool paged_device_ok);
 
+/// The checks every KvStore::save makes (the buffer, block count, first_block, extras); returns
+/// the prompt's number of full blocks.
+Result<size_t> check_save(const KvLayout& layout, size_t num_tokens, const KvBuffer& src,
+                          std::span<const BlockExtra> extras, size_t first_block, bool paged_device_ok);
+/// The checks every KvStore::load makes: the buffer, and no more blocks than the match has.
+Status check_load(const KvLayout& layout, const Match& match, const KvBuffer& dst, bool paged_device_ok);
+
 /// Copies blocks [first, first + count) of `src` into `out` (count canonical blocks back to back,
 /// host memory) and waits. Device memory goes through `engine` (null only when `src` is host
 /// memory); paged layouts are packed.

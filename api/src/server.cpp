@@ -67,6 +67,7 @@ struct Server::Session {
   std::unordered_map<LeaseId, Match> leases;
   size_t leased_blocks = 0;  // blocks over all entries of `leases`
   std::unordered_map<BlockKey, uint32_t> pins;  // pins this session holds
+  size_t pinned_blocks = 0;                      // the sum of `pins`' counts
 
   /// The window bytes [offset, offset + bytes), or kInvalidArgument when outside the window.
   Result<std::byte*> window_span(uint64_t offset, uint64_t bytes) const {
@@ -497,7 +498,7 @@ Status Handler::release(std::span<const std::byte> payload) {
 Status Handler::save(std::span<const std::byte> payload) {
   proto::SaveRequest req;
   KVTIER_RETURN_IF_ERROR(decode(payload, req));
-  if (!ns(req.namespace_id)) return ns(req.namespace_id).status();
+  if (auto n = ns(req.namespace_id); !n) return n.status();
   const uint32_t bt = store.layout().block_tokens;
   const size_t full = req.tokens.size() / bt;
   if (req.first_block > full) return invalid("first_block is past the prompt's full blocks");
@@ -515,7 +516,7 @@ Status Handler::save(std::span<const std::byte> payload) {
 Status Handler::prefix_op(Op op, std::span<const std::byte> payload) {
   proto::PrefixRequest req;
   KVTIER_RETURN_IF_ERROR(decode(payload, req));
-  if (!ns(req.namespace_id)) return ns(req.namespace_id).status();
+  if (auto n = ns(req.namespace_id); !n) return n.status();
   uint64_t count = 0;
   if (op == Op::kPrefetch) {
     if (req.arg >= kNumTiers) return invalid("prefetch tier " + std::to_string(req.arg) + " is not a tier");
@@ -527,9 +528,7 @@ Status Handler::prefix_op(Op op, std::span<const std::byte> payload) {
     auto keys = store.cached_prefix(req.namespace_id, req.tokens, req.extras);
     if (!keys) return keys.status();
     PrefixIndex& index = store.tiers().index();
-    size_t pinned_now = 0;
-    for (const auto& [key, n] : s.pins) pinned_now += n;
-    if (op == Op::kPin && pinned_now + keys->size() > kMaxPinnedBlocksPerSession) {
+    if (op == Op::kPin && s.pinned_blocks + keys->size() > kMaxPinnedBlocksPerSession) {
       return Status(StatusCode::kResourceExhausted, "pinning " + std::to_string(keys->size()) + " more blocks would pass the " +
                                                         std::to_string(kMaxPinnedBlocksPerSession) + " one client may pin");
     }
@@ -538,11 +537,13 @@ Status Handler::prefix_op(Op op, std::span<const std::byte> payload) {
         if (!index.pin(k).is_ok()) break;
         index.set_priority(k, static_cast<Priority>(req.arg)).ignore();
         ++s.pins[k];
+        ++s.pinned_blocks;
         ++count;
       } else {
         auto it = s.pins.find(k);
         if (it == s.pins.end()) continue;  // only this session's own pins
         index.unpin(k).ignore();
+        --s.pinned_blocks;
         if (--it->second == 0) s.pins.erase(it);
         ++count;
       }
@@ -643,6 +644,7 @@ void Server::end_session(Session& s) {
     for (uint32_t i = 0; i < n; ++i) index.unpin(key).ignore();
   }
   s.pins.clear();
+  s.pinned_blocks = 0;
   if (s.window) ::munmap(s.window, s.window_bytes);
   s.window = nullptr;
   m_->clients_connected->add(-1);

@@ -89,11 +89,8 @@ Status Store::release(const Match& match) {
 }
 
 Result<TransferHandle> Store::load(const Match& match, const KvBuffer& dst) {
-  KVTIER_RETURN_IF_ERROR(check_kv_buffer(layout(), dst, tiers_->transfer().copy_engine().device_memory_is_host()));
+  KVTIER_RETURN_IF_ERROR(check_load(layout(), match, dst, tiers_->transfer().copy_engine().device_memory_is_host()));
   const size_t n = dst.block_count();
-  if (n > match.blocks.size()) {
-    return invalid(fmt::format("load: the buffer has {} blocks; the match has {}", n, match.blocks.size()));
-  }
   Match part;
   part.lease = match.lease;
   part.tokens = uint64_t(n) * layout().block_tokens;
@@ -130,15 +127,11 @@ Result<size_t> Store::save_host(NamespaceId id, std::span<const TokenId> tokens,
 
 Result<size_t> Store::save(NamespaceId id, std::span<const TokenId> tokens, const KvBuffer& src,
                            Priority priority, std::span<const BlockExtra> extras, size_t first_block) {
-  KVTIER_RETURN_IF_ERROR(check_kv_buffer(layout(), src, tiers_->transfer().copy_engine().device_memory_is_host()));
+  auto checked = check_save(layout(), tokens.size(), src, extras, first_block,
+                            tiers_->transfer().copy_engine().device_memory_is_host());
+  if (!checked) return checked.status();
+  const size_t full = *checked;
   const uint32_t bt = layout().block_tokens;
-  const size_t full = tokens.size() / bt;
-  if (first_block > full) return invalid(fmt::format("first_block {} is past the prompt's {} full blocks", first_block, full));
-  if (src.block_count() != full - first_block) {
-    return invalid(fmt::format("save: the buffer has {} blocks; blocks {}..{} of the prompt need {}",
-                               src.block_count(), first_block, full, full - first_block));
-  }
-  KVTIER_RETURN_IF_ERROR(check_extras(extras, full));
   const uint64_t bpb = layout().bytes_per_block();
   if (is_contiguous(src, 0, src.block_count(), bpb)) {
     const size_t bytes = src.block_count() * bpb;
@@ -215,25 +208,27 @@ std::string render_tier_metrics(TierManager& tiers) {
   auto family = [&](std::string_view name, std::string_view type, std::string_view help) {
     out += fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
   };
-  family("kvtier_tier_capacity_bytes", "gauge", "Capacity of each tier in bytes.");
-  for (Tier t : kAllTiers) {
-    if (!tiers.has_tier(t)) continue;
-    out += fmt::format("kvtier_tier_capacity_bytes{{tier=\"{}\"}} {}\n", tier_name(t),
-                       s.tiers[int(t)].capacity_slots * bpb);
-  }
-  family("kvtier_tier_used_bytes", "gauge", "Bytes of KV blocks held in each tier.");
-  for (Tier t : kAllTiers) {
-    if (!tiers.has_tier(t)) continue;
-    out += fmt::format("kvtier_tier_used_bytes{{tier=\"{}\"}} {}\n", tier_name(t), s.tiers[int(t)].used_slots * bpb);
-  }
-  family("kvtier_tier_blocks", "gauge", "Blocks resident in each tier.");
-  for (Tier t : kAllTiers) out += fmt::format("kvtier_tier_blocks{{tier=\"{}\"}} {}\n", tier_name(t), ix.resident_blocks[int(t)]);
-  family("kvtier_tier_demotions_total", "counter", "Blocks copied down out of each tier under pressure.");
-  for (Tier t : kAllTiers) out += fmt::format("kvtier_tier_demotions_total{{tier=\"{}\"}} {}\n", tier_name(t), s.tiers[int(t)].demotions_out);
-  family("kvtier_tier_promotions_total", "counter", "Blocks copied up into each tier.");
-  for (Tier t : kAllTiers) out += fmt::format("kvtier_tier_promotions_total{{tier=\"{}\"}} {}\n", tier_name(t), s.tiers[int(t)].promotions_in);
-  family("kvtier_tier_evictions_total", "counter", "Blocks evicted from each tier by the index.");
-  for (Tier t : kAllTiers) out += fmt::format("kvtier_tier_evictions_total{{tier=\"{}\"}} {}\n", tier_name(t), ix.evictions[int(t)]);
+  // One series per tier; capacity and use only for the tiers this store has.
+  auto per_tier = [&](std::string_view name, std::string_view type, std::string_view help, bool present_only,
+                      auto value) {
+    family(name, type, help);
+    for (Tier t : kAllTiers) {
+      if (present_only && !tiers.has_tier(t)) continue;
+      out += fmt::format("{}{{tier=\"{}\"}} {}\n", name, tier_name(t), value(int(t)));
+    }
+  };
+  per_tier("kvtier_tier_capacity_bytes", "gauge", "Capacity of each tier in bytes.", true,
+           [&](int t) { return s.tiers[t].capacity_slots * bpb; });
+  per_tier("kvtier_tier_used_bytes", "gauge", "Bytes of KV blocks held in each tier.", true,
+           [&](int t) { return s.tiers[t].used_slots * bpb; });
+  per_tier("kvtier_tier_blocks", "gauge", "Blocks resident in each tier.", false,
+           [&](int t) { return ix.resident_blocks[t]; });
+  per_tier("kvtier_tier_demotions_total", "counter", "Blocks copied down out of each tier under pressure.", false,
+           [&](int t) { return s.tiers[t].demotions_out; });
+  per_tier("kvtier_tier_promotions_total", "counter", "Blocks copied up into each tier.", false,
+           [&](int t) { return s.tiers[t].promotions_in; });
+  per_tier("kvtier_tier_evictions_total", "counter", "Blocks evicted from each tier by the index.", false,
+           [&](int t) { return ix.evictions[t]; });
   auto scalar = [&](std::string_view name, std::string_view type, std::string_view help, uint64_t v) {
     family(name, type, help);
     out += fmt::format("{} {}\n", name, v);
