@@ -3,6 +3,7 @@
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
+#include <algorithm>
 #include <bit>
 #include <cstring>
 
@@ -91,11 +92,37 @@ BlockKey KeyChain::block_key(const BlockKey& parent, std::span<const TokenId> to
   return link(parent, block_digest(tokens, extras));
 }
 
-Status KeyChain::chain(const Namespace& ns, std::span<const TokenId> tokens,
-                       std::span<const BlockExtra> extras, std::vector<BlockKey>& keys) const {
-  const size_t bt = ns.block_tokens();
-  if (bt == 0) return invalid_argument("namespace has block_tokens = 0");
-  const size_t blocks = tokens.size() / bt;
+void KeyChain::chain_plain(BlockKey parent, const TokenId* tokens, size_t block_tokens, size_t blocks,
+                           BlockKey* out) const {
+  // The digests of successive blocks do not depend on each other, so the CPU overlaps them; only
+  // the link is serial. The parent stays in two general registers: kept as a BlockKey value, the
+  // compiler moved it through a vector register and back on every block, which doubled the
+  // serial latency of the chain (0.87 -> 0.43 ns/token measured).
+  const uint8_t* bs = block_secret_.data();
+  const uint64_t s0 = link_words_[0], s1 = link_words_[1], s2 = link_words_[2], s3 = link_words_[3];
+  uint64_t plo = parent.lo, phi = parent.hi;
+  auto run = [&](auto block_bytes) {
+    for (size_t b = 0; b < blocks; ++b) {
+      const XXH128_hash_t d = XXH3_128bits_withSecret(tokens + b * block_tokens, block_bytes, bs, kSecretBytes);
+      // fold_link, written out on the two registers.
+      const uint64_t lo = XXH3_mul128_fold64(plo ^ d.high64 ^ s0, phi ^ d.low64 ^ s1);
+      const uint64_t hi = XXH3_mul128_fold64(plo ^ d.low64 ^ s2, phi ^ d.high64 ^ s3);
+      plo = lo;
+      phi = hi;
+      out[b].lo = lo;
+      out[b].hi = hi;
+    }
+  };
+  // The 16-token block (vLLM's and SGLang's page) gets a constant length, so the compiler drops
+  // XXH3's length dispatch.
+  if (block_tokens == 16) {
+    run(std::integral_constant<size_t, 16 * sizeof(TokenId)>{});
+  } else {
+    run(block_tokens * sizeof(TokenId));
+  }
+}
+
+Status KeyChain::check_extras(std::span<const BlockExtra> extras, size_t blocks) {
   for (size_t e = 0; e < extras.size(); ++e) {
     if (extras[e].block_index >= blocks) {
       return invalid_argument("extra for block " + std::to_string(extras[e].block_index) +
@@ -105,31 +132,36 @@ Status KeyChain::chain(const Namespace& ns, std::span<const TokenId> tokens,
       return invalid_argument("extras must be sorted by block index");
     }
   }
-  keys.resize(blocks);
-  BlockKey parent = ns.root;
-  size_t e = 0;
-  for (size_t b = 0; b < blocks; ++b) {
-    const size_t first_extra = e;
-    while (e < extras.size() && extras[e].block_index == b) ++e;
-    const auto block_tokens = tokens.subspan(b * bt, bt);
-    if (e == first_extra && hash_ == &xxh3_128_keyed) {
-      // Hot path, inlined: the digests of successive blocks do not depend on each other, so
-      // the CPU overlaps them; only the cheap fold_link is serial.
-      // The 16-token block (vLLM's and SGLang's page) gets a constant length, so the compiler
-      // drops XXH3's length dispatch.
-      XXH128_hash_t h =
-          bt == 16 ? XXH3_128bits_withSecret(block_tokens.data(), 16 * sizeof(TokenId),
-                                             block_secret_.data(), kSecretBytes)
-                   : XXH3_128bits_withSecret(block_tokens.data(), block_tokens.size_bytes(),
-                                             block_secret_.data(), kSecretBytes);
-      parent = fold_link(parent, BlockKey{h.low64, h.high64}, link_words_);
-    } else {
-      std::vector<BlockKey> item_hashes;
-      for (size_t x = first_extra; x < e; ++x) item_hashes.push_back(extras[x].item_hash);
-      parent = link(parent, block_digest(block_tokens, item_hashes));
-    }
-    keys[b] = parent;
+  return Status::ok();
+}
+
+void KeyChain::chain_range(BlockKey parent, std::span<const TokenId> tokens, uint32_t block_tokens,
+                           size_t first, size_t count, std::span<const BlockExtra> extras,
+                           BlockKey* out) const {
+  auto by_block = [](const BlockExtra& x, size_t b) { return x.block_index < b; };
+  size_t e = std::lower_bound(extras.begin(), extras.end(), first, by_block) - extras.begin();
+  const size_t end_extra = std::lower_bound(extras.begin(), extras.end(), first + count, by_block) - extras.begin();
+  if (e == end_extra && hash_ == &xxh3_128_keyed) {
+    chain_plain(parent, tokens.data() + first * block_tokens, block_tokens, count, out);
+    return;
   }
+  std::vector<BlockKey> item_hashes;
+  for (size_t b = first; b < first + count; ++b) {
+    item_hashes.clear();
+    while (e < end_extra && extras[e].block_index == b) item_hashes.push_back(extras[e++].item_hash);
+    parent = link(parent, block_digest(tokens.subspan(b * block_tokens, block_tokens), item_hashes));
+    out[b - first] = parent;
+  }
+}
+
+Status KeyChain::chain(const Namespace& ns, std::span<const TokenId> tokens,
+                       std::span<const BlockExtra> extras, std::vector<BlockKey>& keys) const {
+  const uint32_t bt = ns.block_tokens();
+  if (bt == 0) return invalid_argument("namespace has block_tokens = 0");
+  const size_t blocks = tokens.size() / bt;
+  KVTIER_RETURN_IF_ERROR(check_extras(extras, blocks));
+  keys.resize(blocks);
+  chain_range(ns.root, tokens, bt, 0, blocks, extras, keys.data());
   return Status::ok();
 }
 

@@ -87,9 +87,22 @@ class KeyChain {
   Status chain(const Namespace& ns, std::span<const TokenId> tokens,
                std::span<const BlockExtra> extras, std::vector<BlockKey>& keys) const;
 
+  /// Checks `extras` for chain(): sorted by block index, none beyond the last of `blocks`.
+  static Status check_extras(std::span<const BlockExtra> extras, size_t blocks);
+  /// Keys of blocks [first, first + count) of `tokens`, continuing the chain from `parent` (the
+  /// key of block first - 1, or the namespace root when first is 0), into out[0, count).
+  /// `extras` as chain() takes them, already checked; the range must lie within the full blocks.
+  /// This lets a match key a long prompt a chunk at a time and stop at its first miss.
+  void chain_range(BlockKey parent, std::span<const TokenId> tokens, uint32_t block_tokens,
+                   size_t first, size_t count, std::span<const BlockExtra> extras, BlockKey* out) const;
+
   KeyHashFn hash_fn() const noexcept { return hash_; }
 
  private:
+  // chain() without extras, with the production hash: `blocks` keys from `parent` into `out`.
+  void chain_plain(BlockKey parent, const TokenId* tokens, size_t block_tokens, size_t blocks,
+                   BlockKey* out) const;
+
   std::array<uint8_t, kSecretBytes> secret_{};        // root keys
   std::array<uint8_t, kSecretBytes> block_secret_{};  // block digests
   std::array<uint8_t, kSecretBytes> link_secret_{};   // chain links

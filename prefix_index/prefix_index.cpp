@@ -14,28 +14,40 @@ namespace kvtier {
 
 namespace {
 
+// Field order matters: a match of a long prompt is bound by the cache lines it pulls in per
+// block, so everything a match reads or writes comes first, right after the key in the table
+// slot, and what only inserts and evictions use comes last. The fields a match writes (pins,
+// recency, hits) share the slot's first line with the key, so a match dirties one line per
+// block, not two.
 struct Entry {
+  // --- read or written by match ---
   BlockKey parent;
   uint32_t block_index = 0;
   uint32_t pin_count = 0;
-  absl::InlinedVector<TokenId, 16> tokens;
-  std::vector<BlockKey> extras;
+  uint64_t last_access = 0;  // logical recency tick; larger is more recent
+  uint64_t hits = 0;
   uint64_t layout_fp = 0;
-  uint64_t byte_size = 0;
+  absl::InlinedVector<TokenId, 16> tokens;
   uint64_t checksum = 0;
   std::array<SlotId, kNumTiers> slots{kNoSlot, kNoSlot, kNoSlot};
   uint8_t tier_mask = 0;
   Priority priority = Priority::kNormal;
-  uint64_t last_access = 0;  // logical recency tick; larger is more recent
-  uint64_t hits = 0;
+  uint16_t extra_count = 0;  // extras.size(), here so a match without extras never reads `extras`
+  // --- not read by match ---
+  uint64_t byte_size = 0;    // the layout's block size (a match takes it from the namespace)
+  std::vector<BlockKey> extras;  // read by match only when the request has extras
   uint32_t child_count = 0;                       // indexed children
   std::array<uint32_t, kNumTiers> children_in_tier{};  // children resident in each tier
 
   bool same_block(const BlockKey& p, uint32_t index, std::span<const TokenId> toks,
                   std::span<const BlockKey> ex) const noexcept {
-    return parent == p && block_index == index && tokens.size() == toks.size() &&
-           std::memcmp(tokens.data(), toks.data(), toks.size_bytes()) == 0 &&
-           extras.size() == ex.size() &&
+    if (parent != p || block_index != index || tokens.size() != toks.size()) return false;
+    // The 16-token page (vLLM, SGLang) compares at a constant length: inline vector compares
+    // instead of a call to memcmp per block.
+    const bool same_tokens = toks.size() == 16
+                                 ? std::memcmp(tokens.data(), toks.data(), 16 * sizeof(TokenId)) == 0
+                                 : std::memcmp(tokens.data(), toks.data(), toks.size_bytes()) == 0;
+    return same_tokens && extra_count == ex.size() &&
            (ex.empty() || std::memcmp(extras.data(), ex.data(), ex.size_bytes()) == 0);
   }
 
@@ -73,7 +85,10 @@ bool eligible(const Entry& e, Tier tier, EvictPurpose purpose) noexcept {
 
 struct alignas(64) PrefixIndex::Shard {
   mutable std::mutex mu;
-  absl::flat_hash_map<BlockKey, Entry> map;
+  // Keys are keyed hashes already (the deployment secret keeps them uniform and unpredictable),
+  // so the table uses std::hash<BlockKey>'s one multiply rather than re-hashing 16 bytes with
+  // absl::Hash on every lookup and prefetch.
+  absl::flat_hash_map<BlockKey, Entry, std::hash<BlockKey>> map;
 };
 
 struct PrefixIndex::Leases {
@@ -116,6 +131,7 @@ class PairLock {
 struct ShardGroups {
   std::vector<uint32_t> order;   // positions, grouped by shard
   std::vector<uint32_t> begin;   // begin[s]..begin[s+1] index into order
+  std::vector<uint32_t> fill;    // scratch, kept to reuse its storage
 
   template <typename ShardOf>
   void build(size_t n, uint32_t shards, ShardOf&& shard_of) {
@@ -123,7 +139,7 @@ struct ShardGroups {
     order.resize(n);
     for (size_t i = 0; i < n; ++i) ++begin[shard_of(i) + 1];
     for (uint32_t s = 0; s < shards; ++s) begin[s + 1] += begin[s];
-    std::vector<uint32_t> fill(begin.begin(), begin.end() - 1);
+    fill.assign(begin.begin(), begin.end() - 1);
     for (size_t i = 0; i < n; ++i) order[fill[shard_of(i)]++] = static_cast<uint32_t>(i);
   }
 };
@@ -177,78 +193,127 @@ Status PrefixIndex::match_into(const Namespace& ns, std::span<const TokenId> tok
   result.tokens = 0;
   result.lease = kNoLease;
   result.lease_expiry_ns = 0;
-  thread_local std::vector<BlockKey> keys;
-  thread_local ShardGroups groups;
-  thread_local std::vector<uint8_t> found;
-  thread_local std::vector<uint32_t> extra_begin;
-
-  KVTIER_RETURN_IF_ERROR(keys_.chain(ns, tokens, extras, keys));
-  const size_t n = keys.size();
   const uint32_t bt = ns.block_tokens();
+  if (bt == 0) return invalid_argument("namespace has block_tokens = 0");
+  const size_t n = tokens.size() / bt;
+  KVTIER_RETURN_IF_ERROR(KeyChain::check_extras(extras, n));
   const uint64_t layout_fp = ns.layout.fingerprint();
+  const uint64_t block_bytes = ns.layout.bytes_per_block();
   counters_->lookups.fetch_add(1, std::memory_order_relaxed);
   counters_->lookup_tokens.fetch_add(n * bt, std::memory_order_relaxed);
   if (n == 0) return Status::ok();
 
-  extra_begin.assign(n + 1, 0);
-  for (const auto& e : extras) ++extra_begin[e.block_index + 1];
-  for (size_t b = 0; b < n; ++b) extra_begin[b + 1] += extra_begin[b];
+  thread_local std::vector<BlockKey> keys;
+  thread_local ShardGroups groups;
+  thread_local std::vector<uint8_t> found;
+  thread_local std::vector<uint32_t> extra_begin;
   thread_local std::vector<BlockKey> extra_hashes;
-  extra_hashes.resize(extras.size());
-  for (size_t e = 0; e < extras.size(); ++e) extra_hashes[e] = extras[e].item_hash;
+  thread_local std::vector<Entry*> entries;
+  thread_local std::vector<BlockResidency> scratch;  // one chunk's matched blocks, in shard order
+  thread_local std::vector<uint32_t> position;        // prompt position -> index into scratch
+  // Sized for the whole prompt once, filled a chunk at a time: growing them chunk by chunk
+  // reallocated (and page-faulted) the 0.6 MB result of a 128K-token prompt several times over.
+  keys.resize(n);
+  result.blocks.reserve(n);
+  found.clear();
+  extra_begin.clear();
+  extra_hashes.clear();
+  if (!extras.empty()) {
+    extra_begin.assign(n + 1, 0);
+    for (const auto& e : extras) ++extra_begin[e.block_index + 1];
+    for (size_t b = 0; b < n; ++b) extra_begin[b + 1] += extra_begin[b];
+    for (const auto& e : extras) extra_hashes.push_back(e.item_hash);
+  }
+  auto extras_of = [&](size_t i) -> std::span<const BlockKey> {
+    if (extra_begin.empty()) return {};
+    return std::span(extra_hashes).subspan(extra_begin[i], extra_begin[i + 1] - extra_begin[i]);
+  };
 
-  groups.build(n, options_.shards, [&](size_t i) {
-    return shard_shift_ >= 64 ? 0u : static_cast<uint32_t>(keys[i].hi >> shard_shift_);
-  });
-  found.assign(n, 0);
-  result.blocks.resize(n);
   // Recency: block 0 gets the newest tick, the last block the oldest, so a prompt's leaves are
   // evicted before its root-most blocks.
   const uint64_t base_tick = options.touch ? recency_clock_.fetch_add(n, std::memory_order_relaxed) : 0;
 
-  for (uint32_t s = 0; s < options_.shards; ++s) {
-    if (groups.begin[s] == groups.begin[s + 1]) continue;
-    Shard& shard = shards_[s];
-    std::lock_guard lock(shard.mu);
-    const uint32_t group_end = groups.begin[s + 1];
-    constexpr uint32_t kPrefetchAhead = 8;  // hide the cache misses of independent lookups
-    for (uint32_t g = groups.begin[s]; g < std::min(groups.begin[s] + kPrefetchAhead, group_end); ++g) {
-      shard.map.prefetch(keys[groups.order[g]]);
-    }
-    for (uint32_t g = groups.begin[s]; g < group_end; ++g) {
-      if (g + kPrefetchAhead < group_end) shard.map.prefetch(keys[groups.order[g + kPrefetchAhead]]);
-      const uint32_t i = groups.order[g];
-      auto it = shard.map.find(keys[i]);
-      if (it == shard.map.end()) continue;
-      Entry& e = it->second;
-      const BlockKey& parent = i == 0 ? ns.root : keys[i - 1];
-      if (e.layout_fp != layout_fp ||
-          !e.same_block(parent, i, tokens.subspan(size_t(i) * bt, bt),
-                        std::span(extra_hashes).subspan(extra_begin[i], extra_begin[i + 1] - extra_begin[i]))) {
-        continue;  // same key, different block: a collision is a miss, never a wrong hit
+  // The prompt is keyed and looked up a chunk at a time, in prompt order, and the match stops at
+  // the chunk holding its first miss: a prompt that shares only its first blocks with the cache
+  // (the common case) costs those blocks, not the whole prompt. Chunks double in size, so a
+  // fully cached prompt takes a few chunks and each shard is still locked only a few times.
+  constexpr size_t kFirstChunk = 32, kMaxChunk = 1024;
+  size_t matched = 0;
+  for (size_t lo = 0, chunk = kFirstChunk; lo < n; lo += chunk, chunk = std::min(chunk * 2, kMaxChunk)) {
+    const size_t hi = std::min(n, lo + chunk);
+    keys_.chain_range(lo == 0 ? ns.root : keys[lo - 1], tokens, bt, lo, hi - lo, extras, keys.data() + lo);
+    found.resize(hi, 0);
+    scratch.resize(hi - lo);
+    position.resize(hi - lo);
+    groups.build(hi - lo, options_.shards, [&](size_t i) {
+      return shard_shift_ >= 64 ? 0u : static_cast<uint32_t>(keys[lo + i].hi >> shard_shift_);
+    });
+    for (uint32_t s = 0; s < options_.shards; ++s) {
+      const uint32_t group_begin = groups.begin[s], group_end = groups.begin[s + 1];
+      if (group_begin == group_end) continue;
+      Shard& shard = shards_[s];
+      std::lock_guard lock(shard.mu);
+      // Two passes over the shard's blocks, so their cache misses overlap instead of queueing:
+      // the first finds each entry (its table slot prefetched kPrefetchAhead lookups earlier)
+      // and prefetches the entry's own lines; the second compares and copies them. Entry
+      // pointers stay valid: the shard is locked and nothing is inserted or erased meanwhile.
+      constexpr uint32_t kPrefetchAhead = 8;
+      entries.resize(group_end - group_begin);
+      for (uint32_t g = group_begin; g < std::min(group_begin + kPrefetchAhead, group_end); ++g) {
+        shard.map.prefetch(keys[lo + groups.order[g]]);
       }
-      found[i] = 1;
-      result.blocks[i] = e.residency(keys[i]);
-      if (options.take_lease) ++e.pin_count;
-      if (options.touch) {
-        e.last_access = base_tick + (n - 1 - i);
-        ++e.hits;
+      for (uint32_t g = group_begin; g < group_end; ++g) {
+        if (g + kPrefetchAhead < group_end) shard.map.prefetch(keys[lo + groups.order[g + kPrefetchAhead]]);
+        auto it = shard.map.find(keys[lo + groups.order[g]]);
+        Entry* e = it == shard.map.end() ? nullptr : &it->second;
+        entries[g - group_begin] = e;
+        if (e != nullptr) {
+          const char* first = reinterpret_cast<const char*>(&*it);
+          for (size_t off = 64; off < sizeof(*it); off += 64) __builtin_prefetch(first + off);
+        }
+      }
+      for (uint32_t g = group_begin; g < group_end; ++g) {
+        Entry* e = entries[g - group_begin];
+        if (e == nullptr) continue;
+        const size_t i = lo + groups.order[g];
+        const BlockKey& parent = i == 0 ? ns.root : keys[i - 1];
+        if (e->layout_fp != layout_fp ||
+            !e->same_block(parent, static_cast<uint32_t>(i), tokens.subspan(i * bt, bt), extras_of(i))) {
+          continue;  // same key, different block: a collision is a miss, never a wrong hit
+        }
+        found[i] = 1;
+        BlockResidency& r = scratch[g];  // in shard order: sequential writes
+        r.key = keys[i];
+        r.slots = e->slots;
+        r.byte_size = block_bytes;  // equal to the entry's: insert checks it against the layout
+        r.checksum = e->checksum;
+        r.tier_mask = e->tier_mask;
+        r.priority = e->priority;
+        if (options.take_lease) ++e->pin_count;
+        if (options.touch) {
+          e->last_access = base_tick + (n - 1 - i);
+          ++e->hits;
+        }
       }
     }
+    // Into the result in prompt order, up to the first miss. Written straight into the result
+    // in shard order, these 64-byte records were scattered stores over the whole result, and
+    // those stores took 40% of a match.
+    for (size_t g = 0; g < hi - lo; ++g) position[groups.order[g]] = static_cast<uint32_t>(g);
+    while (matched < hi && found[matched]) result.blocks.push_back(scratch[position[matched - lo]]), ++matched;
+    if (matched < hi) break;  // the prefix ends in this chunk
   }
 
-  size_t matched = 0;
-  while (matched < n && found[matched]) ++matched;
   if (options.take_lease) {
-    // Blocks found past a gap (only possible while a concurrent insert or eviction runs) were
-    // pinned above; give those pins back.
+    // Blocks found past the first miss of the last chunk (a prompt whose later blocks are cached
+    // under another prefix, or a concurrent insert or eviction) were pinned above; give those
+    // pins back.
     std::vector<BlockKey> beyond;
-    for (size_t i = matched; i < n; ++i) {
+    for (size_t i = matched; i < found.size(); ++i) {
       if (found[i]) beyond.push_back(keys[i]);
     }
     if (!beyond.empty()) release_keys(beyond).ignore();  // entries are pinned: cannot vanish
   }
-  result.blocks.resize(matched);
   result.tokens = uint64_t(matched) * bt;
   counters_->hit_blocks.fetch_add(matched, std::memory_order_relaxed);
   counters_->hit_tokens.fetch_add(result.tokens, std::memory_order_relaxed);
@@ -326,6 +391,9 @@ Result<InsertOutcome> PrefixIndex::insert(const Namespace& ns, const BlockInsert
                             std::to_string(block.tokens.size()) + "; partial blocks are never keyed");
   }
   if (block.slot == kNoSlot) return invalid_argument("insert needs the tier slot holding the block");
+  if (block.extras.size() > UINT16_MAX) {
+    return invalid_argument("a block carries at most 65535 extras, got " + std::to_string(block.extras.size()));
+  }
   if (static_cast<int>(block.tier) >= kNumTiers) return invalid_argument("unknown tier");
   const uint64_t block_bytes = ns.layout.bytes_per_block();
   if (block.byte_size != 0 && block.byte_size != block_bytes) {
@@ -387,6 +455,7 @@ Result<InsertOutcome> PrefixIndex::insert(const Namespace& ns, const BlockInsert
   e.block_index = block.block_index;
   e.tokens.assign(block.tokens.begin(), block.tokens.end());
   e.extras.assign(block.extras.begin(), block.extras.end());
+  e.extra_count = static_cast<uint16_t>(block.extras.size());
   e.layout_fp = layout_fp;
   e.byte_size = block_bytes;
   e.checksum = block.checksum;

@@ -99,3 +99,23 @@ TEST_CASE("Long blocks hash through the heap path identically") {
   REQUIRE(keys.size() == 2);
   CHECK(keys[1] == chain.block_key(keys[0], std::span(tokens).subspan(1024, 1024)));
 }
+
+TEST_CASE("The fast chain equals block-by-block keying for every block size") {
+  // chain() keys plain prompts on an unrolled register path (with a fixed-length digest for
+  // 16-token blocks); block_key() is the reference definition. They must agree at every block.
+  KeyChain chain("secret");
+  std::mt19937_64 rng(7);
+  for (uint32_t bt : {1u, 15u, 16u, 17u, 64u, 256u}) {
+    auto ns = *chain.make_namespace({"m", small_layout(bt), "", ""});
+    auto tokens = random_tokens(rng, size_t(bt) * 37 + bt / 2);  // 37 blocks and a partial tail
+    std::vector<BlockKey> keys;
+    REQUIRE(chain.chain(ns, tokens, {}, keys).is_ok());
+    REQUIRE(keys.size() == 37);
+    BlockKey parent = ns.root;
+    for (size_t b = 0; b < keys.size(); ++b) {
+      INFO("block_tokens " << bt << ", block " << b);
+      REQUIRE(keys[b] == chain.block_key(parent, std::span(tokens).subspan(b * bt, bt)));
+      parent = keys[b];
+    }
+  }
+}
