@@ -198,3 +198,64 @@ TEST_CASE("Explicit pins and priorities") {
   CHECK(erased->size() == 1);
   CHECK(index->check_invariants().is_ok());
 }
+
+TEST_CASE("Long matches stop exactly at the first miss, on either side of a chunk boundary") {
+  // match() keys and looks up a long prompt in chunks (32, 64, 128, ... blocks) and stops at the
+  // chunk holding its first miss. Wherever a prompt diverges, the match ends exactly there,
+  // returns the right keys, and pins exactly what it returns.
+  KeyChain chain("secret");
+  auto index = std::move(*PrefixIndex::create(chain, {.shards = 8}));
+  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  std::mt19937_64 rng(21);
+  auto prompt = random_tokens(rng, 4 * 300 + 2);  // 300 blocks and a partial tail
+  auto keys = insert_prompt(*index, ns, prompt);
+  REQUIRE(index->match(ns, prompt)->blocks.size() == 300);
+
+  for (size_t k : {0, 1, 31, 32, 33, 95, 96, 97, 224, 299}) {
+    INFO("diverging at block " << k);
+    auto diverged = prompt;
+    diverged[k * 4 + 2] ^= 0x40000;  // token ids are < 50000: this changes block k
+    auto m = index->match(ns, diverged, {}, {.take_lease = true});
+    REQUIRE(m.is_ok());
+    CHECK(m->blocks.size() == k);
+    CHECK(m->tokens == 4 * k);
+    bool keys_right = true;
+    for (size_t b = 0; b < m->blocks.size(); ++b) keys_right &= m->blocks[b].key == keys[b];
+    CHECK(keys_right);
+    if (k == 0) {
+      CHECK(m->lease == kNoLease);
+    } else {
+      REQUIRE(index->release(m->lease).is_ok());
+    }
+  }
+  // No pin was left behind: every block can be dropped, leaves first.
+  CHECK(index->evict(Tier::kHost, 1000).size() == 300);
+  CHECK(index->check_invariants().is_ok());
+}
+
+TEST_CASE("Extras anywhere in a long prompt are part of its match") {
+  KeyChain chain("secret");
+  auto index = std::move(*PrefixIndex::create(chain, {.shards = 8}));
+  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  std::mt19937_64 rng(22);
+  auto prompt = random_tokens(rng, 4 * 200);
+  const std::vector<BlockExtra> extras{
+      {0, BlockKey{1, 2}}, {40, BlockKey{3, 4}}, {150, BlockKey{5, 6}}, {150, BlockKey{7, 8}}};
+  std::vector<BlockKey> keys;
+  REQUIRE(chain.chain(ns, prompt, extras, keys).is_ok());
+  for (size_t b = 0; b < keys.size(); ++b) {
+    std::vector<BlockKey> mine;
+    for (const auto& e : extras) {
+      if (e.block_index == b) mine.push_back(e.item_hash);
+    }
+    BlockInsert ins{.key = keys[b], .parent = b ? keys[b - 1] : ns.root, .block_index = uint32_t(b),
+                    .tokens = std::span(prompt).subspan(b * 4, 4), .extras = mine, .slot = b};
+    REQUIRE(index->insert(ns, ins).is_ok());
+  }
+  CHECK(index->match(ns, prompt, extras)->blocks.size() == 200);
+  CHECK(index->match(ns, prompt)->blocks.empty());  // block 0's image is part of its key
+  auto other = extras;
+  other[3].item_hash = BlockKey{7, 9};  // the second item of block 150 differs
+  CHECK(index->match(ns, prompt, other)->blocks.size() == 150);
+  CHECK(index->match(ns, std::span(prompt).first(4 * 150), std::span(extras).first(2))->blocks.size() == 150);
+}
