@@ -6,6 +6,7 @@
 #include <rocksdb/db.h>
 #include <rocksdb/iterator.h>
 #include <rocksdb/options.h>
+#include <rocksdb/write_batch.h>
 
 namespace kvtier {
 
@@ -227,6 +228,22 @@ Status Catalog::write(std::string_view key, std::string_view value) {
 
 Status Catalog::put(const CatalogEntry& entry) {
   return write(record_key(kBlockPrefix, entry.key), encode_entry(entry));
+}
+
+Status Catalog::put_batch(std::span<const CatalogEntry> entries) {
+  if (entries.empty()) return Status::ok();
+  rocksdb::WriteBatch batch;
+  for (const CatalogEntry& e : entries) {
+    const std::string key = record_key(kBlockPrefix, e.key), value = encode_entry(e);
+    rocksdb::Status s = batch.Put(rocksdb::Slice(key), rocksdb::Slice(value));
+    if (!s.ok()) return rocks_error(s, "batch put");
+  }
+  rocksdb::WriteOptions wo;
+  wo.sync = options_.sync;
+  TsanGuard guard(tsan_mu_);
+  rocksdb::Status s = db_->Write(wo, &batch);
+  if (!s.ok()) return rocks_error(s, "batch put of " + std::to_string(entries.size()) + " entries");
+  return Status::ok();
 }
 
 Status Catalog::remove(const BlockKey& key) {

@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -71,6 +72,8 @@ class Catalog {
   Catalog& operator=(const Catalog&) = delete;
 
   Status put(const CatalogEntry& entry);
+  /// Puts every entry in one atomic, synced write (one WAL sync for the batch): all or none.
+  Status put_batch(std::span<const CatalogEntry> entries);
   /// Deleting a key that is not there is ok (RocksDB semantics).
   Status remove(const BlockKey& key);
   /// kNotFound when absent; kChecksumMismatch when the stored value does not decode.

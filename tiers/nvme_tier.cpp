@@ -1,5 +1,6 @@
 #include "tiers/nvme_tier.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 
@@ -146,35 +147,65 @@ Result<CatalogEntry> NvmeTier::write_block(SlotId slot, const CatalogEntry& entr
 }
 
 Status NvmeTier::commit(const CatalogEntry& entry) {
+  return commit_batch(std::span(&entry, 1)).front();
+}
+
+std::vector<Status> NvmeTier::commit_batch(std::span<const CatalogEntry> entries) {
+  std::vector<Status> result(entries.size());
+  std::vector<size_t> accepted;
   {
     std::lock_guard lock(mu_);
-    KVTIER_RETURN_IF_ERROR(check_reserved(entry.slot));
-    if (live_.contains(entry.key) || committing_.contains(entry.key)) {
-      return {StatusCode::kAlreadyExists, "nvme tier: block " + entry.key.to_hex() +
-                                              " is already stored"};
+    for (size_t i = 0; i < entries.size(); ++i) {
+      const CatalogEntry& entry = entries[i];
+      if (Status s = check_reserved(entry.slot); !s) {
+        result[i] = s;  // also a slot named twice: the first made it kCommitting
+      } else if (live_.contains(entry.key) || committing_.contains(entry.key)) {
+        result[i] = {StatusCode::kAlreadyExists, "nvme tier: block " + entry.key.to_hex() + " is already stored"};
+      } else if (entry.layout_fingerprint != options_.layout.fingerprint() || entry.payload_bytes == 0) {
+        result[i] = invalid_argument("nvme tier: commit an entry returned by write_block/write_header");
+      } else {
+        slot_state_[entry.slot] = SlotState::kCommitting;
+        committing_.insert(entry.key);
+        accepted.push_back(i);
+      }
     }
-    if (entry.layout_fingerprint != options_.layout.fingerprint() || entry.payload_bytes == 0) {
-      return invalid_argument("nvme tier: commit an entry returned by write_block/write_header");
-    }
-    slot_state_[entry.slot] = SlotState::kCommitting;
-    committing_.insert(entry.key);
   }
-  // The catalog entry is the commit point: it goes in only after the data is durable.
+  if (accepted.empty()) return result;
+  // The catalog entries are the commit point: they go in only after the data is durable. One
+  // flush per slot file and one synced catalog write cover the whole batch, instead of an
+  // fdatasync and a WAL sync per block.
   Status s = Status::ok();
-  if (options_.durability == Durability::kFdatasync) s = count_io(device_of(entry.slot).flush());
+  if (options_.durability == Durability::kFdatasync) {
+    std::vector<StorageDevice*> flushed;
+    for (size_t i : accepted) {
+      StorageDevice* dev = &device_of(entries[i].slot);
+      if (std::find(flushed.begin(), flushed.end(), dev) != flushed.end()) continue;
+      flushed.push_back(dev);
+      if (s = count_io(dev->flush()); !s) break;
+    }
+  }
   if (s.is_ok() && options_.before_catalog_commit) s = options_.before_catalog_commit();
-  if (s.is_ok()) s = count_io(catalog_->put(entry));
+  if (s.is_ok()) {
+    std::vector<CatalogEntry> batch;
+    batch.reserve(accepted.size());
+    for (size_t i : accepted) batch.push_back(entries[i]);
+    s = count_io(catalog_->put_batch(batch));
+  }
 
   std::lock_guard lock(mu_);
-  committing_.erase(entry.key);
-  if (!s.is_ok()) {
-    slot_state_[entry.slot] = SlotState::kReserved;
-    return s;
+  for (size_t i : accepted) {
+    const CatalogEntry& entry = entries[i];
+    committing_.erase(entry.key);
+    result[i] = s;
+    if (!s.is_ok()) {
+      slot_state_[entry.slot] = SlotState::kReserved;
+      continue;
+    }
+    slot_state_[entry.slot] = SlotState::kCommitted;
+    live_.emplace(entry.key, Live{entry, false});
+    bytes_used_ += entry.payload_bytes;
   }
-  slot_state_[entry.slot] = SlotState::kCommitted;
-  live_.emplace(entry.key, Live{entry, false});
-  bytes_used_ += entry.payload_bytes;
-  return Status::ok();
+  return result;
 }
 
 Result<CatalogEntry> NvmeTier::store(const CatalogEntry& entry,

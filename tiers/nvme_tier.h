@@ -127,6 +127,11 @@ class NvmeTier {
   /// On failure nothing is visible and the slot stays reserved (release it or retry).
   /// kAlreadyExists when the key is committed already.
   Status commit(const CatalogEntry& entry);
+  /// commit() for many written blocks at once: one flush per slot file and one synced catalog
+  /// write for the batch (all entries or none), so a write-back of N blocks costs two syncs, not
+  /// 2N. Returns one status per entry, in order; entries refused up front (not reserved, a slot
+  /// or key twice, already stored) fail alone, the rest commit or fail together.
+  std::vector<Status> commit_batch(std::span<const CatalogEntry> entries);
   /// allocate + write_block + commit, releasing the slot on any failure.
   Result<CatalogEntry> store(const CatalogEntry& entry, std::span<const std::byte> payload);
 

@@ -4,6 +4,8 @@
 //   2. host copies of 2 MiB blocks through the host copy engine vs memcpy  goal >= 0.8
 //   3. pipelined NVMe -> staging -> HBM restore vs the slowest hop alone   goal >= 0.85
 //   4. host -> HBM copies vs cudaMemcpy from pinned memory (GPU only)      goal >= 0.9
+//   5. write-back under pressure: TierManager::save into a full host tier, so every saved block
+//      is demoted to NVMe (data, header, fdatasync, catalog), vs fio write   for scale, no goal
 // Median of repeats, with min and max. The copy engine is create_copy_engine()'s: CUDA with a GPU.
 #include <atomic>
 #include <condition_variable>
@@ -13,9 +15,11 @@
 #include <filesystem>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <string>
 #include <vector>
 
+#include "api/src/tier_manager.h"
 #include "bench/bench_stats.h"
 #include "tiers/device_probe.h"
 #include "tiers/memory_arena.h"
@@ -111,6 +115,7 @@ int main(int argc, char** argv) {
 
   // ---- 1. NVMe store / load vs fio ----
   const std::string file = dir + "/kvtier_bench_transfer.bin";
+  double fio_write_gbps = 0;
   {
     auto device = create_file_device(file, kFileBytes);
     must(device.status(), "file device");
@@ -144,6 +149,7 @@ int main(int argc, char** argv) {
       std::printf("  fio not found or failed: no limit measured\n");
     } else {
       const Summary fw = summarize(fio_w), fr = summarize(fio_r);
+      fio_write_gbps = fw.median;
       row("fio write (io_uring, O_DIRECT)", fw, "GB/s");
       row("fio read (io_uring, O_DIRECT)", fr, "GB/s");
       ratio("store / fio write", kw.median, fw.median, 0.9);
@@ -228,6 +234,48 @@ int main(int argc, char** argv) {
     engine.unregister_host_memory(host.get());
   }
   std::filesystem::remove(file);
+
+  // ---- 5. write-back under pressure ----
+  {
+    const std::string wb_dir = dir + "/kvtier_bench_writeback";
+    std::filesystem::remove_all(wb_dir);
+    const KvLayout layout = *KvLayout::standard(32, 8, 128, Dtype::kBf16, 16);  // 2 MiB blocks
+    KeyChain keys("bench");
+    TierManagerOptions o;
+    o.layout = layout;
+    o.host.capacity_bytes = 32 * kBlock;
+    o.nvme.dir = wb_dir;
+    o.nvme_limits.capacity_bytes = 1200 * kBlock;
+    o.promote_on_hit = false;
+    auto tm = TierManager::open(keys, o);
+    must(tm.status(), "tier manager");
+    auto ns = (*tm)->add_namespace({"bench-model", layout, "", ""});
+    must(ns.status(), "namespace");
+    constexpr uint64_t kSaveBlocks = 128;  // 256 MiB per save
+    AlignedBuffer kv = make_aligned_buffer(kSaveBlocks * kBlock);
+    std::memset(kv.get(), 9, kSaveBlocks * kBlock);
+    std::mt19937_64 rng(5);
+    auto save_once = [&] {
+      std::vector<TokenId> tokens(kSaveBlocks * 16);
+      for (auto& t : tokens) t = static_cast<TokenId>(rng() % 128000);
+      auto saved = (*tm)->save(*ns, tokens, std::span<const std::byte>(kv.get(), kSaveBlocks * kBlock));
+      must(saved.status(), "save");
+    };
+    save_once();  // fills the host tier: from here on every saved block pushes one down
+    const uint64_t demoted_before = (*tm)->stats().tiers[static_cast<int>(Tier::kHost)].demotions_out;
+    auto wb = time_runs(repeats, save_once);
+    const uint64_t demoted = (*tm)->stats().tiers[static_cast<int>(Tier::kHost)].demotions_out - demoted_before;
+    std::printf("\nwrite-back: save 256 MiB prompts into a 64 MiB host tier (fdatasync durability), %llu blocks "
+                "demoted to NVMe\n",
+                static_cast<unsigned long long>(demoted));
+    const Summary w = gbps(wb, kSaveBlocks * kBlock);
+    row("save with write-back to NVMe", w, "GB/s");
+    if (fio_write_gbps > 0) {
+      std::printf("  %-46s %9.2f    (for scale; no goal)\n", "save with write-back / fio write", w.median / fio_write_gbps);
+    }
+    tm->reset();
+    std::filesystem::remove_all(wb_dir);
+  }
 
   // ---- 4. host -> HBM vs cudaMemcpy ----
   std::printf("\nhost -> HBM copies vs cudaMemcpy from pinned memory\n");
