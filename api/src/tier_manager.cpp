@@ -239,7 +239,14 @@ Status TierManager::reclaim(Tier t, uint64_t target_used) {
   while (used_slots(t) > target_used) {
     const size_t batch = std::min<uint64_t>(used_slots(t) - target_used, 64);
     size_t progressed = 0;
-    if (lower) {
+    if (lower == Tier::kNvme) {
+      // Write-back: every victim's write in flight at once and one commit for all of them.
+      const std::vector<BlockKey> victims = index_->pick_victims(t, batch, EvictPurpose::kDemote);
+      const std::vector<Status> stored = store_batch_to_nvme(victims);
+      for (size_t v = 0; v < victims.size(); ++v) {
+        if (stored[v] && drop_residency(victims[v], t).is_ok()) ++progressed;
+      }
+    } else if (lower) {
       for (const BlockKey& key : index_->pick_victims(t, batch, EvictPurpose::kDemote)) {
         if (demote_block(key, t).is_ok()) ++progressed;
       }
@@ -284,6 +291,10 @@ Status TierManager::demote_block(const BlockKey& key, Tier from) {
       }
     }
   }
+  return drop_residency(key, from);
+}
+
+Status TierManager::drop_residency(const BlockKey& key, Tier from) {
   auto removed = index_->remove_residency(key, from);
   if (!removed) return removed.status();  // pinned meanwhile: both copies stay
   free_slot(from, removed->slot);
@@ -347,6 +358,106 @@ CatalogEntry TierManager::catalog_entry(const BlockKey& key, const BlockKey& par
   entry.priority = priority;
   entry.created_ns = entry.last_access_ns = wall_ns();
   return entry;
+}
+
+std::vector<Status> TierManager::store_batch_to_nvme(std::span<const BlockKey> keys) {
+  std::vector<Status> result(keys.size(), Status::ok());
+  if (!nvme_) {
+    std::fill(result.begin(), result.end(), Status(StatusCode::kUnavailable, "no NVMe tier"));
+    return result;
+  }
+  struct Pending {
+    size_t i;
+    SlotId slot;
+    const std::byte* src;
+    CatalogEntry entry;  // as write_header returned it
+    TransferHandle handle;
+    Status header_status;
+  };
+  std::vector<Pending> pending;
+  std::vector<size_t> pinned;
+  const MemoryArena& host = *memory_tier(Tier::kHost)->arena;
+  for (size_t i = 0; i < keys.size(); ++i) {
+    // Pinned for the duration: nothing may free the host copy while its write is in flight.
+    if (Status p = index_->pin(keys[i]); !p) {
+      result[i] = p;
+      continue;
+    }
+    pinned.push_back(i);
+    auto rec = index_->describe(keys[i]);
+    if (!rec) {
+      result[i] = not_found("block left the index");
+      continue;
+    }
+    if (rec->residency.resident_in(Tier::kNvme)) continue;  // stored already
+    const std::byte* src = rec->residency.resident_in(Tier::kHost)
+                               ? host.slot_ptr(rec->residency.slot(Tier::kHost))
+                               : nullptr;
+    if (src == nullptr || reinterpret_cast<uintptr_t>(src) % kIoAlignment != 0) {
+      result[i] = store_to_nvme(keys[i], rec->residency);  // HBM-only: through a host copy
+      continue;
+    }
+    auto slot = allocate_slot(Tier::kNvme);
+    if (!slot) {
+      result[i] = slot.status();
+      continue;
+    }
+    const SlotLocation loc = nvme_->location(*slot);
+    JobSpec job;
+    job.segments.push_back({.layer = 0, .bytes = block_bytes_, .src = Location::host(src),
+                            .dst = Location::storage(loc.device, loc.payload_offset)});
+    auto handle = engine_->submit(std::move(job));  // every write in flight at once
+    if (!handle) {
+      nvme_->release_uncommitted(*slot).ignore();
+      counters_->errors++;
+      result[i] = handle.status();
+      continue;
+    }
+    // The header (checksums of the host copy, then one 4 KiB write) while the payload write is
+    // in flight: the CPU work overlaps the disk. Both are flushed before the commit, so their
+    // order does not matter for crash safety.
+    Result<CatalogEntry> header = nvme_->write_header(
+        *slot,
+        catalog_entry(keys[i], rec->parent, rec->block_index, rec->tokens, rec->extras, rec->residency.priority),
+        std::span<const std::byte>(src, block_bytes_));
+    pending.push_back({i, *slot, src, header ? std::move(*header) : CatalogEntry{}, std::move(*handle),
+                       header.status()});
+  }
+  std::vector<CatalogEntry> written;
+  std::vector<size_t> written_of;  // index into pending
+  for (size_t p = 0; p < pending.size(); ++p) {
+    Pending& w = pending[p];
+    Status s = w.handle.wait();
+    if (s) s = w.header_status;
+    Result<CatalogEntry> entry = s ? Result<CatalogEntry>(std::move(w.entry)) : Result<CatalogEntry>(s);
+    if (!entry) {
+      nvme_->release_uncommitted(w.slot).ignore();
+      counters_->errors++;
+      result[w.i] = entry.status();
+      continue;
+    }
+    written.push_back(std::move(*entry));
+    written_of.push_back(p);
+  }
+  const std::vector<Status> committed = nvme_->commit_batch(written);
+  for (size_t c = 0; c < written.size(); ++c) {
+    const Pending& w = pending[written_of[c]];
+    if (!committed[c]) {
+      nvme_->release_uncommitted(w.slot).ignore();
+      counters_->errors++;
+      result[w.i] = committed[c];
+      continue;
+    }
+    if (Status a = index_->add_residency(keys[w.i], Tier::kNvme, w.slot); !a) {
+      nvme_->erase(keys[w.i]).ignore();  // stored twice meanwhile: keep the other copy
+      if (a.code() != StatusCode::kAlreadyExists) result[w.i] = a;
+      continue;
+    }
+    std::lock_guard dl(counters_->dirty_mu);
+    counters_->dirty.erase(keys[w.i]);
+  }
+  for (size_t i : pinned) index_->unpin(keys[i]).ignore();
+  return result;
 }
 
 Status TierManager::store_to_nvme(const BlockKey& key, const BlockResidency& where) {
@@ -670,13 +781,16 @@ Result<size_t> TierManager::flush() {
       if (auto rec = index_->describe(k)) todo.emplace_back(rec->block_index, k);
     }
   }
-  std::sort(todo.begin(), todo.end());  // parents first
+  std::sort(todo.begin(), todo.end());  // parents first: each batch commits after the one before
   size_t stored = 0;
-  for (auto& [index, key] : todo) {
-    if (index_->pin(key).is_ok()) {
-      auto where = index_->get(key);
-      Status s = (where && !where->resident_in(Tier::kNvme)) ? store_to_nvme(key, *where) : Status::ok();
-      index_->unpin(key).ignore();
+  constexpr size_t kBatch = 64;
+  std::vector<BlockKey> batch;
+  for (size_t first = 0; first < todo.size(); first += kBatch) {
+    batch.clear();
+    for (size_t i = first; i < std::min(todo.size(), first + kBatch); ++i) batch.push_back(todo[i].second);
+    const std::vector<Status> done = store_batch_to_nvme(batch);
+    for (const Status& s : done) {
+      if (s.code() == StatusCode::kNotFound) continue;  // left the index meanwhile
       if (!s) return s;
       ++stored;
     }

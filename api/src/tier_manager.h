@@ -165,6 +165,13 @@ class TierManager {
   Status demote_block(const BlockKey& key, Tier from);
   /// Stores an indexed block's memory-tier copy on NVMe and adds the NVMe residency.
   Status store_to_nvme(const BlockKey& key, const BlockResidency& where);
+  /// store_to_nvme for many blocks at once: every data write in flight together, then one
+  /// NvmeTier::commit_batch (one flush per slot file, one synced catalog write). Blocks on NVMe
+  /// already are ok; HBM-only blocks take store_to_nvme. One status per key, in order.
+  std::vector<Status> store_batch_to_nvme(std::span<const BlockKey> keys);
+  /// Removes `from`'s residency of a block that has a lower copy, frees its slot and counts
+  /// the demotion. kBusy when it was pinned meanwhile (both copies stay).
+  Status drop_residency(const BlockKey& key, Tier from);
   /// Allocates an NVMe slot, writes `src` (block_bytes_) and commits `entry`; the slot.
   Result<SlotId> write_to_nvme(const CatalogEntry& entry, const std::byte* src, bool src_is_device);
   static CatalogEntry catalog_entry(const BlockKey& key, const BlockKey& parent, uint32_t block_index,

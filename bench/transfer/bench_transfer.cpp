@@ -243,7 +243,7 @@ int main(int argc, char** argv) {
     KeyChain keys("bench");
     TierManagerOptions o;
     o.layout = layout;
-    o.host.capacity_bytes = 32 * kBlock;
+    o.host.capacity_bytes = 256 * kBlock;
     o.nvme.dir = wb_dir;
     o.nvme_limits.capacity_bytes = 1200 * kBlock;
     o.promote_on_hit = false;
@@ -251,7 +251,7 @@ int main(int argc, char** argv) {
     must(tm.status(), "tier manager");
     auto ns = (*tm)->add_namespace({"bench-model", layout, "", ""});
     must(ns.status(), "namespace");
-    constexpr uint64_t kSaveBlocks = 128;  // 256 MiB per save
+    constexpr uint64_t kSaveBlocks = 256;  // 512 MiB per save
     AlignedBuffer kv = make_aligned_buffer(kSaveBlocks * kBlock);
     std::memset(kv.get(), 9, kSaveBlocks * kBlock);
     std::mt19937_64 rng(5);
@@ -265,7 +265,7 @@ int main(int argc, char** argv) {
     const uint64_t demoted_before = (*tm)->stats().tiers[static_cast<int>(Tier::kHost)].demotions_out;
     auto wb = time_runs(repeats, save_once);
     const uint64_t demoted = (*tm)->stats().tiers[static_cast<int>(Tier::kHost)].demotions_out - demoted_before;
-    std::printf("\nwrite-back: save 256 MiB prompts into a 64 MiB host tier (fdatasync durability), %llu blocks "
+    std::printf("\nwrite-back: save 512 MiB prompts into a 512 MiB host tier (fdatasync durability), %llu blocks "
                 "demoted to NVMe\n",
                 static_cast<unsigned long long>(demoted));
     const Summary w = gbps(wb, kSaveBlocks * kBlock);

@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "api/src/tier_manager.h"
+#include "tiers/fault_device.h"
 #include "temp_dir.h"
 
 using namespace kvtier;
@@ -300,4 +301,41 @@ TEST_CASE("Arena memory returns to zero after the manager shuts down") {
     CHECK(arena_bytes_outstanding() > before);
   }
   CHECK(arena_bytes_outstanding() == before);
+}
+
+TEST_CASE("Write-back onto a failing disk loses no committed block, and the store serves on") {
+  // Write-back stores a batch of victims with one commit. When the disk fails mid-batch, the
+  // save reports it, nothing half-written becomes visible, and what was committed stays.
+  Fixture f(/*host_blocks=*/8, /*nvme_blocks=*/64);
+  std::shared_ptr<StorageDevice> disk;
+  FaultInjectingDevice* fault = nullptr;
+  f.opts.nvme.durability = Durability::kFdatasync;
+  f.opts.nvme.device_factory = [&](int, const std::string&, uint64_t size) -> Result<std::unique_ptr<StorageDevice>> {
+    if (!disk) disk = create_memory_device(size);
+    auto d = std::make_unique<FaultInjectingDevice>(create_shared_device(disk));
+    fault = d.get();
+    return std::unique_ptr<StorageDevice>(std::move(d));
+  };
+  f.reopen();
+  const auto first = prompt(31, 6), second = prompt(32, 20), third = prompt(33, 20);
+  REQUIRE(f.tm->save(f.ns, first, kv_for(first, layout())).is_ok());
+  REQUIRE(f.tm->flush().is_ok());  // the first prompt is committed on NVMe
+
+  FaultPlan plan;
+  plan.write_error_one_in = 1;
+  fault->set_plan(plan);
+  auto failed = f.tm->save(f.ns, second, kv_for(second, layout()));
+  CHECK_FALSE(failed.is_ok());  // the host tier fills and nothing can go down
+  CHECK(f.tm->stats().errors > 0);
+  CHECK(f.load_and_check(first) == 6);  // served from NVMe: demoting it needed no write
+  fault->clear_faults();
+
+  REQUIRE(f.tm->save(f.ns, third, kv_for(third, layout())).is_ok());
+  const size_t second_cached = f.tm->index().match(f.ns, second, {}, {.touch = false})->blocks.size();
+  REQUIRE(f.tm->flush().is_ok());
+  f.reopen();
+  CHECK(f.tm->stats().nvme.dropped_at_open == 0);
+  CHECK(f.load_and_check(first) == 6);
+  CHECK(f.load_and_check(third) == 20);
+  CHECK(f.load_and_check(second) == second_cached);
 }

@@ -331,3 +331,90 @@ TEST_CASE("Reopening with another layout or file count is a layout mismatch") {
   auto tier = h.open();
   CHECK(h.reads_back(*tier, 9, 0));
 }
+
+namespace {
+/// Allocates a slot and writes block i of `seed` into it, uncommitted; returns the entry to commit.
+CatalogEntry write_uncommitted(NvmeHarness& h, NvmeTier& tier, uint64_t seed, uint64_t i) {
+  auto slot = tier.allocate();
+  REQUIRE(slot.is_ok());
+  auto payload = test_payload(h.layout(), seed, i);
+  auto written = tier.write_block(*slot, test_entry(seed, i),
+                                  std::span<const std::byte>(payload.get(), h.layout().bytes_per_block()));
+  REQUIRE(written.is_ok());
+  return *written;
+}
+}  // namespace
+
+TEST_CASE("A commit batch costs one flush, refuses bad entries alone and survives reopen") {
+  NvmeHarness h(NvmeHarness::Backing::kMemory, 16);
+  h.wrap_faults(true);
+  auto tier = h.open();
+  std::vector<CatalogEntry> batch;
+  for (uint64_t i = 0; i < 5; ++i) batch.push_back(write_uncommitted(h, *tier, 8, i));
+  h.store(*tier, 8, 9);
+  // Refused up front, each alone: a key already stored, a slot never reserved, a slot twice.
+  CatalogEntry stored_again = write_uncommitted(h, *tier, 8, 5);
+  stored_again.key = test_entry(8, 9).key;
+  CatalogEntry unreserved = batch[0];
+  unreserved.key = test_entry(8, 6).key;
+  unreserved.slot = tier->slot_count() - 1;
+  batch.push_back(stored_again);
+  batch.push_back(unreserved);
+  batch.push_back(batch[1]);  // slot and key named twice
+
+  const uint64_t flushes = h.fault().stats().flushes;
+  const std::vector<Status> done = tier->commit_batch(batch);
+  REQUIRE(done.size() == batch.size());
+  for (size_t i = 0; i < 5; ++i) CHECK(done[i].is_ok());
+  CHECK(done[5].code() == StatusCode::kAlreadyExists);
+  CHECK(done[6].code() == StatusCode::kInvalidArgument);
+  CHECK(done[7].code() == StatusCode::kInvalidArgument);
+  CHECK(h.fault().stats().flushes == flushes + 1);  // one fdatasync for the five blocks
+  CHECK(tier->stats().blocks == 6);
+  REQUIRE(tier->release_uncommitted(stored_again.slot).is_ok());
+
+  tier.reset();
+  h.wrap_faults(false);
+  tier = h.open();
+  CHECK(tier->stats().blocks == 6);
+  CHECK(tier->stats().free_slots == 10);
+  for (uint64_t i = 0; i < 5; ++i) CHECK(h.reads_back(*tier, 8, i));
+}
+
+TEST_CASE("A batch that fails its flush or crashes before the catalog commits nothing") {
+  NvmeHarness h(NvmeHarness::Backing::kMemory, 16);
+  h.wrap_faults(true);
+  bool crash = false;
+  auto options = h.options();
+  options.before_catalog_commit = [&crash]() -> Status {
+    return crash ? Status(StatusCode::kIoError, "simulated crash before the catalog put") : Status::ok();
+  };
+  auto tier = h.open(options);
+  h.store(*tier, 9, 0);
+
+  std::vector<CatalogEntry> batch;
+  for (uint64_t i = 1; i < 5; ++i) batch.push_back(write_uncommitted(h, *tier, 9, i));
+  FaultPlan plan;
+  plan.fail_flush = true;
+  h.fault().set_plan(plan);
+  for (const Status& s : tier->commit_batch(batch)) CHECK(s.code() == StatusCode::kIoError);
+  h.fault().clear_faults();
+  CHECK(tier->stats().blocks == 1);
+  // The slots stay reserved: the same batch commits on retry.
+  for (const Status& s : tier->commit_batch(batch)) CHECK(s.is_ok());
+  CHECK(tier->stats().blocks == 5);
+
+  std::vector<CatalogEntry> lost;
+  for (uint64_t i = 5; i < 9; ++i) lost.push_back(write_uncommitted(h, *tier, 9, i));
+  crash = true;
+  for (const Status& s : tier->commit_batch(lost)) CHECK(s.code() == StatusCode::kIoError);
+  // "Crash": the process goes away holding the reserved slots.
+  tier.reset();
+  crash = false;
+  h.wrap_faults(false);
+  tier = h.open(options);
+  CHECK(tier->stats().blocks == 5);
+  CHECK(tier->stats().free_slots == 11);
+  for (uint64_t i = 0; i < 5; ++i) CHECK(h.reads_back(*tier, 9, i));
+  for (uint64_t i = 5; i < 9; ++i) CHECK_FALSE(tier->contains(test_entry(9, i).key));
+}
