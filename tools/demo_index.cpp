@@ -3,20 +3,14 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <random>
 #include <vector>
 
 #include "prefix_index/prefix_index.h"
+#include "tools/synthetic_kv.h"
 
 namespace kvtier {
 
 namespace {
-
-std::vector<TokenId> random_tokens(std::mt19937_64& rng, size_t n) {
-  std::vector<TokenId> out(n);
-  for (auto& t : out) t = static_cast<TokenId>(rng() % 128000);
-  return out;
-}
 
 double percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0;
@@ -43,11 +37,8 @@ int run_index_demo(const IndexDemoOptions& o) {
     std::fprintf(stderr, "namespace: %s\n", ns.status().to_string().c_str());
     return 1;
   }
-  std::mt19937_64 rng(o.seed);
-  const auto system_prompt = random_tokens(rng, o.system_tokens);
-  std::vector<std::vector<TokenId>> documents;
-  for (uint32_t d = 0; d < o.documents; ++d) documents.push_back(random_tokens(rng, o.document_tokens));
-  std::vector<std::vector<TokenId>> history(o.users);
+  SharedPrefixWorkload workload(o.seed, o.users, o.system_tokens, o.documents, o.document_tokens,
+                                o.question_tokens);
 
   std::printf("kvtier prefix-index demo: %u users x %u turns, %u-token system prompt, %u shared "
               "%u-token documents\nlayout %s, host tier capacity %llu blocks\n\n",
@@ -65,13 +56,8 @@ int run_index_demo(const IndexDemoOptions& o) {
     std::vector<double> latency_us;
     size_t evicted = 0;
     for (uint32_t u = 0; u < o.users; ++u) {
-      // prompt = system ‖ document ‖ this user's conversation so far ‖ a new question
-      std::vector<TokenId> prompt = system_prompt;
-      const auto& doc = documents[u % o.documents];
-      prompt.insert(prompt.end(), doc.begin(), doc.end());
-      auto question = random_tokens(rng, o.question_tokens);
-      history[u].insert(history[u].end(), question.begin(), question.end());
-      prompt.insert(prompt.end(), history[u].begin(), history[u].end());
+      // system ‖ document ‖ this user's conversation so far ‖ a new question
+      const std::vector<TokenId> prompt = workload.next_prompt(u);
 
       auto t0 = std::chrono::steady_clock::now();
       auto match = (*index)->match(*ns, prompt, {}, {.take_lease = true});
@@ -119,7 +105,7 @@ int run_index_demo(const IndexDemoOptions& o) {
 
   // Another tenant with its own salt sends the very same system prompt: nothing is shared.
   auto other = keys.make_namespace({"meta-llama/Llama-3.1-8B-Instruct", *layout, "tenant-b", ""});
-  auto foreign = (*index)->match(*other, system_prompt);
+  auto foreign = (*index)->match(*other, workload.system_prompt());
   auto stats = (*index)->stats();
   if (auto st = (*index)->check_invariants(); !st) {
     std::fprintf(stderr, "invariant check failed: %s\n", st.to_string().c_str());

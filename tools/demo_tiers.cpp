@@ -5,22 +5,16 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <random>
 #include <vector>
 
 #include "api/src/tier_manager.h"
+#include "tools/synthetic_kv.h"
 
 namespace kvtier {
 
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-std::vector<TokenId> random_tokens(std::mt19937_64& rng, size_t n) {
-  std::vector<TokenId> out(n);
-  for (auto& t : out) t = static_cast<TokenId>(rng() % 128000);
-  return out;
-}
 
 /// Stand-in for prefill: KV bytes that depend on the block's key, so a restore can be checked.
 void compute_kv(const BlockKey& key, std::byte* out, uint64_t bytes) {
@@ -111,11 +105,8 @@ int run_tier_demo(const TierDemoOptions& o) {
     return 1;
   }
 
-  std::mt19937_64 rng(o.seed);
-  const auto system_prompt = random_tokens(rng, o.system_tokens);
-  std::vector<std::vector<TokenId>> documents;
-  for (uint32_t d = 0; d < o.documents; ++d) documents.push_back(random_tokens(rng, o.document_tokens));
-  std::vector<std::vector<TokenId>> history(o.users);
+  SharedPrefixWorkload workload(o.seed, o.users, o.system_tokens, o.documents, o.document_tokens,
+                                o.question_tokens);
 
   std::printf("kvtier tiered-store demo: %u users x %u turns sharing a %u-token system prompt and %u "
               "documents of %u tokens\nlayout %s; host tier %llu MiB, NVMe tier %llu MiB in %s\n\n",
@@ -132,12 +123,8 @@ int run_tier_demo(const TierDemoOptions& o) {
     double seconds = 0;
     std::vector<double> ms;
     for (uint32_t u = 0; u < o.users; ++u) {
-      std::vector<TokenId> prompt = system_prompt;
-      const auto& doc = documents[u % o.documents];
-      prompt.insert(prompt.end(), doc.begin(), doc.end());
-      auto question = random_tokens(rng, o.question_tokens);
-      history[u].insert(history[u].end(), question.begin(), question.end());
-      prompt.insert(prompt.end(), history[u].begin(), history[u].end());
+      // system ‖ document ‖ this user's conversation so far ‖ a new question
+      const std::vector<TokenId> prompt = workload.next_prompt(u);
       auto r = serve(*tm, *ns, prompt);
       if (!r) {
         std::fprintf(stderr, "kvtier tier-demo: %s\n", r.status().to_string().c_str());

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <random>
 #include <span>
 #include <vector>
 
@@ -41,5 +42,43 @@ inline void synthetic_block_kv(std::span<const TokenId> prompt, size_t b, uint32
     std::memcpy(out + i, &z, std::min<uint64_t>(8, bytes - i));
   }
 }
+
+/// The single-process demos' workload: users share a system prompt and a few documents; each
+/// turn, a user's prompt is system ‖ its document ‖ its conversation so far ‖ a new question.
+class SharedPrefixWorkload {
+ public:
+  SharedPrefixWorkload(uint64_t seed, uint32_t users, size_t system_tokens, uint32_t documents,
+                       size_t document_tokens, size_t question_tokens)
+      : rng_(seed), question_tokens_(question_tokens), history_(users) {
+    system_ = random_tokens(system_tokens);
+    for (uint32_t d = 0; d < documents; ++d) documents_.push_back(random_tokens(document_tokens));
+  }
+
+  /// User `user`'s prompt for its next turn (its question joins its conversation).
+  std::vector<TokenId> next_prompt(uint32_t user) {
+    std::vector<TokenId> prompt = system_;
+    const auto& doc = documents_[user % documents_.size()];
+    prompt.insert(prompt.end(), doc.begin(), doc.end());
+    auto question = random_tokens(question_tokens_);
+    history_[user].insert(history_[user].end(), question.begin(), question.end());
+    prompt.insert(prompt.end(), history_[user].begin(), history_[user].end());
+    return prompt;
+  }
+
+  const std::vector<TokenId>& system_prompt() const noexcept { return system_; }
+
+ private:
+  std::vector<TokenId> random_tokens(size_t n) {
+    std::vector<TokenId> out(n);
+    for (auto& t : out) t = static_cast<TokenId>(rng_() % 128000);
+    return out;
+  }
+
+  std::mt19937_64 rng_;
+  size_t question_tokens_;
+  std::vector<TokenId> system_;
+  std::vector<std::vector<TokenId>> documents_;
+  std::vector<std::vector<TokenId>> history_;
+};
 
 }  // namespace kvtier

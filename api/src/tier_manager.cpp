@@ -276,19 +276,18 @@ Status TierManager::reclaim(Tier t, uint64_t target_used) {
 
 Status TierManager::demote_block(const BlockKey& key, Tier from) {
   const std::optional<Tier> lower = lower_of(from, nvme_ != nullptr);
-  if (!lower) return invalid_argument("no tier below " + std::string(tier_name(from)));
-  auto rec = index_->describe(key);
-  if (!rec) return not_found("block left the index");
-  if (!rec->residency.resident_in(*lower)) {
-    if (*lower == Tier::kNvme) {
-      KVTIER_RETURN_IF_ERROR(store_to_nvme(key, rec->residency));
-    } else {
-      auto slot = copy_into_memory_tier(rec->residency, *lower);
-      if (!slot) return slot.status();
-      if (Status s = index_->add_residency(key, *lower, *slot); !s) {
-        free_slot(*lower, *slot);
-        return s;
-      }
+  if (!lower || *lower == Tier::kNvme) {
+    return invalid_argument("no memory tier below " + std::string(tier_name(from)) +
+                            " (write-back to NVMe goes through store_batch_to_nvme)");
+  }
+  auto where = index_->get(key);
+  if (!where) return not_found("block left the index");
+  if (!where->resident_in(*lower)) {
+    auto slot = copy_into_memory_tier(*where, *lower);
+    if (!slot) return slot.status();
+    if (Status s = index_->add_residency(key, *lower, *slot); !s) {
+      free_slot(*lower, *slot);
+      return s;
     }
   }
   return drop_residency(key, from);
@@ -394,7 +393,7 @@ std::vector<Status> TierManager::store_batch_to_nvme(std::span<const BlockKey> k
                                ? host.slot_ptr(rec->residency.slot(Tier::kHost))
                                : nullptr;
     if (src == nullptr || reinterpret_cast<uintptr_t>(src) % kIoAlignment != 0) {
-      result[i] = store_to_nvme(keys[i], rec->residency);  // HBM-only: through a host copy
+      result[i] = store_to_nvme(keys[i], *rec);  // HBM-only: through a host copy
       continue;
     }
     auto slot = allocate_slot(Tier::kNvme);
@@ -448,30 +447,26 @@ std::vector<Status> TierManager::store_batch_to_nvme(std::span<const BlockKey> k
       result[w.i] = committed[c];
       continue;
     }
-    if (Status a = index_->add_residency(keys[w.i], Tier::kNvme, w.slot); !a) {
-      nvme_->erase(keys[w.i]).ignore();  // stored twice meanwhile: keep the other copy
-      if (a.code() != StatusCode::kAlreadyExists) result[w.i] = a;
-      continue;
-    }
-    std::lock_guard dl(counters_->dirty_mu);
-    counters_->dirty.erase(keys[w.i]);
+    result[w.i] = index_nvme_copy(keys[w.i], w.slot);
   }
   for (size_t i : pinned) index_->unpin(keys[i]).ignore();
   return result;
 }
 
-Status TierManager::store_to_nvme(const BlockKey& key, const BlockResidency& where) {
+Status TierManager::store_to_nvme(const BlockKey& key, const BlockRecord& rec) {
   if (!nvme_) return Status(StatusCode::kUnavailable, "no NVMe tier");
-  auto rec = index_->describe(key);
-  if (!rec) return not_found("block left the index");
+  const BlockResidency& where = rec.residency;
   const Tier src_tier = where.resident_in(Tier::kHost) ? Tier::kHost : Tier::kHbm;
   if (!where.resident_in(src_tier)) return not_found("block is in no memory tier");
   const MemoryArena& src_arena = *memory_tier(src_tier)->arena;
-  auto slot = write_to_nvme(catalog_entry(key, rec->parent, rec->block_index, rec->tokens, rec->extras,
-                                          rec->residency.priority),
+  auto slot = write_to_nvme(catalog_entry(key, rec.parent, rec.block_index, rec.tokens, rec.extras, where.priority),
                             src_arena.slot_ptr(where.slot(src_tier)), src_arena.is_device_memory());
   if (!slot) return slot.status();
-  if (Status a = index_->add_residency(key, Tier::kNvme, *slot); !a) {
+  return index_nvme_copy(key, *slot);
+}
+
+Status TierManager::index_nvme_copy(const BlockKey& key, SlotId slot) {
+  if (Status a = index_->add_residency(key, Tier::kNvme, slot); !a) {
     nvme_->erase(key).ignore();  // the block left the index meanwhile (or was stored twice)
     return a.code() == StatusCode::kAlreadyExists ? Status::ok() : a;
   }
@@ -641,7 +636,7 @@ Result<size_t> TierManager::save(const Namespace& ns, std::span<const TokenId> t
     counters_->saved++;
     if (on_nvme) continue;
     if (options_.write_policy == WritePolicy::kWriteThrough && nvme_) {
-      if (Status s = store_to_nvme(keys[b], *index_->get(keys[b])); !s) {
+      if (Status s = store_to_nvme(keys[b], *index_->describe(keys[b])); !s) {
         failure = s;
         break;
       }

@@ -162,9 +162,14 @@ class TierManager {
   Result<SlotId> allocate_slot(Tier t);
   void free_slot(Tier t, SlotId slot);
   Status reclaim(Tier t, uint64_t target_used);
+  /// Copies a block down to the memory tier below `from` (HBM → host) and drops `from`'s copy.
+  /// Write-back to NVMe goes through store_batch_to_nvme instead (kInvalidArgument here).
   Status demote_block(const BlockKey& key, Tier from);
   /// Stores an indexed block's memory-tier copy on NVMe and adds the NVMe residency.
-  Status store_to_nvme(const BlockKey& key, const BlockResidency& where);
+  Status store_to_nvme(const BlockKey& key, const BlockRecord& rec);
+  /// Adds the NVMe residency of a block just committed to `slot` and clears its dirty mark; when
+  /// the block left the index (or was stored twice) meanwhile, erases the NVMe copy instead.
+  Status index_nvme_copy(const BlockKey& key, SlotId slot);
   /// store_to_nvme for many blocks at once: every data write in flight together, then one
   /// NvmeTier::commit_batch (one flush per slot file, one synced catalog write). Blocks on NVMe
   /// already are ok; HBM-only blocks take store_to_nvme. One status per key, in order.

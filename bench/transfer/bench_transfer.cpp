@@ -72,6 +72,25 @@ void run_blocks(TransferEngine& engine, uint64_t blocks, MakeSegment&& make) {
 }
 
 /// fio's bandwidth in GB/s for rw=read|write, or a negative number when fio is missing or failed.
+// Copies `blocks` kBlock-sized blocks from `src` to `dst` through `engine`, all submitted at once,
+// and returns when the last one has completed.
+void copy_blocks(CopyEngine& engine, std::byte* dst, const std::byte* src, uint64_t blocks, CopyDirection dir) {
+  std::mutex mu;
+  std::condition_variable cv;
+  uint64_t done = 0;
+  for (uint64_t i = 0; i < blocks; ++i) {
+    must(engine.submit(dst + i * kBlock, src + i * kBlock, kBlock, dir,
+                       [&](const Status&) {
+                         std::lock_guard lock(mu);
+                         ++done;
+                         cv.notify_all();
+                       }),
+         "copy");
+  }
+  std::unique_lock lock(mu);
+  cv.wait(lock, [&] { return done == blocks; });
+}
+
 double fio_gbps(const std::string& file, const char* rw) {
   std::string cmd = std::string("fio --name=kvtier --filename=") + file + " --rw=" + rw +
                     " --bs=2M --iodepth=32 --ioengine=io_uring --direct=1 --size=1G --numjobs=1"
@@ -170,20 +189,7 @@ int main(int argc, char** argv) {
     });
     auto copies = create_host_copy_engine({});
     auto via_engine = time_runs(repeats, [&] {
-      std::mutex mu;
-      std::condition_variable cv;
-      uint64_t done = 0;
-      for (uint64_t i = 0; i < kBlocks; ++i) {
-        must(copies->submit(dst.get() + i * kBlock, src.get() + i * kBlock, kBlock, CopyDirection::kHostToHost,
-                            [&](const Status&) {
-                              std::lock_guard lock(mu);
-                              ++done;
-                              cv.notify_all();
-                            }),
-             "copy");
-      }
-      std::unique_lock lock(mu);
-      cv.wait(lock, [&] { return done == kBlocks; });
+      copy_blocks(*copies, dst.get(), src.get(), kBlocks, CopyDirection::kHostToHost);
     });
     std::printf("\nhost copies, 256 MiB in 2 MiB blocks (1 copy thread)\n");
     const Summary m = gbps(plain, kBlocks * kBlock), e = gbps(via_engine, kBlocks * kBlock);
@@ -291,21 +297,8 @@ int main(int argc, char** argv) {
     std::memset(pinned, 7, kBlocks * kBlock);
     auto plain = time_runs(repeats, [&] { cudaMemcpy(device_mem, pinned, kBlocks * kBlock, cudaMemcpyHostToDevice); });
     auto via_engine = time_runs(repeats, [&] {
-      std::mutex mu;
-      std::condition_variable cv;
-      uint64_t done = 0;
-      for (uint64_t i = 0; i < kBlocks; ++i) {
-        must((*cuda)->submit(static_cast<std::byte*>(device_mem) + i * kBlock, static_cast<std::byte*>(pinned) + i * kBlock,
-                             kBlock, CopyDirection::kHostToDevice,
-                             [&](const Status&) {
-                               std::lock_guard lock(mu);
-                               ++done;
-                               cv.notify_all();
-                             }),
-             "copy");
-      }
-      std::unique_lock lock(mu);
-      cv.wait(lock, [&] { return done == kBlocks; });
+      copy_blocks(**cuda, static_cast<std::byte*>(device_mem), static_cast<std::byte*>(pinned), kBlocks,
+                  CopyDirection::kHostToDevice);
     });
     const Summary m = gbps(plain, kBlocks * kBlock), e = gbps(via_engine, kBlocks * kBlock);
     row("cudaMemcpy H2D (pinned, one 512 MiB call)", m, "GB/s");

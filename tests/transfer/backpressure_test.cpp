@@ -71,7 +71,7 @@ TEST_CASE("cancel skips the segments not yet started", "[transfer][cancel]") {
   const auto kind = GENERATE(IoEngineKind::kUring, IoEngineKind::kThreadPool);
   CAPTURE(io_engine_kind_name(kind));
   GatedDevice gated(1 << 20);
-  fill_random(gated.data(), 1 << 20, 40);
+  fill_pattern(std::span(gated.data(), 1 << 20), 40);
   TransferEngineOptions options;
   options.staging_buffers = 1;  // one staged chunk at a time: segment 1 waits for segment 0's buffer
   options.staging_bytes = 64 << 10;

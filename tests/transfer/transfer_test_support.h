@@ -16,31 +16,17 @@
 #include <vector>
 
 #include "temp_dir.h"
+#include "test_bytes.h"
 #include "tiers/storage_device.h"
 #include "transfer/transfer_engine.h"
 
 namespace kvtier::testing {
 
-inline uint64_t mix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-
-inline void fill_random(std::byte* out, size_t n, uint64_t seed) {
-  uint64_t state = mix64(seed);
-  for (size_t i = 0; i < n; ++i) {
-    if (i % 8 == 0) state = mix64(state + i);
-    out[i] = static_cast<std::byte>(state >> (8 * (i % 8)));
-  }
-}
-
 /// An aligned buffer of `bytes` random bytes.
 inline AlignedBuffer random_buffer(size_t bytes, uint64_t seed) {
   AlignedBuffer buf = make_aligned_buffer(align_up(bytes, kIoAlignment));
   std::memset(buf.get(), 0, align_up(bytes, kIoAlignment));
-  fill_random(buf.get(), bytes, seed);
+  fill_pattern(std::span(buf.get(), bytes), seed);
   return buf;
 }
 inline AlignedBuffer zero_buffer(size_t bytes) {
@@ -49,7 +35,6 @@ inline AlignedBuffer zero_buffer(size_t bytes) {
   return buf;
 }
 
-inline bool same_bytes(const void* a, const void* b, size_t n) { return std::memcmp(a, b, n) == 0; }
 inline bool all_zero(const std::byte* p, size_t n) {
   for (size_t i = 0; i < n; ++i) {
     if (p[i] != std::byte{0}) return false;
