@@ -28,6 +28,7 @@ Result<std::unique_ptr<Client>> Client::connect(ClientOptions options) {
   auto fd = proto::connect_unix(options.socket_path);
   if (!fd) return fd.status();
   c->fd_ = *fd;
+  c->reader_ = std::make_unique<proto::FrameReader>(c->fd_);
   int window_fd = -1;
   if (options.window_bytes > 0) {
     // Sealed against shrinking: the daemon refuses a window that could be truncated under it
@@ -78,7 +79,7 @@ Status Client::call(Op op, const std::vector<std::byte>& request, std::vector<st
   proto::FrameHeader header;
   std::vector<std::byte> payload;
   int received = -1;
-  Status got = proto::recv_frame(fd_, header, payload, received);
+  Status got = reader_->next(header, payload, received);
   if (!sent && !got) return sent;
   if (received >= 0) ::close(received);
   if (!got) {

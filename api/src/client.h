@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "api/src/protocol.h"
+#include "api/src/socket_io.h"
 #include "kvtier/store.h"
 
 namespace kvtier {
@@ -70,6 +71,7 @@ class Client final : public KvStore {
 
   std::mutex mu_;  // one request in flight; guards the window and next_request_
   int fd_ = -1;
+  std::unique_ptr<proto::FrameReader> reader_;  // reads fd_'s replies
   std::byte* window_ = nullptr;
   uint64_t window_bytes_ = 0;
   uint64_t window_blocks_ = 0;

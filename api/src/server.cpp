@@ -560,9 +560,10 @@ void Server::serve(std::shared_ptr<Session> session) {
   proto::FrameHeader header;
   std::vector<std::byte> payload;
   std::vector<std::byte> reply;
+  proto::FrameReader reader(s.fd);
   for (;;) {
     int passed_fd = -1;
-    Status got = proto::recv_frame(s.fd, header, payload, passed_fd);
+    Status got = reader.next(header, payload, passed_fd);
     if (!got) {
       if (passed_fd >= 0) ::close(passed_fd);
       if (got.code() == StatusCode::kProtocolError) {

@@ -1,6 +1,7 @@
 #include "api/src/socket_io.h"
 
 #include <cerrno>
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 
@@ -103,42 +104,70 @@ Status send_frame(int sock, uint16_t op, uint32_t request_id, std::span<const st
   return Status::ok();
 }
 
-/// Spins up to kSpinNs for the next frame before blocking in recvmsg: a reply usually arrives
+/// Polls up to kSpinNs for the next bytes before blocking in recvmsg: a reply usually arrives
 /// within tens of microseconds, and a blocked thread's wake-up costs about as much again on a
 /// virtual machine. Bounded, so an idle connection costs nothing after the first few µs.
 constexpr int64_t kSpinNs = 30'000;
+constexpr size_t kReadBuffer = 64 * 1024;
 
-void spin_for_data(int sock) {
+FrameReader::FrameReader(int sock) : sock_(sock), buf_(kReadBuffer) {}
+
+ssize_t FrameReader::fill(int& received_fd) {
+  if (begin_ == end_) begin_ = end_ = 0;
+  if (end_ == buf_.size()) {  // the unread tail moves to the front
+    std::memmove(buf_.data(), buf_.data() + begin_, end_ - begin_);
+    end_ -= begin_;
+    begin_ = 0;
+  }
   const auto start = std::chrono::steady_clock::now();
-  std::byte probe;
+  int flags = MSG_CMSG_CLOEXEC | MSG_DONTWAIT;
   for (;;) {
-    const ssize_t r = ::recv(sock, &probe, 1, MSG_PEEK | MSG_DONTWAIT);
-    if (r >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) return;
-    if (std::chrono::steady_clock::now() - start > std::chrono::nanoseconds(kSpinNs)) return;
+    iovec iov{buf_.data() + end_, buf_.size() - end_};
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 4)];
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof(control);
+    const ssize_t r = ::recvmsg(sock_, &msg, flags);
+    if (r >= 0) {
+      if (msg.msg_controllen > 0) close_fds(msg, received_fd);
+      end_ += static_cast<size_t>(r);
+      return r;
+    }
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
+    if (std::chrono::steady_clock::now() - start > std::chrono::nanoseconds(kSpinNs)) {
+      flags &= ~MSG_DONTWAIT;  // nothing came: block
+    }
 #if defined(__x86_64__)
     __builtin_ia32_pause();
 #endif
   }
 }
 
-Status recv_frame(int sock, FrameHeader& header, std::vector<std::byte>& payload, int& received_fd) {
+Status FrameReader::next(FrameHeader& header, std::vector<std::byte>& payload, int& received_fd) {
   received_fd = -1;
-  spin_for_data(sock);
-  std::byte raw[kHeaderBytes];
-  const ssize_t got = read_exact(sock, raw, kHeaderBytes, received_fd);
-  if (got < 0) return gone("recv");
-  if (got == 0) return Status(StatusCode::kUnavailable, "peer closed the connection");
-  if (static_cast<size_t>(got) < kHeaderBytes) {
-    return Status(StatusCode::kProtocolError, "stream ended inside a frame header");
+  while (end_ - begin_ < kHeaderBytes) {
+    const ssize_t r = fill(received_fd);
+    if (r < 0) return gone("recv");
+    if (r == 0) {
+      if (end_ == begin_) return Status(StatusCode::kUnavailable, "peer closed the connection");
+      return Status(StatusCode::kProtocolError, "stream ended inside a frame header");
+    }
   }
-  auto h = decode_header(raw);
+  auto h = decode_header(std::span<const std::byte>(buf_.data() + begin_, kHeaderBytes));
   if (!h) return h.status();
+  begin_ += kHeaderBytes;
   header = *h;
   payload.resize(header.payload_bytes);
-  if (header.payload_bytes > 0) {
-    const ssize_t n = read_exact(sock, payload.data(), payload.size(), received_fd);
+  const size_t buffered = std::min<size_t>(end_ - begin_, payload.size());
+  if (buffered > 0) std::memcpy(payload.data(), buf_.data() + begin_, buffered);
+  begin_ += buffered;
+  if (buffered < payload.size()) {  // the rest straight into the payload, past the buffer
+    const ssize_t n = read_exact(sock_, payload.data() + buffered, payload.size() - buffered, received_fd);
     if (n < 0) return gone("recv");
-    if (static_cast<size_t>(n) < payload.size()) {
+    if (static_cast<size_t>(n) < payload.size() - buffered) {
       return Status(StatusCode::kProtocolError, "stream ended inside a frame payload");
     }
   }

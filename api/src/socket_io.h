@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <sys/types.h>
 #include <vector>
 
 #include "api/src/protocol.h"
@@ -18,11 +19,30 @@ namespace kvtier::proto {
 Status send_frame(int sock, uint16_t op, uint32_t request_id, std::span<const std::byte> payload,
                   int pass_fd = -1);
 
-/// Reads one frame. kUnavailable at a clean end of stream (the peer closed between frames),
-/// kProtocolError for a bad header or a stream cut inside a frame. A descriptor passed with the
-/// frame is returned in `received_fd` (else -1); the caller owns it. The header is returned even
-/// when its version is not ours, so the caller can answer before closing.
-Status recv_frame(int sock, FrameHeader& header, std::vector<std::byte>& payload, int& received_fd);
+/// Reads frames from one socket. Each read takes whatever has arrived, up to a 64 KiB buffer, so a
+/// small frame costs one recvmsg and bytes of the next frame wait in the buffer. Before blocking it
+/// polls with non-blocking reads for a few tens of microseconds: a reply usually arrives within
+/// that, and waking a blocked thread costs as much again on a virtual machine. One reader per
+/// socket, used by one thread at a time.
+class FrameReader {
+ public:
+  explicit FrameReader(int sock);
+
+  /// Reads one frame. kUnavailable at a clean end of stream (the peer closed between frames),
+  /// kProtocolError for a bad header or a stream cut inside a frame. A descriptor passed with the
+  /// frame is returned in `received_fd` (else -1); the caller owns it. The header is returned even
+  /// when its version is not ours, so the caller can answer before closing.
+  Status next(FrameHeader& header, std::vector<std::byte>& payload, int& received_fd);
+
+ private:
+  /// Reads at least one byte into the buffer (after a bounded poll), or returns 0 at end of
+  /// stream, -1 on error.
+  ssize_t fill(int& received_fd);
+
+  int sock_;
+  std::vector<std::byte> buf_;
+  size_t begin_ = 0, end_ = 0;  // unread bytes are buf_[begin_, end_)
+};
 
 /// Connects to a Unix socket path. kUnavailable when nothing listens there.
 Result<int> connect_unix(const std::string& path);

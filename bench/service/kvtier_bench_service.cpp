@@ -9,7 +9,7 @@
 // The daemon is a Server started in this process (its own accept and per-connection threads);
 // the clients are threads of this process, each with its own Client connection and window.
 // NVMe is off: this measures the socket path, not the disk. Median of repeats, with min and max.
-// Rerun: build/default/bench/service/kvtier_bench_service [repeats] [seconds]
+// Rerun: build/default/bench/service/kvtier_bench_service [repeats] [seconds] [lookup: a) only]
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -265,7 +265,8 @@ void print_mixed(const char* title, const MixedResult& r, uint64_t bytes_per_loa
 int main(int argc, char** argv) {
   const int repeats = argc > 1 ? std::max(1, std::atoi(argv[1])) : 5;
   const double seconds = argc > 2 ? std::max(0.5, std::atof(argv[2])) : 3.0;
-  std::printf("rerun: %s %d %g\n", argv[0], repeats, seconds);
+  const bool lookup_only = argc > 3 && std::strcmp(argv[3], "lookup") == 0;  // a) alone, for profiling
+  std::printf("rerun: %s %d %g%s\n", argv[0], repeats, seconds, lookup_only ? " lookup" : "");
   spdlog::set_level(spdlog::level::warn);  // the server's startup lines; its warnings still show
 
   char dir_template[] = "/tmp/kvtier_bench_service.XXXXXX";
@@ -332,6 +333,14 @@ int main(int argc, char** argv) {
               lookup_sock - lookup_proc, floor_rtt);
   const bool lookup_goal = lookup_sock < 20.0;
   std::printf("  goal: socket lookup p50 < 20 µs: %.1f µs, %s\n", lookup_sock, lookup_goal ? "met" : "NOT MET");
+  if (lookup_only) {
+    (*server)->request_stop();
+    must((*server)->wait(), "server stop");
+    server->reset();
+    std::error_code ec;
+    std::filesystem::remove_all(dir, ec);
+    return 0;
+  }
 
   // ---- b) 64 clients, mixed workload --------------------------------------------------------
   const size_t mixed_blocks = kMixedPromptTokens / layout.block_tokens;

@@ -3,12 +3,19 @@
 #include <catch2/catch.hpp>
 
 #include <cstring>
+#include <thread>
 #include <span>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include "api/src/protocol.h"
+#include "api/src/socket_io.h"
 
 using namespace kvtier;
 using namespace kvtier::proto;
@@ -595,5 +602,139 @@ TEST_CASE("Reply status prefix") {
     Status remote;
     REQUIRE(decode_status(payload, remote).is_ok());
     CHECK(remote.message().size() == kMaxString);
+  }
+}
+
+// ---- FrameReader over a real socket --------------------------------------------------------------
+
+namespace {
+
+struct SocketPair {
+  int a = -1, b = -1;
+  SocketPair() {
+    int fds[2];
+    REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) == 0);
+    a = fds[0];
+    b = fds[1];
+  }
+  ~SocketPair() {
+    if (a >= 0) ::close(a);
+    if (b >= 0) ::close(b);
+  }
+  void close_b() {
+    ::close(b);
+    b = -1;
+  }
+};
+
+Bytes frame_bytes(uint16_t op, uint32_t id, const Bytes& payload) {
+  Bytes out(kHeaderBytes);
+  encode_header({.op = op, .request_id = id, .payload_bytes = static_cast<uint32_t>(payload.size())},
+                out.data());
+  out.insert(out.end(), payload.begin(), payload.end());
+  return out;
+}
+
+Bytes pattern(size_t n, uint8_t seed) {
+  Bytes b(n);
+  for (size_t i = 0; i < n; ++i) b[i] = std::byte(uint8_t(i * 131 + seed));
+  return b;
+}
+
+void write_all(int fd, const Bytes& bytes) {
+  size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t w = ::send(fd, bytes.data() + done, bytes.size() - done, MSG_NOSIGNAL);
+    REQUIRE(w > 0);
+    done += static_cast<size_t>(w);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("FrameReader splits a stream into its frames however the bytes arrive") {
+  SocketPair sp;
+  FrameReader reader(sp.a);
+  FrameHeader h;
+  Bytes payload;
+  int fd = -1;
+
+  SECTION("frames sent back to back in one write come out one by one, in order") {
+    Bytes stream;
+    for (uint32_t i = 0; i < 5; ++i) {
+      const Bytes f = frame_bytes(static_cast<uint16_t>(Op::kLookup), 100 + i, pattern(i * 7, uint8_t(i)));
+      stream.insert(stream.end(), f.begin(), f.end());
+    }
+    write_all(sp.b, stream);
+    for (uint32_t i = 0; i < 5; ++i) {
+      REQUIRE(reader.next(h, payload, fd).is_ok());
+      CHECK(h.request_id == 100 + i);
+      CHECK(payload == pattern(i * 7, uint8_t(i)));
+      CHECK(fd == -1);
+    }
+  }
+  SECTION("a frame written a byte at a time is assembled") {
+    const Bytes f = frame_bytes(static_cast<uint16_t>(Op::kSave), 9, pattern(50, 3));
+    std::thread writer([&] {
+      for (std::byte b : f) write_all(sp.b, Bytes{b});
+    });
+    REQUIRE(reader.next(h, payload, fd).is_ok());
+    writer.join();
+    CHECK(h.request_id == 9);
+    CHECK(payload == pattern(50, 3));
+  }
+  SECTION("a payload larger than the read buffer, then a small frame behind it") {
+    const Bytes big = pattern(300 * 1024 + 17, 5), small = pattern(3, 6);
+    Bytes stream = frame_bytes(static_cast<uint16_t>(Op::kSave), 1, big);
+    const Bytes second = frame_bytes(static_cast<uint16_t>(Op::kRelease), 2, small);
+    stream.insert(stream.end(), second.begin(), second.end());
+    std::thread writer([&] { write_all(sp.b, stream); });  // more than the socket buffer holds
+    REQUIRE(reader.next(h, payload, fd).is_ok());
+    CHECK(h.request_id == 1);
+    CHECK(payload == big);
+    REQUIRE(reader.next(h, payload, fd).is_ok());
+    CHECK(h.request_id == 2);
+    CHECK(payload == small);
+    writer.join();
+  }
+  SECTION("a descriptor passed with a frame is handed to the caller") {
+    const int mem = ::memfd_create("frame-reader-test", MFD_CLOEXEC);
+    REQUIRE(mem >= 0);
+    REQUIRE(send_frame(sp.b, static_cast<uint16_t>(Op::kHello), 1, pattern(10, 1), mem).is_ok());
+    ::close(mem);
+    REQUIRE(reader.next(h, payload, fd).is_ok());
+    CHECK(fd >= 0);
+    struct stat st{};
+    CHECK(::fstat(fd, &st) == 0);
+    ::close(fd);
+  }
+  SECTION("the end of the stream between frames, inside a header, inside a payload") {
+    Bytes f = frame_bytes(static_cast<uint16_t>(Op::kLookup), 1, pattern(40, 2));
+    write_all(sp.b, f);
+    REQUIRE(reader.next(h, payload, fd).is_ok());
+    SECTION("between") {
+      sp.close_b();
+      CHECK(reader.next(h, payload, fd).code() == StatusCode::kUnavailable);
+    }
+    SECTION("inside the header") {
+      write_all(sp.b, Bytes(f.begin(), f.begin() + 5));
+      sp.close_b();
+      const Status s = reader.next(h, payload, fd);
+      CHECK(is_protocol_error(s));
+      CHECK(mentions(s, "header"));
+    }
+    SECTION("inside the payload") {
+      write_all(sp.b, Bytes(f.begin(), f.end() - 1));
+      sp.close_b();
+      const Status s = reader.next(h, payload, fd);
+      CHECK(is_protocol_error(s));
+      CHECK(mentions(s, "payload"));
+    }
+  }
+  SECTION("a bad header is refused, not skipped") {
+    Bytes f = frame_bytes(static_cast<uint16_t>(Op::kLookup), 1, {});
+    f[0] = std::byte{0};  // magic
+    write_all(sp.b, f);
+    CHECK(is_protocol_error(reader.next(h, payload, fd)));
   }
 }

@@ -428,11 +428,12 @@ TEST_CASE("Daemon: bad protocol input closes that connection only", "[service]")
     proto::FrameHeader h;
     std::vector<std::byte> payload;
     int got_fd = -1;
-    REQUIRE(proto::recv_frame(*fd, h, payload, got_fd).is_ok());
+    proto::FrameReader reader(*fd);
+    REQUIRE(reader.next(h, payload, got_fd).is_ok());
     Status remote;
     REQUIRE(proto::decode_status(payload, remote).is_ok());
     CHECK(remote.code() == StatusCode::kInvalidArgument);
-    CHECK(proto::recv_frame(*fd, h, payload, got_fd).code() == StatusCode::kUnavailable);  // closed
+    CHECK(reader.next(h, payload, got_fd).code() == StatusCode::kUnavailable);  // closed
     ::close(*fd);
   }
   // The well-behaved client never noticed.
