@@ -6,6 +6,7 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "api/src/kv_copy.h"
@@ -63,6 +64,12 @@ Result<std::unique_ptr<Client>> Client::connect(ClientOptions options) {
 }
 
 Client::~Client() {
+  {  // a streaming load still in flight finishes first: it uses the socket and the window
+    std::lock_guard lock(worker_mu_);
+    worker_stop_ = true;
+  }
+  worker_cv_.notify_all();
+  if (worker_.joinable()) worker_.join();
   if (fd_ >= 0) ::close(fd_);  // the daemon releases this client's leases and pins
   if (engine_) {  // the window was registered with it: forget it before it is unmapped
     engine_->unregister_host_memory(window_);
@@ -71,16 +78,17 @@ Client::~Client() {
   if (window_) ::munmap(window_, window_bytes_);
 }
 
-Status Client::call(Op op, const std::vector<std::byte>& request, std::vector<std::byte>& reply, int pass_fd) {
+Result<uint32_t> Client::send_request(Op op, const std::vector<std::byte>& request, int pass_fd) {
   const uint32_t id = next_request_++;
-  const Status sent = proto::send_frame(fd_, static_cast<uint16_t>(op), id, request, pass_fd);
-  // Even when the send failed, the daemon may have said why before it closed (a refused
-  // identity, the client limit): that answer is the useful error.
+  KVTIER_RETURN_IF_ERROR(proto::send_frame(fd_, static_cast<uint16_t>(op), id, request, pass_fd));
+  return id;
+}
+
+Status Client::recv_reply(Op op, uint32_t id, std::vector<std::byte>& reply) {
   proto::FrameHeader header;
   std::vector<std::byte> payload;
   int received = -1;
   Status got = reader_->next(header, payload, received);
-  if (!sent && !got) return sent;
   if (received >= 0) ::close(received);
   if (!got) {
     return got.code() == StatusCode::kUnavailable
@@ -99,6 +107,15 @@ Status Client::call(Op op, const std::vector<std::byte>& request, std::vector<st
   return Status::ok();
 }
 
+Status Client::call(Op op, const std::vector<std::byte>& request, std::vector<std::byte>& reply, int pass_fd) {
+  auto sent = send_request(op, request, pass_fd);
+  // Even when the send failed, the daemon may have said why before it closed (a refused
+  // identity, the client limit): that answer is the useful error.
+  Status got = recv_reply(op, sent ? *sent : next_request_ - 1, reply);
+  if (!sent && !got) return sent.status();
+  return got;
+}
+
 Result<TransferEngine*> Client::engine() {
   if (!engine_) {
     TransferEngineOptions o;
@@ -113,7 +130,7 @@ Result<TransferEngine*> Client::engine() {
 }
 
 Result<NamespaceId> Client::open_namespace(const NamespaceRequest& r) {
-  std::lock_guard lock(mu_);
+  std::lock_guard lock(gate_);
   std::vector<std::byte> req, reply;
   proto::encode(proto::OpenNamespaceRequest{.model_id = r.model_id, .tenant = r.tenant, .adapter_id = r.adapter_id,
                                             .layout_fingerprint = layout_.fingerprint()},
@@ -125,7 +142,7 @@ Result<NamespaceId> Client::open_namespace(const NamespaceRequest& r) {
 }
 
 Result<Match> Client::lookup(NamespaceId ns, std::span<const TokenId> tokens, std::span<const BlockExtra> extras) {
-  std::lock_guard lock(mu_);
+  std::lock_guard lock(gate_);
   std::vector<std::byte> req, reply;
   proto::encode(proto::LookupRequest{.namespace_id = ns, .take_lease = true,
                                      .tokens = {tokens.begin(), tokens.end()}, .extras = to_vector(extras)},
@@ -141,37 +158,149 @@ Result<Match> Client::lookup(NamespaceId ns, std::span<const TokenId> tokens, st
   return m;
 }
 
+namespace {
+// A streaming load's slice: about this many bytes, so a slice's copy dwarfs its round trip and
+// wait_layer(0) comes early.
+constexpr uint64_t kSliceBytes = 4ull << 20;
+}  // namespace
+
+Client::LoadPlan Client::plan_load(size_t n) const {
+  const uint32_t layers = layout_.num_layers;
+  const uint64_t layer_bytes = layout_.bytes_per_block_layer();
+  LoadPlan p;
+  // Two buffers (the daemon fills one while the other is copied out) when the window holds two
+  // block-layers, else one.
+  p.half = window_bytes_ >= 2 * layer_bytes ? window_bytes_ / 2 : 0;
+  const uint64_t room = p.half ? p.half : window_bytes_;
+  const uint64_t row = n * layer_bytes;  // one layer of every block
+  if (row <= room) {
+    p.layers = static_cast<uint32_t>(std::min<uint64_t>({layers, room / row, std::max<uint64_t>(1, kSliceBytes / row)}));
+    p.blocks = n;
+  } else {
+    p.layers = 1;
+    p.blocks = room / layer_bytes;
+  }
+  p.slices = ((layers + p.layers - 1) / p.layers) * ((n + p.blocks - 1) / p.blocks);
+  return p;
+}
+
 Result<TransferHandle> Client::load(const Match& match, const KvBuffer& dst) {
   KVTIER_RETURN_IF_ERROR(check_load(layout_, match, dst, /*paged_device_ok=*/false));
   const size_t n = dst.block_count();
-  if (n == 0) return finished_handle(layout_.num_layers);
+  const uint32_t layers = layout_.num_layers;
+  if (n == 0) return finished_handle(layers);
   if (match.lease == kNoLease) return invalid("load needs a leased match (from lookup)");
-  if (window_blocks_ == 0) return invalid("the shared window cannot hold one block");
-  std::lock_guard lock(mu_);
+  if (window_bytes_ < layout_.bytes_per_block_layer()) return invalid("the shared window cannot hold one layer of a block");
+  const LoadPlan plan = plan_load(n);
+  auto job = std::make_shared<detail::JobState>(std::vector<uint32_t>(layers, 1), TransferCallback{});
+  job->mark_running();
+  gate_.lock();
+  if (plan.slices == 1) {  // nothing to overlap: done before returning
+    stream_load(match.lease, dst, plan, job);
+    KVTIER_RETURN_IF_ERROR(job->status());
+    return TransferHandle(std::move(job));
+  }
+  {
+    std::lock_guard lock(worker_mu_);
+    if (!worker_.joinable()) {
+      worker_ = std::thread([this] {
+        std::unique_lock lock(worker_mu_);
+        for (;;) {
+          worker_cv_.wait(lock, [&] { return worker_stop_ || worker_task_; });
+          if (worker_task_) {
+            auto task = std::move(worker_task_);
+            worker_task_ = nullptr;
+            lock.unlock();
+            task();
+            lock.lock();
+          } else {
+            return;  // stop, with nothing left to run
+          }
+        }
+      });
+    }
+    // The gate admits one load at a time, so no task is waiting here.
+    worker_task_ = [this, lease = match.lease, dst, plan, job] { stream_load(lease, dst, plan, job); };
+  }
+  worker_cv_.notify_one();
+  return TransferHandle(std::move(job));
+}
+
+void Client::stream_load(LeaseId lease, const KvBuffer& dst, LoadPlan plan, const std::shared_ptr<detail::JobState>& job) {
+  const uint32_t layers = layout_.num_layers;
+  const size_t n = dst.block_count();
+  const size_t chunks = (n + plan.blocks - 1) / plan.blocks;
+  struct Slice {
+    uint32_t l0 = 0, nl = 0;
+    size_t b0 = 0, nb = 0;
+    uint64_t offset = 0;  // in the window
+    bool ends_layers = false;  // the last chunk of its layers: they are complete once it lands
+    uint32_t id = 0;
+  };
+  // Slices in layer order: every block of layers [l0, l0 + nl), then the next layers.
+  auto slice_at = [&](size_t k) {
+    Slice s;
+    s.l0 = static_cast<uint32_t>(k / chunks) * plan.layers;
+    s.nl = std::min(plan.layers, layers - s.l0);
+    s.b0 = (k % chunks) * plan.blocks;
+    s.nb = std::min(plan.blocks, n - s.b0);
+    s.offset = plan.half ? (k % 2) * plan.half : 0;
+    s.ends_layers = k % chunks == chunks - 1;
+    return s;
+  };
+  Status st;
   TransferEngine* eng = nullptr;
   if (dst.memory != LocationKind::kHost) {
     auto e = engine();
-    if (!e) return e.status();
-    eng = *e;
+    if (e) eng = *e;
+    else st = e.status();
   }
-  for (size_t b0 = 0; b0 < n; b0 += window_blocks_) {
-    const auto count = static_cast<uint32_t>(std::min<size_t>(window_blocks_, n - b0));
-    std::vector<std::byte> req, reply;
-    proto::encode(proto::LoadRequest{.lease = match.lease, .first_block = static_cast<uint32_t>(b0),
-                                     .block_count = count, .window_offset = 0},
+  std::vector<Slice> in_flight;  // at most two, oldest first
+  size_t next = 0;
+  const size_t depth = plan.half ? 2 : 1;
+  auto send_next = [&]() -> Status {
+    Slice s = slice_at(next++);
+    std::vector<std::byte> req;
+    proto::encode(proto::LoadRequest{.lease = lease, .first_block = static_cast<uint32_t>(s.b0),
+                                     .block_count = static_cast<uint32_t>(s.nb), .window_offset = s.offset,
+                                     .layer_begin = s.l0, .layer_count = s.nl},
                   req);
-    KVTIER_RETURN_IF_ERROR(call(Op::kLoad, req, reply));
-    // The window is reused by the next chunk: this chunk's copy must be complete first.
-    auto h = scatter_blocks(layout_, window_, dst, b0, count, eng);
-    if (!h) return h.status();
-    KVTIER_RETURN_IF_ERROR(h->wait());
+    auto id = send_request(Op::kLoad, req);
+    if (!id) return id.status();
+    s.id = *id;
+    in_flight.push_back(s);
+    return Status::ok();
+  };
+  while (st.is_ok() && next < plan.slices && in_flight.size() < depth) st = send_next();
+  while (!in_flight.empty()) {
+    const Slice s = in_flight.front();
+    in_flight.erase(in_flight.begin());
+    std::vector<std::byte> reply;
+    const Status got = recv_reply(Op::kLoad, s.id, reply);
+    const bool transport = got.code() == StatusCode::kUnavailable || got.code() == StatusCode::kProtocolError;
+    if (st.is_ok()) st = got;
+    if (transport) {  // the connection is gone or out of step: later calls fail cleanly too
+      ::shutdown(fd_, SHUT_RDWR);
+      break;
+    }
+    if (!st) continue;     // after an error, only read the replies still owed
+    // The other buffer is being filled meanwhile; this one is reused once its copy is done.
+    auto h = scatter_blocks(layout_, window_ + s.offset, dst, s.b0, s.nb, eng, {s.l0, s.nl});
+    st = h ? h->wait() : h.status();
+    if (!st) continue;
+    if (s.ends_layers) {
+      for (uint32_t l = s.l0; l < s.l0 + s.nl; ++l) job->segment_arrived(l);
+    }
+    if (next < plan.slices && !job->cancel_requested()) st = send_next();
   }
-  return finished_handle(layout_.num_layers);
+  if (!st) job->record_error(st);
+  gate_.unlock();  // before the job is final: a waiter's next call must not find the gate held
+  job->finish({});
 }
 
 Status Client::release(const Match& match) {
   if (match.lease == kNoLease) return Status::ok();
-  std::lock_guard lock(mu_);
+  std::lock_guard lock(gate_);
   std::vector<std::byte> req, reply;
   proto::encode(proto::ReleaseRequest{.lease = match.lease}, req);
   return call(Op::kRelease, req, reply);
@@ -185,7 +314,7 @@ Result<size_t> Client::save(NamespaceId ns, std::span<const TokenId> tokens, con
   const uint32_t bt = layout_.block_tokens;
   if (full == first_block) return size_t{0};
   if (window_blocks_ == 0) return invalid("the shared window cannot hold one block");
-  std::lock_guard lock(mu_);
+  std::lock_guard lock(gate_);
   TransferEngine* eng = nullptr;
   if (src.memory != LocationKind::kHost) {
     auto e = engine();
@@ -214,7 +343,7 @@ Result<size_t> Client::save(NamespaceId ns, std::span<const TokenId> tokens, con
 
 Result<uint64_t> Client::prefix_call(Op op, NamespaceId ns, uint8_t arg, std::span<const TokenId> tokens,
                                      std::span<const BlockExtra> extras) {
-  std::lock_guard lock(mu_);
+  std::lock_guard lock(gate_);
   std::vector<std::byte> req, reply;
   proto::encode(proto::PrefixRequest{.namespace_id = ns, .arg = arg, .tokens = {tokens.begin(), tokens.end()},
                                      .extras = to_vector(extras)},
@@ -245,7 +374,7 @@ Result<size_t> Client::unpin(NamespaceId ns, std::span<const TokenId> tokens, st
 }
 
 Result<std::string> Client::metrics_text() {
-  std::lock_guard lock(mu_);
+  std::lock_guard lock(gate_);
   std::vector<std::byte> reply;
   KVTIER_RETURN_IF_ERROR(call(Op::kStats, {}, reply));
   proto::StatsReply out;

@@ -2,17 +2,28 @@
 // (a memfd it maps and hands to the daemon at hello); loads and saves move KV through the window
 // in chunks that fit it, so bytes never cross the socket. One request is in flight per client at
 // a time (calls from several threads queue); use one Client per engine worker for parallelism.
+//
+// A load larger than a few MiB streams layer by layer: it returns at once, and a worker thread
+// asks the daemon for one slice of layers at a time into one half of the window while it copies
+// the previous slice out of the other half, so wait_layer(0) returns long before the last layer
+// has arrived and the engine's first layers overlap the rest of the restore. Until the load is
+// final, the client's other calls wait for it.
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <semaphore>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "api/src/protocol.h"
 #include "api/src/socket_io.h"
 #include "kvtier/store.h"
+#include "transfer/job_state.h"
 
 namespace kvtier {
 
@@ -45,8 +56,9 @@ class Client final : public KvStore {
   Result<NamespaceId> open_namespace(const NamespaceRequest& request) override;
   Result<Match> lookup(NamespaceId ns, std::span<const TokenId> tokens,
                        std::span<const BlockExtra> extras = {}) override;
-  /// Runs to completion before it returns (the daemon fills the window a chunk at a time); the
-  /// handle is final and every layer has arrived.
+  /// A small load runs to completion before it returns. A larger one returns at once and streams in
+  /// layer order (see above): wait_layer(l) returns once layer l of every block is in `dst`.
+  /// `dst` must stay valid until the handle is final; cancel() stops after the slice in flight.
   Result<TransferHandle> load(const Match& match, const KvBuffer& dst) override;
   Status release(const Match& match) override;
   Result<size_t> save(NamespaceId ns, std::span<const TokenId> tokens, const KvBuffer& src,
@@ -64,12 +76,43 @@ class Client final : public KvStore {
   Client() = default;
   /// One request/reply round trip; `reply` receives the reply body when the status is ok.
   Status call(proto::Op op, const std::vector<std::byte>& request, std::vector<std::byte>& reply, int pass_fd = -1);
+  /// The halves of call(), for requests in flight back to back; returns the request id.
+  Result<uint32_t> send_request(proto::Op op, const std::vector<std::byte>& request, int pass_fd = -1);
+  Status recv_reply(proto::Op op, uint32_t id, std::vector<std::byte>& reply);
+
+  /// How a load is cut into slices: layers [l0, l0 + layers) of blocks [b0, b0 + blocks).
+  struct LoadPlan {
+    uint32_t layers = 0;     // per slice (the last group may have fewer)
+    size_t blocks = 0;       // per slice (the last chunk may have fewer)
+    uint64_t half = 0;       // bytes of each of the two window buffers (0: one buffer only)
+    size_t slices = 0;
+  };
+  LoadPlan plan_load(size_t n) const;
+  /// Runs a sliced load; marks each layer on `job` as it lands, finishes `job`. Holds the gate.
+  void stream_load(LeaseId lease, const KvBuffer& dst, LoadPlan plan,
+                   const std::shared_ptr<detail::JobState>& job);
+
+  /// The per-client lock, as a semaphore so the load worker may release what load() acquired.
+  class Gate {
+   public:
+    void lock() { sem_.acquire(); }
+    void unlock() { sem_.release(); }
+
+   private:
+    std::binary_semaphore sem_{1};
+  };
   Result<uint64_t> prefix_call(proto::Op op, NamespaceId ns, uint8_t arg, std::span<const TokenId> tokens,
                                std::span<const BlockExtra> extras);
   /// The copy engine for device buffers, made on first use.
   Result<TransferEngine*> engine();
 
-  std::mutex mu_;  // one request in flight; guards the window and next_request_
+  Gate gate_;  // one request (or streaming load) in flight; guards the socket, window, next_request_
+  // The load worker: runs at most one streaming load (the gate admits one), started on first use.
+  std::mutex worker_mu_;
+  std::condition_variable worker_cv_;
+  std::function<void()> worker_task_;
+  bool worker_stop_ = false;
+  std::thread worker_;
   int fd_ = -1;
   std::unique_ptr<proto::FrameReader> reader_;  // reads fd_'s replies
   std::byte* window_ = nullptr;

@@ -113,12 +113,22 @@ Status gather_blocks(const KvLayout& layout, const KvBuffer& src, size_t first, 
 }
 
 Result<TransferHandle> scatter_blocks(const KvLayout& layout, const std::byte* in, const KvBuffer& dst,
-                                      size_t first, size_t count, TransferEngine* engine) {
+                                      size_t first, size_t count, TransferEngine* engine, LayerRange range) {
   if (first + count > dst.block_count()) return invalid("scatter past the KV buffer's blocks");
-  const uint32_t layers = layout.num_layers;
+  const uint32_t layers = range.size(layout.num_layers);
+  if (layers == 0) return invalid("scatter: the layer range is outside the layout's layers");
+  const uint64_t layer_bytes = layout.bytes_per_block_layer();
+  const uint64_t stride = layers * layer_bytes;  // one block of `in`
   if (dst.is_paged()) {
+    // `in` is canonical blocks of a model with just these layers; the engine tensors from
+    // range.begin on are its layer tensors.
+    KvLayout part = layout;
+    part.num_layers = layers;
+    KvBuffer view = dst;
+    view.layer_base.erase(view.layer_base.begin(), view.layer_base.begin() + range.begin);
+    view.layer_base.resize(layers);
     std::vector<int32_t> slots;
-    kernels::PagePackArgs a = pack_args(layout, dst, first, count, in, slots);
+    kernels::PagePackArgs a = pack_args(part, view, first, count, in, slots);
     a.layer_count = 1;
     for (uint32_t l = 0; l < layers; ++l) {  // layer by layer, as a layered engine would consume it
       a.layer_begin = l;
@@ -126,14 +136,11 @@ Result<TransferHandle> scatter_blocks(const KvLayout& layout, const std::byte* i
     }
     return finished_handle(layers);
   }
-  const uint64_t bpb = layout.bytes_per_block();
-  const uint64_t layer_bytes = layout.bytes_per_block_layer();
+  auto to = [&](size_t i, uint32_t l) { return dst.blocks[first + i] + uint64_t(range.begin + l) * layer_bytes; };
   if (!engine) {
     if (dst.memory != LocationKind::kHost) return invalid("device KV needs a copy engine");
     for (uint32_t l = 0; l < layers; ++l) {
-      for (size_t i = 0; i < count; ++i) {
-        std::memcpy(dst.blocks[first + i] + l * layer_bytes, in + i * bpb + l * layer_bytes, layer_bytes);
-      }
+      for (size_t i = 0; i < count; ++i) std::memcpy(to(i, l), in + i * stride + l * layer_bytes, layer_bytes);
     }
     return finished_handle(layers);
   }
@@ -141,11 +148,10 @@ Result<TransferHandle> scatter_blocks(const KvLayout& layout, const std::byte* i
   job.num_layers = layers;
   for (uint32_t l = 0; l < layers; ++l) {
     for (size_t i = 0; i < count; ++i) {
-      std::byte* to = dst.blocks[first + i] + l * layer_bytes;
       job.segments.push_back({.layer = l, .bytes = layer_bytes,
-                              .src = Location::host(in + i * bpb + l * layer_bytes),
-                              .dst = dst.memory == LocationKind::kDevice ? Location::device_memory(to)
-                                                                         : Location::host(to)});
+                              .src = Location::host(in + i * stride + l * layer_bytes),
+                              .dst = dst.memory == LocationKind::kDevice ? Location::device_memory(to(i, l))
+                                                                         : Location::host(to(i, l))});
     }
   }
   if (job.segments.empty()) return finished_handle(layers);

@@ -36,8 +36,13 @@ Status gather_blocks(const KvLayout& layout, const KvBuffer& src, size_t first, 
 /// wait_layer(l) returns as soon as layer l is in place; paged host destinations are unpacked
 /// layer by layer before the (already final) handle returns. With a null `engine` (host
 /// destinations only) canonical blocks are copied in place, layer by layer, before it returns.
+///
+/// With `layers` (default: all), `in` holds only those layers of each block, back to back
+/// (count blocks of layers.size() × bytes_per_block_layer), and only they are written; the
+/// handle's layer i is layer layers.begin + i.
 Result<TransferHandle> scatter_blocks(const KvLayout& layout, const std::byte* in, const KvBuffer& dst,
-                                      size_t first, size_t count, TransferEngine* engine);
+                                      size_t first, size_t count, TransferEngine* engine,
+                                      LayerRange layers = {});
 
 /// Extras must be sorted by block index and belong to full blocks (< full_blocks): a chunked
 /// save hands each chunk the extras below its end, so an unsorted list would lose some.

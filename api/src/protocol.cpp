@@ -401,6 +401,8 @@ void encode(const LoadRequest& m, std::vector<std::byte>& out) {
   w.u32(m.first_block);
   w.u32(m.block_count);
   w.u64(m.window_offset);
+  w.u32(m.layer_begin);
+  w.u32(m.layer_count);
 }
 
 Status decode(std::span<const std::byte> in, LoadRequest& m) {
@@ -408,7 +410,9 @@ Status decode(std::span<const std::byte> in, LoadRequest& m) {
     KVTIER_RETURN_IF_ERROR(r.u64(t.lease, "lease"));
     KVTIER_RETURN_IF_ERROR(r.u32(t.first_block, "first_block"));
     KVTIER_RETURN_IF_ERROR(r.u32(t.block_count, "block_count"));
-    return r.u64(t.window_offset, "window_offset");
+    KVTIER_RETURN_IF_ERROR(r.u64(t.window_offset, "window_offset"));
+    KVTIER_RETURN_IF_ERROR(r.u32(t.layer_begin, "layer_begin"));
+    return r.u32(t.layer_count, "layer_count");
   });
 }
 

@@ -110,7 +110,10 @@ struct LoadRequest {
   uint64_t lease = 0;
   uint32_t first_block = 0;   // blocks [first_block, first_block + block_count) of the match
   uint32_t block_count = 0;
-  uint64_t window_offset = 0; // where block first_block goes; the rest follow, bytes_per_block apart
+  uint64_t window_offset = 0; // where block first_block goes; the rest follow back to back
+  uint32_t layer_begin = 0;   // layers [layer_begin, layer_begin + layer_count) of each block;
+  uint32_t layer_count = 0;   // 0: every layer from layer_begin on. Each block's layers lie back
+                              // to back, so a block takes layer_count × bytes_per_block_layer
 };
 struct LoadReply {
   uint32_t blocks = 0;          // blocks written into the window

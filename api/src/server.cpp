@@ -280,7 +280,8 @@ struct Handler {
   bool fatal = false;
   std::vector<std::byte> body;
   // Measured by the request loop:
-  uint64_t restored_tokens = 0, loaded_bytes = 0, saved_bytes = 0, nvme_blocks = 0, loaded_blocks = 0;
+  uint64_t restored_tokens = 0, loaded_bytes = 0, saved_bytes = 0, nvme_blocks = 0;
+  double loaded_blocks = 0;  // whole-block equivalents (a request may carry some layers only)
   uint64_t asked_tokens = 0, hit_tokens = 0;
 
   template <class M>
@@ -436,9 +437,15 @@ Status Handler::load(std::span<const std::byte> payload) {
     return invalid("blocks [" + std::to_string(req.first_block) + ", +" + std::to_string(req.block_count) +
                    ") are outside the lease's " + std::to_string(m.blocks.size()) + " blocks");
   }
-  const uint64_t bpb = store.layout().bytes_per_block();
-  if (req.block_count > UINT64_MAX / bpb) return invalid("block count overflows");
-  auto base = s.window_span(req.window_offset, uint64_t(req.block_count) * bpb);
+  const uint32_t all_layers = store.layout().num_layers;
+  if (req.layer_begin >= all_layers || req.layer_count > all_layers - req.layer_begin) {
+    return invalid("layers [" + std::to_string(req.layer_begin) + ", +" + std::to_string(req.layer_count) +
+                   ") are outside the layout's " + std::to_string(all_layers));
+  }
+  const uint32_t layers = req.layer_count == 0 ? all_layers - req.layer_begin : req.layer_count;
+  const uint64_t block_bytes = uint64_t(layers) * store.layout().bytes_per_block_layer();  // in the window
+  if (req.block_count > UINT64_MAX / block_bytes) return invalid("block count overflows");
+  auto base = s.window_span(req.window_offset, uint64_t(req.block_count) * block_bytes);
   if (!base) return base.status();
   Match part;
   part.lease = m.lease;
@@ -447,7 +454,7 @@ Status Handler::load(std::span<const std::byte> payload) {
   uint32_t from_nvme = 0;
   std::vector<std::byte*> dsts;
   for (size_t i = 0; i < part.blocks.size(); ++i) {
-    dsts.push_back(*base + i * bpb);
+    dsts.push_back(*base + i * block_bytes);
     auto now = store.tiers().index().get(part.blocks[i].key);
     if (now && !now->resident_in(Tier::kHost) && !now->resident_in(Tier::kHbm)) ++from_nvme;
   }
@@ -467,16 +474,17 @@ Status Handler::load(std::span<const std::byte> payload) {
     held.push_back(b.key);
   }
   if (!part.blocks.empty()) {
-    auto h = store.tiers().load(part, dsts, LocationKind::kHost);
+    auto h = store.tiers().load(part, dsts, LocationKind::kHost, {}, {req.layer_begin, layers});
     Status st = h ? h->wait() : h.status();
     unpin_all();
     KVTIER_RETURN_IF_ERROR(st);
   } else {
     unpin_all();
   }
-  restored_tokens = part.tokens;
-  loaded_bytes = uint64_t(req.block_count) * bpb;
-  loaded_blocks = req.block_count;
+  // A load in layer slices restores its tokens once: with the slice that ends at the last layer.
+  if (req.layer_begin + layers == all_layers) restored_tokens = part.tokens;
+  loaded_bytes = uint64_t(req.block_count) * block_bytes;
+  loaded_blocks = double(req.block_count) * layers / all_layers;
   nvme_blocks = from_nvme;
   proto::encode(proto::LoadReply{.blocks = req.block_count, .from_nvme = from_nvme}, body);
   return Status::ok();
@@ -626,7 +634,7 @@ void Server::serve(std::shared_ptr<Session> session) {
     m_->blocks_from_nvme->add(h.nvme_blocks);
     m_->lookup_tokens->add(h.asked_tokens);
     m_->lookup_hit_tokens->add(h.hit_tokens);
-    if (h.loaded_blocks) m_->load_seconds_per_block->observe(secs / double(h.loaded_blocks));
+    if (h.loaded_blocks > 0) m_->load_seconds_per_block->observe(secs / h.loaded_blocks);
     if (h.fatal) {
       m_->protocol_errors->add(1);
       spdlog::warn("kvtierd: closing client {} (pid {}): {}", s.id, s.pid, st.to_string());

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <memory>
+#include <new>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -696,32 +698,40 @@ Result<size_t> TierManager::promote(std::span<const BlockKey> keys, Tier to) {
 }
 
 Result<TransferHandle> TierManager::load(const Match& match, std::span<std::byte* const> destinations,
-                                         LocationKind dst_kind, TransferCallback callback) {
+                                         LocationKind dst_kind, TransferCallback callback, LayerRange range) {
   if (match.lease == kNoLease) return invalid_argument("load needs a leased match (MatchOptions::take_lease)");
   if (destinations.size() != match.blocks.size()) {
     return invalid_argument("load: " + std::to_string(destinations.size()) + " destinations for " +
                             std::to_string(match.blocks.size()) + " matched blocks");
   }
   if (dst_kind == LocationKind::kStorage) return invalid_argument("load destinations are memory");
+  const uint32_t all_layers = options_.layout.num_layers;
+  if (range.begin >= all_layers || range.count > all_layers - range.begin) {
+    return invalid_argument("load: layers [" + std::to_string(range.begin) + ", +" + std::to_string(range.count) +
+                            ") are outside the layout's " + std::to_string(all_layers));
+  }
+  const uint32_t layers = range.count == 0 ? all_layers - range.begin : range.count;
+  const bool whole_blocks = layers == all_layers;
+  const uint64_t layer_bytes = options_.layout.bytes_per_block_layer();
   auto dst_at = [&](size_t b, uint64_t off) {
     return dst_kind == LocationKind::kDevice ? Location::device_memory(destinations[b] + off)
                                              : Location::host(destinations[b] + off);
   };
 
   // Blocks only on NVMe: restore them into the host tier first (verified), so the layered copy
-  // below reads memory. What the host tier cannot take is read straight into its destination.
+  // below reads memory. What the host tier cannot take is read whole (verified) straight into its
+  // destination, or, for a load of some layers only, into a scratch block the layers come from.
   std::vector<BlockKey> nvme_only;
   for (const BlockResidency& r : match.blocks) {
     if (!r.resident_in(Tier::kHbm) && !r.resident_in(Tier::kHost)) nvme_only.push_back(r.key);
   }
   if (!nvme_only.empty() && options_.promote_on_hit) promote(nvme_only, Tier::kHost).ignore();
 
-  const uint32_t layers = options_.layout.num_layers;
-  const uint64_t layer_bytes = options_.layout.bytes_per_block_layer();
   JobSpec direct;  // whole-block, verified reads for blocks still only on NVMe
+  std::vector<std::pair<size_t, size_t>> from_scratch;  // (block, scratch index): partial loads
+  std::vector<std::pair<size_t, Location>> from_memory;  // (block, its slot in HBM or host)
   JobSpec job;
   job.num_layers = layers;
-  job.callback = std::move(callback);
   for (size_t b = 0; b < match.blocks.size(); ++b) {
     auto where = index_->get(match.blocks[b].key);
     if (!where) return not_found("block " + match.blocks[b].key.to_hex() + " left the index (lease expired?)");
@@ -731,16 +741,43 @@ Result<TransferHandle> TierManager::load(const Match& match, std::span<std::byte
     } else if (where->resident_in(Tier::kHost)) {
       src = Tier::kHost;
     } else {
-      direct.segments.push_back({.layer = 0, .bytes = block_bytes_, .src = block_location(*where, Tier::kNvme),
-                                 .dst = dst_at(b, 0), .verify = dst_kind == LocationKind::kHost,
-                                 .expected_xxh3_64 = where->checksum});
+      Segment read{.layer = 0, .bytes = block_bytes_, .src = block_location(*where, Tier::kNvme),
+                   .verify = true, .expected_xxh3_64 = where->checksum};
+      if (whole_blocks) {
+        read.dst = dst_at(b, 0);
+        read.verify = dst_kind == LocationKind::kHost;
+      } else {
+        from_scratch.emplace_back(b, from_scratch.size());
+      }
+      direct.segments.push_back(read);
       continue;
     }
-    const Location base = block_location(*where, src);
-    for (uint32_t l = 0; l < layers; ++l) {
+    from_memory.emplace_back(b, block_location(*where, src));
+  }
+  std::shared_ptr<std::byte[]> scratch;
+  if (!from_scratch.empty()) {
+    // Page-aligned, so the verified reads go straight from the disk into it.
+    const size_t bytes = from_scratch.size() * block_bytes_;
+    scratch = std::shared_ptr<std::byte[]>(new (std::align_val_t{4096}) std::byte[bytes],
+                                           [](std::byte* p) { ::operator delete[](p, std::align_val_t{4096}); });
+    for (size_t k = 0; k < direct.segments.size(); ++k) {  // all of them: none is whole_blocks
+      direct.segments[k].dst = Location::host(scratch.get() + k * block_bytes_);
+    }
+    for (auto [b, k] : from_scratch) from_memory.emplace_back(b, Location::host(scratch.get() + k * block_bytes_));
+    // The copies out of the scratch block run in `job`: it lives until the job is final.
+    job.callback = [scratch, cb = std::move(callback)](const Status& s) {
+      if (cb) cb(s);
+    };
+  } else {
+    job.callback = std::move(callback);
+  }
+  // Layer-major: the engine issues segments in order, so layer 0 of every block lands first and
+  // wait_layer(0) returns after 1/layers of the copy, not at its end.
+  for (uint32_t i = 0; i < layers; ++i) {
+    for (const auto& [b, base] : from_memory) {
       Location from = base;
-      from.ptr += l * layer_bytes;
-      job.segments.push_back({.layer = l, .bytes = layer_bytes, .src = from, .dst = dst_at(b, l * layer_bytes)});
+      from.ptr += uint64_t(range.begin + i) * layer_bytes;
+      job.segments.push_back({.layer = i, .bytes = layer_bytes, .src = from, .dst = dst_at(b, i * layer_bytes)});
     }
   }
   if (!direct.segments.empty()) {

@@ -129,9 +129,13 @@ class TierManager {
   /// wait_layer(l) returns as soon as layer l of every block has arrived. Blocks found only on
   /// NVMe are first restored (checksum verified) into the host tier, or, when the host tier is
   /// full, straight through staging; a corrupt block fails the load with kChecksumMismatch.
+  ///
+  /// `layers` restricts the load to layers [begin, begin + count) of every block (count 0: to the
+  /// last layer); each destination then holds just those layers back to back, layer l at
+  /// (l - begin) × bytes_per_block_layer, and the handle's layer i is layer begin + i.
   Result<TransferHandle> load(const Match& match, std::span<std::byte* const> destinations,
                               LocationKind dst_kind = LocationKind::kHost,
-                              TransferCallback callback = {});
+                              TransferCallback callback = {}, LayerRange layers = {});
 
   /// Copies `keys` up into `to` (kHost or kHbm) from the fastest tier holding them. NVMe → HBM
   /// runs as one pipelined job through staging. Blocks already there are skipped.

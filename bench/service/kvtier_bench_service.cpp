@@ -6,10 +6,14 @@
 //   b) 64 clients at once, a mixed workload for a fixed time: ~70% lookup + load + release of
 //      shared (pinned) prefixes, ~20% save of new prompts, ~10% lookup of misses; vs the same
 //      workload on 64 threads calling the Store directly              goal: 0 errors
+//   c) one large load through the daemon, a 1K-token prompt of a Llama-3.1-8B layout (32 layers,
+//      2 MiB blocks, 128 MiB): time until wait_layer(0) returns and until the whole load is in
+//      place, for the Client (the load streams a slice of layers at a time through the window)
+//      and the in-process Store, next to one memcpy of the same bytes
 // The daemon is a Server started in this process (its own accept and per-connection threads);
 // the clients are threads of this process, each with its own Client connection and window.
 // NVMe is off: this measures the socket path, not the disk. Median of repeats, with min and max.
-// Rerun: build/default/bench/service/kvtier_bench_service [repeats] [seconds] [lookup: a) only]
+// Rerun: build/default/bench/service/kvtier_bench_service [repeats] [seconds] [lookup | layered: a) or c) only]
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -260,13 +264,101 @@ void print_mixed(const char* title, const MixedResult& r, uint64_t bytes_per_loa
   }
 }
 
+// ---- c) one large load, layer by layer -----------------------------------------------------------
+
+struct LayeredResult {
+  std::vector<double> sock_first, sock_all, proc_first, proc_all, memcpy_all;  // ms per repeat
+};
+
+LayeredResult run_layered(int repeats) {
+  constexpr size_t kTokens = 1024;
+  char dir_template[] = "/tmp/kvtier_bench_layered.XXXXXX";
+  if (!::mkdtemp(dir_template)) must(Status(StatusCode::kIoError, "mkdtemp failed"), "temp dir");
+  const std::string dir = dir_template;
+  ServiceConfig config;
+  config.data_dir = dir;
+  config.layout = KvLayout{AttentionKind::kStandard, 32, 8, 128, Dtype::kBf16, 16};  // 2 MiB blocks
+  config.host_bytes = 192ull << 20;
+  config.nvme_enabled = false;
+  config.hbm_enabled = false;
+  config.metrics_listen = "";
+  config.secret = "kvtier-bench-layered";
+  must(resolve(config), "resolve");
+  auto server = Server::start(config);
+  must(server.status(), "server");
+  Store& store = (*server)->store();
+  const KvLayout layout = store.layout();
+  const uint64_t bpb = layout.bytes_per_block();
+  const size_t blocks = kTokens / layout.block_tokens;
+  auto ns = store.open_namespace({.model_id = "bench-layered", .tenant = "", .adapter_id = ""});
+  must(ns.status(), "open_namespace");
+  const auto prompt = synthetic_tokens(77, kTokens);
+  std::vector<std::byte> kv(blocks * bpb, std::byte{0x21}), out(blocks * bpb), copy(blocks * bpb);
+  must(store.save(*ns, prompt, KvBuffer::contiguous(kv.data(), blocks, bpb)).status(), "save");
+  auto client = Client::connect({.socket_path = (*server)->socket_path(), .window_bytes = 64ull << 20,
+                                 .name = "bench-layered"});
+  must(client.status(), "connect");
+  auto cns = (*client)->open_namespace({.model_id = "bench-layered", .tenant = "", .adapter_id = ""});
+  must(cns.status(), "client open_namespace");
+  auto time_load = [&](KvStore& s, NamespaceId n, std::vector<double>& first, std::vector<double>& all) {
+    auto m = s.lookup(n, prompt);
+    must(m.status(), "lookup");
+    if (m->blocks.size() != blocks) must(Status(StatusCode::kInternal, "the prompt matched short"), "lookup");
+    const auto t0 = Clock::now();
+    auto h = s.load(*m, KvBuffer::contiguous(out.data(), blocks, bpb));
+    must(h.status(), "load");
+    must(h->wait_layer(0), "wait_layer");
+    first.push_back(us_since(t0) / 1000);
+    must(h->wait(), "load");
+    all.push_back(us_since(t0) / 1000);
+    must(s.release(*m), "release");
+    if (std::memcmp(out.data(), kv.data(), out.size()) != 0) must(Status(StatusCode::kInternal, "bytes differ"), "load");
+  };
+  LayeredResult r;
+  std::vector<double> warm;
+  time_load(**client, *cns, warm, warm);  // first touch of the window and the output
+  time_load(store, *ns, warm, warm);
+  for (int i = 0; i < repeats; ++i) {
+    time_load(**client, *cns, r.sock_first, r.sock_all);
+    time_load(store, *ns, r.proc_first, r.proc_all);
+    const auto t0 = Clock::now();
+    std::memcpy(copy.data(), kv.data(), kv.size());
+    do_not_optimize(copy[copy.size() / 2]);
+    r.memcpy_all.push_back(us_since(t0) / 1000);
+  }
+  client->reset();
+  (*server)->request_stop();
+  must((*server)->wait(), "server stop");
+  server->reset();
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);
+  std::printf("\nc) one load of a cached %zu-token prompt, %s (%zu blocks, %.0f MiB), %d repeats\n"
+              "   median (min .. max), ms                first layer in place        whole load in place\n",
+              kTokens, layout.describe().c_str(), blocks, blocks * bpb / 1048576.0, repeats);
+  auto row = [](const char* what, const std::vector<double>& a, const std::vector<double>& b) {
+    const Summary x = summarize(a), y = summarize(b);
+    std::printf("  %-34s %8.2f (%6.2f .. %6.2f)  %8.2f (%6.2f .. %6.2f)\n", what, x.median, x.min, x.max, y.median,
+                y.min, y.max);
+  };
+  row("socket Client::load (64 MiB window)", r.sock_first, r.sock_all);
+  row("in-process Store::load", r.proc_first, r.proc_all);
+  row("reference: one memcpy of the bytes", r.memcpy_all, r.memcpy_all);
+  return r;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const int repeats = argc > 1 ? std::max(1, std::atoi(argv[1])) : 5;
   const double seconds = argc > 2 ? std::max(0.5, std::atof(argv[2])) : 3.0;
   const bool lookup_only = argc > 3 && std::strcmp(argv[3], "lookup") == 0;  // a) alone, for profiling
-  std::printf("rerun: %s %d %g%s\n", argv[0], repeats, seconds, lookup_only ? " lookup" : "");
+  const bool layered_only = argc > 3 && std::strcmp(argv[3], "layered") == 0;  // c) alone
+  std::printf("rerun: %s %d %g%s\n", argv[0], repeats, seconds, argc > 3 ? (std::string(" ") + argv[3]).c_str() : "");
+  if (layered_only) {
+    spdlog::set_level(spdlog::level::warn);
+    run_layered(repeats);
+    return 0;
+  }
   spdlog::set_level(spdlog::level::warn);  // the server's startup lines; its warnings still show
 
   char dir_template[] = "/tmp/kvtier_bench_service.XXXXXX";
@@ -387,6 +479,8 @@ int main(int argc, char** argv) {
   print_mixed("in-process: 64 threads on the Store", direct, mixed_blocks * bpb);
   clients.clear();
 
+  const LayeredResult layered = run_layered(repeats);
+
   // ---- summary --------------------------------------------------------------------------------
   const uint64_t errors = over_socket.errors + direct.errors;
   std::printf("\nsummary                                  kvtier (socket)  reference (in-process)    ratio  goal\n");
@@ -405,6 +499,12 @@ int main(int argc, char** argv) {
     const double s = percentile(over_socket.us[k], 0.5), d = percentile(direct.us[k], 0.5);
     std::printf("  mixed p50 %-28s %10.1f µs  %16.1f µs  %9.2f  -\n", kKindNames[k], s, d, d > 0 ? s / d : 0.0);
   }
+  const double sf = summarize(layered.sock_first).median, sa = summarize(layered.sock_all).median;
+  const double pf = summarize(layered.proc_first).median, pa = summarize(layered.proc_all).median;
+  const double mc = summarize(layered.memcpy_all).median;
+  std::printf("  128 MiB load, first layer in place      %10.2f ms  %16.2f ms  %9.2f  -\n", sf, pf, sf / pf);
+  std::printf("  128 MiB load, whole load in place       %10.2f ms  %16.2f ms  %9.2f  -\n", sa, pa, sa / pa);
+  std::printf("  128 MiB load, socket vs one memcpy      %10.2f ms  %16.2f ms  %9.2f  -\n", sa, mc, sa / mc);
 
   (*server)->request_stop();
   must((*server)->wait(), "server stop");

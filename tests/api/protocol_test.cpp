@@ -101,7 +101,7 @@ LookupReply sample_lookup_reply() {
 }
 LoadRequest sample_load() {
   return {.lease = 0x1234567890ull, .first_block = 2, .block_count = 5,
-          .window_offset = 0x0000000500000000ull};
+          .window_offset = 0x0000000500000000ull, .layer_begin = 3, .layer_count = 7};
 }
 SaveRequest sample_save() {
   return {.namespace_id = 9, .priority = static_cast<uint8_t>(Priority::kRetained),
@@ -186,6 +186,8 @@ TEST_CASE("Every request round-trips field by field") {
     CHECK(out.first_block == in.first_block);
     CHECK(out.block_count == in.block_count);
     CHECK(out.window_offset == in.window_offset);
+    CHECK(out.layer_begin == in.layer_begin);
+    CHECK(out.layer_count == in.layer_count);
   }
   {
     ReleaseRequest out;

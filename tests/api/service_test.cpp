@@ -225,6 +225,95 @@ TEST_CASE("Daemon: a client saves and restores through a window smaller than the
   }
 }
 
+TEST_CASE("Daemon: a load larger than half the window streams layer by layer", "[service]") {
+  TempDir dir("kvtier_svc");
+  auto server = start_server(test_config(dir.path()));
+  auto c = connect(*server, /*window=*/6 * kBlock);  // halves of 3 blocks: 7 slices per layer
+  auto ns = c->open_namespace({"m", "", ""});
+  REQUIRE(ns.is_ok());
+  const KvLayout L = c->layout();
+  const uint64_t lb = L.bytes_per_block_layer();
+  const auto prompt = synthetic_tokens(7, 16 * 20);
+  CHECK(save_prompt(*c, *ns, prompt) == 20);
+  const auto expect = prompt_kv(prompt, L, 0, 20);
+  auto m = c->lookup(*ns, prompt);
+  REQUIRE(m.is_ok());
+  REQUIRE(m->blocks.size() == 20);
+  std::vector<std::byte> got(20 * kBlock, std::byte{0xEE});
+  const KvBuffer dst = KvBuffer::contiguous(got.data(), 20, kBlock);
+
+  SECTION("each layer is in place when wait_layer returns, and the restore counts its tokens once") {
+    auto h = c->load(*m, dst);
+    REQUIRE(h.is_ok());
+    CHECK(h->num_layers() == 2);
+    REQUIRE(h->wait_layer(0).is_ok());
+    for (size_t b = 0; b < 20; ++b) CHECK(std::memcmp(got.data() + b * kBlock, expect.data() + b * kBlock, lb) == 0);
+    REQUIRE(h->wait_layer(1).is_ok());
+    REQUIRE(h->wait().is_ok());
+    CHECK(h->layers_done() == 2);
+    CHECK(got == expect);
+    REQUIRE(c->release(*m).is_ok());
+    auto text = c->metrics_text();
+    REQUIRE(text.is_ok());
+    CHECK(text->find("kvtierd_tokens_restored_total 320\n") != std::string::npos);
+  }
+  SECTION("into an engine's paged layout (vLLM, host memory)") {
+    const uint32_t pages = 24;
+    const uint64_t row = uint64_t(L.num_kv_heads) * L.head_dim * 2;  // one token of one plane
+    std::vector<std::vector<std::byte>> tensors(L.num_layers, std::vector<std::byte>(2 * pages * 16 * row));
+    std::vector<void*> bases;
+    for (auto& t : tensors) bases.push_back(t.data());
+    std::vector<int32_t> page_of(20);
+    for (int b = 0; b < 20; ++b) page_of[b] = (b * 7 + 3) % pages;
+    auto h = c->load(*m, KvBuffer::paged(kernels::EngineLayout::kVllm, bases, pages, page_of));
+    REQUIRE(h.is_ok());
+    REQUIRE(h->wait().is_ok());
+    for (uint32_t l = 0; l < L.num_layers; ++l) {
+      for (size_t b = 0; b < 20; ++b) {
+        for (uint32_t plane = 0; plane < 2; ++plane) {
+          for (uint32_t t = 0; t < 16; ++t) {
+            const uint64_t at = kernels::engine_row_offset(kernels::EngineLayout::kVllm, pages, 16, 1, row,
+                                                           static_cast<uint32_t>(page_of[b]), plane, t, 0);
+            REQUIRE(std::memcmp(tensors[l].data() + at, expect.data() + b * kBlock + l * lb + (plane * 16 + t) * row,
+                                row) == 0);
+          }
+        }
+      }
+    }
+    REQUIRE(c->release(*m).is_ok());
+  }
+  SECTION("a call made while it streams waits for it: release right after load") {
+    auto h = c->load(*m, dst);
+    REQUIRE(h.is_ok());
+    REQUIRE(c->release(*m).is_ok());  // queued behind the load's last slice
+    REQUIRE(h->wait().is_ok());
+    CHECK(got == expect);
+  }
+  SECTION("a lease that is gone fails the handle; the connection serves on") {
+    REQUIRE(c->release(*m).is_ok());
+    auto h = c->load(*m, dst);
+    REQUIRE(h.is_ok());  // streaming: the daemon's answer arrives on the handle
+    CHECK(h->wait().code() == StatusCode::kNotFound);
+    CHECK(restore_and_check(*c, *ns, prompt) == 320);
+  }
+  SECTION("cancel stops after the slices in flight; the connection serves on") {
+    auto h = c->load(*m, dst);
+    REQUIRE(h.is_ok());
+    h->cancel();
+    const Status s = h->wait();
+    CHECK((s.is_ok() || s.code() == StatusCode::kCancelled));
+    REQUIRE(c->release(*m).is_ok());
+    CHECK(restore_and_check(*c, *ns, prompt) == 320);
+  }
+  SECTION("a client destroyed mid-load finishes the load first") {
+    auto h = c->load(*m, dst);
+    REQUIRE(h.is_ok());
+    c.reset();
+    REQUIRE(h->wait().is_ok());
+    CHECK(got == expect);
+  }
+}
+
 TEST_CASE("Daemon: two processes share a prefix, byte-identical", "[service]") {
   TempDir dir("kvtier_svc");
   auto server = start_server(test_config(dir.path()));

@@ -6,7 +6,9 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <algorithm>
 #include <filesystem>
+#include <mutex>
 #include <random>
 #include <thread>
 
@@ -116,6 +118,102 @@ TEST_CASE("Saved blocks load back byte-identical, layer by layer") {
   REQUIRE(h->wait().is_ok());
   CHECK(std::memcmp(out.data(), kv.data(), out.size()) == 0);
   f.tm->index().release(m->lease).ignore();
+}
+
+namespace {
+/// The host copy engine, recording the destination of every copy in the order it was submitted.
+class RecordingCopyEngine final : public CopyEngine {
+ public:
+  Status submit(void* dst, const void* src, uint64_t bytes, CopyDirection d, CopyCallback done) override {
+    {
+      std::lock_guard lock(mu);
+      order.push_back(static_cast<std::byte*>(dst));
+    }
+    return inner->submit(dst, src, bytes, d, std::move(done));
+  }
+  void drain() override { inner->drain(); }
+  bool device_memory_is_host() const noexcept override { return inner->device_memory_is_host(); }
+  Status register_host_memory(void* base, size_t bytes) override { return inner->register_host_memory(base, bytes); }
+  void unregister_host_memory(void* base) noexcept override { inner->unregister_host_memory(base); }
+  std::string describe() const override { return "recording " + inner->describe(); }
+
+  std::unique_ptr<CopyEngine> inner = create_host_copy_engine();
+  std::mutex mu;
+  std::vector<std::byte*> order;
+};
+}  // namespace
+
+TEST_CASE("A load copies layer 0 of every block before any block's layer 1") {
+  Fixture f;
+  auto recorder = std::make_shared<RecordingCopyEngine>();
+  f.opts.transfer.copy_engine = recorder;
+  f.reopen();
+  auto tokens = prompt(3, 8);
+  REQUIRE(f.tm->save(f.ns, tokens, kv_for(tokens, layout())).is_ok());
+  auto m = f.tm->index().match(f.ns, tokens, {}, {.take_lease = true});
+  REQUIRE(m->blocks.size() == 8);
+  const uint64_t bb = layout().bytes_per_block(), lb = layout().bytes_per_block_layer();
+  std::vector<std::byte> out(8 * bb);
+  std::vector<std::byte*> dst;
+  for (int b = 0; b < 8; ++b) dst.push_back(out.data() + b * bb);
+  {
+    std::lock_guard lock(recorder->mu);
+    recorder->order.clear();
+  }
+  auto h = f.tm->load(*m, dst);
+  REQUIRE(h.is_ok());
+  REQUIRE(h->wait().is_ok());
+  std::vector<int> layer_of;  // per copy into `out`, in submission order
+  {
+    std::lock_guard lock(recorder->mu);
+    for (std::byte* d : recorder->order) {
+      if (d >= out.data() && d < out.data() + out.size()) layer_of.push_back(int(((d - out.data()) % bb) / lb));
+    }
+  }
+  REQUIRE(layer_of.size() == 16);
+  CHECK(std::is_sorted(layer_of.begin(), layer_of.end()));
+  f.tm->index().release(m->lease).ignore();
+}
+
+TEST_CASE("A load of some layers writes just those layers, packed, from memory and from NVMe") {
+  Fixture f;
+  auto tokens = prompt(2, 5);
+  auto kv = kv_for(tokens, layout());
+  REQUIRE(f.tm->save(f.ns, tokens, kv).is_ok());
+  const uint64_t bb = layout().bytes_per_block(), lb = layout().bytes_per_block_layer();
+  auto load_layer_1 = [&] {
+    auto m = f.tm->index().match(f.ns, tokens, {}, {.take_lease = true});
+    REQUIRE(m->blocks.size() == 5);
+    std::vector<std::byte> out(5 * lb + lb, std::byte{0x77});  // one spare block-layer: untouched
+    std::vector<std::byte*> dst;
+    for (int b = 0; b < 5; ++b) dst.push_back(out.data() + b * lb);
+    auto h = f.tm->load(*m, dst, LocationKind::kHost, {}, {.begin = 1, .count = 1});
+    REQUIRE(h.is_ok());
+    CHECK(h->num_layers() == 1);
+    REQUIRE(h->wait().is_ok());
+    for (int b = 0; b < 5; ++b) CHECK(std::memcmp(out.data() + b * lb, kv.data() + b * bb + lb, lb) == 0);
+    for (size_t i = 5 * lb; i < out.size(); ++i) REQUIRE(out[i] == std::byte{0x77});
+    f.tm->index().release(m->lease).ignore();
+  };
+  SECTION("from the host tier") { load_layer_1(); }
+  SECTION("from NVMe only, read whole and verified into scratch") {
+    REQUIRE(*f.tm->flush() == 5);
+    f.opts.promote_on_hit = false;  // no copy to the host tier: the direct path
+    f.reopen();
+    load_layer_1();
+    CHECK(f.tm->stats().tiers[int(Tier::kHost)].used_slots == 0);
+  }
+  SECTION("a range outside the layout is refused") {
+    auto m = f.tm->index().match(f.ns, tokens, {}, {.take_lease = true});
+    std::vector<std::byte> out(5 * bb);
+    std::vector<std::byte*> dst;
+    for (int b = 0; b < 5; ++b) dst.push_back(out.data() + b * bb);
+    CHECK(f.tm->load(*m, dst, LocationKind::kHost, {}, {.begin = 2, .count = 0}).status().code() ==
+          StatusCode::kInvalidArgument);
+    CHECK(f.tm->load(*m, dst, LocationKind::kHost, {}, {.begin = 1, .count = 2}).status().code() ==
+          StatusCode::kInvalidArgument);
+    f.tm->index().release(m->lease).ignore();
+  }
 }
 
 TEST_CASE("Under pressure host blocks are written back to NVMe and still load") {

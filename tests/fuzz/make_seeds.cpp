@@ -74,6 +74,7 @@ int main(int argc, char** argv) {
                                                       layout->fingerprint()})},
       {"lookup", request(Op::kLookup, LookupRequest{5, true, tokens(40), extras})},
       {"load", request(Op::kLoad, LoadRequest{42, 0, 2, 4096})},
+      {"load_layers", request(Op::kLoad, LoadRequest{42, 0, 2, 4096, 1, 2})},
       {"release", request(Op::kRelease, ReleaseRequest{42})},
       {"save", request(Op::kSave, SaveRequest{5, 2, 1, 8192, tokens(48), extras})},
       {"prefetch", request(Op::kPrefetch, PrefixRequest{5, 1, tokens(32), {}})},

@@ -116,4 +116,17 @@ struct KvLayout {
   friend bool operator==(const KvLayout&, const KvLayout&) = default;
 };
 
+/// Layers [begin, begin + count) of a block; count 0 means every layer from begin on. In a buffer
+/// that holds some layers only, each block's layers lie back to back in layer order.
+struct LayerRange {
+  uint32_t begin = 0;
+  uint32_t count = 0;
+
+  /// The number of layers this range covers in a model of `num_layers` (0 when it is outside).
+  constexpr uint32_t size(uint32_t num_layers) const noexcept {
+    if (begin >= num_layers || count > num_layers - begin) return 0;
+    return count == 0 ? num_layers - begin : count;
+  }
+};
+
 }  // namespace kvtier
