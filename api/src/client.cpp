@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 
 #include <fcntl.h>
@@ -31,26 +32,38 @@ Result<std::unique_ptr<Client>> Client::connect(ClientOptions options) {
   c->fd_ = *fd;
   c->reader_ = std::make_unique<proto::FrameReader>(c->fd_);
   int window_fd = -1;
-  if (options.window_bytes > 0) {
+  if (!proto::valid_mailbox_bytes(options.mailbox_bytes)) {
+    return invalid("mailbox_bytes must be 0 or a multiple of 4096 in [" + std::to_string(proto::kMinMailboxBytes) +
+                   ", " + std::to_string(proto::kMaxMailboxBytes) + "]");
+  }
+  const uint64_t mapped = options.mailbox_bytes ? proto::mailbox_offset(options.window_bytes) + options.mailbox_bytes
+                                                : options.window_bytes;
+  if (mapped > 0) {
     // Sealed against shrinking: the daemon refuses a window that could be truncated under it
     // (its copies would fault with SIGBUS).
     window_fd = ::memfd_create("kvtier-client-window", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    if (window_fd < 0 || ::ftruncate(window_fd, static_cast<off_t>(options.window_bytes)) != 0 ||
+    if (window_fd < 0 || ::ftruncate(window_fd, static_cast<off_t>(mapped)) != 0 ||
         ::fcntl(window_fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_SEAL) != 0) {
       Status s(StatusCode::kResourceExhausted, std::string("cannot create the shared window: ") + std::strerror(errno));
       if (window_fd >= 0) ::close(window_fd);
       return s;
     }
-    void* p = ::mmap(nullptr, options.window_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, window_fd, 0);
+    void* p = ::mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_SHARED, window_fd, 0);
     if (p == MAP_FAILED) {
       ::close(window_fd);
       return Status(StatusCode::kResourceExhausted, std::string("cannot map the shared window: ") + std::strerror(errno));
     }
     c->window_ = static_cast<std::byte*>(p);
     c->window_bytes_ = options.window_bytes;
+    c->mapped_bytes_ = mapped;
+    if (options.mailbox_bytes) {
+      c->mailbox_ = proto::Mailbox(c->window_ + proto::mailbox_offset(options.window_bytes), options.mailbox_bytes);
+    }
   }
   std::vector<std::byte> req, reply;
-  proto::encode(proto::HelloRequest{.window_bytes = options.window_bytes, .client_name = options.name}, req);
+  proto::encode(proto::HelloRequest{.window_bytes = options.window_bytes, .client_name = options.name,
+                                    .mailbox_bytes = options.mailbox_bytes},
+                req);
   Status s = c->call(Op::kHello, req, reply, window_fd);
   if (window_fd >= 0) ::close(window_fd);  // the mapping (ours and the daemon's) keeps the memory
   KVTIER_RETURN_IF_ERROR(s);
@@ -75,7 +88,7 @@ Client::~Client() {
     engine_->unregister_host_memory(window_);
     engine_.reset();
   }
-  if (window_) ::munmap(window_, window_bytes_);
+  if (window_) ::munmap(window_, mapped_bytes_);
 }
 
 Result<uint32_t> Client::send_request(Op op, const std::vector<std::byte>& request, int pass_fd) {
@@ -84,17 +97,23 @@ Result<uint32_t> Client::send_request(Op op, const std::vector<std::byte>& reque
   return id;
 }
 
-Status Client::recv_reply(Op op, uint32_t id, std::vector<std::byte>& reply) {
-  proto::FrameHeader header;
-  std::vector<std::byte> payload;
-  int received = -1;
-  Status got = reader_->next(header, payload, received);
-  if (received >= 0) ::close(received);
-  if (!got) {
-    return got.code() == StatusCode::kUnavailable
-               ? Status(StatusCode::kUnavailable, "kvtierd closed the connection: " + std::string(got.message()))
-               : got;
+Status Client::recv_frame(proto::FrameHeader& header, std::vector<std::byte>& payload) {
+  for (;;) {
+    int received = -1;
+    Status got = reader_->next(header, payload, received);
+    if (received >= 0) ::close(received);
+    if (!got) {
+      return got.code() == StatusCode::kUnavailable
+                 ? Status(StatusCode::kUnavailable, "kvtierd closed the connection: " + std::string(got.message()))
+                 : got;
+    }
+    // A doorbell that found this client awake after all: nothing to do.
+    if (header.op != (static_cast<uint16_t>(Op::kDoorbell) | proto::kReplyBit)) return Status::ok();
   }
+}
+
+Status Client::accept_reply(Op op, uint32_t id, const proto::FrameHeader& header, std::span<const std::byte> payload,
+                            std::vector<std::byte>& reply) {
   if (header.op != (static_cast<uint16_t>(op) | proto::kReplyBit) ||
       (header.request_id != id && header.request_id != 0)) {
     return Status(StatusCode::kProtocolError, "reply does not match the request");
@@ -107,7 +126,79 @@ Status Client::recv_reply(Op op, uint32_t id, std::vector<std::byte>& reply) {
   return Status::ok();
 }
 
+Status Client::recv_reply(Op op, uint32_t id, std::vector<std::byte>& reply) {
+  proto::FrameHeader header;
+  std::vector<std::byte> payload;
+  KVTIER_RETURN_IF_ERROR(recv_frame(header, payload));
+  return accept_reply(op, id, header, payload, reply);
+}
+
+Status Client::mailbox_call(Op op, const std::vector<std::byte>& request, std::vector<std::byte>& reply, bool& used) {
+  using proto::Mailbox;
+  used = false;
+  if (!mailbox_ || op == Op::kHello || proto::kHeaderBytes + request.size() > mailbox_.slot_bytes()) {
+    return Status::ok();
+  }
+  used = true;
+  const uint32_t id = next_request_++;
+  frame_.resize(proto::kHeaderBytes);
+  proto::encode_header({.op = static_cast<uint16_t>(op), .request_id = id,
+                        .payload_bytes = static_cast<uint32_t>(request.size())},
+                       frame_.data());
+  frame_.insert(frame_.end(), request.begin(), request.end());
+  const uint32_t seq = ++mailbox_seq_;
+  if (mailbox_.publish(Mailbox::kRequest, frame_, seq)) {  // the daemon's thread sleeps: wake it
+    KVTIER_RETURN_IF_ERROR(proto::send_frame(fd_, static_cast<uint16_t>(Op::kDoorbell), 0, {}));
+  }
+  // Spin for the reply a while (no system call), then park on the socket until the doorbell.
+  proto::FrameHeader header;
+  std::vector<std::byte> payload;
+  bool from_socket = false;  // the reply itself arrived on the socket while parked
+  const auto start = std::chrono::steady_clock::now();
+  for (uint32_t i = 1; mailbox_.seq(Mailbox::kReply) != seq; ++i) {
+    if (i % 64 != 0 || std::chrono::steady_clock::now() - start < std::chrono::microseconds(30)) {
+#if defined(__x86_64__)
+      __builtin_ia32_pause();
+#endif
+      continue;
+    }
+    if (mailbox_.park(Mailbox::kReply) == seq) {
+      mailbox_.unpark(Mailbox::kReply);
+      break;
+    }
+    int received = -1;
+    Status got = reader_->next(header, payload, received);  // blocks until the doorbell
+    if (received >= 0) ::close(received);
+    mailbox_.unpark(Mailbox::kReply);
+    if (!got) {
+      return got.code() == StatusCode::kUnavailable
+                 ? Status(StatusCode::kUnavailable, "kvtierd closed the connection: " + std::string(got.message()))
+                 : got;
+    }
+    if (header.op == (static_cast<uint16_t>(Op::kDoorbell) | proto::kReplyBit)) continue;  // look again
+    from_socket = true;  // a reply too large for the mailbox (the slot then says "elsewhere")
+    break;
+  }
+  if (!from_socket) {
+    mailbox_.read(Mailbox::kReply, frame_);
+    if (frame_.empty()) {  // the reply went over the socket
+      KVTIER_RETURN_IF_ERROR(recv_frame(header, payload));
+    } else {
+      auto h = proto::decode_header(std::span<const std::byte>(frame_).first(std::min(frame_.size(), proto::kHeaderBytes)));
+      if (!h) return h.status();
+      if (h->payload_bytes != frame_.size() - proto::kHeaderBytes) {
+        return Status(StatusCode::kProtocolError, "the mailbox reply's length differs from its header's");
+      }
+      return accept_reply(op, id, *h, std::span<const std::byte>(frame_).subspan(proto::kHeaderBytes), reply);
+    }
+  }
+  return accept_reply(op, id, header, payload, reply);
+}
+
 Status Client::call(Op op, const std::vector<std::byte>& request, std::vector<std::byte>& reply, int pass_fd) {
+  bool used = false;
+  Status via_mailbox = mailbox_call(op, request, reply, used);
+  if (used) return via_mailbox;
   auto sent = send_request(op, request, pass_fd);
   // Even when the send failed, the daemon may have said why before it closed (a refused
   // identity, the client limit): that answer is the useful error.

@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "api/src/mailbox.h"
 #include "api/src/protocol.h"
 #include "api/src/socket_io.h"
 #include "kvtier/store.h"
@@ -35,6 +36,10 @@ struct ClientOptions {
   uint64_t window_bytes = 256ull << 20;
   /// Shown in the daemon's logs.
   std::string name = "kvtier-client";
+  /// Requests and replies that fit cross a shared-memory mailbox of this size while both sides are
+  /// awake, with no system call (api/src/mailbox.h). Default 516 KiB: two 256 KiB slots, lookups
+  /// of up to ~64K tokens. 0 sends everything over the socket.
+  uint32_t mailbox_bytes = proto::kDefaultMailboxBytes;
 };
 
 class Client final : public KvStore {
@@ -79,6 +84,14 @@ class Client final : public KvStore {
   /// The halves of call(), for requests in flight back to back; returns the request id.
   Result<uint32_t> send_request(proto::Op op, const std::vector<std::byte>& request, int pass_fd = -1);
   Status recv_reply(proto::Op op, uint32_t id, std::vector<std::byte>& reply);
+  /// The next frame from the socket that is not a doorbell.
+  Status recv_frame(proto::FrameHeader& header, std::vector<std::byte>& payload);
+  /// Checks a reply frame against its request and unwraps its status into `reply`.
+  Status accept_reply(proto::Op op, uint32_t id, const proto::FrameHeader& header,
+                      std::span<const std::byte> payload, std::vector<std::byte>& reply);
+  /// call() through the mailbox; false in `used` when the request does not fit it.
+  Status mailbox_call(proto::Op op, const std::vector<std::byte>& request, std::vector<std::byte>& reply,
+                      bool& used);
 
   /// How a load is cut into slices: layers [l0, l0 + layers) of blocks [b0, b0 + blocks).
   struct LoadPlan {
@@ -117,6 +130,10 @@ class Client final : public KvStore {
   std::unique_ptr<proto::FrameReader> reader_;  // reads fd_'s replies
   std::byte* window_ = nullptr;
   uint64_t window_bytes_ = 0;
+  uint64_t mapped_bytes_ = 0;  // the window and the mailbox after it
+  proto::Mailbox mailbox_;
+  uint32_t mailbox_seq_ = 0;   // the last request published in the mailbox
+  std::vector<std::byte> frame_;  // a mailbox frame being built or read
   uint64_t window_blocks_ = 0;
   KvLayout layout_;
   uint64_t client_id_ = 0;

@@ -245,7 +245,7 @@ Status check_prefix_arg(Op op, uint8_t arg) {
 }  // namespace
 
 bool is_known_op(uint16_t op) noexcept {
-  return op >= static_cast<uint16_t>(Op::kHello) && op <= static_cast<uint16_t>(Op::kStats);
+  return op >= static_cast<uint16_t>(Op::kHello) && op <= static_cast<uint16_t>(Op::kDoorbell);
 }
 
 // ---- header ----------------------------------------------------------------------------------
@@ -288,6 +288,7 @@ void encode(const HelloRequest& m, std::vector<std::byte>& out) {
   w.u16(m.max_version);
   w.u64(m.window_bytes);
   w.string(m.client_name);
+  w.u32(m.mailbox_bytes);
 }
 
 Status decode(std::span<const std::byte> in, HelloRequest& m) {
@@ -295,7 +296,8 @@ Status decode(std::span<const std::byte> in, HelloRequest& m) {
     KVTIER_RETURN_IF_ERROR(r.u16(t.min_version, "min_version"));
     KVTIER_RETURN_IF_ERROR(r.u16(t.max_version, "max_version"));
     KVTIER_RETURN_IF_ERROR(r.u64(t.window_bytes, "window_bytes"));
-    return r.string(t.client_name, "client_name");
+    KVTIER_RETURN_IF_ERROR(r.string(t.client_name, "client_name"));
+    return r.u32(t.mailbox_bytes, "mailbox_bytes");
   });
 }
 
@@ -568,9 +570,10 @@ Status validate_request(uint16_t op, std::span<const std::byte> payload) {
       return check_prefix_arg(static_cast<Op>(op), m.arg);
     }
     case Op::kStats:
+    case Op::kDoorbell:
       if (payload.empty()) return Status::ok();
-      return protocol_error("stats request: " + std::to_string(payload.size()) +
-                            " trailing bytes (its payload is empty)");
+      return protocol_error(std::string(op == uint16_t(Op::kStats) ? "stats" : "doorbell") + " request: " +
+                            std::to_string(payload.size()) + " trailing bytes (its payload is empty)");
   }
   return protocol_error("unknown op " + std::to_string(op));
 }

@@ -51,6 +51,8 @@ enum class Op : uint16_t {
   kPin = 8,            // pin a prefix (released on unpin or disconnect) and set its priority
   kUnpin = 9,
   kStats = 10,         // Prometheus text of the daemon's metrics
+  kDoorbell = 11,      // no payload, no reply: "look at the mailbox" (api/src/mailbox.h); the
+                       // daemon sends it back with kReplyBit set to wake a parked client
 };
 /// True for the ops above (requests only).
 bool is_known_op(uint16_t op) noexcept;
@@ -74,6 +76,8 @@ struct HelloRequest {
   uint16_t max_version = kVersion;
   uint64_t window_bytes = 0;  // size of the memfd window passed with the frame
   std::string client_name;    // for logs and metrics only
+  uint32_t mailbox_bytes = 0; // 0, or a mailbox of this size follows the window in the same
+                              // memfd, at mailbox_offset(window_bytes) (api/src/mailbox.h)
 };
 struct HelloReply {
   uint16_t version = kVersion;

@@ -17,6 +17,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "api/src/mailbox.h"
 #include "api/src/protocol.h"
 #include "api/src/socket_io.h"
 
@@ -45,6 +46,7 @@ std::string_view op_name(uint16_t op) {
     case Op::kPin: return "pin";
     case Op::kUnpin: return "unpin";
     case Op::kStats: return "stats";
+    case Op::kDoorbell: return "doorbell";
   }
   return "unknown";
 }
@@ -63,6 +65,9 @@ struct Server::Session {
   bool hello_done = false;
   std::byte* window = nullptr;
   uint64_t window_bytes = 0;
+  uint64_t mapped_bytes = 0;      // the window and the mailbox after it
+  proto::Mailbox mailbox;         // the client's fast path for small requests (mailbox.h)
+  uint32_t mailbox_seen = 0;      // the last request sequence number taken from it
   std::unordered_set<NamespaceId> namespaces;  // opened by this session (tenant checked)
   std::unordered_map<LeaseId, Match> leases;
   size_t leased_blocks = 0;  // blocks over all entries of `leases`
@@ -71,7 +76,7 @@ struct Server::Session {
 
   /// The window bytes [offset, offset + bytes), or kInvalidArgument when outside the window.
   Result<std::byte*> window_span(uint64_t offset, uint64_t bytes) const {
-    if (!window) return invalid("this client handed over no shared-memory window");
+    if (!window || window_bytes == 0) return invalid("this client handed over no shared-memory window");
     if (offset > window_bytes || bytes > window_bytes - offset) {
       return invalid("window range [" + std::to_string(offset) + ", +" + std::to_string(bytes) +
                      ") is outside the " + std::to_string(window_bytes) + "-byte window");
@@ -326,30 +331,43 @@ Status Handler::hello(std::span<const std::byte> payload) {
                                                       " bytes exceeds the daemon's limit of " +
                                                       std::to_string(config.client_window_max_bytes));
   }
-  if (req.window_bytes > 0) {
+  if (!proto::valid_mailbox_bytes(req.mailbox_bytes)) {
+    fatal = true;
+    return Status(StatusCode::kProtocolError, "a mailbox of " + std::to_string(req.mailbox_bytes) +
+                                                  " bytes: it must be a multiple of 4096 in [" +
+                                                  std::to_string(proto::kMinMailboxBytes) + ", " +
+                                                  std::to_string(proto::kMaxMailboxBytes) + "]");
+  }
+  const uint64_t mapped = req.mailbox_bytes ? proto::mailbox_offset(req.window_bytes) + req.mailbox_bytes : req.window_bytes;
+  if (mapped > 0) {
     if (passed_fd < 0) {
       fatal = true;
-      return Status(StatusCode::kProtocolError, "hello announced a window but passed no descriptor");
+      return Status(StatusCode::kProtocolError, "hello announced a window or mailbox but passed no descriptor");
     }
     // Only a memfd sealed against shrinking: a window the client could truncate would make the
     // daemon's copies into it fault (SIGBUS) and take every client down.
     struct stat st{};
     const int seals = ::fcntl(passed_fd, F_GET_SEALS);
-    if (::fstat(passed_fd, &st) != 0 || !S_ISREG(st.st_mode) || static_cast<uint64_t>(st.st_size) < req.window_bytes) {
+    if (::fstat(passed_fd, &st) != 0 || !S_ISREG(st.st_mode) || static_cast<uint64_t>(st.st_size) < mapped) {
       fatal = true;
-      return invalid("the window descriptor is not a memory file of at least " + std::to_string(req.window_bytes) + " bytes");
+      return invalid("the window descriptor is not a memory file of at least " + std::to_string(mapped) + " bytes");
     }
     if (seals < 0 || !(seals & F_SEAL_SHRINK)) {
       fatal = true;
       return invalid("the window must be a memfd sealed with F_SEAL_SHRINK");
     }
-    void* p = ::mmap(nullptr, req.window_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, passed_fd, 0);
+    void* p = ::mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_SHARED, passed_fd, 0);
     if (p == MAP_FAILED) {
       fatal = true;
       return Status(StatusCode::kResourceExhausted, std::string("cannot map the client's window: ") + std::strerror(errno));
     }
     s.window = static_cast<std::byte*>(p);
     s.window_bytes = req.window_bytes;
+    s.mapped_bytes = mapped;
+    if (req.mailbox_bytes) {
+      s.mailbox = proto::Mailbox(s.window + proto::mailbox_offset(req.window_bytes), req.mailbox_bytes);
+      s.mailbox_seen = s.mailbox.seq(proto::Mailbox::kRequest);
+    }
   }
   s.name = req.client_name;
   s.hello_done = true;
@@ -561,6 +579,42 @@ Status Handler::prefix_op(Op op, std::span<const std::byte> payload) {
   return Status::ok();
 }
 
+/// Waits for the session's next request: true when it is in the mailbox, false when the socket
+/// has something (a frame, a doorbell, the end of the stream). Spins ~30 µs on both, checking the
+/// socket every 64 rounds, then parks (mailbox.h) and blocks on the socket.
+bool wait_request(Server::Session& s, proto::FrameReader& reader, int& passed_fd) {
+  using proto::Mailbox;
+  const auto start = std::chrono::steady_clock::now();
+  for (uint32_t i = 1;; ++i) {
+    if (s.mailbox.seq(Mailbox::kRequest) != s.mailbox_seen) return true;
+    if (i % 64 == 0) {
+      if (reader.try_fill(passed_fd)) return false;
+      if (std::chrono::steady_clock::now() - start > std::chrono::microseconds(30)) break;
+    }
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+  }
+  if (s.mailbox.park(Mailbox::kRequest) == s.mailbox_seen) reader.wait_readable();
+  s.mailbox.unpark(Mailbox::kRequest);
+  return s.mailbox.seq(Mailbox::kRequest) != s.mailbox_seen;
+}
+
+/// A frame copied out of the mailbox, checked as a socket frame would be.
+Status parse_mailbox_frame(std::span<const std::byte> frame, proto::FrameHeader& header, std::vector<std::byte>& payload) {
+  if (frame.size() < proto::kHeaderBytes) {
+    return Status(StatusCode::kProtocolError, "a mailbox frame of " + std::to_string(frame.size()) + " bytes has no header");
+  }
+  auto h = proto::decode_header(frame.first(proto::kHeaderBytes));
+  if (!h) return h.status();
+  header = *h;
+  if (h->payload_bytes != frame.size() - proto::kHeaderBytes) {
+    return Status(StatusCode::kProtocolError, "the mailbox frame's length differs from its header's");
+  }
+  payload.assign(frame.begin() + proto::kHeaderBytes, frame.end());
+  return Status::ok();
+}
+
 }  // namespace
 
 void Server::serve(std::shared_ptr<Session> session) {
@@ -568,19 +622,52 @@ void Server::serve(std::shared_ptr<Session> session) {
   proto::FrameHeader header;
   std::vector<std::byte> payload;
   std::vector<std::byte> reply;
+  std::vector<std::byte> frame;  // a mailbox frame, in or out
   proto::FrameReader reader(s.fd);
+  bool from_mailbox = false;
+  // A reply goes back the way its request came; one too large for the mailbox goes over the
+  // socket and the mailbox says so.
+  auto send_reply = [&](uint16_t op, uint32_t id) -> Status {
+    if (!from_mailbox) return proto::send_frame(s.fd, op, id, reply);
+    using proto::Mailbox;
+    bool ring;
+    if (proto::kHeaderBytes + reply.size() <= s.mailbox.slot_bytes()) {
+      frame.resize(proto::kHeaderBytes);
+      proto::encode_header({.op = op, .request_id = id, .payload_bytes = static_cast<uint32_t>(reply.size())},
+                           frame.data());
+      frame.insert(frame.end(), reply.begin(), reply.end());
+      ring = s.mailbox.publish(Mailbox::kReply, frame, s.mailbox_seen);
+    } else {
+      KVTIER_RETURN_IF_ERROR(proto::send_frame(s.fd, op, id, reply));
+      ring = s.mailbox.publish_elsewhere(Mailbox::kReply, s.mailbox_seen);
+    }
+    if (!ring) return Status::ok();
+    return proto::send_frame(s.fd, static_cast<uint16_t>(Op::kDoorbell) | proto::kReplyBit, 0, {});
+  };
   for (;;) {
     int passed_fd = -1;
-    Status got = reader.next(header, payload, passed_fd);
+    Status got;
+    from_mailbox = s.mailbox && !reader.buffered() && wait_request(s, reader, passed_fd);
+    if (from_mailbox) {
+      s.mailbox_seen = s.mailbox.seq(proto::Mailbox::kRequest);
+      s.mailbox.read(proto::Mailbox::kRequest, frame);
+      got = parse_mailbox_frame(frame, header, payload);
+    } else {
+      got = reader.next(header, payload, passed_fd);
+    }
     if (!got) {
       if (passed_fd >= 0) ::close(passed_fd);
       if (got.code() == StatusCode::kProtocolError) {
         m_->protocol_errors->add(1);
         reply.clear();
         proto::encode_status(got, reply);
-        proto::send_frame(s.fd, header.op | proto::kReplyBit, header.request_id, reply).ignore();
+        send_reply(header.op | proto::kReplyBit, header.request_id).ignore();
       }
       break;  // end of stream, or a frame we cannot parse: close
+    }
+    if (header.op == static_cast<uint16_t>(Op::kDoorbell) && header.version == proto::kVersion &&
+        payload.empty() && !from_mailbox && passed_fd < 0) {
+      continue;  // look at the mailbox again
     }
     const auto t0 = std::chrono::steady_clock::now();
     Handler h{*this, *store_, config_, s, passed_fd};
@@ -589,7 +676,7 @@ void Server::serve(std::shared_ptr<Session> session) {
       st = Status(StatusCode::kProtocolError, "unsupported protocol version " + std::to_string(header.version) +
                                                   "; this kvtierd speaks " + std::to_string(proto::kVersion));
       h.fatal = true;
-    } else if (!proto::is_known_op(header.op)) {
+    } else if (!proto::is_known_op(header.op) || header.op == static_cast<uint16_t>(Op::kDoorbell)) {
       st = Status(StatusCode::kProtocolError, "unknown operation " + std::to_string(header.op));
       h.fatal = true;
     } else if (!s.hello_done && header.op != static_cast<uint16_t>(Op::kHello)) {
@@ -606,6 +693,7 @@ void Server::serve(std::shared_ptr<Session> session) {
         case Op::kPrefetch:
         case Op::kPin:
         case Op::kUnpin: st = h.prefix_op(static_cast<Op>(header.op), payload); break;
+        case Op::kDoorbell: break;  // refused above: it never reaches a handler
         case Op::kStats:
           if (!payload.empty()) {
             st = Status(StatusCode::kProtocolError, "stats takes no payload");
@@ -620,9 +708,9 @@ void Server::serve(std::shared_ptr<Session> session) {
     reply.clear();
     proto::encode_status(st, reply);
     if (st.is_ok()) reply.insert(reply.end(), h.body.begin(), h.body.end());
-    const Status sent = proto::send_frame(s.fd, header.op | proto::kReplyBit, header.request_id, reply);
+    const Status sent = send_reply(header.op | proto::kReplyBit, header.request_id);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (proto::is_known_op(header.op)) {
+    if (proto::is_known_op(header.op) && m_->ops[header.op].requests != nullptr) {  // not doorbells
       Instruments::PerOp& p = m_->ops[header.op];
       p.requests->add(1);
       if (!st) p.errors->add(1);
@@ -654,7 +742,7 @@ void Server::end_session(Session& s) {
   }
   s.pins.clear();
   s.pinned_blocks = 0;
-  if (s.window) ::munmap(s.window, s.window_bytes);
+  if (s.window) ::munmap(s.window, s.mapped_bytes);
   s.window = nullptr;
   m_->clients_connected->add(-1);
   std::lock_guard lock(mu_);

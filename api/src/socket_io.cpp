@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstring>
 
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -143,6 +144,32 @@ ssize_t FrameReader::fill(int& received_fd) {
 #if defined(__x86_64__)
     __builtin_ia32_pause();
 #endif
+  }
+}
+
+bool FrameReader::try_fill(int& received_fd) {
+  if (begin_ == end_) begin_ = end_ = 0;
+  if (end_ == buf_.size()) return true;  // full: the caller has a frame to read
+  iovec iov{buf_.data() + end_, buf_.size() - end_};
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 4)];
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof(control);
+  const ssize_t r = ::recvmsg(sock_, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+  if (r > 0) {
+    if (msg.msg_controllen > 0) close_fds(msg, received_fd);
+    end_ += static_cast<size_t>(r);
+    return true;
+  }
+  if (r == 0) return true;  // end of stream: next() says so
+  return errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR;
+}
+
+void FrameReader::wait_readable() const {
+  pollfd p{sock_, POLLIN, 0};
+  while (::poll(&p, 1, -1) < 0 && errno == EINTR) {
   }
 }
 

@@ -34,6 +34,14 @@ class FrameReader {
   /// when its version is not ours, so the caller can answer before closing.
   Status next(FrameHeader& header, std::vector<std::byte>& payload, int& received_fd);
 
+  /// True when bytes of a frame wait in the buffer.
+  bool buffered() const noexcept { return end_ > begin_; }
+  /// One non-blocking read: true when the socket had something — bytes, the end of the stream or
+  /// an error (next() then reports it).
+  bool try_fill(int& received_fd);
+  /// Blocks until the socket is readable (bytes, end of stream or error).
+  void wait_readable() const;
+
  private:
   /// Reads at least one byte into the buffer (after a bounded poll), or returns 0 at end of
   /// stream, -1 on error.

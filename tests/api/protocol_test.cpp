@@ -80,7 +80,7 @@ KvLayout sample_layout() {
 
 HelloRequest sample_hello() {
   return {.min_version = 1, .max_version = 3, .window_bytes = 0x0000000123456789ull,
-          .client_name = "vllm-worker-7"};
+          .client_name = "vllm-worker-7", .mailbox_bytes = 65536};
 }
 HelloReply sample_hello_reply() {
   return {.version = 2, .layout = sample_layout(), .client_id = 0xA1B2C3D4E5F60718ull,
@@ -162,6 +162,7 @@ TEST_CASE("Every request round-trips field by field") {
     CHECK(out.max_version == in.max_version);
     CHECK(out.window_bytes == in.window_bytes);
     CHECK(out.client_name == in.client_name);
+    CHECK(out.mailbox_bytes == in.mailbox_bytes);
   }
   {
     OpenNamespaceRequest in = sample_open(), out;
@@ -373,6 +374,8 @@ TEST_CASE("Trailing bytes after any message are a protocol error") {
   }
   CHECK(validate_request(static_cast<uint16_t>(Op::kStats), {}).is_ok());
   CHECK(is_protocol_error(validate_request(static_cast<uint16_t>(Op::kStats), bytes_of({0}))));
+  CHECK(validate_request(static_cast<uint16_t>(Op::kDoorbell), {}).is_ok());
+  CHECK(is_protocol_error(validate_request(static_cast<uint16_t>(Op::kDoorbell), bytes_of({0}))));
 }
 
 TEST_CASE("A count claiming more elements than remain is refused before allocating") {
@@ -464,7 +467,7 @@ TEST_CASE("Strings and lists at their limits decode and one past them does not")
 
 TEST_CASE("Unknown ops are refused") {
   Bytes hello = encoded(sample_hello());
-  for (uint16_t op : {uint16_t(0), uint16_t(11), uint16_t(kReplyBit | 1), uint16_t(0xFFFF)}) {
+  for (uint16_t op : {uint16_t(0), uint16_t(12), uint16_t(kReplyBit | 1), uint16_t(0xFFFF)}) {
     CAPTURE(op);
     CHECK_FALSE(is_known_op(op));
     Status s = validate_request(op, hello);

@@ -525,9 +525,121 @@ TEST_CASE("Daemon: bad protocol input closes that connection only", "[service]")
     CHECK(reader.next(h, payload, got_fd).code() == StatusCode::kUnavailable);  // closed
     ::close(*fd);
   }
+  SECTION("a mailbox of a size outside the rule is refused") {
+    auto fd = proto::connect_unix(server->socket_path());
+    REQUIRE(fd.is_ok());
+    const int mem = ::memfd_create("mailbox", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    REQUIRE(mem >= 0);
+    REQUIRE(::ftruncate(mem, 2 * proto::kMaxMailboxBytes) == 0);
+    REQUIRE(::fcntl(mem, F_ADD_SEALS, F_SEAL_SHRINK) == 0);
+    std::vector<std::byte> hello;
+    const uint32_t sizes[] = {4096, proto::kMinMailboxBytes + 1, proto::kMaxMailboxBytes + 4096};
+    proto::encode(proto::HelloRequest{.mailbox_bytes = sizes[GENERATE(0, 1, 2)]}, hello);
+    REQUIRE(proto::send_frame(*fd, 1, 1, hello, mem).is_ok());
+    ::close(mem);
+    proto::FrameHeader h;
+    std::vector<std::byte> payload;
+    int got_fd = -1;
+    proto::FrameReader reader(*fd);
+    REQUIRE(reader.next(h, payload, got_fd).is_ok());
+    Status remote;
+    REQUIRE(proto::decode_status(payload, remote).is_ok());
+    CHECK(remote.code() == StatusCode::kProtocolError);
+    ::close(*fd);
+  }
+  SECTION("garbage in the mailbox gets an error there, and the connection closes") {
+    // A hand-made client: a mailbox-only memfd, a hello, then a bad frame in the mailbox.
+    auto fd = proto::connect_unix(server->socket_path());
+    REQUIRE(fd.is_ok());
+    const int mem = ::memfd_create("mailbox", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    REQUIRE(mem >= 0);
+    constexpr uint32_t kBox = proto::kMinMailboxBytes;
+    REQUIRE(::ftruncate(mem, kBox) == 0);
+    REQUIRE(::fcntl(mem, F_ADD_SEALS, F_SEAL_SHRINK) == 0);
+    void* mapped = ::mmap(nullptr, kBox, PROT_READ | PROT_WRITE, MAP_SHARED, mem, 0);
+    REQUIRE(mapped != MAP_FAILED);
+    std::vector<std::byte> hello;
+    proto::encode(proto::HelloRequest{.mailbox_bytes = kBox}, hello);
+    REQUIRE(proto::send_frame(*fd, 1, 1, hello, mem).is_ok());
+    ::close(mem);
+    proto::FrameReader reader(*fd);
+    proto::FrameHeader h;
+    std::vector<std::byte> payload;
+    int got_fd = -1;
+    REQUIRE(reader.next(h, payload, got_fd).is_ok());  // hello answered over the socket
+    proto::Mailbox box(static_cast<std::byte*>(mapped), kBox);
+    std::vector<std::byte> bad;
+    SECTION("bad magic") { bad = std::vector<std::byte>(40, std::byte{0x5A}); }
+    SECTION("a length that differs from the header's") {
+      bad = frame(proto::kVersion, static_cast<uint16_t>(proto::Op::kRelease), 100, std::vector<std::byte>(8));
+    }
+    SECTION("a doorbell inside the mailbox") { bad = frame(proto::kVersion, static_cast<uint16_t>(proto::Op::kDoorbell), 0, {}); }
+    SECTION("shorter than a header") { bad = std::vector<std::byte>(3, std::byte{1}); }
+    SECTION("a length word past the slot: read as the slot's size, then refused") {
+      bad = frame(proto::kVersion, static_cast<uint16_t>(proto::Op::kStats), 0, {});
+      box.publish(proto::Mailbox::kRequest, bad, 1);
+      uint32_t huge = 0xFFFFFFFFu;  // the length word of the request slot (mailbox.h layout)
+      std::memcpy(static_cast<std::byte*>(mapped) + 256, &huge, 4);
+      bad.clear();
+    }
+    if (!bad.empty()) box.publish(proto::Mailbox::kRequest, bad, 1);
+    REQUIRE(proto::send_frame(*fd, static_cast<uint16_t>(proto::Op::kDoorbell), 0, {}).is_ok());
+    // The daemon answers in the mailbox, then closes: read the socket to its end (doorbells only).
+    Status end;
+    while ((end = reader.next(h, payload, got_fd)).is_ok()) {
+      CHECK(h.op == (static_cast<uint16_t>(proto::Op::kDoorbell) | proto::kReplyBit));
+    }
+    CHECK(end.code() == StatusCode::kUnavailable);
+    REQUIRE(box.seq(proto::Mailbox::kReply) == 1);
+    std::vector<std::byte> answer;
+    box.read(proto::Mailbox::kReply, answer);
+    CHECK(reply_status(answer) == StatusCode::kProtocolError);
+    ::munmap(mapped, kBox);
+    ::close(*fd);
+  }
   // The well-behaved client never noticed.
   CHECK(restore_and_check(*good, *ns, prompt) == 64);
   CHECK(server->counters().protocol_errors >= 1);
+}
+
+TEST_CASE("Daemon: the mailbox and the socket carry the same requests", "[service]") {
+  TempDir dir("kvtier_svc");
+  auto server = start_server(test_config(dir.path()));
+  auto socket_only = Client::connect({.socket_path = server->socket_path(), .window_bytes = 64 * kBlock,
+                                      .name = "socket-only", .mailbox_bytes = 0});
+  // The smallest mailbox: 4 KiB slots, so a long lookup or the metrics text does not fit.
+  auto small_box = Client::connect({.socket_path = server->socket_path(), .window_bytes = 64 * kBlock,
+                                    .name = "small-mailbox", .mailbox_bytes = proto::kMinMailboxBytes});
+  REQUIRE(small_box.is_ok());
+  auto with_mailbox = std::move(*small_box);
+  REQUIRE(socket_only.is_ok());
+  auto a = with_mailbox->open_namespace({"m", "", ""});
+  auto b = (*socket_only)->open_namespace({"m", "", ""});
+  auto c = connect(*server);  // the default mailbox
+  auto cn = c->open_namespace({"m", "", ""});
+  REQUIRE(cn.is_ok());
+  REQUIRE(a.is_ok());
+  REQUIRE(b.is_ok());
+  const auto prompt = synthetic_tokens(61, 16 * 12);
+  CHECK(save_prompt(*with_mailbox, *a, prompt) == 12);
+  CHECK(restore_and_check(**socket_only, *b, prompt) == 192);
+  CHECK(restore_and_check(*with_mailbox, *a, prompt) == 192);
+  CHECK(restore_and_check(*c, *cn, prompt) == 192);
+  SECTION("a request larger than the mailbox goes over the socket") {
+    const auto longer = synthetic_tokens(62, 16 * 100);  // 6.4 KiB of tokens
+    CHECK(save_prompt(*with_mailbox, *a, std::vector<TokenId>(longer.begin(), longer.begin() + 16 * 40)) == 40);
+    auto m = with_mailbox->lookup(*a, longer);
+    REQUIRE(m.is_ok());
+    CHECK(m->tokens == 16 * 40);
+    REQUIRE(with_mailbox->release(*m).is_ok());
+  }
+  SECTION("a reply larger than the mailbox comes over the socket") {
+    auto text = with_mailbox->metrics_text();
+    REQUIRE(text.is_ok());
+    CHECK(text->size() > proto::kMinMailboxBytes);
+    CHECK(text->find("kvtierd_clients_connected 3") != std::string::npos);
+    CHECK(restore_and_check(*with_mailbox, *a, prompt) == 192);  // still in step
+  }
 }
 
 TEST_CASE("Daemon: tenants are bound to identities", "[service]") {

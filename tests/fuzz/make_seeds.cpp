@@ -81,6 +81,7 @@ int main(int argc, char** argv) {
       {"pin", request(Op::kPin, PrefixRequest{5, 3, tokens(16), extras})},
       {"unpin", request(Op::kUnpin, PrefixRequest{5, 0, tokens(16), {}})},
       {"stats", with_op(static_cast<uint16_t>(Op::kStats))},
+      {"doorbell", with_op(static_cast<uint16_t>(Op::kDoorbell))},
       {"reply_hello", reply(Op::kHello, HelloReply{1, *layout, 7, 1000, 1000, {"", "team-a"}})},
       {"reply_open_namespace", reply(Op::kOpenNamespace, OpenNamespaceReply{3})},
       {"reply_lookup", reply(Op::kLookup, LookupReply{42, 32, {1, 3, 6}})},

@@ -1,0 +1,28 @@
+#include "api/src/mailbox.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace kvtier::proto {
+
+bool Mailbox::publish(Slot slot, std::span<const std::byte> frame, uint32_t seq) noexcept {
+  if (!frame.empty()) std::memcpy(base_ + frame_at(slot), frame.data(), frame.size());
+  word(len_at(slot)).store(static_cast<uint32_t>(frame.size()), std::memory_order_relaxed);
+  word(seq_at(slot)).store(seq, std::memory_order_release);
+  std::atomic_thread_fence(std::memory_order_seq_cst);  // pairs with the fence in park()
+  return word(parked_at(slot)).load(std::memory_order_relaxed) != 0;
+}
+
+void Mailbox::read(Slot slot, std::vector<std::byte>& out) const {
+  const uint32_t len = std::min(word(len_at(slot)).load(std::memory_order_relaxed), slot_bytes_);
+  out.resize(len);
+  if (len > 0) std::memcpy(out.data(), base_ + frame_at(slot), len);
+}
+
+uint32_t Mailbox::park(Slot slot) noexcept {
+  word(parked_at(slot)).store(1, std::memory_order_relaxed);
+  std::atomic_thread_fence(std::memory_order_seq_cst);  // pairs with the fence in publish()
+  return seq(slot);
+}
+
+}  // namespace kvtier::proto
