@@ -200,11 +200,13 @@ Status Client::call(Op op, const std::vector<std::byte>& request, std::vector<st
   Status via_mailbox = mailbox_call(op, request, reply, used);
   if (used) return via_mailbox;
   auto sent = send_request(op, request, pass_fd);
-  // Even when the send failed, the daemon may have said why before it closed (a refused
-  // identity, the client limit): that answer is the useful error.
-  Status got = recv_reply(op, sent ? *sent : next_request_ - 1, reply);
-  if (!sent && !got) return sent.status();
-  return got;
+  if (sent) return recv_reply(op, *sent, reply);
+  // The send failed, but the daemon may have said why before it closed (a refused identity, the
+  // client limit): that answer is the useful error.
+  proto::FrameHeader header;
+  std::vector<std::byte> payload;
+  if (!recv_frame(header, payload)) return sent.status();
+  return accept_reply(op, next_request_ - 1, header, payload, reply);
 }
 
 Result<TransferEngine*> Client::engine() {
