@@ -30,23 +30,29 @@ void close_fds(msghdr& msg, int& keep) {
   }
 }
 
+/// One recvmsg into buf[0, n), with room for passed descriptors (kept or closed by close_fds).
+ssize_t recv_some(int sock, std::byte* buf, size_t n, int flags, int& received_fd) {
+  iovec iov{buf, n};
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 4)];
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof(control);
+  const ssize_t r = ::recvmsg(sock, &msg, flags | MSG_CMSG_CLOEXEC);
+  if (r >= 0 && msg.msg_controllen > 0) close_fds(msg, received_fd);
+  return r;
+}
+
 /// Reads exactly n bytes. Returns the bytes read before a clean EOF (< n) or -1 on error.
 ssize_t read_exact(int sock, std::byte* buf, size_t n, int& received_fd) {
   size_t got = 0;
   while (got < n) {
-    iovec iov{buf + got, n - got};
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 4)];
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control;
-    msg.msg_controllen = sizeof(control);
-    const ssize_t r = ::recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    const ssize_t r = recv_some(sock, buf + got, n - got, 0, received_fd);
     if (r < 0) {
       if (errno == EINTR) continue;
       return -1;
     }
-    if (msg.msg_controllen > 0) close_fds(msg, received_fd);
     if (r == 0) return static_cast<ssize_t>(got);
     got += static_cast<size_t>(r);
   }
@@ -121,18 +127,10 @@ ssize_t FrameReader::fill(int& received_fd) {
     begin_ = 0;
   }
   const auto start = std::chrono::steady_clock::now();
-  int flags = MSG_CMSG_CLOEXEC | MSG_DONTWAIT;
+  int flags = MSG_DONTWAIT;
   for (;;) {
-    iovec iov{buf_.data() + end_, buf_.size() - end_};
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 4)];
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control;
-    msg.msg_controllen = sizeof(control);
-    const ssize_t r = ::recvmsg(sock_, &msg, flags);
+    const ssize_t r = recv_some(sock_, buf_.data() + end_, buf_.size() - end_, flags, received_fd);
     if (r >= 0) {
-      if (msg.msg_controllen > 0) close_fds(msg, received_fd);
       end_ += static_cast<size_t>(r);
       return r;
     }
@@ -150,16 +148,8 @@ ssize_t FrameReader::fill(int& received_fd) {
 bool FrameReader::try_fill(int& received_fd) {
   if (begin_ == end_) begin_ = end_ = 0;
   if (end_ == buf_.size()) return true;  // full: the caller has a frame to read
-  iovec iov{buf_.data() + end_, buf_.size() - end_};
-  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 4)];
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = control;
-  msg.msg_controllen = sizeof(control);
-  const ssize_t r = ::recvmsg(sock_, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+  const ssize_t r = recv_some(sock_, buf_.data() + end_, buf_.size() - end_, MSG_DONTWAIT, received_fd);
   if (r > 0) {
-    if (msg.msg_controllen > 0) close_fds(msg, received_fd);
     end_ += static_cast<size_t>(r);
     return true;
   }
