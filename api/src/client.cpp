@@ -36,8 +36,7 @@ Result<std::unique_ptr<Client>> Client::connect(ClientOptions options) {
     return invalid("mailbox_bytes must be 0 or a multiple of 4096 in [" + std::to_string(proto::kMinMailboxBytes) +
                    ", " + std::to_string(proto::kMaxMailboxBytes) + "]");
   }
-  const uint64_t mapped = options.mailbox_bytes ? proto::mailbox_offset(options.window_bytes) + options.mailbox_bytes
-                                                : options.window_bytes;
+  const uint64_t mapped = proto::memfd_bytes(options.window_bytes, options.mailbox_bytes);
   if (mapped > 0) {
     // Sealed against shrinking: the daemon refuses a window that could be truncated under it
     // (its copies would fault with SIGBUS).
@@ -97,19 +96,25 @@ Result<uint32_t> Client::send_request(Op op, const std::vector<std::byte>& reque
   return id;
 }
 
-Status Client::recv_frame(proto::FrameHeader& header, std::vector<std::byte>& payload) {
-  for (;;) {
-    int received = -1;
-    Status got = reader_->next(header, payload, received);
-    if (received >= 0) ::close(received);
-    if (!got) {
-      return got.code() == StatusCode::kUnavailable
-                 ? Status(StatusCode::kUnavailable, "kvtierd closed the connection: " + std::string(got.message()))
-                 : got;
-    }
-    // A doorbell that found this client awake after all: nothing to do.
-    if (header.op != (static_cast<uint16_t>(Op::kDoorbell) | proto::kReplyBit)) return Status::ok();
+namespace {
+bool is_doorbell(const proto::FrameHeader& h) { return h.op == (static_cast<uint16_t>(Op::kDoorbell) | proto::kReplyBit); }
+}  // namespace
+
+Status Client::next_frame(proto::FrameHeader& header, std::vector<std::byte>& payload) {
+  int received = -1;
+  Status got = reader_->next(header, payload, received);
+  if (received >= 0) ::close(received);
+  if (got.code() == StatusCode::kUnavailable) {
+    return Status(StatusCode::kUnavailable, "kvtierd closed the connection: " + std::string(got.message()));
   }
+  return got;
+}
+
+Status Client::recv_frame(proto::FrameHeader& header, std::vector<std::byte>& payload) {
+  do {  // a doorbell that found this client awake after all: nothing to do
+    KVTIER_RETURN_IF_ERROR(next_frame(header, payload));
+  } while (is_doorbell(header));
+  return Status::ok();
 }
 
 Status Client::accept_reply(Op op, uint32_t id, const proto::FrameHeader& header, std::span<const std::byte> payload,
@@ -141,11 +146,7 @@ Status Client::mailbox_call(Op op, const std::vector<std::byte>& request, std::v
   }
   used = true;
   const uint32_t id = next_request_++;
-  frame_.resize(proto::kHeaderBytes);
-  proto::encode_header({.op = static_cast<uint16_t>(op), .request_id = id,
-                        .payload_bytes = static_cast<uint32_t>(request.size())},
-                       frame_.data());
-  frame_.insert(frame_.end(), request.begin(), request.end());
+  proto::build_frame(static_cast<uint16_t>(op), id, request, frame_);
   const uint32_t seq = ++mailbox_seq_;
   if (mailbox_.publish(Mailbox::kRequest, frame_, seq)) {  // the daemon's thread sleeps: wake it
     KVTIER_RETURN_IF_ERROR(proto::send_frame(fd_, static_cast<uint16_t>(Op::kDoorbell), 0, {}));
@@ -156,26 +157,18 @@ Status Client::mailbox_call(Op op, const std::vector<std::byte>& request, std::v
   bool from_socket = false;  // the reply itself arrived on the socket while parked
   const auto start = std::chrono::steady_clock::now();
   for (uint32_t i = 1; mailbox_.seq(Mailbox::kReply) != seq; ++i) {
-    if (i % 64 != 0 || std::chrono::steady_clock::now() - start < std::chrono::microseconds(30)) {
-#if defined(__x86_64__)
-      __builtin_ia32_pause();
-#endif
+    if (i % 64 != 0 || std::chrono::steady_clock::now() - start < proto::kPollBeforeBlocking) {
+      proto::cpu_relax();
       continue;
     }
     if (mailbox_.park(Mailbox::kReply) == seq) {
       mailbox_.unpark(Mailbox::kReply);
       break;
     }
-    int received = -1;
-    Status got = reader_->next(header, payload, received);  // blocks until the doorbell
-    if (received >= 0) ::close(received);
+    Status got = next_frame(header, payload);  // blocks until the doorbell
     mailbox_.unpark(Mailbox::kReply);
-    if (!got) {
-      return got.code() == StatusCode::kUnavailable
-                 ? Status(StatusCode::kUnavailable, "kvtierd closed the connection: " + std::string(got.message()))
-                 : got;
-    }
-    if (header.op == (static_cast<uint16_t>(Op::kDoorbell) | proto::kReplyBit)) continue;  // look again
+    KVTIER_RETURN_IF_ERROR(got);
+    if (is_doorbell(header)) continue;  // look again
     from_socket = true;  // a reply too large for the mailbox (the slot then says "elsewhere")
     break;
   }
@@ -184,12 +177,9 @@ Status Client::mailbox_call(Op op, const std::vector<std::byte>& request, std::v
     if (frame_.empty()) {  // the reply went over the socket
       KVTIER_RETURN_IF_ERROR(recv_frame(header, payload));
     } else {
-      auto h = proto::decode_header(std::span<const std::byte>(frame_).first(std::min(frame_.size(), proto::kHeaderBytes)));
-      if (!h) return h.status();
-      if (h->payload_bytes != frame_.size() - proto::kHeaderBytes) {
-        return Status(StatusCode::kProtocolError, "the mailbox reply's length differs from its header's");
-      }
-      return accept_reply(op, id, *h, std::span<const std::byte>(frame_).subspan(proto::kHeaderBytes), reply);
+      std::span<const std::byte> body;
+      KVTIER_RETURN_IF_ERROR(proto::split_frame(frame_, header, body));
+      return accept_reply(op, id, header, body, reply);
     }
   }
   return accept_reply(op, id, header, payload, reply);

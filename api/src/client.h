@@ -84,6 +84,8 @@ class Client final : public KvStore {
   /// The halves of call(), for requests in flight back to back; returns the request id.
   Result<uint32_t> send_request(proto::Op op, const std::vector<std::byte>& request, int pass_fd = -1);
   Status recv_reply(proto::Op op, uint32_t id, std::vector<std::byte>& reply);
+  /// The next frame from the socket (a passed descriptor is closed; "closed" says kvtierd did it).
+  Status next_frame(proto::FrameHeader& header, std::vector<std::byte>& payload);
   /// The next frame from the socket that is not a doorbell.
   Status recv_frame(proto::FrameHeader& header, std::vector<std::byte>& payload);
   /// Checks a reply frame against its request and unwraps its status into `reply`.

@@ -25,6 +25,9 @@
 #include <span>
 #include <vector>
 
+#include "api/src/protocol.h"
+#include "kvtier/status.h"
+
 namespace kvtier::proto {
 
 /// A mailbox is a 4 KiB page of sequence numbers and flags, then two equal slots.
@@ -39,6 +42,16 @@ constexpr bool valid_mailbox_bytes(uint64_t bytes) noexcept {
 
 /// Where the mailbox starts in a client's memfd: after the window, page-aligned.
 constexpr uint64_t mailbox_offset(uint64_t window_bytes) noexcept { return (window_bytes + 4095) / 4096 * 4096; }
+/// The size of a client's memfd: its window, then its mailbox (when it has one).
+constexpr uint64_t memfd_bytes(uint64_t window_bytes, uint32_t mailbox_bytes) noexcept {
+  return mailbox_bytes ? mailbox_offset(window_bytes) + mailbox_bytes : window_bytes;
+}
+
+/// A frame as a mailbox slot holds it: the header, then the payload.
+void build_frame(uint16_t op, uint32_t request_id, std::span<const std::byte> payload, std::vector<std::byte>& out);
+/// Splits a frame read out of a slot, with the checks a socket frame gets: kProtocolError for a
+/// bad header or a length that differs from the header's.
+Status split_frame(std::span<const std::byte> frame, FrameHeader& header, std::span<const std::byte>& payload);
 
 class Mailbox {
  public:

@@ -338,7 +338,7 @@ Status Handler::hello(std::span<const std::byte> payload) {
                                                   std::to_string(proto::kMinMailboxBytes) + ", " +
                                                   std::to_string(proto::kMaxMailboxBytes) + "]");
   }
-  const uint64_t mapped = req.mailbox_bytes ? proto::mailbox_offset(req.window_bytes) + req.mailbox_bytes : req.window_bytes;
+  const uint64_t mapped = proto::memfd_bytes(req.window_bytes, req.mailbox_bytes);
   if (mapped > 0) {
     if (passed_fd < 0) {
       fatal = true;
@@ -456,11 +456,11 @@ Status Handler::load(std::span<const std::byte> payload) {
                    ") are outside the lease's " + std::to_string(m.blocks.size()) + " blocks");
   }
   const uint32_t all_layers = store.layout().num_layers;
-  if (req.layer_begin >= all_layers || req.layer_count > all_layers - req.layer_begin) {
+  const uint32_t layers = LayerRange{req.layer_begin, req.layer_count}.size(all_layers);
+  if (layers == 0) {
     return invalid("layers [" + std::to_string(req.layer_begin) + ", +" + std::to_string(req.layer_count) +
                    ") are outside the layout's " + std::to_string(all_layers));
   }
-  const uint32_t layers = req.layer_count == 0 ? all_layers - req.layer_begin : req.layer_count;
   const uint64_t block_bytes = uint64_t(layers) * store.layout().bytes_per_block_layer();  // in the window
   if (req.block_count > UINT64_MAX / block_bytes) return invalid("block count overflows");
   auto base = s.window_span(req.window_offset, uint64_t(req.block_count) * block_bytes);
@@ -580,8 +580,8 @@ Status Handler::prefix_op(Op op, std::span<const std::byte> payload) {
 }
 
 /// Waits for the session's next request: true when it is in the mailbox, false when the socket
-/// has something (a frame, a doorbell, the end of the stream). Spins ~30 µs on both, checking the
-/// socket every 64 rounds, then parks (mailbox.h) and blocks on the socket.
+/// has something (a frame, a doorbell, the end of the stream). Polls both for kPollBeforeBlocking,
+/// the socket every 64 rounds, then parks (mailbox.h) and blocks on the socket.
 bool wait_request(Server::Session& s, proto::FrameReader& reader, int& passed_fd) {
   using proto::Mailbox;
   const auto start = std::chrono::steady_clock::now();
@@ -589,30 +589,13 @@ bool wait_request(Server::Session& s, proto::FrameReader& reader, int& passed_fd
     if (s.mailbox.seq(Mailbox::kRequest) != s.mailbox_seen) return true;
     if (i % 64 == 0) {
       if (reader.try_fill(passed_fd)) return false;
-      if (std::chrono::steady_clock::now() - start > std::chrono::microseconds(30)) break;
+      if (std::chrono::steady_clock::now() - start > proto::kPollBeforeBlocking) break;
     }
-#if defined(__x86_64__)
-    __builtin_ia32_pause();
-#endif
+    proto::cpu_relax();
   }
   if (s.mailbox.park(Mailbox::kRequest) == s.mailbox_seen) reader.wait_readable();
   s.mailbox.unpark(Mailbox::kRequest);
   return s.mailbox.seq(Mailbox::kRequest) != s.mailbox_seen;
-}
-
-/// A frame copied out of the mailbox, checked as a socket frame would be.
-Status parse_mailbox_frame(std::span<const std::byte> frame, proto::FrameHeader& header, std::vector<std::byte>& payload) {
-  if (frame.size() < proto::kHeaderBytes) {
-    return Status(StatusCode::kProtocolError, "a mailbox frame of " + std::to_string(frame.size()) + " bytes has no header");
-  }
-  auto h = proto::decode_header(frame.first(proto::kHeaderBytes));
-  if (!h) return h.status();
-  header = *h;
-  if (h->payload_bytes != frame.size() - proto::kHeaderBytes) {
-    return Status(StatusCode::kProtocolError, "the mailbox frame's length differs from its header's");
-  }
-  payload.assign(frame.begin() + proto::kHeaderBytes, frame.end());
-  return Status::ok();
 }
 
 }  // namespace
@@ -632,10 +615,7 @@ void Server::serve(std::shared_ptr<Session> session) {
     using proto::Mailbox;
     bool ring;
     if (proto::kHeaderBytes + reply.size() <= s.mailbox.slot_bytes()) {
-      frame.resize(proto::kHeaderBytes);
-      proto::encode_header({.op = op, .request_id = id, .payload_bytes = static_cast<uint32_t>(reply.size())},
-                           frame.data());
-      frame.insert(frame.end(), reply.begin(), reply.end());
+      proto::build_frame(op, id, reply, frame);
       ring = s.mailbox.publish(Mailbox::kReply, frame, s.mailbox_seen);
     } else {
       KVTIER_RETURN_IF_ERROR(proto::send_frame(s.fd, op, id, reply));
@@ -651,7 +631,9 @@ void Server::serve(std::shared_ptr<Session> session) {
     if (from_mailbox) {
       s.mailbox_seen = s.mailbox.seq(proto::Mailbox::kRequest);
       s.mailbox.read(proto::Mailbox::kRequest, frame);
-      got = parse_mailbox_frame(frame, header, payload);
+      std::span<const std::byte> body;
+      got = proto::split_frame(frame, header, body);
+      payload.assign(body.begin(), body.end());
     } else {
       got = reader.next(header, payload, passed_fd);
     }

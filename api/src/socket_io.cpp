@@ -111,10 +111,6 @@ Status send_frame(int sock, uint16_t op, uint32_t request_id, std::span<const st
   return Status::ok();
 }
 
-/// Polls up to kSpinNs for the next bytes before blocking in recvmsg: a reply usually arrives
-/// within tens of microseconds, and a blocked thread's wake-up costs about as much again on a
-/// virtual machine. Bounded, so an idle connection costs nothing after the first few µs.
-constexpr int64_t kSpinNs = 30'000;
 constexpr size_t kReadBuffer = 64 * 1024;
 
 FrameReader::FrameReader(int sock) : sock_(sock), buf_(kReadBuffer) {}
@@ -136,12 +132,8 @@ ssize_t FrameReader::fill(int& received_fd) {
     }
     if (errno == EINTR) continue;
     if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
-    if (std::chrono::steady_clock::now() - start > std::chrono::nanoseconds(kSpinNs)) {
-      flags &= ~MSG_DONTWAIT;  // nothing came: block
-    }
-#if defined(__x86_64__)
-    __builtin_ia32_pause();
-#endif
+    if (std::chrono::steady_clock::now() - start > kPollBeforeBlocking) flags &= ~MSG_DONTWAIT;  // block
+    cpu_relax();
   }
 }
 

@@ -706,11 +706,11 @@ Result<TransferHandle> TierManager::load(const Match& match, std::span<std::byte
   }
   if (dst_kind == LocationKind::kStorage) return invalid_argument("load destinations are memory");
   const uint32_t all_layers = options_.layout.num_layers;
-  if (range.begin >= all_layers || range.count > all_layers - range.begin) {
+  const uint32_t layers = range.size(all_layers);
+  if (layers == 0) {
     return invalid_argument("load: layers [" + std::to_string(range.begin) + ", +" + std::to_string(range.count) +
                             ") are outside the layout's " + std::to_string(all_layers));
   }
-  const uint32_t layers = range.count == 0 ? all_layers - range.begin : range.count;
   const bool whole_blocks = layers == all_layers;
   const uint64_t layer_bytes = options_.layout.bytes_per_block_layer();
   auto dst_at = [&](size_t b, uint64_t off) {

@@ -264,6 +264,40 @@ void print_mixed(const char* title, const MixedResult& r, uint64_t bytes_per_loa
   }
 }
 
+/// A kvtierd Server started in this process on a fresh temporary data directory, NVMe and HBM
+/// off; stopped (its shutdown must succeed) and its directory removed when it goes.
+struct BenchServer {
+  std::string dir;
+  std::unique_ptr<Server> server;
+
+  BenchServer(const std::string& name, const KvLayout& layout, uint64_t host_bytes) {
+    std::string dir_template = "/tmp/" + name + ".XXXXXX";
+    if (!::mkdtemp(dir_template.data())) must(Status(StatusCode::kIoError, "mkdtemp failed"), "temp dir");
+    dir = dir_template;
+    ServiceConfig config;
+    config.data_dir = dir;
+    config.layout = layout;
+    config.host_bytes = host_bytes;
+    config.nvme_enabled = false;
+    config.hbm_enabled = false;
+    config.metrics_listen = "";
+    config.secret = name;
+    must(resolve(config), "resolve");
+    auto started = Server::start(config);
+    must(started.status(), "server");
+    server = std::move(*started);
+  }
+  ~BenchServer() {
+    server->request_stop();
+    must(server->wait(), "server stop");
+    server.reset();
+    std::error_code ec;
+    std::filesystem::remove_all(dir, ec);
+  }
+  BenchServer(const BenchServer&) = delete;
+  BenchServer& operator=(const BenchServer&) = delete;
+};
+
 // ---- c) one large load, layer by layer -----------------------------------------------------------
 
 struct LayeredResult {
@@ -272,21 +306,9 @@ struct LayeredResult {
 
 LayeredResult run_layered(int repeats) {
   constexpr size_t kTokens = 1024;
-  char dir_template[] = "/tmp/kvtier_bench_layered.XXXXXX";
-  if (!::mkdtemp(dir_template)) must(Status(StatusCode::kIoError, "mkdtemp failed"), "temp dir");
-  const std::string dir = dir_template;
-  ServiceConfig config;
-  config.data_dir = dir;
-  config.layout = KvLayout{AttentionKind::kStandard, 32, 8, 128, Dtype::kBf16, 16};  // 2 MiB blocks
-  config.host_bytes = 192ull << 20;
-  config.nvme_enabled = false;
-  config.hbm_enabled = false;
-  config.metrics_listen = "";
-  config.secret = "kvtier-bench-layered";
-  must(resolve(config), "resolve");
-  auto server = Server::start(config);
-  must(server.status(), "server");
-  Store& store = (*server)->store();
+  BenchServer bench("kvtier_bench_layered", KvLayout{AttentionKind::kStandard, 32, 8, 128, Dtype::kBf16, 16},
+                    192ull << 20);  // 2 MiB blocks
+  Store& store = bench.server->store();
   const KvLayout layout = store.layout();
   const uint64_t bpb = layout.bytes_per_block();
   const size_t blocks = kTokens / layout.block_tokens;
@@ -295,7 +317,7 @@ LayeredResult run_layered(int repeats) {
   const auto prompt = synthetic_tokens(77, kTokens);
   std::vector<std::byte> kv(blocks * bpb, std::byte{0x21}), out(blocks * bpb), copy(blocks * bpb);
   must(store.save(*ns, prompt, KvBuffer::contiguous(kv.data(), blocks, bpb)).status(), "save");
-  auto client = Client::connect({.socket_path = (*server)->socket_path(), .window_bytes = 64ull << 20,
+  auto client = Client::connect({.socket_path = bench.server->socket_path(), .window_bytes = 64ull << 20,
                                  .name = "bench-layered"});
   must(client.status(), "connect");
   auto cns = (*client)->open_namespace({.model_id = "bench-layered", .tenant = "", .adapter_id = ""});
@@ -327,11 +349,6 @@ LayeredResult run_layered(int repeats) {
     r.memcpy_all.push_back(us_since(t0) / 1000);
   }
   client->reset();
-  (*server)->request_stop();
-  must((*server)->wait(), "server stop");
-  server->reset();
-  std::error_code ec;
-  std::filesystem::remove_all(dir, ec);
   std::printf("\nc) one load of a cached %zu-token prompt, %s (%zu blocks, %.0f MiB), %d repeats\n"
               "   median (min .. max), ms                first layer in place        whole load in place\n",
               kTokens, layout.describe().c_str(), blocks, blocks * bpb / 1048576.0, repeats);
@@ -361,23 +378,10 @@ int main(int argc, char** argv) {
   }
   spdlog::set_level(spdlog::level::warn);  // the server's startup lines; its warnings still show
 
-  char dir_template[] = "/tmp/kvtier_bench_service.XXXXXX";
-  if (!::mkdtemp(dir_template)) must(Status(StatusCode::kIoError, "mkdtemp failed"), "temp dir");
-  const std::string dir = dir_template;
-
-  ServiceConfig config;
-  config.data_dir = dir;
-  config.layout = KvLayout{AttentionKind::kStandard, 2, 8, 128, Dtype::kBf16, 16};  // 128 KiB blocks
-  config.host_bytes = 512ull << 20;
-  config.nvme_enabled = false;
-  config.hbm_enabled = false;
-  config.metrics_listen = "";
-  config.secret = "kvtier-bench-service";
-  must(resolve(config), "resolve");
-  auto server = Server::start(config);
-  must(server.status(), "server");
-  Store& store = (*server)->store();
-  const std::string socket = (*server)->socket_path();
+  BenchServer bench("kvtier_bench_service", KvLayout{AttentionKind::kStandard, 2, 8, 128, Dtype::kBf16, 16},
+                    512ull << 20);  // 128 KiB blocks
+  Store& store = bench.server->store();
+  const std::string socket = bench.server->socket_path();
   const KvLayout layout = store.layout();
   const uint64_t bpb = layout.bytes_per_block();
   auto ns = store.open_namespace({.model_id = "bench-model", .tenant = "", .adapter_id = ""});
@@ -385,7 +389,7 @@ int main(int argc, char** argv) {
   std::printf("kvtier service benchmark: an in-process kvtierd Server (its own accept and connection threads) "
               "on %s;\nclients are threads of this process, each with its own Client connection; layout %s, "
               "%.0f KiB blocks; host tier %.0f MiB, NVMe off\n",
-              socket.c_str(), layout.describe().c_str(), bpb / 1024.0, config.host_bytes / 1048576.0);
+              socket.c_str(), layout.describe().c_str(), bpb / 1024.0, bench.server->config().host_bytes / 1048576.0);
 
   // ---- a) lookup round trip -----------------------------------------------------------------
   const auto long_prompt = synthetic_tokens(42, kLookupPromptTokens);
@@ -425,14 +429,7 @@ int main(int argc, char** argv) {
               lookup_sock - lookup_proc, floor_rtt);
   const bool lookup_goal = lookup_sock < 20.0;
   std::printf("  goal: socket lookup p50 < 20 µs: %.1f µs, %s\n", lookup_sock, lookup_goal ? "met" : "NOT MET");
-  if (lookup_only) {
-    (*server)->request_stop();
-    must((*server)->wait(), "server stop");
-    server->reset();
-    std::error_code ec;
-    std::filesystem::remove_all(dir, ec);
-    return 0;
-  }
+  if (lookup_only) return 0;
 
   // ---- b) 64 clients, mixed workload --------------------------------------------------------
   const size_t mixed_blocks = kMixedPromptTokens / layout.block_tokens;
@@ -505,11 +502,5 @@ int main(int argc, char** argv) {
   std::printf("  128 MiB load, first layer in place      %10.2f ms  %16.2f ms  %9.2f  -\n", sf, pf, sf / pf);
   std::printf("  128 MiB load, whole load in place       %10.2f ms  %16.2f ms  %9.2f  -\n", sa, pa, sa / pa);
   std::printf("  128 MiB load, socket vs one memcpy      %10.2f ms  %16.2f ms  %9.2f  -\n", sa, mc, sa / mc);
-
-  (*server)->request_stop();
-  must((*server)->wait(), "server stop");
-  server->reset();
-  std::error_code ec;
-  std::filesystem::remove_all(dir, ec);
   return errors == 0 ? 0 : 1;
 }
