@@ -31,7 +31,7 @@ struct DecodeAttentionArgs {
 };
 
 struct DecodePlanOptions {
-  uint32_t target_ctas = 264;         // enough work items to fill the GPU (2 × SMs of an H100)
+  uint32_t num_sms = 132;             // the device's multiprocessors (current_device_sm_count())
   uint32_t min_tokens_per_split = 256;  // below this a split costs more than it saves
   uint32_t force_splits = 0;          // tests: exactly this many splits (clamped to the tokens)
 };
@@ -47,7 +47,19 @@ struct DecodePlan {
 /// cut into chunks of this many query heads. The CPU reference ignores it.
 inline constexpr uint32_t kMaxHeadsPerItem = 8;
 
-/// Sizes the split-K work for `max_seq_len` (the longest sequence in the batch).
+/// Query heads one CUDA work item carries: the group rounded up to 1, 2, 4 or 8.
+constexpr uint32_t decode_heads_per_item(uint32_t group) {
+  return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : kMaxHeadsPerItem;
+}
+
+/// Work items the CUDA decode kernel keeps resident per SM for that many heads (its launch
+/// bounds; registers and shared memory fit this many). The plan sizes its waves with it.
+constexpr uint32_t decode_ctas_per_sm(uint32_t heads_per_item) { return heads_per_item <= 4 ? 4 : 2; }
+
+/// Sizes the split-K work for `max_seq_len` (the longest sequence in the batch): the split count
+/// whose work items fill the GPU's resident slots (num_sms × decode_ctas_per_sm) most evenly,
+/// a wave beyond the first costing 5% of a wave (each split also pays a merge and a pipeline
+/// fill), with at least min_tokens_per_split tokens and whole blocks per split.
 Result<DecodePlan> plan_decode_attention(const DecodeAttentionArgs& args, uint32_t max_seq_len,
                                          const DecodePlanOptions& options = {});
 

@@ -37,14 +37,32 @@ Result<DecodePlan> plan_decode_attention(const DecodeAttentionArgs& args, uint32
   DecodePlan plan;
   plan.max_seq_len = max_seq_len;
   const uint32_t tokens = std::max<uint32_t>(max_seq_len, 1);
-  uint32_t splits;
+  // Whole blocks per split, so a split never shares a block with its neighbour: asking for s
+  // splits gives this many.
+  auto actual_splits = [&](uint32_t s) {
+    s = std::clamp<uint32_t>(s, 1, ceil_div(tokens, kv.block_tokens));
+    return ceil_div(tokens, uint64_t(ceil_div(ceil_div(tokens, s), kv.block_tokens)) * kv.block_tokens);
+  };
+  uint32_t splits = 1;
   if (options.force_splits != 0) {
     splits = options.force_splits;
   } else {
     const uint32_t group = std::max<uint32_t>(args.num_qo_heads / kv.num_kv_heads, 1);
-    const uint64_t items = uint64_t(kv.num_seqs) * kv.num_kv_heads * ceil_div(group, kMaxHeadsPerItem);
-    splits = items >= options.target_ctas ? 1 : ceil_div(options.target_ctas, items);
-    splits = std::min(splits, ceil_div(tokens, std::max<uint32_t>(options.min_tokens_per_split, 1)));
+    const uint32_t heads = decode_heads_per_item(group);
+    const uint64_t items = uint64_t(kv.num_seqs) * kv.num_kv_heads * ceil_div(group, heads);
+    const uint64_t slots = uint64_t(std::max<uint32_t>(options.num_sms, 1)) * decode_ctas_per_sm(heads);
+    const uint32_t most = std::min<uint64_t>(ceil_div(tokens, std::max<uint32_t>(options.min_tokens_per_split, 1)),
+                                             ceil_div(4 * slots, items));  // four waves at most
+    double best = -1.0;
+    for (uint32_t s = 1; s <= most; ++s) {
+      const uint64_t total = items * actual_splits(s);
+      const uint64_t waves = (total + slots - 1) / slots;
+      const double score = double(total) / double(waves * slots) - 0.05 * double(waves - 1);
+      if (score > best + 1e-9) {
+        best = score;
+        splits = s;
+      }
+    }
   }
   splits = std::clamp<uint32_t>(splits, 1, ceil_div(tokens, kv.block_tokens));
   // Whole blocks per split, so a split never shares a block with its neighbour.

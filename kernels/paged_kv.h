@@ -97,12 +97,15 @@ struct PagedKv {
     return arena + slot * slot_stride_bytes + layer_offset_bytes + plane * plane_stride_bytes +
            in_block * elem_bytes;
   }
+  /// Where the dequantization scale of that row lives (quantized blocks only: `scales` is set).
+  KVTIER_HD const float* scale_ptr(uint32_t seq, uint32_t t, uint32_t plane, uint32_t head) const {
+    const uint64_t slot = uint64_t(slot_of(seq, t));
+    return scales + slot * scale_slot_stride + scale_layer_offset +
+           (uint64_t(plane) * block_tokens + t % block_tokens) * num_kv_heads + head;
+  }
   /// Dequantization scale of that row (1 for fp16/bf16 blocks).
   KVTIER_HD float scale(uint32_t seq, uint32_t t, uint32_t plane, uint32_t head) const {
-    if (scales == nullptr) return 1.0f;
-    const uint64_t slot = uint64_t(slot_of(seq, t));
-    return scales[slot * scale_slot_stride + scale_layer_offset +
-                  (uint64_t(plane) * block_tokens + t % block_tokens) * num_kv_heads + head];
+    return scales == nullptr ? 1.0f : *scale_ptr(seq, t, plane, head);
   }
 };
 

@@ -5,14 +5,17 @@
 # is then skipped and says so), and prints the benchmark table last.
 #
 #   usage: scripts/gpu_check.sh [--quick]      (from the repository root)
-#   env:   BUILD_DIR (default build/default), KVTIER_TEST_SEED to replay a random run
+#   env:   BUILD_DIR (default build/default), KVTIER_TEST_SEED to replay a random run,
+#          KVTIER_NO_BUILD=1 to use the binaries already in BUILD_DIR (scripts/gpu_device.sh)
 # Exit status: 0 when every check passed or no GPU is present ("skipped"), non-zero otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build/default}
 
-cmake --preset default -B "$BUILD_DIR" >/dev/null
-cmake --build "$BUILD_DIR" -j"$(nproc)" --target kernels_gpu_check kernels_tests
+if [[ ${KVTIER_NO_BUILD:-0} != 1 ]]; then
+  cmake --preset default -B "$BUILD_DIR" >/dev/null
+  cmake --build "$BUILD_DIR" -j"$(nproc)" --target kernels_gpu_check kernels_tests
+fi
 "$BUILD_DIR"/tests/kernels/kernels_tests
 
 CHECK="$BUILD_DIR/bench/kernels/kernels_gpu_check"

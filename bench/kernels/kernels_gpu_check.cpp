@@ -4,7 +4,7 @@
 // (bench/kernels/torch_sdpa_check.py); then prints the benchmark table last, each figure as a
 // ratio to a device-to-device copy measured in the same run.
 //
-//   usage: kernels_gpu_check [--dump DIR] [--quick]
+//   usage: kernels_gpu_check [--dump DIR] [--quick] [--checks-only]
 //   rerun: scripts/gpu_check.sh
 // Exit: 0 all passed (or no GPU: "skipped"), 1 a check failed, 2 a CUDA error.
 #include <cuda_runtime_api.h>
@@ -124,7 +124,7 @@ void check_decode(Rng& rng, Dtype qd, Dtype kvd, uint32_t D, uint32_t KH, uint32
   DecodePlanOptions opt;
   opt.force_splits = force_splits;
   auto sms = current_device_sm_count();
-  if (sms.is_ok()) opt.target_ctas = 2 * *sms;
+  if (sms.is_ok()) opt.num_sms = *sms;
   const uint32_t max_len = uint32_t(*std::max_element(lens.begin(), lens.end()));
   auto plan = plan_decode_attention(cpu, max_len, opt);
   STATUS_OK(plan.status());
@@ -384,7 +384,10 @@ BenchKv make_bench_kv(const KvLayout& layout, uint32_t S, uint32_t len, Rng& rng
   return b;
 }
 
-void bench_decode(double d2d, Rng& rng, Dtype kvd, uint32_t S, uint32_t len, std::ofstream& tsv) {
+/// Times one decode shape with the planned split count, or `force_splits`; `tsv` (the rows
+/// torch_sdpa_check.py times SDPA on) is null for the forced rows, which say so.
+void bench_decode(double d2d, Rng& rng, Dtype kvd, uint32_t S, uint32_t len, std::ofstream* tsv,
+                  uint32_t force_splits = 0) {
   const uint32_t KH = 8, H = 32, D = 128;
   auto layout = KvLayout::standard(1, KH, D, kvd);
   BenchKv b = make_bench_kv(*layout, S, len, rng);
@@ -392,7 +395,8 @@ void bench_decode(double d2d, Rng& rng, Dtype kvd, uint32_t S, uint32_t len, std
   CUDA_OK(cudaMemset(q.ptr, 0x3c, q.n * 2));
   DecodeAttentionArgs args{b.kv, q.ptr, out.ptr, Dtype::kBf16, H, 0.0f};
   DecodePlanOptions opt;
-  opt.target_ctas = 2 * *current_device_sm_count();
+  opt.num_sms = *current_device_sm_count();
+  opt.force_splits = force_splits;
   auto plan = plan_decode_attention(args, len, opt);
   STATUS_OK(plan.status());
   DeviceBuffer<uint8_t> ws(plan->workspace_bytes);
@@ -401,10 +405,12 @@ void bench_decode(double d2d, Rng& rng, Dtype kvd, uint32_t S, uint32_t len, std
   if (is_quantized_kv(kvd)) bytes += double(S) * len * KH * 2 * 4;
   const double bw = bytes / (ms * 1e-3);
   char what[128];
-  std::snprintf(what, sizeof what, "decode %s K/V, %u x %uK tok, 32q/8kv x 128, %u splits",
-                std::string(dtype_name(kvd)).c_str(), S, len / 1024, plan->num_splits);
+  std::snprintf(what, sizeof what, "decode %s K/V, %u x %uK tok, 32q/8kv x 128, %u splits%s",
+                std::string(dtype_name(kvd)).c_str(), S, len / 1024, plan->num_splits,
+                force_splits ? " (forced)" : "");
   g_rows.push_back({what, fmt("%.0f GB/s", bw / 1e9) + fmt(" %.3f ms", ms), fmt("%.2f", bw / d2d)});
-  tsv << what << '\t' << S << '\t' << H << '\t' << KH << '\t' << D << '\t' << len << '\t'
+  if (tsv == nullptr) return;
+  *tsv << what << '\t' << S << '\t' << H << '\t' << KH << '\t' << D << '\t' << len << '\t'
       << dtype_name(kvd) << '\t' << ms << '\n';
 }
 
@@ -509,10 +515,14 @@ void run_benchmarks(bool quick) {
   std::ofstream tsv;
   if (!g_dump_dir.empty()) tsv.open(g_dump_dir + "/bench_decode.tsv");
   const std::vector<uint32_t> lens = quick ? std::vector<uint32_t>{32768} : std::vector<uint32_t>{32768, 65536, 131072};
-  for (uint32_t len : lens) bench_decode(d2d, rng, Dtype::kBf16, 1, len, tsv);
-  bench_decode(d2d, rng, Dtype::kBf16, 8, 32768, tsv);
-  bench_decode(d2d, rng, Dtype::kInt8, 1, 32768, tsv);
-  bench_decode(d2d, rng, Dtype::kFp8E4M3, 1, 32768, tsv);
+  for (uint32_t len : lens) bench_decode(d2d, rng, Dtype::kBf16, 1, len, &tsv);
+  bench_decode(d2d, rng, Dtype::kBf16, 8, 32768, &tsv);
+  bench_decode(d2d, rng, Dtype::kInt8, 1, 32768, &tsv);
+  bench_decode(d2d, rng, Dtype::kFp8E4M3, 1, 32768, &tsv);
+  if (!quick) {  // the plan's split count against its neighbours, for the two bf16 32K shapes
+    for (uint32_t splits : {32u, 128u}) bench_decode(d2d, rng, Dtype::kBf16, 1, 32768, nullptr, splits);
+    for (uint32_t splits : {16u, 33u}) bench_decode(d2d, rng, Dtype::kBf16, 8, 32768, nullptr, splits);
+  }
   bench_pack(d2d, rng, EngineLayout::kVllm, "vllm");
   bench_pack(d2d, rng, EngineLayout::kFlashInferHnd, "flashinfer_hnd");
   bench_quant(d2d, rng, Dtype::kInt8);
@@ -523,10 +533,11 @@ void run_benchmarks(bool quick) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false;
+  bool quick = false, checks_only = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--dump") == 0 && i + 1 < argc) g_dump_dir = argv[++i];
     if (std::strcmp(argv[i], "--quick") == 0) quick = true;
+    if (std::strcmp(argv[i], "--checks-only") == 0) checks_only = true;
   }
   int devices = 0;
   const cudaError_t err = cudaGetDeviceCount(&devices);
@@ -550,6 +561,8 @@ int main(int argc, char** argv) {
       check_decode(rng, dt.q, dt.kv, D, 2, 8, {1, 17, 45, 300, 32}, 1, "");
       check_decode(rng, dt.q, dt.kv, D, 1, 12, {1, 17, 45, 300, 32}, 3, "");  // MQA: two head chunks
       check_decode(rng, dt.q, dt.kv, D, 4, 4, {2000, 700}, 0, "");             // planned splits
+      check_decode(rng, dt.q, dt.kv, D, 4, 8, {5, 250, 33}, 2, "");            // 2-head items
+      check_decode(rng, dt.q, dt.kv, D, 2, 6, {3, 129}, 0, "");                // 3 heads in a 4-head item
       check_prefill(rng, dt.q, dt.kv, D, 2, 6, {0, 7, 32, 53}, {6, 1, 9, 17}, "");
     }
   }
@@ -567,6 +580,7 @@ int main(int argc, char** argv) {
   for (Dtype w : {Dtype::kFp16, Dtype::kBf16})
     for (Dtype n : {Dtype::kInt8, Dtype::kFp8E4M3}) check_quant(rng, w, n);
   std::printf("\n%d check(s) failed\n", g_failures);
+  if (checks_only) return g_failures == 0 ? 0 : 1;  // e.g. under compute-sanitizer
 
   run_benchmarks(quick);
   std::printf("\nbenchmarks (%s; median of 10; rerun: scripts/gpu_check.sh):\n", prop.name);

@@ -1,5 +1,5 @@
 // The shared inner loop of the decode and prefill kernels: one CTA of 128 threads streams a
-// range of keys for up to kMaxHeadsPerItem query heads that share one kv head (GQA/MQA), with an
+// range of keys for G ≤ kMaxHeadsPerItem query heads that share one kv head (GQA/MQA), with an
 // online softmax, then combines its token groups through shared memory.
 //
 // Thread layout: head_dim / 8 lanes cover one key row (8 elements each, one 16- or 8-byte load),
@@ -9,7 +9,9 @@
 // Loop trip counts are uniform across the CTA so the full-warp shuffles never diverge.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/element_types.cuh"
 #include "kernels/decode_attention.h"
@@ -19,7 +21,16 @@ namespace kvtier::kernels::cuda {
 
 inline constexpr int kThreads = 128;
 inline constexpr int kHeads = int(kMaxHeadsPerItem);
-inline constexpr int kUnroll = 2;  // keys per token group per iteration: loads in flight
+
+
+/// CTAs the decode kernel asks to keep resident per SM for G heads (caps its registers at
+/// 65536 / (128 · n)); the plan counts on the same number.
+template <int G>
+inline constexpr int kMinCtasPerSm = int(decode_ctas_per_sm(G));
+
+/// Pipeline depth: stages of key rows in shared memory, kStages − 1 of them loading while one
+/// is computed on.
+inline constexpr int kStages = 4;
 
 template <int D>
 struct Geometry {
@@ -28,13 +39,14 @@ struct Geometry {
   static constexpr int kGroups = kThreads / kLanes;    // key rows in flight per CTA step
 };
 
+template <int G>
 struct OnlineSoftmax {
-  float m[kHeads];
-  float l[kHeads];
-  float acc[kHeads][8];
+  float m[G];
+  float l[G];
+  float acc[G][8];
   __device__ __forceinline__ void init() {
 #pragma unroll
-    for (int j = 0; j < kHeads; ++j) {
+    for (int j = 0; j < G; ++j) {
       m[j] = -INFINITY;
       l[j] = 0.0f;
 #pragma unroll
@@ -51,8 +63,8 @@ struct PagedSource {
   __device__ __forceinline__ const uint8_t* row(uint32_t t, uint32_t plane) const {
     return kv.row(seq, t, plane, head);
   }
-  __device__ __forceinline__ float scale(uint32_t t, uint32_t plane) const {
-    return kv.scale(seq, t, plane, head);
+  __device__ __forceinline__ const float* scale_ptr(uint32_t t, uint32_t plane) const {
+    return kv.scale_ptr(seq, t, plane, head);
   }
 };
 
@@ -64,48 +76,126 @@ struct DenseSource {
   __device__ __forceinline__ const uint8_t* row(uint32_t t, uint32_t plane) const {
     return (plane == kPlaneK ? k : v) + uint64_t(t) * row_stride_bytes;
   }
-  __device__ __forceinline__ float scale(uint32_t, uint32_t) const { return 1.0f; }
 };
 
-/// Streams keys [t0, t1) of `src` into `st` for the first `g` heads of `q`.
-template <class KT, int D, class Src>
-__device__ __forceinline__ void attend_range(const float (&q)[kHeads][8], int g, OnlineSoftmax& st,
-                                             const Src& src, uint32_t t0, uint32_t t1) {
+/// True for int8 / fp8 keys, which carry a dequantization scale per row; 16-bit rows have none.
+template <class KT>
+inline constexpr bool kScaled = KT::kBytes == 1;
+
+/// cp.async of `bytes` (4, 8 or 16) from global to shared memory; `valid` = false zero-fills the
+/// destination and reads nothing (src must still be a mapped address).
+template <int bytes>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  const int n = valid ? bytes : 0;
+  if constexpr (bytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(src), "n"(bytes), "r"(n));
+  }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int pending>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(pending)); }
+
+/// Shared-memory geometry of the key pipeline for element type KT and head_dim D. A stage holds
+/// kRows consecutive key rows, K plane then V plane, then (int8/fp8) their scales:
+///   [K|V][row][D elements]  then  float [K|V][row]
+/// Row r belongs to token group r % kGroups, which copies and reads only its own 8 elements
+/// per lane, so the K/V data needs no barrier; scales are copied by lane 0 of the row and read
+/// by its other lanes after a __syncwarp (a row's lanes share one warp).
+template <class KT, int D>
+struct KeyStages {
+  static constexpr int kRowsPerGroup = 4 / KT::kBytes;  // 8 KiB of K/V per stage at any dtype
+  static constexpr int kRows = Geometry<D>::kGroups * kRowsPerGroup;
+  static constexpr int kRowBytes = D * KT::kBytes;
+  static constexpr int kScaleOffset = 2 * kRows * kRowBytes;
+  static constexpr int kStageBytes = kScaleOffset + (kScaled<KT> ? 2 * kRows * 4 : 0);
+  static constexpr int kBytes = kStages * kStageBytes;
+};
+
+/// Shared memory combine_groups uses for G heads.
+template <int D, int G>
+inline constexpr int kCombineBytes = (2 + D) * Geometry<D>::kGroups * G * 4;
+
+/// Shared memory a kernel streaming KT keys (and, for prefill, 16-bit QT keys) then combining
+/// G heads declares and hands to attend_range and combine_groups.
+template <class KT, class QT, int D, int G>
+inline constexpr int kSmemBytes = std::max({KeyStages<KT, D>::kBytes, KeyStages<QT, D>::kBytes, kCombineBytes<D, G>});
+
+/// Streams keys [t0, t1) of `src` into `st` for the first `g` heads of `q`, through a kStages-deep
+/// cp.async pipeline in `smem` (KeyStages<KT, D>::kBytes, 16-byte aligned): the copies of the
+/// next kStages − 1 stages are in flight while one stage is computed on, and they occupy no
+/// registers, so every warp keeps memory busy.
+template <class KT, int D, int G, class Src>
+__device__ __forceinline__ void attend_range(const float (&q)[G][8], int g, OnlineSoftmax<G>& st,
+                                             const Src& src, uint32_t t0, uint32_t t1, uint8_t* smem) {
   using Geo = Geometry<D>;
+  using Stg = KeyStages<KT, D>;
+  constexpr int kChunk = 8 * KT::kBytes;  // this lane's bytes of one row
   const int lane = threadIdx.x % Geo::kLanes;
   const int group = threadIdx.x / Geo::kLanes;
-  for (uint32_t base = t0; base < t1; base += Geo::kGroups * kUnroll) {
-    float kf[kUnroll][8], vf[kUnroll][8], ks[kUnroll], vs[kUnroll];
-    bool valid[kUnroll];
+  if (t0 >= t1) return;
+  const uint32_t steps = (t1 - t0 + Stg::kRows - 1) / Stg::kRows;
+
+  auto fetch = [&](uint32_t step) {
+    uint8_t* stage = smem + (step % kStages) * Stg::kStageBytes;
+    const uint32_t base = t0 + step * Stg::kRows;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const uint32_t t = base + u * Geo::kGroups + group;
-      valid[u] = t < t1;
-      if (valid[u]) {
-        KT::load8(src.row(t, kPlaneK) + lane * 8 * KT::kBytes, kf[u]);
-        KT::load8(src.row(t, kPlaneV) + lane * 8 * KT::kBytes, vf[u]);
-        ks[u] = src.scale(t, kPlaneK);
-        vs[u] = src.scale(t, kPlaneV);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) kf[u][e] = vf[u][e] = 0.0f;
-        ks[u] = vs[u] = 0.0f;
+    for (int u = 0; u < Stg::kRowsPerGroup; ++u) {
+      const int r = u * Geo::kGroups + group;
+      const bool valid = base + r < t1;
+      const uint32_t t = valid ? base + r : t0;  // a mapped address even when nothing is read
+      cp_async<kChunk>(stage + r * Stg::kRowBytes + lane * kChunk, src.row(t, kPlaneK) + lane * kChunk, valid);
+      cp_async<kChunk>(stage + (Stg::kRows + r) * Stg::kRowBytes + lane * kChunk,
+                       src.row(t, kPlaneV) + lane * kChunk, valid);
+      if constexpr (kScaled<KT>) {
+        if (lane == 0) {
+          float* scales = reinterpret_cast<float*>(stage + Stg::kScaleOffset);
+          cp_async<4>(scales + r, src.scale_ptr(t, kPlaneK), valid);
+          cp_async<4>(scales + Stg::kRows + r, src.scale_ptr(t, kPlaneV), valid);
+        }
       }
     }
+  };
+
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (uint32_t(s) < steps) fetch(s);
+    cp_async_commit();  // empty groups keep the count uniform
+  }
+  for (uint32_t step = 0; step < steps; ++step) {
+    if (step + kStages - 1 < steps) fetch(step + kStages - 1);
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();  // this step's group has landed
+    if constexpr (kScaled<KT>) __syncwarp();
+    const uint8_t* stage = smem + (step % kStages) * Stg::kStageBytes;
+    const float* scales = reinterpret_cast<const float*>(stage + Stg::kScaleOffset);
+    const uint32_t base = t0 + step * Stg::kRows;
 #pragma unroll
-      for (int j = 0; j < kHeads; ++j) {
+    for (int u = 0; u < Stg::kRowsPerGroup; ++u) {
+      const int r = u * Geo::kGroups + group;
+      const bool valid = base + r < t1;
+      float kf[8], vf[8];
+      KT::convert(*reinterpret_cast<const typename KT::Raw*>(stage + r * Stg::kRowBytes + lane * kChunk), kf);
+      KT::convert(*reinterpret_cast<const typename KT::Raw*>(stage + (Stg::kRows + r) * Stg::kRowBytes + lane * kChunk), vf);
+      float ks = 1.0f, vs = 1.0f;
+      if constexpr (kScaled<KT>) {
+        ks = scales[r];
+        vs = scales[Stg::kRows + r];
+      }
+#pragma unroll
+      for (int j = 0; j < G; ++j) {
         if (j >= g) break;  // g is uniform across the CTA
         float dot = 0.0f;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) dot = fmaf(q[j][e], kf[u][e], dot);
+        for (int e = 0; e < 8; ++e) dot = fmaf(q[j][e], kf[e], dot);
 #pragma unroll
         for (int off = Geo::kLanes / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
         // The butterfly leaves the same sum in every lane of the row, so the branches below
         // are uniform within a token group.
-        if (!valid[u]) continue;
-        const float s = dot * ks[u];
+        if (!valid) continue;
+        const float s = dot * ks;
         if (s > st.m[j]) {
           const float c = exp2f(st.m[j] - s);
           st.l[j] *= c;
@@ -115,21 +205,23 @@ __device__ __forceinline__ void attend_range(const float (&q)[kHeads][8], int g,
         }
         const float p = exp2f(s - st.m[j]);
         st.l[j] += p;
-        const float pv = p * vs[u];
+        const float pv = p * vs;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) st.acc[j][e] = fmaf(pv, vf[u][e], st.acc[j][e]);
+        for (int e = 0; e < 8; ++e) st.acc[j][e] = fmaf(pv, vf[e], st.acc[j][e]);
       }
     }
+    // Lane 0 overwrites this stage's scales kStages − 1 steps on; the row's lanes are past them.
+    if constexpr (kScaled<KT>) __syncwarp();
   }
+  cp_async_wait<0>();
 }
 
 /// Loads 8 elements per lane of `g` query rows (row j at q_row0 + j·D elements), pre-scaled.
-template <class QT, int D>
-__device__ __forceinline__ void load_queries(const uint8_t* q_row0, int g, float scale,
-                                             float (&q)[kHeads][8]) {
+template <class QT, int D, int G>
+__device__ __forceinline__ void load_queries(const uint8_t* q_row0, int g, float scale, float (&q)[G][8]) {
   const int lane = threadIdx.x % Geometry<D>::kLanes;
 #pragma unroll
-  for (int j = 0; j < kHeads; ++j) {
+  for (int j = 0; j < G; ++j) {
     if (j < g) {
       QT::load8(q_row0 + (uint64_t(j) * D + lane * 8) * QT::kBytes, q[j]);
 #pragma unroll
@@ -143,17 +235,19 @@ __device__ __forceinline__ void load_queries(const uint8_t* q_row0, int g, float
 
 /// Combines the token groups of the CTA. For head j < g and element d, calls
 /// emit(j, d, value, lse) where value is the normalised output and lse the natural log-sum-exp
-/// of the scores (−inf and value 0 for an empty range). Every thread must call this.
-template <int D, class Emit>
-__device__ __forceinline__ void combine_groups(const OnlineSoftmax& st, int g, Emit emit) {
+/// of the scores (−inf and value 0 for an empty range). Every thread must call this. `smem` is
+/// the kernel's buffer (kCombineBytes<D, G> at least); the key pipeline's stages are reused.
+template <int D, int G, class Emit>
+__device__ __forceinline__ void combine_groups(const OnlineSoftmax<G>& st, int g, uint8_t* smem, Emit emit) {
   using Geo = Geometry<D>;
-  __shared__ float s_m[Geo::kGroups][kHeads];
-  __shared__ float s_l[Geo::kGroups][kHeads];
-  __shared__ float s_acc[Geo::kGroups][kHeads][D];
+  auto s_m = reinterpret_cast<float (*)[G]>(smem);
+  auto s_l = reinterpret_cast<float (*)[G]>(smem + Geo::kGroups * G * 4);
+  auto s_acc = reinterpret_cast<float (*)[G][D]>(smem + 2 * Geo::kGroups * G * 4);
   const int lane = threadIdx.x % Geo::kLanes;
   const int group = threadIdx.x / Geo::kLanes;
+  __syncthreads();  // smem held other threads' key stages until now
 #pragma unroll
-  for (int j = 0; j < kHeads; ++j) {
+  for (int j = 0; j < G; ++j) {
     if (j >= g) break;
 #pragma unroll
     for (int e = 0; e < 8; ++e) s_acc[group][j][lane * 8 + e] = st.acc[j][e];
@@ -179,6 +273,18 @@ __device__ __forceinline__ void combine_groups(const OnlineSoftmax& st, int g, E
     const float value = sum > 0.0f ? acc / sum : 0.0f;
     const float lse = sum > 0.0f ? (m + log2f(sum)) * 0.69314718055994531f : -INFINITY;
     emit(j, d, value, lse);
+  }
+}
+
+/// Calls f(std::integral_constant<int, G>{}) for G = decode_heads_per_item(group): registers
+/// scale with G, so a small group keeps more CTAs resident per SM.
+template <class F>
+cudaError_t dispatch_heads(uint32_t group, F&& f) {
+  switch (decode_heads_per_item(group)) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    default: return f(std::integral_constant<int, kHeads>{});
   }
 }
 

@@ -1,5 +1,6 @@
 // Paged decode attention on the GPU: one CTA per (split, kv head × head chunk, sequence), then a
-// merge kernel when the plan has more than one split. See attention_core.cuh for the inner loop
+// merge kernel when the plan has more than one split. A head chunk is the kv-head group rounded
+// up to 1, 2, 4 or 8 query heads, each a separate instantiation. See attention_core.cuh for the inner loop
 // and decode_attention.h for the contract shared with the CPU reference.
 #include <cstdint>
 #include <type_traits>
@@ -15,14 +16,14 @@ struct DecodeLaunch {
   DecodeAttentionArgs args;
   uint32_t num_splits;
   uint32_t tokens_per_split;
-  uint32_t chunks;  // head chunks per kv head
+  uint32_t chunks;  // head chunks (of G query heads) per kv head
   float q_scale;    // sm_scale · log2(e)
   float* part_out;
   float* part_lse;
 };
 
-template <class QT, class KT, int D>
-__global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeLaunch p) {
+template <class QT, class KT, int D, int G>
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm<G>) decode_kernel(const DecodeLaunch p) {
   const DecodeAttentionArgs& a = p.args;
   const uint32_t split = blockIdx.x;
   const uint32_t kv_head = blockIdx.y / p.chunks;
@@ -30,19 +31,20 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeLaunch p) 
   const uint32_t seq = blockIdx.z;
   const uint32_t H = a.num_qo_heads;
   const uint32_t group = H / a.kv.num_kv_heads;
-  const uint32_t h0 = kv_head * group + chunk * kHeads;
-  const int g = int(min(uint32_t(kHeads), group - chunk * kHeads));
+  const uint32_t h0 = kv_head * group + chunk * G;
+  const int g = int(min(uint32_t(G), group - chunk * G));
   const uint32_t len = uint32_t(a.kv.seq_lens[seq]);
   const uint32_t t0 = min(len, split * p.tokens_per_split);
   const uint32_t t1 = min(len, t0 + p.tokens_per_split);
 
-  float q[kHeads][8];
-  load_queries<QT, D>(static_cast<const uint8_t*>(a.q) + (uint64_t(seq) * H + h0) * D * QT::kBytes, g,
+  float q[G][8];
+  load_queries<QT, D, G>(static_cast<const uint8_t*>(a.q) + (uint64_t(seq) * H + h0) * D * QT::kBytes, g,
                       p.q_scale, q);
-  OnlineSoftmax st;
+  __shared__ alignas(16) uint8_t smem[kSmemBytes<KT, KT, D, G>];
+  OnlineSoftmax<G> st;
   st.init();
-  attend_range<KT, D>(q, g, st, PagedSource{a.kv, seq, kv_head}, t0, t1);
-  combine_groups<D>(st, g, [&](int j, int d, float value, float lse) {
+  attend_range<KT, D, G>(q, g, st, PagedSource{a.kv, seq, kv_head}, t0, t1, smem);
+  combine_groups<D, G>(st, g, smem, [&](int j, int d, float value, float lse) {
     const uint64_t row = uint64_t(seq) * H + h0 + j;
     if (p.num_splits == 1) {
       QT::store(static_cast<uint8_t*>(a.out) + (row * D + d) * QT::kBytes, value);
@@ -90,10 +92,11 @@ Status decode_attention_cuda(const DecodeAttentionArgs& args, const DecodePlan& 
     return invalid_argument("decode attention (cuda): at most 65535 sequences per launch");
   }
   const uint32_t group = args.num_qo_heads / args.kv.num_kv_heads;
+  const uint32_t heads = decode_heads_per_item(group);
   cuda::DecodeLaunch p{args,
                        plan.num_splits,
                        plan.tokens_per_split,
-                       (group + kMaxHeadsPerItem - 1) / kMaxHeadsPerItem,
+                       (group + heads - 1) / heads,
                        effective_sm_scale(args.sm_scale, args.kv.head_dim) * 1.4426950408889634f,
                        static_cast<float*>(workspace.data),
                        nullptr};
@@ -105,7 +108,12 @@ Status decode_attention_cuda(const DecodeAttentionArgs& args, const DecodePlan& 
   const cudaError_t err = cuda::dispatch_attention(
       args.q_dtype, args.kv.kv_dtype, args.kv.head_dim, [&](auto qt, auto kt, auto dim) {
         using QT = decltype(qt);
-        cuda::decode_kernel<QT, decltype(kt), decltype(dim)::value><<<grid, cuda::kThreads, 0, stream>>>(p);
+        const cudaError_t launched = cuda::dispatch_heads(group, [&](auto heads_c) {
+          cuda::decode_kernel<QT, decltype(kt), decltype(dim)::value, decltype(heads_c)::value>
+              <<<grid, cuda::kThreads, 0, stream>>>(p);
+          return cudaGetLastError();
+        });
+        if (launched != cudaSuccess) return launched;
         if (plan.num_splits > 1) {
           cuda::merge_splits_kernel<QT><<<args.kv.num_seqs * args.num_qo_heads,
                                           decltype(dim)::value, 0, stream>>>(p, args.kv.head_dim);

@@ -1,5 +1,8 @@
 // Device element types: 8 consecutive elements loaded (one 16- or 8-byte load) and converted to
 // float, and 16-bit stores. The attention kernels give each lane 8 elements of a head_dim row.
+// load_raw / convert split the load from the conversion so a kernel can keep the next keys in
+// flight as packed registers (4 for 16-bit, 2 for 8-bit elements) while it computes on these;
+// load8 is the two together.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -15,8 +18,10 @@ namespace kvtier::kernels::cuda {
 struct ElemF16 {
   static constexpr Dtype kDtype = Dtype::kFp16;
   static constexpr int kBytes = 2;
-  __device__ __forceinline__ static void load8(const uint8_t* p, float (&f)[8]) {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  using Raw = uint4;
+  __device__ __forceinline__ static Raw load_raw(const uint8_t* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+  __device__ __forceinline__ static void load8(const uint8_t* p, float (&f)[8]) { convert(load_raw(p), f); }
+  __device__ __forceinline__ static void convert(const Raw& v, float (&f)[8]) {
     const __half2* h = reinterpret_cast<const __half2*>(&v);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -33,8 +38,10 @@ struct ElemF16 {
 struct ElemBf16 {
   static constexpr Dtype kDtype = Dtype::kBf16;
   static constexpr int kBytes = 2;
-  __device__ __forceinline__ static void load8(const uint8_t* p, float (&f)[8]) {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  using Raw = uint4;
+  __device__ __forceinline__ static Raw load_raw(const uint8_t* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+  __device__ __forceinline__ static void load8(const uint8_t* p, float (&f)[8]) { convert(load_raw(p), f); }
+  __device__ __forceinline__ static void convert(const Raw& v, float (&f)[8]) {
     const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -51,8 +58,10 @@ struct ElemBf16 {
 struct ElemInt8 {
   static constexpr Dtype kDtype = Dtype::kInt8;
   static constexpr int kBytes = 1;
-  __device__ __forceinline__ static void load8(const uint8_t* p, float (&f)[8]) {
-    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+  using Raw = uint2;
+  __device__ __forceinline__ static Raw load_raw(const uint8_t* p) { return __ldg(reinterpret_cast<const uint2*>(p)); }
+  __device__ __forceinline__ static void load8(const uint8_t* p, float (&f)[8]) { convert(load_raw(p), f); }
+  __device__ __forceinline__ static void convert(const Raw& v, float (&f)[8]) {
     const int8_t* b = reinterpret_cast<const int8_t*>(&v);
 #pragma unroll
     for (int i = 0; i < 8; ++i) f[i] = float(b[i]);
@@ -65,8 +74,10 @@ struct ElemFp8 {
   __device__ __forceinline__ static float to_float(uint8_t b) {
     return __half2float(__half(__nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t(b), __NV_E4M3)));
   }
-  __device__ __forceinline__ static void load8(const uint8_t* p, float (&f)[8]) {
-    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+  using Raw = uint2;
+  __device__ __forceinline__ static Raw load_raw(const uint8_t* p) { return __ldg(reinterpret_cast<const uint2*>(p)); }
+  __device__ __forceinline__ static void load8(const uint8_t* p, float (&f)[8]) { convert(load_raw(p), f); }
+  __device__ __forceinline__ static void convert(const Raw& v, float (&f)[8]) {
     const __nv_fp8x2_storage_t* pairs = reinterpret_cast<const __nv_fp8x2_storage_t*>(&v);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {

@@ -21,7 +21,7 @@ namespace kvtier::kernels {
 /// message names `what` and the CUDA error.
 Status status_from_cuda(cudaError_t err, const char* what);
 
-/// Streaming multiprocessors of the current device (for DecodePlanOptions::target_ctas).
+/// Streaming multiprocessors of the current device (for DecodePlanOptions::num_sms).
 Result<uint32_t> current_device_sm_count();
 
 Status decode_attention_cuda(const DecodeAttentionArgs& args, const DecodePlan& plan,

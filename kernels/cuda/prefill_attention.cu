@@ -40,17 +40,21 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillLaunch p
   const uint32_t prefix_len = uint32_t(a.prefix.seq_lens[seq]);
 
   float q[kHeads][8];
-  load_queries<QT, D>(static_cast<const uint8_t*>(a.q) + (uint64_t(row) * H + h0) * D * QT::kBytes, g,
+  load_queries<QT, D, kHeads>(static_cast<const uint8_t*>(a.q) + (uint64_t(row) * H + h0) * D * QT::kBytes, g,
                       p.q_scale, q);
-  OnlineSoftmax st;
+  __shared__ alignas(16) uint8_t smem[kSmemBytes<KT, QT, D, kHeads>];
+  OnlineSoftmax<kHeads> st;
   st.init();
-  attend_range<KT, D>(q, g, st, PagedSource{a.prefix, seq, kv_head}, 0, prefix_len);
+  attend_range<KT, D, kHeads>(q, g, st, PagedSource{a.prefix, seq, kv_head}, 0, prefix_len, smem);
   const uint64_t stride = uint64_t(KH) * D * QT::kBytes;
   const uint64_t first = uint64_t(row0) * stride + uint64_t(kv_head) * D * QT::kBytes;
   const DenseSource fresh{static_cast<const uint8_t*>(a.k_new) + first,
                           static_cast<const uint8_t*>(a.v_new) + first, stride};
-  attend_range<QT, D>(q, g, st, fresh, 0, row - row0 + 1);
-  combine_groups<D>(st, g, [&](int j, int d, float value, float) {
+  // The new keys' pipeline maps shared memory to threads differently when the prefix is int8/fp8
+  // (other rows per stage): every thread must be done with the prefix's stages first.
+  __syncthreads();
+  attend_range<QT, D, kHeads>(q, g, st, fresh, 0, row - row0 + 1, smem);
+  combine_groups<D, kHeads>(st, g, smem, [&](int j, int d, float value, float) {
     QT::store(static_cast<uint8_t*>(a.out) + ((uint64_t(row) * H + h0 + j) * D + d) * QT::kBytes, value);
   });
 }
