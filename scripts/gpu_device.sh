@@ -7,7 +7,8 @@
 #
 #   usage: scripts/gpu_device.sh [stage...]
 #          stages: tests kernels transfer service (the default: all four), sanitize (the kernel
-#          checks under compute-sanitizer's memcheck and racecheck)
+#          checks under compute-sanitizer's memcheck and racecheck), profile (Nsight Compute on
+#          the first benchmarked decode: its kernel and its split merge)
 #   env:   KVTIER_BENCH_REPEATS (default 5), KVTIER_GPU_JOBS (ctest jobs, default 8)
 # Exit status: non-zero when any stage failed.
 set -uo pipefail
@@ -68,6 +69,10 @@ for s in "${stages[@]}"; do
                   grep -E "FAIL|check\(s\) failed|SUMMARY" "$OUT/sanitize_$tool.log" | head -n 20
                 done
                 exit $status' ;;
+    profile)  run_stage profile 240 ncu --clock-control none -k 'regex:decode_kernel|merge_splits' \
+                --launch-skip 2 --launch-count 2 --section SpeedOfLight --section LaunchStats \
+                --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
+                --section SchedulerStats build/default/bench/kernels/kernels_gpu_check --bench-only --quick ;;
     service)  run_stage service 180 build/default/bench/service/kvtier_bench_service "$repeats" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac

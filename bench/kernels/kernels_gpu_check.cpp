@@ -4,7 +4,7 @@
 // (bench/kernels/torch_sdpa_check.py); then prints the benchmark table last, each figure as a
 // ratio to a device-to-device copy measured in the same run.
 //
-//   usage: kernels_gpu_check [--dump DIR] [--quick] [--checks-only]
+//   usage: kernels_gpu_check [--dump DIR] [--quick] [--checks-only | --bench-only]
 //   rerun: scripts/gpu_check.sh
 // Exit: 0 all passed (or no GPU: "skipped"), 1 a check failed, 2 a CUDA error.
 #include <cuda_runtime_api.h>
@@ -520,8 +520,9 @@ void run_benchmarks(bool quick) {
   bench_decode(d2d, rng, Dtype::kInt8, 1, 32768, &tsv);
   bench_decode(d2d, rng, Dtype::kFp8E4M3, 1, 32768, &tsv);
   if (!quick) {  // the plan's split count against its neighbours, for the two bf16 32K shapes
-    for (uint32_t splits : {32u, 128u}) bench_decode(d2d, rng, Dtype::kBf16, 1, 32768, nullptr, splits);
-    for (uint32_t splits : {16u, 33u}) bench_decode(d2d, rng, Dtype::kBf16, 8, 32768, nullptr, splits);
+    for (uint32_t splits : {16u, 24u, 33u, 48u, 128u}) bench_decode(d2d, rng, Dtype::kBf16, 1, 32768, nullptr, splits);
+    for (uint32_t splits : {33u, 132u}) bench_decode(d2d, rng, Dtype::kBf16, 1, 131072, nullptr, splits);
+    for (uint32_t splits : {4u, 16u}) bench_decode(d2d, rng, Dtype::kBf16, 8, 32768, nullptr, splits);
   }
   bench_pack(d2d, rng, EngineLayout::kVllm, "vllm");
   bench_pack(d2d, rng, EngineLayout::kFlashInferHnd, "flashinfer_hnd");
@@ -530,30 +531,8 @@ void run_benchmarks(bool quick) {
   bench_quant_error(rng);
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  bool quick = false, checks_only = false;
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--dump") == 0 && i + 1 < argc) g_dump_dir = argv[++i];
-    if (std::strcmp(argv[i], "--quick") == 0) quick = true;
-    if (std::strcmp(argv[i], "--checks-only") == 0) checks_only = true;
-  }
-  int devices = 0;
-  const cudaError_t err = cudaGetDeviceCount(&devices);
-  if (err != cudaSuccess || devices == 0) {
-    std::printf("kernels_gpu_check: no CUDA device found (%s) -- skipped\n",
-                err != cudaSuccess ? cudaGetErrorString(err) : "0 devices");
-    return 0;
-  }
-  cudaDeviceProp prop{};
-  CUDA_OK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("kernels_gpu_check on %s (sm_%d%d, %d SMs)\n", prop.name, prop.major, prop.minor,
-              prop.multiProcessorCount);
-  const uint64_t seed = test_seed();
-  std::printf("seed %llu (KVTIER_TEST_SEED=%llu to replay)\n\ncorrectness, GPU vs CPU reference:\n",
-              (unsigned long long)seed, (unsigned long long)seed);
-  Rng rng(seed);
+/// Every kernel against its CPU reference, on fresh random data.
+void run_checks(Rng& rng) {
   struct Kv { Dtype q, kv; };
   for (Kv dt : {Kv{Dtype::kFp16, Dtype::kFp16}, Kv{Dtype::kBf16, Dtype::kBf16}, Kv{Dtype::kBf16, Dtype::kInt8},
                 Kv{Dtype::kFp16, Dtype::kInt8}, Kv{Dtype::kBf16, Dtype::kFp8E4M3}, Kv{Dtype::kFp16, Dtype::kFp8E4M3}}) {
@@ -579,9 +558,38 @@ int main(int argc, char** argv) {
   check_pack(rng, EngineLayout::kFlashInferHnd, "flashinfer_hnd");
   for (Dtype w : {Dtype::kFp16, Dtype::kBf16})
     for (Dtype n : {Dtype::kInt8, Dtype::kFp8E4M3}) check_quant(rng, w, n);
-  std::printf("\n%d check(s) failed\n", g_failures);
-  if (checks_only) return g_failures == 0 ? 0 : 1;  // e.g. under compute-sanitizer
+}
 
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool quick = false, checks_only = false, bench_only = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--dump") == 0 && i + 1 < argc) g_dump_dir = argv[++i];
+    if (std::strcmp(argv[i], "--quick") == 0) quick = true;
+    if (std::strcmp(argv[i], "--checks-only") == 0) checks_only = true;
+    if (std::strcmp(argv[i], "--bench-only") == 0) bench_only = true;  // e.g. under ncu
+  }
+  int devices = 0;
+  const cudaError_t err = cudaGetDeviceCount(&devices);
+  if (err != cudaSuccess || devices == 0) {
+    std::printf("kernels_gpu_check: no CUDA device found (%s) -- skipped\n",
+                err != cudaSuccess ? cudaGetErrorString(err) : "0 devices");
+    return 0;
+  }
+  cudaDeviceProp prop{};
+  CUDA_OK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("kernels_gpu_check on %s (sm_%d%d, %d SMs)\n", prop.name, prop.major, prop.minor,
+              prop.multiProcessorCount);
+  const uint64_t seed = test_seed();
+  std::printf("seed %llu (KVTIER_TEST_SEED=%llu to replay)\n\ncorrectness, GPU vs CPU reference:\n",
+              (unsigned long long)seed, (unsigned long long)seed);
+  Rng rng(seed);
+  if (!bench_only) {
+    run_checks(rng);
+    std::printf("\n%d check(s) failed\n", g_failures);
+    if (checks_only) return g_failures == 0 ? 0 : 1;  // e.g. under compute-sanitizer
+  }
   run_benchmarks(quick);
   std::printf("\nbenchmarks (%s; median of 10; rerun: scripts/gpu_check.sh):\n", prop.name);
   std::printf("  %-58s %-16s %s\n", "what", "figure", "ratio to limit");

@@ -123,12 +123,12 @@ inline constexpr int kCombineBytes = (2 + D) * Geometry<D>::kGroups * G * 4;
 template <class KT, class QT, int D, int G>
 inline constexpr int kSmemBytes = std::max({KeyStages<KT, D>::kBytes, KeyStages<QT, D>::kBytes, kCombineBytes<D, G>});
 
-/// Streams keys [t0, t1) of `src` into `st` for the first `g` heads of `q`, through a kStages-deep
+/// Streams keys [t0, t1) of `src` into `st` for the G heads of `q`, through a kStages-deep
 /// cp.async pipeline in `smem` (KeyStages<KT, D>::kBytes, 16-byte aligned): the copies of the
 /// next kStages − 1 stages are in flight while one stage is computed on, and they occupy no
 /// registers, so every warp keeps memory busy.
 template <class KT, int D, int G, class Src>
-__device__ __forceinline__ void attend_range(const float (&q)[G][8], int g, OnlineSoftmax<G>& st,
+__device__ __forceinline__ void attend_range(const float (&q)[G][8], OnlineSoftmax<G>& st,
                                              const Src& src, uint32_t t0, uint32_t t1, uint8_t* smem) {
   using Geo = Geometry<D>;
   using Stg = KeyStages<KT, D>;
@@ -172,38 +172,62 @@ __device__ __forceinline__ void attend_range(const float (&q)[G][8], int g, Onli
     const uint8_t* stage = smem + (step % kStages) * Stg::kStageBytes;
     const float* scales = reinterpret_cast<const float*>(stage + Stg::kScaleOffset);
     const uint32_t base = t0 + step * Stg::kRows;
+    constexpr int U = Stg::kRowsPerGroup;
+    // Scores of this thread's U rows for all G heads first: U·G independent dot products and
+    // butterflies with no branch between them, so the scheduler interleaves their latencies.
+    // Heads past g have zero queries and are never emitted.
+    float score[U][G];
+    bool valid[U];
 #pragma unroll
-    for (int u = 0; u < Stg::kRowsPerGroup; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int r = u * Geo::kGroups + group;
-      const bool valid = base + r < t1;
-      float kf[8], vf[8];
+      valid[u] = base + r < t1;
+      float kf[8];
       KT::convert(*reinterpret_cast<const typename KT::Raw*>(stage + r * Stg::kRowBytes + lane * kChunk), kf);
-      KT::convert(*reinterpret_cast<const typename KT::Raw*>(stage + (Stg::kRows + r) * Stg::kRowBytes + lane * kChunk), vf);
-      float ks = 1.0f, vs = 1.0f;
-      if constexpr (kScaled<KT>) {
-        ks = scales[r];
-        vs = scales[Stg::kRows + r];
-      }
+      const float ks = kScaled<KT> ? scales[r] : 1.0f;
 #pragma unroll
       for (int j = 0; j < G; ++j) {
-        if (j >= g) break;  // g is uniform across the CTA
-        float dot = 0.0f;
+        float lo = 0.0f, hi = 0.0f;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) dot = fmaf(q[j][e], kf[e], dot);
-#pragma unroll
-        for (int off = Geo::kLanes / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-        // The butterfly leaves the same sum in every lane of the row, so the branches below
-        // are uniform within a token group.
-        if (!valid) continue;
-        const float s = dot * ks;
-        if (s > st.m[j]) {
-          const float c = exp2f(st.m[j] - s);
-          st.l[j] *= c;
-#pragma unroll
-          for (int e = 0; e < 8; ++e) st.acc[j][e] *= c;
-          st.m[j] = s;
+        for (int e = 0; e < 4; ++e) {
+          lo = fmaf(q[j][e], kf[e], lo);
+          hi = fmaf(q[j][e + 4], kf[e + 4], hi);
         }
-        const float p = exp2f(s - st.m[j]);
+        score[u][j] = (lo + hi) * ks;
+      }
+    }
+#pragma unroll
+    for (int off = Geo::kLanes / 2; off > 0; off /= 2) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int j = 0; j < G; ++j) score[u][j] += __shfl_xor_sync(0xffffffffu, score[u][j], off);
+      }
+    }
+    // The butterfly leaves the same sums in every lane of a row, so each row group takes the
+    // rescale branch together. One max and at most one rescale per head per stage.
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+      float mx = st.m[j];
+#pragma unroll
+      for (int u = 0; u < U; ++u) mx = valid[u] ? fmaxf(mx, score[u][j]) : mx;
+      if (mx > st.m[j]) {
+        const float c = exp2f(st.m[j] - mx);
+        st.l[j] *= c;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) st.acc[j][e] *= c;
+        st.m[j] = mx;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int r = u * Geo::kGroups + group;
+      float vf[8];
+      KT::convert(*reinterpret_cast<const typename KT::Raw*>(stage + (Stg::kRows + r) * Stg::kRowBytes + lane * kChunk), vf);
+      const float vs = kScaled<KT> ? scales[Stg::kRows + r] : 1.0f;
+#pragma unroll
+      for (int j = 0; j < G; ++j) {
+        const float p = valid[u] ? exp2f(score[u][j] - st.m[j]) : 0.0f;
         st.l[j] += p;
         const float pv = p * vs;
 #pragma unroll

@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<G>) decode_kernel(cons
   __shared__ alignas(16) uint8_t smem[kSmemBytes<KT, KT, D, G>];
   OnlineSoftmax<G> st;
   st.init();
-  attend_range<KT, D, G>(q, g, st, PagedSource{a.kv, seq, kv_head}, t0, t1, smem);
+  attend_range<KT, D, G>(q, st, PagedSource{a.kv, seq, kv_head}, t0, t1, smem);
   combine_groups<D, G>(st, g, smem, [&](int j, int d, float value, float lse) {
     const uint64_t row = uint64_t(seq) * H + h0 + j;
     if (p.num_splits == 1) {
@@ -55,24 +55,59 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<G>) decode_kernel(cons
   });
 }
 
-// One CTA per (sequence, query head); thread d owns output element d.
-template <class QT>
-__global__ void merge_splits_kernel(const DecodeLaunch p, uint32_t head_dim) {
+// One CTA of kMergeThreads per (sequence, query head): warp w takes splits w, w + 8, ..., and
+// its lanes own D/32 consecutive elements each; the eight warps then sum through shared
+// memory. Every split's partial row is read by one load round per eight splits, where one
+// thread per element walking all splits waited a memory latency per split.
+constexpr int kMergeWarps = 8;
+constexpr int kMergeThreads = 32 * kMergeWarps;
+
+template <class QT, int D>
+__global__ void __launch_bounds__(kMergeThreads) merge_splits_kernel(const DecodeLaunch p) {
+  constexpr int kPer = D / 32;
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
   const uint64_t row = blockIdx.x;
-  const float* lse = p.part_lse + row * p.num_splits;
+  const uint32_t n = p.num_splits;
+  const float* lse = p.part_lse + row * n;
+  const float* part = p.part_out + row * n * D;
+  __shared__ float s_max[kMergeWarps];
+  __shared__ float s_sum[kMergeWarps];
+  __shared__ float s_acc[kMergeWarps][D];
+
   float m = -INFINITY;
-  for (uint32_t s = 0; s < p.num_splits; ++s) m = fmaxf(m, lse[s]);
-  for (uint32_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    float sum = 0.0f, acc = 0.0f;
-    if (m != -INFINITY) {
-      for (uint32_t s = 0; s < p.num_splits; ++s) {
-        const float w = expf(lse[s] - m);
-        sum += w;
-        acc = fmaf(w, p.part_out[(row * p.num_splits + s) * head_dim + d], acc);
-      }
+  for (uint32_t s = threadIdx.x; s < n; s += kMergeThreads) m = fmaxf(m, lse[s]);
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  if (lane == 0) s_max[warp] = m;
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < kMergeWarps; ++w) m = fmaxf(m, s_max[w]);
+
+  float sum = 0.0f, acc[kPer] = {};
+  if (m != -INFINITY) {  // else every split was empty: the output is zeros
+#pragma unroll 4
+    for (uint32_t s = warp; s < n; s += kMergeWarps) {
+      const float w = expf(lse[s] - m);
+      sum += w;
+      const float* x = part + uint64_t(s) * D + lane * kPer;
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) acc[e] = fmaf(w, x[e], acc[e]);
     }
-    QT::store(static_cast<uint8_t*>(p.args.out) + (row * head_dim + d) * QT::kBytes,
-              sum > 0.0f ? acc / sum : 0.0f);
+  }
+  if (lane == 0) s_sum[warp] = sum;
+#pragma unroll
+  for (int e = 0; e < kPer; ++e) s_acc[warp][lane * kPer + e] = acc[e];
+  __syncthreads();
+  for (int d = threadIdx.x; d < D; d += kMergeThreads) {
+    float total = 0.0f, value = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kMergeWarps; ++w) {
+      total += s_sum[w];
+      value += s_acc[w][d];
+    }
+    QT::store(static_cast<uint8_t*>(p.args.out) + (row * D + d) * QT::kBytes,
+              total > 0.0f ? value / total : 0.0f);
   }
 }
 
@@ -115,8 +150,8 @@ Status decode_attention_cuda(const DecodeAttentionArgs& args, const DecodePlan& 
         });
         if (launched != cudaSuccess) return launched;
         if (plan.num_splits > 1) {
-          cuda::merge_splits_kernel<QT><<<args.kv.num_seqs * args.num_qo_heads,
-                                          decltype(dim)::value, 0, stream>>>(p, args.kv.head_dim);
+          cuda::merge_splits_kernel<QT, decltype(dim)::value>
+              <<<args.kv.num_seqs * args.num_qo_heads, cuda::kMergeThreads, 0, stream>>>(p);
         }
         return cudaGetLastError();
       });

@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillLaunch p
   __shared__ alignas(16) uint8_t smem[kSmemBytes<KT, QT, D, kHeads>];
   OnlineSoftmax<kHeads> st;
   st.init();
-  attend_range<KT, D, kHeads>(q, g, st, PagedSource{a.prefix, seq, kv_head}, 0, prefix_len, smem);
+  attend_range<KT, D, kHeads>(q, st, PagedSource{a.prefix, seq, kv_head}, 0, prefix_len, smem);
   const uint64_t stride = uint64_t(KH) * D * QT::kBytes;
   const uint64_t first = uint64_t(row0) * stride + uint64_t(kv_head) * D * QT::kBytes;
   const DenseSource fresh{static_cast<const uint8_t*>(a.k_new) + first,
@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillLaunch p
   // The new keys' pipeline maps shared memory to threads differently when the prefix is int8/fp8
   // (other rows per stage): every thread must be done with the prefix's stages first.
   __syncthreads();
-  attend_range<QT, D, kHeads>(q, g, st, fresh, 0, row - row0 + 1, smem);
+  attend_range<QT, D, kHeads>(q, st, fresh, 0, row - row0 + 1, smem);
   combine_groups<D, kHeads>(st, g, smem, [&](int j, int d, float value, float) {
     QT::store(static_cast<uint8_t*>(a.out) + ((uint64_t(row) * H + h0 + j) * D + d) * QT::kBytes, value);
   });
