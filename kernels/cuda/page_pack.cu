@@ -1,5 +1,5 @@
 // Page pack/unpack on the GPU: one CTA per (block, layer, K|V plane) copies block_tokens ×
-// kv_heads rows in 16-byte pieces. vLLM and FlashInfer NHD keep a page's plane in canonical
+// kv_heads rows in 16-byte pieces, four loads in flight per thread. vLLM and FlashInfer NHD keep a page's plane in canonical
 // order, so that copy is linear; HND transposes tokens and heads row by row. An engine tensor
 // that is not 16-byte aligned (a sliced tensor) falls back to byte copies, decided per CTA.
 #include <cstdint>
@@ -28,21 +28,36 @@ __device__ __forceinline__ void copy_plane(const PackLaunch& p, uint8_t* canonic
   const uint64_t engine_plane =
       engine_row_offset(p.args.engine, p.args.engine_num_pages, l.block_tokens, l.num_kv_heads,
                         p.row_bytes, page, plane, 0, 0);
-  for (uint64_t i = threadIdx.x; i < total; i += blockDim.x) {
-    uint64_t e;
-    if (linear) {
-      e = engine_plane + i * sizeof(Piece);
-    } else {
-      const uint64_t r = i / pieces_per_row;  // canonical row = token × kv_heads + head
-      const uint32_t t = uint32_t(r / l.num_kv_heads);
-      const uint32_t h = uint32_t(r % l.num_kv_heads);
-      e = engine_row_offset(p.args.engine, p.args.engine_num_pages, l.block_tokens, l.num_kv_heads,
-                            p.row_bytes, page, plane, t, h) +
-          (i % pieces_per_row) * sizeof(Piece);
+  auto engine_offset = [&](uint64_t i) -> uint64_t {
+    if (linear) return engine_plane + i * sizeof(Piece);
+    const uint64_t r = i / pieces_per_row;  // canonical row = token × kv_heads + head
+    const uint32_t t = uint32_t(r / l.num_kv_heads);
+    const uint32_t h = uint32_t(r % l.num_kv_heads);
+    return engine_row_offset(p.args.engine, p.args.engine_num_pages, l.block_tokens, l.num_kv_heads,
+                             p.row_bytes, page, plane, t, h) +
+           (i % pieces_per_row) * sizeof(Piece);
+  };
+  // kInFlight pieces per thread are loaded before any is stored, so each thread keeps that many
+  // loads outstanding instead of one.
+  constexpr int kInFlight = 4;
+  for (uint64_t i0 = threadIdx.x; i0 < total; i0 += uint64_t(blockDim.x) * kInFlight) {
+    Piece v[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const uint64_t i = i0 + uint64_t(u) * blockDim.x;
+      if (i < total) {
+        const uint8_t* from = p.to_arena ? engine + engine_offset(i) : canonical + i * sizeof(Piece);
+        v[u] = *reinterpret_cast<const Piece*>(from);
+      }
     }
-    Piece* c = reinterpret_cast<Piece*>(canonical + i * sizeof(Piece));
-    Piece* g = reinterpret_cast<Piece*>(engine + e);
-    if (p.to_arena) *c = *g; else *g = *c;
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const uint64_t i = i0 + uint64_t(u) * blockDim.x;
+      if (i < total) {
+        uint8_t* to = p.to_arena ? canonical + i * sizeof(Piece) : engine + engine_offset(i);
+        *reinterpret_cast<Piece*>(to) = v[u];
+      }
+    }
   }
 }
 
