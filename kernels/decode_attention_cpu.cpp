@@ -37,11 +37,11 @@ Result<DecodePlan> plan_decode_attention(const DecodeAttentionArgs& args, uint32
   DecodePlan plan;
   plan.max_seq_len = max_seq_len;
   const uint32_t tokens = std::max<uint32_t>(max_seq_len, 1);
-  // Whole blocks per split, so a split never shares a block with its neighbour: asking for s
-  // splits gives this many.
-  auto actual_splits = [&](uint32_t s) {
+  // Tokens per split when asking for s splits: whole blocks, so a split never shares a block with
+  // its neighbour (which can leave fewer splits than asked).
+  auto split_tokens = [&](uint32_t s) {
     s = std::clamp<uint32_t>(s, 1, ceil_div(tokens, kv.block_tokens));
-    return ceil_div(tokens, uint64_t(ceil_div(ceil_div(tokens, s), kv.block_tokens)) * kv.block_tokens);
+    return ceil_div(ceil_div(tokens, s), kv.block_tokens) * kv.block_tokens;
   };
   uint32_t splits = 1;
   if (options.force_splits != 0) {
@@ -55,7 +55,7 @@ Result<DecodePlan> plan_decode_attention(const DecodeAttentionArgs& args, uint32
                                              ceil_div(4 * slots, items));  // four waves at most
     double best = -1.0;
     for (uint32_t s = 1; s <= most; ++s) {
-      const uint64_t total = items * actual_splits(s);
+      const uint64_t total = items * ceil_div(tokens, split_tokens(s));
       const uint64_t waves = (total + slots - 1) / slots;
       const double score = double(total) / double(waves * slots) - 0.05 * double(waves - 1);
       if (score > best + 1e-9) {
@@ -64,9 +64,7 @@ Result<DecodePlan> plan_decode_attention(const DecodeAttentionArgs& args, uint32
       }
     }
   }
-  splits = std::clamp<uint32_t>(splits, 1, ceil_div(tokens, kv.block_tokens));
-  // Whole blocks per split, so a split never shares a block with its neighbour.
-  plan.tokens_per_split = ceil_div(ceil_div(tokens, splits), kv.block_tokens) * kv.block_tokens;
+  plan.tokens_per_split = split_tokens(splits);
   plan.num_splits = ceil_div(tokens, plan.tokens_per_split);
   plan.workspace_bytes = plan.num_splits > 1 ? partial_floats(args, plan.num_splits) * 4 : 0;
   return plan;

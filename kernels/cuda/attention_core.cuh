@@ -22,7 +22,6 @@ namespace kvtier::kernels::cuda {
 inline constexpr int kThreads = 128;
 inline constexpr int kHeads = int(kMaxHeadsPerItem);
 
-
 /// CTAs the decode kernel asks to keep resident per SM for G heads (caps its registers at
 /// 65536 / (128 · n)); the plan counts on the same number.
 template <int G>
@@ -300,11 +299,11 @@ __device__ __forceinline__ void combine_groups(const OnlineSoftmax<G>& st, int g
   }
 }
 
-/// Calls f(std::integral_constant<int, G>{}) for G = decode_heads_per_item(group): registers
-/// scale with G, so a small group keeps more CTAs resident per SM.
+/// Calls f(std::integral_constant<int, G>{}) for G = `heads` (decode_heads_per_item: 1, 2, 4 or
+/// 8): registers scale with G, so a small group keeps more CTAs resident per SM.
 template <class F>
-cudaError_t dispatch_heads(uint32_t group, F&& f) {
-  switch (decode_heads_per_item(group)) {
+cudaError_t dispatch_heads(uint32_t heads, F&& f) {
+  switch (heads) {
     case 1: return f(std::integral_constant<int, 1>{});
     case 2: return f(std::integral_constant<int, 2>{});
     case 4: return f(std::integral_constant<int, 4>{});

@@ -143,7 +143,7 @@ Status decode_attention_cuda(const DecodeAttentionArgs& args, const DecodePlan& 
   const cudaError_t err = cuda::dispatch_attention(
       args.q_dtype, args.kv.kv_dtype, args.kv.head_dim, [&](auto qt, auto kt, auto dim) {
         using QT = decltype(qt);
-        const cudaError_t launched = cuda::dispatch_heads(group, [&](auto heads_c) {
+        const cudaError_t launched = cuda::dispatch_heads(heads, [&](auto heads_c) {
           cuda::decode_kernel<QT, decltype(kt), decltype(dim)::value, decltype(heads_c)::value>
               <<<grid, cuda::kThreads, 0, stream>>>(p);
           return cudaGetLastError();

@@ -1,8 +1,7 @@
 // Device element types: 8 consecutive elements loaded (one 16- or 8-byte load) and converted to
 // float, and 16-bit stores. The attention kernels give each lane 8 elements of a head_dim row.
-// load_raw / convert split the load from the conversion so a kernel can keep the next keys in
-// flight as packed registers (4 for 16-bit, 2 for 8-bit elements) while it computes on these;
-// load8 is the two together.
+// convert turns 8 packed elements (Raw) into floats wherever they were copied to (the attention
+// pipeline's shared memory); load8 loads them from global memory and converts.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -19,8 +18,7 @@ struct ElemF16 {
   static constexpr Dtype kDtype = Dtype::kFp16;
   static constexpr int kBytes = 2;
   using Raw = uint4;
-  __device__ __forceinline__ static Raw load_raw(const uint8_t* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
-  __device__ __forceinline__ static void load8(const uint8_t* p, float (&f)[8]) { convert(load_raw(p), f); }
+  __device__ __forceinline__ static void load8(const uint8_t* p, float (&f)[8]) { convert(__ldg(reinterpret_cast<const Raw*>(p)), f); }
   __device__ __forceinline__ static void convert(const Raw& v, float (&f)[8]) {
     const __half2* h = reinterpret_cast<const __half2*>(&v);
 #pragma unroll
@@ -39,8 +37,7 @@ struct ElemBf16 {
   static constexpr Dtype kDtype = Dtype::kBf16;
   static constexpr int kBytes = 2;
   using Raw = uint4;
-  __device__ __forceinline__ static Raw load_raw(const uint8_t* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
-  __device__ __forceinline__ static void load8(const uint8_t* p, float (&f)[8]) { convert(load_raw(p), f); }
+  __device__ __forceinline__ static void load8(const uint8_t* p, float (&f)[8]) { convert(__ldg(reinterpret_cast<const Raw*>(p)), f); }
   __device__ __forceinline__ static void convert(const Raw& v, float (&f)[8]) {
     const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
 #pragma unroll
@@ -59,8 +56,7 @@ struct ElemInt8 {
   static constexpr Dtype kDtype = Dtype::kInt8;
   static constexpr int kBytes = 1;
   using Raw = uint2;
-  __device__ __forceinline__ static Raw load_raw(const uint8_t* p) { return __ldg(reinterpret_cast<const uint2*>(p)); }
-  __device__ __forceinline__ static void load8(const uint8_t* p, float (&f)[8]) { convert(load_raw(p), f); }
+  __device__ __forceinline__ static void load8(const uint8_t* p, float (&f)[8]) { convert(__ldg(reinterpret_cast<const Raw*>(p)), f); }
   __device__ __forceinline__ static void convert(const Raw& v, float (&f)[8]) {
     const int8_t* b = reinterpret_cast<const int8_t*>(&v);
 #pragma unroll
@@ -75,8 +71,7 @@ struct ElemFp8 {
     return __half2float(__half(__nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t(b), __NV_E4M3)));
   }
   using Raw = uint2;
-  __device__ __forceinline__ static Raw load_raw(const uint8_t* p) { return __ldg(reinterpret_cast<const uint2*>(p)); }
-  __device__ __forceinline__ static void load8(const uint8_t* p, float (&f)[8]) { convert(load_raw(p), f); }
+  __device__ __forceinline__ static void load8(const uint8_t* p, float (&f)[8]) { convert(__ldg(reinterpret_cast<const Raw*>(p)), f); }
   __device__ __forceinline__ static void convert(const Raw& v, float (&f)[8]) {
     const __nv_fp8x2_storage_t* pairs = reinterpret_cast<const __nv_fp8x2_storage_t*>(&v);
 #pragma unroll

@@ -1,7 +1,8 @@
 // Page pack/unpack on the GPU: one CTA per (block, layer, K|V plane) copies block_tokens ×
-// kv_heads rows in 16-byte pieces, four loads in flight per thread. vLLM and FlashInfer NHD keep a page's plane in canonical
-// order, so that copy is linear; HND transposes tokens and heads row by row. An engine tensor
-// that is not 16-byte aligned (a sliced tensor) falls back to byte copies, decided per CTA.
+// kv_heads rows in 16-byte pieces, four loads in flight per thread. vLLM and FlashInfer NHD keep
+// a page's plane in canonical order, so that copy is linear; HND transposes tokens and heads row
+// by row. An engine tensor that is not 16-byte aligned (a sliced tensor) falls back to byte
+// copies, decided per CTA.
 #include <cstdint>
 
 #include "kernels/cuda/kernels_cuda.h"
