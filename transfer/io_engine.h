@@ -22,6 +22,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include "kvtier/status.h"
 #include "tiers/storage_device.h"
@@ -59,6 +60,12 @@ struct IoRequest {
 /// Bytes moved (== length) or -errno.
 using IoCallback = std::function<void(int64_t result)>;
 
+/// What an engine has sent to the kernel: operations, and the system calls that carried them.
+struct IoEngineStats {
+  uint64_t ops = 0;           // operations submitted (resubmitted remainders not counted)
+  uint64_t submit_calls = 0;  // io_uring_submit calls (the pool: one pread/pwrite per op)
+};
+
 /// A host memory region to register (host arena, staging buffers).
 struct IoRegion {
   void* base = nullptr;
@@ -95,8 +102,19 @@ class IoEngine {
   /// engine lives on). No operation on it may be in flight.
   virtual void unregister_buffers(const void* base) noexcept = 0;
 
+  /// Batched submission. Between begin_batch() and end_batch() the operations this thread
+  /// submits may wait in the submission queue and reach the kernel together, in one system call,
+  /// at end_batch() — or earlier, when the queue fills. Other threads are not held back. Batches
+  /// nest; only the outermost end_batch() sends. A thread must end its batch before it waits for
+  /// any of the batch's operations. The pool engine has nothing to batch and ignores both.
+  /// Use IoBatch rather than calling these directly.
+  virtual void begin_batch() noexcept {}
+  virtual void end_batch() {}
+
   /// Blocks until no operation is in flight.
   virtual void drain() = 0;
+
+  virtual IoEngineStats stats() const noexcept = 0;
 
   virtual IoEngineKind kind() const noexcept = 0;
   uint32_t queue_depth() const noexcept { return queue_depth_; }
@@ -108,6 +126,22 @@ class IoEngine {
 
  private:
   uint32_t queue_depth_;
+};
+
+/// One batch of submissions on the calling thread (IoEngine::begin_batch): sent when it ends.
+class IoBatch {
+ public:
+  explicit IoBatch(IoEngine& engine) noexcept : engine_(&engine) { engine_->begin_batch(); }
+  ~IoBatch() { end(); }
+  IoBatch(const IoBatch&) = delete;
+  IoBatch& operator=(const IoBatch&) = delete;
+  /// Sends the batch now (idempotent).
+  void end() {
+    if (engine_ != nullptr) std::exchange(engine_, nullptr)->end_batch();
+  }
+
+ private:
+  IoEngine* engine_;
 };
 
 /// Makes the engine `options.kind` asks for; kAuto logs (spdlog::info) which one runs and why.

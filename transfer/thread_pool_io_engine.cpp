@@ -41,6 +41,7 @@ Status ThreadPoolIoEngine::submit(const IoRequest& request, IoCallback done) {
   if (stopping_) return Status(StatusCode::kUnavailable, "io engine is shutting down");
   queue_.push_back(Op{request, std::move(done)});
   lock.unlock();
+  ops_.fetch_add(1, std::memory_order_relaxed);
   has_work_.notify_one();
   return Status::ok();
 }

@@ -4,6 +4,7 @@
 // engine is tested against.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -26,6 +27,11 @@ class ThreadPoolIoEngine final : public IoEngine {
   void drain() override;
   IoEngineKind kind() const noexcept override { return IoEngineKind::kThreadPool; }
   std::string describe() const override;
+  /// Every op is its own pread/pwrite: submit_calls == ops.
+  IoEngineStats stats() const noexcept override {
+    const uint64_t n = ops_.load(std::memory_order_relaxed);
+    return {n, n};
+  }
 
  private:
   struct Op {
@@ -41,6 +47,7 @@ class ThreadPoolIoEngine final : public IoEngine {
   uint32_t running_ = 0;
   bool stopping_ = false;
   std::vector<std::thread> workers_;
+  std::atomic<uint64_t> ops_{0};
 };
 
 /// -errno for a device Status (kIoError → -EIO, kResourceExhausted → -ENOSPC, ...).

@@ -132,12 +132,14 @@ class TransferEngine::Impl {
  private:
   // ---- dispatcher thread ----
   void dispatcher_loop() {
+    t_dispatching = this;
     std::unique_lock lock(mu_);
     for (;;) {
       if (!ready_.empty()) {
         std::function<void()> continuation = std::move(ready_.front());
         ready_.pop_front();
         lock.unlock();
+        open_batch();
         continuation();
         lock.lock();
         continue;
@@ -147,13 +149,40 @@ class TransferEngine::Impl {
       if (step_locked(to_finish, to_issue)) {
         lock.unlock();
         if (to_finish) finish_job(to_finish);
-        if (to_issue.job) issue(std::move(to_issue));
+        if (to_issue.job) {
+          open_batch();
+          issue(std::move(to_issue));
+        }
+        lock.lock();
+        continue;
+      }
+      if (batch_open_) {  // nothing more to issue now: send the batch, then look again
+        lock.unlock();
+        close_batch();
         lock.lock();
         continue;
       }
       if (stopping_ && admitted_ == 0) return;
       work_cv_.wait(lock);  // every state change below notifies under or after mu_
     }
+  }
+
+  // The dispatcher issues in io batches (IoBatch): the reads and writes it issues in one go reach
+  // the kernel in one io_uring_submit. A batch is sent when the dispatcher runs out of work, after
+  // kMaxBatchOps issues, and before a job's completion callback runs on the dispatcher (user code
+  // may wait on a job whose reads sit in the batch). Dispatcher thread only.
+  static constexpr uint32_t kMaxBatchOps = 16;
+  void open_batch() {
+    if (batch_open_ && ++batch_ops_ < kMaxBatchOps) return;
+    close_batch();
+    io_->begin_batch();
+    batch_open_ = true;
+    batch_ops_ = 0;
+  }
+  void close_batch() {
+    if (!batch_open_) return;
+    batch_open_ = false;
+    io_->end_batch();
   }
 
   /// Picks the next thing to do for the job at the head of the queue; false when it must wait.
@@ -358,6 +387,7 @@ class TransferEngine::Impl {
   }
 
   void finish_job(const std::shared_ptr<Job>& job) {
+    if (t_dispatching == this) close_batch();
     job->state->finish([this](TransferState final_state) {
       switch (final_state) {
         case TransferState::kDone: jobs_done_.fetch_add(1, std::memory_order_relaxed); break;
@@ -397,6 +427,9 @@ class TransferEngine::Impl {
   }
 
   uint64_t chunk_bytes_ = 0;
+  static thread_local const Impl* t_dispatching;  // the engine whose dispatcher this thread is
+  bool batch_open_ = false;                       // dispatcher thread only
+  uint32_t batch_ops_ = 0;
   std::mutex mu_;
   std::condition_variable work_cv_;   // the dispatcher waits here
   std::condition_variable admit_cv_;  // submit() and shutdown() wait here
@@ -439,6 +472,8 @@ Result<std::unique_ptr<TransferEngine>> TransferEngine::create(TransferEngineOpt
 
 TransferEngine::TransferEngine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 TransferEngine::~TransferEngine() = default;
+
+thread_local const TransferEngine::Impl* TransferEngine::Impl::t_dispatching = nullptr;
 
 Result<TransferHandle> TransferEngine::submit(JobSpec spec) { return impl_->submit(std::move(spec), true); }
 Result<TransferHandle> TransferEngine::try_submit(JobSpec spec) {

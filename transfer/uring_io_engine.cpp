@@ -16,7 +16,46 @@ constexpr uint64_t kMaxOpBytes = 1ull << 30;
 // Registered buffers are limited to 1 GiB each by the kernel.
 constexpr uint64_t kMaxFixedBufferBytes = 1ull << 30;
 constexpr unsigned kReapBatch = 64;
+
+// The batch the calling thread is in: the engine and the nesting depth. One engine per thread at
+// a time; a batch begun on a second engine while one is open is not a batch (its submits send).
+thread_local const void* t_batch_engine = nullptr;
+thread_local int t_batch_depth = 0;
 }  // namespace
+
+void UringIoEngine::begin_batch() noexcept {
+  if (t_batch_depth == 0) t_batch_engine = this;
+  if (t_batch_engine == this) ++t_batch_depth;
+}
+
+void UringIoEngine::end_batch() {
+  if (t_batch_engine != this || t_batch_depth == 0) return;
+  if (--t_batch_depth > 0) return;
+  t_batch_engine = nullptr;
+  send();
+}
+
+bool UringIoEngine::in_batch() const noexcept { return t_batch_engine == this && t_batch_depth > 0; }
+
+IoEngineStats UringIoEngine::stats() const noexcept {
+  const IoEngineStats pool = pool_->stats();
+  return {ops_.load(std::memory_order_relaxed) + pool.ops,
+          submit_calls_.load(std::memory_order_relaxed) + pool.submit_calls};
+}
+
+void UringIoEngine::send() {
+  std::lock_guard lock(ring_mu_);
+  send_locked();
+}
+
+void UringIoEngine::send_locked() {
+  if (io_uring_sq_ready(&ring_) == 0) return;
+  int r;
+  while ((r = io_uring_submit(&ring_)) == -EINTR || r == -EAGAIN || r == -EBUSY) {
+  }
+  submit_calls_.fetch_add(1, std::memory_order_relaxed);
+  if (r < 0) spdlog::error("io_uring_submit: {} (the SQEs stay queued)", std::strerror(-r));
+}
 
 Result<std::unique_ptr<UringIoEngine>> UringIoEngine::create(const IoEngineOptions& options) {
   uint32_t qd = std::max<uint32_t>(1, options.queue_depth);
@@ -56,13 +95,12 @@ UringIoEngine::~UringIoEngine() {
       std::lock_guard lock(ring_mu_);
       io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
       while (sqe == nullptr) {
-        io_uring_submit(&ring_);
+        send_locked();
         sqe = io_uring_get_sqe(&ring_);
       }
       io_uring_prep_nop(sqe);
       io_uring_sqe_set_data(sqe, nullptr);
-      while (io_uring_submit(&ring_) == -EINTR) {
-      }
+      send_locked();
     }
     if (completion_thread_.joinable()) completion_thread_.join();
     io_uring_queue_exit(&ring_);
@@ -81,8 +119,17 @@ Status UringIoEngine::submit(const IoRequest& request, IoCallback done) {
   const int fd = request.device->native_fd();
   if (fd < 0) return pool_->submit(request, std::move(done));
 
+  const bool batched = in_batch();
   {
     std::unique_lock lock(inflight_mu_);
+    if (!stopping_ && inflight_ >= queue_depth()) {
+      // Full, and some of what fills it may be a batch's unsent SQEs (this thread's, or one
+      // still being built on another): send them before waiting for a completion, or the wait
+      // could last until that batch ends, or forever.
+      lock.unlock();
+      send();
+      lock.lock();
+    }
     inflight_cv_.wait(lock, [&] { return stopping_ || inflight_ < queue_depth(); });
     if (stopping_) return Status(StatusCode::kUnavailable, "io engine is shutting down");
     ++inflight_;
@@ -95,14 +142,13 @@ Status UringIoEngine::submit(const IoRequest& request, IoCallback done) {
   op->buffer_index = buffer_index_locked(request.buffer, request.length);
   prep_locked(op);
   op->published.store(true, std::memory_order_release);  // the last touch before the kernel sees it
-  int r;
-  while ((r = io_uring_submit(&ring_)) == -EINTR || r == -EAGAIN || r == -EBUSY) {
-  }
-  if (r < 0) spdlog::error("io_uring_submit: {} (the SQE stays queued)", std::strerror(-r));
+  ops_.fetch_add(1, std::memory_order_relaxed);
+  if (!batched) send_locked();
   return Status::ok();
 }
 
 void UringIoEngine::drain() {
+  send();  // an open batch's SQEs would otherwise never complete
   {
     std::unique_lock lock(inflight_mu_);
     inflight_cv_.wait(lock, [&] { return inflight_ == 0; });
@@ -191,7 +237,7 @@ int UringIoEngine::buffer_index_locked(const std::byte* p, uint64_t len) const {
 void UringIoEngine::prep_locked(Op* op) {
   io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
   while (sqe == nullptr) {  // not expected (in flight <= SQ size), but never drop an op
-    io_uring_submit(&ring_);
+    send_locked();
     sqe = io_uring_get_sqe(&ring_);
   }
   const IoRequest& r = op->request;
@@ -271,8 +317,7 @@ void UringIoEngine::completion_loop() {
     if (!resubmit.empty()) {
       std::lock_guard lock(ring_mu_);
       for (Op* op : resubmit) prep_locked(op);
-      while ((r = io_uring_submit(&ring_)) == -EINTR || r == -EAGAIN || r == -EBUSY) {
-      }
+      send_locked();
       resubmit.clear();
     }
     for (auto& [op, result] : finished) finish_op(op, result);

@@ -10,6 +10,10 @@
 // - One completion thread reaps CQEs in batches, resubmits short transfers and -EAGAIN for the
 //   remainder (batched into one io_uring_submit), counts each op on the device
 //   (record_read/record_write) and runs the callback.
+// - Batches (IoBatch): a thread inside one leaves its SQEs in the SQ and the batch's end sends them
+//   with one io_uring_submit. A batched submit that finds the engine full sends the pending SQEs
+//   before it waits, so a batch can never wait on its own unsent operations. Any other submit
+//   sends whatever is pending, batched or not.
 // - Devices with native_fd() == -1 go to an internal ThreadPoolIoEngine.
 #pragma once
 
@@ -39,7 +43,10 @@ class UringIoEngine final : public IoEngine {
   Status submit(const IoRequest& request, IoCallback done) override;
   Status register_buffers(std::span<const IoRegion> regions) override;
   void unregister_buffers(const void* base) noexcept override;
+  void begin_batch() noexcept override;
+  void end_batch() override;
   void drain() override;
+  IoEngineStats stats() const noexcept override;
   IoEngineKind kind() const noexcept override { return IoEngineKind::kUring; }
   std::string describe() const override;
 
@@ -65,6 +72,12 @@ class UringIoEngine final : public IoEngine {
   void completion_loop();
   /// Fills one SQE for the op's remainder; ring_mu_ held.
   void prep_locked(Op* op);
+  /// Sends every prepared SQE with one io_uring_submit (none pending: no call); ring_mu_ held.
+  void send_locked();
+  /// send_locked() under the lock.
+  void send();
+  /// Whether the calling thread is inside a batch on this engine.
+  bool in_batch() const noexcept;
   /// The fixed-file index for fd, or -1 (table full, unregistered); ring_mu_ held.
   int file_index_locked(int fd);
   int buffer_index_locked(const std::byte* p, uint64_t len) const;
@@ -89,6 +102,8 @@ class UringIoEngine final : public IoEngine {
   bool stopping_ = false;
 
   std::thread completion_thread_;
+
+  std::atomic<uint64_t> ops_{0}, submit_calls_{0};
 };
 
 }  // namespace kvtier

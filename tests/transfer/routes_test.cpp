@@ -131,3 +131,40 @@ TEST_CASE("malformed jobs are refused before anything runs", "[transfer][routes]
   // A job with no segments is done at once.
   CHECK(run_job(*engine, {}).is_ok());
 }
+
+TEST_CASE("the dispatcher sends its reads and writes to io_uring in batches", "[transfer][routes][batch]") {
+  TempDir dir;
+  REQUIRE(dir.ok());
+  auto engine = make_engine(IoEngineKind::kUring);
+  REQUIRE(engine);
+  auto device = make_device(true, dir);
+  auto hbm = make_hbm(1 << 20, 4);
+  constexpr uint64_t kPiece = 64 << 10;
+  constexpr uint32_t kPieces = 64;  // 4 MiB in 64 KiB segments
+  AlignedBuffer src = random_buffer(kPiece * kPieces, 80), back = zero_buffer(kPiece * kPieces);
+  std::vector<Segment> save, load, to_hbm, from_hbm;
+  for (uint32_t i = 0; i < kPieces; ++i) {
+    save.push_back(segment(0, kPiece, Location::host(src.get() + i * kPiece), Location::storage(device.get(), i * kPiece)));
+    load.push_back(segment(0, kPiece, Location::storage(device.get(), i * kPiece), Location::host(back.get() + i * kPiece)));
+  }
+  // Staged routes: disk -> staging -> HBM and back, 16 pieces each way.
+  for (uint32_t i = 0; i < 16; ++i) {
+    to_hbm.push_back(segment(0, kPiece, Location::storage(device.get(), i * kPiece), Location::device_memory(hbm->slot_ptr(0) + i * kPiece)));
+    from_hbm.push_back(segment(0, kPiece, Location::device_memory(hbm->slot_ptr(0) + i * kPiece),
+                               Location::storage(device.get(), (8 << 20) + i * kPiece)));
+  }
+  const IoEngineStats before = engine->io_engine().stats();
+  REQUIRE(run_job(*engine, save).is_ok());
+  REQUIRE(run_job(*engine, load).is_ok());
+  REQUIRE(run_job(*engine, to_hbm).is_ok());
+  REQUIRE(run_job(*engine, from_hbm).is_ok());
+  const IoEngineStats after = engine->io_engine().stats();
+  CHECK(same_bytes(src.get(), back.get(), kPiece * kPieces));
+  AlignedBuffer again = zero_buffer(16 * kPiece);
+  REQUIRE(run_job(*engine, {segment(0, 16 * kPiece, Location::storage(device.get(), 8 << 20), Location::host(again.get()))}).is_ok());
+  CHECK(same_bytes(src.get(), again.get(), 16 * kPiece));
+  const uint64_t ops = after.ops - before.ops, calls = after.submit_calls - before.submit_calls;
+  CAPTURE(ops, calls);
+  CHECK(ops == 2 * kPieces + 2 * 16);
+  CHECK(calls * 4 <= ops);  // one call per op before batching
+}
