@@ -448,6 +448,7 @@ Result<InsertOutcome> PrefixIndex::insert(const Namespace& ns, const BlockInsert
     }
     e.tier_mask |= tier_bit(block.tier);
     e.slots[t] = block.slot;
+    if (block.pin) ++e.pin_count;
     if (parent) ++parent->children_in_tier[t];
     counters_->resident[t].fetch_add(1, std::memory_order_relaxed);
     return InsertOutcome::kAddedResidency;
@@ -463,6 +464,7 @@ Result<InsertOutcome> PrefixIndex::insert(const Namespace& ns, const BlockInsert
   e.slots[t] = block.slot;
   e.tier_mask = tier_bit(block.tier);
   e.priority = block.priority;
+  e.pin_count = block.pin ? 1 : 0;
   e.last_access = recency_clock_.fetch_add(1, std::memory_order_relaxed);
   if (parent) {
     ++parent->child_count;

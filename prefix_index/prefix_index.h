@@ -96,6 +96,10 @@ struct BlockInsert {
   Tier tier = Tier::kHost;           // where the bytes were written
   SlotId slot = kNoSlot;             // the tier's handle; required
   Priority priority = Priority::kNormal;
+  /// Take one pin with the insert, under the same lock (released with unpin), so that no
+  /// eviction can come between the insert and a pin the caller takes after it. Applies to both
+  /// outcomes; nothing is pinned when the insert fails.
+  bool pin = false;
 };
 
 enum class InsertOutcome : uint8_t {

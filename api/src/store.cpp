@@ -253,6 +253,15 @@ std::string render_tier_metrics(TierManager& tiers) {
                        s.transfer.bytes_per_route[r]);
   }
   scalar("kvtier_transfer_jobs_failed_total", "counter", "Transfer jobs that failed.", s.transfer.jobs_failed);
+  family("kvtier_reclaim_rounds_total", "counter",
+         "Reclaim rounds (up to 64 blocks demoted or dropped), by who ran them: the background thread, "
+         "or a save that found its tier full.");
+  out += fmt::format("kvtier_reclaim_rounds_total{{by=\"background\"}} {}\n", s.background_rounds);
+  out += fmt::format("kvtier_reclaim_rounds_total{{by=\"foreground\"}} {}\n", s.foreground_rounds);
+  const IoEngineStats io = tiers.transfer().io_engine().stats();
+  scalar("kvtier_io_ops_total", "counter", "Reads and writes sent to the storage devices.", io.ops);
+  scalar("kvtier_io_submit_calls_total", "counter",
+         "System calls that sent them (io_uring_submit; fewer than ops when batched).", io.submit_calls);
   return out;
 }
 

@@ -5,9 +5,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <memory>
 #include <new>
+#include <thread>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -17,7 +19,17 @@ struct TierManager::Counters {
   std::array<std::atomic<uint64_t>, kNumTiers> demotions_out{}, promotions_in{}, drops{};
   std::atomic<uint64_t> saved{0}, skipped{0}, loaded{0}, write_through{0};
   std::atomic<uint64_t> recovered{0}, recovery_dropped{0}, errors{0};
-  std::array<std::mutex, kNumTiers> reclaim_mu;  // one reclaimer per tier at a time
+  std::array<std::mutex, kNumTiers> reclaim_mu;  // one reclaim round per tier at a time
+  std::atomic<uint64_t> background_rounds{0}, foreground_rounds{0};
+  // The background reclaimer (TierManagerOptions::background_reclaim).
+  std::mutex bg_mu;
+  std::condition_variable bg_cv;  // kicks, stop, and the end of a pass (wait_reclaim_idle)
+  bool bg_kicked = false, bg_busy = false;
+  std::atomic<bool> bg_stop{false};
+  std::thread bg_thread;
+  // One write-back batch at a time (reclaim rounds, background or not, and flush): a block two
+  // batches both found memory-only would otherwise be written and committed twice.
+  std::mutex writeback_mu;
   std::mutex dirty_mu;
   std::unordered_set<BlockKey> dirty;  // in a memory tier, not yet on NVMe
 };
@@ -46,13 +58,68 @@ std::optional<Tier> lower_of(Tier t, bool nvme) {
 
 }  // namespace
 
+static const TierLimits& limits_of(const TierManagerOptions& o, Tier t);
+
 TierManager::TierManager(const KeyChain& keys, TierManagerOptions options)
     : keys_(keys), options_(std::move(options)), counters_(std::make_unique<Counters>()) {}
 
 TierManager::~TierManager() { close(); }
 
 void TierManager::close() {
+  {
+    std::lock_guard lock(counters_->bg_mu);
+    counters_->bg_stop = true;  // a running pass ends after its current round
+  }
+  counters_->bg_cv.notify_all();
+  if (counters_->bg_thread.joinable()) counters_->bg_thread.join();
   if (engine_) engine_->shutdown();
+}
+
+bool TierManager::above_high(Tier t) const noexcept {
+  const uint64_t cap = capacity_slots(t);
+  const auto high = static_cast<uint64_t>(limits_of(options_, t).high_watermark * static_cast<double>(cap));
+  return cap > 0 && used_slots(t) > std::max<uint64_t>(high, 1) - 1;
+}
+
+void TierManager::kick_reclaimer() {
+  {
+    std::lock_guard lock(counters_->bg_mu);
+    counters_->bg_kicked = true;
+  }
+  counters_->bg_cv.notify_all();
+}
+
+void TierManager::wait_reclaim_idle() {
+  std::unique_lock lock(counters_->bg_mu);
+  counters_->bg_cv.wait(lock, [&] {
+    return !options_.background_reclaim || counters_->bg_stop || (!counters_->bg_kicked && !counters_->bg_busy);
+  });
+}
+
+void TierManager::reclaimer_loop() {
+  Counters& c = *counters_;
+  std::unique_lock lock(c.bg_mu);
+  for (;;) {
+    c.bg_cv.wait(lock, [&] { return c.bg_kicked || c.bg_stop; });
+    if (c.bg_stop) break;
+    c.bg_kicked = false;
+    c.bg_busy = true;
+    lock.unlock();
+    // Top down: HBM's demotions land in the host tier, whose write-back lands on NVMe.
+    for (Tier t : kAllTiers) {
+      if (!has_tier(t) || !above_high(t)) continue;
+      const auto low = static_cast<uint64_t>(limits_of(options_, t).low_watermark * static_cast<double>(capacity_slots(t)));
+      if (Status s = reclaim(t, low, &c.bg_stop); !s) {
+        // Everything pinned, or a failing disk: the next save that needs room reports it.
+        spdlog::debug("background reclaim of the {} tier: {}", tier_name(t), s.to_string());
+      }
+    }
+    lock.lock();
+    c.bg_busy = false;
+    c.bg_cv.notify_all();
+  }
+  c.bg_busy = false;
+  c.bg_cv.notify_all();
 }
 
 Result<std::unique_ptr<TierManager>> TierManager::open(const KeyChain& keys, TierManagerOptions options) {
@@ -67,6 +134,9 @@ Result<std::unique_ptr<TierManager>> TierManager::open(const KeyChain& keys, Tie
   std::unique_ptr<TierManager> m(new TierManager(keys, std::move(options)));
   KVTIER_RETURN_IF_ERROR(m->open_tiers());
   KVTIER_RETURN_IF_ERROR(m->recover());
+  if (m->options_.background_reclaim) {
+    m->counters_->bg_thread = std::thread([tm = m.get()] { tm->reclaimer_loop(); });
+  }
   return m;
 }
 
@@ -211,11 +281,20 @@ Result<SlotId> TierManager::allocate_slot(Tier t) {
   const uint64_t cap = capacity_slots(t);
   const auto high = static_cast<uint64_t>(lim.high_watermark * static_cast<double>(cap));
   const auto low = static_cast<uint64_t>(lim.low_watermark * static_cast<double>(cap));
-  if (used_slots(t) + 1 > std::max<uint64_t>(high, 1)) reclaim(t, low).ignore();  // best effort
+  const bool background = options_.background_reclaim;
+  if (used_slots(t) + 1 > std::max<uint64_t>(high, 1)) {
+    if (background) {
+      kick_reclaimer();  // down to the low watermark while this save goes on
+    } else {
+      reclaim(t, low).ignore();  // best effort
+    }
+  }
   for (int attempt = 0; attempt < 2; ++attempt) {
     Result<SlotId> s = t == Tier::kNvme ? nvme_->allocate() : memory_tier(t)->slots->allocate();
     if (s || s.status().code() != StatusCode::kResourceExhausted || attempt == 1) return s;
-    Status r = reclaim(t, cap ? cap - 1 : 0);
+    // Full: the background reclaimer fell behind (or is off). Reclaim here, a whole round, so
+    // write-back still goes in batches; a round the reclaimer is running is waited for.
+    Status r = reclaim(t, background ? low : (cap ? cap - 1 : 0));
     if (!r) return r;
   }
   return internal_error("unreachable");
@@ -235,25 +314,36 @@ Location TierManager::block_location(const BlockResidency& where, Tier t) {
   return t == Tier::kHbm ? Location::device_memory(p) : Location::host(p);
 }
 
-Status TierManager::reclaim(Tier t, uint64_t target_used) {
-  std::lock_guard lock(counters_->reclaim_mu[static_cast<int>(t)]);
+Status TierManager::reclaim(Tier t, uint64_t target_used, const std::atomic<bool>* stop) {
   const std::optional<Tier> lower = lower_of(t, nvme_ != nullptr);
-  while (used_slots(t) > target_used) {
+  for (;;) {
+    if (stop != nullptr && stop->load(std::memory_order_relaxed)) return Status::ok();
+    std::lock_guard lock(counters_->reclaim_mu[static_cast<int>(t)]);
+    if (used_slots(t) <= target_used) return Status::ok();
+    (stop != nullptr ? counters_->background_rounds : counters_->foreground_rounds)++;
     const size_t batch = std::min<uint64_t>(used_slots(t) - target_used, 64);
     size_t progressed = 0;
+    bool raced = false;  // a victim was pinned between the pick and its move
     if (lower == Tier::kNvme) {
       // Write-back: every victim's write in flight at once and one commit for all of them.
       const std::vector<BlockKey> victims = index_->pick_victims(t, batch, EvictPurpose::kDemote);
       const std::vector<Status> stored = store_batch_to_nvme(victims);
       for (size_t v = 0; v < victims.size(); ++v) {
-        if (stored[v] && drop_residency(victims[v], t).is_ok()) ++progressed;
+        const Status moved = stored[v] ? drop_residency(victims[v], t) : stored[v];
+        progressed += moved.is_ok();
+        raced |= moved.code() == StatusCode::kBusy;
       }
     } else if (lower) {
       for (const BlockKey& key : index_->pick_victims(t, batch, EvictPurpose::kDemote)) {
-        if (demote_block(key, t).is_ok()) ++progressed;
+        const Status moved = demote_block(key, t);
+        progressed += moved.is_ok();
+        raced |= moved.code() == StatusCode::kBusy;
       }
     }
-    if (progressed == 0) {  // no lower tier, or it cannot take more: drop, leaves first
+    // No lower tier, or it cannot take more (full, failing): drop, leaves first. Not when a
+    // victim was merely pinned meanwhile (a load, a flush): dropping then would throw away a
+    // block the lower tier could have taken a moment later, maybe its only copy.
+    if (progressed == 0 && !raced) {
       for (const EvictedBlock& e : index_->evict(t, batch)) {
         if (t == Tier::kNvme) {
           nvme_->erase(e.key).ignore();  // already out of the index; a failure leaves a catalog orphan
@@ -270,10 +360,10 @@ Status TierManager::reclaim(Tier t, uint64_t target_used) {
     }
     if (progressed == 0) {
       return Status(StatusCode::kResourceExhausted,
-                    std::string(tier_name(t)) + " tier is full and every resident block is pinned");
+                    std::string(tier_name(t)) + (raced ? " tier is full and its victims are pinned right now"
+                                                       : " tier is full and every resident block is pinned"));
     }
   }
-  return Status::ok();
 }
 
 Status TierManager::demote_block(const BlockKey& key, Tier from) {
@@ -375,6 +465,7 @@ std::vector<Status> TierManager::store_batch_to_nvme(std::span<const BlockKey> k
     TransferHandle handle;
     Status header_status;
   };
+  std::lock_guard writeback(counters_->writeback_mu);
   std::vector<Pending> pending;
   std::vector<size_t> pinned;
   const MemoryArena& host = *memory_tier(Tier::kHost)->arena;
@@ -554,6 +645,25 @@ Result<size_t> TierManager::save(const Namespace& ns, std::span<const TokenId> t
   };
   MemoryArena& arena = *memory_tier(tier)->arena;
   Status failure;
+  // Write-through goes in batches like write-back: the blocks of up to 64 saves written together
+  // and made visible by one commit (one flush per slot file, one synced catalog write), not two
+  // syncs per block. Every block is on NVMe before save returns.
+  constexpr size_t kWriteThroughBatch = 64;
+  const bool write_through = options_.write_policy == WritePolicy::kWriteThrough && nvme_ != nullptr;
+  std::vector<BlockKey> through;
+  auto store_through = [&]() -> Status {
+    const std::vector<Status> stored = store_batch_to_nvme(through);
+    Status first_error;
+    for (const Status& st : stored) {
+      if (st.is_ok()) {
+        counters_->write_through++;
+      } else if (first_error.is_ok()) {
+        first_error = st;
+      }
+    }
+    through.clear();
+    return first_error;
+  };
   for (size_t b = 0; b < keys.size(); ++b) {
     std::vector<BlockKey> block_extras;
     while (extra_pos < extras.size() && extras[extra_pos].block_index == b) {
@@ -580,7 +690,10 @@ Result<size_t> TierManager::save(const Namespace& ns, std::span<const TokenId> t
                     .byte_size = block_bytes_,
                     .checksum = 0,  // set from the bytes as stored, below
                     .tier = tier,
-                    .priority = priority};
+                    .priority = priority,
+                    // Pinned as it goes in: the background reclaimer must not evict the new leaf
+                    // before the next block's insert needs it as a parent.
+                    .pin = true};
     auto slot = allocate_slot(tier);
     bool on_nvme = false;
     if (!slot && slot.status().code() == StatusCode::kResourceExhausted && nvme_) {
@@ -632,23 +745,26 @@ Result<size_t> TierManager::save(const Namespace& ns, std::span<const TokenId> t
       failure = r.status();
       break;
     }
-    index_->pin(keys[b]).ignore();  // cannot fail: just inserted, and its parent is pinned
-    pin_only(keys[b]);
+    pin_only(keys[b]);  // the insert took the pin
     ++saved;
     counters_->saved++;
     if (on_nvme) continue;
-    if (options_.write_policy == WritePolicy::kWriteThrough && nvme_) {
-      if (Status s = store_to_nvme(keys[b], *index_->describe(keys[b])); !s) {
-        failure = s;
-        break;
-      }
-      counters_->write_through++;
-    } else {
+    {
+      // Dirty until on NVMe; under write-through that is by the end of this save, and a block
+      // reclaimed before its batch is written back on the way down.
       std::lock_guard dl(counters_->dirty_mu);
       counters_->dirty.insert(keys[b]);
     }
+    if (write_through) {
+      through.push_back(keys[b]);
+      if (through.size() == kWriteThroughBatch && !(failure = store_through()).is_ok()) break;
+    }
   }
+  if (failure.is_ok() && !through.empty()) failure = store_through();
   if (pinned) index_->unpin(*pinned).ignore();
+  // A reclaim pass that ran during the save may have found nothing to move: the save's own pin
+  // held the only leaf. Now that it is released, ask again rather than wait for the next save.
+  if (options_.background_reclaim && above_high(tier)) kick_reclaimer();
   if (!failure.is_ok()) return failure;
   return saved;
 }
@@ -847,6 +963,8 @@ TierManagerStats TierManager::stats() const {
   s.recovered_blocks = counters_->recovered;
   s.recovery_dropped = counters_->recovery_dropped;
   s.errors = counters_->errors;
+  s.background_rounds = counters_->background_rounds;
+  s.foreground_rounds = counters_->foreground_rounds;
   if (nvme_) s.nvme = nvme_->stats();
   s.transfer = engine_->stats();
   return s;

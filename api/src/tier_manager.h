@@ -65,6 +65,10 @@ struct TierManagerOptions {
   WritePolicy write_policy = WritePolicy::kWriteBack;
   /// Copy a block up to the host tier when a load finds it only on NVMe (default true).
   bool promote_on_hit = true;
+  /// A background thread brings each tier from above its high watermark down to its low one
+  /// (write-back to NVMe included) while saves go on, so a save reclaims by itself only when its
+  /// tier is full. false: the save that crosses the high watermark reclaims (default true).
+  bool background_reclaim = true;
   /// Options of the transfer engine the manager creates.
   TransferEngineOptions transfer;
   /// Options of the prefix index.
@@ -88,6 +92,8 @@ struct TierManagerStats {
   uint64_t recovered_blocks = 0;    // indexed from the NVMe catalog at open
   uint64_t recovery_dropped = 0;    // catalog entries that could not be indexed (orphans, layout)
   uint64_t errors = 0;              // failed transfers and storage operations
+  uint64_t background_rounds = 0;   // reclaim rounds (up to 64 blocks) run by the background thread
+  uint64_t foreground_rounds = 0;   // reclaim rounds run inside a save, load or rebalance
   NvmeTierStats nvme{};
   TransferStats transfer{};
 };
@@ -145,8 +151,12 @@ class TierManager {
   Status rebalance();
   /// Writes every block resident only in memory tiers to NVMe (graceful shutdown).
   Result<size_t> flush();
-  /// Waits for in-flight transfers (the engine is shut down; the manager then refuses work).
+  /// Stops the background reclaimer and waits for in-flight transfers (the engine is shut
+  /// down; the manager then refuses work).
   void close();
+  /// Blocks until the background reclaimer has nothing left to do (no pending request and no
+  /// round running). Returns at once without background_reclaim. For tests and benchmarks.
+  void wait_reclaim_idle();
 
   TierManagerStats stats() const;
 
@@ -165,7 +175,13 @@ class TierManager {
   uint64_t used_slots(Tier t) const noexcept;
   Result<SlotId> allocate_slot(Tier t);
   void free_slot(Tier t, SlotId slot);
-  Status reclaim(Tier t, uint64_t target_used);
+  /// Demotes or drops blocks of `t` until at most target_used slots are used, one round (at most
+  /// 64 victims) per hold of the tier's reclaim lock; stops early, ok, once `stop` is set.
+  Status reclaim(Tier t, uint64_t target_used, const std::atomic<bool>* stop = nullptr);
+  /// Whether `t` is above its high watermark.
+  bool above_high(Tier t) const noexcept;
+  void kick_reclaimer();
+  void reclaimer_loop();
   /// Copies a block down to the memory tier below `from` (HBM → host) and drops `from`'s copy.
   /// Write-back to NVMe goes through store_batch_to_nvme instead (kInvalidArgument here).
   Status demote_block(const BlockKey& key, Tier from);

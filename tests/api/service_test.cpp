@@ -199,6 +199,8 @@ TEST_CASE("Daemon: a client saves and restores through a window smaller than the
   CHECK(text->find("kvtierd_requests_total{op=\"lookup\"}") != std::string::npos);
   CHECK(text->find("kvtierd_tokens_restored_total 400") != std::string::npos);
   CHECK(text->find("kvtier_tier_used_bytes{tier=\"host\"}") != std::string::npos);
+  CHECK(text->find("kvtier_reclaim_rounds_total{by=\"background\"}") != std::string::npos);
+  CHECK(text->find("kvtier_io_submit_calls_total") != std::string::npos);
 
   SECTION("one connection may open at most 1024 namespaces") {
     size_t opened = 1;  // "m" above

@@ -86,3 +86,32 @@ TEST_CASE("Per-tier eviction keeps a block indexed while another tier holds it")
   CHECK(demote[0] == keys[2]);
   CHECK(index->check_invariants().is_ok());
 }
+
+TEST_CASE("An insert can take its pin under the same lock: the new leaf is never evicted before unpin") {
+  KeyChain chain("secret");
+  auto index = std::move(*PrefixIndex::create(chain));
+  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  std::mt19937_64 rng(13);
+  auto tokens = random_tokens(rng, 8);
+  std::vector<BlockKey> keys;
+  REQUIRE(chain.chain(ns, tokens, {}, keys).is_ok());
+  for (uint32_t b = 0; b < 2; ++b) {
+    BlockInsert ins{.key = keys[b], .parent = b ? keys[b - 1] : ns.root, .block_index = b,
+                    .tokens = std::span(tokens).subspan(b * 4, 4), .slot = b, .pin = true};
+    REQUIRE(index->insert(ns, ins).is_ok());
+  }
+  CHECK(index->evict(Tier::kHost, 2).empty());  // both pinned
+  REQUIRE(index->unpin(keys[1]).is_ok());
+  auto ev = index->evict(Tier::kHost, 2);
+  REQUIRE(ev.size() == 1);  // the leaf; its parent is still pinned
+  CHECK(ev[0].key == keys[1]);
+  CHECK(index->unpin(keys[1]).code() == StatusCode::kNotFound);
+  REQUIRE(index->unpin(keys[0]).is_ok());
+  CHECK(index->unpin(keys[0]).code() == StatusCode::kBusy);  // exactly one pin was taken
+  // A failed insert pins nothing: the same block again is kAlreadyExists.
+  BlockInsert again{.key = keys[0], .parent = ns.root, .block_index = 0, .tokens = std::span(tokens).subspan(0, 4),
+                    .slot = 9, .pin = true};
+  CHECK(index->insert(ns, again).status().code() == StatusCode::kAlreadyExists);
+  CHECK(index->evict(Tier::kHost, 1).size() == 1);
+  REQUIRE(index->check_invariants().is_ok());
+}
