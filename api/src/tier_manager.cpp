@@ -322,28 +322,30 @@ Status TierManager::reclaim(Tier t, uint64_t target_used, const std::atomic<bool
     if (used_slots(t) <= target_used) return Status::ok();
     (stop != nullptr ? counters_->background_rounds : counters_->foreground_rounds)++;
     const size_t batch = std::min<uint64_t>(used_slots(t) - target_used, 64);
-    size_t progressed = 0;
+    size_t progressed = 0, failed = 0;
     bool raced = false;  // a victim was pinned between the pick and its move
+    auto count = [&](const Status& moved) {
+      if (moved.is_ok()) {
+        ++progressed;
+      } else if (moved.code() == StatusCode::kBusy) {
+        raced = true;
+      } else if (moved.code() != StatusCode::kNotFound) {  // not merely gone meanwhile
+        ++failed;
+      }
+    };
     if (lower == Tier::kNvme) {
       // Write-back: every victim's write in flight at once and one commit for all of them.
       const std::vector<BlockKey> victims = index_->pick_victims(t, batch, EvictPurpose::kDemote);
       const std::vector<Status> stored = store_batch_to_nvme(victims);
-      for (size_t v = 0; v < victims.size(); ++v) {
-        const Status moved = stored[v] ? drop_residency(victims[v], t) : stored[v];
-        progressed += moved.is_ok();
-        raced |= moved.code() == StatusCode::kBusy;
-      }
+      for (size_t v = 0; v < victims.size(); ++v) count(stored[v] ? drop_residency(victims[v], t) : stored[v]);
     } else if (lower) {
-      for (const BlockKey& key : index_->pick_victims(t, batch, EvictPurpose::kDemote)) {
-        const Status moved = demote_block(key, t);
-        progressed += moved.is_ok();
-        raced |= moved.code() == StatusCode::kBusy;
-      }
+      for (const BlockKey& key : index_->pick_victims(t, batch, EvictPurpose::kDemote)) count(demote_block(key, t));
     }
-    // No lower tier, or it cannot take more (full, failing): drop, leaves first. Not when a
-    // victim was merely pinned meanwhile (a load, a flush): dropping then would throw away a
-    // block the lower tier could have taken a moment later, maybe its only copy.
-    if (progressed == 0 && !raced) {
+    // Drop, leaves first, only when there is no lower tier or it failed to take the victims
+    // (full, failing disk). Not when the victims were merely pinned at the pick or pinned
+    // meanwhile (a save extending them, a load, a flush): a block unpinned a moment later would
+    // be dropped though the lower tier could take it — maybe its only copy.
+    if (progressed == 0 && (!lower || failed > 0)) {
       for (const EvictedBlock& e : index_->evict(t, batch)) {
         if (t == Tier::kNvme) {
           nvme_->erase(e.key).ignore();  // already out of the index; a failure leaves a catalog orphan
