@@ -658,15 +658,40 @@ std::vector<Candidate> shard_candidates(const PrefixIndex::Shard& shard, Tier ti
 }  // namespace
 
 std::vector<BlockKey> PrefixIndex::pick_victims(Tier tier, size_t max_blocks, EvictPurpose purpose) const {
-  std::vector<Candidate> all;
-  for (uint32_t s = 0; s < options_.shards && max_blocks > 0; ++s) {
-    auto local = shard_candidates(shards_[s], tier, max_blocks, purpose);
-    all.insert(all.end(), local.begin(), local.end());
-  }
-  all = best_candidates(std::move(all), max_blocks);
   std::vector<BlockKey> keys;
-  keys.reserve(all.size());
-  for (const auto& c : all) keys.push_back(c.key);
+  if (max_blocks == 0) return keys;
+  auto later = [](const Candidate& a, const Candidate& b) { return b.evict_before(a); };
+  std::priority_queue<Candidate, std::vector<Candidate>, decltype(later)> heap(later);
+  for (uint32_t s = 0; s < options_.shards; ++s) {
+    for (const auto& c : shard_candidates(shards_[s], tier, max_blocks, purpose)) heap.push(c);
+  }
+  const int t = static_cast<int>(tier);
+  absl::flat_hash_map<BlockKey, uint32_t, std::hash<BlockKey>> leaving;  // parent -> its victims
+  while (!heap.empty() && keys.size() < max_blocks) {
+    const Candidate c = heap.top();
+    heap.pop();
+    keys.push_back(c.key);
+    if (purpose != EvictPurpose::kDemote) continue;
+    // A demoted block leaves this tier only; it stays indexed. Once all of a parent's children
+    // in this tier are victims, the parent may follow them in the same batch.
+    BlockKey parent;
+    {
+      const Shard& shard = shard_for(c.key);
+      std::lock_guard lock(shard.mu);
+      auto it = shard.map.find(c.key);
+      if (it == shard.map.end() || it->second.block_index == 0) continue;
+      parent = it->second.parent;
+    }
+    const uint32_t picked = ++leaving[parent];
+    const Shard& pshard = shard_for(parent);
+    std::lock_guard lock(pshard.mu);
+    auto pit = pshard.map.find(parent);
+    if (pit == pshard.map.end()) continue;
+    const Entry& p = pit->second;
+    if ((p.tier_mask & tier_bit(tier)) && p.pin_count == 0 && p.children_in_tier[t] == picked) {
+      heap.push({p.priority, p.last_access, parent});
+    }
+  }
   return keys;
 }
 

@@ -80,10 +80,20 @@ TEST_CASE("Per-tier eviction keeps a block indexed while another tier holds it")
     CHECK_FALSE(b.resident_in(Tier::kHost));
     CHECK(b.resident_in(Tier::kNvme));
   }
-  // Demotion candidates may be non-leaves of the index, as long as no child is in that tier.
+  // Demotion candidates may be non-leaves of the index, as long as no child is in that tier;
+  // a parent follows once its children in the tier are victims, so the whole chain comes back,
+  // leaf first: the order in which the caller can move them.
   auto demote = index->pick_victims(Tier::kNvme, 10, EvictPurpose::kDemote);
+  REQUIRE(demote.size() == 3);
+  CHECK(demote[0] == keys[2]);
+  CHECK(demote[1] == keys[1]);
+  CHECK(demote[2] == keys[0]);
+  CHECK(index->pick_victims(Tier::kNvme, 2, EvictPurpose::kDemote).size() == 2);
+  REQUIRE(index->pin(keys[1]).is_ok());  // a pinned parent stops the chain
+  demote = index->pick_victims(Tier::kNvme, 10, EvictPurpose::kDemote);
   REQUIRE(demote.size() == 1);
   CHECK(demote[0] == keys[2]);
+  REQUIRE(index->unpin(keys[1]).is_ok());
   CHECK(index->check_invariants().is_ok());
 }
 
