@@ -166,5 +166,7 @@ TEST_CASE("the dispatcher sends its reads and writes to io_uring in batches", "[
   const uint64_t ops = after.ops - before.ops, calls = after.submit_calls - before.submit_calls;
   CAPTURE(ops, calls);
   CHECK(ops == 2 * kPieces + 2 * 16);
-  CHECK(calls * 4 <= ops);  // one call per op before batching
+  // One call per op before batching (160); 21 here on an idle machine. Staged chunks refill one
+  // staging buffer at a time, so a slow machine sends more of them alone: the bound leaves room.
+  CHECK(calls * 2 <= ops);
 }
