@@ -640,9 +640,7 @@ std::vector<Candidate> best_candidates(std::vector<Candidate> all, size_t max_bl
   std::sort(all.begin(), all.end(), before);
   return all;
 }
-}  // namespace
 
-namespace {
 // The best `max_blocks` eviction candidates of one shard, under its lock.
 std::vector<Candidate> shard_candidates(const PrefixIndex::Shard& shard, Tier tier, size_t max_blocks,
                                         EvictPurpose purpose) {
@@ -655,16 +653,37 @@ std::vector<Candidate> shard_candidates(const PrefixIndex::Shard& shard, Tier ti
   }
   return best_candidates(std::move(local), max_blocks);
 }
+
+struct EvictsLater {
+  bool operator()(const Candidate& a, const Candidate& b) const noexcept { return b.evict_before(a); }
+};
+// Eviction candidates, the next victim on top.
+using CandidateHeap = std::priority_queue<Candidate, std::vector<Candidate>, EvictsLater>;
+
+// Every shard's best `max_blocks` candidates, merged.
+CandidateHeap candidate_heap(const PrefixIndex::Shard* shards, uint32_t count, Tier tier, size_t max_blocks,
+                             EvictPurpose purpose) {
+  CandidateHeap heap;
+  for (uint32_t s = 0; s < count; ++s) {
+    for (const auto& c : shard_candidates(shards[s], tier, max_blocks, purpose)) heap.push(c);
+  }
+  return heap;
+}
+
+// A parent whose child was just chosen joins the candidates when `joins(entry)` says so; the
+// entry is read under its shard's lock.
+template <typename Joins>
+void push_parent_if(const PrefixIndex::Shard& shard, const BlockKey& parent, CandidateHeap& heap, Joins joins) {
+  std::lock_guard lock(shard.mu);
+  auto it = shard.map.find(parent);
+  if (it != shard.map.end() && joins(it->second)) heap.push({it->second.priority, it->second.last_access, parent});
+}
 }  // namespace
 
 std::vector<BlockKey> PrefixIndex::pick_victims(Tier tier, size_t max_blocks, EvictPurpose purpose) const {
   std::vector<BlockKey> keys;
   if (max_blocks == 0) return keys;
-  auto later = [](const Candidate& a, const Candidate& b) { return b.evict_before(a); };
-  std::priority_queue<Candidate, std::vector<Candidate>, decltype(later)> heap(later);
-  for (uint32_t s = 0; s < options_.shards; ++s) {
-    for (const auto& c : shard_candidates(shards_[s], tier, max_blocks, purpose)) heap.push(c);
-  }
+  CandidateHeap heap = candidate_heap(shards_.get(), options_.shards, tier, max_blocks, purpose);
   const int t = static_cast<int>(tier);
   absl::flat_hash_map<BlockKey, uint32_t, std::hash<BlockKey>> leaving;  // parent -> its victims
   while (!heap.empty() && keys.size() < max_blocks) {
@@ -674,23 +693,12 @@ std::vector<BlockKey> PrefixIndex::pick_victims(Tier tier, size_t max_blocks, Ev
     if (purpose != EvictPurpose::kDemote) continue;
     // A demoted block leaves this tier only; it stays indexed. Once all of a parent's children
     // in this tier are victims, the parent may follow them in the same batch.
-    BlockKey parent;
-    {
-      const Shard& shard = shard_for(c.key);
-      std::lock_guard lock(shard.mu);
-      auto it = shard.map.find(c.key);
-      if (it == shard.map.end() || it->second.block_index == 0) continue;
-      parent = it->second.parent;
-    }
-    const uint32_t picked = ++leaving[parent];
-    const Shard& pshard = shard_for(parent);
-    std::lock_guard lock(pshard.mu);
-    auto pit = pshard.map.find(parent);
-    if (pit == pshard.map.end()) continue;
-    const Entry& p = pit->second;
-    if ((p.tier_mask & tier_bit(tier)) && p.pin_count == 0 && p.children_in_tier[t] == picked) {
-      heap.push({p.priority, p.last_access, parent});
-    }
+    auto parent = parent_key_of(c.key);
+    if (!parent || !*parent) continue;
+    const uint32_t picked = ++leaving[**parent];
+    push_parent_if(shard_for(**parent), **parent, heap, [&](const Entry& p) {
+      return (p.tier_mask & tier_bit(tier)) && p.pin_count == 0 && p.children_in_tier[t] == picked;
+    });
   }
   return keys;
 }
@@ -699,32 +707,18 @@ std::vector<EvictedBlock> PrefixIndex::evict(Tier tier, size_t max_blocks) {
   expire_leases();
   std::vector<EvictedBlock> out;
   if (max_blocks == 0) return out;
-  auto later = [](const Candidate& a, const Candidate& b) { return b.evict_before(a); };
-  std::priority_queue<Candidate, std::vector<Candidate>, decltype(later)> heap(later);
-  for (uint32_t s = 0; s < options_.shards; ++s) {
-    for (const auto& c : shard_candidates(shards_[s], tier, max_blocks, EvictPurpose::kDrop)) heap.push(c);
-  }
+  CandidateHeap heap = candidate_heap(shards_.get(), options_.shards, tier, max_blocks, EvictPurpose::kDrop);
   while (!heap.empty() && out.size() < max_blocks) {
-    Candidate c = heap.top();
+    const Candidate c = heap.top();
     heap.pop();
-    std::optional<BlockKey> parent;
-    {
-      Shard& shard = shard_for(c.key);
-      std::lock_guard lock(shard.mu);
-      auto it = shard.map.find(c.key);
-      if (it != shard.map.end() && it->second.block_index > 0) parent = it->second.parent;
-    }
+    auto parent = parent_key_of(c.key);
     auto removed = remove_residency_impl(c.key, tier, /*count_eviction=*/true);
     if (!removed) continue;  // pinned or gained a child since it was chosen: skip it
     out.push_back(*removed);
-    if (!parent) continue;
+    if (!parent || !*parent) continue;
     // The parent may have just become a leaf of this tier: it joins the candidates.
-    Shard& pshard = shard_for(*parent);
-    std::lock_guard lock(pshard.mu);
-    auto pit = pshard.map.find(*parent);
-    if (pit != pshard.map.end() && eligible(pit->second, tier, EvictPurpose::kDrop)) {
-      heap.push({pit->second.priority, pit->second.last_access, *parent});
-    }
+    push_parent_if(shard_for(**parent), **parent, heap,
+                   [&](const Entry& p) { return eligible(p, tier, EvictPurpose::kDrop); });
   }
   return out;
 }

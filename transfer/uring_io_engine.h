@@ -11,9 +11,9 @@
 //   remainder (batched into one io_uring_submit), counts each op on the device
 //   (record_read/record_write) and runs the callback.
 // - Batches (IoBatch): a thread inside one leaves its SQEs in the SQ and the batch's end sends them
-//   with one io_uring_submit. A batched submit that finds the engine full sends the pending SQEs
-//   before it waits, so a batch can never wait on its own unsent operations. Any other submit
-//   sends whatever is pending, batched or not.
+//   with one io_uring_submit. A submit that finds the engine full, and drain(), send the pending
+//   SQEs before they wait, so a batch can never wait on its own unsent operations. A submit
+//   outside a batch sends whatever is pending, its own SQE and any batch's.
 // - Devices with native_fd() == -1 go to an internal ThreadPoolIoEngine.
 #pragma once
 

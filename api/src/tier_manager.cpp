@@ -56,9 +56,11 @@ std::optional<Tier> lower_of(Tier t, bool nvme) {
   return std::nullopt;
 }
 
-}  // namespace
+const TierLimits& limits_of(const TierManagerOptions& o, Tier t) {
+  return t == Tier::kHbm ? o.hbm : t == Tier::kHost ? o.host : o.nvme_limits;
+}
 
-static const TierLimits& limits_of(const TierManagerOptions& o, Tier t);
+}  // namespace
 
 TierManager::TierManager(const KeyChain& keys, TierManagerOptions options)
     : keys_(keys), options_(std::move(options)), counters_(std::make_unique<Counters>()) {}
@@ -78,7 +80,11 @@ void TierManager::close() {
 bool TierManager::above_high(Tier t) const noexcept {
   const uint64_t cap = capacity_slots(t);
   const auto high = static_cast<uint64_t>(limits_of(options_, t).high_watermark * static_cast<double>(cap));
-  return cap > 0 && used_slots(t) > std::max<uint64_t>(high, 1) - 1;
+  return cap > 0 && used_slots(t) + 1 > std::max<uint64_t>(high, 1);
+}
+
+uint64_t TierManager::low_mark(Tier t) const noexcept {
+  return static_cast<uint64_t>(limits_of(options_, t).low_watermark * static_cast<double>(capacity_slots(t)));
 }
 
 void TierManager::kick_reclaimer() {
@@ -108,8 +114,7 @@ void TierManager::reclaimer_loop() {
     // Top down: HBM's demotions land in the host tier, whose write-back lands on NVMe.
     for (Tier t : kAllTiers) {
       if (!has_tier(t) || !above_high(t)) continue;
-      const auto low = static_cast<uint64_t>(limits_of(options_, t).low_watermark * static_cast<double>(capacity_slots(t)));
-      if (Status s = reclaim(t, low, &c.bg_stop); !s) {
+      if (Status s = reclaim(t, low_mark(t), &c.bg_stop); !s) {
         // Everything pinned, or a failing disk: the next save that needs room reports it.
         spdlog::debug("background reclaim of the {} tier: {}", tier_name(t), s.to_string());
       }
@@ -118,8 +123,6 @@ void TierManager::reclaimer_loop() {
     c.bg_busy = false;
     c.bg_cv.notify_all();
   }
-  c.bg_busy = false;
-  c.bg_cv.notify_all();
 }
 
 Result<std::unique_ptr<TierManager>> TierManager::open(const KeyChain& keys, TierManagerOptions options) {
@@ -272,17 +275,11 @@ uint64_t TierManager::used_slots(Tier t) const noexcept {
   return mt.slots ? mt.slots->used() : 0;
 }
 
-static const TierLimits& limits_of(const TierManagerOptions& o, Tier t) {
-  return t == Tier::kHbm ? o.hbm : t == Tier::kHost ? o.host : o.nvme_limits;
-}
-
 Result<SlotId> TierManager::allocate_slot(Tier t) {
-  const TierLimits& lim = limits_of(options_, t);
   const uint64_t cap = capacity_slots(t);
-  const auto high = static_cast<uint64_t>(lim.high_watermark * static_cast<double>(cap));
-  const auto low = static_cast<uint64_t>(lim.low_watermark * static_cast<double>(cap));
+  const uint64_t low = low_mark(t);
   const bool background = options_.background_reclaim;
-  if (used_slots(t) + 1 > std::max<uint64_t>(high, 1)) {
+  if (above_high(t)) {
     if (background) {
       kick_reclaimer();  // down to the low watermark while this save goes on
     } else {
@@ -913,10 +910,9 @@ Result<TransferHandle> TierManager::load(const Match& match, std::span<std::byte
 Status TierManager::rebalance() {
   for (Tier t : kAllTiers) {
     if (!has_tier(t)) continue;
-    const TierLimits& lim = limits_of(options_, t);
     const double cap = static_cast<double>(capacity_slots(t));
-    if (static_cast<double>(used_slots(t)) > lim.high_watermark * cap) {
-      KVTIER_RETURN_IF_ERROR(reclaim(t, static_cast<uint64_t>(lim.low_watermark * cap)));
+    if (static_cast<double>(used_slots(t)) > limits_of(options_, t).high_watermark * cap) {
+      KVTIER_RETURN_IF_ERROR(reclaim(t, low_mark(t)));
     }
   }
   return Status::ok();

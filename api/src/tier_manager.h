@@ -178,8 +178,10 @@ class TierManager {
   /// Demotes or drops blocks of `t` until at most target_used slots are used, one round (at most
   /// 64 victims) per hold of the tier's reclaim lock; stops early, ok, once `stop` is set.
   Status reclaim(Tier t, uint64_t target_used, const std::atomic<bool>* stop = nullptr);
-  /// Whether `t` is above its high watermark.
+  /// Whether the next allocation in `t` would take it past its high watermark.
   bool above_high(Tier t) const noexcept;
+  /// The slots in use at `t`'s low watermark: where a reclaim stops.
+  uint64_t low_mark(Tier t) const noexcept;
   void kick_reclaimer();
   void reclaimer_loop();
   /// Copies a block down to the memory tier below `from` (HBM → host) and drops `from`'s copy.
