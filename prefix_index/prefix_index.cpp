@@ -1,7 +1,7 @@
 #include "prefix_index/prefix_index.h"
 
 #include <absl/container/flat_hash_map.h>
-#include <absl/container/inlined_vector.h>
+#include <absl/container/flat_hash_set.h>
 
 #include <algorithm>
 #include <bit>
@@ -14,54 +14,37 @@ namespace kvtier {
 
 namespace {
 
-// Field order matters: a match of a long prompt is bound by the cache lines it pulls in per
-// block, so everything a match reads or writes comes first, right after the key in the table
-// slot, and what only inserts and evictions use comes last. The fields a match writes (pins,
-// recency, hits) share the slot's first line with the key, so a match dirties one line per
-// block, not two.
-struct Entry {
-  // --- read or written by match ---
-  BlockKey parent;
-  uint32_t block_index = 0;
-  uint32_t pin_count = 0;
-  uint64_t last_access = 0;  // logical recency tick; larger is more recent
-  uint64_t hits = 0;
-  uint64_t layout_fp = 0;
-  absl::InlinedVector<TokenId, 16> tokens;
-  uint64_t checksum = 0;
+// The fields of a block that a match reads or writes, in one cache line. A run keeps them side
+// by side, so a match of a long prompt streams through them.
+struct Hot {
+  BlockKey key;
   std::array<SlotId, kNumTiers> slots{kNoSlot, kNoSlot, kNoSlot};
-  uint8_t tier_mask = 0;
+  uint64_t checksum = 0;
+  uint64_t last_access = 0;  // logical recency tick; larger is more recent
+  uint32_t pin_count = 0;
+  uint8_t tier_mask = 0;  // bit tier_bit(t) set when resident in tier t
   Priority priority = Priority::kNormal;
-  uint16_t extra_count = 0;  // extras.size(), here so a match without extras never reads `extras`
-  // --- not read by match ---
-  uint64_t byte_size = 0;    // the layout's block size (a match takes it from the namespace)
-  std::vector<BlockKey> extras;  // read by match only when the request has extras
-  uint32_t child_count = 0;                       // indexed children
-  std::array<uint32_t, kNumTiers> children_in_tier{};  // children resident in each tier
-
-  bool same_block(const BlockKey& p, uint32_t index, std::span<const TokenId> toks,
-                  std::span<const BlockKey> ex) const noexcept {
-    if (parent != p || block_index != index || tokens.size() != toks.size()) return false;
-    // The 16-token page (vLLM, SGLang) compares at a constant length: inline vector compares
-    // instead of a call to memcmp per block.
-    const bool same_tokens = toks.size() == 16
-                                 ? std::memcmp(tokens.data(), toks.data(), 16 * sizeof(TokenId)) == 0
-                                 : std::memcmp(tokens.data(), toks.data(), toks.size_bytes()) == 0;
-    return same_tokens && extra_count == ex.size() &&
-           (ex.empty() || std::memcmp(extras.data(), ex.data(), ex.size_bytes()) == 0);
-  }
-
-  BlockResidency residency(const BlockKey& key) const {
-    BlockResidency r;
-    r.key = key;
-    r.tier_mask = tier_mask;
-    r.slots = slots;
-    r.byte_size = byte_size;
-    r.checksum = checksum;
-    r.priority = priority;
-    return r;
-  }
+  uint16_t extra_count = 0;  // here so a match without extras never reads Cold
 };
+static_assert(sizeof(Hot) == 64);
+
+// What only inserts, evictions and requests with extras read.
+struct Cold {
+  std::vector<BlockKey> extras;
+  uint32_t child_count = 0;                            // indexed children
+  std::array<uint32_t, kNumTiers> children_in_tier{};  // children resident in each tier
+};
+
+// Blocks per run. A 128K-token prompt of 16-token blocks spans 8 runs, so a match of it keys
+// and looks up 8 blocks and compares the other 8184 in place.
+constexpr uint32_t kRunCapacity = 1024;
+
+bool same_tokens(const TokenId* a, const TokenId* b, uint32_t block_tokens) noexcept {
+  // The 16-token page (vLLM, SGLang) compares at a constant length: inline vector compares
+  // instead of a call to memcmp per block.
+  return block_tokens == 16 ? std::memcmp(a, b, 16 * sizeof(TokenId)) == 0
+                            : std::memcmp(a, b, block_tokens * sizeof(TokenId)) == 0;
+}
 
 struct Candidate {
   Priority priority;
@@ -74,41 +57,21 @@ struct Candidate {
   }
 };
 
-bool eligible(const Entry& e, Tier tier, EvictPurpose purpose) noexcept {
-  const int t = static_cast<int>(tier);
-  if (!(e.tier_mask & tier_bit(tier)) || e.pin_count != 0 || e.children_in_tier[t] != 0) return false;
-  const bool last_residency = (e.tier_mask & ~tier_bit(tier)) == 0;
-  return purpose == EvictPurpose::kDemote || !last_residency || e.child_count == 0;
+struct EvictsLater {
+  bool operator()(const Candidate& a, const Candidate& b) const noexcept { return b.evict_before(a); }
+};
+
+// Keeps the best `max_blocks` of `all`, in eviction order.
+void keep_best(std::vector<Candidate>& all, size_t max_blocks) {
+  auto before = [](const Candidate& a, const Candidate& b) { return a.evict_before(b); };
+  if (all.size() > max_blocks) {
+    std::nth_element(all.begin(), all.begin() + max_blocks, all.end(), before);
+    all.resize(max_blocks);
+  }
+  std::sort(all.begin(), all.end(), before);
 }
 
-}  // namespace
-
-struct alignas(64) PrefixIndex::Shard {
-  mutable std::mutex mu;
-  // Keys are keyed hashes already (the deployment secret keeps them uniform and unpredictable),
-  // so the table uses std::hash<BlockKey>'s one multiply rather than re-hashing 16 bytes with
-  // absl::Hash on every lookup and prefetch.
-  absl::flat_hash_map<BlockKey, Entry, std::hash<BlockKey>> map;
-};
-
-struct PrefixIndex::Leases {
-  struct Record {
-    std::vector<BlockKey> keys;
-    uint64_t expiry_ns;
-  };
-  std::mutex mu;
-  absl::flat_hash_map<LeaseId, Record> active;
-};
-
-struct PrefixIndex::Counters {
-  std::atomic<uint64_t> entries{0}, lookups{0}, hit_blocks{0}, hit_tokens{0}, lookup_tokens{0},
-      inserts{0}, collisions{0}, leases_expired{0};
-  std::array<std::atomic<uint64_t>, kNumTiers> resident{}, evictions{};
-};
-
-namespace {
-
-// Locks the shards of a block and of its parent, in a fixed order, once when they coincide.
+// Locks two mutexes of one kind (key shards, or runs) in address order, once when they coincide.
 class PairLock {
  public:
   PairLock(std::mutex& a, std::mutex* b) {
@@ -127,24 +90,155 @@ class PairLock {
   std::unique_lock<std::mutex> first_, second_;
 };
 
-// Groups positions 0..n-1 by shard with a counting sort, so each shard is locked once.
-struct ShardGroups {
-  std::vector<uint32_t> order;   // positions, grouped by shard
-  std::vector<uint32_t> begin;   // begin[s]..begin[s+1] index into order
-  std::vector<uint32_t> fill;    // scratch, kept to reuse its storage
+}  // namespace
 
-  template <typename ShardOf>
-  void build(size_t n, uint32_t shards, ShardOf&& shard_of) {
-    begin.assign(shards + 1, 0);
-    order.resize(n);
-    for (size_t i = 0; i < n; ++i) ++begin[shard_of(i) + 1];
-    for (uint32_t s = 0; s < shards; ++s) begin[s + 1] += begin[s];
-    fill.assign(begin.begin(), begin.end() - 1);
-    for (size_t i = 0; i < n; ++i) order[fill[shard_of(i)]++] = static_cast<uint32_t>(i);
+// The consecutive blocks of one chain: entry p + 1 is a child of entry p, and entry 0 a child
+// of head_parent (the namespace root, or a block of another run). Entries leave from the back
+// only (a block with a child never leaves, and entry p + 1 is a child of entry p), so a block's
+// position never changes while it is indexed. Guarded by `mu`; the const fields never change.
+// The structure (entries, keys, residency, child counts) changes only under the key-shard lock
+// of the block concerned as well; pins, recency and hits change under `mu` alone. So holding
+// every key shard freezes the structure of every run (check_invariants relies on it).
+struct PrefixIndex::Run {
+  Run(const BlockKey& head, uint32_t first, uint32_t bt, uint64_t fp, uint64_t bytes)
+      : head_parent(head), first_index(first), block_tokens(bt), layout_fp(fp), byte_size(bytes) {}
+
+  mutable std::mutex mu;
+  const BlockKey head_parent;
+  const uint32_t first_index;  // block_index of entry 0
+  const uint32_t block_tokens;
+  const uint64_t layout_fp;    // one chain, one layout: insert checks it against the parent's
+  const uint64_t byte_size;
+  size_t registry_slot = 0;    // position in Runs::all; guarded by Runs::mu
+  std::vector<Hot> hot;        // size() is the number of entries
+  std::vector<Cold> cold;
+  std::vector<uint64_t> hits;  // matches that returned the block
+  std::vector<TokenId> tokens; // block_tokens per entry, in order
+
+  uint32_t size() const noexcept { return static_cast<uint32_t>(hot.size()); }
+  uint32_t block_index(uint32_t pos) const noexcept { return first_index + pos; }
+  const BlockKey& parent_of(uint32_t pos) const noexcept { return pos ? hot[pos - 1].key : head_parent; }
+  const TokenId* tokens_of(uint32_t pos) const noexcept { return tokens.data() + size_t(pos) * block_tokens; }
+
+  bool same_extras(uint32_t pos, std::span<const BlockKey> ex) const noexcept {
+    return hot[pos].extra_count == ex.size() &&
+           (ex.empty() || std::memcmp(cold[pos].extras.data(), ex.data(), ex.size_bytes()) == 0);
+  }
+  bool same_block(uint32_t pos, const BlockKey& parent, size_t index, std::span<const TokenId> toks,
+                  std::span<const BlockKey> ex) const noexcept {
+    return parent_of(pos) == parent && block_index(pos) == index && toks.size() == block_tokens &&
+           same_tokens(tokens_of(pos), toks.data(), block_tokens) && same_extras(pos, ex);
+  }
+
+  BlockResidency residency(uint32_t pos) const {
+    const Hot& h = hot[pos];
+    BlockResidency r;
+    r.key = h.key;
+    r.tier_mask = h.tier_mask;
+    r.slots = h.slots;
+    r.byte_size = byte_size;
+    r.checksum = h.checksum;
+    r.priority = h.priority;
+    return r;
+  }
+
+  bool eligible(uint32_t pos, Tier tier, EvictPurpose purpose) const noexcept {
+    const Hot& h = hot[pos];
+    const Cold& c = cold[pos];
+    const int t = static_cast<int>(tier);
+    if (!(h.tier_mask & tier_bit(tier)) || h.pin_count != 0 || c.children_in_tier[t] != 0) return false;
+    const bool last_residency = (h.tier_mask & ~tier_bit(tier)) == 0;
+    return purpose == EvictPurpose::kDemote || !last_residency || c.child_count == 0;
+  }
+  Candidate candidate(uint32_t pos) const noexcept { return {hot[pos].priority, hot[pos].last_access, hot[pos].key}; }
+
+  void append(const BlockInsert& b, uint64_t tick) {
+    Hot& h = hot.emplace_back();
+    h.key = b.key;
+    h.slots[static_cast<int>(b.tier)] = b.slot;
+    h.checksum = b.checksum;
+    h.last_access = tick;
+    h.pin_count = b.pin ? 1 : 0;
+    h.tier_mask = tier_bit(b.tier);
+    h.priority = b.priority;
+    h.extra_count = static_cast<uint16_t>(b.extras.size());
+    cold.emplace_back().extras.assign(b.extras.begin(), b.extras.end());
+    hits.push_back(0);
+    tokens.insert(tokens.end(), b.tokens.begin(), b.tokens.end());
+  }
+  void pop_back() {
+    hot.pop_back();
+    cold.pop_back();
+    hits.pop_back();
+    tokens.resize(tokens.size() - block_tokens);
   }
 };
 
-}  // namespace
+struct PrefixIndex::Loc {
+  Run* run;
+  uint32_t pos;
+};
+
+// A lease's pins in one run: entries [begin, end).
+struct PrefixIndex::Span {
+  Run* run;
+  uint32_t begin, end;
+};
+
+struct alignas(64) PrefixIndex::Shard {
+  mutable std::mutex mu;
+  // Keys are keyed hashes already (the deployment secret keeps them uniform and unpredictable),
+  // so the table uses std::hash<BlockKey>'s one multiply rather than re-hashing 16 bytes.
+  absl::flat_hash_map<BlockKey, Loc, std::hash<BlockKey>> map;
+};
+
+// Every run, for eviction scans and the invariant check. The registry owns the runs; a run
+// that empties leaves it. `mu` is a leaf lock: nothing else is locked while it is held. Runs
+// join and leave only under the key-shard lock of the block that made or emptied them.
+struct PrefixIndex::Runs {
+  mutable std::mutex mu;
+  std::vector<std::shared_ptr<Run>> all;
+
+  void add(std::shared_ptr<Run> run) {
+    std::lock_guard lock(mu);
+    run->registry_slot = all.size();
+    all.push_back(std::move(run));
+  }
+  // Returns the registry's reference, for the caller to drop once it has unlocked the run.
+  std::shared_ptr<Run> remove(Run* run) {
+    std::lock_guard lock(mu);
+    const size_t i = run->registry_slot;
+    std::shared_ptr<Run> gone = std::move(all[i]);
+    if (i + 1 != all.size()) {
+      all[i] = std::move(all.back());
+      all[i]->registry_slot = i;
+    }
+    all.pop_back();
+    return gone;
+  }
+  // Scanners hold a reference, so a run that empties meanwhile stays valid (and empty).
+  std::vector<std::shared_ptr<Run>> snapshot() const {
+    std::lock_guard lock(mu);
+    return all;
+  }
+};
+
+struct PrefixIndex::CandidateQueue : std::priority_queue<Candidate, std::vector<Candidate>, EvictsLater> {};
+
+struct PrefixIndex::Leases {
+  struct Record {
+    std::vector<Span> spans;
+    uint64_t expiry_ns;
+  };
+  std::mutex mu;
+  absl::flat_hash_map<LeaseId, Record> active;
+};
+
+struct PrefixIndex::Counters {
+  std::atomic<uint64_t> entries{0}, lookups{0}, hit_blocks{0}, hit_tokens{0}, lookup_tokens{0},
+      inserts{0}, collisions{0}, leases_expired{0};
+  std::array<std::atomic<uint64_t>, kNumTiers> resident{}, evictions{};
+};
 
 Result<std::unique_ptr<PrefixIndex>> PrefixIndex::create(const KeyChain& keys, IndexOptions options) {
   if (options.shards == 0 || options.shards > 4096 || !std::has_single_bit(options.shards)) {
@@ -167,6 +261,7 @@ PrefixIndex::PrefixIndex(const KeyChain& keys, IndexOptions options)
       options_(std::move(options)),
       shard_shift_(64 - std::countr_zero(options_.shards)),
       shards_(new Shard[options_.shards]),
+      runs_(new Runs),
       leases_(new Leases),
       counters_(new Counters) {}
 
@@ -178,6 +273,17 @@ PrefixIndex::Shard& PrefixIndex::shard_for(const BlockKey& key) const noexcept {
 }
 
 uint64_t PrefixIndex::now_ns() const { return options_.clock_ns(); }
+
+template <typename Fn>
+bool PrefixIndex::with_entry(const BlockKey& key, Fn&& fn) const {
+  Shard& shard = shard_for(key);
+  std::lock_guard shard_lock(shard.mu);
+  auto it = shard.map.find(key);
+  if (it == shard.map.end()) return false;
+  std::lock_guard run_lock(it->second.run->mu);
+  fn(*it->second.run, it->second.pos);
+  return true;
+}
 
 Result<Match> PrefixIndex::match(const Namespace& ns, std::span<const TokenId> tokens,
                                  std::span<const BlockExtra> extras, const MatchOptions& options) {
@@ -203,19 +309,13 @@ Status PrefixIndex::match_into(const Namespace& ns, std::span<const TokenId> tok
   counters_->lookup_tokens.fetch_add(n * bt, std::memory_order_relaxed);
   if (n == 0) return Status::ok();
 
-  thread_local std::vector<BlockKey> keys;
-  thread_local ShardGroups groups;
-  thread_local std::vector<uint8_t> found;
   thread_local std::vector<uint32_t> extra_begin;
   thread_local std::vector<BlockKey> extra_hashes;
-  thread_local std::vector<Entry*> entries;
-  thread_local std::vector<BlockResidency> scratch;  // one chunk's matched blocks, in shard order
-  thread_local std::vector<uint32_t> position;        // prompt position -> index into scratch
-  // Sized for the whole prompt once, filled a chunk at a time: growing them chunk by chunk
-  // reallocated (and page-faulted) the 0.6 MB result of a 128K-token prompt several times over.
-  keys.resize(n);
+  thread_local std::vector<Span> spans;
+  // Reserved for the whole prompt at once: growing it block by block reallocated (and
+  // page-faulted) the 0.5 MB result of a 128K-token prompt several times over.
   result.blocks.reserve(n);
-  found.clear();
+  spans.clear();
   extra_begin.clear();
   extra_hashes.clear();
   if (!extras.empty()) {
@@ -233,88 +333,50 @@ Status PrefixIndex::match_into(const Namespace& ns, std::span<const TokenId> tok
   // evicted before its root-most blocks.
   const uint64_t base_tick = options.touch ? recency_clock_.fetch_add(n, std::memory_order_relaxed) : 0;
 
-  // The prompt is keyed and looked up a chunk at a time, in prompt order, and the match stops at
-  // the chunk holding its first miss: a prompt that shares only its first blocks with the cache
-  // (the common case) costs those blocks, not the whole prompt. Chunks double in size, so a
-  // fully cached prompt takes a few chunks and each shard is still locked only a few times.
-  constexpr size_t kFirstChunk = 32, kMaxChunk = 1024;
-  size_t matched = 0;
-  for (size_t lo = 0, chunk = kFirstChunk; lo < n; lo += chunk, chunk = std::min(chunk * 2, kMaxChunk)) {
-    const size_t hi = std::min(n, lo + chunk);
-    keys_.chain_range(lo == 0 ? ns.root : keys[lo - 1], tokens, bt, lo, hi - lo, extras, keys.data() + lo);
-    found.resize(hi, 0);
-    scratch.resize(hi - lo);
-    position.resize(hi - lo);
-    groups.build(hi - lo, options_.shards, [&](size_t i) {
-      return shard_shift_ >= 64 ? 0u : static_cast<uint32_t>(keys[lo + i].hi >> shard_shift_);
-    });
-    for (uint32_t s = 0; s < options_.shards; ++s) {
-      const uint32_t group_begin = groups.begin[s], group_end = groups.begin[s + 1];
-      if (group_begin == group_end) continue;
-      Shard& shard = shards_[s];
-      std::lock_guard lock(shard.mu);
-      // Two passes over the shard's blocks, so their cache misses overlap instead of queueing:
-      // the first finds each entry (its table slot prefetched kPrefetchAhead lookups earlier)
-      // and prefetches the entry's own lines; the second compares and copies them. Entry
-      // pointers stay valid: the shard is locked and nothing is inserted or erased meanwhile.
-      constexpr uint32_t kPrefetchAhead = 8;
-      entries.resize(group_end - group_begin);
-      for (uint32_t g = group_begin; g < std::min(group_begin + kPrefetchAhead, group_end); ++g) {
-        shard.map.prefetch(keys[lo + groups.order[g]]);
-      }
-      for (uint32_t g = group_begin; g < group_end; ++g) {
-        if (g + kPrefetchAhead < group_end) shard.map.prefetch(keys[lo + groups.order[g + kPrefetchAhead]]);
-        auto it = shard.map.find(keys[lo + groups.order[g]]);
-        Entry* e = it == shard.map.end() ? nullptr : &it->second;
-        entries[g - group_begin] = e;
-        if (e != nullptr) {
-          const char* first = reinterpret_cast<const char*>(&*it);
-          for (size_t off = 64; off < sizeof(*it); off += 64) __builtin_prefetch(first + off);
-        }
-      }
-      for (uint32_t g = group_begin; g < group_end; ++g) {
-        Entry* e = entries[g - group_begin];
-        if (e == nullptr) continue;
-        const size_t i = lo + groups.order[g];
-        const BlockKey& parent = i == 0 ? ns.root : keys[i - 1];
-        if (e->layout_fp != layout_fp ||
-            !e->same_block(parent, static_cast<uint32_t>(i), tokens.subspan(i * bt, bt), extras_of(i))) {
-          continue;  // same key, different block: a collision is a miss, never a wrong hit
-        }
-        found[i] = 1;
-        // Field by field rather than through Entry::residency(): that built a temporary and read
-        // the entry's byte size, and measured 20-30% slower here.
-        BlockResidency& r = scratch[g];  // in shard order: sequential writes
-        r.key = keys[i];
-        r.slots = e->slots;
-        r.byte_size = block_bytes;  // equal to the entry's: insert checks it against the layout
-        r.checksum = e->checksum;
-        r.tier_mask = e->tier_mask;
-        r.priority = e->priority;
-        if (options.take_lease) ++e->pin_count;
-        if (options.touch) {
-          e->last_access = base_tick + (n - 1 - i);
-          ++e->hits;
-        }
-      }
+  // Each round keys block i, finds it through the key map, and checks it is the request's block
+  // (a collision is a miss, never a wrong hit); then it walks the block's run for as long as
+  // the run's tokens are the prompt's. The next round starts where the prompt leaves the run.
+  size_t i = 0;
+  BlockKey parent = ns.root;
+  while (i < n) {
+    const BlockKey key = keys_.block_key(parent, tokens.subspan(i * bt, bt), extras_of(i));
+    Shard& shard = shard_for(key);
+    std::unique_lock shard_lock(shard.mu);
+    auto it = shard.map.find(key);
+    if (it == shard.map.end()) break;
+    Run& run = *it->second.run;
+    uint32_t pos = it->second.pos;
+    std::lock_guard run_lock(run.mu);
+    shard_lock.unlock();
+    if (run.layout_fp != layout_fp || !run.same_block(pos, parent, i, tokens.subspan(i * bt, bt), extras_of(i))) {
+      break;
     }
-    // Into the result in prompt order, up to the first miss. Written straight into the result
-    // in shard order, these 64-byte records were scattered stores over the whole result, and
-    // those stores took 40% of a match.
-    for (size_t g = 0; g < hi - lo; ++g) position[groups.order[g]] = static_cast<uint32_t>(g);
-    while (matched < hi && found[matched]) result.blocks.push_back(scratch[position[matched - lo]]), ++matched;
-    if (matched < hi) break;  // the prefix ends in this chunk
+    const uint32_t first = pos;
+    do {
+      Hot& h = run.hot[pos];
+      BlockResidency& r = result.blocks.emplace_back();
+      r.key = h.key;
+      r.slots = h.slots;
+      r.byte_size = block_bytes;  // equal to the run's: insert checks it against the layout
+      r.checksum = h.checksum;
+      r.tier_mask = h.tier_mask;
+      r.priority = h.priority;
+      if (options.take_lease) ++h.pin_count;
+      if (options.touch) {
+        h.last_access = base_tick + (n - 1 - i);
+        ++run.hits[pos];
+      }
+      ++pos;
+      ++i;
+      // Entry pos is a child of entry pos - 1 with the next block index: only its tokens and
+      // extras remain to compare.
+    } while (i < n && pos < run.size() && same_tokens(run.tokens_of(pos), tokens.data() + i * bt, bt) &&
+             run.same_extras(pos, extras_of(i)));
+    if (options.take_lease) spans.push_back({&run, first, pos});
+    parent = run.hot[pos - 1].key;
   }
 
-  if (options.take_lease) {
-    // Blocks found past the first miss of the last chunk (only possible while a concurrent insert
-    // or eviction runs) were pinned above; give those pins back.
-    std::vector<BlockKey> beyond;
-    for (size_t i = matched; i < found.size(); ++i) {
-      if (found[i]) beyond.push_back(keys[i]);
-    }
-    if (!beyond.empty()) release_keys(beyond).ignore();  // entries are pinned: cannot vanish
-  }
+  const size_t matched = result.blocks.size();
   result.tokens = uint64_t(matched) * bt;
   counters_->hit_blocks.fetch_add(matched, std::memory_order_relaxed);
   counters_->hit_tokens.fetch_add(result.tokens, std::memory_order_relaxed);
@@ -325,28 +387,22 @@ Status PrefixIndex::match_into(const Namespace& ns, std::span<const TokenId> tok
     result.lease_expiry_ns = now_ns() + lifetime;
     std::lock_guard lock(leases_->mu);
     leases_->active.emplace(result.lease,
-                            Leases::Record{std::vector<BlockKey>(keys.begin(), keys.begin() + matched),
-                                           result.lease_expiry_ns});
+                            Leases::Record{std::vector<Span>(spans.begin(), spans.end()), result.lease_expiry_ns});
   }
   return Status::ok();
 }
 
-Status PrefixIndex::release_keys(std::span<const BlockKey> keys) {
-  ShardGroups groups;
-  groups.build(keys.size(), options_.shards, [&](size_t i) {
-    return shard_shift_ >= 64 ? 0u : static_cast<uint32_t>(keys[i].hi >> shard_shift_);
-  });
+Status PrefixIndex::release_spans(std::span<const Span> spans) {
+  // A pinned block cannot leave its run, so the spans still name the pinned blocks.
   Status status;
-  for (uint32_t s = 0; s < options_.shards; ++s) {
-    if (groups.begin[s] == groups.begin[s + 1]) continue;
-    std::lock_guard lock(shards_[s].mu);
-    for (uint32_t g = groups.begin[s]; g < groups.begin[s + 1]; ++g) {
-      auto it = shards_[s].map.find(keys[groups.order[g]]);
-      if (it == shards_[s].map.end() || it->second.pin_count == 0) {
+  for (const Span& s : spans) {
+    std::lock_guard lock(s.run->mu);
+    for (uint32_t p = s.begin; p < s.end; ++p) {
+      if (p >= s.run->size() || s.run->hot[p].pin_count == 0) {
         status = internal_error("released a pin on a block that was not pinned");
         continue;
       }
-      --it->second.pin_count;
+      --s.run->hot[p].pin_count;
     }
   }
   return status;
@@ -363,7 +419,7 @@ Status PrefixIndex::release(LeaseId lease) {
     record = std::move(it->second);
     leases_->active.erase(it);
   }
-  return release_keys(record.keys);
+  return release_spans(record.spans);
 }
 
 size_t PrefixIndex::expire_leases() {
@@ -380,7 +436,7 @@ size_t PrefixIndex::expire_leases() {
       }
     }
   }
-  for (const auto& r : expired) release_keys(r.keys).ignore();  // pinned blocks cannot vanish
+  for (const auto& r : expired) release_spans(r.spans).ignore();  // pinned blocks cannot vanish
   counters_->leases_expired.fetch_add(expired.size(), std::memory_order_relaxed);
   return expired.size();
 }
@@ -414,61 +470,75 @@ Result<InsertOutcome> PrefixIndex::insert(const Namespace& ns, const BlockInsert
 
   Shard& shard = shard_for(block.key);
   Shard* parent_shard = block.block_index > 0 ? &shard_for(block.parent) : nullptr;
-  PairLock lock(shard.mu, parent_shard ? &parent_shard->mu : nullptr);
+  PairLock shards_locked(shard.mu, parent_shard ? &parent_shard->mu : nullptr);
 
-  Entry* parent = nullptr;
+  std::optional<Loc> parent;
   if (parent_shard) {
     auto pit = parent_shard->map.find(block.parent);
     if (pit == parent_shard->map.end()) {
       return not_found("parent block " + block.parent.to_hex() +
                        " is not indexed; insert a prompt's blocks in prefix order");
     }
-    parent = &pit->second;
-    if (parent->layout_fp != layout_fp) {
+    parent = pit->second;
+  }
+  auto check_parent = [&]() -> Status {
+    const Run& prun = *parent->run;
+    if (prun.layout_fp != layout_fp) {
       return Status(StatusCode::kLayoutMismatch, "parent block was stored with another KV layout");
     }
-    if (parent->block_index + 1 != block.block_index) {
+    if (prun.block_index(parent->pos) + 1 != block.block_index) {
       return invalid_argument("block_index does not follow its parent's");
     }
-  }
+    return Status::ok();
+  };
 
-  auto [it, inserted] = shard.map.try_emplace(block.key);
-  Entry& e = it->second;
-  // The emplace may have rehashed the shard, and the parent may live in the same shard.
-  if (parent_shard == &shard && inserted) parent = &shard.map.find(block.parent)->second;
-  if (!inserted) {
-    if (e.layout_fp != layout_fp || !e.same_block(block.parent, block.block_index, block.tokens, block.extras)) {
+  if (auto it = shard.map.find(block.key); it != shard.map.end()) {
+    const Loc loc = it->second;
+    PairLock runs_locked(loc.run->mu, parent ? &parent->run->mu : nullptr);
+    Run& run = *loc.run;
+    if (run.layout_fp != layout_fp ||
+        !run.same_block(loc.pos, block.parent, block.block_index, block.tokens, block.extras)) {
       counters_->collisions.fetch_add(1, std::memory_order_relaxed);
       return Status(StatusCode::kCollision, "key " + block.key.to_hex() +
                                                 " already holds a different block; refusing to overwrite");
     }
-    if (e.tier_mask & tier_bit(block.tier)) {
+    Hot& h = run.hot[loc.pos];
+    if (h.tier_mask & tier_bit(block.tier)) {
       return Status(StatusCode::kAlreadyExists,
                     "block already resident in " + std::string(tier_name(block.tier)));
     }
-    e.tier_mask |= tier_bit(block.tier);
-    e.slots[t] = block.slot;
-    if (block.pin) ++e.pin_count;
-    if (parent) ++parent->children_in_tier[t];
+    h.tier_mask |= tier_bit(block.tier);
+    h.slots[t] = block.slot;
+    if (block.pin) ++h.pin_count;
+    if (parent) ++parent->run->cold[parent->pos].children_in_tier[t];
     counters_->resident[t].fetch_add(1, std::memory_order_relaxed);
     return InsertOutcome::kAddedResidency;
   }
-  e.parent = block.parent;
-  e.block_index = block.block_index;
-  e.tokens.assign(block.tokens.begin(), block.tokens.end());
-  e.extras.assign(block.extras.begin(), block.extras.end());
-  e.extra_count = static_cast<uint16_t>(block.extras.size());
-  e.layout_fp = layout_fp;
-  e.byte_size = block_bytes;
-  e.checksum = block.checksum;
-  e.slots[t] = block.slot;
-  e.tier_mask = tier_bit(block.tier);
-  e.priority = block.priority;
-  e.pin_count = block.pin ? 1 : 0;
-  e.last_access = recency_clock_.fetch_add(1, std::memory_order_relaxed);
+
+  // A new block goes at the end of its parent's run when the parent ends it; otherwise (block
+  // 0, a branch, a full run) it heads a new run.
+  const uint64_t tick = recency_clock_.fetch_add(1, std::memory_order_relaxed);
+  std::unique_lock<std::mutex> parent_lock;
+  Run* run = nullptr;
   if (parent) {
-    ++parent->child_count;
-    ++parent->children_in_tier[t];
+    parent_lock = std::unique_lock(parent->run->mu);
+    KVTIER_RETURN_IF_ERROR(check_parent());
+    if (parent->pos + 1 == parent->run->size() && parent->run->size() < kRunCapacity) run = parent->run;
+  }
+  if (run != nullptr) {
+    run->append(block, tick);
+  } else {
+    // Filled before it is published (registry, then key map), so no one sees it half-made.
+    auto fresh = std::make_shared<Run>(block.parent, block.block_index, bt, layout_fp, block_bytes);
+    fresh->append(block, tick);
+    run = fresh.get();
+    runs_->add(std::move(fresh));
+  }
+  shard.map.emplace(block.key, Loc{run, run->size() - 1});
+  if (parent) {
+    Cold& pc = parent->run->cold[parent->pos];
+    ++pc.child_count;
+    ++pc.children_in_tier[t];
   }
   counters_->entries.fetch_add(1, std::memory_order_relaxed);
   counters_->inserts.fetch_add(1, std::memory_order_relaxed);
@@ -477,34 +547,46 @@ Result<InsertOutcome> PrefixIndex::insert(const Namespace& ns, const BlockInsert
 }
 
 Result<std::optional<BlockKey>> PrefixIndex::parent_key_of(const BlockKey& key) const {
-  Shard& shard = shard_for(key);
-  std::lock_guard lock(shard.mu);
-  auto it = shard.map.find(key);
-  if (it == shard.map.end()) return not_found("block " + key.to_hex() + " is not indexed");
-  if (it->second.block_index == 0) return std::optional<BlockKey>();
-  return std::optional<BlockKey>(it->second.parent);
+  std::optional<BlockKey> parent;
+  const bool found = with_entry(key, [&](const Run& run, uint32_t pos) {
+    if (run.block_index(pos) != 0) parent = run.parent_of(pos);
+  });
+  if (!found) return not_found("block " + key.to_hex() + " is not indexed");
+  return parent;
 }
+
+// Locks a block's and its parent's key shards, then their runs, for a residency change.
+// `parent_key` is what parent_key_of returned; a key's parent never changes.
+#define KVTIER_LOCK_BLOCK_AND_PARENT(key, parent_key)                                               \
+  Shard& shard = shard_for(key);                                                                     \
+  Shard* parent_shard = (parent_key) ? &shard_for(*(parent_key)) : nullptr;                         \
+  PairLock shards_locked(shard.mu, parent_shard ? &parent_shard->mu : nullptr);                      \
+  auto it = shard.map.find(key);                                                                     \
+  if (it == shard.map.end()) return not_found("block " + (key).to_hex() + " left the index");       \
+  const Loc loc = it->second;                                                                        \
+  std::optional<Loc> parent;                                                                         \
+  if (parent_shard) {                                                                                \
+    auto pit = parent_shard->map.find(*(parent_key));                                                \
+    /* the parent of an indexed block is indexed (prefix closure) */                                 \
+    if (pit == parent_shard->map.end()) return internal_error("indexed block without its parent");   \
+    parent = pit->second;                                                                            \
+  }                                                                                                  \
+  PairLock runs_locked(loc.run->mu, parent ? &parent->run->mu : nullptr);                            \
+  Run& run = *loc.run;                                                                               \
+  Hot& h = run.hot[loc.pos]
 
 Status PrefixIndex::add_residency(const BlockKey& key, Tier tier, SlotId slot) {
   if (slot == kNoSlot) return invalid_argument("add_residency needs a slot");
   const int t = static_cast<int>(tier);
-  Shard& shard = shard_for(key);
   auto parent_of = parent_key_of(key);
   if (!parent_of) return parent_of.status();
-  const bool has_parent = parent_of->has_value();
-  const BlockKey parent_key = has_parent ? **parent_of : BlockKey{};
-  // A key's parent never changes, so reading it first and locking both shards after is safe.
-  Shard* parent_shard = has_parent ? &shard_for(parent_key) : nullptr;
-  PairLock lock(shard.mu, parent_shard ? &parent_shard->mu : nullptr);
-  auto it = shard.map.find(key);
-  if (it == shard.map.end()) return not_found("block " + key.to_hex() + " left the index");
-  Entry& e = it->second;
-  if (e.tier_mask & tier_bit(tier)) {
+  KVTIER_LOCK_BLOCK_AND_PARENT(key, *parent_of);
+  if (h.tier_mask & tier_bit(tier)) {
     return Status(StatusCode::kAlreadyExists, "block already resident in " + std::string(tier_name(tier)));
   }
-  e.tier_mask |= tier_bit(tier);
-  e.slots[t] = slot;
-  if (parent_shard) ++parent_shard->map.find(parent_key)->second.children_in_tier[t];
+  h.tier_mask |= tier_bit(tier);
+  h.slots[t] = slot;
+  if (parent) ++parent->run->cold[parent->pos].children_in_tier[t];
   counters_->resident[t].fetch_add(1, std::memory_order_relaxed);
   return Status::ok();
 }
@@ -516,52 +598,59 @@ Result<EvictedBlock> PrefixIndex::remove_residency(const BlockKey& key, Tier tie
 Result<EvictedBlock> PrefixIndex::remove_residency_impl(const BlockKey& key, Tier tier,
                                                         bool count_eviction) {
   const int t = static_cast<int>(tier);
-  Shard& shard = shard_for(key);
   auto parent_of = parent_key_of(key);
   if (!parent_of) return parent_of.status();
-  const bool has_parent = parent_of->has_value();
-  const BlockKey parent_key = has_parent ? **parent_of : BlockKey{};
-  Shard* parent_shard = has_parent ? &shard_for(parent_key) : nullptr;
-  PairLock lock(shard.mu, parent_shard ? &parent_shard->mu : nullptr);
-  auto it = shard.map.find(key);
-  if (it == shard.map.end()) return not_found("block " + key.to_hex() + " left the index");
-  Entry& e = it->second;
-  if (!(e.tier_mask & tier_bit(tier))) {
-    return not_found("block is not resident in " + std::string(tier_name(tier)));
-  }
-  if (e.pin_count != 0) return busy("block is pinned by " + std::to_string(e.pin_count) + " holder(s)");
-  if (e.children_in_tier[t] != 0) {
-    return busy("block has children resident in " + std::string(tier_name(tier)) + "; evict those first");
-  }
-  const bool last = (e.tier_mask & ~tier_bit(tier)) == 0;
-  if (last && e.child_count != 0) return busy("block has indexed children; removing it would orphan them");
+  std::shared_ptr<Run> emptied;  // dropped once the run is unlocked
+  EvictedBlock out;
+  {
+    KVTIER_LOCK_BLOCK_AND_PARENT(key, *parent_of);
+    if (!(h.tier_mask & tier_bit(tier))) {
+      return not_found("block is not resident in " + std::string(tier_name(tier)));
+    }
+    if (h.pin_count != 0) return busy("block is pinned by " + std::to_string(h.pin_count) + " holder(s)");
+    const Cold& c = run.cold[loc.pos];
+    if (c.children_in_tier[t] != 0) {
+      return busy("block has children resident in " + std::string(tier_name(tier)) + "; evict those first");
+    }
+    const bool last = (h.tier_mask & ~tier_bit(tier)) == 0;
+    if (last && c.child_count != 0) return busy("block has indexed children; removing it would orphan them");
+    // A childless block ends its run: the entry after it would be its child.
+    if (last && loc.pos + 1 != run.size()) return internal_error("a childless block is not the end of its run");
 
-  EvictedBlock out{key, tier, e.slots[t], last};
-  e.tier_mask &= static_cast<uint8_t>(~tier_bit(tier));
-  e.slots[t] = kNoSlot;
-  if (parent_shard) {
-    Entry& parent = parent_shard->map.find(parent_key)->second;
-    --parent.children_in_tier[t];
-    if (last) --parent.child_count;
+    out = EvictedBlock{key, tier, h.slots[t], last};
+    h.tier_mask &= static_cast<uint8_t>(~tier_bit(tier));
+    h.slots[t] = kNoSlot;
+    if (parent) {
+      Cold& pc = parent->run->cold[parent->pos];
+      --pc.children_in_tier[t];
+      if (last) --pc.child_count;
+    }
+    if (last) {
+      run.pop_back();
+      shard.map.erase(it);
+      // An empty run is unreachable: no key maps to it, and inserts append only after a parent.
+      if (run.size() == 0) emptied = runs_->remove(&run);
+      counters_->entries.fetch_sub(1, std::memory_order_relaxed);
+    }
+    // Counted under the locks, so check_invariants sees counters and entries agree.
+    counters_->resident[t].fetch_sub(1, std::memory_order_relaxed);
   }
-  if (last) {
-    shard.map.erase(it);
-    counters_->entries.fetch_sub(1, std::memory_order_relaxed);
-  }
-  counters_->resident[t].fetch_sub(1, std::memory_order_relaxed);
   if (count_eviction) counters_->evictions[t].fetch_add(1, std::memory_order_relaxed);
   return out;
 }
+#undef KVTIER_LOCK_BLOCK_AND_PARENT
 
 Result<std::vector<EvictedBlock>> PrefixIndex::erase(const BlockKey& key) {
-  {
-    Shard& shard = shard_for(key);
-    std::lock_guard lock(shard.mu);
-    auto it = shard.map.find(key);
-    if (it == shard.map.end()) return not_found("block " + key.to_hex() + " is not indexed");
-    if (it->second.pin_count != 0) return busy("block is pinned");
-    if (it->second.child_count != 0) return busy("block has indexed children; erase them first");
-  }
+  Status blocked;
+  const bool found = with_entry(key, [&](const Run& run, uint32_t pos) {
+    if (run.hot[pos].pin_count != 0) {
+      blocked = busy("block is pinned");
+    } else if (run.cold[pos].child_count != 0) {
+      blocked = busy("block has indexed children; erase them first");
+    }
+  });
+  if (!found) return not_found("block " + key.to_hex() + " is not indexed");
+  KVTIER_RETURN_IF_ERROR(blocked);
   std::vector<EvictedBlock> out;
   for (Tier tier : kAllTiers) {
     auto r = remove_residency_impl(key, tier, false);
@@ -574,116 +663,83 @@ Result<std::vector<EvictedBlock>> PrefixIndex::erase(const BlockKey& key) {
   return out;
 }
 
-#define KVTIER_WITH_ENTRY(key, body)                                                       \
-  do {                                                                                     \
-    Shard& shard_ = shard_for(key);                                                        \
-    std::lock_guard lock_(shard_.mu);                                                      \
-    auto it_ = shard_.map.find(key);                                                       \
-    if (it_ == shard_.map.end()) return not_found("block " + (key).to_hex() + " is not indexed"); \
-    Entry& e = it_->second;                                                                \
-    body                                                                                   \
-  } while (0)
-
 Status PrefixIndex::touch(const BlockKey& key) {
-  KVTIER_WITH_ENTRY(key, {
-    e.last_access = recency_clock_.fetch_add(1, std::memory_order_relaxed);
-    ++e.hits;
+  const bool found = with_entry(key, [&](Run& run, uint32_t pos) {
+    run.hot[pos].last_access = recency_clock_.fetch_add(1, std::memory_order_relaxed);
+    ++run.hits[pos];
   });
-  return Status::ok();
+  return found ? Status::ok() : not_found("block " + key.to_hex() + " is not indexed");
 }
 
 Status PrefixIndex::pin(const BlockKey& key) {
-  KVTIER_WITH_ENTRY(key, { ++e.pin_count; });
-  return Status::ok();
+  const bool found = with_entry(key, [](Run& run, uint32_t pos) { ++run.hot[pos].pin_count; });
+  return found ? Status::ok() : not_found("block " + key.to_hex() + " is not indexed");
 }
 
 Status PrefixIndex::unpin(const BlockKey& key) {
-  KVTIER_WITH_ENTRY(key, {
-    if (e.pin_count == 0) return busy("block is not pinned");
-    --e.pin_count;
+  Status status;
+  const bool found = with_entry(key, [&](Run& run, uint32_t pos) {
+    if (run.hot[pos].pin_count == 0) {
+      status = busy("block is not pinned");
+    } else {
+      --run.hot[pos].pin_count;
+    }
   });
-  return Status::ok();
+  return found ? status : not_found("block " + key.to_hex() + " is not indexed");
 }
 
 Status PrefixIndex::set_priority(const BlockKey& key, Priority priority) {
   if (static_cast<int>(priority) >= kNumPriorities) return invalid_argument("unknown priority class");
-  KVTIER_WITH_ENTRY(key, { e.priority = priority; });
-  return Status::ok();
+  const bool found = with_entry(key, [&](Run& run, uint32_t pos) { run.hot[pos].priority = priority; });
+  return found ? Status::ok() : not_found("block " + key.to_hex() + " is not indexed");
 }
-#undef KVTIER_WITH_ENTRY
 
 std::optional<BlockResidency> PrefixIndex::get(const BlockKey& key) const {
-  Shard& shard = shard_for(key);
-  std::lock_guard lock(shard.mu);
-  auto it = shard.map.find(key);
-  if (it == shard.map.end()) return std::nullopt;
-  return it->second.residency(key);
+  std::optional<BlockResidency> out;
+  with_entry(key, [&](const Run& run, uint32_t pos) { out = run.residency(pos); });
+  return out;
 }
 
 std::optional<BlockRecord> PrefixIndex::describe(const BlockKey& key) const {
-  Shard& shard = shard_for(key);
-  std::lock_guard lock(shard.mu);
-  auto it = shard.map.find(key);
-  if (it == shard.map.end()) return std::nullopt;
-  const Entry& e = it->second;
-  return BlockRecord{e.parent, e.block_index, std::vector<TokenId>(e.tokens.begin(), e.tokens.end()),
-                     e.extras, e.layout_fp, e.residency(key)};
+  std::optional<BlockRecord> out;
+  with_entry(key, [&](const Run& run, uint32_t pos) {
+    const TokenId* toks = run.tokens_of(pos);
+    out = BlockRecord{run.parent_of(pos), run.block_index(pos),
+                      std::vector<TokenId>(toks, toks + run.block_tokens), run.cold[pos].extras,
+                      run.layout_fp, run.residency(pos), run.hits[pos]};
+  });
+  return out;
 }
 
-namespace {
-std::vector<Candidate> best_candidates(std::vector<Candidate> all, size_t max_blocks) {
-  auto before = [](const Candidate& a, const Candidate& b) { return a.evict_before(b); };
-  if (all.size() > max_blocks) {
-    std::nth_element(all.begin(), all.begin() + max_blocks, all.end(), before);
-    all.resize(max_blocks);
-  }
-  std::sort(all.begin(), all.end(), before);
-  return all;
-}
-
-// The best `max_blocks` eviction candidates of one shard, under its lock.
-std::vector<Candidate> shard_candidates(const PrefixIndex::Shard& shard, Tier tier, size_t max_blocks,
-                                        EvictPurpose purpose) {
-  std::vector<Candidate> local;
-  {
-    std::lock_guard lock(shard.mu);
-    for (const auto& [key, e] : shard.map) {
-      if (eligible(e, tier, purpose)) local.push_back({e.priority, e.last_access, key});
+PrefixIndex::CandidateQueue PrefixIndex::candidate_heap(Tier tier, size_t max_blocks, EvictPurpose purpose) const {
+  // The best `max_blocks` eligible blocks of all runs, one run locked at a time.
+  std::vector<Candidate> best;
+  for (const auto& run : runs_->snapshot()) {
+    std::lock_guard lock(run->mu);
+    for (uint32_t p = 0; p < run->size(); ++p) {
+      if (run->eligible(p, tier, purpose)) best.push_back(run->candidate(p));
     }
+    if (best.size() > 2 * max_blocks + 4096) keep_best(best, max_blocks);
   }
-  return best_candidates(std::move(local), max_blocks);
-}
-
-struct EvictsLater {
-  bool operator()(const Candidate& a, const Candidate& b) const noexcept { return b.evict_before(a); }
-};
-// Eviction candidates, the next victim on top.
-using CandidateHeap = std::priority_queue<Candidate, std::vector<Candidate>, EvictsLater>;
-
-// Every shard's best `max_blocks` candidates, merged.
-CandidateHeap candidate_heap(const PrefixIndex::Shard* shards, uint32_t count, Tier tier, size_t max_blocks,
-                             EvictPurpose purpose) {
-  CandidateHeap heap;
-  for (uint32_t s = 0; s < count; ++s) {
-    for (const auto& c : shard_candidates(shards[s], tier, max_blocks, purpose)) heap.push(c);
-  }
+  keep_best(best, max_blocks);
+  CandidateQueue heap;
+  for (const auto& c : best) heap.push(c);
   return heap;
 }
 
-// A parent whose child was just chosen joins the candidates when `joins(entry)` says so; the
-// entry is read under its shard's lock.
+// A parent whose child was just chosen joins the candidates when `joins(run, pos)` says so; the
+// entry is read under its locks.
 template <typename Joins>
-void push_parent_if(const PrefixIndex::Shard& shard, const BlockKey& parent, CandidateHeap& heap, Joins joins) {
-  std::lock_guard lock(shard.mu);
-  auto it = shard.map.find(parent);
-  if (it != shard.map.end() && joins(it->second)) heap.push({it->second.priority, it->second.last_access, parent});
+void PrefixIndex::push_parent_if(const BlockKey& parent, CandidateQueue& heap, Joins joins) const {
+  with_entry(parent, [&](const Run& run, uint32_t pos) {
+    if (joins(run, pos)) heap.push(run.candidate(pos));
+  });
 }
-}  // namespace
 
 std::vector<BlockKey> PrefixIndex::pick_victims(Tier tier, size_t max_blocks, EvictPurpose purpose) const {
   std::vector<BlockKey> keys;
   if (max_blocks == 0) return keys;
-  CandidateHeap heap = candidate_heap(shards_.get(), options_.shards, tier, max_blocks, purpose);
+  CandidateQueue heap = candidate_heap(tier, max_blocks, purpose);
   const int t = static_cast<int>(tier);
   absl::flat_hash_map<BlockKey, uint32_t, std::hash<BlockKey>> leaving;  // parent -> its victims
   while (!heap.empty() && keys.size() < max_blocks) {
@@ -696,8 +752,9 @@ std::vector<BlockKey> PrefixIndex::pick_victims(Tier tier, size_t max_blocks, Ev
     auto parent = parent_key_of(c.key);
     if (!parent || !*parent) continue;
     const uint32_t picked = ++leaving[**parent];
-    push_parent_if(shard_for(**parent), **parent, heap, [&](const Entry& p) {
-      return (p.tier_mask & tier_bit(tier)) && p.pin_count == 0 && p.children_in_tier[t] == picked;
+    push_parent_if(**parent, heap, [&](const Run& run, uint32_t pos) {
+      const Hot& h = run.hot[pos];
+      return (h.tier_mask & tier_bit(tier)) && h.pin_count == 0 && run.cold[pos].children_in_tier[t] == picked;
     });
   }
   return keys;
@@ -707,7 +764,7 @@ std::vector<EvictedBlock> PrefixIndex::evict(Tier tier, size_t max_blocks) {
   expire_leases();
   std::vector<EvictedBlock> out;
   if (max_blocks == 0) return out;
-  CandidateHeap heap = candidate_heap(shards_.get(), options_.shards, tier, max_blocks, EvictPurpose::kDrop);
+  CandidateQueue heap = candidate_heap(tier, max_blocks, EvictPurpose::kDrop);
   while (!heap.empty() && out.size() < max_blocks) {
     const Candidate c = heap.top();
     heap.pop();
@@ -717,8 +774,8 @@ std::vector<EvictedBlock> PrefixIndex::evict(Tier tier, size_t max_blocks) {
     out.push_back(*removed);
     if (!parent || !*parent) continue;
     // The parent may have just become a leaf of this tier: it joins the candidates.
-    push_parent_if(shard_for(**parent), **parent, heap,
-                   [&](const Entry& p) { return eligible(p, tier, EvictPurpose::kDrop); });
+    push_parent_if(**parent, heap,
+                   [&](const Run& run, uint32_t pos) { return run.eligible(pos, tier, EvictPurpose::kDrop); });
   }
   return out;
 }
@@ -744,43 +801,73 @@ IndexStats PrefixIndex::stats() const {
 }
 
 Status PrefixIndex::check_invariants() const {
+  // Every key shard, in order: that freezes the structure of every run and the registry (see
+  // Run), which is all this reads. Runs are not locked: under ThreadSanitizer a thread may hold
+  // at most 64 locks.
   std::vector<std::unique_lock<std::mutex>> locks;
   locks.reserve(options_.shards);
   for (uint32_t s = 0; s < options_.shards; ++s) locks.emplace_back(shards_[s].mu);
+  const auto& runs = runs_->all;
+  absl::flat_hash_set<const Run*> registered;
+  for (const auto& run : runs) registered.insert(run.get());
+
+  // The key map and the runs agree: each key names its own entry, and every entry has a key.
+  uint64_t mapped = 0;
+  for (uint32_t s = 0; s < options_.shards; ++s) {
+    for (const auto& [key, loc] : shards_[s].map) {
+      ++mapped;
+      if (&shard_for(key) != &shards_[s]) return internal_error("key in the wrong shard");
+      if (!registered.contains(loc.run)) return internal_error("key " + key.to_hex() + " maps to an unknown run");
+      if (loc.pos >= loc.run->size() || loc.run->hot[loc.pos].key != key) {
+        return internal_error("key " + key.to_hex() + " maps to another block's entry");
+      }
+    }
+  }
 
   absl::flat_hash_map<BlockKey, std::pair<uint32_t, std::array<uint32_t, kNumTiers>>> children;
   std::array<uint64_t, kNumTiers> resident{};
   uint64_t entries = 0;
-  for (uint32_t s = 0; s < options_.shards; ++s) {
-    for (const auto& [key, e] : shards_[s].map) {
+  for (const auto& run : runs) {
+    const Run& r = *run;
+    if (r.cold.size() != r.size() || r.hits.size() != r.size() || r.tokens.size() != size_t(r.size()) * r.block_tokens) {
+      return internal_error("run arrays of different lengths");
+    }
+    for (uint32_t p = 0; p < r.size(); ++p) {
       ++entries;
-      if (&shard_for(key) != &shards_[s]) return internal_error("entry in the wrong shard");
-      if (e.tier_mask == 0) return internal_error("entry " + key.to_hex() + " has no residency");
+      const Hot& h = r.hot[p];
+      if (h.tier_mask == 0) return internal_error("entry " + h.key.to_hex() + " has no residency");
+      if (h.extra_count != r.cold[p].extras.size()) return internal_error("extra count is wrong");
       for (int t = 0; t < kNumTiers; ++t) {
-        const bool in = e.tier_mask & (1u << t);
-        if (in != (e.slots[t] != kNoSlot)) return internal_error("residency mask and slots disagree");
+        const bool in = h.tier_mask & (1u << t);
+        if (in != (h.slots[t] != kNoSlot)) return internal_error("residency mask and slots disagree");
         resident[t] += in;
       }
-      if (e.block_index == 0) continue;
-      const Shard& ps = shard_for(e.parent);
-      auto pit = ps.map.find(e.parent);
-      if (pit == ps.map.end()) {
-        return internal_error("prefix closure broken: parent of " + key.to_hex() + " is missing");
+      if (r.block_index(p) == 0) continue;
+      if (p == 0) {
+        // The head's parent is in another run: indexed, one block earlier, same layout.
+        const Shard& ps = shard_for(r.head_parent);
+        auto pit = ps.map.find(r.head_parent);
+        if (pit == ps.map.end()) {
+          return internal_error("prefix closure broken: parent of " + h.key.to_hex() + " is missing");
+        }
+        const Run& pr = *pit->second.run;
+        if (pr.block_index(pit->second.pos) + 1 != r.first_index) return internal_error("block_index chain broken");
+        if (pr.layout_fp != r.layout_fp) return internal_error("a run's layout differs from its parent's");
       }
-      if (pit->second.block_index + 1 != e.block_index) return internal_error("block_index chain broken");
-      auto& c = children[e.parent];
+      auto& c = children[r.parent_of(p)];
       ++c.first;
-      for (int t = 0; t < kNumTiers; ++t) c.second[t] += (e.tier_mask >> t) & 1;
+      for (int t = 0; t < kNumTiers; ++t) c.second[t] += (h.tier_mask >> t) & 1;
     }
   }
-  for (uint32_t s = 0; s < options_.shards; ++s) {
-    for (const auto& [key, e] : shards_[s].map) {
-      auto it = children.find(key);
-      uint32_t count = it == children.end() ? 0 : it->second.first;
-      if (count != e.child_count) return internal_error("child count of " + key.to_hex() + " is wrong");
+  if (entries != mapped) return internal_error("run entries without a key in the map");
+  for (const auto& run : runs) {
+    for (uint32_t p = 0; p < run->size(); ++p) {
+      auto it = children.find(run->hot[p].key);
+      const uint32_t count = it == children.end() ? 0 : it->second.first;
+      if (count != run->cold[p].child_count) return internal_error("child count of " + run->hot[p].key.to_hex() + " is wrong");
       for (int t = 0; t < kNumTiers; ++t) {
-        uint32_t in_tier = it == children.end() ? 0 : it->second.second[t];
-        if (in_tier != e.children_in_tier[t]) return internal_error("per-tier child count is wrong");
+        const uint32_t in_tier = it == children.end() ? 0 : it->second.second[t];
+        if (in_tier != run->cold[p].children_in_tier[t]) return internal_error("per-tier child count is wrong");
       }
     }
   }

@@ -5,12 +5,19 @@
 // root), so every indexed block is reachable by a prefix match. Inserts must come in prefix
 // order, and a block leaves the index only when it has no indexed children.
 //
-// Concurrency: the key space is split over shards, each with its own mutex. A match keys and
-// looks up its prompt a chunk at a time (chunks doubling from 32 blocks), visiting each shard once
-// per chunk for all of that chunk's blocks, and stops at the chunk holding its first miss: a
-// fully cached 128K-token prompt takes about 600 lock acquisitions, not 8192, and a prompt that
-// misses early costs only its first chunk. Operations that touch a block and its parent lock
-// both shards in shard order.
+// Layout: a block's entry lives in a run, an array of the consecutive blocks of one chain (entry
+// p + 1 of a run is always a child of entry p), with the runs' tokens side by side. A key map,
+// sharded by key, finds a block's run. A match keys only the first block it looks for, then walks
+// the run comparing the request's tokens with the run's, one contiguous read, and keys again
+// only where the run ends or the prompt branches off it: a fully cached 128K-token prompt of
+// 16-token blocks takes a few dozen keys and lookups, not 8192. Because a block's parent is the
+// run entry before it (or the run's head parent, checked when the run is entered), comparing
+// the tokens checks exactly what a keyed lookup would: a hash collision is still a miss.
+//
+// Concurrency: each key-map shard and each run has its own mutex. Locks are taken key shards
+// first (in shard order), then runs (in address order); a match holds one run at a time and
+// no key shard while it holds a run. A pinned block never leaves its run, so a lease keeps
+// (run, range) pairs and releases a 128K-token match with a few locks.
 #pragma once
 
 #include <array>
@@ -65,6 +72,7 @@ struct BlockRecord {
   std::vector<BlockKey> extras;
   uint64_t layout_fingerprint = 0;
   BlockResidency residency;
+  uint64_t hits = 0;  // matches that returned this block since it was inserted
 };
 
 /// The longest cached prefix of a prompt.
@@ -201,22 +209,35 @@ class PrefixIndex {
   /// for tests and `kvtier fsck`. Locks the whole index.
   Status check_invariants() const;
 
-  struct Shard;  // defined in prefix_index.cpp
-
  private:
+  // Defined in prefix_index.cpp.
+  struct Shard;
+  struct Run;
+  struct Runs;
+  struct Loc;
+  struct Span;
+  struct CandidateQueue;
   PrefixIndex(const KeyChain& keys, IndexOptions options);
   Shard& shard_for(const BlockKey& key) const noexcept;
   uint64_t now_ns() const;
-  Status release_keys(std::span<const BlockKey> keys);
+  Status release_spans(std::span<const Span> spans);
   /// The parent key of an indexed block (nullopt for block 0). A key's parent never changes,
   /// so callers read it first and then lock the block's and the parent's shards together.
   Result<std::optional<BlockKey>> parent_key_of(const BlockKey& key) const;
   Result<EvictedBlock> remove_residency_impl(const BlockKey& key, Tier tier, bool count_eviction);
+  /// Runs `fn(run, pos)` on an indexed block under its shard's and run's locks; false when the
+  /// key is not indexed.
+  template <typename Fn>
+  bool with_entry(const BlockKey& key, Fn&& fn) const;
+  template <typename Joins>
+  void push_parent_if(const BlockKey& parent, CandidateQueue& heap, Joins joins) const;
+  CandidateQueue candidate_heap(Tier tier, size_t max_blocks, EvictPurpose purpose) const;
 
   KeyChain keys_;
   IndexOptions options_;
   uint32_t shard_shift_;
   std::unique_ptr<Shard[]> shards_;
+  std::unique_ptr<Runs> runs_;
   std::atomic<uint64_t> recency_clock_{1};
   std::atomic<LeaseId> next_lease_{1};
 

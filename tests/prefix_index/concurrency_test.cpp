@@ -23,7 +23,25 @@ TEST_CASE("Concurrent insert, match, lease and evict keep the index consistent")
   auto expect = [&](bool ok) {
     if (!ok) unexpected_errors.fetch_add(1);
   };
+  // Every match returns a prefix of the prompt's own chained keys, whatever runs it walked.
+  auto right_keys = [&](const std::vector<TokenId>& prompt, const Match& m) {
+    std::vector<BlockKey> keys;
+    if (!chain.chain(ns, prompt, {}, keys).is_ok() || m.blocks.size() > keys.size()) return false;
+    for (size_t b = 0; b < m.blocks.size(); ++b) {
+      if (m.blocks[b].key != keys[b]) return false;
+    }
+    return true;
+  };
+  std::atomic<bool> done{false};
+  std::atomic<uint64_t> checks{0}, failed_checks{0};
   std::vector<std::thread> threads;
+  // The invariant check holds every key shard: it sees a consistent index at any moment.
+  std::thread checker([&] {
+    while (!done.load() || checks.load() == 0) {
+      if (!index->check_invariants().is_ok()) failed_checks.fetch_add(1);
+      checks.fetch_add(1);
+    }
+  });
   for (int t = 0; t < kThreads; ++t) {
     threads.emplace_back([&, t] {
       std::mt19937_64 rng(t);
@@ -51,6 +69,7 @@ TEST_CASE("Concurrent insert, match, lease and evict keep the index consistent")
             auto m = index->match(ns, prompt, {}, {.take_lease = true});
             expect(m.is_ok());
             if (!m) break;
+            expect(right_keys(prompt, *m));
             // While the lease is held, none of these blocks may disappear.
             for (const auto& b : m->blocks) {
               if (!index->get(b.key)) pinned_evictions.fetch_add(1);
@@ -61,15 +80,20 @@ TEST_CASE("Concurrent insert, match, lease and evict keep the index consistent")
           case 2:
             index->evict(kAllTiers[rng() % kNumTiers], 1 + rng() % 8);
             break;
-          case 3:
-            expect(index->match(ns, prompt).is_ok());
+          case 3: {
+            auto m = index->match(ns, prompt);
+            expect(m.is_ok() && right_keys(prompt, *m));
             break;
+          }
         }
       }
     });
   }
   for (auto& th : threads) th.join();
+  done = true;
+  checker.join();
   CHECK(unexpected_errors.load() == 0);
+  CHECK(failed_checks.load() == 0);
   CHECK(pinned_evictions.load() == 0);
   CHECK(index->stats().leases_active == 0);
   CHECK(index->check_invariants().to_string() == "ok");

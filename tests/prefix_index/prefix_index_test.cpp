@@ -199,10 +199,9 @@ TEST_CASE("Explicit pins and priorities") {
   CHECK(index->check_invariants().is_ok());
 }
 
-TEST_CASE("Long matches stop exactly at the first miss, on either side of a chunk boundary") {
-  // match() keys and looks up a long prompt in chunks (32, 64, 128, ... blocks) and stops at the
-  // chunk holding its first miss. Wherever a prompt diverges, the match ends exactly there,
-  // returns the right keys, and pins exactly what it returns.
+TEST_CASE("Long matches stop exactly at the first miss") {
+  // Wherever a prompt diverges, the match ends exactly there, returns the right keys, and pins
+  // exactly what it returns.
   KeyChain chain("secret");
   auto index = std::move(*PrefixIndex::create(chain, {.shards = 8}));
   auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
@@ -258,4 +257,83 @@ TEST_CASE("Extras anywhere in a long prompt are part of its match") {
   other[3].item_hash = BlockKey{7, 9};  // the second item of block 150 differs
   CHECK(index->match(ns, prompt, other)->blocks.size() == 150);
   CHECK(index->match(ns, std::span(prompt).first(4 * 150), std::span(extras).first(2))->blocks.size() == 150);
+}
+
+TEST_CASE("Matches walk runs: prompts longer than a run, branches inside a run, tails that shrink and grow") {
+  // A run holds up to 1024 consecutive blocks of one chain; a match compares tokens along it
+  // and keys a block only where the prompt leaves it. Every way of leaving a run gives the
+  // same answer a block-by-block keyed match would.
+  KeyChain chain("secret");
+  auto index = std::move(*PrefixIndex::create(chain, {.shards = 4}));
+  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  std::mt19937_64 rng(23);
+  auto a = random_tokens(rng, 4 * 2500);  // three runs: 1024 + 1024 + 452 blocks
+  auto a_keys = insert_prompt(*index, ns, a);
+  auto branch = [&](const std::vector<TokenId>& base, size_t at_block, size_t total_blocks) {
+    std::vector<TokenId> p(base.begin(), base.begin() + at_block * 4);
+    auto tail = random_tokens(rng, (total_blocks - at_block) * 4);
+    p.insert(p.end(), tail.begin(), tail.end());
+    return p;
+  };
+  auto b = branch(a, 700, 1000);    // leaves the first run in its middle
+  auto c = branch(a, 1024, 1100);   // leaves exactly where the first run ends
+  auto d = branch(a, 1500, 1600);   // leaves the second run in its middle
+  auto b_keys = insert_prompt(*index, ns, b);
+  auto c_keys = insert_prompt(*index, ns, c);
+  auto d_keys = insert_prompt(*index, ns, d);
+  REQUIRE(index->check_invariants().is_ok());
+
+  auto same_keys = [](const Match& m, const std::vector<BlockKey>& keys) {
+    if (m.blocks.size() > keys.size()) return false;
+    for (size_t i = 0; i < m.blocks.size(); ++i) {
+      if (m.blocks[i].key != keys[i]) return false;
+    }
+    return true;
+  };
+  for (auto [prompt, keys] : {std::pair{&a, &a_keys}, {&b, &b_keys}, {&c, &c_keys}, {&d, &d_keys}}) {
+    auto m = index->match(ns, *prompt);
+    REQUIRE(m.is_ok());
+    CHECK(m->blocks.size() == keys->size());
+    CHECK(same_keys(*m, *keys));
+  }
+  // Diverging on either side of each run boundary, with a lease: exact length, exact pins.
+  for (size_t k : {1023, 1024, 1025, 2047, 2048, 2049, 2499}) {
+    INFO("diverging at block " << k);
+    auto diverged = a;
+    diverged[k * 4 + 1] ^= 0x40000;
+    auto m = index->match(ns, diverged, {}, {.take_lease = true});
+    REQUIRE(m.is_ok());
+    CHECK(m->blocks.size() == k);
+    CHECK(same_keys(*m, a_keys));
+    REQUIRE(index->release(m->lease).is_ok());  // fails if any block it names lost its pin
+  }
+  // Every run's entries count their hits.
+  CHECK(index->describe(a_keys[0])->hits >= 2);
+
+  // The tail of a's last run shrinks, another prompt grows the same run from the new tail, and
+  // a's own blocks come back as a branch: both prompts still match in full.
+  for (size_t i = 2499; i >= 2400; --i) REQUIRE(index->erase(a_keys[i]).is_ok());
+  CHECK(index->match(ns, a)->blocks.size() == 2400);
+  auto e = branch(a, 2400, 2600);
+  auto e_keys = insert_prompt(*index, ns, e);
+  insert_prompt(*index, ns, a);
+  CHECK(same_keys(*index->match(ns, a), a_keys));
+  CHECK(index->match(ns, a)->blocks.size() == 2500);
+  CHECK(index->match(ns, e)->blocks.size() == 2600);
+  CHECK(same_keys(*index->match(ns, e), e_keys));
+  REQUIRE(index->check_invariants().is_ok());
+
+  // Everything drops, leaves first (no lease left a pin behind), and the index is empty and
+  // consistent after.
+  const uint64_t indexed = index->stats().entries;
+  size_t dropped = 0;
+  while (true) {
+    auto ev = index->evict(Tier::kHost, 5000);
+    if (ev.empty()) break;
+    dropped += ev.size();
+  }
+  CHECK(dropped == indexed);
+  CHECK(index->stats().entries == 0);
+  CHECK(index->match(ns, a)->blocks.empty());
+  CHECK(index->check_invariants().is_ok());
 }
