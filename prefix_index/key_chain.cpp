@@ -102,16 +102,29 @@ void KeyChain::chain_plain(BlockKey parent, const TokenId* tokens, size_t block_
   const uint64_t s0 = link_words_[0], s1 = link_words_[1], s2 = link_words_[2], s3 = link_words_[3];
   uint64_t plo = parent.lo, phi = parent.hi;
   auto run = [&](auto block_bytes) {
-    for (size_t b = 0; b < blocks; ++b) {
-      const XXH128_hash_t d = XXH3_128bits_withSecret(tokens + b * block_tokens, block_bytes, bs, kSecretBytes);
-      // fold_link, written out on the two registers.
+    auto digest = [&](size_t b) {
+      return XXH3_128bits_withSecret(tokens + b * block_tokens, block_bytes, bs, kSecretBytes);
+    };
+    // fold_link, written out on the two registers.
+    auto link = [&](const XXH128_hash_t& d, size_t b) {
       const uint64_t lo = XXH3_mul128_fold64(plo ^ d.high64 ^ s0, phi ^ d.low64 ^ s1);
       const uint64_t hi = XXH3_mul128_fold64(plo ^ d.low64 ^ s2, phi ^ d.high64 ^ s3);
       plo = lo;
       phi = hi;
       out[b].lo = lo;
       out[b].hi = hi;
+    };
+    // Two digests per step, both issued before either link: the scheduler then always has a
+    // digest ready while the serial links wait on their multiplies. Measured against raw
+    // per-block XXH3-128: one per step 0.78-0.79, two 0.80-0.84, four 0.76-0.78 (registers
+    // spill).
+    size_t b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+      const XXH128_hash_t d0 = digest(b), d1 = digest(b + 1);
+      link(d0, b);
+      link(d1, b + 1);
     }
+    if (b < blocks) link(digest(b), b);
   };
   // The 16-token block (vLLM's and SGLang's page) gets a constant length, so the compiler drops
   // XXH3's length dispatch.
