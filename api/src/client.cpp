@@ -156,8 +156,9 @@ Status Client::mailbox_call(Op op, const std::vector<std::byte>& request, std::v
   std::vector<std::byte> payload;
   bool from_socket = false;  // the reply itself arrived on the socket while parked
   const auto start = std::chrono::steady_clock::now();
+  const auto spin = spin_.budget();
   for (uint32_t i = 1; mailbox_.seq(Mailbox::kReply) != seq; ++i) {
-    if (i % 64 != 0 || std::chrono::steady_clock::now() - start < proto::kPollBeforeBlocking) {
+    if (spin.count() > 0 && (i % 64 != 0 || std::chrono::steady_clock::now() - start < spin)) {
       proto::cpu_relax();
       continue;
     }
@@ -173,6 +174,7 @@ Status Client::mailbox_call(Op op, const std::vector<std::byte>& request, std::v
     break;
   }
   if (!from_socket) {
+    spin_.observe(start, mailbox_.published_at(Mailbox::kReply));
     mailbox_.read(Mailbox::kReply, frame_);
     if (frame_.empty()) {  // the reply went over the socket
       KVTIER_RETURN_IF_ERROR(recv_frame(header, payload));

@@ -135,6 +135,7 @@ class Client final : public KvStore {
   uint64_t mapped_bytes_ = 0;  // the window and the mailbox after it
   proto::Mailbox mailbox_;
   uint32_t mailbox_seq_ = 0;   // the last request published in the mailbox
+  proto::AdaptiveSpin spin_;   // how long to spin for a reply before parking
   std::vector<std::byte> frame_;  // a mailbox frame being built or read
   uint64_t window_blocks_ = 0;
   KvLayout layout_;

@@ -20,12 +20,14 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <span>
 #include <vector>
 
 #include "api/src/protocol.h"
+#include "api/src/socket_io.h"
 #include "kvtier/status.h"
 
 namespace kvtier::proto {
@@ -53,6 +55,28 @@ void build_frame(uint16_t op, uint32_t request_id, std::span<const std::byte> pa
 /// bad header or a length that differs from the header's.
 Status split_frame(std::span<const std::byte> frame, FrameHeader& header, std::span<const std::byte>& payload);
 
+/// How long a reader spins for its next message before it parks, adapted to what spinning
+/// bought lately. A message the peer published within kPollBeforeBlocking of the wait's start
+/// (Mailbox::published_at says when) would have been caught spinning: the budget goes back to
+/// the full kPollBeforeBlocking. A later one halves the budget, so a reader whose peer is slow
+/// (a loaded machine, a client that thinks between requests) stops spinning after five such
+/// waits and leaves the core to the threads doing the work. One per reader; not thread-safe.
+class AdaptiveSpin {
+ public:
+  std::chrono::nanoseconds budget() const noexcept { return budget_; }
+  /// The message waited for was published at `published`; the wait began at `start`.
+  void observe(std::chrono::steady_clock::time_point start, std::chrono::steady_clock::time_point published) noexcept {
+    if (published - start <= kPollBeforeBlocking) {
+      budget_ = kPollBeforeBlocking;
+    } else {
+      budget_ = budget_ / 2 < std::chrono::microseconds(1) ? std::chrono::nanoseconds(0) : budget_ / 2;
+    }
+  }
+
+ private:
+  std::chrono::nanoseconds budget_ = kPollBeforeBlocking;
+};
+
 class Mailbox {
  public:
   enum Slot { kRequest = 0, kReply = 1 };
@@ -64,6 +88,15 @@ class Mailbox {
 
   /// The sequence number last published in `slot` (acquire: the frame is visible after it).
   uint32_t seq(Slot slot) const noexcept { return word(seq_at(slot)).load(std::memory_order_acquire); }
+
+  /// When the message last published in `slot` was published, on the peer's steady clock (the
+  /// same CLOCK_MONOTONIC in every process). The peer writes it: use it only for heuristics, such
+  /// as how long to spin (AdaptiveSpin), never for a decision that matters to anyone else.
+  std::chrono::steady_clock::time_point published_at(Slot slot) const noexcept {
+    const uint64_t ns = std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(base_ + stamp_at(slot)))
+                            .load(std::memory_order_relaxed);
+    return std::chrono::steady_clock::time_point(std::chrono::nanoseconds(ns));
+  }
 
   /// The largest frame a slot holds.
   uint32_t slot_bytes() const noexcept { return slot_bytes_; }
@@ -88,6 +121,7 @@ class Mailbox {
   static constexpr size_t seq_at(Slot s) noexcept { return s == kRequest ? 0 : 128; }
   static constexpr size_t parked_at(Slot s) noexcept { return s == kRequest ? 64 : 192; }
   static constexpr size_t len_at(Slot s) noexcept { return s == kRequest ? 256 : 320; }
+  static constexpr size_t stamp_at(Slot s) noexcept { return s == kRequest ? 384 : 448; }
   size_t frame_at(Slot s) const noexcept { return s == kRequest ? 4096 : 4096 + size_t(slot_bytes_); }
 
   std::atomic_ref<uint32_t> word(size_t at) const noexcept {

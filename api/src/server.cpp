@@ -68,6 +68,7 @@ struct Server::Session {
   uint64_t mapped_bytes = 0;      // the window and the mailbox after it
   proto::Mailbox mailbox;         // the client's fast path for small requests (mailbox.h)
   uint32_t mailbox_seen = 0;      // the last request sequence number taken from it
+  proto::AdaptiveSpin spin;       // how long to spin for the next request before parking
   std::unordered_set<NamespaceId> namespaces;  // opened by this session (tenant checked)
   std::unordered_map<LeaseId, Match> leases;
   size_t leased_blocks = 0;  // blocks over all entries of `leases`
@@ -128,7 +129,10 @@ struct Server::Instruments {
   }
 };
 
-Server::Server(ServiceConfig config) : config_(std::move(config)), m_(std::make_unique<Instruments>(metrics_)) {}
+Server::Server(ServiceConfig config)
+    : config_(std::move(config)),
+      max_spinning_(std::max(1, static_cast<int>(std::thread::hardware_concurrency()) - 1)),
+      m_(std::make_unique<Instruments>(metrics_)) {}
 
 Server::~Server() {
   request_stop();
@@ -580,22 +584,37 @@ Status Handler::prefix_op(Op op, std::span<const std::byte> payload) {
 }
 
 /// Waits for the session's next request: true when it is in the mailbox, false when the socket
-/// has something (a frame, a doorbell, the end of the stream). Polls both for kPollBeforeBlocking,
-/// the socket every 64 rounds, then parks (mailbox.h) and blocks on the socket.
-bool wait_request(Server::Session& s, proto::FrameReader& reader, int& passed_fd) {
+/// has something (a frame, a doorbell, the end of the stream). Polls both for the session's spin
+/// budget (AdaptiveSpin), the socket every 64 rounds, then parks (mailbox.h) and blocks on the
+/// socket. It spins only while it holds one of the `max_spinning` places in `spinning`.
+bool wait_request(Server::Session& s, proto::FrameReader& reader, int& passed_fd, std::atomic<int>& spinning,
+                  int max_spinning) {
   using proto::Mailbox;
   const auto start = std::chrono::steady_clock::now();
-  for (uint32_t i = 1;; ++i) {
-    if (s.mailbox.seq(Mailbox::kRequest) != s.mailbox_seen) return true;
-    if (i % 64 == 0) {
-      if (reader.try_fill(passed_fd)) return false;
-      if (std::chrono::steady_clock::now() - start > proto::kPollBeforeBlocking) break;
+  const auto budget = s.spin.budget();
+  auto arrived = [&] {
+    s.spin.observe(start, s.mailbox.published_at(Mailbox::kRequest));
+    return true;
+  };
+  if (budget.count() > 0 && spinning.fetch_add(1, std::memory_order_relaxed) < max_spinning) {
+    struct Leave {
+      std::atomic<int>& n;
+      ~Leave() { n.fetch_sub(1, std::memory_order_relaxed); }
+    } leave{spinning};
+    for (uint32_t i = 1;; ++i) {
+      if (s.mailbox.seq(Mailbox::kRequest) != s.mailbox_seen) return arrived();
+      if (i % 64 == 0) {
+        if (reader.try_fill(passed_fd)) return false;
+        if (std::chrono::steady_clock::now() - start > budget) break;
+      }
+      proto::cpu_relax();
     }
-    proto::cpu_relax();
+  } else if (budget.count() > 0) {
+    spinning.fetch_sub(1, std::memory_order_relaxed);  // every place is taken: park at once
   }
   if (s.mailbox.park(Mailbox::kRequest) == s.mailbox_seen) reader.wait_readable();
   s.mailbox.unpark(Mailbox::kRequest);
-  return s.mailbox.seq(Mailbox::kRequest) != s.mailbox_seen;
+  return s.mailbox.seq(Mailbox::kRequest) != s.mailbox_seen && arrived();
 }
 
 }  // namespace
@@ -627,7 +646,7 @@ void Server::serve(std::shared_ptr<Session> session) {
   for (;;) {
     int passed_fd = -1;
     Status got;
-    from_mailbox = s.mailbox && !reader.buffered() && wait_request(s, reader, passed_fd);
+    from_mailbox = s.mailbox && !reader.buffered() && wait_request(s, reader, passed_fd, spinning_, max_spinning_);
     if (from_mailbox) {
       s.mailbox_seen = s.mailbox.seq(proto::Mailbox::kRequest);
       s.mailbox.read(proto::Mailbox::kRequest, frame);

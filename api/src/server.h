@@ -86,6 +86,11 @@ class Server {
   bool waited_ = false;
   Status wait_status_;
   std::atomic<uint64_t> next_client_id_{1};
+  // Connection threads spinning on their mailboxes right now, and the most that may: one core
+  // fewer than the machine has (at least one), so spinning never takes every core from the
+  // threads doing the work. The others park at once.
+  std::atomic<int> spinning_{0};
+  const int max_spinning_;
 
   MetricsRegistry metrics_;
   std::unique_ptr<MetricsHttpServer> http_;

@@ -2,6 +2,7 @@
 // every malformed payload (truncated, oversized, trailing, unknown enum or op) is kProtocolError.
 #include <catch2/catch.hpp>
 
+#include <chrono>
 #include <cstring>
 #include <thread>
 #include <span>
@@ -14,6 +15,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "api/src/mailbox.h"
 #include "api/src/protocol.h"
 #include "api/src/socket_io.h"
 
@@ -751,4 +753,42 @@ TEST_CASE("FrameReader splits a stream into its frames however the bytes arrive"
     write_all(sp.b, f);
     CHECK(is_protocol_error(reader.next(h, payload, fd)));
   }
+}
+
+TEST_CASE("A mailbox reader spins only as long as spinning has lately paid off") {
+  using namespace std::chrono_literals;
+  proto::AdaptiveSpin spin;
+  const auto t0 = std::chrono::steady_clock::now();
+  CHECK(spin.budget() == proto::kPollBeforeBlocking);  // a new reader spins the full time
+  // Messages that came later than a spin could wait halve the budget, to nothing after five.
+  std::vector<std::chrono::nanoseconds> seen;
+  for (int i = 0; i < 5; ++i) {
+    spin.observe(t0, t0 + 200us);
+    seen.push_back(spin.budget());
+  }
+  CHECK(seen == std::vector<std::chrono::nanoseconds>{15us, 7500ns, 3750ns, 1875ns, 0ns});
+  spin.observe(t0, t0 + 200us);
+  CHECK(spin.budget() == 0ns);
+  // One message that a spin would have caught restores the full budget, including one that was
+  // published before the wait began.
+  spin.observe(t0, t0 + 10us);
+  CHECK(spin.budget() == proto::kPollBeforeBlocking);
+  spin.observe(t0, t0 + 1ms);
+  spin.observe(t0, t0 - 5us);
+  CHECK(spin.budget() == proto::kPollBeforeBlocking);
+}
+
+TEST_CASE("A mailbox slot says when its message was published") {
+  std::vector<std::byte> memory(proto::kMinMailboxBytes + 4096);
+  auto* base = reinterpret_cast<std::byte*>((reinterpret_cast<uintptr_t>(memory.data()) + 4095) / 4096 * 4096);
+  proto::Mailbox box(base, proto::kMinMailboxBytes);
+  const std::vector<std::byte> frame(40, std::byte{7});
+  const auto before = std::chrono::steady_clock::now();
+  CHECK_FALSE(box.publish(proto::Mailbox::kReply, frame, 1));  // no reader parked: no doorbell
+  const auto after = std::chrono::steady_clock::now();
+  CHECK(box.seq(proto::Mailbox::kReply) == 1);
+  CHECK(box.published_at(proto::Mailbox::kReply) >= before);
+  CHECK(box.published_at(proto::Mailbox::kReply) <= after);
+  // The other slot keeps its own time: nothing was published there.
+  CHECK(box.published_at(proto::Mailbox::kRequest).time_since_epoch().count() == 0);
 }
