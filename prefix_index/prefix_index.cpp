@@ -33,6 +33,16 @@ struct Cold {
   std::vector<BlockKey> extras;
   uint32_t child_count = 0;                            // indexed children
   std::array<uint32_t, kNumTiers> children_in_tier{};  // children resident in each tier
+  Priority own_priority = Priority::kNormal;           // set by insert and set_priority
+  std::array<uint32_t, kNumPriorities> pins_at{};      // priority pins held, per class
+
+  // Hot::priority: the highest of the block's own class and its priority pins'.
+  Priority effective_priority() const noexcept {
+    for (int p = kNumPriorities - 1; p > static_cast<int>(own_priority); --p) {
+      if (pins_at[p] != 0) return static_cast<Priority>(p);
+    }
+    return own_priority;
+  }
 };
 
 // Blocks per run. A 128K-token prompt of 16-token blocks spans 8 runs, so a match of it keys
@@ -162,7 +172,9 @@ struct PrefixIndex::Run {
     h.tier_mask = tier_bit(b.tier);
     h.priority = b.priority;
     h.extra_count = static_cast<uint16_t>(b.extras.size());
-    cold.emplace_back().extras.assign(b.extras.begin(), b.extras.end());
+    Cold& c = cold.emplace_back();
+    c.extras.assign(b.extras.begin(), b.extras.end());
+    c.own_priority = b.priority;
     hits.push_back(0);
     tokens.insert(tokens.end(), b.tokens.begin(), b.tokens.end());
   }
@@ -688,9 +700,38 @@ Status PrefixIndex::unpin(const BlockKey& key) {
   return found ? status : not_found("block " + key.to_hex() + " is not indexed");
 }
 
+Status PrefixIndex::pin(const BlockKey& key, Priority at) {
+  if (static_cast<int>(at) >= kNumPriorities) return invalid_argument("unknown priority class");
+  const bool found = with_entry(key, [&](Run& run, uint32_t pos) {
+    ++run.hot[pos].pin_count;
+    ++run.cold[pos].pins_at[static_cast<int>(at)];
+    run.hot[pos].priority = run.cold[pos].effective_priority();
+  });
+  return found ? Status::ok() : not_found("block " + key.to_hex() + " is not indexed");
+}
+
+Status PrefixIndex::unpin(const BlockKey& key, Priority at) {
+  if (static_cast<int>(at) >= kNumPriorities) return invalid_argument("unknown priority class");
+  Status status;
+  const bool found = with_entry(key, [&](Run& run, uint32_t pos) {
+    uint32_t& n = run.cold[pos].pins_at[static_cast<int>(at)];
+    if (n == 0 || run.hot[pos].pin_count == 0) {
+      status = busy("block holds no pin at priority " + std::string(priority_name(at)));
+      return;
+    }
+    --n;
+    --run.hot[pos].pin_count;
+    run.hot[pos].priority = run.cold[pos].effective_priority();
+  });
+  return found ? status : not_found("block " + key.to_hex() + " is not indexed");
+}
+
 Status PrefixIndex::set_priority(const BlockKey& key, Priority priority) {
   if (static_cast<int>(priority) >= kNumPriorities) return invalid_argument("unknown priority class");
-  const bool found = with_entry(key, [&](Run& run, uint32_t pos) { run.hot[pos].priority = priority; });
+  const bool found = with_entry(key, [&](Run& run, uint32_t pos) {
+    run.cold[pos].own_priority = priority;
+    run.hot[pos].priority = run.cold[pos].effective_priority();
+  });
   return found ? Status::ok() : not_found("block " + key.to_hex() + " is not indexed");
 }
 
@@ -837,6 +878,7 @@ Status PrefixIndex::check_invariants() const {
       const Hot& h = r.hot[p];
       if (h.tier_mask == 0) return internal_error("entry " + h.key.to_hex() + " has no residency");
       if (h.extra_count != r.cold[p].extras.size()) return internal_error("extra count is wrong");
+      if (h.priority != r.cold[p].effective_priority()) return internal_error("priority class out of date");
       for (int t = 0; t < kNumTiers; ++t) {
         const bool in = h.tier_mask & (1u << t);
         if (in != (h.slots[t] != kNoSlot)) return internal_error("residency mask and slots disagree");

@@ -27,6 +27,7 @@
 #include <memory>
 #include <optional>
 #include <span>
+#include <unordered_map>
 #include <vector>
 
 #include "kvtier/block_key.h"
@@ -143,6 +144,41 @@ struct IndexStats {
   std::array<uint64_t, kNumTiers> evictions{};
 };
 
+/// The priority pins one holder (a Store, a daemon session) took, so that each of its unpins
+/// undoes one of its own pins at the class it was taken with, the latest first. Not thread-safe.
+class PinLedger {
+ public:
+  void add(const BlockKey& key, Priority at) {
+    pins_[key].push_back(at);
+    ++count_;
+  }
+  /// The class of the holder's latest pin of `key`, now forgotten; nullopt when it holds none.
+  std::optional<Priority> take(const BlockKey& key) {
+    auto it = pins_.find(key);
+    if (it == pins_.end()) return std::nullopt;
+    const Priority at = it->second.back();
+    it->second.pop_back();
+    if (it->second.empty()) pins_.erase(it);
+    --count_;
+    return at;
+  }
+  /// Pins held, over all blocks.
+  size_t size() const noexcept { return count_; }
+  /// Calls fn(key, at) for every pin held, and forgets them all.
+  template <typename Fn>
+  void drain(Fn&& fn) {
+    for (const auto& [key, classes] : pins_) {
+      for (Priority at : classes) fn(key, at);
+    }
+    pins_.clear();
+    count_ = 0;
+  }
+
+ private:
+  std::unordered_map<BlockKey, std::vector<Priority>> pins_;
+  size_t count_ = 0;
+};
+
 class PrefixIndex {
  public:
   static Result<std::unique_ptr<PrefixIndex>> create(const KeyChain& keys, IndexOptions options = {});
@@ -184,6 +220,12 @@ class PrefixIndex {
   Status touch(const BlockKey& key);
   Status pin(const BlockKey& key);
   Status unpin(const BlockKey& key);
+  /// A pin that also holds the block at priority class `at` or above while it lasts. A block's
+  /// class is the highest of its own (insert, set_priority) and those of its priority pins, so
+  /// unpinning restores what the block had. kBusy from unpin when no pin at `at` is held.
+  Status pin(const BlockKey& key, Priority at);
+  Status unpin(const BlockKey& key, Priority at);
+  /// The block's own priority class; pins at a higher class still hold it higher.
   Status set_priority(const BlockKey& key, Priority priority);
 
   /// A snapshot of one block, or nullopt.

@@ -72,8 +72,7 @@ struct Server::Session {
   std::unordered_set<NamespaceId> namespaces;  // opened by this session (tenant checked)
   std::unordered_map<LeaseId, Match> leases;
   size_t leased_blocks = 0;  // blocks over all entries of `leases`
-  std::unordered_map<BlockKey, uint32_t> pins;  // pins this session holds
-  size_t pinned_blocks = 0;                      // the sum of `pins`' counts
+  PinLedger pins;  // the priority pins this session holds
 
   /// The window bytes [offset, offset + bytes), or kInvalidArgument when outside the window.
   Result<std::byte*> window_span(uint64_t offset, uint64_t bytes) const {
@@ -558,23 +557,20 @@ Status Handler::prefix_op(Op op, std::span<const std::byte> payload) {
     auto keys = store.cached_prefix(req.namespace_id, req.tokens, req.extras);
     if (!keys) return keys.status();
     PrefixIndex& index = store.tiers().index();
-    if (op == Op::kPin && s.pinned_blocks + keys->size() > kMaxPinnedBlocksPerSession) {
+    if (op == Op::kPin && s.pins.size() + keys->size() > kMaxPinnedBlocksPerSession) {
       return Status(StatusCode::kResourceExhausted, "pinning " + std::to_string(keys->size()) + " more blocks would pass the " +
                                                         std::to_string(kMaxPinnedBlocksPerSession) + " one client may pin");
     }
     for (const BlockKey& k : *keys) {
       if (op == Op::kPin) {
-        if (!index.pin(k).is_ok()) break;
-        index.set_priority(k, static_cast<Priority>(req.arg)).ignore();
-        ++s.pins[k];
-        ++s.pinned_blocks;
+        const auto at = static_cast<Priority>(req.arg);
+        if (!index.pin(k, at).is_ok()) break;  // evicted meanwhile: the prefix ends here
+        s.pins.add(k, at);
         ++count;
       } else {
-        auto it = s.pins.find(k);
-        if (it == s.pins.end()) continue;  // only this session's own pins
-        index.unpin(k).ignore();
-        --s.pinned_blocks;
-        if (--it->second == 0) s.pins.erase(it);
+        const auto at = s.pins.take(k);
+        if (!at) continue;  // only this session's own pins
+        index.unpin(k, *at).ignore();
         ++count;
       }
     }
@@ -738,11 +734,7 @@ void Server::end_session(Session& s) {
   PrefixIndex& index = store_->tiers().index();
   for (auto& [lease, match] : s.leases) index.release(lease).ignore();  // kNotFound: expired already
   s.leases.clear();
-  for (auto& [key, n] : s.pins) {
-    for (uint32_t i = 0; i < n; ++i) index.unpin(key).ignore();
-  }
-  s.pins.clear();
-  s.pinned_blocks = 0;
+  s.pins.drain([&](const BlockKey& key, Priority at) { index.unpin(key, at).ignore(); });
   if (s.window) ::munmap(s.window, s.mapped_bytes);
   s.window = nullptr;
   m_->clients_connected->add(-1);

@@ -181,10 +181,12 @@ Result<size_t> Store::pin(NamespaceId id, std::span<const TokenId> tokens, Prior
                           std::span<const BlockExtra> extras) {
   auto keys = cached_prefix(id, tokens, extras);
   if (!keys) return keys.status();
+  if (static_cast<int>(priority) >= kNumPriorities) return invalid_argument("unknown priority class");
   size_t pinned = 0;
+  std::lock_guard lock(pins_mu_);
   for (const BlockKey& k : *keys) {
-    if (!tiers_->index().pin(k).is_ok()) break;  // evicted meanwhile: the prefix ends here
-    tiers_->index().set_priority(k, priority).ignore();
+    if (!tiers_->index().pin(k, priority).is_ok()) break;  // evicted meanwhile: the prefix ends here
+    pins_.add(k, priority);
     ++pinned;
   }
   return pinned;
@@ -194,7 +196,11 @@ Result<size_t> Store::unpin(NamespaceId id, std::span<const TokenId> tokens, std
   auto keys = cached_prefix(id, tokens, extras);
   if (!keys) return keys.status();
   size_t unpinned = 0;
-  for (const BlockKey& k : *keys) unpinned += tiers_->index().unpin(k).is_ok();
+  std::lock_guard lock(pins_mu_);
+  for (const BlockKey& k : *keys) {
+    const auto at = pins_.take(k);  // only pins pin() took, at the class each was taken with
+    if (at) unpinned += tiers_->index().unpin(k, *at).is_ok();
+  }
   return unpinned;
 }
 

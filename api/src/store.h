@@ -79,6 +79,8 @@ class Store final : public KvStore {
   std::map<std::tuple<std::string, std::string, std::string>, NamespaceId> ns_ids_;  // spec → id
   bool closed_ = false;
   std::mutex close_mu_;
+  std::mutex pins_mu_;
+  PinLedger pins_;  // the pins pin() took, for unpin(); guarded by pins_mu_
 };
 
 /// Tier occupancy, index and transfer counters of a TierManager in Prometheus text format.

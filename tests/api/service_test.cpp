@@ -168,6 +168,18 @@ TEST_CASE("In-process Store: save, lookup, load canonical and paged KV byte-iden
     CHECK(s.tiers().index().evict(Tier::kHost, 1000).size() == 0);
     CHECK(*s.unpin(*ns, prompt) == 10);
   }
+  SECTION("unpin gives each block back the priority class it had before the pin") {
+    const BlockKey first = s.lookup(*ns, prompt)->blocks[0].key;
+    REQUIRE(s.release(*s.lookup(*ns, prompt)).is_ok());
+    auto cls = [&] { return s.tiers().index().get(first)->priority; };
+    const Priority before = cls();
+    CHECK(*s.pin(*ns, prompt, Priority::kRetained) == 10);
+    CHECK(cls() == Priority::kRetained);
+    CHECK(*s.unpin(*ns, prompt) == 10);
+    CHECK(cls() == before);
+    CHECK(*s.unpin(*ns, prompt) == 0);  // no pin of this store's left to undo
+    CHECK(s.pin(*ns, prompt, static_cast<Priority>(9)).status().code() == StatusCode::kInvalidArgument);
+  }
 }
 
 TEST_CASE("Daemon: a client saves and restores through a window smaller than the prompt", "[service]") {
@@ -366,11 +378,17 @@ TEST_CASE("Daemon: a client killed mid-load leaves no lease, no pin, no session"
   CHECK(server->store().tiers().index().pick_victims(Tier::kHost, 100, EvictPurpose::kDemote).size() == 10);
   CHECK(restore_and_check(*c, *ns, prompt) == 160);
 
-  SECTION("a disconnect releases the client's own pins too") {
-    REQUIRE(*c->pin(*ns, prompt) == 10);
+  SECTION("a disconnect releases the client's own pins too, and their priority") {
+    PrefixIndex& index = server->store().tiers().index();
+    const BlockKey last = index.pick_victims(Tier::kHost, 1, EvictPurpose::kDemote).at(0);
+    const Priority before = index.get(last)->priority;
+    REQUIRE(before != Priority::kRetained);
+    REQUIRE(*c->pin(*ns, prompt, Priority::kRetained) == 10);
+    CHECK(index.get(last)->priority == Priority::kRetained);
     c.reset();
     REQUIRE(server->wait_sessions_at_most(0, 30s));
-    CHECK(server->store().tiers().index().pick_victims(Tier::kHost, 100, EvictPurpose::kDemote).size() == 10);
+    CHECK(index.pick_victims(Tier::kHost, 100, EvictPurpose::kDemote).size() == 10);
+    CHECK(index.get(last)->priority == before);
   }
 }
 

@@ -199,6 +199,34 @@ TEST_CASE("Explicit pins and priorities") {
   CHECK(index->check_invariants().is_ok());
 }
 
+TEST_CASE("A priority pin holds a block's class while it lasts, and unpin restores it") {
+  KeyChain chain("secret");
+  auto index = std::move(*PrefixIndex::create(chain));
+  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  std::mt19937_64 rng(9);
+  const auto k = insert_prompt(*index, ns, random_tokens(rng, 4), Tier::kHost, Priority::kLow)[0];
+  auto cls = [&] { return index->get(k)->priority; };
+  REQUIRE(index->pin(k, Priority::kRetained).is_ok());
+  CHECK(cls() == Priority::kRetained);
+  REQUIRE(index->pin(k, Priority::kHigh).is_ok());
+  CHECK(cls() == Priority::kRetained);  // the highest pin wins
+  REQUIRE(index->unpin(k, Priority::kRetained).is_ok());
+  CHECK(cls() == Priority::kHigh);
+  // The block's own class changes underneath; the pin still holds it higher.
+  REQUIRE(index->set_priority(k, Priority::kNormal).is_ok());
+  CHECK(cls() == Priority::kHigh);
+  CHECK(index->erase(k).status().code() == StatusCode::kBusy);  // still pinned
+  REQUIRE(index->unpin(k, Priority::kHigh).is_ok());
+  CHECK(cls() == Priority::kNormal);  // its own class, not the pin's and not the first kLow
+  CHECK(index->unpin(k, Priority::kHigh).code() == StatusCode::kBusy);  // no such pin left
+  // A pin below the block's own class never lowers it.
+  REQUIRE(index->pin(k, Priority::kLow).is_ok());
+  CHECK(cls() == Priority::kNormal);
+  REQUIRE(index->unpin(k, Priority::kLow).is_ok());
+  CHECK(index->check_invariants().is_ok());
+  CHECK(index->evict(Tier::kHost, 10).size() == 1);  // no pin left behind
+}
+
 TEST_CASE("Long matches stop exactly at the first miss") {
   // Wherever a prompt diverges, the match ends exactly there, returns the right keys, and pins
   // exactly what it returns.

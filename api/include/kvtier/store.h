@@ -97,12 +97,15 @@ class KvStore {
   virtual Result<size_t> prefetch(NamespaceId ns, std::span<const TokenId> tokens, Tier to,
                                   std::span<const BlockExtra> extras = {}) = 0;
 
-  /// Pins the cached prefix of `tokens` so it is never evicted, and sets its priority. Through
-  /// kvtierd the pins end when the client disconnects. Returns the number of blocks pinned.
+  /// Pins the cached prefix of `tokens` so it is never evicted, and holds it at priority class
+  /// `priority` or above while pinned (a pin never lowers a block's class). Through kvtierd the
+  /// pins end when the client disconnects. Returns the number of blocks pinned.
   virtual Result<size_t> pin(NamespaceId ns, std::span<const TokenId> tokens,
                              Priority priority = Priority::kRetained,
                              std::span<const BlockExtra> extras = {}) = 0;
-  /// Undoes pin() for the cached prefix of `tokens`. Returns the number of blocks unpinned.
+  /// Undoes pin() for the cached prefix of `tokens`: one of this store's (or this client's) own
+  /// pins per block, the latest first, and each block's priority class goes back to what it was
+  /// without that pin. Returns the number of blocks unpinned.
   virtual Result<size_t> unpin(NamespaceId ns, std::span<const TokenId> tokens,
                                std::span<const BlockExtra> extras = {}) = 0;
 
