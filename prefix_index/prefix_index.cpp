@@ -316,7 +316,6 @@ Status PrefixIndex::match_into(const Namespace& ns, std::span<const TokenId> tok
   const size_t n = tokens.size() / bt;
   KVTIER_RETURN_IF_ERROR(KeyChain::check_extras(extras, n));
   const uint64_t layout_fp = ns.layout.fingerprint();
-  const uint64_t block_bytes = ns.layout.bytes_per_block();
   counters_->lookups.fetch_add(1, std::memory_order_relaxed);
   counters_->lookup_tokens.fetch_add(n * bt, std::memory_order_relaxed);
   if (n == 0) return Status::ok();
@@ -366,13 +365,7 @@ Status PrefixIndex::match_into(const Namespace& ns, std::span<const TokenId> tok
     const uint32_t first = pos;
     do {
       Hot& h = run.hot[pos];
-      BlockResidency& r = result.blocks.emplace_back();
-      r.key = h.key;
-      r.slots = h.slots;
-      r.byte_size = block_bytes;  // equal to the run's: insert checks it against the layout
-      r.checksum = h.checksum;
-      r.tier_mask = h.tier_mask;
-      r.priority = h.priority;
+      result.blocks.push_back(run.residency(pos));
       if (options.take_lease) ++h.pin_count;
       if (options.touch) {
         h.last_access = base_tick + (n - 1 - i);
