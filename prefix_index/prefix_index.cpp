@@ -350,7 +350,8 @@ Status PrefixIndex::match_into(const Namespace& ns, std::span<const TokenId> tok
   size_t i = 0;
   BlockKey parent = ns.root;
   while (i < n) {
-    const BlockKey key = keys_.block_key(parent, tokens.subspan(i * bt, bt), extras_of(i));
+    const std::span<const TokenId> block = tokens.subspan(i * bt, bt);
+    const BlockKey key = keys_.block_key(parent, block, extras_of(i));
     Shard& shard = shard_for(key);
     std::unique_lock shard_lock(shard.mu);
     auto it = shard.map.find(key);
@@ -359,7 +360,7 @@ Status PrefixIndex::match_into(const Namespace& ns, std::span<const TokenId> tok
     uint32_t pos = it->second.pos;
     std::lock_guard run_lock(run.mu);
     shard_lock.unlock();
-    if (run.layout_fp != layout_fp || !run.same_block(pos, parent, i, tokens.subspan(i * bt, bt), extras_of(i))) {
+    if (run.layout_fp != layout_fp || !run.same_block(pos, parent, i, block, extras_of(i))) {
       break;
     }
     const uint32_t first = pos;
@@ -486,17 +487,6 @@ Result<InsertOutcome> PrefixIndex::insert(const Namespace& ns, const BlockInsert
     }
     parent = pit->second;
   }
-  auto check_parent = [&]() -> Status {
-    const Run& prun = *parent->run;
-    if (prun.layout_fp != layout_fp) {
-      return Status(StatusCode::kLayoutMismatch, "parent block was stored with another KV layout");
-    }
-    if (prun.block_index(parent->pos) + 1 != block.block_index) {
-      return invalid_argument("block_index does not follow its parent's");
-    }
-    return Status::ok();
-  };
-
   if (auto it = shard.map.find(block.key); it != shard.map.end()) {
     const Loc loc = it->second;
     PairLock runs_locked(loc.run->mu, parent ? &parent->run->mu : nullptr);
@@ -522,14 +512,20 @@ Result<InsertOutcome> PrefixIndex::insert(const Namespace& ns, const BlockInsert
 
   // A new block goes at the end of its parent's run when the parent ends it; otherwise (block
   // 0, a branch, a full run) it heads a new run.
-  const uint64_t tick = recency_clock_.fetch_add(1, std::memory_order_relaxed);
   std::unique_lock<std::mutex> parent_lock;
   Run* run = nullptr;
   if (parent) {
-    parent_lock = std::unique_lock(parent->run->mu);
-    KVTIER_RETURN_IF_ERROR(check_parent());
-    if (parent->pos + 1 == parent->run->size() && parent->run->size() < kRunCapacity) run = parent->run;
+    Run& prun = *parent->run;
+    parent_lock = std::unique_lock(prun.mu);
+    if (prun.layout_fp != layout_fp) {
+      return Status(StatusCode::kLayoutMismatch, "parent block was stored with another KV layout");
+    }
+    if (prun.block_index(parent->pos) + 1 != block.block_index) {
+      return invalid_argument("block_index does not follow its parent's");
+    }
+    if (parent->pos + 1 == prun.size() && prun.size() < kRunCapacity) run = &prun;
   }
+  const uint64_t tick = recency_clock_.fetch_add(1, std::memory_order_relaxed);
   if (run != nullptr) {
     run->append(block, tick);
   } else {
@@ -743,6 +739,31 @@ std::optional<BlockRecord> PrefixIndex::describe(const BlockKey& key) const {
                       run.layout_fp, run.residency(pos), run.hits[pos]};
   });
   return out;
+}
+
+Status PinLedger::pin(PrefixIndex& index, const BlockKey& key, Priority at) {
+  KVTIER_RETURN_IF_ERROR(index.pin(key, at));
+  pins_[key].push_back(at);
+  ++count_;
+  return Status::ok();
+}
+
+Status PinLedger::unpin(PrefixIndex& index, const BlockKey& key) {
+  auto it = pins_.find(key);
+  if (it == pins_.end()) return not_found("no pin of this holder on block " + key.to_hex());
+  const Priority at = it->second.back();
+  it->second.pop_back();
+  if (it->second.empty()) pins_.erase(it);
+  --count_;
+  return index.unpin(key, at);
+}
+
+void PinLedger::unpin_all(PrefixIndex& index) {
+  for (const auto& [key, classes] : pins_) {
+    for (Priority at : classes) index.unpin(key, at).ignore();  // pinned blocks cannot leave
+  }
+  pins_.clear();
+  count_ = 0;
 }
 
 PrefixIndex::CandidateQueue PrefixIndex::candidate_heap(Tier tier, size_t max_blocks, EvictPurpose purpose) const {

@@ -144,41 +144,6 @@ struct IndexStats {
   std::array<uint64_t, kNumTiers> evictions{};
 };
 
-/// The priority pins one holder (a Store, a daemon session) took, so that each of its unpins
-/// undoes one of its own pins at the class it was taken with, the latest first. Not thread-safe.
-class PinLedger {
- public:
-  void add(const BlockKey& key, Priority at) {
-    pins_[key].push_back(at);
-    ++count_;
-  }
-  /// The class of the holder's latest pin of `key`, now forgotten; nullopt when it holds none.
-  std::optional<Priority> take(const BlockKey& key) {
-    auto it = pins_.find(key);
-    if (it == pins_.end()) return std::nullopt;
-    const Priority at = it->second.back();
-    it->second.pop_back();
-    if (it->second.empty()) pins_.erase(it);
-    --count_;
-    return at;
-  }
-  /// Pins held, over all blocks.
-  size_t size() const noexcept { return count_; }
-  /// Calls fn(key, at) for every pin held, and forgets them all.
-  template <typename Fn>
-  void drain(Fn&& fn) {
-    for (const auto& [key, classes] : pins_) {
-      for (Priority at : classes) fn(key, at);
-    }
-    pins_.clear();
-    count_ = 0;
-  }
-
- private:
-  std::unordered_map<BlockKey, std::vector<Priority>> pins_;
-  size_t count_ = 0;
-};
-
 class PrefixIndex {
  public:
   static Result<std::unique_ptr<PrefixIndex>> create(const KeyChain& keys, IndexOptions options = {});
@@ -288,6 +253,25 @@ class PrefixIndex {
 
   struct Counters;
   std::unique_ptr<Counters> counters_;
+};
+
+/// The priority pins one holder (a Store, a daemon session) holds in an index, so that each of
+/// its unpins undoes one of its own pins at the class it was taken with, the latest first.
+/// Not thread-safe.
+class PinLedger {
+ public:
+  /// index.pin(key, at), remembered; the index's error (kNotFound: the block left) otherwise.
+  Status pin(PrefixIndex& index, const BlockKey& key, Priority at);
+  /// Undoes this holder's latest pin of `key`; kNotFound when it holds none.
+  Status unpin(PrefixIndex& index, const BlockKey& key);
+  /// Undoes every pin held.
+  void unpin_all(PrefixIndex& index);
+  /// Pins held, over all blocks.
+  size_t size() const noexcept { return count_; }
+
+ private:
+  std::unordered_map<BlockKey, std::vector<Priority>> pins_;
+  size_t count_ = 0;
 };
 
 }  // namespace kvtier

@@ -30,9 +30,8 @@ Status split_frame(std::span<const std::byte> frame, FrameHeader& header, std::s
 bool Mailbox::publish(Slot slot, std::span<const std::byte> frame, uint32_t seq) noexcept {
   if (!frame.empty()) std::memcpy(base_ + frame_at(slot), frame.data(), frame.size());
   word(len_at(slot)).store(static_cast<uint32_t>(frame.size()), std::memory_order_relaxed);
-  std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(base_ + stamp_at(slot)))
-      .store(static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()),
-             std::memory_order_relaxed);
+  stamp(slot).store(static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()),
+                    std::memory_order_relaxed);
   word(seq_at(slot)).store(seq, std::memory_order_release);
   std::atomic_thread_fence(std::memory_order_seq_cst);  // pairs with the fence in park()
   return word(parked_at(slot)).load(std::memory_order_relaxed) != 0;

@@ -93,9 +93,7 @@ class Mailbox {
   /// same CLOCK_MONOTONIC in every process). The peer writes it: use it only for heuristics, such
   /// as how long to spin (AdaptiveSpin), never for a decision that matters to anyone else.
   std::chrono::steady_clock::time_point published_at(Slot slot) const noexcept {
-    const uint64_t ns = std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(base_ + stamp_at(slot)))
-                            .load(std::memory_order_relaxed);
-    return std::chrono::steady_clock::time_point(std::chrono::nanoseconds(ns));
+    return std::chrono::steady_clock::time_point(std::chrono::nanoseconds(stamp(slot).load(std::memory_order_relaxed)));
   }
 
   /// The largest frame a slot holds.
@@ -126,6 +124,10 @@ class Mailbox {
 
   std::atomic_ref<uint32_t> word(size_t at) const noexcept {
     return std::atomic_ref<uint32_t>(*reinterpret_cast<uint32_t*>(base_ + at));
+  }
+  // The publish time of `s`, in steady-clock nanoseconds.
+  std::atomic_ref<uint64_t> stamp(Slot s) const noexcept {
+    return std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(base_ + stamp_at(s)));
   }
 
   std::byte* base_ = nullptr;

@@ -563,15 +563,10 @@ Status Handler::prefix_op(Op op, std::span<const std::byte> payload) {
     }
     for (const BlockKey& k : *keys) {
       if (op == Op::kPin) {
-        const auto at = static_cast<Priority>(req.arg);
-        if (!index.pin(k, at).is_ok()) break;  // evicted meanwhile: the prefix ends here
-        s.pins.add(k, at);
+        if (!s.pins.pin(index, k, static_cast<Priority>(req.arg)).is_ok()) break;  // evicted meanwhile
         ++count;
       } else {
-        const auto at = s.pins.take(k);
-        if (!at) continue;  // only this session's own pins
-        index.unpin(k, *at).ignore();
-        ++count;
+        count += s.pins.unpin(index, k).is_ok();  // only this session's own pins
       }
     }
   }
@@ -734,7 +729,7 @@ void Server::end_session(Session& s) {
   PrefixIndex& index = store_->tiers().index();
   for (auto& [lease, match] : s.leases) index.release(lease).ignore();  // kNotFound: expired already
   s.leases.clear();
-  s.pins.drain([&](const BlockKey& key, Priority at) { index.unpin(key, at).ignore(); });
+  s.pins.unpin_all(index);
   if (s.window) ::munmap(s.window, s.mapped_bytes);
   s.window = nullptr;
   m_->clients_connected->add(-1);

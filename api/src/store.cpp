@@ -185,8 +185,7 @@ Result<size_t> Store::pin(NamespaceId id, std::span<const TokenId> tokens, Prior
   size_t pinned = 0;
   std::lock_guard lock(pins_mu_);
   for (const BlockKey& k : *keys) {
-    if (!tiers_->index().pin(k, priority).is_ok()) break;  // evicted meanwhile: the prefix ends here
-    pins_.add(k, priority);
+    if (!pins_.pin(tiers_->index(), k, priority).is_ok()) break;  // evicted meanwhile: the prefix ends here
     ++pinned;
   }
   return pinned;
@@ -197,10 +196,8 @@ Result<size_t> Store::unpin(NamespaceId id, std::span<const TokenId> tokens, std
   if (!keys) return keys.status();
   size_t unpinned = 0;
   std::lock_guard lock(pins_mu_);
-  for (const BlockKey& k : *keys) {
-    const auto at = pins_.take(k);  // only pins pin() took, at the class each was taken with
-    if (at) unpinned += tiers_->index().unpin(k, *at).is_ok();
-  }
+  // Only pins pin() took, each at the class it was taken with.
+  for (const BlockKey& k : *keys) unpinned += pins_.unpin(tiers_->index(), k).is_ok();
   return unpinned;
 }
 
