@@ -12,6 +12,7 @@
 
 #include "api/src/kv_copy.h"
 #include "api/src/socket_io.h"
+#include "transfer/shared_device_memory.h"
 
 namespace kvtier {
 
@@ -189,8 +190,10 @@ Status Client::mailbox_call(Op op, const std::vector<std::byte>& request, std::v
 
 Status Client::call(Op op, const std::vector<std::byte>& request, std::vector<std::byte>& reply, int pass_fd) {
   bool used = false;
-  Status via_mailbox = mailbox_call(op, request, reply, used);
-  if (used) return via_mailbox;
+  if (pass_fd < 0) {  // a descriptor only crosses the socket
+    Status via_mailbox = mailbox_call(op, request, reply, used);
+    if (used) return via_mailbox;
+  }
   auto sent = send_request(op, request, pass_fd);
   if (sent) return recv_reply(op, *sent, reply);
   // The send failed, but the daemon may have said why before it closed (a refused identity, the
@@ -247,6 +250,8 @@ namespace {
 // A streaming load's slice: about this many bytes, so a slice's copy dwarfs its round trip and
 // wait_layer(0) comes early.
 constexpr uint64_t kSliceBytes = 4ull << 20;
+// Blocks per request of a load or save through registered memory: 12 bytes each on the wire.
+constexpr size_t kDirectBlocks = 64 * 1024;
 }  // namespace
 
 Client::LoadPlan Client::plan_load(size_t n) const {
@@ -269,24 +274,119 @@ Client::LoadPlan Client::plan_load(size_t n) const {
   return p;
 }
 
+Client::LoadPlan Client::plan_direct_load(size_t n) const {
+  const uint32_t layers = layout_.num_layers;
+  const uint64_t layer_bytes = layout_.bytes_per_block_layer();
+  LoadPlan p;
+  p.blocks = std::min<size_t>(n, kDirectBlocks);
+  const uint64_t row = p.blocks * layer_bytes;
+  p.layers = static_cast<uint32_t>(std::clamp<uint64_t>(kSliceBytes / row, 1, layers));
+  p.slices = ((layers + p.layers - 1) / p.layers) * ((n + p.blocks - 1) / p.blocks);
+  return p;
+}
+
+Status Client::register_memory(void* base, uint64_t bytes) {
+  auto share = export_device_memory(base, bytes);
+  if (!share) return share.status();
+  const auto at = reinterpret_cast<uintptr_t>(base);
+  std::lock_guard lock(gate_);
+  // Regions never overlap, so every address has at most one region.
+  auto next = registered_.lower_bound(at);
+  if ((next != registered_.end() && next->first < at + bytes) ||
+      (next != registered_.begin() && std::prev(next)->first + std::prev(next)->second.bytes > at)) {
+    return Status(StatusCode::kAlreadyExists, "the memory overlaps a region this client registered already");
+  }
+  std::vector<std::byte> req, reply;
+  proto::encode(proto::RegisterMemoryRequest{.kind = static_cast<uint8_t>(share->kind), .ipc_handle = share->ipc_handle,
+                                             .offset = share->offset, .bytes = share->bytes},
+                req);
+  KVTIER_RETURN_IF_ERROR(call(Op::kRegisterMemory, req, reply, share->fd));
+  proto::RegisterMemoryReply out;
+  KVTIER_RETURN_IF_ERROR(proto::decode(reply, out));
+  registered_.emplace(at, Registered{.bytes = bytes, .region = out.region});
+  return Status::ok();
+}
+
+Status Client::unregister_memory(void* base) {
+  std::lock_guard lock(gate_);
+  auto it = registered_.find(reinterpret_cast<uintptr_t>(base));
+  if (it == registered_.end()) return Status(StatusCode::kNotFound, "no region was registered at this address");
+  std::vector<std::byte> req, reply;
+  proto::encode(proto::UnregisterMemoryRequest{.region = it->second.region}, req);
+  registered_.erase(it);  // forgotten here whatever the daemon says: it unmaps at disconnect anyway
+  return call(Op::kUnregisterMemory, req, reply);
+}
+
+std::optional<proto::RegionBuffer> Client::in_registered_memory(const KvBuffer& buf) const {
+  if (registered_.empty()) return std::nullopt;
+  // The region holding [p, p + bytes) whole, if one does.
+  auto place = [&](const void* p, uint64_t bytes) -> std::optional<proto::RegionRef> {
+    const auto at = reinterpret_cast<uintptr_t>(p);
+    auto it = registered_.upper_bound(at);
+    if (it == registered_.begin()) return std::nullopt;
+    --it;
+    const uint64_t off = at - it->first;
+    if (off >= it->second.bytes || bytes > it->second.bytes - off) return std::nullopt;
+    return proto::RegionRef{.region = it->second.region, .offset = off};
+  };
+  proto::RegionBuffer rb;
+  if (!buf.is_paged()) {
+    rb.places.reserve(buf.blocks.size());
+    for (const std::byte* b : buf.blocks) {
+      auto r = place(b, layout_.bytes_per_block());
+      if (!r) return std::nullopt;
+      rb.places.push_back(*r);
+    }
+    return rb;
+  }
+  rb.layout = static_cast<uint8_t>(1 + static_cast<int>(buf.engine));
+  rb.engine_num_pages = buf.engine_num_pages;
+  for (const void* base : buf.layer_base) {
+    auto r = place(base, uint64_t(buf.engine_num_pages) * layout_.bytes_per_block_layer());
+    if (!r) return std::nullopt;
+    rb.places.push_back(*r);
+  }
+  rb.pages = buf.pages;
+  return rb;
+}
+
+proto::RegionBuffer Client::slice_of(const proto::RegionBuffer& all, size_t first, size_t count) {
+  proto::RegionBuffer part;
+  part.layout = all.layout;
+  part.engine_num_pages = all.engine_num_pages;
+  if (all.layout == 0) {
+    part.places.assign(all.places.begin() + first, all.places.begin() + first + count);
+  } else {
+    part.places = all.places;
+    part.pages.assign(all.pages.begin() + first, all.pages.begin() + first + count);
+  }
+  return part;
+}
+
 Result<TransferHandle> Client::load(const Match& match, const KvBuffer& dst) {
-  KVTIER_RETURN_IF_ERROR(check_load(layout_, match, dst, /*paged_device_ok=*/false));
+  std::unique_lock lock(gate_);  // stream_load unlocks it: released to it below
+  // Registered memory (register_memory) is written by the daemon itself, paged layouts included.
+  auto direct = in_registered_memory(dst);
+  KVTIER_RETURN_IF_ERROR(check_load(layout_, match, dst, /*paged_device_ok=*/direct.has_value()));
   const size_t n = dst.block_count();
   const uint32_t layers = layout_.num_layers;
   if (n == 0) return finished_handle(layers);
   if (match.lease == kNoLease) return invalid("load needs a leased match (from lookup)");
-  if (window_bytes_ < layout_.bytes_per_block_layer()) return invalid("the shared window cannot hold one layer of a block");
-  const LoadPlan plan = plan_load(n);
+  if (!direct && window_bytes_ < layout_.bytes_per_block_layer()) {
+    return invalid("the shared window cannot hold one layer of a block");
+  }
+  // Into registered memory nothing is copied here: the slices only give wait_layer() its early layers.
+  const LoadPlan plan = direct ? plan_direct_load(n) : plan_load(n);
   auto job = std::make_shared<detail::JobState>(std::vector<uint32_t>(layers, 1), TransferCallback{});
   job->mark_running();
-  gate_.lock();
+  lock.release();
   if (plan.slices == 1) {  // nothing to overlap: done before returning
-    stream_load(match.lease, dst, plan, job);
+    stream_load(match.lease, dst, plan, job, direct ? &*direct : nullptr);
     KVTIER_RETURN_IF_ERROR(job->status());
     return TransferHandle(std::move(job));
   }
   {
-    std::lock_guard lock(worker_mu_);
+    std::lock_guard wl(worker_mu_);
     if (!worker_.joinable()) {
       worker_ = std::thread([this] {
         std::unique_lock lock(worker_mu_);
@@ -305,13 +405,16 @@ Result<TransferHandle> Client::load(const Match& match, const KvBuffer& dst) {
       });
     }
     // The gate admits one load at a time, so no task is waiting here.
-    worker_task_ = [this, lease = match.lease, dst, plan, job] { stream_load(lease, dst, plan, job); };
+    worker_task_ = [this, lease = match.lease, dst, plan, job, direct = std::move(direct)] {
+      stream_load(lease, dst, plan, job, direct ? &*direct : nullptr);
+    };
   }
   worker_cv_.notify_one();
   return TransferHandle(std::move(job));
 }
 
-void Client::stream_load(LeaseId lease, const KvBuffer& dst, LoadPlan plan, const std::shared_ptr<detail::JobState>& job) {
+void Client::stream_load(LeaseId lease, const KvBuffer& dst, LoadPlan plan, const std::shared_ptr<detail::JobState>& job,
+                         const proto::RegionBuffer* direct) {
   const uint32_t layers = layout_.num_layers;
   const size_t n = dst.block_count();
   const size_t chunks = (n + plan.blocks - 1) / plan.blocks;
@@ -335,22 +438,29 @@ void Client::stream_load(LeaseId lease, const KvBuffer& dst, LoadPlan plan, cons
   };
   Status st;
   TransferEngine* eng = nullptr;
-  if (dst.memory != LocationKind::kHost) {
+  if (!direct && dst.memory != LocationKind::kHost) {
     auto e = engine();
     if (e) eng = *e;
     else st = e.status();
   }
   std::vector<Slice> in_flight;  // at most two, oldest first
   size_t next = 0;
-  const size_t depth = plan.half ? 2 : 1;
+  const size_t depth = plan.half || direct ? 2 : 1;
   auto send_next = [&]() -> Status {
     Slice s = slice_at(next++);
     std::vector<std::byte> req;
-    proto::encode(proto::LoadRequest{.lease = lease, .first_block = static_cast<uint32_t>(s.b0),
-                                     .block_count = static_cast<uint32_t>(s.nb), .window_offset = s.offset,
-                                     .layer_begin = s.l0, .layer_count = s.nl},
-                  req);
-    auto id = send_request(Op::kLoad, req);
+    if (direct) {
+      proto::encode(proto::LoadToRequest{.lease = lease, .first_block = static_cast<uint32_t>(s.b0),
+                                         .layer_begin = s.l0, .layer_count = s.nl,
+                                         .dst = slice_of(*direct, s.b0, s.nb)},
+                    req);
+    } else {
+      proto::encode(proto::LoadRequest{.lease = lease, .first_block = static_cast<uint32_t>(s.b0),
+                                       .block_count = static_cast<uint32_t>(s.nb), .window_offset = s.offset,
+                                       .layer_begin = s.l0, .layer_count = s.nl},
+                    req);
+    }
+    auto id = send_request(direct ? Op::kLoadTo : Op::kLoad, req);
     if (!id) return id.status();
     s.id = *id;
     in_flight.push_back(s);
@@ -361,7 +471,7 @@ void Client::stream_load(LeaseId lease, const KvBuffer& dst, LoadPlan plan, cons
     const Slice s = in_flight.front();
     in_flight.erase(in_flight.begin());
     std::vector<std::byte> reply;
-    const Status got = recv_reply(Op::kLoad, s.id, reply);
+    const Status got = recv_reply(direct ? Op::kLoadTo : Op::kLoad, s.id, reply);
     const bool transport = got.code() == StatusCode::kUnavailable || got.code() == StatusCode::kProtocolError;
     if (st.is_ok()) st = got;
     if (transport) {  // the connection is gone or out of step: later calls fail cleanly too
@@ -369,10 +479,12 @@ void Client::stream_load(LeaseId lease, const KvBuffer& dst, LoadPlan plan, cons
       break;
     }
     if (!st) continue;     // after an error, only read the replies still owed
-    // The other buffer is being filled meanwhile; this one is reused once its copy is done.
-    auto h = scatter_blocks(layout_, window_ + s.offset, dst, s.b0, s.nb, eng, {s.l0, s.nl});
-    st = h ? h->wait() : h.status();
-    if (!st) continue;
+    if (!direct) {
+      // The other buffer is being filled meanwhile; this one is reused once its copy is done.
+      auto h = scatter_blocks(layout_, window_ + s.offset, dst, s.b0, s.nb, eng, {s.l0, s.nl});
+      st = h ? h->wait() : h.status();
+      if (!st) continue;
+    }
     if (s.ends_layers) {
       for (uint32_t l = s.l0; l < s.l0 + s.nl; ++l) job->segment_arrived(l);
     }
@@ -393,13 +505,33 @@ Status Client::release(const Match& match) {
 
 Result<size_t> Client::save(NamespaceId ns, std::span<const TokenId> tokens, const KvBuffer& src, Priority priority,
                             std::span<const BlockExtra> extras, size_t first_block) {
-  auto checked = check_save(layout_, tokens.size(), src, extras, first_block, /*paged_device_ok=*/false);
+  std::lock_guard lock(gate_);
+  auto direct = in_registered_memory(src);
+  auto checked = check_save(layout_, tokens.size(), src, extras, first_block, /*paged_device_ok=*/direct.has_value());
   if (!checked) return checked.status();
   const size_t full = *checked;
   const uint32_t bt = layout_.block_tokens;
   if (full == first_block) return size_t{0};
+  if (direct) {  // the daemon reads the engine's memory itself, a bounded number of blocks per request
+    size_t saved = 0;
+    for (size_t b0 = first_block; b0 < full; b0 += kDirectBlocks) {
+      const size_t count = std::min<size_t>(kDirectBlocks, full - b0);
+      const size_t end = b0 + count;
+      std::vector<std::byte> req, reply;
+      proto::encode(proto::SaveFromRequest{.namespace_id = ns, .priority = static_cast<uint8_t>(priority),
+                                           .first_block = static_cast<uint32_t>(b0),
+                                           .tokens = {tokens.begin(), tokens.begin() + end * bt},
+                                           .extras = to_vector(extras_below(extras, end)),
+                                           .src = slice_of(*direct, b0 - first_block, count)},
+                    req);
+      KVTIER_RETURN_IF_ERROR(call(Op::kSaveFrom, req, reply));
+      proto::SaveReply out;
+      KVTIER_RETURN_IF_ERROR(proto::decode(reply, out));
+      saved += out.saved;
+    }
+    return saved;
+  }
   if (window_blocks_ == 0) return invalid("the shared window cannot hold one block");
-  std::lock_guard lock(gate_);
   TransferEngine* eng = nullptr;
   if (src.memory != LocationKind::kHost) {
     auto e = engine();

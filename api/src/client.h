@@ -13,6 +13,8 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <map>
+#include <optional>
 #include <memory>
 #include <mutex>
 #include <semaphore>
@@ -55,6 +57,19 @@ class Client final : public KvStore {
   /// Tenants this client's identity may open (from the daemon's config).
   const std::vector<std::string>& tenants() const noexcept { return tenants_; }
   uint64_t window_bytes() const noexcept { return window_bytes_; }
+
+  /// Hands [base, base + bytes) of this process's GPU memory to kvtierd (CUDA IPC; on a machine
+  /// without a GPU, memory from kvtier::DeviceAllocation::create, shared as a memfd). A load into,
+  /// or a save from, a KvBuffer that lies wholly in registered memory — canonical blocks, or every
+  /// layer tensor of a paged buffer — then goes straight between the daemon's tiers and that
+  /// memory: no window, no copy in this process. Other buffers still go through the window.
+  /// Register an engine's KV cache once at start (a tensor inside a caching allocator's block is
+  /// fine) and unregister it before freeing it; the daemon drops the mapping at disconnect too.
+  /// kInvalidArgument for memory that cannot be shared, kAlreadyExists when the range overlaps a
+  /// registered one, kResourceExhausted past 4096 regions.
+  Status register_memory(void* base, uint64_t bytes);
+  /// Ends the registration made at `base` (kNotFound if none was).
+  Status unregister_memory(void* base);
 
   // KvStore
   const KvLayout& layout() const noexcept override { return layout_; }
@@ -103,9 +118,16 @@ class Client final : public KvStore {
     size_t slices = 0;
   };
   LoadPlan plan_load(size_t n) const;
-  /// Runs a sliced load; marks each layer on `job` as it lands, finishes `job`. Holds the gate.
+  /// Slices of a load into registered memory: layer groups of about 4 MiB, no window halves.
+  LoadPlan plan_direct_load(size_t n) const;
+  /// Runs a sliced load, through the window, or into registered memory when `direct` says where
+  /// `dst` lies; marks each layer on `job` as it lands, finishes `job`. Holds the gate.
   void stream_load(LeaseId lease, const KvBuffer& dst, LoadPlan plan,
-                   const std::shared_ptr<detail::JobState>& job);
+                   const std::shared_ptr<detail::JobState>& job, const proto::RegionBuffer* direct);
+  /// `buf` as places in registered regions, or nullopt when any of it lies outside them. Under the gate.
+  std::optional<proto::RegionBuffer> in_registered_memory(const KvBuffer& buf) const;
+  /// Blocks [first, first + count) of `all`.
+  static proto::RegionBuffer slice_of(const proto::RegionBuffer& all, size_t first, size_t count);
 
   /// The per-client lock, as a semaphore so the load worker may release what load() acquired.
   class Gate {
@@ -143,6 +165,11 @@ class Client final : public KvStore {
   std::vector<std::string> tenants_;
   uint32_t next_request_ = 1;
   std::unique_ptr<TransferEngine> engine_;
+  struct Registered {
+    uint64_t bytes = 0;
+    uint32_t region = 0;  // the daemon's name for it
+  };
+  std::map<uintptr_t, Registered> registered_;  // by base address; guarded by gate_
 };
 
 }  // namespace kvtier

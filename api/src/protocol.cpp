@@ -245,7 +245,7 @@ Status check_prefix_arg(Op op, uint8_t arg) {
 }  // namespace
 
 bool is_known_op(uint16_t op) noexcept {
-  return op >= static_cast<uint16_t>(Op::kHello) && op <= static_cast<uint16_t>(Op::kDoorbell);
+  return op >= static_cast<uint16_t>(Op::kHello) && op <= kLastOp;
 }
 
 // ---- header ----------------------------------------------------------------------------------
@@ -504,6 +504,128 @@ Status decode(std::span<const std::byte> in, StatsReply& m) {
   });
 }
 
+void encode(const RegisterMemoryRequest& m, std::vector<std::byte>& out) {
+  Writer w(out);
+  w.u8(m.kind);
+  out.insert(out.end(), m.ipc_handle.begin(), m.ipc_handle.end());
+  w.u64(m.offset);
+  w.u64(m.bytes);
+}
+
+Status decode(std::span<const std::byte> in, RegisterMemoryRequest& m) {
+  return decode_whole(in, "RegisterMemoryRequest", m, [](Reader& r, RegisterMemoryRequest& t) -> Status {
+    KVTIER_RETURN_IF_ERROR(r.u8(t.kind, "kind"));
+    if (t.kind > 1) return r.error("kind", std::to_string(t.kind) + " is not a share kind (0 CUDA IPC, 1 memfd)");
+    for (std::byte& b : t.ipc_handle) {
+      uint8_t v = 0;
+      KVTIER_RETURN_IF_ERROR(r.u8(v, "ipc_handle"));
+      b = std::byte{v};
+    }
+    KVTIER_RETURN_IF_ERROR(r.u64(t.offset, "offset"));
+    KVTIER_RETURN_IF_ERROR(r.u64(t.bytes, "bytes"));
+    if (t.bytes == 0) return r.error("bytes", "a region must not be empty");
+    return Status::ok();
+  });
+}
+
+void encode(const RegisterMemoryReply& m, std::vector<std::byte>& out) { Writer(out).u32(m.region); }
+
+Status decode(std::span<const std::byte> in, RegisterMemoryReply& m) {
+  return decode_whole(in, "RegisterMemoryReply", m,
+                      [](Reader& r, RegisterMemoryReply& t) { return r.u32(t.region, "region"); });
+}
+
+void encode(const UnregisterMemoryRequest& m, std::vector<std::byte>& out) { Writer(out).u32(m.region); }
+
+Status decode(std::span<const std::byte> in, UnregisterMemoryRequest& m) {
+  return decode_whole(in, "UnregisterMemoryRequest", m,
+                      [](Reader& r, UnregisterMemoryRequest& t) { return r.u32(t.region, "region"); });
+}
+
+namespace {
+
+void write_region_buffer(Writer& w, const RegionBuffer& b) {
+  w.u8(b.layout);
+  w.u32(b.engine_num_pages);
+  w.u32(static_cast<uint32_t>(b.places.size()));
+  for (const RegionRef& p : b.places) {
+    w.u32(p.region);
+    w.u64(p.offset);
+  }
+  w.u32(static_cast<uint32_t>(b.pages.size()));
+  for (int32_t p : b.pages) w.u32(static_cast<uint32_t>(p));
+}
+
+// The shape is checked here (a paged buffer has pages and a canonical one none); offsets, pages
+// and the region itself are checked by the daemon against the region and the layout.
+Status read_region_buffer(Reader& r, RegionBuffer& b) {
+  KVTIER_RETURN_IF_ERROR(r.u8(b.layout, "layout"));
+  if (b.layout > 3) return r.error("layout", std::to_string(b.layout) + " is not a KV buffer layout (0 canonical, 1-3 paged)");
+  KVTIER_RETURN_IF_ERROR(r.u32(b.engine_num_pages, "engine_num_pages"));
+  uint32_t n = 0;
+  KVTIER_RETURN_IF_ERROR(r.count(n, "places", kMaxBlocks, 12));
+  b.places.resize(n);
+  for (RegionRef& p : b.places) {
+    KVTIER_RETURN_IF_ERROR(r.u32(p.region, "places.region"));
+    KVTIER_RETURN_IF_ERROR(r.u64(p.offset, "places.offset"));
+  }
+  KVTIER_RETURN_IF_ERROR(r.count(n, "pages", kMaxBlocks, sizeof(uint32_t)));
+  b.pages.resize(n);
+  for (int32_t& p : b.pages) {
+    uint32_t v = 0;
+    KVTIER_RETURN_IF_ERROR(r.u32(v, "pages"));
+    p = static_cast<int32_t>(v);
+  }
+  if (b.layout == 0 && !b.pages.empty()) return r.error("pages", "a canonical buffer has no pages");
+  if (b.layout != 0 && b.places.empty()) return r.error("places", "a paged buffer needs its layer tensors");
+  return Status::ok();
+}
+
+}  // namespace
+
+void encode(const LoadToRequest& m, std::vector<std::byte>& out) {
+  Writer w(out);
+  w.u64(m.lease);
+  w.u32(m.first_block);
+  w.u32(m.layer_begin);
+  w.u32(m.layer_count);
+  write_region_buffer(w, m.dst);
+}
+
+Status decode(std::span<const std::byte> in, LoadToRequest& m) {
+  return decode_whole(in, "LoadToRequest", m, [](Reader& r, LoadToRequest& t) -> Status {
+    KVTIER_RETURN_IF_ERROR(r.u64(t.lease, "lease"));
+    KVTIER_RETURN_IF_ERROR(r.u32(t.first_block, "first_block"));
+    KVTIER_RETURN_IF_ERROR(r.u32(t.layer_begin, "layer_begin"));
+    KVTIER_RETURN_IF_ERROR(r.u32(t.layer_count, "layer_count"));
+    return read_region_buffer(r, t.dst);
+  });
+}
+
+void encode(const SaveFromRequest& m, std::vector<std::byte>& out) {
+  Writer w(out);
+  w.u32(m.namespace_id);
+  w.u8(m.priority);
+  w.u32(m.first_block);
+  w.tokens(m.tokens);
+  w.extras(m.extras);
+  write_region_buffer(w, m.src);
+}
+
+Status decode(std::span<const std::byte> in, SaveFromRequest& m) {
+  return decode_whole(in, "SaveFromRequest", m, [](Reader& r, SaveFromRequest& t) -> Status {
+    KVTIER_RETURN_IF_ERROR(r.u32(t.namespace_id, "namespace_id"));
+    KVTIER_RETURN_IF_ERROR(r.u8(t.priority, "priority"));
+    if (t.priority >= kNumPriorities) {
+      return r.error("priority", std::to_string(t.priority) + " is not a priority");
+    }
+    KVTIER_RETURN_IF_ERROR(r.u32(t.first_block, "first_block"));
+    KVTIER_RETURN_IF_ERROR(r.tokens(t.tokens, "tokens"));
+    KVTIER_RETURN_IF_ERROR(r.extras(t.extras, "extras"));
+    return read_region_buffer(r, t.src);
+  });
+}
+
 // ---- status ----------------------------------------------------------------------------------
 
 void encode_status(const Status& s, std::vector<std::byte>& out) {
@@ -568,6 +690,22 @@ Status validate_request(uint16_t op, std::span<const std::byte> payload) {
       PrefixRequest m;
       KVTIER_RETURN_IF_ERROR(decode(payload, m));
       return check_prefix_arg(static_cast<Op>(op), m.arg);
+    }
+    case Op::kRegisterMemory: {
+      RegisterMemoryRequest m;
+      return decode(payload, m);
+    }
+    case Op::kUnregisterMemory: {
+      UnregisterMemoryRequest m;
+      return decode(payload, m);
+    }
+    case Op::kLoadTo: {
+      LoadToRequest m;
+      return decode(payload, m);
+    }
+    case Op::kSaveFrom: {
+      SaveFromRequest m;
+      return decode(payload, m);
     }
     case Op::kStats:
     case Op::kDoorbell:

@@ -16,6 +16,7 @@
 // out of bounds, never allocates more than the frame's own size allows, and never throws.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -53,7 +54,12 @@ enum class Op : uint16_t {
   kStats = 10,         // Prometheus text of the daemon's metrics
   kDoorbell = 11,      // no payload, no reply: "look at the mailbox" (api/src/mailbox.h); the
                        // daemon sends it back with kReplyBit set to wake a parked client
+  kRegisterMemory = 12,    // share a region of the client's GPU memory (transfer/shared_device_memory.h)
+  kUnregisterMemory = 13,  // end a registration
+  kLoadTo = 14,        // copy leased blocks straight into a registered region
+  kSaveFrom = 15,      // save blocks straight from a registered region
 };
+inline constexpr uint16_t kLastOp = static_cast<uint16_t>(Op::kSaveFrom);
 /// True for the ops above (requests only).
 bool is_known_op(uint16_t op) noexcept;
 
@@ -150,6 +156,50 @@ struct CountReply {     // kPrefetch, kPin, kUnpin, kRelease: a count (blocks to
   uint64_t count = 0;
 };
 
+struct RegisterMemoryRequest {
+  uint8_t kind = 0;                        // ShareKind: 0 CUDA IPC, 1 memfd (passed with the frame)
+  std::array<std::byte, 64> ipc_handle{};  // CUDA IPC: the allocation's cudaIpcMemHandle_t
+  uint64_t offset = 0;                     // of the region in the allocation or the memfd
+  uint64_t bytes = 0;                      // > 0
+};
+struct RegisterMemoryReply {
+  uint32_t region = 0;  // names the region in kLoadTo/kSaveFrom/kUnregisterMemory; never 0
+};
+struct UnregisterMemoryRequest {
+  uint32_t region = 0;
+};
+
+/// A place in a registered region.
+struct RegionRef {
+  uint32_t region = 0;
+  uint64_t offset = 0;
+};
+/// KV in registered regions: canonical blocks (one place per block, each block's layers back to
+/// back as in the tiers), or an engine's paged layout (one place per layer tensor — an engine
+/// often allocates each layer on its own — and a page per block, kernels/page_pack.h).
+struct RegionBuffer {
+  uint8_t layout = 0;              // 0 canonical; 1 + kernels::EngineLayout for paged
+  uint32_t engine_num_pages = 0;   // paged: pages in each layer tensor
+  std::vector<RegionRef> places;   // canonical: [blocks]; paged: [layers]
+  std::vector<int32_t> pages;      // paged: [blocks]; canonical: empty
+  size_t block_count() const noexcept { return layout == 0 ? places.size() : pages.size(); }
+};
+struct LoadToRequest {
+  uint64_t lease = 0;
+  uint32_t first_block = 0;   // blocks [first_block, first_block + dst.block_count()) of the match
+  uint32_t layer_begin = 0;   // layers [layer_begin, layer_begin + layer_count), 0: to the last
+  uint32_t layer_count = 0;   // (each lands where it belongs in the destination block)
+  RegionBuffer dst;
+};  // reply: LoadReply
+struct SaveFromRequest {
+  uint32_t namespace_id = 0;
+  uint8_t priority = 1;
+  uint32_t first_block = 0;   // src holds blocks [first_block, tokens/block_tokens)
+  std::vector<TokenId> tokens;
+  std::vector<BlockExtra> extras;
+  RegionBuffer src;
+};  // reply: SaveReply
+
 struct StatsReply {
   std::string prometheus_text;  // the one string not bound by kMaxString: only by kMaxPayload
 };
@@ -170,6 +220,11 @@ void encode(const SaveReply& m, std::vector<std::byte>& out);
 void encode(const PrefixRequest& m, std::vector<std::byte>& out);
 void encode(const CountReply& m, std::vector<std::byte>& out);
 void encode(const StatsReply& m, std::vector<std::byte>& out);
+void encode(const RegisterMemoryRequest& m, std::vector<std::byte>& out);
+void encode(const RegisterMemoryReply& m, std::vector<std::byte>& out);
+void encode(const UnregisterMemoryRequest& m, std::vector<std::byte>& out);
+void encode(const LoadToRequest& m, std::vector<std::byte>& out);
+void encode(const SaveFromRequest& m, std::vector<std::byte>& out);
 
 Status decode(std::span<const std::byte> in, HelloRequest& m);
 Status decode(std::span<const std::byte> in, HelloReply& m);
@@ -185,6 +240,11 @@ Status decode(std::span<const std::byte> in, SaveReply& m);
 Status decode(std::span<const std::byte> in, PrefixRequest& m);
 Status decode(std::span<const std::byte> in, CountReply& m);
 Status decode(std::span<const std::byte> in, StatsReply& m);
+Status decode(std::span<const std::byte> in, RegisterMemoryRequest& m);
+Status decode(std::span<const std::byte> in, RegisterMemoryReply& m);
+Status decode(std::span<const std::byte> in, UnregisterMemoryRequest& m);
+Status decode(std::span<const std::byte> in, LoadToRequest& m);
+Status decode(std::span<const std::byte> in, SaveFromRequest& m);
 
 /// A reply payload's status prefix: u8 code, string message. encode_status appends it;
 /// decode_status reads it and returns the body that follows (empty unless the code is kOk).

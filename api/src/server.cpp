@@ -4,6 +4,8 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <functional>
+#include <optional>
 #include <unordered_set>
 #include <vector>
 
@@ -20,6 +22,8 @@
 #include "api/src/mailbox.h"
 #include "api/src/protocol.h"
 #include "api/src/socket_io.h"
+#include "api/src/kv_copy.h"
+#include "transfer/shared_device_memory.h"
 
 namespace kvtier {
 
@@ -31,6 +35,7 @@ constexpr size_t kMaxLeasesPerSession = 4096;
 constexpr size_t kMaxLeasedBlocksPerSession = 256 * 1024;  // ~18 MiB of match state
 constexpr size_t kMaxNamespacesPerSession = 1024;  // each is recorded in the catalog
 constexpr size_t kMaxPinnedBlocksPerSession = 256 * 1024;  // pins a client may hold at once
+constexpr size_t kMaxRegionsPerSession = 4096;  // registered memory regions (per-layer tensors)
 
 Status invalid(std::string m) { return Status(StatusCode::kInvalidArgument, std::move(m)); }
 
@@ -47,12 +52,17 @@ std::string_view op_name(uint16_t op) {
     case Op::kUnpin: return "unpin";
     case Op::kStats: return "stats";
     case Op::kDoorbell: return "doorbell";
+    case Op::kRegisterMemory: return "register_memory";
+    case Op::kUnregisterMemory: return "unregister_memory";
+    case Op::kLoadTo: return "load_to";
+    case Op::kSaveFrom: return "save_from";
   }
   return "unknown";
 }
 
 constexpr Op kAllOps[] = {Op::kHello, Op::kOpenNamespace, Op::kLookup, Op::kLoad, Op::kRelease,
-                          Op::kSave, Op::kPrefetch, Op::kPin, Op::kUnpin, Op::kStats};
+                          Op::kSave, Op::kPrefetch, Op::kPin, Op::kUnpin, Op::kStats,
+                          Op::kRegisterMemory, Op::kUnregisterMemory, Op::kLoadTo, Op::kSaveFrom};
 
 }  // namespace
 
@@ -73,6 +83,9 @@ struct Server::Session {
   std::unordered_map<LeaseId, Match> leases;
   size_t leased_blocks = 0;  // blocks over all entries of `leases`
   PinLedger pins;  // the priority pins this session holds
+  // Memory the client registered (kRegisterMemory): the daemon loads into and saves from it.
+  std::unordered_map<uint32_t, std::unique_ptr<MappedDeviceMemory>> regions;
+  uint32_t next_region = 1;
 
   /// The window bytes [offset, offset + bytes), or kInvalidArgument when outside the window.
   Result<std::byte*> window_span(uint64_t offset, uint64_t bytes) const {
@@ -91,7 +104,7 @@ struct Server::Instruments {
     Counter* errors = nullptr;
     Histogram* seconds = nullptr;
   };
-  PerOp ops[16];
+  PerOp ops[proto::kLastOp + 1];
   Counter* tokens_restored = nullptr;
   Counter* bytes_loaded = nullptr;
   Counter* bytes_saved = nullptr;
@@ -310,6 +323,19 @@ struct Handler {
   Status open_namespace(std::span<const std::byte> payload);
   Status lookup(std::span<const std::byte> payload);
   Status load(std::span<const std::byte> payload);
+  Status load_to(std::span<const std::byte> payload);
+  Status save_from(std::span<const std::byte> payload);
+  Status register_memory(std::span<const std::byte> payload);
+  Status unregister_memory(std::span<const std::byte> payload);
+
+  /// Blocks [first_block, +block_count) of one of this session's leases.
+  Result<Match> leased_blocks(uint64_t lease, uint32_t first_block, uint64_t block_count);
+  /// How many layers [begin, +count) names (count 0: to the last); kInvalidArgument for none.
+  Result<uint32_t> layer_count(uint32_t begin, uint32_t count) const;
+  /// Pins `part` for `copy`, then fills the reply and the load's measurements.
+  Status pinned_load(const Match& part, uint32_t layer_begin, uint32_t layers, const std::function<Status()>& copy);
+  /// A KV buffer in this session's registered regions, every place checked against its region.
+  Result<KvBuffer> region_buffer(const proto::RegionBuffer& rb);
   Status release(std::span<const std::byte> payload);
   Status save(std::span<const std::byte> payload);
   Status prefix_op(Op op, std::span<const std::byte> payload);
@@ -448,35 +474,36 @@ Status Handler::lookup(std::span<const std::byte> payload) {
   return Status::ok();
 }
 
-Status Handler::load(std::span<const std::byte> payload) {
-  proto::LoadRequest req;
-  KVTIER_RETURN_IF_ERROR(decode(payload, req));
-  auto it = s.leases.find(req.lease);
-  if (it == s.leases.end()) return Status(StatusCode::kNotFound, "lease " + std::to_string(req.lease) + " is not held by this client");
+Result<Match> Handler::leased_blocks(uint64_t lease, uint32_t first_block, uint64_t block_count) {
+  auto it = s.leases.find(lease);
+  if (it == s.leases.end()) return Status(StatusCode::kNotFound, "lease " + std::to_string(lease) + " is not held by this client");
   const Match& m = it->second;
-  if (req.first_block > m.blocks.size() || req.block_count > m.blocks.size() - req.first_block) {
-    return invalid("blocks [" + std::to_string(req.first_block) + ", +" + std::to_string(req.block_count) +
+  if (first_block > m.blocks.size() || block_count > m.blocks.size() - first_block) {
+    return invalid("blocks [" + std::to_string(first_block) + ", +" + std::to_string(block_count) +
                    ") are outside the lease's " + std::to_string(m.blocks.size()) + " blocks");
   }
-  const uint32_t all_layers = store.layout().num_layers;
-  const uint32_t layers = LayerRange{req.layer_begin, req.layer_count}.size(all_layers);
-  if (layers == 0) {
-    return invalid("layers [" + std::to_string(req.layer_begin) + ", +" + std::to_string(req.layer_count) +
-                   ") are outside the layout's " + std::to_string(all_layers));
-  }
-  const uint64_t block_bytes = uint64_t(layers) * store.layout().bytes_per_block_layer();  // in the window
-  if (req.block_count > UINT64_MAX / block_bytes) return invalid("block count overflows");
-  auto base = s.window_span(req.window_offset, uint64_t(req.block_count) * block_bytes);
-  if (!base) return base.status();
   Match part;
   part.lease = m.lease;
-  part.blocks.assign(m.blocks.begin() + req.first_block, m.blocks.begin() + req.first_block + req.block_count);
-  part.tokens = uint64_t(req.block_count) * store.layout().block_tokens;
+  part.blocks.assign(m.blocks.begin() + first_block, m.blocks.begin() + first_block + block_count);
+  part.tokens = block_count * store.layout().block_tokens;
+  return part;
+}
+
+Result<uint32_t> Handler::layer_count(uint32_t begin, uint32_t count) const {
+  const uint32_t all_layers = store.layout().num_layers;
+  const uint32_t layers = LayerRange{begin, count}.size(all_layers);
+  if (layers == 0) {
+    return invalid("layers [" + std::to_string(begin) + ", +" + std::to_string(count) + ") are outside the layout's " +
+                   std::to_string(all_layers));
+  }
+  return layers;
+}
+
+Status Handler::pinned_load(const Match& part, uint32_t layer_begin, uint32_t layers,
+                            const std::function<Status()>& copy) {
   uint32_t from_nvme = 0;
-  std::vector<std::byte*> dsts;
-  for (size_t i = 0; i < part.blocks.size(); ++i) {
-    dsts.push_back(*base + i * block_bytes);
-    auto now = store.tiers().index().get(part.blocks[i].key);
+  for (const BlockResidency& b : part.blocks) {
+    auto now = store.tiers().index().get(b.key);
     if (now && !now->resident_in(Tier::kHost) && !now->resident_in(Tier::kHbm)) ++from_nvme;
   }
   // Pin for the copy itself: the lease may have expired (a client can wait it out), and an
@@ -494,20 +521,165 @@ Status Handler::load(std::span<const std::byte> payload) {
     }
     held.push_back(b.key);
   }
-  if (!part.blocks.empty()) {
-    auto h = store.tiers().load(part, dsts, LocationKind::kHost, {}, {req.layer_begin, layers});
-    Status st = h ? h->wait() : h.status();
-    unpin_all();
-    KVTIER_RETURN_IF_ERROR(st);
-  } else {
-    unpin_all();
-  }
+  Status st = part.blocks.empty() ? Status::ok() : copy();
+  unpin_all();
+  KVTIER_RETURN_IF_ERROR(st);
+  const uint32_t all_layers = store.layout().num_layers;
   // A load in layer slices restores its tokens once: with the slice that ends at the last layer.
-  if (req.layer_begin + layers == all_layers) restored_tokens = part.tokens;
-  loaded_bytes = uint64_t(req.block_count) * block_bytes;
-  loaded_blocks = double(req.block_count) * layers / all_layers;
+  if (layer_begin + layers == all_layers) restored_tokens = part.tokens;
+  loaded_bytes = part.blocks.size() * layers * store.layout().bytes_per_block_layer();
+  loaded_blocks = double(part.blocks.size()) * layers / all_layers;
   nvme_blocks = from_nvme;
-  proto::encode(proto::LoadReply{.blocks = req.block_count, .from_nvme = from_nvme}, body);
+  proto::encode(proto::LoadReply{.blocks = static_cast<uint32_t>(part.blocks.size()), .from_nvme = from_nvme}, body);
+  return Status::ok();
+}
+
+Status Handler::load(std::span<const std::byte> payload) {
+  proto::LoadRequest req;
+  KVTIER_RETURN_IF_ERROR(decode(payload, req));
+  auto part = leased_blocks(req.lease, req.first_block, req.block_count);
+  if (!part) return part.status();
+  auto layers = layer_count(req.layer_begin, req.layer_count);
+  if (!layers) return layers.status();
+  const uint64_t block_bytes = uint64_t(*layers) * store.layout().bytes_per_block_layer();  // in the window
+  auto base = s.window_span(req.window_offset, uint64_t(req.block_count) * block_bytes);
+  if (!base) return base.status();
+  std::vector<std::byte*> dsts;
+  for (size_t i = 0; i < part->blocks.size(); ++i) dsts.push_back(*base + i * block_bytes);
+  return pinned_load(*part, req.layer_begin, *layers, [&] {
+    auto h = store.tiers().load(*part, dsts, LocationKind::kHost, {}, {req.layer_begin, *layers});
+    return h ? h->wait() : h.status();
+  });
+}
+
+Status Handler::register_memory(std::span<const std::byte> payload) {
+  proto::RegisterMemoryRequest req;
+  KVTIER_RETURN_IF_ERROR(decode(payload, req));
+  const auto kind = static_cast<ShareKind>(req.kind);
+  if ((kind == ShareKind::kMemfd) != (passed_fd >= 0)) {
+    return invalid(kind == ShareKind::kMemfd ? "a memfd registration came without its descriptor"
+                                             : "a CUDA IPC registration passes no descriptor");
+  }
+  if (s.regions.size() >= kMaxRegionsPerSession) {
+    return Status(StatusCode::kResourceExhausted, "this client registered " + std::to_string(kMaxRegionsPerSession) +
+                                                      " memory regions, the most one client may");
+  }
+  auto mapped = map_device_memory(DeviceShare{.kind = kind, .ipc_handle = req.ipc_handle, .offset = req.offset,
+                                              .bytes = req.bytes, .fd = passed_fd});
+  if (!mapped) return mapped.status();
+  uint32_t id = s.next_region++;
+  if (id == 0) id = s.next_region++;  // 0 never names a region
+  s.regions.emplace(id, std::move(*mapped));
+  proto::encode(proto::RegisterMemoryReply{.region = id}, body);
+  return Status::ok();
+}
+
+Status Handler::unregister_memory(std::span<const std::byte> payload) {
+  proto::UnregisterMemoryRequest req;
+  KVTIER_RETURN_IF_ERROR(decode(payload, req));
+  if (s.regions.erase(req.region) == 0) {
+    return Status(StatusCode::kNotFound, "region " + std::to_string(req.region) + " is not registered by this client");
+  }
+  proto::encode(proto::CountReply{.count = 1}, body);
+  return Status::ok();
+}
+
+Result<KvBuffer> Handler::region_buffer(const proto::RegionBuffer& rb) {
+  const KvLayout& layout = store.layout();
+  const bool device_is_host = store.tiers().transfer().copy_engine().device_memory_is_host();
+  // Every place must lie in one of this client's regions, `bytes` long from its offset.
+  std::optional<bool> cuda;
+  auto place = [&](const proto::RegionRef& p, uint64_t bytes, const char* what) -> Result<std::byte*> {
+    auto it = s.regions.find(p.region);
+    if (it == s.regions.end()) {
+      return Status(StatusCode::kNotFound, "region " + std::to_string(p.region) + " is not registered by this client");
+    }
+    const MappedDeviceMemory& m = *it->second;
+    if (p.offset > m.size() || bytes > m.size() - p.offset) {
+      return invalid(std::string(what) + " [" + std::to_string(p.offset) + ", +" + std::to_string(bytes) +
+                     ") runs past region " + std::to_string(p.region) + " of " + std::to_string(m.size()) + " bytes");
+    }
+    if (cuda && *cuda != m.is_cuda()) return invalid("one KV buffer spans GPU memory and emulated device memory");
+    cuda = m.is_cuda();
+    return m.data() + p.offset;
+  };
+  KvBuffer buf;
+  if (rb.layout == 0) {
+    buf.blocks.reserve(rb.places.size());
+    for (const proto::RegionRef& p : rb.places) {
+      auto at = place(p, layout.bytes_per_block(), "a block");
+      if (!at) return at.status();
+      buf.blocks.push_back(*at);
+    }
+  } else {
+    if (layout.kind != AttentionKind::kStandard) return invalid("paged KV buffers need a standard (non-MLA) layout");
+    if (rb.places.size() != layout.num_layers) {
+      return invalid("a paged KV buffer has one tensor per layer: " + std::to_string(rb.places.size()) + " for " +
+                     std::to_string(layout.num_layers) + " layers");
+    }
+    if (rb.engine_num_pages == 0) return invalid("a paged KV buffer has no pages");
+    // Every engine layout holds pages × (K and V of a block's tokens) per layer tensor.
+    const uint64_t tensor = uint64_t(rb.engine_num_pages) * layout.bytes_per_block_layer();
+    for (const proto::RegionRef& p : rb.places) {
+      auto at = place(p, tensor, "a layer tensor");
+      if (!at) return at.status();
+      buf.layer_base.push_back(*at);
+    }
+    buf.engine = static_cast<kernels::EngineLayout>(rb.layout - 1);
+    buf.engine_num_pages = rb.engine_num_pages;
+    buf.pages = rb.pages;
+  }
+  // GPU memory is device memory; a memfd stands in for it where the daemon's copies run on the
+  // host too, and is plain host memory to a daemon with a GPU.
+  buf.memory = cuda.value_or(false) || device_is_host ? LocationKind::kDevice : LocationKind::kHost;
+  KVTIER_RETURN_IF_ERROR(check_kv_buffer(layout, buf, device_is_host || buf.memory == LocationKind::kHost));
+  return buf;
+}
+
+Status Handler::load_to(std::span<const std::byte> payload) {
+  proto::LoadToRequest req;
+  KVTIER_RETURN_IF_ERROR(decode(payload, req));
+  auto part = leased_blocks(req.lease, req.first_block, req.dst.block_count());
+  if (!part) return part.status();
+  auto layers = layer_count(req.layer_begin, req.layer_count);
+  if (!layers) return layers.status();
+  auto dst = region_buffer(req.dst);
+  if (!dst) return dst.status();
+  const LayerRange range{req.layer_begin, *layers};
+  const uint64_t layer_bytes = store.layout().bytes_per_block_layer();
+  return pinned_load(*part, req.layer_begin, *layers, [&]() -> Status {
+    if (!dst->is_paged()) {
+      std::vector<std::byte*> dsts;  // the tier manager writes the range's layers from here on
+      for (std::byte* b : dst->blocks) dsts.push_back(b + uint64_t(req.layer_begin) * layer_bytes);
+      auto h = store.tiers().load(*part, dsts, dst->memory, {}, range);
+      return h ? h->wait() : h.status();
+    }
+    // Paged (host-visible memory only, see region_buffer): restore the layers into scratch, then
+    // unpack them into the engine's pages.
+    const size_t n = part->blocks.size();
+    const uint64_t block_bytes = *layers * layer_bytes;
+    std::vector<std::byte> scratch(n * block_bytes);
+    std::vector<std::byte*> dsts;
+    for (size_t i = 0; i < n; ++i) dsts.push_back(scratch.data() + i * block_bytes);
+    auto h = store.tiers().load(*part, dsts, LocationKind::kHost, {}, range);
+    Status st = h ? h->wait() : h.status();
+    if (!st) return st;
+    auto done = scatter_blocks(store.layout(), scratch.data(), *dst, 0, n, &store.tiers().transfer(), range);
+    return done ? done->wait() : done.status();
+  });
+}
+
+Status Handler::save_from(std::span<const std::byte> payload) {
+  proto::SaveFromRequest req;
+  KVTIER_RETURN_IF_ERROR(decode(payload, req));
+  if (auto n = ns(req.namespace_id); !n) return n.status();
+  auto src = region_buffer(req.src);
+  if (!src) return src.status();
+  auto saved = store.save(req.namespace_id, req.tokens, *src, static_cast<Priority>(req.priority), req.extras,
+                          req.first_block);
+  if (!saved) return saved.status();
+  saved_bytes = *saved * store.layout().bytes_per_block();
+  proto::encode(proto::SaveReply{.saved = static_cast<uint32_t>(*saved)}, body);
   return Status::ok();
 }
 
@@ -578,7 +750,7 @@ Status Handler::prefix_op(Op op, std::span<const std::byte> payload) {
 /// has something (a frame, a doorbell, the end of the stream). Polls both for the session's spin
 /// budget (AdaptiveSpin), the socket every 64 rounds, then parks (mailbox.h) and blocks on the
 /// socket. It spins only while it holds one of the `max_spinning` places in `spinning`.
-bool wait_request(Server::Session& s, proto::FrameReader& reader, int& passed_fd, std::atomic<int>& spinning,
+bool wait_request(Server::Session& s, proto::FrameReader& reader, std::atomic<int>& spinning,
                   int max_spinning) {
   using proto::Mailbox;
   const auto start = std::chrono::steady_clock::now();
@@ -595,7 +767,7 @@ bool wait_request(Server::Session& s, proto::FrameReader& reader, int& passed_fd
     for (uint32_t i = 1;; ++i) {
       if (s.mailbox.seq(Mailbox::kRequest) != s.mailbox_seen) return arrived();
       if (i % 64 == 0) {
-        if (reader.try_fill(passed_fd)) return false;
+        if (reader.try_fill()) return false;
         if (std::chrono::steady_clock::now() - start > budget) break;
       }
       proto::cpu_relax();
@@ -637,7 +809,7 @@ void Server::serve(std::shared_ptr<Session> session) {
   for (;;) {
     int passed_fd = -1;
     Status got;
-    from_mailbox = s.mailbox && !reader.buffered() && wait_request(s, reader, passed_fd, spinning_, max_spinning_);
+    from_mailbox = s.mailbox && !reader.buffered() && wait_request(s, reader, spinning_, max_spinning_);
     if (from_mailbox) {
       s.mailbox_seen = s.mailbox.seq(proto::Mailbox::kRequest);
       s.mailbox.read(proto::Mailbox::kRequest, frame);
@@ -682,6 +854,10 @@ void Server::serve(std::shared_ptr<Session> session) {
         case Op::kLoad: st = h.load(payload); break;
         case Op::kRelease: st = h.release(payload); break;
         case Op::kSave: st = h.save(payload); break;
+        case Op::kLoadTo: st = h.load_to(payload); break;
+        case Op::kSaveFrom: st = h.save_from(payload); break;
+        case Op::kRegisterMemory: st = h.register_memory(payload); break;
+        case Op::kUnregisterMemory: st = h.unregister_memory(payload); break;
         case Op::kPrefetch:
         case Op::kPin:
         case Op::kUnpin: st = h.prefix_op(static_cast<Op>(header.op), payload); break;
@@ -730,6 +906,7 @@ void Server::end_session(Session& s) {
   for (auto& [lease, match] : s.leases) index.release(lease).ignore();  // kNotFound: expired already
   s.leases.clear();
   s.pins.unpin_all(index);
+  s.regions.clear();  // unmapped: the client's memory is its own again
   if (s.window) ::munmap(s.window, s.mapped_bytes);
   s.window = nullptr;
   m_->clients_connected->add(-1);

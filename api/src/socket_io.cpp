@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <utility>
 
 #include <poll.h>
 #include <sys/socket.h>
@@ -42,21 +43,6 @@ ssize_t recv_some(int sock, std::byte* buf, size_t n, int flags, int& received_f
   const ssize_t r = ::recvmsg(sock, &msg, flags | MSG_CMSG_CLOEXEC);
   if (r >= 0 && msg.msg_controllen > 0) close_fds(msg, received_fd);
   return r;
-}
-
-/// Reads exactly n bytes. Returns the bytes read before a clean EOF (< n) or -1 on error.
-ssize_t read_exact(int sock, std::byte* buf, size_t n, int& received_fd) {
-  size_t got = 0;
-  while (got < n) {
-    const ssize_t r = recv_some(sock, buf + got, n - got, 0, received_fd);
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      return -1;
-    }
-    if (r == 0) return static_cast<ssize_t>(got);
-    got += static_cast<size_t>(r);
-  }
-  return static_cast<ssize_t>(got);
 }
 
 }  // namespace
@@ -115,7 +101,11 @@ constexpr size_t kReadBuffer = 64 * 1024;
 
 FrameReader::FrameReader(int sock) : sock_(sock), buf_(kReadBuffer) {}
 
-ssize_t FrameReader::fill(int& received_fd) {
+FrameReader::~FrameReader() {
+  if (pending_fd_ >= 0) ::close(pending_fd_);
+}
+
+ssize_t FrameReader::fill() {
   if (begin_ == end_) begin_ = end_ = 0;
   if (end_ == buf_.size()) {  // the unread tail moves to the front
     std::memmove(buf_.data(), buf_.data() + begin_, end_ - begin_);
@@ -125,7 +115,7 @@ ssize_t FrameReader::fill(int& received_fd) {
   const auto start = std::chrono::steady_clock::now();
   int flags = MSG_DONTWAIT;
   for (;;) {
-    const ssize_t r = recv_some(sock_, buf_.data() + end_, buf_.size() - end_, flags, received_fd);
+    const ssize_t r = recv_into(buf_.data() + end_, buf_.size() - end_, flags);
     if (r >= 0) {
       end_ += static_cast<size_t>(r);
       return r;
@@ -137,10 +127,10 @@ ssize_t FrameReader::fill(int& received_fd) {
   }
 }
 
-bool FrameReader::try_fill(int& received_fd) {
+bool FrameReader::try_fill() {
   if (begin_ == end_) begin_ = end_ = 0;
   if (end_ == buf_.size()) return true;  // full: the caller has a frame to read
-  const ssize_t r = recv_some(sock_, buf_.data() + end_, buf_.size() - end_, MSG_DONTWAIT, received_fd);
+  const ssize_t r = recv_into(buf_.data() + end_, buf_.size() - end_, MSG_DONTWAIT);
   if (r > 0) {
     end_ += static_cast<size_t>(r);
     return true;
@@ -155,30 +145,54 @@ void FrameReader::wait_readable() const {
   }
 }
 
+ssize_t FrameReader::recv_into(std::byte* buf, size_t n, int flags) {
+  const bool had_fd = pending_fd_ >= 0;
+  const ssize_t r = recv_some(sock_, buf, n, flags, pending_fd_);
+  if (r > 0) received_ += static_cast<uint64_t>(r);
+  // The kernel ends a read with the message that carried descriptors, so they belong to the frame
+  // that holds the read's last byte.
+  if (!had_fd && pending_fd_ >= 0) fd_last_byte_ = received_ - 1;
+  return r;
+}
+
 Status FrameReader::next(FrameHeader& header, std::vector<std::byte>& payload, int& received_fd) {
   received_fd = -1;
   while (end_ - begin_ < kHeaderBytes) {
-    const ssize_t r = fill(received_fd);
+    const ssize_t r = fill();
     if (r < 0) return gone("recv");
     if (r == 0) {
       if (end_ == begin_) return Status(StatusCode::kUnavailable, "peer closed the connection");
       return Status(StatusCode::kProtocolError, "stream ended inside a frame header");
     }
   }
+  const uint64_t frame_start = received_ - (end_ - begin_);
   auto h = decode_header(std::span<const std::byte>(buf_.data() + begin_, kHeaderBytes));
   if (!h) return h.status();
   begin_ += kHeaderBytes;
   header = *h;
+  // A descriptor that arrived with this frame's bytes goes out with it; one that came with a
+  // later frame's (read ahead into the buffer) waits for that frame.
+  struct HandOut {
+    FrameReader& r;
+    uint64_t frame_end;
+    int& out;
+    ~HandOut() {
+      if (r.pending_fd_ >= 0 && r.fd_last_byte_ < frame_end) out = std::exchange(r.pending_fd_, -1);
+    }
+  } hand_out{*this, frame_start + kHeaderBytes + header.payload_bytes, received_fd};
   payload.resize(header.payload_bytes);
   const size_t buffered = std::min<size_t>(end_ - begin_, payload.size());
   if (buffered > 0) std::memcpy(payload.data(), buf_.data() + begin_, buffered);
   begin_ += buffered;
-  if (buffered < payload.size()) {  // the rest straight into the payload, past the buffer
-    const ssize_t n = read_exact(sock_, payload.data() + buffered, payload.size() - buffered, received_fd);
-    if (n < 0) return gone("recv");
-    if (static_cast<size_t>(n) < payload.size() - buffered) {
-      return Status(StatusCode::kProtocolError, "stream ended inside a frame payload");
+  // The rest straight into the payload, past the buffer.
+  for (size_t got = buffered; got < payload.size();) {
+    const ssize_t n = recv_into(payload.data() + got, payload.size() - got, 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return gone("recv");
     }
+    if (n == 0) return Status(StatusCode::kProtocolError, "stream ended inside a frame payload");
+    got += static_cast<size_t>(n);
   }
   return Status::ok();
 }

@@ -41,6 +41,9 @@ Status send_frame(int sock, uint16_t op, uint32_t request_id, std::span<const st
 class FrameReader {
  public:
   explicit FrameReader(int sock);
+  ~FrameReader();
+  FrameReader(const FrameReader&) = delete;
+  FrameReader& operator=(const FrameReader&) = delete;
 
   /// Reads one frame. kUnavailable at a clean end of stream (the peer closed between frames),
   /// kProtocolError for a bad header or a stream cut inside a frame. A descriptor passed with the
@@ -51,17 +54,22 @@ class FrameReader {
   /// True when bytes of a frame wait in the buffer.
   bool buffered() const noexcept { return end_ > begin_; }
   /// One non-blocking read: true when the socket had something — bytes, the end of the stream or
-  /// an error (next() then reports it).
-  bool try_fill(int& received_fd);
+  /// an error (next() then reports it). A descriptor that came along waits for next().
+  bool try_fill();
   /// Blocks until the socket is readable (bytes, end of stream or error).
   void wait_readable() const;
 
  private:
   /// Reads at least one byte into the buffer (after a bounded poll), or returns 0 at end of
   /// stream, -1 on error.
-  ssize_t fill(int& received_fd);
+  ssize_t fill();
+  /// One recvmsg into buf[0, n); counts the bytes and notes where a passed descriptor came.
+  ssize_t recv_into(std::byte* buf, size_t n, int flags);
 
   int sock_;
+  int pending_fd_ = -1;         // a passed descriptor not yet handed out with its frame
+  uint64_t received_ = 0;       // bytes read from the socket so far
+  uint64_t fd_last_byte_ = 0;   // stream offset of the last byte of the read that brought pending_fd_
   std::vector<std::byte> buf_;
   size_t begin_ = 0, end_ = 0;  // unread bytes are buf_[begin_, end_)
 };

@@ -110,6 +110,24 @@ SaveRequest sample_save() {
           .first_block = 1, .window_offset = 4096, .tokens = sample_tokens(64),
           .extras = sample_extras()};
 }
+RegisterMemoryRequest sample_register() {
+  RegisterMemoryRequest m{.kind = 0, .offset = 1ull << 33, .bytes = 3ull << 30};
+  for (size_t i = 0; i < m.ipc_handle.size(); ++i) m.ipc_handle[i] = std::byte(i * 3 + 1);
+  return m;
+}
+RegionBuffer sample_region_buffer(bool paged) {
+  if (!paged) return {.places = {{1, 0}, {1, 4096}, {2, 1ull << 40}}};
+  return {.layout = 3 /* 1 + FlashInfer HND */, .engine_num_pages = 900,
+          .places = {{3, 0}, {4, 64}}, .pages = {7, 0, 899}};
+}
+LoadToRequest sample_load_to() {
+  return {.lease = 0x1234567890ull, .first_block = 2, .layer_begin = 1, .layer_count = 3,
+          .dst = sample_region_buffer(false)};
+}
+SaveFromRequest sample_save_from() {
+  return {.namespace_id = 9, .priority = static_cast<uint8_t>(Priority::kHigh), .first_block = 1,
+          .tokens = sample_tokens(64), .extras = sample_extras(), .src = sample_region_buffer(true)};
+}
 PrefixRequest sample_prefix() {
   return {.namespace_id = 3, .arg = static_cast<uint8_t>(Tier::kHost),
           .tokens = sample_tokens(16), .extras = {}};
@@ -138,6 +156,11 @@ std::vector<Sample> all_samples() {
       {"PrefixRequest", encoded(sample_prefix()), &decode_as<PrefixRequest>},
       {"CountReply", encoded(CountReply{0x0102030405060708ull}), &decode_as<CountReply>},
       {"StatsReply", encoded(StatsReply{"kvtier_hits_total 12\n"}), &decode_as<StatsReply>},
+      {"RegisterMemoryRequest", encoded(sample_register()), &decode_as<RegisterMemoryRequest>},
+      {"RegisterMemoryReply", encoded(RegisterMemoryReply{5}), &decode_as<RegisterMemoryReply>},
+      {"UnregisterMemoryRequest", encoded(UnregisterMemoryRequest{5}), &decode_as<UnregisterMemoryRequest>},
+      {"LoadToRequest", encoded(sample_load_to()), &decode_as<LoadToRequest>},
+      {"SaveFromRequest", encoded(sample_save_from()), &decode_as<SaveFromRequest>},
   };
 }
 
@@ -151,7 +174,11 @@ std::vector<std::pair<Op, Bytes>> all_requests() {
           {Op::kLookup, encoded(sample_lookup())}, {Op::kLoad, encoded(sample_load())},
           {Op::kRelease, encoded(ReleaseRequest{1})}, {Op::kSave, encoded(sample_save())},
           {Op::kPrefetch, encoded(sample_prefix())}, {Op::kPin, encoded(pin)},
-          {Op::kUnpin, encoded(unpin)}};
+          {Op::kUnpin, encoded(unpin)},
+          {Op::kRegisterMemory, encoded(sample_register())},
+          {Op::kUnregisterMemory, encoded(UnregisterMemoryRequest{1})},
+          {Op::kLoadTo, encoded(sample_load_to())},
+          {Op::kSaveFrom, encoded(sample_save_from())}};
 }
 
 }  // namespace
@@ -215,6 +242,72 @@ TEST_CASE("Every request round-trips field by field") {
     CHECK(out.arg == in.arg);
     CHECK(out.tokens == in.tokens);
     check_same_extras(out.extras, in.extras);
+  }
+}
+
+namespace {
+void check_same_buffer(const RegionBuffer& out, const RegionBuffer& in) {
+  CHECK(out.layout == in.layout);
+  CHECK(out.engine_num_pages == in.engine_num_pages);
+  REQUIRE(out.places.size() == in.places.size());
+  for (size_t i = 0; i < in.places.size(); ++i) {
+    CHECK(out.places[i].region == in.places[i].region);
+    CHECK(out.places[i].offset == in.places[i].offset);
+  }
+  CHECK(out.pages == in.pages);
+}
+}  // namespace
+
+TEST_CASE("Registered-memory requests round-trip field by field") {
+  {
+    RegisterMemoryRequest in = sample_register(), out;
+    REQUIRE(decode(encoded(in), out).is_ok());
+    CHECK(out.kind == in.kind);
+    CHECK(out.ipc_handle == in.ipc_handle);
+    CHECK(out.offset == in.offset);
+    CHECK(out.bytes == in.bytes);
+  }
+  {
+    LoadToRequest in = sample_load_to(), out;
+    REQUIRE(decode(encoded(in), out).is_ok());
+    CHECK(out.lease == in.lease);
+    CHECK(out.first_block == in.first_block);
+    CHECK(out.layer_begin == in.layer_begin);
+    CHECK(out.layer_count == in.layer_count);
+    check_same_buffer(out.dst, in.dst);
+    CHECK(out.dst.block_count() == 3);
+  }
+  {
+    SaveFromRequest in = sample_save_from(), out;
+    REQUIRE(decode(encoded(in), out).is_ok());
+    CHECK(out.namespace_id == in.namespace_id);
+    CHECK(out.priority == in.priority);
+    CHECK(out.first_block == in.first_block);
+    CHECK(out.tokens == in.tokens);
+    check_same_extras(out.extras, in.extras);
+    check_same_buffer(out.src, in.src);
+    CHECK(out.src.block_count() == 3);
+  }
+  SECTION("shapes the decoder refuses") {
+    RegisterMemoryRequest empty = sample_register();
+    empty.bytes = 0;
+    RegisterMemoryRequest out;
+    CHECK(is_protocol_error(decode(encoded(empty), out)));
+    RegisterMemoryRequest kind = sample_register();
+    kind.kind = 2;
+    CHECK(is_protocol_error(decode(encoded(kind), out)));
+    LoadToRequest lt = sample_load_to(), lt_out;
+    lt.dst.layout = 4;  // no such engine layout
+    CHECK(is_protocol_error(decode(encoded(lt), lt_out)));
+    lt = sample_load_to();
+    lt.dst.pages = {1};  // a canonical buffer with pages
+    CHECK(is_protocol_error(decode(encoded(lt), lt_out)));
+    SaveFromRequest sf = sample_save_from(), sf_out;
+    sf.src.places.clear();  // a paged buffer without its layer tensors
+    CHECK(is_protocol_error(decode(encoded(sf), sf_out)));
+    sf = sample_save_from();
+    sf.priority = kNumPriorities;
+    CHECK(is_protocol_error(decode(encoded(sf), sf_out)));
   }
 }
 
@@ -469,14 +562,14 @@ TEST_CASE("Strings and lists at their limits decode and one past them does not")
 
 TEST_CASE("Unknown ops are refused") {
   Bytes hello = encoded(sample_hello());
-  for (uint16_t op : {uint16_t(0), uint16_t(12), uint16_t(kReplyBit | 1), uint16_t(0xFFFF)}) {
+  for (uint16_t op : {uint16_t(0), uint16_t(kLastOp + 1), uint16_t(kReplyBit | 1), uint16_t(0xFFFF)}) {
     CAPTURE(op);
     CHECK_FALSE(is_known_op(op));
     Status s = validate_request(op, hello);
     CHECK(is_protocol_error(s));
     CHECK(mentions(s, "unknown op"));
   }
-  for (uint16_t op = 1; op <= 10; ++op) CHECK(is_known_op(op));
+  for (uint16_t op = 1; op <= kLastOp; ++op) CHECK(is_known_op(op));
 }
 
 TEST_CASE("Unknown enum values are refused") {
@@ -723,6 +816,23 @@ TEST_CASE("FrameReader splits a stream into its frames however the bytes arrive"
     struct stat st{};
     CHECK(::fstat(fd, &st) == 0);
     ::close(fd);
+  }
+  SECTION("a descriptor read ahead with a later frame waits for that frame") {
+    // A doorbell, then a frame with a descriptor: one read may bring both, and the kernel hands
+    // the descriptor to that read. It belongs to the second frame, not the doorbell.
+    write_all(sp.b, frame_bytes(static_cast<uint16_t>(Op::kDoorbell), 0, {}));
+    const int mem = ::memfd_create("frame-reader-test", MFD_CLOEXEC);
+    REQUIRE(mem >= 0);
+    REQUIRE(send_frame(sp.b, static_cast<uint16_t>(Op::kRegisterMemory), 2, pattern(10, 1), mem).is_ok());
+    ::close(mem);
+    REQUIRE(reader.try_fill());  // both frames, and the descriptor, in the buffer now
+    REQUIRE(reader.next(h, payload, fd).is_ok());
+    CHECK(h.op == static_cast<uint16_t>(Op::kDoorbell));
+    CHECK(fd == -1);
+    REQUIRE(reader.next(h, payload, fd).is_ok());
+    CHECK(h.request_id == 2);
+    CHECK(fd >= 0);
+    if (fd >= 0) ::close(fd);
   }
   SECTION("the end of the stream between frames, inside a header, inside a payload") {
     Bytes f = frame_bytes(static_cast<uint16_t>(Op::kLookup), 1, pattern(40, 2));

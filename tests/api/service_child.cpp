@@ -5,10 +5,12 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
 #include "api/src/client.h"
+#include "transfer/shared_device_memory.h"
 #include "service_support.h"
 
 extern "C" int capi_smoke(const char* socket_path, const unsigned* tokens, size_t num_tokens);
@@ -79,6 +81,27 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (cmd == "capi") return capi_smoke(socket.c_str(), prompt.data(), prompt.size());
+  if (cmd == "device-share") {  // like share, into registered memory, through no window at all
+    auto c = Client::connect({.socket_path = socket, .window_bytes = 1024, .name = "service_child"});
+    if (!c) return fail("connect", c.status());
+    auto ns = (*c)->open_namespace({"m", "", ""});
+    if (!ns) return fail("open_namespace", ns.status());
+    const KvLayout& layout = (*c)->layout();
+    const uint64_t bpb = layout.bytes_per_block();
+    auto m = (*c)->lookup(*ns, prompt);
+    if (!m || m->tokens != arg) return fail("lookup did not match " + std::to_string(arg) + " tokens");
+    auto mem = DeviceAllocation::create(m->blocks.size() * bpb);
+    if (!mem) return fail("allocate", mem.status());
+    if (Status s = (*c)->register_memory(mem->data(), mem->size()); !s) return fail("register_memory", s);
+    auto h = (*c)->load(*m, KvBuffer::contiguous(mem->data(), m->blocks.size(), bpb, LocationKind::kDevice));
+    if (!h) return fail("load", h.status());
+    if (Status s = h->wait(); !s) return fail("load wait", s);
+    const auto expect = prompt_kv(prompt, layout, 0, m->blocks.size());
+    if (mem->is_cuda() || std::memcmp(mem->data(), expect.data(), expect.size()) != 0) {
+      return fail("restored KV differs from the saved KV");
+    }
+    return (*c)->release(*m).is_ok() ? 0 : fail("release");
+  }
 
   auto c = connect_or_die(socket);
   auto ns = c->open_namespace({"m", "", ""});

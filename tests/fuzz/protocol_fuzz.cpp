@@ -46,6 +46,7 @@ void check_replies(std::span<const std::byte> body) {
   check_decode<SaveReply>(body, "SaveReply");
   check_decode<CountReply>(body, "CountReply");
   check_decode<StatsReply>(body, "StatsReply");
+  check_decode<RegisterMemoryReply>(body, "RegisterMemoryReply");
 }
 
 }  // namespace
@@ -80,6 +81,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   check_decode<ReleaseRequest>(payload, "ReleaseRequest");
   check_decode<SaveRequest>(payload, "SaveRequest");
   check_decode<PrefixRequest>(payload, "PrefixRequest");
+  check_decode<RegisterMemoryRequest>(payload, "RegisterMemoryRequest");
+  check_decode<UnregisterMemoryRequest>(payload, "UnregisterMemoryRequest");
+  check_decode<LoadToRequest>(payload, "LoadToRequest");
+  check_decode<SaveFromRequest>(payload, "SaveFromRequest");
   check_replies(payload);
 
   Status remote;
