@@ -118,6 +118,18 @@ kvtier_status kvtier_save(kvtier_client* c, uint32_t ns, const uint32_t* tokens,
   return ok();
 }
 
+kvtier_status kvtier_register_memory(kvtier_client* c, void* base, uint64_t bytes) {
+  if (!c || !base || bytes == 0) return bad("client, base and bytes are required");
+  if (kvtier::Status s = c->client->register_memory(base, bytes); !s) return fail(s);
+  return ok();
+}
+
+kvtier_status kvtier_unregister_memory(kvtier_client* c, void* base) {
+  if (!c || !base) return bad("client and base are required");
+  if (kvtier::Status s = c->client->unregister_memory(base); !s) return fail(s);
+  return ok();
+}
+
 kvtier_status kvtier_pin(kvtier_client* c, uint32_t ns, const uint32_t* tokens, size_t n, int priority, size_t* count_out) {
   if (!c || (!tokens && n)) return bad("client and tokens are required");
   if (priority < 0 || priority >= kvtier::kNumPriorities) return bad("priority must be 0..3");

@@ -50,6 +50,15 @@ int capi_smoke(const char* socket_path, const unsigned* tokens, size_t num_token
     fprintf(stderr, "capi_smoke: a NULL model id was not refused\n");
     return 1;
   }
+  /* Plain host memory cannot be handed to the daemon: refused with a reason, the client serves on. */
+  if (kvtier_register_memory(c, kv, blocks * bpb) != KVTIER_INVALID_ARGUMENT || kvtier_last_error()[0] == 0) {
+    fprintf(stderr, "capi_smoke: registering malloc'd memory was not refused\n");
+    return 1;
+  }
+  if (kvtier_unregister_memory(c, kv) != KVTIER_NOT_FOUND) {
+    fprintf(stderr, "capi_smoke: unregistering what was never registered was not refused\n");
+    return 1;
+  }
   char* text = NULL;
   CHECK(kvtier_metrics(c, &text));
   int has = strstr(text, "kvtierd_requests_total") != NULL;

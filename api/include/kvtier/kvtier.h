@@ -74,6 +74,15 @@ kvtier_status kvtier_save(kvtier_client* client, uint32_t ns, const uint32_t* to
                           void* const* blocks, size_t num_blocks, size_t first_block, int device_memory,
                           int priority, size_t* saved_out);
 
+/* Hands [base, base + bytes) of this process's GPU memory (cudaMalloc'd, or a tensor inside such
+ * an allocation) to kvtierd over CUDA IPC. Loads into and saves from blocks that lie wholly in
+ * registered memory then go straight between the daemon's tiers and that memory, with no copy in
+ * this process. Register the engine's KV cache once; unregister it before freeing it (the daemon
+ * also drops it at disconnect). KVTIER_INVALID_ARGUMENT for memory that cannot be shared (plain
+ * host memory), KVTIER_ALREADY_EXISTS for a range overlapping a registered one. */
+kvtier_status kvtier_register_memory(kvtier_client* client, void* base, uint64_t bytes);
+kvtier_status kvtier_unregister_memory(kvtier_client* client, void* base);
+
 /* Pins (with a priority) or unpins the cached prefix of tokens; *count_out receives the blocks. */
 kvtier_status kvtier_pin(kvtier_client* client, uint32_t ns, const uint32_t* tokens, size_t num_tokens,
                          int priority, size_t* count_out);
