@@ -9,7 +9,8 @@
 //   c) one large load through the daemon, a 1K-token prompt of a Llama-3.1-8B layout (32 layers,
 //      2 MiB blocks, 128 MiB): time until wait_layer(0) returns and until the whole load is in
 //      place, for the Client (the load streams a slice of layers at a time through the window)
-//      and the in-process Store, next to one memcpy of the same bytes
+//      and the in-process Store, next to one memcpy of the same bytes; and for a Client whose
+//      destination is registered memory (Client::register_memory), which the daemon fills itself
 // The daemon is a Server started in this process (its own accept and per-connection threads);
 // the clients are threads of this process, each with its own Client connection and window.
 // NVMe is off: this measures the socket path, not the disk. Median of repeats, with min and max.
@@ -39,6 +40,7 @@
 #include "api/src/client.h"
 #include "api/src/server.h"
 #include "api/src/service_config.h"
+#include "transfer/shared_device_memory.h"
 #include "bench/bench_stats.h"
 #include "tools/synthetic_kv.h"
 
@@ -302,6 +304,8 @@ struct BenchServer {
 
 struct LayeredResult {
   std::vector<double> sock_first, sock_all, proc_first, proc_all, memcpy_all;  // ms per repeat
+  std::vector<double> reg_first, reg_all;  // into registered memory (DeviceAllocation)
+  bool reg_is_cuda = false;
 };
 
 LayeredResult run_layered(int repeats) {
@@ -322,33 +326,53 @@ LayeredResult run_layered(int repeats) {
   must(client.status(), "connect");
   auto cns = (*client)->open_namespace({.model_id = "bench-layered", .tenant = "", .adapter_id = ""});
   must(cns.status(), "client open_namespace");
-  auto time_load = [&](KvStore& s, NamespaceId n, std::vector<double>& first, std::vector<double>& all) {
+  // Registered memory: a second client whose window cannot hold one layer, so every byte it loads
+  // went straight from the daemon's tier into the registered memory (cudaMalloc with a GPU, else
+  // emulated device memory in a memfd).
+  auto reg = DeviceAllocation::create(blocks * bpb);
+  must(reg.status(), "allocate registered memory");
+  auto reg_client = Client::connect({.socket_path = bench.server->socket_path(), .window_bytes = 4096,
+                                     .name = "bench-registered"});
+  must(reg_client.status(), "connect");
+  must((*reg_client)->register_memory(reg->data(), reg->size()), "register_memory");
+  auto rns = (*reg_client)->open_namespace({.model_id = "bench-layered", .tenant = "", .adapter_id = ""});
+  must(rns.status(), "registered client open_namespace");
+  auto time_load = [&](KvStore& s, NamespaceId n, std::byte* into, LocationKind kind, std::vector<double>& first,
+                       std::vector<double>& all) {
     auto m = s.lookup(n, prompt);
     must(m.status(), "lookup");
     if (m->blocks.size() != blocks) must(Status(StatusCode::kInternal, "the prompt matched short"), "lookup");
     const auto t0 = Clock::now();
-    auto h = s.load(*m, KvBuffer::contiguous(out.data(), blocks, bpb));
+    auto h = s.load(*m, KvBuffer::contiguous(into, blocks, bpb, kind));
     must(h.status(), "load");
     must(h->wait_layer(0), "wait_layer");
     first.push_back(us_since(t0) / 1000);
     must(h->wait(), "load");
     all.push_back(us_since(t0) / 1000);
     must(s.release(*m), "release");
-    if (std::memcmp(out.data(), kv.data(), out.size()) != 0) must(Status(StatusCode::kInternal, "bytes differ"), "load");
+    const bool readable = kind == LocationKind::kHost || !reg->is_cuda();
+    if (readable && std::memcmp(into, kv.data(), kv.size()) != 0) {
+      must(Status(StatusCode::kInternal, "bytes differ"), "load");
+    }
+    if (readable) std::memset(into, 0, kv.size());  // the next load must write every byte again
   };
   LayeredResult r;
+  r.reg_is_cuda = reg->is_cuda();
   std::vector<double> warm;
-  time_load(**client, *cns, warm, warm);  // first touch of the window and the output
-  time_load(store, *ns, warm, warm);
+  time_load(**client, *cns, out.data(), LocationKind::kHost, warm, warm);  // first touch of the window and the output
+  time_load(store, *ns, out.data(), LocationKind::kHost, warm, warm);
+  time_load(**reg_client, *rns, reg->data(), LocationKind::kDevice, warm, warm);
   for (int i = 0; i < repeats; ++i) {
-    time_load(**client, *cns, r.sock_first, r.sock_all);
-    time_load(store, *ns, r.proc_first, r.proc_all);
+    time_load(**client, *cns, out.data(), LocationKind::kHost, r.sock_first, r.sock_all);
+    time_load(**reg_client, *rns, reg->data(), LocationKind::kDevice, r.reg_first, r.reg_all);
+    time_load(store, *ns, out.data(), LocationKind::kHost, r.proc_first, r.proc_all);
     const auto t0 = Clock::now();
     std::memcpy(copy.data(), kv.data(), kv.size());
     do_not_optimize(copy[copy.size() / 2]);
     r.memcpy_all.push_back(us_since(t0) / 1000);
   }
   client->reset();
+  reg_client->reset();
   std::printf("\nc) one load of a cached %zu-token prompt, %s (%zu blocks, %.0f MiB), %d repeats\n"
               "   median (min .. max), ms                first layer in place        whole load in place\n",
               kTokens, layout.describe().c_str(), blocks, blocks * bpb / 1048576.0, repeats);
@@ -358,6 +382,7 @@ LayeredResult run_layered(int repeats) {
                 y.min, y.max);
   };
   row("socket Client::load (64 MiB window)", r.sock_first, r.sock_all);
+  row(r.reg_is_cuda ? "socket, registered GPU memory" : "socket, registered memory (memfd)", r.reg_first, r.reg_all);
   row("in-process Store::load", r.proc_first, r.proc_all);
   row("reference: one memcpy of the bytes", r.memcpy_all, r.memcpy_all);
   return r;
@@ -502,5 +527,11 @@ int main(int argc, char** argv) {
   std::printf("  128 MiB load, first layer in place      %10.2f ms  %16.2f ms  %9.2f  -\n", sf, pf, sf / pf);
   std::printf("  128 MiB load, whole load in place       %10.2f ms  %16.2f ms  %9.2f  -\n", sa, pa, sa / pa);
   std::printf("  128 MiB load, socket vs one memcpy      %10.2f ms  %16.2f ms  %9.2f  -\n", sa, mc, sa / mc);
+  const double ra = summarize(layered.reg_all).median, rf = summarize(layered.reg_first).median;
+  std::printf("  128 MiB load into registered memory     %10.2f ms  %16.2f ms  %9.2f  - (vs the window path)\n", ra, sa,
+              ra / sa);
+  std::printf("  registered, first layer in place        %10.2f ms  %16.2f ms  %9.2f  - (vs the window path)\n", rf, sf,
+              rf / sf);
+  std::printf("  registered vs one memcpy                %10.2f ms  %16.2f ms  %9.2f  -\n", ra, mc, ra / mc);
   return errors == 0 ? 0 : 1;
 }
