@@ -79,7 +79,8 @@ struct Server::Session {
   proto::Mailbox mailbox;         // the client's fast path for small requests (mailbox.h)
   uint32_t mailbox_seen = 0;      // the last request sequence number taken from it
   proto::AdaptiveSpin spin;       // how long to spin for the next request before parking
-  std::unordered_set<NamespaceId> namespaces;  // opened by this session (tenant checked)
+  std::unordered_map<NamespaceId, const TenantRule*> namespaces;  // opened by this session, and their tenant
+  std::unordered_map<const TenantRule*, uint64_t> tenant_pins;    // pins held here, per tenant (quotas)
   std::unordered_map<LeaseId, Match> leases;
   size_t leased_blocks = 0;  // blocks over all entries of `leases`
   PinLedger pins;  // the priority pins this session holds
@@ -319,6 +320,16 @@ struct Handler {
     return store.namespace_of(id);
   }
 
+  /// kPermissionDenied when namespace `id`'s tenant may not save or pin at `p`.
+  Status check_priority(uint32_t id, Priority p) const {
+    auto it = s.namespaces.find(id);
+    if (it == s.namespaces.end() || p <= it->second->max_priority) return Status::ok();
+    return Status(StatusCode::kPermissionDenied,
+                  "tenant '" + it->second->name + "' may save and pin at priority up to '" +
+                      std::string(priority_name(it->second->max_priority)) + "', not '" +
+                      std::string(priority_name(p)) + "'");
+  }
+
   Status hello(std::span<const std::byte> payload);
   Status open_namespace(std::span<const std::byte> payload);
   Status lookup(std::span<const std::byte> payload);
@@ -426,7 +437,7 @@ Status Handler::open_namespace(std::span<const std::byte> payload) {
   auto id = store.open_namespace_spec({.model_id = req.model_id, .layout = store.layout(),
                                        .tenant_salt = tenant->salt, .adapter_id = req.adapter_id});
   if (!id) return id.status();
-  s.namespaces.insert(*id);
+  s.namespaces.emplace(*id, tenant);
   proto::encode(proto::OpenNamespaceReply{.namespace_id = *id}, body);
   return Status::ok();
 }
@@ -673,6 +684,7 @@ Status Handler::save_from(std::span<const std::byte> payload) {
   proto::SaveFromRequest req;
   KVTIER_RETURN_IF_ERROR(decode(payload, req));
   if (auto n = ns(req.namespace_id); !n) return n.status();
+  KVTIER_RETURN_IF_ERROR(check_priority(req.namespace_id, static_cast<Priority>(req.priority)));
   auto src = region_buffer(req.src);
   if (!src) return src.status();
   auto saved = store.save(req.namespace_id, req.tokens, *src, static_cast<Priority>(req.priority), req.extras,
@@ -700,6 +712,7 @@ Status Handler::save(std::span<const std::byte> payload) {
   proto::SaveRequest req;
   KVTIER_RETURN_IF_ERROR(decode(payload, req));
   if (auto n = ns(req.namespace_id); !n) return n.status();
+  KVTIER_RETURN_IF_ERROR(check_priority(req.namespace_id, static_cast<Priority>(req.priority)));
   const uint32_t bt = store.layout().block_tokens;
   const size_t full = req.tokens.size() / bt;
   if (req.first_block > full) return invalid("first_block is past the prompt's full blocks");
@@ -729,9 +742,20 @@ Status Handler::prefix_op(Op op, std::span<const std::byte> payload) {
     auto keys = store.cached_prefix(req.namespace_id, req.tokens, req.extras);
     if (!keys) return keys.status();
     PrefixIndex& index = store.tiers().index();
-    if (op == Op::kPin && s.pins.size() + keys->size() > kMaxPinnedBlocksPerSession) {
-      return Status(StatusCode::kResourceExhausted, "pinning " + std::to_string(keys->size()) + " more blocks would pass the " +
-                                                        std::to_string(kMaxPinnedBlocksPerSession) + " one client may pin");
+    const TenantRule& tenant = *s.namespaces.at(req.namespace_id);
+    if (op == Op::kPin) {
+      KVTIER_RETURN_IF_ERROR(check_priority(req.namespace_id, static_cast<Priority>(req.arg)));
+      if (s.pins.size() + keys->size() > kMaxPinnedBlocksPerSession) {
+        return Status(StatusCode::kResourceExhausted, "pinning " + std::to_string(keys->size()) +
+                                                          " more blocks would pass the " +
+                                                          std::to_string(kMaxPinnedBlocksPerSession) + " one client may pin");
+      }
+      if (!server.take_tenant_pins(tenant, keys->size())) {
+        return Status(StatusCode::kResourceExhausted,
+                      "pinning " + std::to_string(keys->size()) + " more blocks would pass tenant '" + tenant.name +
+                          "''s quota of " + std::to_string(tenant.max_pinned_blocks) + " pinned blocks (" +
+                          std::to_string(server.tenant_pins(tenant)) + " held now)");
+      }
     }
     for (const BlockKey& k : *keys) {
       if (op == Op::kPin) {
@@ -740,6 +764,13 @@ Status Handler::prefix_op(Op op, std::span<const std::byte> payload) {
       } else {
         count += s.pins.unpin(index, k).is_ok();  // only this session's own pins
       }
+    }
+    if (op == Op::kPin) {
+      server.give_tenant_pins(tenant, keys->size() - count);  // taken for blocks evicted meanwhile
+      s.tenant_pins[&tenant] += count;
+    } else {
+      server.give_tenant_pins(tenant, count);
+      s.tenant_pins[&tenant] -= count;
     }
   }
   proto::encode(proto::CountReply{.count = count}, body);
@@ -906,6 +937,8 @@ void Server::end_session(Session& s) {
   for (auto& [lease, match] : s.leases) index.release(lease).ignore();  // kNotFound: expired already
   s.leases.clear();
   s.pins.unpin_all(index);
+  for (const auto& [tenant, n] : s.tenant_pins) give_tenant_pins(*tenant, n);
+  s.tenant_pins.clear();
   s.regions.clear();  // unmapped: the client's memory is its own again
   if (s.window) ::munmap(s.window, s.mapped_bytes);
   s.window = nullptr;
@@ -944,6 +977,25 @@ Status Server::wait() {
 bool Server::wait_sessions_at_most(size_t n, std::chrono::milliseconds timeout) {
   std::unique_lock lock(mu_);
   return drained_.wait_for(lock, timeout, [&] { return active_ <= n; });
+}
+
+bool Server::take_tenant_pins(const TenantRule& tenant, uint64_t n) {
+  std::lock_guard lock(tenant_pins_mu_);
+  uint64_t& held = tenant_pins_[&tenant];
+  if (tenant.max_pinned_blocks != 0 && held + n > tenant.max_pinned_blocks) return false;
+  held += n;
+  return true;
+}
+
+void Server::give_tenant_pins(const TenantRule& tenant, uint64_t n) {
+  std::lock_guard lock(tenant_pins_mu_);
+  tenant_pins_[&tenant] -= n;
+}
+
+uint64_t Server::tenant_pins(const TenantRule& tenant) const {
+  std::lock_guard lock(tenant_pins_mu_);
+  auto it = tenant_pins_.find(&tenant);
+  return it == tenant_pins_.end() ? 0 : it->second;
 }
 
 ServerCounters Server::counters() const {

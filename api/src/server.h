@@ -64,6 +64,14 @@ class Server {
 
   struct Session;
 
+  /// Tenant pin quotas (TenantRule::max_pinned_blocks), shared by every session of a tenant.
+  /// take_tenant_pins takes `n` of the tenant's quota, or none and returns false when that would
+  /// pass it; give_tenant_pins returns what a session no longer holds.
+  bool take_tenant_pins(const TenantRule& tenant, uint64_t n);
+  void give_tenant_pins(const TenantRule& tenant, uint64_t n);
+  /// Pinned blocks the tenant's clients hold now.
+  uint64_t tenant_pins(const TenantRule& tenant) const;
+
  private:
   explicit Server(ServiceConfig config);
   Status bind_socket();
@@ -86,6 +94,8 @@ class Server {
   bool waited_ = false;
   Status wait_status_;
   std::atomic<uint64_t> next_client_id_{1};
+  mutable std::mutex tenant_pins_mu_;
+  std::unordered_map<const TenantRule*, uint64_t> tenant_pins_;  // by rule in config_.tenants
   // Connection threads spinning on their mailboxes right now, and the most that may: one core
   // fewer than the machine has (at least one), so spinning never takes every core from the
   // threads doing the work. The others park at once.

@@ -341,6 +341,20 @@ Status parse_tenants(const toml::node& n, const std::string& key, ServiceConfig&
         {"uids", [&](auto& node, auto& k) { return assign(get_ids(node, k), rule.uids); }},
         {"gids", [&](auto& node, auto& k) { return assign(get_ids(node, k), rule.gids); }},
         {"everyone", [&](auto& node, auto& k) { return assign(get_bool(node, k), rule.everyone); }},
+        {"max_priority", [&](auto& node, auto& k) -> Status {
+           auto name = get_string(node, k);
+           if (!name) return name.status();
+           for (int p = 0; p < kNumPriorities; ++p) {
+             if (*name == priority_name(static_cast<Priority>(p))) {
+               rule.max_priority = static_cast<Priority>(p);
+               return Status::ok();
+             }
+           }
+           return key_error(k, node, "must be one of \"low\", \"normal\", \"high\", \"retained\"");
+         }},
+        {"max_pinned_blocks", [&](auto& node, auto& k) {
+           return assign(get_uint(node, k, 0, uint64_t{1} << 40), rule.max_pinned_blocks);
+         }},
     }));
     if (!named) return invalid_argument("config: " + prefix + ".name is required" + at_line((*arr)[i]));
     tenants.push_back(std::move(rule));

@@ -25,6 +25,11 @@ struct TenantRule {
   std::vector<uint32_t> uids;   // peers whose uid is listed are allowed
   std::vector<uint32_t> gids;   // peers whose primary gid (SO_PEERCRED) is listed are allowed
   bool everyone = false;        // any peer that passed peer_allowed()
+  /// Quotas, so one tenant cannot push every other tenant's blocks out:
+  /// the highest priority class its saves and pins may take (a request above it is refused) ...
+  Priority max_priority = Priority::kRetained;
+  /// ... and the most pinned blocks all its clients may hold at once (0: no limit).
+  uint64_t max_pinned_blocks = 0;
 };
 
 struct ServiceConfig {

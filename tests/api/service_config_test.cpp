@@ -59,6 +59,8 @@ gids = [3000]
 [[tenant]]
 name = "public"
 everyone = true
+max_priority = "normal"
+max_pinned_blocks = 4096
 )";
 
 std::string write_file(const TempDir& dir, const std::string& name, const std::string& text) {
@@ -111,6 +113,10 @@ TEST_CASE("A full kvtierd.toml parses into every field") {
   CHECK(c.tenants[1].name == "public");
   CHECK(c.tenants[1].salt.empty());
   CHECK(c.tenants[1].everyone);
+  CHECK(c.tenants[0].max_priority == Priority::kRetained);  // no quota unless configured
+  CHECK(c.tenants[0].max_pinned_blocks == 0);
+  CHECK(c.tenants[1].max_priority == Priority::kNormal);
+  CHECK(c.tenants[1].max_pinned_blocks == 4096);
 }
 
 TEST_CASE("Keys absent from the file keep the base's values; the empty file gives the defaults") {
@@ -208,6 +214,9 @@ TEST_CASE("Every bad input is refused with a message naming its key") {
       {"[[tenant]]\nsalt = \"x\"", "tenant[0].name is required"},
       {"[[tenant]]\nname = \"a\"\neveryone = \"yes\"", "tenant[0].everyone"},
       {"[[tenant]]\nname = \"a\"\n[[tenant]]\nname = \"a\"", "tenant[1].name \"a\" is used by another tenant"},
+      {"[[tenant]]\nname = \"a\"\nmax_priority = \"urgent\"", "tenant[0].max_priority must be one of"},
+      {"[[tenant]]\nname = \"a\"\nmax_priority = 2", "tenant[0].max_priority"},
+      {"[[tenant]]\nname = \"a\"\nmax_pinned_blocks = -1", "tenant[0].max_pinned_blocks"},
       {"data_dir = ", "line 1"},
   };
   for (const Case& c : cases) {

@@ -679,6 +679,59 @@ TEST_CASE("Daemon: tenants are bound to identities", "[service]") {
   CHECK(wait_exit(spawn_child({"tenant", server->socket_path(), "61", "128", std::to_string(other)})) == 0);
 }
 
+TEST_CASE("Daemon: tenant quotas cap the priority class and the pinned blocks", "[service]") {
+  TempDir dir("kvtier_svc");
+  auto config = test_config(dir.path());
+  const uint32_t me = ::geteuid();
+  config.tenants = {TenantRule{.name = "capped", .salt = "salt-c", .uids = {me}, .max_priority = Priority::kNormal,
+                               .max_pinned_blocks = 12},
+                    TenantRule{.name = "free", .salt = "salt-f", .uids = {me}}};
+  auto server = start_server(config);
+  auto c1 = connect(*server);
+  auto capped = c1->open_namespace({"m", "capped", ""});
+  auto free = c1->open_namespace({"m", "free", ""});
+  REQUIRE(capped.is_ok());
+  REQUIRE(free.is_ok());
+  const auto a = synthetic_tokens(81, 128), b = synthetic_tokens(82, 128);
+  auto kv = prompt_kv(a, c1->layout(), 0, 8);
+  const KvBuffer src = KvBuffer::contiguous(kv.data(), 8, kBlock);
+
+  SECTION("saves and pins above the tenant's class are refused, and store nothing") {
+    auto r = c1->save(*capped, a, src, Priority::kRetained);
+    CHECK(r.status().code() == StatusCode::kPermissionDenied);
+    CHECK(r.status().message().find("up to 'normal'") != std::string::npos);
+    CHECK(c1->lookup(*capped, a)->tokens == 0);
+    REQUIRE(*c1->save(*capped, a, src, Priority::kNormal) == 8);
+    CHECK(c1->pin(*capped, a).status().code() == StatusCode::kPermissionDenied);  // pin's default: retained
+    CHECK(*c1->pin(*capped, a, Priority::kNormal) == 8);
+    // The other tenant has no quota.
+    REQUIRE(*c1->save(*free, a, src, Priority::kRetained) == 8);
+    CHECK(*c1->pin(*free, a) == 8);
+  }
+  SECTION("the pinned-block quota is shared by the tenant's clients and freed by unpin and disconnect") {
+    REQUIRE(save_prompt(*c1, *capped, a) == 8);
+    REQUIRE(save_prompt(*c1, *capped, b) == 8);
+    CHECK(*c1->pin(*capped, a, Priority::kNormal) == 8);
+    auto c2 = connect(*server);
+    auto capped2 = c2->open_namespace({"m", "capped", ""});
+    REQUIRE(capped2.is_ok());
+    auto over = c2->pin(*capped2, b, Priority::kNormal);  // 8 + 8 > 12
+    CHECK(over.status().code() == StatusCode::kResourceExhausted);
+    CHECK(over.status().message().find("quota of 12") != std::string::npos);
+    CHECK(*c2->pin(*capped2, std::vector<TokenId>(b.begin(), b.begin() + 64), Priority::kNormal) == 4);  // 12: fits
+    CHECK(c1->pin(*capped, b, Priority::kNormal).status().code() == StatusCode::kResourceExhausted);
+    CHECK(*c1->unpin(*capped, a) == 8);
+    CHECK(*c1->pin(*capped, b, Priority::kNormal) == 8);  // 4 + 8
+    c2.reset();
+    REQUIRE(server->wait_sessions_at_most(1, 10s));
+    CHECK(*c1->pin(*capped, std::vector<TokenId>(a.begin(), a.begin() + 64), Priority::kNormal) == 4);  // 8 + 4
+    CHECK(c1->pin(*capped, a, Priority::kNormal).status().code() == StatusCode::kResourceExhausted);
+    // Another tenant's pins never count against it.
+    REQUIRE(save_prompt(*c1, *free, a) == 8);
+    CHECK(*c1->pin(*free, a, Priority::kNormal) == 8);
+  }
+}
+
 TEST_CASE("Daemon: a peer outside allowed_uids is refused with permission_denied", "[service]") {
   if (::geteuid() != 0) {
     WARN("not root: refusing another identity needs setuid; skipped");
