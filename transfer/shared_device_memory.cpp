@@ -106,9 +106,26 @@ class MappedIpc final : public MappedDeviceMemory {
   std::array<std::byte, 64> handle_;
 };
 
-Result<std::unique_ptr<MappedDeviceMemory>> map_ipc(const DeviceShare& share) {
+// The region in this process's own memory: nothing to open or close.
+class MappedOwn final : public MappedDeviceMemory {
+ public:
+  MappedOwn(std::byte* data, uint64_t bytes) : MappedDeviceMemory(data, bytes, true) { ++g_mapped; }
+  ~MappedOwn() override { --g_mapped; }
+};
+
+Result<std::unique_ptr<MappedDeviceMemory>> map_ipc(const DeviceShare& share, bool same_process) {
   if (!probe_devices().has_gpu()) {
     return Status(StatusCode::kUnavailable, "a CUDA IPC handle needs a GPU, and this kvtierd has none");
+  }
+  if (same_process) {
+    const auto* p = reinterpret_cast<const std::byte*>(static_cast<uintptr_t>(share.address));
+    auto range = allocation_range(p);
+    if (!range) return range.status();
+    const uint64_t off = reinterpret_cast<uintptr_t>(p) - range->first;
+    if (share.offset != off || share.bytes > range->second - off) {
+      return invalid("the shared region does not match its CUDA allocation in this process");
+    }
+    return std::unique_ptr<MappedDeviceMemory>(new MappedOwn(const_cast<std::byte*>(p), share.bytes));
   }
   std::lock_guard lock(g_ipc_mu);
   auto& maps = ipc_mappings();
@@ -251,6 +268,34 @@ DeviceAllocation::~DeviceAllocation() {
   data_ = nullptr;
 }
 
+Status DeviceAllocation::write(uint64_t offset, const void* src, uint64_t bytes) {
+  if (offset > bytes_ || bytes > bytes_ - offset) return invalid("write past the end of the device allocation");
+#ifdef KVTIER_WITH_CUDA
+  if (cuda_) {
+    if (cudaError_t e = cudaMemcpy(data_ + offset, src, bytes, cudaMemcpyHostToDevice); e != cudaSuccess) {
+      return cuda_error("cudaMemcpy", e);
+    }
+    return Status::ok();
+  }
+#endif
+  std::memcpy(data_ + offset, src, bytes);
+  return Status::ok();
+}
+
+Status DeviceAllocation::read(uint64_t offset, void* dst, uint64_t bytes) const {
+  if (offset > bytes_ || bytes > bytes_ - offset) return invalid("read past the end of the device allocation");
+#ifdef KVTIER_WITH_CUDA
+  if (cuda_) {
+    if (cudaError_t e = cudaMemcpy(dst, data_ + offset, bytes, cudaMemcpyDeviceToHost); e != cudaSuccess) {
+      return cuda_error("cudaMemcpy", e);
+    }
+    return Status::ok();
+  }
+#endif
+  std::memcpy(dst, data_ + offset, bytes);
+  return Status::ok();
+}
+
 Result<DeviceShare> export_device_memory(const void* base, uint64_t bytes) {
   if (!base || bytes == 0) return invalid("share a non-empty region");
   const auto p = reinterpret_cast<uintptr_t>(base);
@@ -285,7 +330,7 @@ Result<DeviceShare> export_device_memory(const void* base, uint64_t bytes) {
       if (cudaError_t e = cudaIpcGetMemHandle(&h, reinterpret_cast<void*>(alloc)); e != cudaSuccess) {
         return cuda_error("cudaIpcGetMemHandle", e);
       }
-      DeviceShare s{.kind = ShareKind::kCudaIpc, .offset = off, .bytes = bytes};
+      DeviceShare s{.kind = ShareKind::kCudaIpc, .offset = off, .bytes = bytes, .address = p};
       std::memcpy(s.ipc_handle.data(), &h, sizeof h);
       return s;
     }
@@ -297,14 +342,15 @@ Result<DeviceShare> export_device_memory(const void* base, uint64_t bytes) {
                  "without a GPU, memory from kvtier::DeviceAllocation::create");
 }
 
-Result<std::unique_ptr<MappedDeviceMemory>> map_device_memory(const DeviceShare& share) {
+Result<std::unique_ptr<MappedDeviceMemory>> map_device_memory(const DeviceShare& share, bool same_process) {
   if (share.bytes == 0) return invalid("a shared region must not be empty");
   switch (share.kind) {
     case ShareKind::kMemfd: return map_memfd(share);
     case ShareKind::kCudaIpc:
 #ifdef KVTIER_WITH_CUDA
-      return map_ipc(share);
+      return map_ipc(share, same_process);
 #else
+      (void)same_process;
       return Status(StatusCode::kUnavailable, "a CUDA IPC handle needs a GPU, and this kvtierd was built without CUDA");
 #endif
   }

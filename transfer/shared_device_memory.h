@@ -38,6 +38,9 @@ struct DeviceShare {
   uint64_t offset = 0;  // of the region inside the allocation (kCudaIpc) or the memfd (kMemfd)
   uint64_t bytes = 0;   // the region's length, > 0
   int fd = -1;          // kMemfd: the descriptor to pass; owned by whoever made the share
+  uint64_t address = 0; // kCudaIpc: the region's address in the exporting process, which the
+                        // importer uses only when it is that process (CUDA refuses to open a
+                        // handle where it was made; a daemon embedded in its client's process)
 };
 
 /// Memory a client may register with kvtierd: cudaMalloc on a machine with a GPU, else a sealed
@@ -55,6 +58,10 @@ class DeviceAllocation {
   uint64_t size() const noexcept { return bytes_; }
   /// True when data() is CUDA device memory (host code must not dereference it).
   bool is_cuda() const noexcept { return cuda_; }
+  /// Copies between host memory and [offset, offset + bytes) of the allocation, whichever kind it
+  /// is (cudaMemcpy or memcpy). kInvalidArgument past its end.
+  Status write(uint64_t offset, const void* src, uint64_t bytes);
+  Status read(uint64_t offset, void* dst, uint64_t bytes) const;
 
  private:
   std::byte* data_ = nullptr;
@@ -90,7 +97,9 @@ class MappedDeviceMemory {
 /// offset + bytes long (the caller keeps and closes the descriptor; the mapping does not need it).
 /// kCudaIpc: kUnavailable without a GPU; kInvalidArgument when the region runs past the
 /// allocation. Never trusts the share's numbers: every one is checked before use.
-Result<std::unique_ptr<MappedDeviceMemory>> map_device_memory(const DeviceShare& share);
+/// `same_process`: the share was exported by this very process (the caller knows it from the
+/// peer's credentials); a CUDA share then maps to its own address, checked against its allocation.
+Result<std::unique_ptr<MappedDeviceMemory>> map_device_memory(const DeviceShare& share, bool same_process = false);
 
 /// Regions mapped by map_device_memory and not yet unmapped, across the process (tests check that
 /// a client's disconnect unmaps everything it registered).

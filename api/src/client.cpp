@@ -298,7 +298,8 @@ Status Client::register_memory(void* base, uint64_t bytes) {
   }
   std::vector<std::byte> req, reply;
   proto::encode(proto::RegisterMemoryRequest{.kind = static_cast<uint8_t>(share->kind), .ipc_handle = share->ipc_handle,
-                                             .offset = share->offset, .bytes = share->bytes},
+                                             .offset = share->offset, .bytes = share->bytes,
+                                             .address = share->address},
                 req);
   KVTIER_RETURN_IF_ERROR(call(Op::kRegisterMemory, req, reply, share->fd));
   proto::RegisterMemoryReply out;
@@ -512,45 +513,35 @@ Result<size_t> Client::save(NamespaceId ns, std::span<const TokenId> tokens, con
   const size_t full = *checked;
   const uint32_t bt = layout_.block_tokens;
   if (full == first_block) return size_t{0};
-  if (direct) {  // the daemon reads the engine's memory itself, a bounded number of blocks per request
-    size_t saved = 0;
-    for (size_t b0 = first_block; b0 < full; b0 += kDirectBlocks) {
-      const size_t count = std::min<size_t>(kDirectBlocks, full - b0);
-      const size_t end = b0 + count;
-      std::vector<std::byte> req, reply;
-      proto::encode(proto::SaveFromRequest{.namespace_id = ns, .priority = static_cast<uint8_t>(priority),
-                                           .first_block = static_cast<uint32_t>(b0),
-                                           .tokens = {tokens.begin(), tokens.begin() + end * bt},
-                                           .extras = to_vector(extras_below(extras, end)),
-                                           .src = slice_of(*direct, b0 - first_block, count)},
-                    req);
-      KVTIER_RETURN_IF_ERROR(call(Op::kSaveFrom, req, reply));
-      proto::SaveReply out;
-      KVTIER_RETURN_IF_ERROR(proto::decode(reply, out));
-      saved += out.saved;
-    }
-    return saved;
-  }
-  if (window_blocks_ == 0) return invalid("the shared window cannot hold one block");
+  // One request per chunk: registered memory the daemon reads itself, or what fits the window.
+  const size_t chunk = direct ? kDirectBlocks : window_blocks_;
+  if (chunk == 0) return invalid("the shared window cannot hold one block");
   TransferEngine* eng = nullptr;
-  if (src.memory != LocationKind::kHost) {
+  if (!direct && src.memory != LocationKind::kHost) {
     auto e = engine();
     if (!e) return e.status();
     eng = *e;
   }
   size_t saved = 0;
-  for (size_t b0 = first_block; b0 < full; b0 += window_blocks_) {
-    const size_t count = std::min<size_t>(window_blocks_, full - b0);
-    KVTIER_RETURN_IF_ERROR(gather_blocks(layout_, src, b0 - first_block, count, window_, eng));
+  for (size_t b0 = first_block; b0 < full; b0 += chunk) {
+    const size_t count = std::min<size_t>(chunk, full - b0);
     const size_t end = b0 + count;
+    std::vector<TokenId> prefix(tokens.begin(), tokens.begin() + end * bt);
+    auto ex = to_vector(extras_below(extras, end));
     std::vector<std::byte> req, reply;
-    auto ex = extras_below(extras, end);
-    proto::encode(proto::SaveRequest{.namespace_id = ns, .priority = static_cast<uint8_t>(priority),
-                                     .first_block = static_cast<uint32_t>(b0), .window_offset = 0,
-                                     .tokens = {tokens.begin(), tokens.begin() + end * bt},
-                                     .extras = to_vector(ex)},
-                  req);
-    KVTIER_RETURN_IF_ERROR(call(Op::kSave, req, reply));
+    if (direct) {
+      proto::encode(proto::SaveFromRequest{.namespace_id = ns, .priority = static_cast<uint8_t>(priority),
+                                           .first_block = static_cast<uint32_t>(b0), .tokens = std::move(prefix),
+                                           .extras = std::move(ex), .src = slice_of(*direct, b0 - first_block, count)},
+                    req);
+    } else {
+      KVTIER_RETURN_IF_ERROR(gather_blocks(layout_, src, b0 - first_block, count, window_, eng));
+      proto::encode(proto::SaveRequest{.namespace_id = ns, .priority = static_cast<uint8_t>(priority),
+                                       .first_block = static_cast<uint32_t>(b0), .window_offset = 0,
+                                       .tokens = std::move(prefix), .extras = std::move(ex)},
+                    req);
+    }
+    KVTIER_RETURN_IF_ERROR(call(direct ? Op::kSaveFrom : Op::kSave, req, reply));
     proto::SaveReply out;
     KVTIER_RETURN_IF_ERROR(proto::decode(reply, out));
     saved += out.saved;

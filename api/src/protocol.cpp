@@ -510,6 +510,7 @@ void encode(const RegisterMemoryRequest& m, std::vector<std::byte>& out) {
   out.insert(out.end(), m.ipc_handle.begin(), m.ipc_handle.end());
   w.u64(m.offset);
   w.u64(m.bytes);
+  w.u64(m.address);
 }
 
 Status decode(std::span<const std::byte> in, RegisterMemoryRequest& m) {
@@ -524,7 +525,7 @@ Status decode(std::span<const std::byte> in, RegisterMemoryRequest& m) {
     KVTIER_RETURN_IF_ERROR(r.u64(t.offset, "offset"));
     KVTIER_RETURN_IF_ERROR(r.u64(t.bytes, "bytes"));
     if (t.bytes == 0) return r.error("bytes", "a region must not be empty");
-    return Status::ok();
+    return r.u64(t.address, "address");
   });
 }
 

@@ -161,6 +161,8 @@ struct RegisterMemoryRequest {
   std::array<std::byte, 64> ipc_handle{};  // CUDA IPC: the allocation's cudaIpcMemHandle_t
   uint64_t offset = 0;                     // of the region in the allocation or the memfd
   uint64_t bytes = 0;                      // > 0
+  uint64_t address = 0;                    // CUDA IPC: the region's address in the client, used only
+                                           // by a daemon in the client's own process (peer pid)
 };
 struct RegisterMemoryReply {
   uint32_t region = 0;  // names the region in kLoadTo/kSaveFrom/kUnregisterMemory; never 0

@@ -575,8 +575,11 @@ Status Handler::register_memory(std::span<const std::byte> payload) {
     return Status(StatusCode::kResourceExhausted, "this client registered " + std::to_string(kMaxRegionsPerSession) +
                                                       " memory regions, the most one client may");
   }
+  // A client in this very process (SO_PEERCRED's pid cannot be forged) is served at its own
+  // address: CUDA opens no IPC handle where it was made.
   auto mapped = map_device_memory(DeviceShare{.kind = kind, .ipc_handle = req.ipc_handle, .offset = req.offset,
-                                              .bytes = req.bytes, .fd = passed_fd});
+                                              .bytes = req.bytes, .fd = passed_fd, .address = req.address},
+                                  s.pid == ::getpid());
   if (!mapped) return mapped.status();
   uint32_t id = s.next_region++;
   if (id == 0) id = s.next_region++;  // 0 never names a region

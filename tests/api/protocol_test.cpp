@@ -111,7 +111,7 @@ SaveRequest sample_save() {
           .extras = sample_extras()};
 }
 RegisterMemoryRequest sample_register() {
-  RegisterMemoryRequest m{.kind = 0, .offset = 1ull << 33, .bytes = 3ull << 30};
+  RegisterMemoryRequest m{.kind = 0, .offset = 1ull << 33, .bytes = 3ull << 30, .address = 0x7f0012345000ull};
   for (size_t i = 0; i < m.ipc_handle.size(); ++i) m.ipc_handle[i] = std::byte(i * 3 + 1);
   return m;
 }
@@ -266,6 +266,7 @@ TEST_CASE("Registered-memory requests round-trip field by field") {
     CHECK(out.ipc_handle == in.ipc_handle);
     CHECK(out.offset == in.offset);
     CHECK(out.bytes == in.bytes);
+    CHECK(out.address == in.address);
   }
   {
     LoadToRequest in = sample_load_to(), out;

@@ -60,18 +60,51 @@ std::unique_ptr<Client> connect_windowless(const Server& s) {
   return std::move(*c);
 }
 
+// Device memory (cudaMalloc with a GPU, else emulated), every byte `fill`. The tests touch it only
+// through write() and read(), so the same tests run the CUDA IPC path on a machine with a GPU.
 DeviceAllocation allocate(uint64_t bytes, std::byte fill) {
   auto a = DeviceAllocation::create(bytes);
   REQUIRE(a.is_ok());
-  REQUIRE_FALSE(a->is_cuda());  // these tests read it from the host
-  std::memset(a->data(), std::to_integer<int>(fill), bytes);
+  const std::vector<std::byte> bytes_of(bytes, fill);
+  REQUIRE(a->write(0, bytes_of.data(), bytes).is_ok());
   return std::move(*a);
 }
+
+std::vector<std::byte> contents(const DeviceAllocation& a, uint64_t offset = 0, uint64_t bytes = UINT64_MAX) {
+  std::vector<std::byte> out(std::min(bytes, a.size() - offset));
+  REQUIRE(a.read(offset, out.data(), out.size()).is_ok());
+  return out;
+}
+
+// A memfd sealed against shrinking and mapped here: memory a client may register whatever the
+// machine has, for requests built by hand.
+struct SealedMemfd {
+  int fd = -1;
+  std::byte* data = nullptr;
+  uint64_t bytes = 0;
+  explicit SealedMemfd(uint64_t n) : bytes(n) {
+    fd = ::memfd_create("registered-test", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    REQUIRE(fd >= 0);
+    REQUIRE(::ftruncate(fd, static_cast<off_t>(n)) == 0);
+    REQUIRE(::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) == 0);
+    void* p = ::mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    REQUIRE(p != MAP_FAILED);
+    data = static_cast<std::byte*>(p);
+  }
+  ~SealedMemfd() {
+    ::munmap(data, bytes);
+    ::close(fd);
+  }
+};
 
 }  // namespace
 
 TEST_CASE("Shared device memory: export and map an emulated allocation", "[service][registered]") {
   auto a = allocate(3 * 4096 + 100, std::byte{0});
+  if (a.is_cuda()) {
+    WARN("a GPU is present: DeviceAllocation is cudaMalloc, and the memfd path is checked by the other tests");
+    return;
+  }
   const uint64_t before = mapped_device_regions();
   auto share = export_device_memory(a.data() + 5000, 4000);
   REQUIRE(share.is_ok());
@@ -139,7 +172,7 @@ TEST_CASE("Daemon: registered memory is loaded into and saved from directly", "[
 
   // The engine's KV: 20 blocks in registered memory, saved straight from there.
   auto src = allocate(24 * bpb, std::byte{0});
-  std::memcpy(src.data(), expect.data(), expect.size());
+  REQUIRE(src.write(0, expect.data(), expect.size()).is_ok());
   {
     const Status st = c->register_memory(src.data(), src.size());
     INFO(st.to_string());
@@ -164,8 +197,9 @@ TEST_CASE("Daemon: registered memory is loaded into and saved from directly", "[
     auto h = c2->load(*m, KvBuffer::canonical(blocks, LocationKind::kDevice));
     REQUIRE(h.is_ok());
     REQUIRE(h->wait().is_ok());
+    const auto got = contents(dst);
     for (size_t b = 0; b < 20; ++b) {
-      CHECK(std::memcmp(dst.data() + (19 - b) * bpb, expect.data() + b * bpb, bpb) == 0);
+      CHECK(std::memcmp(got.data() + (19 - b) * bpb, expect.data() + b * bpb, bpb) == 0);
     }
     REQUIRE(c2->release(*m).is_ok());
     auto text = c2->metrics_text();
@@ -176,7 +210,6 @@ TEST_CASE("Daemon: registered memory is loaded into and saved from directly", "[
   }
   SECTION("a vLLM paged buffer, one registered tensor per layer, both ways") {
     const uint32_t pages = 24;
-    const uint64_t row = uint64_t(L.num_kv_heads) * L.head_dim * 2;  // one token of one plane
     std::vector<DeviceAllocation> tensors;
     std::vector<void*> bases;
     for (uint32_t l = 0; l < L.num_layers; ++l) {
@@ -192,18 +225,9 @@ TEST_CASE("Daemon: registered memory is loaded into and saved from directly", "[
     REQUIRE(h.is_ok());
     REQUIRE(h->wait().is_ok());
     REQUIRE(c->release(*m).is_ok());
-    for (uint32_t l = 0; l < L.num_layers; ++l) {
-      for (size_t b = 0; b < 20; ++b) {
-        for (uint32_t plane = 0; plane < 2; ++plane) {
-          for (uint32_t t = 0; t < 16; ++t) {
-            const uint64_t at = kernels::engine_row_offset(kernels::EngineLayout::kVllm, pages, 16, 1, row,
-                                                           static_cast<uint32_t>(page_of[b]), plane, t, 0);
-            REQUIRE(std::memcmp(tensors[l].data() + at, expect.data() + b * bpb + l * lb + (plane * 16 + t) * row,
-                                row) == 0);
-          }
-        }
-      }
-    }
+    std::vector<std::vector<std::byte>> got;
+    for (const DeviceAllocation& t : tensors) got.push_back(contents(t));
+    CHECK(vllm_pages_hold(L, got, pages, page_of, expect));
     // Saved back from the pages under another prompt, read canonically: the same bytes.
     const auto other = synthetic_tokens(72, 16 * 20);
     auto again = c->save(*ns, other, KvBuffer::paged(kernels::EngineLayout::kVllm, bases, pages, page_of,
@@ -217,7 +241,7 @@ TEST_CASE("Daemon: registered memory is loaded into and saved from directly", "[
     auto h2 = c->load(*m2, KvBuffer::contiguous(out.data(), 20, bpb, LocationKind::kDevice));
     REQUIRE(h2.is_ok());
     REQUIRE(h2->wait().is_ok());
-    CHECK(std::memcmp(out.data(), expect.data(), expect.size()) == 0);
+    CHECK(contents(out) == expect);
     REQUIRE(c->release(*m2).is_ok());
   }
   SECTION("a buffer outside registered memory still goes through the window") {
@@ -268,21 +292,22 @@ TEST_CASE("Daemon: a load into registered memory streams layer by layer", "[serv
   const auto prompt = synthetic_tokens(73, 16 * 80);
   const auto expect = prompt_kv(prompt, *L, 0, 80);
   auto mem = allocate(80 * bpb, std::byte{0});
-  std::memcpy(mem.data(), expect.data(), expect.size());
+  REQUIRE(mem.write(0, expect.data(), expect.size()).is_ok());
   REQUIRE(c->register_memory(mem.data(), mem.size()).is_ok());
   const KvBuffer buf = KvBuffer::contiguous(mem.data(), 80, bpb, LocationKind::kDevice);
   REQUIRE(*c->save(*ns, prompt, buf) == 80);
-  std::memset(mem.data(), 0xEE, mem.size());
+  const std::vector<std::byte> poison(mem.size(), std::byte{0xEE});
+  REQUIRE(mem.write(0, poison.data(), poison.size()).is_ok());
 
   auto m = c->lookup(*ns, prompt);
   REQUIRE(m.is_ok());
   auto h = c->load(*m, buf);
   REQUIRE(h.is_ok());
   REQUIRE(h->wait_layer(0).is_ok());
-  for (size_t b = 0; b < 80; ++b) REQUIRE(std::memcmp(mem.data() + b * bpb, expect.data() + b * bpb, lb) == 0);
+  for (size_t b = 0; b < 80; ++b) REQUIRE(std::memcmp(contents(mem, b * bpb, lb).data(), expect.data() + b * bpb, lb) == 0);
   REQUIRE(h->wait().is_ok());
   CHECK(h->layers_done() == 8);
-  CHECK(std::memcmp(mem.data(), expect.data(), expect.size()) == 0);
+  CHECK(contents(mem) == expect);
   REQUIRE(c->release(*m).is_ok());
   auto text = c->metrics_text();
   REQUIRE(text.is_ok());
@@ -335,9 +360,7 @@ TEST_CASE("Daemon: registered-memory requests are checked against the session's 
   REQUIRE(proto::decode(looked.second, lr).is_ok());
   REQUIRE(lr.tier_masks.size() == 4);
 
-  auto mem = allocate(2 * bpb, std::byte{0});
-  auto share = export_device_memory(mem.data(), mem.size());
-  REQUIRE(share.is_ok());
+  SealedMemfd mem(2 * bpb);
   auto reg = [&](const proto::RegisterMemoryRequest& r, int pass) {
     p.clear();
     proto::encode(r, p);
@@ -346,16 +369,18 @@ TEST_CASE("Daemon: registered-memory requests are checked against the session's 
   SECTION("registrations the daemon refuses") {
     // A memfd registration without its descriptor, an IPC one with a stray descriptor, a range
     // past the file, and a CUDA IPC handle on a daemon without a GPU.
-    CHECK(reg({.kind = 1, .bytes = mem.size()}, -1).first.code() == StatusCode::kInvalidArgument);
-    CHECK(reg({.kind = 0, .bytes = mem.size()}, share->fd).first.code() == StatusCode::kInvalidArgument);
-    CHECK(reg({.kind = 1, .offset = 1, .bytes = mem.size()}, share->fd).first.code() == StatusCode::kInvalidArgument);
-    CHECK(reg({.kind = 0, .bytes = mem.size()}, -1).first.code() == StatusCode::kUnavailable);
+    CHECK(reg({.kind = 1, .bytes = mem.bytes}, -1).first.code() == StatusCode::kInvalidArgument);
+    CHECK(reg({.kind = 0, .bytes = mem.bytes}, mem.fd).first.code() == StatusCode::kInvalidArgument);
+    CHECK(reg({.kind = 1, .offset = 1, .bytes = mem.bytes}, mem.fd).first.code() == StatusCode::kInvalidArgument);
+    // A CUDA IPC handle of zeros: no GPU here, or no such allocation where there is one.
+    const StatusCode bogus = reg({.kind = 0, .bytes = mem.bytes}, -1).first.code();
+    CHECK((bogus == StatusCode::kUnavailable || bogus == StatusCode::kInvalidArgument));
     p.clear();
     proto::encode(proto::UnregisterMemoryRequest{.region = 77}, p);
     CHECK(call(proto::Op::kUnregisterMemory, p).first.code() == StatusCode::kNotFound);
   }
   SECTION("loads and saves that name places outside the regions") {
-    auto ok = reg({.kind = 1, .bytes = mem.size()}, share->fd);
+    auto ok = reg({.kind = 1, .bytes = mem.bytes}, mem.fd);
     REQUIRE(ok.first.is_ok());
     proto::RegisterMemoryReply rr;
     REQUIRE(proto::decode(ok.second, rr).is_ok());
@@ -377,7 +402,7 @@ TEST_CASE("Daemon: registered-memory requests are checked against the session's 
           StatusCode::kInvalidArgument);
     // A good one still works on this connection, and the bytes are the saved block's.
     REQUIRE(load_to({.places = {{rr.region, 0}, {rr.region, bpb}}}) == StatusCode::kOk);
-    CHECK(std::all_of(mem.data(), mem.data() + mem.size(), [](std::byte b) { return b == std::byte{1}; }));
+    CHECK(std::all_of(mem.data, mem.data + mem.bytes, [](std::byte b) { return b == std::byte{1}; }));
     p.clear();
     proto::encode(proto::SaveFromRequest{.namespace_id = nsr.namespace_id, .tokens = synthetic_tokens(75, 32),
                                          .src = {.places = {{rr.region, 0}, {rr.region, bpb + 4096}}}},
@@ -397,7 +422,7 @@ TEST_CASE("Daemon: another process loads into its own registered memory", "[serv
   const auto prompt = synthetic_tokens(76, 16 * 12);
   auto mem = allocate(12 * bpb, std::byte{0});
   const auto kv = prompt_kv(prompt, L, 0, 12);
-  std::memcpy(mem.data(), kv.data(), kv.size());
+  REQUIRE(mem.write(0, kv.data(), kv.size()).is_ok());
   REQUIRE(c->register_memory(mem.data(), mem.size()).is_ok());
   REQUIRE(*c->save(*ns, prompt, KvBuffer::contiguous(mem.data(), 12, bpb, LocationKind::kDevice)) == 12);
 

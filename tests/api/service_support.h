@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/page_pack.h"
 #include "kvtier/kv_layout.h"
 #include "prefix_index/key_chain.h"
 #include "tools/synthetic_kv.h"
@@ -27,6 +28,27 @@ inline std::vector<std::byte> prompt_kv(const std::vector<TokenId>& prompt, cons
   std::vector<std::byte> kv(count * bpb);
   for (size_t i = 0; i < count; ++i) synthetic_block_kv(prompt, first + i, layout.block_tokens, kv.data() + i * bpb, bpb);
   return kv;
+}
+
+/// True when every block b of `expect` (canonical, back to back) sits in page page_of[b] of the
+/// vLLM layer tensors `tensors` (host copies, `pages` pages each).
+inline bool vllm_pages_hold(const KvLayout& layout, const std::vector<std::vector<std::byte>>& tensors,
+                            uint32_t pages, const std::vector<int32_t>& page_of, const std::vector<std::byte>& expect) {
+  const uint64_t row = uint64_t(layout.num_kv_heads) * layout.head_dim * dtype_bits(layout.dtype) / 8;
+  const uint64_t bpb = layout.bytes_per_block(), lb = layout.bytes_per_block_layer();
+  for (uint32_t l = 0; l < layout.num_layers; ++l) {
+    for (size_t b = 0; b < page_of.size(); ++b) {
+      for (uint32_t plane = 0; plane < 2; ++plane) {
+        for (uint32_t t = 0; t < layout.block_tokens; ++t) {
+          const uint64_t at = kernels::engine_row_offset(kernels::EngineLayout::kVllm, pages, layout.block_tokens, 1,
+                                                         row, static_cast<uint32_t>(page_of[b]), plane, t, 0);
+          const uint64_t want = b * bpb + l * lb + (uint64_t(plane) * layout.block_tokens + t) * row;
+          if (std::memcmp(tensors[l].data() + at, expect.data() + want, row) != 0) return false;
+        }
+      }
+    }
+  }
+  return true;
 }
 
 }  // namespace kvtier::testing
