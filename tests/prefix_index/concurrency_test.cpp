@@ -10,9 +10,8 @@ using namespace kvtier;
 using namespace kvtier::testing;
 
 TEST_CASE("Concurrent insert, match, lease and evict keep the index consistent") {
-  KeyChain chain("secret");
-  auto index = std::move(*PrefixIndex::create(chain, {.shards = 8}));
-  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  TestIndex t({.shards = 8});
+  auto& [chain, index, ns] = t;
   std::mt19937_64 seed_rng(99);
   auto shared = random_tokens(seed_rng, 64);
 

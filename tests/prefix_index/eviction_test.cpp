@@ -8,9 +8,8 @@ using namespace kvtier;
 using namespace kvtier::testing;
 
 TEST_CASE("Eviction drops leaves before parents and keeps every block reachable") {
-  KeyChain chain("secret");
-  auto index = std::move(*PrefixIndex::create(chain, {.shards = 4}));
-  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  TestIndex t({.shards = 4});
+  auto& [chain, index, ns] = t;
   std::mt19937_64 rng(10);
   auto prompt = random_tokens(rng, 40);
   auto keys = insert_prompt(*index, ns, prompt);
@@ -26,9 +25,8 @@ TEST_CASE("Eviction drops leaves before parents and keeps every block reachable"
 }
 
 TEST_CASE("Eviction order: priority class, then recency") {
-  KeyChain chain("secret");
-  auto index = std::move(*PrefixIndex::create(chain));
-  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  TestIndex t;
+  auto& [chain, index, ns] = t;
   std::mt19937_64 rng(11);
   auto system = random_tokens(rng, 4), old_turn = random_tokens(rng, 4), new_turn = random_tokens(rng, 4);
   auto k_system = insert_prompt(*index, ns, system, Tier::kHost, Priority::kRetained);
@@ -45,9 +43,8 @@ TEST_CASE("Eviction order: priority class, then recency") {
 }
 
 TEST_CASE("Match makes a prompt's root-most blocks the most recent") {
-  KeyChain chain("secret");
-  auto index = std::move(*PrefixIndex::create(chain));
-  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  TestIndex t;
+  auto& [chain, index, ns] = t;
   std::mt19937_64 rng(12);
   auto a = random_tokens(rng, 8), b = random_tokens(rng, 8);
   auto ka = insert_prompt(*index, ns, a);
@@ -61,9 +58,8 @@ TEST_CASE("Match makes a prompt's root-most blocks the most recent") {
 }
 
 TEST_CASE("Per-tier eviction keeps a block indexed while another tier holds it") {
-  KeyChain chain("secret");
-  auto index = std::move(*PrefixIndex::create(chain));
-  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  TestIndex t;
+  auto& [chain, index, ns] = t;
   std::mt19937_64 rng(13);
   auto prompt = random_tokens(rng, 12);
   auto keys = insert_prompt(*index, ns, prompt, Tier::kHost);
@@ -98,9 +94,8 @@ TEST_CASE("Per-tier eviction keeps a block indexed while another tier holds it")
 }
 
 TEST_CASE("An insert can take its pin under the same lock: the new leaf is never evicted before unpin") {
-  KeyChain chain("secret");
-  auto index = std::move(*PrefixIndex::create(chain));
-  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  TestIndex t;
+  auto& [chain, index, ns] = t;
   std::mt19937_64 rng(13);
   auto tokens = random_tokens(rng, 8);
   std::vector<BlockKey> keys;

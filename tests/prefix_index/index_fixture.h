@@ -30,6 +30,19 @@ struct ManualClock {
   void advance(uint64_t ns) { *now += ns; }
 };
 
+/// What most index tests open with: a key chain, an index over it made with `options`, and one
+/// namespace of small_layout(4). Declared in this order, so the chain outlives the index.
+///   TestIndex t({.shards = 8});
+///   auto& [chain, index, ns] = t;
+struct TestIndex {
+  KeyChain chain{"secret"};
+  std::unique_ptr<PrefixIndex> index;
+  Namespace ns;
+  explicit TestIndex(IndexOptions options = {})
+      : index(std::move(*PrefixIndex::create(chain, std::move(options)))),
+        ns(*chain.make_namespace({"m", small_layout(4), "", ""})) {}
+};
+
 /// Inserts every full block of `tokens` not yet indexed into `tier`; returns the keys.
 inline std::vector<BlockKey> insert_prompt(PrefixIndex& index, const Namespace& ns,
                                            const std::vector<TokenId>& tokens, Tier tier = Tier::kHost,

@@ -7,9 +7,8 @@ using namespace kvtier;
 using namespace kvtier::testing;
 
 TEST_CASE("Match returns the longest cached prefix with residency") {
-  KeyChain chain("secret");
-  auto index = std::move(*PrefixIndex::create(chain, {.shards = 8}));
-  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  TestIndex t({.shards = 8});
+  auto& [chain, index, ns] = t;
   std::mt19937_64 rng(3);
   auto shared = random_tokens(rng, 40);  // 10 blocks
   auto keys = insert_prompt(*index, ns, shared, Tier::kHost);
@@ -95,9 +94,8 @@ TEST_CASE("A forced hash collision never yields another prompt's block") {
 }
 
 TEST_CASE("Bad input gives clear errors and leaves the index unchanged") {
-  KeyChain chain("secret");
-  auto index = std::move(*PrefixIndex::create(chain));
-  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  TestIndex t;
+  auto& [chain, index, ns] = t;
   std::mt19937_64 rng(6);
   auto prompt = random_tokens(rng, 8);
   auto keys = insert_prompt(*index, ns, prompt);
@@ -180,9 +178,8 @@ TEST_CASE("Leases pin matched blocks until released or expired") {
 }
 
 TEST_CASE("Explicit pins and priorities") {
-  KeyChain chain("secret");
-  auto index = std::move(*PrefixIndex::create(chain));
-  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  TestIndex t;
+  auto& [chain, index, ns] = t;
   std::mt19937_64 rng(8);
   auto keys = insert_prompt(*index, ns, random_tokens(rng, 8));
   REQUIRE(index->pin(keys[1]).is_ok());
@@ -200,9 +197,8 @@ TEST_CASE("Explicit pins and priorities") {
 }
 
 TEST_CASE("A priority pin holds a block's class while it lasts, and unpin restores it") {
-  KeyChain chain("secret");
-  auto index = std::move(*PrefixIndex::create(chain));
-  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  TestIndex t;
+  auto& [chain, index, ns] = t;
   std::mt19937_64 rng(9);
   const auto k = insert_prompt(*index, ns, random_tokens(rng, 4), Tier::kHost, Priority::kLow)[0];
   auto cls = [&] { return index->get(k)->priority; };
@@ -230,9 +226,8 @@ TEST_CASE("A priority pin holds a block's class while it lasts, and unpin restor
 TEST_CASE("Long matches stop exactly at the first miss") {
   // Wherever a prompt diverges, the match ends exactly there, returns the right keys, and pins
   // exactly what it returns.
-  KeyChain chain("secret");
-  auto index = std::move(*PrefixIndex::create(chain, {.shards = 8}));
-  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  TestIndex t({.shards = 8});
+  auto& [chain, index, ns] = t;
   std::mt19937_64 rng(21);
   auto prompt = random_tokens(rng, 4 * 300 + 2);  // 300 blocks and a partial tail
   auto keys = insert_prompt(*index, ns, prompt);
@@ -261,9 +256,8 @@ TEST_CASE("Long matches stop exactly at the first miss") {
 }
 
 TEST_CASE("Extras anywhere in a long prompt are part of its match") {
-  KeyChain chain("secret");
-  auto index = std::move(*PrefixIndex::create(chain, {.shards = 8}));
-  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  TestIndex t({.shards = 8});
+  auto& [chain, index, ns] = t;
   std::mt19937_64 rng(22);
   auto prompt = random_tokens(rng, 4 * 200);
   const std::vector<BlockExtra> extras{
@@ -291,9 +285,8 @@ TEST_CASE("Matches walk runs: prompts longer than a run, branches inside a run, 
   // A run holds up to 1024 consecutive blocks of one chain; a match compares tokens along it
   // and keys a block only where the prompt leaves it. Every way of leaving a run gives the
   // same answer a block-by-block keyed match would.
-  KeyChain chain("secret");
-  auto index = std::move(*PrefixIndex::create(chain, {.shards = 4}));
-  auto ns = *chain.make_namespace({"m", small_layout(4), "", ""});
+  TestIndex t({.shards = 4});
+  auto& [chain, index, ns] = t;
   std::mt19937_64 rng(23);
   auto a = random_tokens(rng, 4 * 2500);  // three runs: 1024 + 1024 + 452 blocks
   auto a_keys = insert_prompt(*index, ns, a);
