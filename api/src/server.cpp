@@ -659,27 +659,9 @@ Status Handler::load_to(std::span<const std::byte> payload) {
   if (!layers) return layers.status();
   auto dst = region_buffer(req.dst);
   if (!dst) return dst.status();
-  const LayerRange range{req.layer_begin, *layers};
-  const uint64_t layer_bytes = store.layout().bytes_per_block_layer();
-  return pinned_load(*part, req.layer_begin, *layers, [&]() -> Status {
-    if (!dst->is_paged()) {
-      std::vector<std::byte*> dsts;  // the tier manager writes the range's layers from here on
-      for (std::byte* b : dst->blocks) dsts.push_back(b + uint64_t(req.layer_begin) * layer_bytes);
-      auto h = store.tiers().load(*part, dsts, dst->memory, {}, range);
-      return h ? h->wait() : h.status();
-    }
-    // Paged (host-visible memory only, see region_buffer): restore the layers into scratch, then
-    // unpack them into the engine's pages.
-    const size_t n = part->blocks.size();
-    const uint64_t block_bytes = *layers * layer_bytes;
-    std::vector<std::byte> scratch(n * block_bytes);
-    std::vector<std::byte*> dsts;
-    for (size_t i = 0; i < n; ++i) dsts.push_back(scratch.data() + i * block_bytes);
-    auto h = store.tiers().load(*part, dsts, LocationKind::kHost, {}, range);
-    Status st = h ? h->wait() : h.status();
-    if (!st) return st;
-    auto done = scatter_blocks(store.layout(), scratch.data(), *dst, 0, n, &store.tiers().transfer(), range);
-    return done ? done->wait() : done.status();
+  return pinned_load(*part, req.layer_begin, *layers, [&] {
+    auto h = store.load_layers(*part, *dst, {req.layer_begin, *layers});
+    return h ? h->wait() : h.status();
   });
 }
 

@@ -95,27 +95,41 @@ Result<TransferHandle> Store::load(const Match& match, const KvBuffer& dst) {
   part.lease = match.lease;
   part.tokens = uint64_t(n) * layout().block_tokens;
   part.blocks.assign(match.blocks.begin(), match.blocks.begin() + n);
-  if (!dst.is_paged()) return tiers_->load(part, dst.blocks, dst.memory);
+  return load_layers(part, dst);
+}
+
+Result<TransferHandle> Store::load_layers(const Match& part, const KvBuffer& dst, LayerRange range) {
+  const uint32_t layers = range.size(layout().num_layers);
+  if (layers == 0) return invalid_argument("load: the layer range is outside the layout's layers");
+  const uint64_t layer_bytes = layout().bytes_per_block_layer();
+  const size_t n = dst.block_count();
+  if (!dst.is_paged()) {
+    // The tier manager writes the range's layers from each destination on.
+    std::vector<std::byte*> dsts;
+    dsts.reserve(n);
+    for (std::byte* b : dst.blocks) dsts.push_back(b + uint64_t(range.begin) * layer_bytes);
+    return tiers_->load(part, dsts, dst.memory, {}, range);
+  }
 
   // Paged: restore into host scratch a window at a time, then unpack into the engine's pages.
-  const uint64_t bpb = layout().bytes_per_block();
+  const uint64_t bytes = uint64_t(layers) * layer_bytes;  // of one block in scratch
   const size_t window = std::min<size_t>(n, options_.scratch_blocks);
-  auto scratch = std::make_unique<std::byte[]>(window * bpb);
+  auto scratch = std::make_unique<std::byte[]>(window * bytes);
   for (size_t b0 = 0; b0 < n; b0 += window) {
     const size_t count = std::min(window, n - b0);
     Match chunk;
-    chunk.lease = match.lease;
+    chunk.lease = part.lease;
     chunk.blocks.assign(part.blocks.begin() + b0, part.blocks.begin() + b0 + count);
     std::vector<std::byte*> dsts;
-    for (size_t i = 0; i < count; ++i) dsts.push_back(scratch.get() + i * bpb);
-    auto h = tiers_->load(chunk, dsts, LocationKind::kHost);
+    for (size_t i = 0; i < count; ++i) dsts.push_back(scratch.get() + i * bytes);
+    auto h = tiers_->load(chunk, dsts, LocationKind::kHost, {}, range);
     if (!h) return h.status();
     KVTIER_RETURN_IF_ERROR(h->wait());
-    auto done = scatter_blocks(layout(), scratch.get(), dst, b0, count, &tiers_->transfer());
+    auto done = scatter_blocks(layout(), scratch.get(), dst, b0, count, &tiers_->transfer(), range);
     if (!done) return done.status();
     KVTIER_RETURN_IF_ERROR(done->wait());
   }
-  return finished_handle(layout().num_layers);
+  return finished_handle(layers);
 }
 
 Result<size_t> Store::save_host(NamespaceId id, std::span<const TokenId> tokens, std::span<const std::byte> kv,
