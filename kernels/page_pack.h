@@ -40,6 +40,9 @@ struct PagePackArgs {
 
 /// Checks the layout, pointers and layer range; reads no device memory.
 Status check_page_pack(const PagePackArgs& args);
+/// Checks every slot against num_slots and every page against engine_num_pages; reads
+/// arena_slots and engine_pages, so they must be host memory here.
+Status check_page_pack_indices(const PagePackArgs& args);
 
 /// Byte offset of plane `plane`, token `t`, kv head `h`, element 0 of page `page` inside the
 /// engine tensor of one layer. Shared by the CPU reference and the CUDA kernel.

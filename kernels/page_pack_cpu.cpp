@@ -11,24 +11,10 @@ uint32_t layer_end(const PagePackArgs& a) {
   return a.layer_count ? a.layer_begin + a.layer_count : a.layout.num_layers;
 }
 
-Status check_indices_host(const PagePackArgs& a) {
-  for (uint32_t b = 0; b < a.num_blocks; ++b) {
-    if (a.arena_slots[b] < 0 || uint32_t(a.arena_slots[b]) >= a.num_slots) {
-      return invalid_argument("page pack: block " + std::to_string(b) + " names slot " +
-                              std::to_string(a.arena_slots[b]) + " outside the arena");
-    }
-    if (a.engine_pages[b] < 0 || uint32_t(a.engine_pages[b]) >= a.engine_num_pages) {
-      return invalid_argument("page pack: block " + std::to_string(b) + " names engine page " +
-                              std::to_string(a.engine_pages[b]) + " outside the engine cache");
-    }
-  }
-  return Status::ok();
-}
-
 // to_arena: pack (engine → arena); otherwise unpack.
 Status copy_pages(const PagePackArgs& a, bool to_arena) {
   KVTIER_RETURN_IF_ERROR(check_page_pack(a));
-  KVTIER_RETURN_IF_ERROR(check_indices_host(a));
+  KVTIER_RETURN_IF_ERROR(check_page_pack_indices(a));
   const KvLayout& l = a.layout;
   const uint64_t slot_stride = a.slot_stride_bytes ? a.slot_stride_bytes : l.bytes_per_block();
   const uint64_t row_bytes = uint64_t(l.head_dim) * dtype_bits(l.dtype) / 8;
@@ -77,6 +63,20 @@ Status check_page_pack(const PagePackArgs& a) {
   }
   if (a.slot_stride_bytes != 0 && a.slot_stride_bytes < a.layout.bytes_per_block()) {
     return invalid_argument("page pack: slot stride is smaller than one block");
+  }
+  return Status::ok();
+}
+
+Status check_page_pack_indices(const PagePackArgs& a) {
+  for (uint32_t b = 0; b < a.num_blocks; ++b) {
+    if (a.arena_slots[b] < 0 || uint32_t(a.arena_slots[b]) >= a.num_slots) {
+      return invalid_argument("page pack: block " + std::to_string(b) + " names slot " +
+                              std::to_string(a.arena_slots[b]) + " outside the arena");
+    }
+    if (a.engine_pages[b] < 0 || uint32_t(a.engine_pages[b]) >= a.engine_num_pages) {
+      return invalid_argument("page pack: block " + std::to_string(b) + " names engine page " +
+                              std::to_string(a.engine_pages[b]) + " outside the engine cache");
+    }
   }
   return Status::ok();
 }

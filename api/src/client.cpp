@@ -204,7 +204,7 @@ Status Client::call(Op op, const std::vector<std::byte>& request, std::vector<st
   return accept_reply(op, next_request_ - 1, header, payload, reply);
 }
 
-Result<TransferEngine*> Client::engine() {
+Result<DeviceMovers> Client::movers() {
   if (!engine_) {
     TransferEngineOptions o;
     o.staging_buffers = 2;
@@ -213,8 +213,11 @@ Result<TransferEngine*> Client::engine() {
     engine_ = std::move(*e);
     // Page-lock the window for DMA where a GPU is present (else a no-op or mlock).
     engine_->register_host_memory(window_, window_bytes_).ignore();
+    // A streamed slice fills half the window: stage that much per launch (a whole block at least).
+    packer_ = create_page_packer(engine_->copy_engine().device_memory_is_host(),
+                                 std::min<uint64_t>(window_bytes_ / 2, 64ull << 20), layout_.bytes_per_block());
   }
-  return engine_.get();
+  return DeviceMovers{engine_.get(), packer_.get()};
 }
 
 Result<NamespaceId> Client::open_namespace(const NamespaceRequest& r) {
@@ -368,7 +371,7 @@ Result<TransferHandle> Client::load(const Match& match, const KvBuffer& dst) {
   std::unique_lock lock(gate_);  // stream_load unlocks it: released to it below
   // Registered memory (register_memory) is written by the daemon itself, paged layouts included.
   auto direct = in_registered_memory(dst);
-  KVTIER_RETURN_IF_ERROR(check_load(layout_, match, dst, /*paged_device_ok=*/direct.has_value()));
+  KVTIER_RETURN_IF_ERROR(check_load(layout_, match, dst));
   const size_t n = dst.block_count();
   const uint32_t layers = layout_.num_layers;
   if (n == 0) return finished_handle(layers);
@@ -438,11 +441,11 @@ void Client::stream_load(LeaseId lease, const KvBuffer& dst, LoadPlan plan, cons
     return s;
   };
   Status st;
-  TransferEngine* eng = nullptr;
+  DeviceMovers movers;
   if (!direct && dst.memory != LocationKind::kHost) {
-    auto e = engine();
-    if (e) eng = *e;
-    else st = e.status();
+    auto m = this->movers();
+    if (m) movers = *m;
+    else st = m.status();
   }
   std::vector<Slice> in_flight;  // at most two, oldest first
   size_t next = 0;
@@ -482,7 +485,7 @@ void Client::stream_load(LeaseId lease, const KvBuffer& dst, LoadPlan plan, cons
     if (!st) continue;     // after an error, only read the replies still owed
     if (!direct) {
       // The other buffer is being filled meanwhile; this one is reused once its copy is done.
-      auto h = scatter_blocks(layout_, window_ + s.offset, dst, s.b0, s.nb, eng, {s.l0, s.nl});
+      auto h = scatter_blocks(layout_, window_ + s.offset, dst, s.b0, s.nb, movers, {s.l0, s.nl});
       st = h ? h->wait() : h.status();
       if (!st) continue;
     }
@@ -508,7 +511,7 @@ Result<size_t> Client::save(NamespaceId ns, std::span<const TokenId> tokens, con
                             std::span<const BlockExtra> extras, size_t first_block) {
   std::lock_guard lock(gate_);
   auto direct = in_registered_memory(src);
-  auto checked = check_save(layout_, tokens.size(), src, extras, first_block, /*paged_device_ok=*/direct.has_value());
+  auto checked = check_save(layout_, tokens.size(), src, extras, first_block);
   if (!checked) return checked.status();
   const size_t full = *checked;
   const uint32_t bt = layout_.block_tokens;
@@ -516,11 +519,11 @@ Result<size_t> Client::save(NamespaceId ns, std::span<const TokenId> tokens, con
   // One request per chunk: registered memory the daemon reads itself, or what fits the window.
   const size_t chunk = direct ? kDirectBlocks : window_blocks_;
   if (chunk == 0) return invalid("the shared window cannot hold one block");
-  TransferEngine* eng = nullptr;
+  DeviceMovers movers;
   if (!direct && src.memory != LocationKind::kHost) {
-    auto e = engine();
-    if (!e) return e.status();
-    eng = *e;
+    auto m = this->movers();
+    if (!m) return m.status();
+    movers = *m;
   }
   size_t saved = 0;
   for (size_t b0 = first_block; b0 < full; b0 += chunk) {
@@ -535,7 +538,7 @@ Result<size_t> Client::save(NamespaceId ns, std::span<const TokenId> tokens, con
                                            .extras = std::move(ex), .src = slice_of(*direct, b0 - first_block, count)},
                     req);
     } else {
-      KVTIER_RETURN_IF_ERROR(gather_blocks(layout_, src, b0 - first_block, count, window_, eng));
+      KVTIER_RETURN_IF_ERROR(gather_blocks(layout_, src, b0 - first_block, count, window_, movers));
       proto::encode(proto::SaveRequest{.namespace_id = ns, .priority = static_cast<uint8_t>(priority),
                                        .first_block = static_cast<uint32_t>(b0), .window_offset = 0,
                                        .tokens = std::move(prefix), .extras = std::move(ex)},

@@ -22,6 +22,7 @@
 #include <thread>
 #include <vector>
 
+#include "api/src/kv_copy.h"
 #include "api/src/mailbox.h"
 #include "api/src/protocol.h"
 #include "api/src/socket_io.h"
@@ -140,8 +141,8 @@ class Client final : public KvStore {
   };
   Result<uint64_t> prefix_call(proto::Op op, NamespaceId ns, uint8_t arg, std::span<const TokenId> tokens,
                                std::span<const BlockExtra> extras);
-  /// The copy engine for device buffers, made on first use.
-  Result<TransferEngine*> engine();
+  /// The copy engine and page packer for device buffers, made on first use.
+  Result<DeviceMovers> movers();
 
   Gate gate_;  // one request (or streaming load) in flight; guards the socket, window, next_request_
   // The load worker: runs at most one streaming load (the gate admits one), started on first use.
@@ -165,6 +166,7 @@ class Client final : public KvStore {
   std::vector<std::string> tenants_;
   uint32_t next_request_ = 1;
   std::unique_ptr<TransferEngine> engine_;
+  std::unique_ptr<kernels::DevicePagePacker> packer_;  // paged KV in device memory, via the window
   struct Registered {
     uint64_t bytes = 0;
     uint32_t region = 0;  // the daemon's name for it

@@ -1,5 +1,6 @@
 #include "api/src/kv_copy.h"
 
+#include <algorithm>
 #include <cstring>
 #include <numeric>
 #include <string>
@@ -60,17 +61,13 @@ kernels::PagePackArgs pack_args(const KvLayout& layout, const KvBuffer& buf, siz
 
 }  // namespace
 
-Status check_kv_buffer(const KvLayout& layout, const KvBuffer& buf, bool paged_device_ok) {
+Status check_kv_buffer(const KvLayout& layout, const KvBuffer& buf) {
   if (buf.memory == LocationKind::kStorage) return invalid("KV buffers are host or device memory");
   if (!buf.is_paged()) {
     for (size_t i = 0; i < buf.blocks.size(); ++i) {
       if (!buf.blocks[i]) return invalid("KV buffer block " + std::to_string(i) + " is null");
     }
     return Status::ok();
-  }
-  if (buf.memory == LocationKind::kDevice && !paged_device_ok) {
-    return Status(StatusCode::kUnavailable,
-                  "paged KV in GPU memory is not wired to the CUDA pack kernels yet: pass canonical blocks");
   }
   if (layout.kind != AttentionKind::kStandard) return invalid("paged KV buffers need a standard (non-MLA) layout");
   if (buf.layer_base.size() != layout.num_layers) {
@@ -89,54 +86,103 @@ Status check_kv_buffer(const KvLayout& layout, const KvBuffer& buf, bool paged_d
   return Status::ok();
 }
 
+std::unique_ptr<kernels::DevicePagePacker> create_page_packer(bool device_memory_is_host, uint64_t staging_bytes,
+                                                              uint64_t min_staging_bytes) {
+  kernels::PagePackerOptions o;
+  o.staging_bytes = std::max(staging_bytes, min_staging_bytes);
+#ifdef KVTIER_WITH_CUDA
+  if (!device_memory_is_host) return kernels::create_cuda_page_packer(o);
+#else
+  (void)device_memory_is_host;  // without CUDA in the build, device memory is always emulated
+#endif
+  return kernels::create_host_page_packer(o);
+}
+
 Status gather_blocks(const KvLayout& layout, const KvBuffer& src, size_t first, size_t count,
-                     std::byte* out, TransferEngine* engine) {
+                     std::byte* out, DeviceMovers movers) {
   if (first + count > src.block_count()) return invalid("gather past the KV buffer's blocks");
   const uint64_t bpb = layout.bytes_per_block();
   if (src.is_paged()) {
     std::vector<int32_t> slots;
-    return kernels::pack_pages_cpu(pack_args(layout, src, first, count, out, slots));
+    const kernels::PagePackArgs a = pack_args(layout, src, first, count, out, slots);
+    if (src.memory == LocationKind::kHost) return kernels::pack_pages_cpu(a);
+    if (!movers.packer) return invalid("paged KV in device memory needs a page packer");
+    auto lane = movers.packer->acquire();
+    if (!lane) return lane.status();
+    return lane->pack_to_host(a);
   }
   if (src.memory == LocationKind::kHost) {
     for (size_t i = 0; i < count; ++i) std::memcpy(out + i * bpb, src.blocks[first + i], bpb);
     return Status::ok();
   }
-  if (!engine) return invalid("device KV needs a copy engine");
+  if (!movers.engine) return invalid("device KV needs a copy engine");
   JobSpec job;
   for (size_t i = 0; i < count; ++i) {
     job.segments.push_back({.layer = 0, .bytes = bpb, .src = Location::device_memory(src.blocks[first + i]),
                             .dst = Location::host(out + i * bpb)});
   }
   if (job.segments.empty()) return Status::ok();
-  auto h = engine->submit(std::move(job));
+  auto h = movers.engine->submit(std::move(job));
   return h ? h->wait() : h.status();
 }
 
+namespace {
+// Calls `fn` with pack arguments for `count` canonical blocks of `range`'s layers back to back at
+// `in` and blocks [first, first + count) of paged `dst`: a model of just those layers, whose
+// layer tensors are dst's from range.begin on.
+template <class Fn>
+Status with_range_args(const KvLayout& layout, const std::byte* in, const KvBuffer& dst, size_t first,
+                       size_t count, LayerRange range, Fn&& fn) {
+  const uint32_t layers = range.size(layout.num_layers);
+  KvLayout part = layout;
+  part.num_layers = layers;
+  KvBuffer view = dst;
+  view.layer_base.erase(view.layer_base.begin(), view.layer_base.begin() + range.begin);
+  view.layer_base.resize(layers);
+  std::vector<int32_t> slots;
+  return fn(pack_args(part, view, first, count, in, slots));
+}
+}  // namespace
+
+Status unpack_in_device(const KvLayout& layout, const std::byte* in, const KvBuffer& dst, size_t first,
+                        size_t count, kernels::DevicePagePacker::Lane& lane, LayerRange range) {
+  if (first + count > dst.block_count()) return invalid("unpack past the KV buffer's blocks");
+  if (range.size(layout.num_layers) == 0) return invalid("unpack: the layer range is outside the layout's layers");
+  return with_range_args(layout, in, dst, first, count, range,
+                         [&](const kernels::PagePackArgs& a) { return lane.unpack_device(a); });
+}
+
 Result<TransferHandle> scatter_blocks(const KvLayout& layout, const std::byte* in, const KvBuffer& dst,
-                                      size_t first, size_t count, TransferEngine* engine, LayerRange range) {
+                                      size_t first, size_t count, DeviceMovers movers, LayerRange range) {
   if (first + count > dst.block_count()) return invalid("scatter past the KV buffer's blocks");
   const uint32_t layers = range.size(layout.num_layers);
   if (layers == 0) return invalid("scatter: the layer range is outside the layout's layers");
   const uint64_t layer_bytes = layout.bytes_per_block_layer();
   const uint64_t stride = layers * layer_bytes;  // one block of `in`
   if (dst.is_paged()) {
-    // `in` is canonical blocks of a model with just these layers; the engine tensors from
-    // range.begin on are its layer tensors.
-    KvLayout part = layout;
-    part.num_layers = layers;
-    KvBuffer view = dst;
-    view.layer_base.erase(view.layer_base.begin(), view.layer_base.begin() + range.begin);
-    view.layer_base.resize(layers);
-    std::vector<int32_t> slots;
-    kernels::PagePackArgs a = pack_args(part, view, first, count, in, slots);
-    a.layer_count = 1;
-    for (uint32_t l = 0; l < layers; ++l) {  // layer by layer, as a layered engine would consume it
-      a.layer_begin = l;
-      KVTIER_RETURN_IF_ERROR(kernels::unpack_pages_cpu(a));
+    Status st;
+    if (dst.memory == LocationKind::kHost) {
+      st = with_range_args(layout, in, dst, first, count, range, [&](kernels::PagePackArgs a) {
+        a.layer_count = 1;
+        for (uint32_t l = 0; l < layers; ++l) {  // layer by layer, as a layered engine would consume it
+          a.layer_begin = l;
+          KVTIER_RETURN_IF_ERROR(kernels::unpack_pages_cpu(a));
+        }
+        return Status::ok();
+      });
+    } else if (!movers.packer) {
+      st = invalid("paged KV in device memory needs a page packer");
+    } else if (auto lane = movers.packer->acquire(); !lane) {
+      st = lane.status();
+    } else {
+      st = with_range_args(layout, in, dst, first, count, range,
+                           [&](const kernels::PagePackArgs& a) { return lane->unpack_from_host(a); });
     }
+    if (!st) return st;
     return finished_handle(layers);
   }
   auto to = [&](size_t i, uint32_t l) { return dst.blocks[first + i] + uint64_t(range.begin + l) * layer_bytes; };
+  TransferEngine* engine = movers.engine;
   if (!engine) {
     if (dst.memory != LocationKind::kHost) return invalid("device KV needs a copy engine");
     for (uint32_t l = 0; l < layers; ++l) {
@@ -172,8 +218,8 @@ Status check_extras(std::span<const BlockExtra> extras, size_t full_blocks) {
 }
 
 Result<size_t> check_save(const KvLayout& layout, size_t num_tokens, const KvBuffer& src,
-                          std::span<const BlockExtra> extras, size_t first_block, bool paged_device_ok) {
-  KVTIER_RETURN_IF_ERROR(check_kv_buffer(layout, src, paged_device_ok));
+                          std::span<const BlockExtra> extras, size_t first_block) {
+  KVTIER_RETURN_IF_ERROR(check_kv_buffer(layout, src));
   const size_t full = num_tokens / layout.block_tokens;
   if (first_block > full) {
     return invalid("first_block " + std::to_string(first_block) + " is past the prompt's " + std::to_string(full) +
@@ -188,8 +234,8 @@ Result<size_t> check_save(const KvLayout& layout, size_t num_tokens, const KvBuf
   return full;
 }
 
-Status check_load(const KvLayout& layout, const Match& match, const KvBuffer& dst, bool paged_device_ok) {
-  KVTIER_RETURN_IF_ERROR(check_kv_buffer(layout, dst, paged_device_ok));
+Status check_load(const KvLayout& layout, const Match& match, const KvBuffer& dst) {
+  KVTIER_RETURN_IF_ERROR(check_kv_buffer(layout, dst));
   if (dst.block_count() > match.blocks.size()) {
     return invalid("load: the buffer has " + std::to_string(dst.block_count()) + " blocks; the match has " +
                    std::to_string(match.blocks.size()));

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/page_packer.h"
 #include "kvtier/kv_layout.h"
 #include "kvtier/status.h"
 #include "kvtier/store.h"
@@ -14,35 +15,52 @@
 namespace kvtier {
 
 /// Checks a buffer against the layout: memory kind, block pointers, paged fields and layer count.
-/// `paged_device_ok`: whether paged KV in device memory is reachable (it is when the device is
-/// emulated in host memory; the CUDA pack path is not wired yet).
-Status check_kv_buffer(const KvLayout& layout, const KvBuffer& buf, bool paged_device_ok);
+Status check_kv_buffer(const KvLayout& layout, const KvBuffer& buf);
 
 /// The checks every KvStore::save makes (the buffer, block count, first_block, extras); returns
 /// the prompt's number of full blocks.
 Result<size_t> check_save(const KvLayout& layout, size_t num_tokens, const KvBuffer& src,
-                          std::span<const BlockExtra> extras, size_t first_block, bool paged_device_ok);
+                          std::span<const BlockExtra> extras, size_t first_block);
 /// The checks every KvStore::load makes: the buffer, and no more blocks than the match has.
-Status check_load(const KvLayout& layout, const Match& match, const KvBuffer& dst, bool paged_device_ok);
+Status check_load(const KvLayout& layout, const Match& match, const KvBuffer& dst);
+
+/// What a buffer in device memory needs: `engine` copies canonical blocks, `packer` packs and
+/// unpacks paged ones. Either may be null when the buffer does not need it.
+struct DeviceMovers {
+  TransferEngine* engine = nullptr;
+  kernels::DevicePagePacker* packer = nullptr;
+};
+
+/// The page packer for a copy engine's device memory: CUDA lanes where device memory is a GPU's,
+/// host lanes running the CPU references where it is emulated in host memory. Each lane stages
+/// up to `staging_bytes` (at least `min_staging_bytes`, one block) of canonical blocks.
+std::unique_ptr<kernels::DevicePagePacker> create_page_packer(bool device_memory_is_host, uint64_t staging_bytes,
+                                                              uint64_t min_staging_bytes);
 
 /// Copies blocks [first, first + count) of `src` into `out` (count canonical blocks back to back,
-/// host memory) and waits. Device memory goes through `engine` (null only when `src` is host
-/// memory); paged layouts are packed.
+/// host memory) and waits. Canonical device memory goes through the engine; paged layouts are
+/// packed (on the CPU from host memory, by the packer's kernels from device memory).
 Status gather_blocks(const KvLayout& layout, const KvBuffer& src, size_t first, size_t count,
-                     std::byte* out, TransferEngine* engine);
+                     std::byte* out, DeviceMovers movers);
 
 /// Copies `count` canonical blocks from `in` (host memory) into blocks [first, first + count) of
 /// `dst`. Canonical destinations get one segment per layer per block, so the handle's
 /// wait_layer(l) returns as soon as layer l is in place; paged host destinations are unpacked
-/// layer by layer before the (already final) handle returns. With a null `engine` (host
-/// destinations only) canonical blocks are copied in place, layer by layer, before it returns.
+/// layer by layer, paged device ones by the packer, before the (already final) handle returns.
+/// With a null engine (host destinations only) canonical blocks are copied in place, layer by
+/// layer, before it returns.
 ///
 /// With `layers` (default: all), `in` holds only those layers of each block, back to back
 /// (count blocks of layers.size() × bytes_per_block_layer), and only they are written; the
 /// handle's layer i is layer layers.begin + i.
 Result<TransferHandle> scatter_blocks(const KvLayout& layout, const std::byte* in, const KvBuffer& dst,
-                                      size_t first, size_t count, TransferEngine* engine,
+                                      size_t first, size_t count, DeviceMovers movers,
                                       LayerRange layers = {});
+
+/// Like scatter_blocks into a paged buffer in device memory, with `in` already in device memory
+/// (a packer lane's staging, which a tier load filled): one or a few kernel launches, then waits.
+Status unpack_in_device(const KvLayout& layout, const std::byte* in, const KvBuffer& dst, size_t first,
+                        size_t count, kernels::DevicePagePacker::Lane& lane, LayerRange layers = {});
 
 /// Extras must be sorted by block index and belong to full blocks (< full_blocks): a chunked
 /// save hands each chunk the extras below its end, so an unsorted list would lose some.

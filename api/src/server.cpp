@@ -646,7 +646,7 @@ Result<KvBuffer> Handler::region_buffer(const proto::RegionBuffer& rb) {
   // GPU memory is device memory; a memfd stands in for it where the daemon's copies run on the
   // host too, and is plain host memory to a daemon with a GPU.
   buf.memory = cuda.value_or(false) || device_is_host ? LocationKind::kDevice : LocationKind::kHost;
-  KVTIER_RETURN_IF_ERROR(check_kv_buffer(layout, buf, device_is_host || buf.memory == LocationKind::kHost));
+  KVTIER_RETURN_IF_ERROR(check_kv_buffer(layout, buf));
   return buf;
 }
 

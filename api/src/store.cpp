@@ -34,6 +34,10 @@ Result<std::unique_ptr<Store>> Store::open(StoreOptions options) {
   auto tiers = TierManager::open(store->keys_, store->options_.tiers);
   if (!tiers) return tiers.status();
   store->tiers_ = std::move(*tiers);
+  const uint64_t bpb = store->layout().bytes_per_block();
+  store->packer_ = create_page_packer(store->tiers_->transfer().copy_engine().device_memory_is_host(),
+                                      std::min<uint64_t>(uint64_t(store->options_.scratch_blocks) * bpb, 64ull << 20),
+                                      bpb);
   return store;
 }
 
@@ -89,7 +93,7 @@ Status Store::release(const Match& match) {
 }
 
 Result<TransferHandle> Store::load(const Match& match, const KvBuffer& dst) {
-  KVTIER_RETURN_IF_ERROR(check_load(layout(), match, dst, tiers_->transfer().copy_engine().device_memory_is_host()));
+  KVTIER_RETURN_IF_ERROR(check_load(layout(), match, dst));
   const size_t n = dst.block_count();
   Match part;
   part.lease = match.lease;
@@ -111,8 +115,30 @@ Result<TransferHandle> Store::load_layers(const Match& part, const KvBuffer& dst
     return tiers_->load(part, dsts, dst.memory, {}, range);
   }
 
-  // Paged: restore into host scratch a window at a time, then unpack into the engine's pages.
   const uint64_t bytes = uint64_t(layers) * layer_bytes;  // of one block in scratch
+  if (dst.memory == LocationKind::kDevice) {
+    // Paged in device memory: restore into a packer lane's device staging a window at a time
+    // (host tier → GPU by DMA, HBM tier device to device), then unpack there with the kernel.
+    auto lane = packer_->acquire();
+    if (!lane) return lane.status();
+    const size_t window = std::min<size_t>(n, lane->staging_bytes() / bytes);
+    if (window == 0) return invalid("load: a block does not fit the device staging");
+    for (size_t b0 = 0; b0 < n; b0 += window) {
+      const size_t count = std::min(window, n - b0);
+      Match chunk;
+      chunk.lease = part.lease;
+      chunk.blocks.assign(part.blocks.begin() + b0, part.blocks.begin() + b0 + count);
+      std::vector<std::byte*> dsts;
+      for (size_t i = 0; i < count; ++i) dsts.push_back(lane->staging() + i * bytes);
+      auto h = tiers_->load(chunk, dsts, LocationKind::kDevice, {}, range);
+      if (!h) return h.status();
+      KVTIER_RETURN_IF_ERROR(h->wait());
+      KVTIER_RETURN_IF_ERROR(unpack_in_device(layout(), lane->staging(), dst, b0, count, *lane, range));
+    }
+    return finished_handle(layers);
+  }
+
+  // Paged in host memory: restore into host scratch a window at a time, then unpack on the CPU.
   const size_t window = std::min<size_t>(n, options_.scratch_blocks);
   auto scratch = std::make_unique<std::byte[]>(window * bytes);
   for (size_t b0 = 0; b0 < n; b0 += window) {
@@ -125,7 +151,7 @@ Result<TransferHandle> Store::load_layers(const Match& part, const KvBuffer& dst
     auto h = tiers_->load(chunk, dsts, LocationKind::kHost, {}, range);
     if (!h) return h.status();
     KVTIER_RETURN_IF_ERROR(h->wait());
-    auto done = scatter_blocks(layout(), scratch.get(), dst, b0, count, &tiers_->transfer(), range);
+    auto done = scatter_blocks(layout(), scratch.get(), dst, b0, count, {&tiers_->transfer(), packer_.get()}, range);
     if (!done) return done.status();
     KVTIER_RETURN_IF_ERROR(done->wait());
   }
@@ -141,8 +167,7 @@ Result<size_t> Store::save_host(NamespaceId id, std::span<const TokenId> tokens,
 
 Result<size_t> Store::save(NamespaceId id, std::span<const TokenId> tokens, const KvBuffer& src,
                            Priority priority, std::span<const BlockExtra> extras, size_t first_block) {
-  auto checked = check_save(layout(), tokens.size(), src, extras, first_block,
-                            tiers_->transfer().copy_engine().device_memory_is_host());
+  auto checked = check_save(layout(), tokens.size(), src, extras, first_block);
   if (!checked) return checked.status();
   const size_t full = *checked;
   const uint32_t bt = layout().block_tokens;
@@ -159,7 +184,8 @@ Result<size_t> Store::save(NamespaceId id, std::span<const TokenId> tokens, cons
   size_t saved = 0;
   for (size_t b0 = first_block; b0 < full; b0 += window) {
     const size_t count = std::min(window, full - b0);
-    KVTIER_RETURN_IF_ERROR(gather_blocks(layout(), src, b0 - first_block, count, scratch.get(), &tiers_->transfer()));
+    KVTIER_RETURN_IF_ERROR(gather_blocks(layout(), src, b0 - first_block, count, scratch.get(),
+                                         {&tiers_->transfer(), packer_.get()}));
     const size_t end = b0 + count;
     auto r = save_host(id, tokens.first(end * bt), {scratch.get(), count * bpb}, priority,
                        extras_below(extras, end), b0);

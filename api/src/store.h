@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "api/src/tier_manager.h"
+#include "kernels/page_packer.h"
 #include "kvtier/store.h"
 
 namespace kvtier {
@@ -21,6 +22,7 @@ struct StoreOptions {
   /// processes and restarts. "" gives well-known keys (a single trusted deployment only).
   std::string secret;
   /// Host scratch a save or load of device or paged KV is staged through, in blocks (default 64).
+  /// Paged KV in device memory is staged in device memory instead, as many blocks up to 64 MiB.
   uint32_t scratch_blocks = 64;
 };
 
@@ -65,8 +67,9 @@ class Store final : public KvStore {
                                               std::span<const BlockExtra> extras = {});
   /// Copies layers `layers` of every block of `part` (a leased match, one block per dst block) to
   /// where they belong in `dst`: load() with a layer range, for the daemon's slices into a
-  /// client's registered memory. Paged buffers go through host scratch and the CPU unpack, so
-  /// they must be host-visible. The handle's layer i is layer layers.begin + i.
+  /// client's registered memory. Paged host buffers go through host scratch and the CPU unpack;
+  /// paged device buffers through a packer lane's device staging and the unpack kernel. The
+  /// handle's layer i is layer layers.begin + i.
   Result<TransferHandle> load_layers(const Match& part, const KvBuffer& dst, LayerRange layers = {});
   /// Saves canonical KV already in host memory (`kv` holds blocks [first_block, n) back to back):
   /// the zero-gather path the daemon uses for a client's shared window.
@@ -79,6 +82,7 @@ class Store final : public KvStore {
   StoreOptions options_;
   KeyChain keys_;
   std::unique_ptr<TierManager> tiers_;
+  std::unique_ptr<kernels::DevicePagePacker> packer_;  // paged KV in device memory
   mutable std::shared_mutex ns_mu_;
   std::vector<Namespace> namespaces_;                                   // id → namespace
   std::map<std::tuple<std::string, std::string, std::string>, NamespaceId> ns_ids_;  // spec → id

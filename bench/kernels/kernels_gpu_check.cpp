@@ -20,6 +20,7 @@
 
 #include "kernel_test_support.h"
 #include "kernels/cuda/kernels_cuda.h"
+#include "kernels/page_packer.h"
 
 using namespace kvtier;
 using namespace kvtier::kernels;
@@ -267,6 +268,75 @@ void check_pack(Rng& rng, EngineLayout engine, const char* engine_name) {
   bool same = true;
   for (uint32_t l = 0; l < L; ++l) same = same && deng[l]->download() == eng_cpu[l];
   report(std::string("unpack ") + engine_name, same, "bytes equal");
+}
+
+/// The CUDA page packer (the path a store or client takes for paged KV in GPU memory): canonical
+/// blocks in host memory staged two blocks at a time, a layer sub-range, shuffled slots; and an
+/// unpack from a device arena with a table of two blocks per launch. Each against the CPU reference.
+void check_packer(Rng& rng, EngineLayout engine, const char* engine_name) {
+  const uint32_t L = 4, Hk = 8, D = 128, T = 16, pages = 12, slots = 14, nblocks = 9;
+  auto layout = KvLayout::standard(L, Hk, D, Dtype::kBf16, T);
+  const uint64_t layer_bytes = uint64_t(2) * pages * T * Hk * D * 2;
+  std::vector<std::vector<uint8_t>> eng(L, std::vector<uint8_t>(layer_bytes));
+  for (auto& e : eng) rng.fill_bytes(e);
+  std::vector<int32_t> slot_ids(slots), page_ids(pages);
+  std::iota(slot_ids.begin(), slot_ids.end(), 0);
+  std::iota(page_ids.begin(), page_ids.end(), 0);
+  std::shuffle(slot_ids.begin(), slot_ids.end(), rng.gen);
+  std::shuffle(page_ids.begin(), page_ids.end(), rng.gen);
+  slot_ids.resize(nblocks);
+  page_ids.resize(nblocks);
+  std::vector<uint8_t> arena(slots * layout->bytes_per_block());
+  rng.fill_bytes(arena);
+  std::vector<void*> bases(L);
+  for (uint32_t l = 0; l < L; ++l) bases[l] = eng[l].data();
+  PagePackArgs a{*layout, arena.data(), 0, slots, engine, bases.data(), pages, slot_ids.data(),
+                 page_ids.data(), nblocks, 1, 2};
+
+  std::vector<std::unique_ptr<DeviceBuffer<uint8_t>>> deng;
+  std::vector<void*> dbases(L);
+  for (uint32_t l = 0; l < L; ++l) {
+    deng.emplace_back(new DeviceBuffer<uint8_t>(eng[l]));
+    dbases[l] = deng[l]->ptr;
+  }
+  auto packer = create_cuda_page_packer({.staging_bytes = 2 * 2 * layout->bytes_per_block_layer(),
+                                         .table_bytes = L * sizeof(void*) + 2 * 2 * sizeof(int32_t)});
+  auto lane = packer->acquire();
+  STATUS_OK(lane.status());
+
+  // pack_to_host: layers 1..2 of the batch's slots from the engine tensors, the rest untouched.
+  std::vector<uint8_t> arena_gpu = arena;
+  PagePackArgs g = a;
+  g.arena = arena_gpu.data();
+  g.layer_base = dbases.data();
+  STATUS_OK(pack_pages_cpu(a));
+  STATUS_OK(lane->pack_to_host(g));
+  report(std::string("packer pack_to_host ") + engine_name, arena_gpu == arena, "bytes equal");
+
+  // unpack_from_host into poisoned tensors; the CPU does the same from 0xff.
+  std::vector<std::vector<uint8_t>> eng_cpu(L, std::vector<uint8_t>(layer_bytes, 0xff));
+  for (uint32_t l = 0; l < L; ++l) bases[l] = eng_cpu[l].data();
+  STATUS_OK(unpack_pages_cpu(a));
+  for (auto& d : deng) d->poison();
+  STATUS_OK(lane->unpack_from_host(g));
+  bool same = true;
+  for (uint32_t l = 0; l < L; ++l) same = same && deng[l]->download() == eng_cpu[l];
+  report(std::string("packer unpack_from_host ") + engine_name, same, "bytes equal");
+
+  // unpack_device: the arena in device memory, every layer, two blocks per launch.
+  DeviceBuffer<uint8_t> darena(arena);
+  for (auto& d : deng) d->poison();
+  for (auto& e : eng_cpu) std::fill(e.begin(), e.end(), 0xff);
+  a.layer_begin = 0;
+  a.layer_count = 0;
+  STATUS_OK(unpack_pages_cpu(a));
+  g = a;
+  g.arena = darena.ptr;
+  g.layer_base = dbases.data();
+  STATUS_OK(lane->unpack_device(g));
+  same = true;
+  for (uint32_t l = 0; l < L; ++l) same = same && deng[l]->download() == eng_cpu[l];
+  report(std::string("packer unpack_device ") + engine_name, same, "bytes equal");
 }
 
 void check_quant(Rng& rng, Dtype wide, Dtype narrow) {
@@ -562,6 +632,8 @@ void run_checks(Rng& rng) {
   check_pack(rng, EngineLayout::kVllm, "vllm");
   check_pack(rng, EngineLayout::kFlashInferNhd, "flashinfer_nhd");
   check_pack(rng, EngineLayout::kFlashInferHnd, "flashinfer_hnd");
+  check_packer(rng, EngineLayout::kVllm, "vllm");
+  check_packer(rng, EngineLayout::kFlashInferHnd, "flashinfer_hnd");
   for (Dtype w : {Dtype::kFp16, Dtype::kBf16})
     for (Dtype n : {Dtype::kInt8, Dtype::kFp8E4M3}) check_quant(rng, w, n);
 }

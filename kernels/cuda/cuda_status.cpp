@@ -15,6 +15,7 @@ Status status_from_cuda(cudaError_t err, const char* what) {
       err == cudaErrorDevicesUnavailable) {
     return Status(StatusCode::kUnavailable, msg);
   }
+  if (err == cudaErrorMemoryAllocation) return Status(StatusCode::kResourceExhausted, msg);
   if (err == cudaErrorInvalidValue || err == cudaErrorInvalidConfiguration) {
     return Status(StatusCode::kInvalidArgument, msg);
   }

@@ -119,7 +119,11 @@ TEST_CASE("In-process Store: save, lookup, load canonical and paged KV byte-iden
   CHECK(save_prompt(s, *ns, prompt) == 0);  // cached already
   CHECK(restore_and_check(s, *ns, prompt) == 160);
 
-  SECTION("a vLLM paged host buffer round-trips through the canonical layout") {
+  SECTION("a vLLM paged buffer round-trips through the canonical layout") {
+    // In device memory (emulated here) it goes through the page packer: a tier load into device
+    // staging 3 blocks at a time (scratch_blocks), then the unpack; a save packs it back out.
+    const LocationKind memory = GENERATE(LocationKind::kHost, LocationKind::kDevice);
+    CAPTURE(memory == LocationKind::kDevice);
     const KvLayout L = s.layout();
     const uint32_t pages = 12;
     const uint64_t layer_bytes = 2ull * pages * L.block_tokens * L.num_kv_heads * L.head_dim * 2;
@@ -129,13 +133,14 @@ TEST_CASE("In-process Store: save, lookup, load canonical and paged KV byte-iden
     std::vector<int32_t> page_of = {11, 3, 7, 0, 5, 9, 1, 2, 4, 6};  // out of order
     auto m = s.lookup(*ns, prompt);
     REQUIRE(m.is_ok());
-    auto h = s.load(*m, KvBuffer::paged(kernels::EngineLayout::kVllm, bases, pages, page_of));
+    auto h = s.load(*m, KvBuffer::paged(kernels::EngineLayout::kVllm, bases, pages, page_of, memory));
     REQUIRE(h.is_ok());
     REQUIRE(h->wait().is_ok());
     REQUIRE(s.release(*m).is_ok());
+    CHECK(vllm_pages_hold(L, layers, pages, page_of, prompt_kv(prompt, L, 0, 10)));
     // Save the pages under another prompt and read them back canonically: the same bytes.
     const auto other = synthetic_tokens(2, 160);
-    auto saved = s.save(*ns, other, KvBuffer::paged(kernels::EngineLayout::kVllm, bases, pages, page_of));
+    auto saved = s.save(*ns, other, KvBuffer::paged(kernels::EngineLayout::kVllm, bases, pages, page_of, memory));
     REQUIRE(saved.is_ok());
     CHECK(*saved == 10);
     auto m2 = s.lookup(*ns, other);
@@ -271,7 +276,11 @@ TEST_CASE("Daemon: a load larger than half the window streams layer by layer", "
     REQUIRE(text.is_ok());
     CHECK(text->find("kvtierd_tokens_restored_total 320\n") != std::string::npos);
   }
-  SECTION("into an engine's paged layout (vLLM, host memory)") {
+  SECTION("into an engine's paged layout (vLLM), and saved back from it") {
+    // Device memory is emulated here: the client's page packer stages each slice and runs the
+    // unpack on its lane, as it runs the kernel where there is a GPU.
+    const LocationKind memory = GENERATE(LocationKind::kHost, LocationKind::kDevice);
+    CAPTURE(memory == LocationKind::kDevice);
     const uint32_t pages = 24;
     const uint64_t row = uint64_t(L.num_kv_heads) * L.head_dim * 2;  // one token of one plane
     std::vector<std::vector<std::byte>> tensors(L.num_layers, std::vector<std::byte>(2 * pages * 16 * row));
@@ -279,11 +288,23 @@ TEST_CASE("Daemon: a load larger than half the window streams layer by layer", "
     for (auto& t : tensors) bases.push_back(t.data());
     std::vector<int32_t> page_of(20);
     for (int b = 0; b < 20; ++b) page_of[b] = (b * 7 + 3) % pages;
-    auto h = c->load(*m, KvBuffer::paged(kernels::EngineLayout::kVllm, bases, pages, page_of));
+    auto h = c->load(*m, KvBuffer::paged(kernels::EngineLayout::kVllm, bases, pages, page_of, memory));
     REQUIRE(h.is_ok());
     REQUIRE(h->wait().is_ok());
     CHECK(vllm_pages_hold(L, tensors, pages, page_of, expect));
     REQUIRE(c->release(*m).is_ok());
+    // The same pages saved under another prompt come back canonically as the same bytes.
+    const auto other = synthetic_tokens(8, 16 * 20);
+    auto saved = c->save(*ns, other, KvBuffer::paged(kernels::EngineLayout::kVllm, bases, pages, page_of, memory));
+    REQUIRE(saved.is_ok());
+    CHECK(*saved == 20);
+    auto m2 = c->lookup(*ns, other);
+    REQUIRE(m2.is_ok());
+    auto h2 = c->load(*m2, dst);
+    REQUIRE(h2.is_ok());
+    REQUIRE(h2->wait().is_ok());
+    CHECK(got == expect);
+    REQUIRE(c->release(*m2).is_ok());
   }
   SECTION("a call made while it streams waits for it: release right after load") {
     auto h = c->load(*m, dst);
