@@ -15,15 +15,6 @@ namespace {
 
 Status invalid(std::string m) { return Status(StatusCode::kInvalidArgument, std::move(m)); }
 
-/// True when a canonical host buffer's blocks lie back to back from blocks[first].
-bool is_contiguous(const KvBuffer& b, size_t first, size_t count, uint64_t bpb) {
-  if (b.is_paged() || b.memory != LocationKind::kHost) return false;
-  for (size_t i = 1; i < count; ++i) {
-    if (b.blocks[first + i] != b.blocks[first] + i * bpb) return false;
-  }
-  return true;
-}
-
 }  // namespace
 
 Store::Store(StoreOptions options) : options_(std::move(options)), keys_(options_.secret) {}
@@ -172,13 +163,16 @@ Result<size_t> Store::save(NamespaceId id, std::span<const TokenId> tokens, cons
   const size_t full = *checked;
   const uint32_t bt = layout().block_tokens;
   const uint64_t bpb = layout().bytes_per_block();
-  if (is_contiguous(src, 0, src.block_count(), bpb)) {
-    const size_t bytes = src.block_count() * bpb;
-    return save_host(id, tokens.first(full * bt),
-                     std::span<const std::byte>(src.blocks.empty() ? nullptr : src.blocks[0], bytes),
-                     priority, extras, first_block);
+  if (!src.is_paged()) {
+    // Canonical blocks, host or device, back to back or not: each is copied once, into its slot.
+    auto ns = namespace_of(id);
+    if (!ns) return ns.status();
+    std::vector<const std::byte*> blocks(src.blocks.begin(), src.blocks.end());
+    return tiers_->save_blocks(*ns, tokens.first(full * bt), blocks, src.memory, Tier::kHost, priority, extras,
+                               first_block);
   }
-  // Device, scattered or paged: gather a window at a time into host scratch, then save it.
+  // Paged: pack a window at a time into host scratch (on the CPU, or with the kernel from device
+  // memory), then save it.
   const size_t window = std::min<size_t>(std::max<size_t>(src.block_count(), 1), options_.scratch_blocks);
   auto scratch = std::make_unique<std::byte[]>(window * bpb);
   size_t saved = 0;

@@ -611,9 +611,40 @@ Result<Namespace> TierManager::add_namespace(const NamespaceSpec& spec) {
   return ns;
 }
 
+Status TierManager::copy_block(std::byte* dst, bool dst_is_device, const std::byte* src, bool src_is_device) {
+  if (!dst_is_device && !src_is_device) {
+    std::memcpy(dst, src, block_bytes_);
+    return Status::ok();
+  }
+  JobSpec job;
+  job.segments.push_back({.layer = 0, .bytes = block_bytes_,
+                          .src = src_is_device ? Location::device_memory(src) : Location::host(src),
+                          .dst = dst_is_device ? Location::device_memory(dst) : Location::host(dst)});
+  auto h = engine_->submit(std::move(job));
+  return h ? h->wait() : h.status();
+}
+
 Result<size_t> TierManager::save(const Namespace& ns, std::span<const TokenId> tokens,
                                  std::span<const std::byte> kv, Tier tier, Priority priority,
                                  std::span<const BlockExtra> extras, size_t first_block) {
+  const size_t full = tokens.size() / ns.block_tokens();
+  if (first_block > full) {
+    return invalid_argument("first_block " + std::to_string(first_block) + " is past the prompt's " +
+                            std::to_string(full) + " full blocks");
+  }
+  if (kv.size() < (full - first_block) * block_bytes_) {
+    return invalid_argument("kv holds " + std::to_string(kv.size()) + " bytes; " +
+                            std::to_string(full - first_block) + " full blocks need " +
+                            std::to_string((full - first_block) * block_bytes_));
+  }
+  std::vector<const std::byte*> blocks(full - first_block);
+  for (size_t i = 0; i < blocks.size(); ++i) blocks[i] = kv.data() + i * block_bytes_;
+  return save_blocks(ns, tokens, blocks, LocationKind::kHost, tier, priority, extras, first_block);
+}
+
+Result<size_t> TierManager::save_blocks(const Namespace& ns, std::span<const TokenId> tokens,
+                                        std::span<const std::byte* const> blocks, LocationKind src_kind, Tier tier,
+                                        Priority priority, std::span<const BlockExtra> extras, size_t first_block) {
   if (!(ns.layout == options_.layout)) {
     return Status(StatusCode::kLayoutMismatch, "namespace layout differs from the store's");
   }
@@ -627,11 +658,14 @@ Result<size_t> TierManager::save(const Namespace& ns, std::span<const TokenId> t
     return invalid_argument("first_block " + std::to_string(first_block) + " is past the prompt's " +
                             std::to_string(keys.size()) + " full blocks");
   }
-  if (kv.size() < (keys.size() - first_block) * block_bytes_) {
-    return invalid_argument("kv holds " + std::to_string(kv.size()) + " bytes; " +
-                            std::to_string(keys.size() - first_block) + " full blocks need " +
-                            std::to_string((keys.size() - first_block) * block_bytes_));
+  if (blocks.size() != keys.size() - first_block) {
+    return invalid_argument("save: " + std::to_string(blocks.size()) + " blocks given; blocks " +
+                            std::to_string(first_block) + ".." + std::to_string(keys.size()) + " of the prompt need " +
+                            std::to_string(keys.size() - first_block));
   }
+  if (src_kind == LocationKind::kStorage) return invalid_argument("save sources are memory");
+  const bool src_on_device = src_kind == LocationKind::kDevice;
+  std::unique_ptr<std::byte[]> bounce;  // a device block bound for NVMe is read to the host once
   const uint32_t bt = ns.block_tokens();
   size_t extra_pos = 0;
   size_t saved = 0;
@@ -678,7 +712,8 @@ Result<size_t> TierManager::save(const Namespace& ns, std::span<const TokenId> t
                                  std::to_string(first_block) + " but not cached: save the prompt from there");
       break;
     }
-    const std::byte* src = kv.data() + (b - first_block) * block_bytes_;
+    const std::byte* src = blocks[b - first_block];
+    bool src_is_device = src_on_device;
     const BlockKey parent = b ? keys[b - 1] : ns.root;
     const auto block_tokens = tokens.subspan(b * bt, bt);
     BlockInsert ins{.key = keys[b],
@@ -697,7 +732,17 @@ Result<size_t> TierManager::save(const Namespace& ns, std::span<const TokenId> t
     bool on_nvme = false;
     if (!slot && slot.status().code() == StatusCode::kResourceExhausted && nvme_) {
       // The memory tier holds nothing it may give up (pinned, or parents of resident blocks):
-      // the block goes straight to NVMe instead of failing the save.
+      // the block goes straight to NVMe instead of failing the save. Its checksum is taken on
+      // the host, so a device block is read into a host bounce block first.
+      if (src_is_device) {
+        if (!bounce) bounce = std::make_unique<std::byte[]>(block_bytes_);
+        if (Status s = copy_block(bounce.get(), false, src, true); !s) {
+          failure = s;
+          break;
+        }
+        src = bounce.get();
+        src_is_device = false;
+      }
       slot = write_to_nvme(catalog_entry(keys[b], parent, ins.block_index, block_tokens, block_extras, priority),
                            src, /*src_is_device=*/false);
       on_nvme = true;
@@ -709,25 +754,25 @@ Result<size_t> TierManager::save(const Namespace& ns, std::span<const TokenId> t
     }
     ins.slot = *slot;
     if (!on_nvme) {
-      std::byte* dst = arena.slot_ptr(*slot);
-      if (arena.is_device_memory()) {
-        JobSpec job;
-        job.segments.push_back({.layer = 0, .bytes = block_bytes_, .src = Location::host(src),
-                                .dst = Location::device_memory(dst)});
-        auto h = engine_->submit(std::move(job));
-        Status s = h ? h->wait() : h.status();
-        if (!s) {
-          free_slot(tier, *slot);
-          failure = s;
-          break;
-        }
-      } else {
-        std::memcpy(dst, src, block_bytes_);
+      if (Status s = copy_block(arena.slot_ptr(*slot), arena.is_device_memory(), src, src_is_device); !s) {
+        free_slot(tier, *slot);
+        failure = s;
+        break;
       }
     }
     // The checksum of the copy the tier holds, not of `src`: a daemon client can change its
     // shared window while it is read, and a checksum of other bytes would fail every later load.
     const bool stored_in_host = !on_nvme && !arena.is_device_memory();
+    if (!stored_in_host && src_is_device) {
+      // Device to HBM: the bytes are nowhere on the host. Read the stored copy back once.
+      if (!bounce) bounce = std::make_unique<std::byte[]>(block_bytes_);
+      if (Status s = copy_block(bounce.get(), false, arena.slot_ptr(*slot), true); !s) {
+        free_slot(tier, *slot);
+        failure = s;
+        break;
+      }
+      src = bounce.get();
+    }
     ins.checksum = XXH3_64bits(stored_in_host ? arena.slot_ptr(*slot) : src, block_bytes_);
     auto release_slot = [&] {
       if (on_nvme) nvme_->erase(keys[b]).ignore();

@@ -128,6 +128,14 @@ class TierManager {
                       std::span<const std::byte> kv, Tier tier = Tier::kHost,
                       Priority priority = Priority::kNormal, std::span<const BlockExtra> extras = {},
                       size_t first_block = 0);
+  /// save() from blocks anywhere: `blocks[i]` holds block first_block + i (canonical layout,
+  /// bytes_per_block long), all of `src_kind`. Each block is copied once, straight into its slot
+  /// (device memory by the copy engine, DMA into a host slot), with no gather into a contiguous
+  /// buffer first. kInvalidArgument when blocks.size() is not the prompt's full blocks from
+  /// first_block.
+  Result<size_t> save_blocks(const Namespace& ns, std::span<const TokenId> tokens,
+                             std::span<const std::byte* const> blocks, LocationKind src_kind, Tier tier,
+                             Priority priority, std::span<const BlockExtra> extras, size_t first_block);
 
   /// Copies the blocks of a leased match (match.lease != kNoLease, else kInvalidArgument) into
   /// `destinations` — one pointer per matched block, canonical layout, each bytes_per_block
@@ -201,6 +209,8 @@ class TierManager {
   Status drop_residency(const BlockKey& key, Tier from);
   /// Allocates an NVMe slot, writes `src` (block_bytes_) and commits `entry`; the slot.
   Result<SlotId> write_to_nvme(const CatalogEntry& entry, const std::byte* src, bool src_is_device);
+  /// One block between host and device memory (or host to host), waited for.
+  Status copy_block(std::byte* dst, bool dst_is_device, const std::byte* src, bool src_is_device);
   static CatalogEntry catalog_entry(const BlockKey& key, const BlockKey& parent, uint32_t block_index,
                                     std::span<const TokenId> tokens, std::span<const BlockKey> extras,
                                     Priority priority);
