@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
+#include <new>
 #include <string>
 #include <utility>
 
@@ -39,7 +41,9 @@ class HostPackLane final : public PackLaneBackend {
  public:
   HostPackLane(uint64_t staging_bytes, uint64_t table_bytes)
       : staging_bytes_(staging_bytes), table_bytes_(table_bytes),
-        staging_(alloc(staging_bytes)), table_(alloc(table_bytes)) {}
+        staging_(alloc(staging_bytes)), table_(alloc(table_bytes)) {
+    if (!staging_ || !table_) throw std::bad_alloc();  // acquire() turns it into kResourceExhausted
+  }
   std::byte* staging() noexcept override { return staging_.get(); }
   uint64_t staging_bytes() const noexcept override { return staging_bytes_; }
   std::byte* table() noexcept override { return table_.get(); }
@@ -78,7 +82,9 @@ DevicePagePacker::DevicePagePacker(PackLaneFactory factory, PagePackerOptions op
 
 Result<DevicePagePacker::Lane> DevicePagePacker::acquire() {
   std::unique_lock lock(mu_);
+  ++waiting_;
   freed_.wait(lock, [&] { return !idle_.empty() || made_ < options_.max_lanes; });
+  --waiting_;
   if (!idle_.empty()) {
     auto backend = std::move(idle_.back());
     idle_.pop_back();
@@ -86,7 +92,12 @@ Result<DevicePagePacker::Lane> DevicePagePacker::acquire() {
   }
   ++made_;
   lock.unlock();  // making a lane allocates device memory: not under the lock
-  auto backend = factory_(options_.staging_bytes, options_.table_bytes);
+  Result<std::unique_ptr<PackLaneBackend>> backend = Status(StatusCode::kInternal, "page packer: no lane");
+  try {
+    backend = factory_(options_.staging_bytes, options_.table_bytes);
+  } catch (const std::exception& e) {  // bad_alloc: the slot it counted must come back
+    backend = Status(StatusCode::kResourceExhausted, std::string("page packer: cannot make a lane: ") + e.what());
+  }
   if (!backend || !*backend) {
     lock.lock();
     --made_;
@@ -100,6 +111,11 @@ Result<DevicePagePacker::Lane> DevicePagePacker::acquire() {
 uint32_t DevicePagePacker::lanes() const {
   std::lock_guard lock(mu_);
   return made_;
+}
+
+uint32_t DevicePagePacker::waiters() const {
+  std::lock_guard lock(mu_);
+  return waiting_;
 }
 
 void DevicePagePacker::give_back(std::unique_ptr<PackLaneBackend> backend, bool failed) {
@@ -130,10 +146,20 @@ Status DevicePagePacker::Lane::fail(Status s) {
   return s;
 }
 
+Status DevicePagePacker::Lane::check_tensors(const PagePackArgs& args) {
+  const uint32_t end = args.layer_begin + layers_of(args);
+  for (uint32_t l = args.layer_begin; l < end; ++l) {
+    KVTIER_RETURN_IF_ERROR(backend_->check_reachable(args.layer_base[l], "an engine layer tensor"));
+  }
+  return Status::ok();
+}
+
 Status DevicePagePacker::Lane::unpack_device(const PagePackArgs& args) {
   KVTIER_RETURN_IF_ERROR(check_page_pack(args));
   KVTIER_RETURN_IF_ERROR(check_page_pack_indices(args));
   if (args.num_blocks == 0) return Status::ok();
+  KVTIER_RETURN_IF_ERROR(check_tensors(args));
+  KVTIER_RETURN_IF_ERROR(backend_->check_reachable(args.arena, "the canonical arena"));
   const uint32_t layers = args.layout.num_layers;
   const uint64_t per_launch = std::min<uint64_t>(TableLayout::capacity(backend_->table_bytes(), layers),
                                                  args.num_blocks);
@@ -171,6 +197,7 @@ Status DevicePagePacker::Lane::staged(const PagePackArgs& args, bool pack) {
   KVTIER_RETURN_IF_ERROR(check_page_pack(args));
   KVTIER_RETURN_IF_ERROR(check_page_pack_indices(args));
   if (args.num_blocks == 0) return Status::ok();
+  KVTIER_RETURN_IF_ERROR(check_tensors(args));
   const KvLayout& layout = args.layout;
   const uint32_t layers = layers_of(args);
   const uint64_t layer_bytes = layout.bytes_per_block_layer();

@@ -37,6 +37,13 @@ class PackLaneBackend {
   /// Device memory for one launch's layer tensors, slots and pages, table_bytes() long.
   virtual std::byte* table() noexcept = 0;
   virtual uint64_t table_bytes() const noexcept = 0;
+  /// kOk when a kernel of this lane may read and write `p` (`what` names it in the error): the
+  /// CUDA lane refuses host memory and another GPU's. Reads no memory.
+  [[nodiscard]] virtual Status check_reachable(const void* p, const char* what) {
+    (void)p;
+    (void)what;
+    return Status::ok();
+  }
   [[nodiscard]] virtual Status copy_to_device(void* dst, const void* src, uint64_t bytes) = 0;
   [[nodiscard]] virtual Status copy_to_host(void* dst, const void* src, uint64_t bytes) = 0;
   /// `args` point into device memory (arena, layer_base, arena_slots, engine_pages).
@@ -92,6 +99,7 @@ class DevicePagePacker {
     Lane(DevicePagePacker* owner, std::unique_ptr<PackLaneBackend> backend) noexcept
         : owner_(owner), backend_(std::move(backend)) {}
     Status staged(const PagePackArgs& args, bool pack);
+    Status check_tensors(const PagePackArgs& args);
     Status fail(Status s);
 
     DevicePagePacker* owner_;
@@ -106,6 +114,8 @@ class DevicePagePacker {
 
   /// Lanes made so far and not dropped (for tests and metrics).
   uint32_t lanes() const;
+  /// Callers waiting in acquire() for a lane (for tests and metrics).
+  uint32_t waiters() const;
 
  private:
   void give_back(std::unique_ptr<PackLaneBackend> backend, bool failed);
@@ -116,6 +126,7 @@ class DevicePagePacker {
   std::condition_variable freed_;
   std::vector<std::unique_ptr<PackLaneBackend>> idle_;
   uint32_t made_ = 0;  // lanes in idle_ or held
+  uint32_t waiting_ = 0;
 };
 
 /// Lanes in host memory running the CPU references: for device memory that is emulated in host

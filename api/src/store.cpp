@@ -107,6 +107,7 @@ Result<TransferHandle> Store::load_layers(const Match& part, const KvBuffer& dst
   }
 
   const uint64_t bytes = uint64_t(layers) * layer_bytes;  // of one block in scratch
+  if (n == 0) return finished_handle(layers);
   if (dst.memory == LocationKind::kDevice) {
     // Paged in device memory: restore into a packer lane's device staging a window at a time
     // (host tier → GPU by DMA, HBM tier device to device), then unpack there with the kernel.

@@ -61,7 +61,11 @@ struct DeviceBuffer {
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   void upload(const std::vector<T>& v) { CUDA_OK(cudaMemcpy(ptr, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice)); }
-  void poison() { CUDA_OK(cudaMemset(ptr, 0xff, n * sizeof(T))); }
+  // Synchronised: a non-blocking stream (the page packer's) is not ordered after the default stream.
+  void poison() {
+    CUDA_OK(cudaMemset(ptr, 0xff, n * sizeof(T)));
+    CUDA_OK(cudaDeviceSynchronize());
+  }
   std::vector<T> download() const {
     std::vector<T> v(n);
     CUDA_OK(cudaMemcpy(v.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
