@@ -104,7 +104,7 @@ class TransferEngine::Impl {
       std::unique_lock lock(mu_);
       stopping_ = true;
       admit_cv_.notify_all();  // blocked submitters leave with kUnavailable
-      admit_cv_.wait(lock, [&] { return admitted_ == 0; });
+      admit_cv_.wait(lock, [&] { return admitted_ == 0 && finishing_ == 0; });
       lock.unlock();
       work_cv_.notify_all();
       if (dispatcher_.joinable()) dispatcher_.join();
@@ -388,6 +388,15 @@ class TransferEngine::Impl {
 
   void finish_job(const std::shared_ptr<Job>& job) {
     if (t_dispatching == this) close_batch();
+    // The admission slot goes back before the handle turns final: a caller whose wait() has
+    // returned must find it free (try_submit right after wait() saw "engine full" otherwise).
+    // `finishing_` keeps shutdown waiting until finish() below has returned.
+    {
+      std::lock_guard lock(mu_);
+      --admitted_;
+      ++finishing_;
+    }
+    admit_cv_.notify_all();
     job->state->finish([this](TransferState final_state) {
       switch (final_state) {
         case TransferState::kDone: jobs_done_.fetch_add(1, std::memory_order_relaxed); break;
@@ -397,7 +406,7 @@ class TransferEngine::Impl {
     });
     {
       std::lock_guard lock(mu_);
-      --admitted_;
+      --finishing_;
     }
     admit_cv_.notify_all();
     work_cv_.notify_all();
@@ -436,6 +445,7 @@ class TransferEngine::Impl {
   std::deque<std::shared_ptr<Job>> dispatch_;     // admitted jobs with chunks left to issue
   std::deque<std::function<void()>> ready_;       // continuations; at most one per staging buffer
   uint32_t admitted_ = 0;
+  uint32_t finishing_ = 0;  // jobs whose slot is back but whose handle is not final yet
   uint32_t direct_inflight_ = 0;
   bool stopping_ = false;
   std::once_flag shutdown_once_;

@@ -108,45 +108,42 @@ Result<TransferHandle> Store::load_layers(const Match& part, const KvBuffer& dst
 
   const uint64_t bytes = uint64_t(layers) * layer_bytes;  // of one block in scratch
   if (n == 0) return finished_handle(layers);
-  if (dst.memory == LocationKind::kDevice) {
-    // Paged in device memory: restore into a packer lane's device staging a window at a time
-    // (host tier → GPU by DMA, HBM tier device to device), then unpack there with the kernel.
-    auto lane = packer_->acquire();
-    if (!lane) return lane.status();
-    const size_t window = std::min<size_t>(n, lane->staging_bytes() / bytes);
-    if (window == 0) return invalid("load: a block does not fit the device staging");
+  // Paged: restore the range's layers of `window` blocks at a time into scratch (host memory, or
+  // a packer lane's device staging: host tier → GPU by DMA, HBM tier device to device), then
+  // unpack them into the engine's pages (on the CPU, or with the kernel).
+  auto restore_in_windows = [&](std::byte* scratch, LocationKind kind, size_t window, auto&& unpack) -> Status {
     for (size_t b0 = 0; b0 < n; b0 += window) {
       const size_t count = std::min(window, n - b0);
       Match chunk;
       chunk.lease = part.lease;
       chunk.blocks.assign(part.blocks.begin() + b0, part.blocks.begin() + b0 + count);
       std::vector<std::byte*> dsts;
-      for (size_t i = 0; i < count; ++i) dsts.push_back(lane->staging() + i * bytes);
-      auto h = tiers_->load(chunk, dsts, LocationKind::kDevice, {}, range);
+      for (size_t i = 0; i < count; ++i) dsts.push_back(scratch + i * bytes);
+      auto h = tiers_->load(chunk, dsts, kind, {}, range);
       if (!h) return h.status();
       KVTIER_RETURN_IF_ERROR(h->wait());
-      KVTIER_RETURN_IF_ERROR(unpack_in_device(layout(), lane->staging(), dst, b0, count, *lane, range));
+      KVTIER_RETURN_IF_ERROR(unpack(b0, count));
     }
-    return finished_handle(layers);
+    return Status::ok();
+  };
+  Status st;
+  if (dst.memory == LocationKind::kDevice) {
+    auto lane = packer_->acquire();
+    if (!lane) return lane.status();
+    const size_t window = std::min<size_t>(n, lane->staging_bytes() / bytes);
+    if (window == 0) return invalid("load: a block does not fit the device staging");
+    st = restore_in_windows(lane->staging(), LocationKind::kDevice, window, [&](size_t b0, size_t count) {
+      return unpack_in_device(layout(), lane->staging(), dst, b0, count, *lane, range);
+    });
+  } else {
+    const size_t window = std::min<size_t>(n, options_.scratch_blocks);
+    auto scratch = std::make_unique<std::byte[]>(window * bytes);
+    st = restore_in_windows(scratch.get(), LocationKind::kHost, window, [&](size_t b0, size_t count) {
+      auto done = scatter_blocks(layout(), scratch.get(), dst, b0, count, {&tiers_->transfer(), packer_.get()}, range);
+      return done ? done->wait() : done.status();
+    });
   }
-
-  // Paged in host memory: restore into host scratch a window at a time, then unpack on the CPU.
-  const size_t window = std::min<size_t>(n, options_.scratch_blocks);
-  auto scratch = std::make_unique<std::byte[]>(window * bytes);
-  for (size_t b0 = 0; b0 < n; b0 += window) {
-    const size_t count = std::min(window, n - b0);
-    Match chunk;
-    chunk.lease = part.lease;
-    chunk.blocks.assign(part.blocks.begin() + b0, part.blocks.begin() + b0 + count);
-    std::vector<std::byte*> dsts;
-    for (size_t i = 0; i < count; ++i) dsts.push_back(scratch.get() + i * bytes);
-    auto h = tiers_->load(chunk, dsts, LocationKind::kHost, {}, range);
-    if (!h) return h.status();
-    KVTIER_RETURN_IF_ERROR(h->wait());
-    auto done = scatter_blocks(layout(), scratch.get(), dst, b0, count, {&tiers_->transfer(), packer_.get()}, range);
-    if (!done) return done.status();
-    KVTIER_RETURN_IF_ERROR(done->wait());
-  }
+  if (!st) return st;
   return finished_handle(layers);
 }
 
