@@ -17,25 +17,6 @@ uint32_t layers_of(const PagePackArgs& a) {
   return a.layer_count ? a.layer_count : a.layout.num_layers - a.layer_begin;
 }
 
-// The device table of one launch: layer tensor pointers, then slots, then pages.
-struct TableLayout {
-  uint64_t slots_at = 0;  // byte offsets
-  uint64_t pages_at = 0;
-  uint64_t bytes = 0;
-  static TableLayout of(uint32_t layers, uint32_t blocks) {
-    TableLayout t;
-    t.slots_at = uint64_t(layers) * sizeof(void*);
-    t.pages_at = t.slots_at + uint64_t(blocks) * sizeof(int32_t);
-    t.bytes = t.pages_at + uint64_t(blocks) * sizeof(int32_t);
-    return t;
-  }
-  // Blocks one table of `table_bytes` holds beside `layers` pointers.
-  static uint64_t capacity(uint64_t table_bytes, uint32_t layers) {
-    const uint64_t fixed = uint64_t(layers) * sizeof(void*);
-    return table_bytes > fixed ? (table_bytes - fixed) / (2 * sizeof(int32_t)) : 0;
-  }
-};
-
 // Host staging and table: device memory emulated in host memory.
 class HostPackLane final : public PackLaneBackend {
  public:
@@ -74,6 +55,25 @@ class HostPackLane final : public PackLaneBackend {
 };
 
 }  // namespace
+
+// The device table of one launch: layer tensor pointers, then slots, then pages.
+struct DevicePagePacker::Lane::TableLayout {
+  uint64_t slots_at = 0;  // byte offsets
+  uint64_t pages_at = 0;
+  uint64_t bytes = 0;
+  static TableLayout of(uint32_t layers, uint32_t blocks) {
+    TableLayout t;
+    t.slots_at = uint64_t(layers) * sizeof(void*);
+    t.pages_at = t.slots_at + uint64_t(blocks) * sizeof(int32_t);
+    t.bytes = t.pages_at + uint64_t(blocks) * sizeof(int32_t);
+    return t;
+  }
+  // Blocks one table of `table_bytes` holds beside `layers` pointers.
+  static uint64_t capacity(uint64_t table_bytes, uint32_t layers) {
+    const uint64_t fixed = uint64_t(layers) * sizeof(void*);
+    return table_bytes > fixed ? (table_bytes - fixed) / (2 * sizeof(int32_t)) : 0;
+  }
+};
 
 DevicePagePacker::DevicePagePacker(PackLaneFactory factory, PagePackerOptions options)
     : factory_(std::move(factory)), options_(options) {
@@ -154,6 +154,22 @@ Status DevicePagePacker::Lane::check_tensors(const PagePackArgs& args) {
   return Status::ok();
 }
 
+Status DevicePagePacker::Lane::queue_table(const TableLayout& t, uint64_t k, void* const* layer_base,
+                                           const int32_t* slots, const int32_t* pages, uint32_t count,
+                                           PagePackArgs& a) {
+  std::byte* host = host_table_.data() + k * t.bytes;
+  std::memcpy(host, layer_base, t.slots_at);
+  std::memcpy(host + t.slots_at, slots, count * sizeof(int32_t));
+  std::memcpy(host + t.pages_at, pages, count * sizeof(int32_t));
+  std::byte* device_table = backend_->table();
+  KVTIER_RETURN_IF_ERROR(backend_->copy_to_device(device_table, host, t.bytes));
+  a.layer_base = reinterpret_cast<void* const*>(device_table);
+  a.arena_slots = reinterpret_cast<const int32_t*>(device_table + t.slots_at);
+  a.engine_pages = reinterpret_cast<const int32_t*>(device_table + t.pages_at);
+  a.num_blocks = count;
+  return Status::ok();
+}
+
 Status DevicePagePacker::Lane::unpack_device(const PagePackArgs& args) {
   KVTIER_RETURN_IF_ERROR(check_page_pack(args));
   KVTIER_RETURN_IF_ERROR(check_page_pack_indices(args));
@@ -168,20 +184,14 @@ Status DevicePagePacker::Lane::unpack_device(const PagePackArgs& args) {
   const TableLayout t = TableLayout::of(layers, uint32_t(per_launch));
   const uint64_t launches = (args.num_blocks + per_launch - 1) / per_launch;
   host_table_.assign(launches * t.bytes, std::byte{0});
-  std::byte* device_table = backend_->table();
+  PagePackArgs a = args;
   for (uint64_t k = 0; k < launches; ++k) {
     const uint32_t first = uint32_t(k * per_launch);
     const uint32_t count = uint32_t(std::min<uint64_t>(per_launch, args.num_blocks - first));
-    std::byte* host = host_table_.data() + k * t.bytes;
-    std::memcpy(host, args.layer_base, t.slots_at);
-    std::memcpy(host + t.slots_at, args.arena_slots + first, count * sizeof(int32_t));
-    std::memcpy(host + t.pages_at, args.engine_pages + first, count * sizeof(int32_t));
-    if (Status s = backend_->copy_to_device(device_table, host, t.bytes); !s) return fail(s);
-    PagePackArgs a = args;
-    a.layer_base = reinterpret_cast<void* const*>(device_table);
-    a.arena_slots = reinterpret_cast<const int32_t*>(device_table + t.slots_at);
-    a.engine_pages = reinterpret_cast<const int32_t*>(device_table + t.pages_at);
-    a.num_blocks = count;
+    if (Status s = queue_table(t, k, args.layer_base, args.arena_slots + first, args.engine_pages + first, count, a);
+        !s) {
+      return fail(s);
+    }
     if (Status s = backend_->launch(a, /*pack=*/false); !s) return fail(s);
   }
   if (Status s = backend_->sync(); !s) return fail(s);
@@ -221,7 +231,8 @@ Status DevicePagePacker::Lane::staged(const PagePackArgs& args, bool pack) {
   const TableLayout t = TableLayout::of(layers, uint32_t(per_launch));
   const uint64_t launches = (args.num_blocks + per_launch - 1) / per_launch;
   host_table_.assign(launches * t.bytes, std::byte{0});
-  std::byte* device_table = backend_->table();
+  std::vector<int32_t> staged_slots(per_launch);
+  for (uint64_t i = 0; i < per_launch; ++i) staged_slots[i] = int32_t(i);
   auto* host_arena = static_cast<std::byte*>(args.arena);
   std::byte* staging = backend_->staging();
 
@@ -247,16 +258,12 @@ Status DevicePagePacker::Lane::staged(const PagePackArgs& args, bool pack) {
   for (uint64_t k = 0; k < launches; ++k) {
     const uint32_t first = uint32_t(k * per_launch);
     const uint32_t count = uint32_t(std::min<uint64_t>(per_launch, args.num_blocks - first));
-    std::byte* host = host_table_.data() + k * t.bytes;
-    std::memcpy(host, args.layer_base + args.layer_begin, t.slots_at);
-    auto* slots = reinterpret_cast<int32_t*>(host + t.slots_at);
-    for (uint32_t i = 0; i < count; ++i) slots[i] = int32_t(i);
-    std::memcpy(host + t.pages_at, args.engine_pages + first, count * sizeof(int32_t));
-    if (Status s = backend_->copy_to_device(device_table, host, t.bytes); !s) return fail(s);
-    a.layer_base = reinterpret_cast<void* const*>(device_table);
-    a.arena_slots = reinterpret_cast<const int32_t*>(device_table + t.slots_at);
-    a.engine_pages = reinterpret_cast<const int32_t*>(device_table + t.pages_at);
-    a.num_blocks = count;
+    // Staging slot i holds the piece's block i.
+    if (Status s = queue_table(t, k, args.layer_base + args.layer_begin, staged_slots.data(),
+                               args.engine_pages + first, count, a);
+        !s) {
+      return fail(s);
+    }
     // Stream order keeps each step after the one before: the next piece's copy into staging
     // waits for this launch, and a pack's copy out waits for its launch.
     if (!pack) {

@@ -98,7 +98,12 @@ class DevicePagePacker {
     friend class DevicePagePacker;
     Lane(DevicePagePacker* owner, std::unique_ptr<PackLaneBackend> backend) noexcept
         : owner_(owner), backend_(std::move(backend)) {}
+    struct TableLayout;
     Status staged(const PagePackArgs& args, bool pack);
+    /// Writes launch k's table (layer tensors, then `count` slots and pages) into its piece of
+    /// host_table_, queues its copy to the device table and points `a` at it.
+    Status queue_table(const TableLayout& t, uint64_t k, void* const* layer_base, const int32_t* slots,
+                       const int32_t* pages, uint32_t count, PagePackArgs& a);
     Status check_tensors(const PagePackArgs& args);
     Status fail(Status s);
 

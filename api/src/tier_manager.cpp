@@ -628,16 +628,13 @@ Result<size_t> TierManager::save(const Namespace& ns, std::span<const TokenId> t
                                  std::span<const std::byte> kv, Tier tier, Priority priority,
                                  std::span<const BlockExtra> extras, size_t first_block) {
   const size_t full = tokens.size() / ns.block_tokens();
-  if (first_block > full) {
-    return invalid_argument("first_block " + std::to_string(first_block) + " is past the prompt's " +
-                            std::to_string(full) + " full blocks");
-  }
-  if (kv.size() < (full - first_block) * block_bytes_) {
+  // A first_block past the prompt is save_blocks' error to report; give it no blocks then.
+  const size_t count = first_block <= full ? full - first_block : 0;
+  if (kv.size() < count * block_bytes_) {
     return invalid_argument("kv holds " + std::to_string(kv.size()) + " bytes; " +
-                            std::to_string(full - first_block) + " full blocks need " +
-                            std::to_string((full - first_block) * block_bytes_));
+                            std::to_string(count) + " full blocks need " + std::to_string(count * block_bytes_));
   }
-  std::vector<const std::byte*> blocks(full - first_block);
+  std::vector<const std::byte*> blocks(count);
   for (size_t i = 0; i < blocks.size(); ++i) blocks[i] = kv.data() + i * block_bytes_;
   return save_blocks(ns, tokens, blocks, LocationKind::kHost, tier, priority, extras, first_block);
 }
@@ -665,7 +662,12 @@ Result<size_t> TierManager::save_blocks(const Namespace& ns, std::span<const Tok
   }
   if (src_kind == LocationKind::kStorage) return invalid_argument("save sources are memory");
   const bool src_on_device = src_kind == LocationKind::kDevice;
-  std::unique_ptr<std::byte[]> bounce;  // a device block bound for NVMe is read to the host once
+  // A device block whose bytes the host must checksum is read into this host block once.
+  std::unique_ptr<std::byte[]> bounce;
+  auto read_to_bounce = [&](const std::byte* device_block) -> Status {
+    if (!bounce) bounce = std::make_unique<std::byte[]>(block_bytes_);
+    return copy_block(bounce.get(), false, device_block, true);
+  };
   const uint32_t bt = ns.block_tokens();
   size_t extra_pos = 0;
   size_t saved = 0;
@@ -735,8 +737,7 @@ Result<size_t> TierManager::save_blocks(const Namespace& ns, std::span<const Tok
       // the block goes straight to NVMe instead of failing the save. Its checksum is taken on
       // the host, so a device block is read into a host bounce block first.
       if (src_is_device) {
-        if (!bounce) bounce = std::make_unique<std::byte[]>(block_bytes_);
-        if (Status s = copy_block(bounce.get(), false, src, true); !s) {
+        if (Status s = read_to_bounce(src); !s) {
           failure = s;
           break;
         }
@@ -765,8 +766,7 @@ Result<size_t> TierManager::save_blocks(const Namespace& ns, std::span<const Tok
     const bool stored_in_host = !on_nvme && !arena.is_device_memory();
     if (!stored_in_host && src_is_device) {
       // Device to HBM: the bytes are nowhere on the host. Read the stored copy back once.
-      if (!bounce) bounce = std::make_unique<std::byte[]>(block_bytes_);
-      if (Status s = copy_block(bounce.get(), false, arena.slot_ptr(*slot), true); !s) {
+      if (Status s = read_to_bounce(arena.slot_ptr(*slot)); !s) {
         free_slot(tier, *slot);
         failure = s;
         break;
