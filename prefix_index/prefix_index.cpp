@@ -35,6 +35,7 @@ struct Cold {
   std::array<uint32_t, kNumTiers> children_in_tier{};  // children resident in each tier
   Priority own_priority = Priority::kNormal;           // set by insert and set_priority
   std::array<uint32_t, kNumPriorities> pins_at{};      // priority pins held, per class
+  bool damaged = false;                                // its only copy failed a checksum
 
   // Hot::priority: the highest of the block's own class and its priority pins'.
   Priority effective_priority() const noexcept {
@@ -124,6 +125,7 @@ struct PrefixIndex::Run {
   std::vector<Cold> cold;
   std::vector<uint64_t> hits;  // matches that returned the block
   std::vector<TokenId> tokens; // block_tokens per entry, in order
+  uint32_t damaged = 0;        // entries with Cold::damaged; a match reads Cold only when set
 
   uint32_t size() const noexcept { return static_cast<uint32_t>(hot.size()); }
   uint32_t block_index(uint32_t pos) const noexcept { return first_index + pos; }
@@ -149,6 +151,7 @@ struct PrefixIndex::Run {
     r.byte_size = byte_size;
     r.checksum = h.checksum;
     r.priority = h.priority;
+    r.damaged = damaged != 0 && cold[pos].damaged;
     return r;
   }
 
@@ -179,6 +182,7 @@ struct PrefixIndex::Run {
     tokens.insert(tokens.end(), b.tokens.begin(), b.tokens.end());
   }
   void pop_back() {
+    if (cold.back().damaged) --damaged;
     hot.pop_back();
     cold.pop_back();
     hits.pop_back();
@@ -248,7 +252,7 @@ struct PrefixIndex::Leases {
 
 struct PrefixIndex::Counters {
   std::atomic<uint64_t> entries{0}, lookups{0}, hit_blocks{0}, hit_tokens{0}, lookup_tokens{0},
-      inserts{0}, collisions{0}, leases_expired{0};
+      inserts{0}, collisions{0}, leases_expired{0}, damaged{0};
   std::array<std::atomic<uint64_t>, kNumTiers> resident{}, evictions{};
 };
 
@@ -364,7 +368,12 @@ Status PrefixIndex::match_into(const Namespace& ns, std::span<const TokenId> tok
       break;
     }
     const uint32_t first = pos;
+    bool damaged = false;
     do {
+      if (run.damaged != 0 && run.cold[pos].damaged) {  // not cached until a save repairs it
+        damaged = true;
+        break;
+      }
       Hot& h = run.hot[pos];
       result.blocks.push_back(run.residency(pos));
       if (options.take_lease) ++h.pin_count;
@@ -378,7 +387,8 @@ Status PrefixIndex::match_into(const Namespace& ns, std::span<const TokenId> tok
       // extras remain to compare.
     } while (i < n && pos < run.size() && same_tokens(run.tokens_of(pos), tokens.data() + i * bt, bt) &&
              run.same_extras(pos, extras_of(i)));
-    if (options.take_lease) spans.push_back({&run, first, pos});
+    if (options.take_lease && pos != first) spans.push_back({&run, first, pos});
+    if (damaged) break;
     parent = run.hot[pos - 1].key;
   }
 
@@ -627,6 +637,7 @@ Result<EvictedBlock> PrefixIndex::remove_residency_impl(const BlockKey& key, Tie
       if (last) --pc.child_count;
     }
     if (last) {
+      if (run.cold[loc.pos].damaged) counters_->damaged.fetch_sub(1, std::memory_order_relaxed);
       run.pop_back();
       shard.map.erase(it);
       // An empty run is unreachable: no key maps to it, and inserts append only after a parent.
@@ -722,6 +733,44 @@ Status PrefixIndex::set_priority(const BlockKey& key, Priority priority) {
     run.hot[pos].priority = run.cold[pos].effective_priority();
   });
   return found ? Status::ok() : not_found("block " + key.to_hex() + " is not indexed");
+}
+
+Status PrefixIndex::mark_damaged(const BlockKey& key) {
+  const bool found = with_entry(key, [&](Run& run, uint32_t pos) {
+    if (run.cold[pos].damaged) return;
+    run.cold[pos].damaged = true;
+    ++run.damaged;
+    counters_->damaged.fetch_add(1, std::memory_order_relaxed);
+  });
+  return found ? Status::ok() : not_found("block " + key.to_hex() + " is not indexed");
+}
+
+Result<SlotId> PrefixIndex::repair(const BlockKey& key, Tier tier, SlotId slot, uint64_t checksum) {
+  if (slot == kNoSlot) return invalid_argument("repair needs a slot");
+  Status refused;
+  SlotId old = kNoSlot;
+  const bool found = with_entry(key, [&](Run& run, uint32_t pos) {
+    Hot& h = run.hot[pos];
+    if (!run.cold[pos].damaged) {
+      refused = busy("block " + key.to_hex() + " is not damaged: nothing to repair");
+    } else if (h.tier_mask != tier_bit(tier)) {
+      refused = busy("block " + key.to_hex() + " has copies outside " + std::string(tier_name(tier)));
+    } else {
+      old = h.slots[static_cast<int>(tier)];
+      h.slots[static_cast<int>(tier)] = slot;
+      h.checksum = checksum;
+      run.cold[pos].damaged = false;
+      --run.damaged;
+      counters_->damaged.fetch_sub(1, std::memory_order_relaxed);
+    }
+  });
+  if (!found) return not_found("block " + key.to_hex() + " is not indexed");
+  KVTIER_RETURN_IF_ERROR(refused);
+  return old;
+}
+
+uint64_t PrefixIndex::damaged_count() const noexcept {
+  return counters_->damaged.load(std::memory_order_relaxed);
 }
 
 std::optional<BlockResidency> PrefixIndex::get(const BlockKey& key) const {
@@ -846,6 +895,7 @@ IndexStats PrefixIndex::stats() const {
   s.inserts = ld(counters_->inserts);
   s.collisions = ld(counters_->collisions);
   s.leases_expired = ld(counters_->leases_expired);
+  s.damaged_blocks = ld(counters_->damaged);
   for (int t = 0; t < kNumTiers; ++t) {
     s.resident_blocks[t] = ld(counters_->resident[t]);
     s.evictions[t] = ld(counters_->evictions[t]);
@@ -881,12 +931,15 @@ Status PrefixIndex::check_invariants() const {
 
   absl::flat_hash_map<BlockKey, std::pair<uint32_t, std::array<uint32_t, kNumTiers>>> children;
   std::array<uint64_t, kNumTiers> resident{};
-  uint64_t entries = 0;
+  uint64_t entries = 0, damaged = 0;
   for (const auto& run : runs) {
     const Run& r = *run;
     if (r.cold.size() != r.size() || r.hits.size() != r.size() || r.tokens.size() != size_t(r.size()) * r.block_tokens) {
       return internal_error("run arrays of different lengths");
     }
+    const auto in_run = std::count_if(r.cold.begin(), r.cold.end(), [](const Cold& c) { return c.damaged; });
+    if (static_cast<uint32_t>(in_run) != r.damaged) return internal_error("a run's damaged count is wrong");
+    damaged += static_cast<uint64_t>(in_run);
     for (uint32_t p = 0; p < r.size(); ++p) {
       ++entries;
       const Hot& h = r.hot[p];
@@ -928,6 +981,7 @@ Status PrefixIndex::check_invariants() const {
     }
   }
   if (entries != counters_->entries.load()) return internal_error("entry counter drifted");
+  if (damaged != counters_->damaged.load()) return internal_error("damaged counter drifted");
   for (int t = 0; t < kNumTiers; ++t) {
     if (resident[t] != counters_->resident[t].load()) return internal_error("resident counter drifted");
   }

@@ -59,6 +59,7 @@ struct BlockResidency {
   uint64_t checksum = 0;
   uint8_t tier_mask = 0;  // bit tier_bit(t) set when resident in tier t
   Priority priority = Priority::kNormal;
+  bool damaged = false;  // its only copy failed a checksum: no match returns it (mark_damaged)
 
   bool resident_in(Tier t) const noexcept { return tier_mask & tier_bit(t); }
   SlotId slot(Tier t) const noexcept { return slots[static_cast<int>(t)]; }
@@ -142,6 +143,7 @@ struct IndexStats {
   uint64_t leases_expired = 0;
   std::array<uint64_t, kNumTiers> resident_blocks{};
   std::array<uint64_t, kNumTiers> evictions{};
+  uint64_t damaged_blocks = 0;  // marked damaged and not yet repaired or evicted
 };
 
 class PrefixIndex {
@@ -192,6 +194,18 @@ class PrefixIndex {
   Status unpin(const BlockKey& key, Priority at);
   /// The block's own priority class; pins at a higher class still hold it higher.
   Status set_priority(const BlockKey& key, Priority priority);
+
+  /// Marks a block whose only copy failed its checksum. A match stops before it, as before a
+  /// block that is not cached, so the engine recomputes from there, and the save of those
+  /// tokens repairs it (repair). The entry and its children stay, evictable as before; the
+  /// children match again once it is repaired. kNotFound when not indexed; marking twice is ok.
+  Status mark_damaged(const BlockKey& key);
+  /// Gives a damaged block a new copy in `tier`, its only residency: the slot and checksum are
+  /// replaced and the block matches again. Returns the slot it replaced. kBusy when the block is
+  /// not damaged or has a copy in another tier; kNotFound when not indexed.
+  Result<SlotId> repair(const BlockKey& key, Tier tier, SlotId slot, uint64_t checksum);
+  /// Blocks marked damaged now (a relaxed read: a fast check before looking at any one block).
+  uint64_t damaged_count() const noexcept;
 
   /// A snapshot of one block, or nullopt.
   std::optional<BlockResidency> get(const BlockKey& key) const;

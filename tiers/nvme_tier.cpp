@@ -171,26 +171,10 @@ std::vector<Status> NvmeTier::commit_batch(std::span<const CatalogEntry> entries
     }
   }
   if (accepted.empty()) return result;
-  // The catalog entries are the commit point: they go in only after the data is durable. One
-  // flush per slot file and one synced catalog write cover the whole batch, instead of an
-  // fdatasync and a WAL sync per block.
-  Status s = Status::ok();
-  if (options_.durability == Durability::kFdatasync) {
-    std::vector<StorageDevice*> flushed;
-    for (size_t i : accepted) {
-      StorageDevice* dev = &device_of(entries[i].slot);
-      if (std::find(flushed.begin(), flushed.end(), dev) != flushed.end()) continue;
-      flushed.push_back(dev);
-      if (s = count_io(dev->flush()); !s) break;
-    }
-  }
-  if (s.is_ok() && options_.before_catalog_commit) s = options_.before_catalog_commit();
-  if (s.is_ok()) {
-    std::vector<CatalogEntry> batch;
-    batch.reserve(accepted.size());
-    for (size_t i : accepted) batch.push_back(entries[i]);
-    s = count_io(catalog_->put_batch(batch));
-  }
+  std::vector<CatalogEntry> batch;
+  batch.reserve(accepted.size());
+  for (size_t i : accepted) batch.push_back(entries[i]);
+  const Status s = record(batch);
 
   std::lock_guard lock(mu_);
   for (size_t i : accepted) {
@@ -206,6 +190,59 @@ std::vector<Status> NvmeTier::commit_batch(std::span<const CatalogEntry> entries
     bytes_used_ += entry.payload_bytes;
   }
   return result;
+}
+
+Status NvmeTier::record(std::span<const CatalogEntry> entries) {
+  // The catalog entries are the commit point: they go in only after the data is durable. One
+  // flush per slot file and one synced catalog write cover the whole batch, instead of an
+  // fdatasync and a WAL sync per block.
+  if (options_.durability == Durability::kFdatasync) {
+    std::vector<StorageDevice*> flushed;
+    for (const CatalogEntry& e : entries) {
+      StorageDevice* dev = &device_of(e.slot);
+      if (std::find(flushed.begin(), flushed.end(), dev) != flushed.end()) continue;
+      flushed.push_back(dev);
+      KVTIER_RETURN_IF_ERROR(count_io(dev->flush()));
+    }
+  }
+  if (options_.before_catalog_commit) KVTIER_RETURN_IF_ERROR(options_.before_catalog_commit());
+  return count_io(catalog_->put_batch(entries));
+}
+
+Status NvmeTier::replace(const CatalogEntry& entry) {
+  {
+    std::lock_guard lock(mu_);
+    KVTIER_RETURN_IF_ERROR(check_reserved(entry.slot));
+    auto it = live_.find(entry.key);
+    if (it == live_.end() || it->second.changing) {
+      return not_found("nvme tier has no block " + entry.key.to_hex() + " to replace");
+    }
+    if (entry.layout_fingerprint != options_.layout.fingerprint() || entry.payload_bytes == 0) {
+      return invalid_argument("nvme tier: replace with an entry returned by write_block/write_header");
+    }
+    it->second.changing = true;  // no erase or second replace until this one is recorded
+    slot_state_[entry.slot] = SlotState::kCommitting;
+  }
+  // The catalog put is the switch: a crash before it leaves the old copy named, after it the new
+  // one. The old slot is free once the entry no longer names it; the next open finds it unclaimed.
+  const Status s = record(std::span(&entry, 1));
+  std::lock_guard lock(mu_);
+  Live& live = live_.at(entry.key);
+  live.changing = false;
+  if (!s.is_ok()) {
+    slot_state_[entry.slot] = SlotState::kReserved;
+    return s;
+  }
+  const SlotId old = live.entry.slot;
+  bytes_used_ = bytes_used_ - live.entry.payload_bytes + entry.payload_bytes;
+  live.entry = entry;
+  slot_state_[entry.slot] = SlotState::kCommitted;
+  if (readers_[old] > 0) {
+    slot_state_[old] = SlotState::kFreeWhenUnread;  // the last reader frees it
+  } else {
+    free_slot_locked(old);
+  }
+  return Status::ok();
 }
 
 Result<CatalogEntry> NvmeTier::store(const CatalogEntry& entry,
@@ -226,10 +263,10 @@ Status NvmeTier::erase(const BlockKey& key) {
   {
     std::lock_guard lock(mu_);
     auto it = live_.find(key);
-    if (it == live_.end() || it->second.erasing) {
+    if (it == live_.end() || it->second.changing) {
       return not_found("nvme tier has no block " + key.to_hex());
     }
-    it->second.erasing = true;
+    it->second.changing = true;
     slot = it->second.entry.slot;
   }
   // Catalog first, slot second. Freed first, the slot could be reallocated and overwritten by a
@@ -240,7 +277,7 @@ Status NvmeTier::erase(const BlockKey& key) {
   std::lock_guard lock(mu_);
   auto it = live_.find(key);
   if (!s.is_ok()) {
-    it->second.erasing = false;
+    it->second.changing = false;
     return s;
   }
   bytes_used_ -= it->second.entry.payload_bytes;

@@ -132,6 +132,12 @@ class NvmeTier {
   /// 2N. Returns one status per entry, in order; entries refused up front (not reserved, a slot
   /// or key twice, already stored) fail alone, the rest commit or fail together.
   std::vector<Status> commit_batch(std::span<const CatalogEntry> entries);
+  /// commit() for a new copy of a block that is stored already, written into another reserved
+  /// slot: the repair of a copy found corrupted. The catalog put switches the key to the new
+  /// slot (a crash before it keeps the old entry, after it the new one), then the old slot is
+  /// freed once unread. On failure the old copy stays and the new slot stays reserved.
+  /// kNotFound when the key is not stored (or is being erased).
+  Status replace(const CatalogEntry& entry);
   /// allocate + write_block + commit, releasing the slot on any failure.
   Result<CatalogEntry> store(const CatalogEntry& entry, std::span<const std::byte> payload);
 
@@ -168,7 +174,7 @@ class NvmeTier {
   enum class SlotState : uint8_t { kFree, kReserved, kCommitting, kCommitted, kFreeWhenUnread };
   struct Live {
     CatalogEntry entry;
-    bool erasing = false;
+    bool changing = false;
   };
 
   explicit NvmeTier(NvmeTierOptions options);
@@ -179,6 +185,9 @@ class NvmeTier {
   StorageDevice& device_of(SlotId slot) const { return *devices_[slot % devices_.size()]; }
   uint64_t header_offset(SlotId slot) const { return (slot / devices_.size()) * slot_bytes_; }
   Status check_reserved(SlotId slot) const;
+  /// Makes written entries durable and visible: one flush per slot file (per durability), the
+  /// test hook, then one catalog write for them all.
+  Status record(std::span<const CatalogEntry> entries);
   Status count_io(Status s);
   Status refuse(Status s, std::span<std::byte> out);
   Result<BlockHeaderInfo> read_header(SlotId slot, const BlockKey& expected);

@@ -280,6 +280,12 @@ std::string render_tier_metrics(TierManager& tiers) {
   scalar("kvtier_loaded_blocks_total", "counter", "Blocks copied out by load.", s.loaded_blocks);
   scalar("kvtier_recovered_blocks_total", "counter", "Blocks indexed from the NVMe catalog at open.", s.recovered_blocks);
   scalar("kvtier_checksum_errors_total", "counter", "NVMe reads refused for a bad checksum.", s.nvme.checksum_errors);
+  scalar("kvtier_corrupt_blocks_total", "counter",
+         "Blocks whose only copy (on NVMe) failed its checksum; lookups stop before them until repaired.",
+         s.corrupt_blocks_found);
+  scalar("kvtier_damaged_blocks", "gauge", "Blocks marked corrupt and not yet repaired or evicted.", ix.damaged_blocks);
+  scalar("kvtier_repaired_blocks_total", "counter",
+         "Corrupt blocks replaced by a save of the same tokens.", s.blocks_repaired);
   scalar("kvtier_io_errors_total", "counter", "NVMe device operations that failed.", s.nvme.io_errors);
   scalar("kvtier_store_errors_total", "counter", "Failed transfers and storage operations.", s.errors);
   family("kvtier_transfer_bytes_total", "counter", "Bytes moved by the transfer engine, per route.");

@@ -19,6 +19,10 @@ struct TierManager::Counters {
   std::array<std::atomic<uint64_t>, kNumTiers> demotions_out{}, promotions_in{}, drops{};
   std::atomic<uint64_t> saved{0}, skipped{0}, loaded{0}, write_through{0};
   std::atomic<uint64_t> recovered{0}, recovery_dropped{0}, errors{0};
+  std::atomic<uint64_t> corrupt_found{0}, repaired{0};
+  // One corruption check or repair at a time: a repair switches a block's NVMe slot in the
+  // catalog and then in the index, and neither a second repair nor a check may come between.
+  std::mutex repair_mu;
   std::array<std::mutex, kNumTiers> reclaim_mu;  // one reclaim round per tier at a time
   std::atomic<uint64_t> background_rounds{0}, foreground_rounds{0};
   // The background reclaimer (TierManagerOptions::background_reclaim).
@@ -392,8 +396,8 @@ Status TierManager::drop_residency(const BlockKey& key, Tier from) {
   return Status::ok();
 }
 
-Result<SlotId> TierManager::write_to_nvme(const CatalogEntry& entry, const std::byte* src,
-                                          bool src_is_device) {
+Result<CatalogEntry> TierManager::write_to_nvme(const CatalogEntry& entry, const std::byte* src,
+                                                bool src_is_device, bool replace) {
   if (!nvme_) return Status(StatusCode::kUnavailable, "no NVMe tier");
   auto slot = allocate_slot(Tier::kNvme);
   if (!slot) return slot.status();
@@ -426,13 +430,13 @@ Result<SlotId> TierManager::write_to_nvme(const CatalogEntry& entry, const std::
     written = s ? nvme_->write_block(*slot, entry, std::span<const std::byte>(tmp.get(), block_bytes_))
                 : Result<CatalogEntry>(s);
   }
-  Status s = written ? nvme_->commit(*written) : written.status();
+  Status s = !written ? written.status() : replace ? nvme_->replace(*written) : nvme_->commit(*written);
   if (!s) {
     nvme_->release_uncommitted(*slot).ignore();
     counters_->errors++;
     return s;
   }
-  return *slot;
+  return written;
 }
 
 CatalogEntry TierManager::catalog_entry(const BlockKey& key, const BlockKey& parent, uint32_t block_index,
@@ -551,10 +555,10 @@ Status TierManager::store_to_nvme(const BlockKey& key, const BlockRecord& rec) {
   const Tier src_tier = where.resident_in(Tier::kHost) ? Tier::kHost : Tier::kHbm;
   if (!where.resident_in(src_tier)) return not_found("block is in no memory tier");
   const MemoryArena& src_arena = *memory_tier(src_tier)->arena;
-  auto slot = write_to_nvme(catalog_entry(key, rec.parent, rec.block_index, rec.tokens, rec.extras, where.priority),
-                            src_arena.slot_ptr(where.slot(src_tier)), src_arena.is_device_memory());
-  if (!slot) return slot.status();
-  return index_nvme_copy(key, *slot);
+  auto written = write_to_nvme(catalog_entry(key, rec.parent, rec.block_index, rec.tokens, rec.extras, where.priority),
+                               src_arena.slot_ptr(where.slot(src_tier)), src_arena.is_device_memory());
+  if (!written) return written.status();
+  return index_nvme_copy(key, written->slot);
 }
 
 Status TierManager::index_nvme_copy(const BlockKey& key, SlotId slot) {
@@ -704,9 +708,27 @@ Result<size_t> TierManager::save_blocks(const Namespace& ns, std::span<const Tok
     while (extra_pos < extras.size() && extras[extra_pos].block_index == b) {
       block_extras.push_back(extras[extra_pos++].item_hash);
     }
+    const BlockKey parent = b ? keys[b - 1] : ns.root;
+    const auto block_tokens = tokens.subspan(b * bt, bt);
     if (index_->pin(keys[b]).is_ok()) {  // cached already
       pin_only(keys[b]);
-      if (b >= first_block) counters_->skipped++;
+      if (b < first_block) continue;
+      // Unless its only copy was found corrupt: then these bytes replace it.
+      auto repaired = index_->damaged_count() == 0
+                          ? Result<bool>(false)
+                          : repair(keys[b], [&] {
+                              return catalog_entry(keys[b], parent, static_cast<uint32_t>(b), block_tokens,
+                                                   block_extras, priority);
+                            }, blocks[b - first_block], src_on_device);
+      if (!repaired) {
+        failure = repaired.status();
+        break;
+      }
+      if (*repaired) {
+        ++saved;
+      } else {
+        counters_->skipped++;
+      }
       continue;
     }
     if (b < first_block) {
@@ -716,8 +738,6 @@ Result<size_t> TierManager::save_blocks(const Namespace& ns, std::span<const Tok
     }
     const std::byte* src = blocks[b - first_block];
     bool src_is_device = src_on_device;
-    const BlockKey parent = b ? keys[b - 1] : ns.root;
-    const auto block_tokens = tokens.subspan(b * bt, bt);
     BlockInsert ins{.key = keys[b],
                     .parent = parent,
                     .block_index = static_cast<uint32_t>(b),
@@ -744,8 +764,9 @@ Result<size_t> TierManager::save_blocks(const Namespace& ns, std::span<const Tok
         src = bounce.get();
         src_is_device = false;
       }
-      slot = write_to_nvme(catalog_entry(keys[b], parent, ins.block_index, block_tokens, block_extras, priority),
-                           src, /*src_is_device=*/false);
+      auto written = write_to_nvme(
+          catalog_entry(keys[b], parent, ins.block_index, block_tokens, block_extras, priority), src, false);
+      slot = written ? Result<SlotId>(written->slot) : Result<SlotId>(written.status());
       on_nvme = true;
       ins.tier = Tier::kNvme;
     }
@@ -813,10 +834,55 @@ Result<size_t> TierManager::save_blocks(const Namespace& ns, std::span<const Tok
   return saved;
 }
 
+size_t TierManager::quarantine(std::span<const BlockKey> suspects) {
+  if (!nvme_ || suspects.empty()) return 0;
+  std::lock_guard lock(counters_->repair_mu);
+  AlignedBuffer buf = make_aligned_buffer(align_up(block_bytes_, kIoAlignment));
+  size_t found = 0;
+  for (const BlockKey& key : suspects) {
+    // Only a block whose NVMe copy is its only one: a copy in memory was checked on its way in,
+    // and is what every load reads.
+    auto where = index_->get(key);
+    if (!where || where->damaged || where->tier_mask != tier_bit(Tier::kNvme)) continue;
+    // read_block checks the slot header against the catalog and the payload against its
+    // checksum, through the catalog's slot: a copy repaired meanwhile reads good.
+    const Status s = nvme_->read_block(key, std::span(buf.get(), block_bytes_));
+    if (s.code() != StatusCode::kChecksumMismatch) continue;
+    if (index_->mark_damaged(key).is_ok()) {
+      ++found;
+      counters_->corrupt_found++;
+      spdlog::warn("kvtier: block {} is corrupt on NVMe ({}); lookups stop before it until a save of "
+                   "its tokens replaces it", key.to_hex(), s.to_string());
+    }
+  }
+  return found;
+}
+
+Result<bool> TierManager::repair(const BlockKey& key, const std::function<CatalogEntry()>& entry,
+                                 const std::byte* src, bool src_is_device) {
+  std::lock_guard lock(counters_->repair_mu);
+  auto where = index_->get(key);
+  if (!where || !where->damaged) return false;
+  if (where->tier_mask != tier_bit(Tier::kNvme)) {
+    return internal_error("damaged block " + key.to_hex() + " has a copy outside NVMe");
+  }
+  // A new slot, then the catalog switches to it (the old slot is freed), then the index. The
+  // caller's pin keeps the block from being evicted in between; repair_mu keeps a second repair
+  // or check out.
+  auto written = write_to_nvme(entry(), src, src_is_device, /*replace=*/true);
+  if (!written) return written.status();
+  auto old = index_->repair(key, Tier::kNvme, written->slot, written->checksum);
+  if (!old) return internal_error("repair of " + key.to_hex() + " left the index behind: " + old.status().to_string());
+  counters_->repaired++;
+  spdlog::info("kvtier: block {} repaired: NVMe slot {} replaces corrupt slot {}", key.to_hex(), written->slot, *old);
+  return true;
+}
+
 Result<size_t> TierManager::promote(std::span<const BlockKey> keys, Tier to) {
   if (to == Tier::kNvme || !memory_tier(to)) return invalid_argument("promote goes to host or HBM");
   std::vector<BlockKey> pinned;
   std::vector<std::pair<BlockKey, SlotId>> moved;
+  std::vector<BlockKey> from_nvme;  // suspects when the job fails its checksum
   JobSpec job;
   Status failure;
   for (const BlockKey& key : keys) {
@@ -831,6 +897,7 @@ Result<size_t> TierManager::promote(std::span<const BlockKey> keys, Tier to) {
     }
     job.segments.push_back(copy_segment(*where, to, *slot));
     moved.emplace_back(key, *slot);
+    if (job.segments.back().verify) from_nvme.push_back(key);
   }
   size_t promoted = 0;
   if (!job.segments.empty()) {
@@ -840,6 +907,7 @@ Result<size_t> TierManager::promote(std::span<const BlockKey> keys, Tier to) {
     if (!s) {
       counters_->errors++;
       for (auto& [key, slot] : moved) free_slot(to, slot);
+      if (s.code() == StatusCode::kChecksumMismatch) quarantine(from_nvme);
       failure = s;
     } else {
       for (auto& [key, slot] : moved) {
@@ -879,8 +947,10 @@ Result<TransferHandle> TierManager::load(const Match& match, std::span<std::byte
   };
 
   // Blocks only on NVMe: restore them into the host tier first (verified), so the layered copy
-  // below reads memory. What the host tier cannot take is read whole (verified) straight into its
+  // below reads memory. What the host tier cannot take is read whole straight into its
   // destination, or, for a load of some layers only, into a scratch block the layers come from.
+  // Either way the read is verified: a block whose checksum fails is never handed to the caller
+  // as good (the load fails with kChecksumMismatch, even when the destination is GPU memory).
   std::vector<BlockKey> nvme_only;
   for (const BlockResidency& r : match.blocks) {
     if (!r.resident_in(Tier::kHbm) && !r.resident_in(Tier::kHost)) nvme_only.push_back(r.key);
@@ -888,6 +958,7 @@ Result<TransferHandle> TierManager::load(const Match& match, std::span<std::byte
   if (!nvme_only.empty() && options_.promote_on_hit) promote(nvme_only, Tier::kHost).ignore();
 
   JobSpec direct;  // whole-block, verified reads for blocks still only on NVMe
+  std::vector<BlockKey> direct_keys;
   std::vector<std::pair<size_t, size_t>> from_scratch;  // (block, scratch index): partial loads
   std::vector<std::pair<size_t, Location>> from_memory;  // (block, its slot in HBM or host)
   JobSpec job;
@@ -904,12 +975,12 @@ Result<TransferHandle> TierManager::load(const Match& match, std::span<std::byte
       Segment read{.layer = 0, .bytes = block_bytes_, .src = block_location(*where, Tier::kNvme),
                    .verify = true, .expected_xxh3_64 = where->checksum};
       if (whole_blocks) {
-        read.dst = dst_at(b, 0);
-        read.verify = dst_kind == LocationKind::kHost;
+        read.dst = dst_at(b, 0);  // into device memory the engine hashes it in staging, in order
       } else {
         from_scratch.emplace_back(b, from_scratch.size());
       }
       direct.segments.push_back(read);
+      direct_keys.push_back(match.blocks[b].key);
       continue;
     }
     from_memory.emplace_back(b, block_location(*where, src));
@@ -945,6 +1016,10 @@ Result<TransferHandle> TierManager::load(const Match& match, std::span<std::byte
     Status s = h ? h->wait() : h.status();
     if (!s) {
       counters_->errors++;
+      // Which block: each is read again on its own. A corrupt one is marked so the next lookup
+      // stops before it (and the engine's save of those tokens repairs it), instead of every
+      // lookup matching it and every load failing on it.
+      if (s.code() == StatusCode::kChecksumMismatch) quarantine(direct_keys);
       return s;
     }
   }
@@ -1006,6 +1081,8 @@ TierManagerStats TierManager::stats() const {
   s.recovered_blocks = counters_->recovered;
   s.recovery_dropped = counters_->recovery_dropped;
   s.errors = counters_->errors;
+  s.corrupt_blocks_found = counters_->corrupt_found;
+  s.blocks_repaired = counters_->repaired;
   s.background_rounds = counters_->background_rounds;
   s.foreground_rounds = counters_->foreground_rounds;
   if (nvme_) s.nvme = nvme_->stats();

@@ -16,6 +16,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -92,6 +93,8 @@ struct TierManagerStats {
   uint64_t recovered_blocks = 0;    // indexed from the NVMe catalog at open
   uint64_t recovery_dropped = 0;    // catalog entries that could not be indexed (orphans, layout)
   uint64_t errors = 0;              // failed transfers and storage operations
+  uint64_t corrupt_blocks_found = 0;  // NVMe copies that failed their checksum and were marked damaged
+  uint64_t blocks_repaired = 0;       // damaged blocks whose tokens were saved again, replacing the copy
   uint64_t background_rounds = 0;   // reclaim rounds (up to 64 blocks) run by the background thread
   uint64_t foreground_rounds = 0;   // reclaim rounds run inside a save, load or rebalance
   NvmeTierStats nvme{};
@@ -208,7 +211,17 @@ class TierManager {
   /// the demotion. kBusy when it was pinned meanwhile (both copies stay).
   Status drop_residency(const BlockKey& key, Tier from);
   /// Allocates an NVMe slot, writes `src` (block_bytes_) and commits `entry`; the slot.
-  Result<SlotId> write_to_nvme(const CatalogEntry& entry, const std::byte* src, bool src_is_device);
+  /// With `replace`, the block is on NVMe already and the new copy replaces it
+  /// (NvmeTier::replace). The committed entry.
+  Result<CatalogEntry> write_to_nvme(const CatalogEntry& entry, const std::byte* src, bool src_is_device,
+                                     bool replace = false);
+  /// After a verified read failed: reads each suspect whose only copy is on NVMe again on its own,
+  /// and marks the corrupt ones damaged in the index. The number marked.
+  size_t quarantine(std::span<const BlockKey> suspects);
+  /// When `key` (pinned by the caller) is damaged, writes `src` as its new NVMe copy, switches
+  /// the catalog and the index to it and returns true; false when it is not damaged.
+  Result<bool> repair(const BlockKey& key, const std::function<CatalogEntry()>& entry, const std::byte* src,
+                      bool src_is_device);
   /// One block between host and device memory (or host to host), waited for.
   Status copy_block(std::byte* dst, bool dst_is_device, const std::byte* src, bool src_is_device);
   static CatalogEntry catalog_entry(const BlockKey& key, const BlockKey& parent, uint32_t block_index,

@@ -433,6 +433,71 @@ TEST_CASE("A corrupted block on NVMe is never returned") {
   }
 }
 
+/// Overwrites bytes in the middle of an NVMe slot's payload, leaving its header intact: the block
+/// stays indexed across a restart, and only its payload checksum can tell.
+void corrupt_payload(const std::string& dir, SlotId slot) {
+  int fd = ::open((dir + "/slots.0").c_str(), O_RDWR);
+  REQUIRE(fd >= 0);
+  const uint64_t slot_bytes = align_up(layout().bytes_per_block(), 4096) + 4096;  // header, then payload
+  char junk[64];
+  std::memset(junk, 0xEE, sizeof junk);
+  REQUIRE(pwrite(fd, junk, sizeof junk, static_cast<off_t>(slot * slot_bytes + 4096 + 5000)) == sizeof junk);
+  ::close(fd);
+}
+
+TEST_CASE("A corrupt block on NVMe fails one load, then lookups stop before it until a save repairs it") {
+  Fixture f;
+  const auto t = prompt(33, 4);
+  const auto kv = kv_for(t, layout());
+  REQUIRE(*f.tm->save(f.ns, t, kv) == 4);
+  REQUIRE(*f.tm->flush() == 4);
+  LocationKind into = LocationKind::kHost;
+  SECTION("restored through the host tier (promote on hit)") {}
+  SECTION("read straight into host memory") { f.opts.promote_on_hit = false; }
+  SECTION("read straight into device memory") {  // was not verified at all
+    f.opts.promote_on_hit = false;
+    into = LocationKind::kDevice;
+  }
+  f.reopen();  // the copies in memory are gone: every block is on NVMe only
+  std::vector<BlockKey> keys;
+  REQUIRE(f.tm->index().key_chain().chain(f.ns, t, {}, keys).is_ok());
+  corrupt_payload(f.dir.path(), f.tm->index().get(keys[2])->slot(Tier::kNvme));
+
+  const uint64_t bb = layout().bytes_per_block();
+  {
+    auto m = f.tm->index().match(f.ns, t, {}, {.take_lease = true});
+    REQUIRE(m->blocks.size() == 4);  // the header still names the block
+    std::vector<std::byte> out(4 * bb);
+    std::vector<std::byte*> dst;
+    for (int b = 0; b < 4; ++b) dst.push_back(out.data() + b * bb);
+    auto h = f.tm->load(*m, dst, into);
+    const Status s = h ? h->wait() : h.status();
+    CHECK(s.code() == StatusCode::kChecksumMismatch);
+    REQUIRE(f.tm->index().release(m->lease).is_ok());
+  }
+  CHECK(f.tm->stats().corrupt_blocks_found == 1);  // found once, however many reads failed on it
+  CHECK(f.tm->index().get(keys[2])->damaged);
+  CHECK_FALSE(f.tm->index().get(keys[1])->damaged);
+  CHECK_FALSE(f.tm->index().get(keys[3])->damaged);
+  // The next lookup is a shorter hit, not the same failure again: blocks 0 and 1 load.
+  CHECK(f.load_and_check(t) == 2);
+
+  // The engine recomputes from block 2 and saves the prompt: block 2's new bytes replace the
+  // corrupt copy in a fresh slot, and the old slot is given back.
+  const uint64_t free_before = f.tm->stats().nvme.free_slots;
+  CHECK(*f.tm->save(f.ns, t, kv) == 1);
+  CHECK(f.tm->stats().blocks_repaired == 1);
+  CHECK(f.tm->stats().nvme.free_slots == free_before);
+  CHECK(f.tm->stats().nvme.blocks == 4);
+  CHECK(f.tm->index().damaged_count() == 0);
+  CHECK(f.load_and_check(t) == 4);
+  REQUIRE(f.tm->index().check_invariants().is_ok());
+  f.reopen();  // the catalog names the new copy
+  CHECK(f.tm->stats().recovered_blocks == 4);
+  CHECK(f.load_and_check(t) == 4);
+  CHECK(*f.tm->save(f.ns, t, kv) == 0);  // nothing left to repair
+}
+
 TEST_CASE("Without NVMe, pressure drops leaves first and the index stays prefix-closed") {
   Fixture f(/*host_blocks=*/10, /*nvme_blocks=*/0);
   for (int p = 0; p < 8; ++p) {
@@ -498,6 +563,62 @@ TEST_CASE("Concurrent saves, loads and rebalances stay consistent") {
   for (auto& t : threads) t.join();
   CHECK(failures == 0);
   CHECK(f.tm->index().check_invariants().is_ok());
+}
+
+TEST_CASE("Loads and saves racing on corrupt blocks never return bad bytes and leave them repaired") {
+  Fixture f;
+  std::vector<std::vector<TokenId>> prompts;
+  for (int p = 0; p < 3; ++p) {
+    prompts.push_back(prompt(1100 + p, 4));
+    REQUIRE(*f.tm->save(f.ns, prompts.back(), kv_for(prompts.back(), layout())) == 4);
+  }
+  REQUIRE(*f.tm->flush() == 12);
+  f.opts.promote_on_hit = false;  // every load reads NVMe
+  f.reopen();
+  for (const auto& t : prompts) {  // block 1 of every prompt
+    std::vector<BlockKey> keys;
+    REQUIRE(f.tm->index().key_chain().chain(f.ns, t, {}, keys).is_ok());
+    corrupt_payload(f.dir.path(), f.tm->index().get(keys[1])->slot(Tier::kNvme));
+  }
+  const uint64_t bb = layout().bytes_per_block();
+  std::atomic<int> bad{0};
+  std::vector<std::thread> threads;
+  for (int th = 0; th < 3; ++th) {
+    threads.emplace_back([&, th] {
+      for (int i = 0; i < 20; ++i) {
+        const auto& t = prompts[(th + i) % prompts.size()];
+        const auto kv = kv_for(t, layout());
+        auto m = f.tm->index().match(f.ns, t, {}, {.take_lease = true});
+        if (!m) {
+          bad++;
+          continue;
+        }
+        if (!m->blocks.empty()) {
+          std::vector<std::byte> out(m->blocks.size() * bb);
+          std::vector<std::byte*> dst;
+          for (size_t b = 0; b < m->blocks.size(); ++b) dst.push_back(out.data() + b * bb);
+          auto h = f.tm->load(*m, dst);
+          const Status s = h ? h->wait() : h.status();
+          // A load either fails on the checksum or returns the right bytes: never other bytes.
+          if (s.is_ok() ? std::memcmp(out.data(), kv.data(), out.size()) != 0
+                        : s.code() != StatusCode::kChecksumMismatch) {
+            bad++;
+          }
+          f.tm->index().release(m->lease).ignore();
+        }
+        if (i % 3 == th % 3 && !f.tm->save(f.ns, t, kv)) bad++;  // the engine recomputed and saves
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  CHECK(bad == 0);
+  REQUIRE(f.tm->index().check_invariants().is_ok());
+  // Whatever the interleaving, one more save of each prompt leaves nothing damaged.
+  for (const auto& t : prompts) REQUIRE(f.tm->save(f.ns, t, kv_for(t, layout())).is_ok());
+  CHECK(f.tm->index().damaged_count() == 0);
+  for (const auto& t : prompts) CHECK(f.load_and_check(t) == 4);
+  CHECK(f.tm->stats().nvme.blocks == 12);
+  CHECK(f.tm->stats().nvme.free_slots == f.tm->stats().nvme.slots - 12);
 }
 
 TEST_CASE("Arena memory returns to zero after the manager shuts down") {

@@ -358,3 +358,57 @@ TEST_CASE("Matches walk runs: prompts longer than a run, branches inside a run, 
   CHECK(index->match(ns, a)->blocks.empty());
   CHECK(index->check_invariants().is_ok());
 }
+
+TEST_CASE("A damaged block ends every match before it until a repair gives it a new copy") {
+  TestIndex t({.shards = 4});
+  auto& [chain, index, ns] = t;
+  std::mt19937_64 rng(21);
+  const auto prompt = random_tokens(rng, 24);  // 6 blocks, one run
+  auto keys = insert_prompt(*index, ns, prompt, Tier::kNvme);
+  auto branch = prompt;
+  branch.back() ^= 1;  // shares blocks 0..4, its own block 5 in another run
+  auto branch_keys = insert_prompt(*index, ns, branch, Tier::kNvme);
+  const SlotId old_slot = index->get(keys[3])->slot(Tier::kNvme);
+
+  REQUIRE(index->mark_damaged(keys[3]).is_ok());
+  REQUIRE(index->mark_damaged(keys[3]).is_ok());  // twice is once
+  CHECK(index->stats().damaged_blocks == 1);
+  CHECK(index->damaged_count() == 1);
+  CHECK(index->get(keys[3])->damaged);
+  CHECK_FALSE(index->get(keys[2])->damaged);
+  for (const std::vector<TokenId>& p : {prompt, branch}) {
+    auto m = index->match(ns, p, {}, {.take_lease = true});
+    REQUIRE(m.is_ok());
+    CHECK(m->blocks.size() == 3);  // blocks 0..2: the children of the damaged block are unreachable
+    for (const auto& b : m->blocks) CHECK_FALSE(b.damaged);
+    REQUIRE(index->release(m->lease).is_ok());  // the lease pinned exactly the matched blocks
+  }
+  CHECK(index->mark_damaged(BlockKey{5, 5}).code() == StatusCode::kNotFound);
+  CHECK(index->check_invariants().is_ok());
+
+  // A repair needs the block damaged and that tier its only copy.
+  CHECK(index->repair(keys[2], Tier::kNvme, 900, 1).status().code() == StatusCode::kBusy);
+  REQUIRE(index->add_residency(keys[3], Tier::kHost, 77).is_ok());
+  CHECK(index->repair(keys[3], Tier::kNvme, 900, 1).status().code() == StatusCode::kBusy);
+  REQUIRE(index->remove_residency(keys[3], Tier::kHost).is_ok());
+  CHECK(index->repair(keys[3], Tier::kNvme, kNoSlot, 1).status().code() == StatusCode::kInvalidArgument);
+
+  auto old = index->repair(keys[3], Tier::kNvme, 900, 0xABCD);
+  REQUIRE(old.is_ok());
+  CHECK(*old == old_slot);
+  CHECK(index->get(keys[3])->slot(Tier::kNvme) == 900);
+  CHECK(index->get(keys[3])->checksum == 0xABCD);
+  CHECK(index->damaged_count() == 0);
+  CHECK(index->match(ns, prompt, {}, {})->blocks.size() == 6);
+  CHECK(index->match(ns, branch, {}, {})->blocks.size() == 6);
+  CHECK(index->check_invariants().is_ok());
+
+  SECTION("a damaged leaf leaves the index when evicted, and its count with it") {
+    REQUIRE(index->mark_damaged(branch_keys[5]).is_ok());
+    CHECK(index->match(ns, branch, {}, {})->blocks.size() == 5);
+    auto gone = index->erase(branch_keys[5]);
+    REQUIRE(gone.is_ok());
+    CHECK(index->damaged_count() == 0);
+    CHECK(index->check_invariants().is_ok());
+  }
+}

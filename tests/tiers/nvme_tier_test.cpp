@@ -418,3 +418,64 @@ TEST_CASE("A batch that fails its flush or crashes before the catalog commits no
   for (uint64_t i = 0; i < 5; ++i) CHECK(h.reads_back(*tier, 9, i));
   for (uint64_t i = 5; i < 9; ++i) CHECK_FALSE(tier->contains(test_entry(9, i).key));
 }
+
+TEST_CASE("A replaced block reads its new copy and frees the old slot, but a crash before the switch keeps the old") {
+  NvmeHarness h;
+  bool crash = false;
+  auto options = h.options();
+  options.before_catalog_commit = [&crash]() -> Status {
+    if (crash) return Status(StatusCode::kIoError, "simulated crash before the catalog put");
+    return Status::ok();
+  };
+  const size_t bb = h.layout().bytes_per_block();
+  auto write_copy = [&](NvmeTier& tier, uint64_t i) {
+    auto slot = tier.allocate();
+    REQUIRE(slot.is_ok());
+    auto payload = test_payload(h.layout(), 6, i);
+    auto written = tier.write_block(*slot, test_entry(6, i), std::span<const std::byte>(payload.get(), bb));
+    REQUIRE(written.is_ok());
+    return *written;
+  };
+  SlotId new_slot;
+  {
+    auto tier = h.open(options);
+    const CatalogEntry a = h.store(*tier, 6, 0);
+    const CatalogEntry b = h.store(*tier, 6, 1);
+    const SlotLocation loc = tier->location(a.slot);
+    flip_byte(*loc.device, loc.payload_offset + 100);
+    auto out = make_aligned_buffer(tier->payload_capacity());
+    REQUIRE(tier->read_block(a.key, std::span(out.get(), bb)).code() == StatusCode::kChecksumMismatch);
+
+    const CatalogEntry fresh = write_copy(*tier, 0);
+    new_slot = fresh.slot;
+    const uint64_t free_before = tier->stats().free_slots;
+    REQUIRE(tier->replace(fresh).is_ok());
+    CHECK(tier->entry(a.key)->slot == new_slot);
+    CHECK(tier->stats().free_slots == free_before + 1);  // the corrupt slot
+    CHECK(tier->stats().blocks == 2);
+    CHECK(tier->stats().bytes_used == 2 * bb);
+    CHECK(h.reads_back(*tier, 6, 0));
+
+    // Misuse changes nothing: a slot committed already, a key not stored.
+    CHECK(tier->replace(fresh).code() == StatusCode::kInvalidArgument);
+    const CatalogEntry stranger = write_copy(*tier, 9);
+    CHECK(tier->replace(stranger).code() == StatusCode::kNotFound);
+    REQUIRE(tier->release_uncommitted(stranger.slot).is_ok());
+
+    // A crash before the catalog put: the old copy stays named and readable; the new slot stays
+    // reserved for the caller to release.
+    crash = true;
+    const CatalogEntry lost = write_copy(*tier, 1);
+    CHECK(tier->replace(lost).code() == StatusCode::kIoError);
+    CHECK(tier->entry(b.key)->slot == b.slot);
+    CHECK(h.reads_back(*tier, 6, 1));
+    CHECK(tier->release_uncommitted(lost.slot).is_ok());
+    crash = false;
+  }
+  auto tier = h.open(options);
+  CHECK(tier->stats().dropped_at_open == 0);
+  CHECK(tier->entry(test_entry(6, 0).key)->slot == new_slot);
+  CHECK(h.reads_back(*tier, 6, 0));
+  CHECK(h.reads_back(*tier, 6, 1));
+  CHECK(tier->stats().free_slots == tier->slot_count() - 2);
+}
