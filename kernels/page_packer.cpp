@@ -170,7 +170,10 @@ Status DevicePagePacker::Lane::queue_table(const TableLayout& t, uint64_t k, voi
   return Status::ok();
 }
 
-Status DevicePagePacker::Lane::unpack_device(const PagePackArgs& args) {
+Status DevicePagePacker::Lane::unpack_device(const PagePackArgs& args) { return in_device(args, false); }
+Status DevicePagePacker::Lane::pack_device(const PagePackArgs& args) { return in_device(args, true); }
+
+Status DevicePagePacker::Lane::in_device(const PagePackArgs& args, bool pack) {
   KVTIER_RETURN_IF_ERROR(check_page_pack(args));
   KVTIER_RETURN_IF_ERROR(check_page_pack_indices(args));
   if (args.num_blocks == 0) return Status::ok();
@@ -192,7 +195,7 @@ Status DevicePagePacker::Lane::unpack_device(const PagePackArgs& args) {
         !s) {
       return fail(s);
     }
-    if (Status s = backend_->launch(a, /*pack=*/false); !s) return fail(s);
+    if (Status s = backend_->launch(a, pack); !s) return fail(s);
   }
   if (Status s = backend_->sync(); !s) return fail(s);
   return Status::ok();

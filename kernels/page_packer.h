@@ -87,6 +87,9 @@ class DevicePagePacker {
     /// Engine pages ← canonical blocks already in device memory (`args.arena`: this lane's
     /// staging, or any device arena). Table arrays in `args` are host memory. Waits.
     [[nodiscard]] Status unpack_device(const PagePackArgs& args);
+    /// Canonical blocks in device memory (`args.arena`: this lane's staging, or any device arena)
+    /// ← engine pages: the pack kernel alone, no copy. Table arrays in `args` are host memory. Waits.
+    [[nodiscard]] Status pack_device(const PagePackArgs& args);
     /// Engine pages ← canonical blocks in host memory (`args.arena`), through staging in pieces.
     /// Only `args`' layer range is copied. Waits.
     [[nodiscard]] Status unpack_from_host(const PagePackArgs& args);
@@ -99,6 +102,7 @@ class DevicePagePacker {
     Lane(DevicePagePacker* owner, std::unique_ptr<PackLaneBackend> backend) noexcept
         : owner_(owner), backend_(std::move(backend)) {}
     struct TableLayout;
+    Status in_device(const PagePackArgs& args, bool pack);
     Status staged(const PagePackArgs& args, bool pack);
     /// Writes launch k's table (layer tensors, then `count` slots and pages) into its piece of
     /// host_table_, queues its copy to the device table and points `a` at it.

@@ -152,6 +152,13 @@ Status unpack_in_device(const KvLayout& layout, const std::byte* in, const KvBuf
                          [&](const kernels::PagePackArgs& a) { return lane.unpack_device(a); });
 }
 
+Status pack_in_device(const KvLayout& layout, const KvBuffer& src, size_t first, size_t count, std::byte* out,
+                      kernels::DevicePagePacker::Lane& lane) {
+  if (first + count > src.block_count()) return invalid("pack past the KV buffer's blocks");
+  std::vector<int32_t> slots;
+  return lane.pack_device(pack_args(layout, src, first, count, out, slots));
+}
+
 Result<TransferHandle> scatter_blocks(const KvLayout& layout, const std::byte* in, const KvBuffer& dst,
                                       size_t first, size_t count, DeviceMovers movers, LayerRange range) {
   if (first + count > dst.block_count()) return invalid("scatter past the KV buffer's blocks");

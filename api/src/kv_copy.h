@@ -62,6 +62,11 @@ Result<TransferHandle> scatter_blocks(const KvLayout& layout, const std::byte* i
 Status unpack_in_device(const KvLayout& layout, const std::byte* in, const KvBuffer& dst, size_t first,
                         size_t count, kernels::DevicePagePacker::Lane& lane, LayerRange layers = {});
 
+/// Like gather_blocks from a paged buffer in device memory, into `out` in device memory (a packer
+/// lane's staging, which a tier save then reads): the pack kernel alone, then waits.
+Status pack_in_device(const KvLayout& layout, const KvBuffer& src, size_t first, size_t count, std::byte* out,
+                      kernels::DevicePagePacker::Lane& lane);
+
 /// Extras must be sorted by block index and belong to full blocks (< full_blocks): a chunked
 /// save hands each chunk the extras below its end, so an unsorted list would lose some.
 Status check_extras(std::span<const BlockExtra> extras, size_t full_blocks);

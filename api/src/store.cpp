@@ -169,8 +169,31 @@ Result<size_t> Store::save(NamespaceId id, std::span<const TokenId> tokens, cons
     return tiers_->save_blocks(*ns, tokens.first(full * bt), blocks, src.memory, Tier::kHost, priority, extras,
                                first_block);
   }
-  // Paged: pack a window at a time into host scratch (on the CPU, or with the kernel from device
-  // memory), then save it.
+  if (src.memory == LocationKind::kDevice) {
+    // Paged in device memory: the pack kernel fills a lane's device staging a window at a time,
+    // and each block goes from there straight into its slot (one DMA), with no host scratch.
+    auto ns = namespace_of(id);
+    if (!ns) return ns.status();
+    auto lane = packer_->acquire();
+    if (!lane) return lane.status();
+    const size_t window = lane->staging_bytes() / bpb;
+    if (window == 0) return invalid("save: a block does not fit the device staging");
+    size_t saved = 0;
+    std::vector<const std::byte*> blocks;
+    for (size_t b0 = first_block; b0 < full; b0 += window) {
+      const size_t count = std::min(window, full - b0);
+      KVTIER_RETURN_IF_ERROR(pack_in_device(layout(), src, b0 - first_block, count, lane->staging(), *lane));
+      blocks.clear();
+      for (size_t i = 0; i < count; ++i) blocks.push_back(lane->staging() + i * bpb);
+      const size_t end = b0 + count;
+      auto r = tiers_->save_blocks(*ns, tokens.first(end * bt), blocks, LocationKind::kDevice, Tier::kHost, priority,
+                                   extras_below(extras, end), b0);
+      if (!r) return r.status();
+      saved += *r;
+    }
+    return saved;
+  }
+  // Paged in host memory: pack a window at a time into host scratch on the CPU, then save it.
   const size_t window = std::min<size_t>(std::max<size_t>(src.block_count(), 1), options_.scratch_blocks);
   auto scratch = std::make_unique<std::byte[]>(window * bpb);
   size_t saved = 0;

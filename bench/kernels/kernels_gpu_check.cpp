@@ -341,6 +341,17 @@ void check_packer(Rng& rng, EngineLayout engine, const char* engine_name) {
   same = true;
   for (uint32_t l = 0; l < L; ++l) same = same && deng[l]->download() == eng_cpu[l];
   report(std::string("packer unpack_device ") + engine_name, same, "bytes equal");
+
+  // pack_device: the engine tensors (now equal to eng_cpu) into a fresh random arena in device
+  // memory, every layer: the slots of the batch change, the others keep their bytes.
+  std::vector<uint8_t> fresh(arena.size());
+  rng.fill_bytes(fresh);
+  DeviceBuffer<uint8_t> dfresh(fresh);
+  a.arena = fresh.data();
+  STATUS_OK(pack_pages_cpu(a));
+  g.arena = dfresh.ptr;
+  STATUS_OK(lane->pack_device(g));
+  report(std::string("packer pack_device ") + engine_name, dfresh.download() == fresh, "bytes equal");
 }
 
 void check_quant(Rng& rng, Dtype wide, Dtype narrow) {

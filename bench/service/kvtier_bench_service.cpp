@@ -415,6 +415,76 @@ LayeredResult run_layered(int repeats) {
   return r;
 }
 
+// ---- d) saves from registered memory -----------------------------------------------------------
+
+struct SaveResult {
+  std::vector<double> canonical, paged, memcpy_all;  // ms per save
+  bool reg_is_cuda = false;
+};
+
+SaveResult run_saves(int repeats) {
+  constexpr size_t kBlocks = 16;  // 32 MiB per save, a new prompt each time
+  const KvLayout layout{AttentionKind::kStandard, 32, 8, 128, Dtype::kBf16, 16};
+  const uint64_t bpb = layout.bytes_per_block();
+  // Room for every save of the run: no eviction or write-back inside a timed save.
+  BenchServer bench("kvtier_bench_saves", layout, (2 * uint64_t(repeats) + 4) * kBlocks * bpb);
+  auto reg = DeviceAllocation::create(kBlocks * bpb);
+  must(reg.status(), "allocate registered memory");
+  if (!reg->is_cuda()) std::memset(reg->data(), 0x5A, reg->size());
+  auto client = Client::connect({.socket_path = bench.server->socket_path(), .window_bytes = 4096,
+                                 .name = "bench-saves"});
+  must(client.status(), "connect");
+  must((*client)->register_memory(reg->data(), reg->size()), "register_memory");
+  auto ns = (*client)->open_namespace({.model_id = "bench-saves", .tenant = "", .adapter_id = ""});
+  must(ns.status(), "open_namespace");
+  const KvBuffer canonical = KvBuffer::contiguous(reg->data(), kBlocks, bpb, LocationKind::kDevice);
+  // The same memory as a vLLM paged cache, 32 layer tensors of [2][16 pages][16][8][128], pages
+  // in reverse order: the daemon packs it with the page packer.
+  std::vector<void*> layer_tensors;
+  for (uint32_t l = 0; l < layout.num_layers; ++l) {
+    layer_tensors.push_back(reg->data() + uint64_t(l) * kBlocks * layout.bytes_per_block_layer());
+  }
+  std::vector<int32_t> page_of(kBlocks);
+  for (size_t b = 0; b < kBlocks; ++b) page_of[b] = static_cast<int32_t>(kBlocks - 1 - b);
+  const KvBuffer paged = KvBuffer::paged(kernels::EngineLayout::kVllm, layer_tensors, kBlocks, page_of,
+                                         LocationKind::kDevice);
+  uint64_t seed = 9000;
+  auto time_save = [&](const KvBuffer& src, std::vector<double>& ms) {
+    const auto prompt = synthetic_tokens(seed++, kBlocks * layout.block_tokens);
+    const auto t0 = Clock::now();
+    auto saved = (*client)->save(*ns, prompt, src);
+    must(saved.status(), "save");
+    ms.push_back(us_since(t0) / 1000);
+    if (*saved != kBlocks) must(Status(StatusCode::kInternal, "a save stored fewer blocks"), "save");
+  };
+  std::vector<std::byte> from(kBlocks * bpb, std::byte{0x21}), to(kBlocks * bpb);
+  SaveResult r;
+  r.reg_is_cuda = reg->is_cuda();
+  std::vector<double> warm;
+  time_save(canonical, warm);
+  time_save(paged, warm);
+  for (int i = 0; i < repeats; ++i) {
+    time_save(canonical, r.canonical);
+    time_save(paged, r.paged);
+    const auto t0 = Clock::now();
+    std::memcpy(to.data(), from.data(), from.size());
+    do_not_optimize(to[to.size() / 2]);
+    r.memcpy_all.push_back(us_since(t0) / 1000);
+  }
+  client->reset();
+  std::printf("\nd) one save of a new %zu-token prompt from registered memory (%zu blocks, %.0f MiB), %d repeats\n"
+              "   median (min .. max), ms                whole save\n",
+              kBlocks * layout.block_tokens, kBlocks, kBlocks * bpb / 1048576.0, repeats);
+  auto row = [](const char* what, const std::vector<double>& a) {
+    const Summary x = summarize(a);
+    std::printf("  %-34s %8.2f (%6.2f .. %6.2f)\n", what, x.median, x.min, x.max);
+  };
+  row(r.reg_is_cuda ? "registered GPU memory, canonical" : "registered memory (memfd), canonical", r.canonical);
+  row(r.reg_is_cuda ? "  as vLLM pages (pack kernel)" : "  as vLLM pages (CPU pack)", r.paged);
+  row("reference: one memcpy of the bytes", r.memcpy_all);
+  return r;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -426,6 +496,7 @@ int main(int argc, char** argv) {
   if (layered_only) {
     spdlog::set_level(spdlog::level::warn);
     run_layered(repeats);
+    run_saves(repeats);
     return 0;
   }
   spdlog::set_level(spdlog::level::warn);  // the server's startup lines; its warnings still show
@@ -529,6 +600,7 @@ int main(int argc, char** argv) {
   clients.clear();
 
   const LayeredResult layered = run_layered(repeats);
+  const SaveResult saves = run_saves(repeats);
 
   // ---- summary --------------------------------------------------------------------------------
   const uint64_t errors = over_socket.errors + direct.errors;
@@ -563,5 +635,10 @@ int main(int argc, char** argv) {
   const double ga = summarize(layered.paged_all).median;
   std::printf("  registered vLLM pages vs canonical      %10.2f ms  %16.2f ms  %9.2f  - (the unpack's cost)\n", ga, ra,
               ga / ra);
+  const double sc = summarize(saves.canonical).median, sp = summarize(saves.paged).median;
+  std::printf("  32 MiB save, registered vLLM pages vs canonical %6.2f ms  %11.2f ms  %9.2f  - (the pack's cost)\n", sp,
+              sc, sp / sc);
+  std::printf("  32 MiB save, registered canonical vs one memcpy %6.2f ms  %11.2f ms  %9.2f  -\n", sc,
+              summarize(saves.memcpy_all).median, sc / summarize(saves.memcpy_all).median);
   return errors == 0 ? 0 : 1;
 }

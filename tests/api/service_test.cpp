@@ -143,9 +143,14 @@ TEST_CASE("In-process Store: save, lookup, load canonical and paged KV byte-iden
     CHECK(vllm_pages_hold(L, layers, pages, page_of, prompt_kv(prompt, L, 0, 10)));
     // Save the pages under another prompt and read them back canonically: the same bytes.
     const auto other = synthetic_tokens(2, 160);
+    auto d2h = [&] { return s.tiers().transfer().stats().bytes_per_route[int(Route::kDeviceToHost)]; };
+    const uint64_t d2h_before = d2h();
     auto saved = s.save(*ns, other, KvBuffer::paged(kernels::EngineLayout::kVllm, bases, pages, page_of, memory));
     REQUIRE(saved.is_ok());
     CHECK(*saved == 10);
+    // From device memory: packed into the lane's device staging (4 windows of 3), then one DMA
+    // per block straight into its host-tier slot: no host scratch in between.
+    if (memory == LocationKind::kDevice) CHECK(d2h() - d2h_before == 10 * kBlock);
     auto m2 = s.lookup(*ns, other);
     REQUIRE(m2.is_ok());
     std::vector<std::byte> got(10 * kBlock);
