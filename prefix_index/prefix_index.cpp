@@ -181,6 +181,13 @@ struct PrefixIndex::Run {
     hits.push_back(0);
     tokens.insert(tokens.end(), b.tokens.begin(), b.tokens.end());
   }
+  /// Clears a damaged mark (a new copy of the block); true when there was one.
+  bool clear_damaged(uint32_t pos) noexcept {
+    if (!cold[pos].damaged) return false;
+    cold[pos].damaged = false;
+    --damaged;
+    return true;
+  }
   void pop_back() {
     if (cold.back().damaged) --damaged;
     hot.pop_back();
@@ -517,6 +524,10 @@ Result<InsertOutcome> PrefixIndex::insert(const Namespace& ns, const BlockInsert
     if (block.pin) ++h.pin_count;
     if (parent) ++parent->run->cold[parent->pos].children_in_tier[t];
     counters_->resident[t].fetch_add(1, std::memory_order_relaxed);
+    if (run.clear_damaged(loc.pos)) {  // the new copy is the good one
+      h.checksum = block.checksum;
+      counters_->damaged.fetch_sub(1, std::memory_order_relaxed);
+    }
     return InsertOutcome::kAddedResidency;
   }
 
@@ -599,6 +610,9 @@ Status PrefixIndex::add_residency(const BlockKey& key, Tier tier, SlotId slot) {
   h.slots[t] = slot;
   if (parent) ++parent->run->cold[parent->pos].children_in_tier[t];
   counters_->resident[t].fetch_add(1, std::memory_order_relaxed);
+  if (run.clear_damaged(loc.pos)) {  // a second copy, verified: the block serves again
+    counters_->damaged.fetch_sub(1, std::memory_order_relaxed);
+  }
   return Status::ok();
 }
 
@@ -735,14 +749,18 @@ Status PrefixIndex::set_priority(const BlockKey& key, Priority priority) {
   return found ? Status::ok() : not_found("block " + key.to_hex() + " is not indexed");
 }
 
-Status PrefixIndex::mark_damaged(const BlockKey& key) {
+Result<bool> PrefixIndex::mark_damaged(const BlockKey& key, Tier only_copy) {
+  bool marked = false;
   const bool found = with_entry(key, [&](Run& run, uint32_t pos) {
-    if (run.cold[pos].damaged) return;
+    // A copy elsewhere was verified on its way in (and loads read it): nothing to mark.
+    if (run.cold[pos].damaged || run.hot[pos].tier_mask != tier_bit(only_copy)) return;
+    marked = true;
     run.cold[pos].damaged = true;
     ++run.damaged;
     counters_->damaged.fetch_add(1, std::memory_order_relaxed);
   });
-  return found ? Status::ok() : not_found("block " + key.to_hex() + " is not indexed");
+  if (!found) return not_found("block " + key.to_hex() + " is not indexed");
+  return marked;
 }
 
 Result<SlotId> PrefixIndex::repair(const BlockKey& key, Tier tier, SlotId slot, uint64_t checksum) {
@@ -753,14 +771,14 @@ Result<SlotId> PrefixIndex::repair(const BlockKey& key, Tier tier, SlotId slot, 
     Hot& h = run.hot[pos];
     if (!run.cold[pos].damaged) {
       refused = busy("block " + key.to_hex() + " is not damaged: nothing to repair");
-    } else if (h.tier_mask != tier_bit(tier)) {
-      refused = busy("block " + key.to_hex() + " has copies outside " + std::string(tier_name(tier)));
+    } else if (h.tier_mask != tier_bit(tier)) {  // cannot be: marks are cleared by a second copy
+      refused = internal_error("damaged block " + key.to_hex() + " has copies outside " +
+                               std::string(tier_name(tier)));
     } else {
       old = h.slots[static_cast<int>(tier)];
       h.slots[static_cast<int>(tier)] = slot;
       h.checksum = checksum;
-      run.cold[pos].damaged = false;
-      --run.damaged;
+      run.clear_damaged(pos);
       counters_->damaged.fetch_sub(1, std::memory_order_relaxed);
     }
   });
@@ -946,6 +964,9 @@ Status PrefixIndex::check_invariants() const {
       if (h.tier_mask == 0) return internal_error("entry " + h.key.to_hex() + " has no residency");
       if (h.extra_count != r.cold[p].extras.size()) return internal_error("extra count is wrong");
       if (h.priority != r.cold[p].effective_priority()) return internal_error("priority class out of date");
+      if (r.cold[p].damaged && !std::has_single_bit(h.tier_mask)) {
+        return internal_error("damaged block " + h.key.to_hex() + " has more than one copy");
+      }
       for (int t = 0; t < kNumTiers; ++t) {
         const bool in = h.tier_mask & (1u << t);
         if (in != (h.slots[t] != kNoSlot)) return internal_error("residency mask and slots disagree");

@@ -195,14 +195,16 @@ class PrefixIndex {
   /// The block's own priority class; pins at a higher class still hold it higher.
   Status set_priority(const BlockKey& key, Priority priority);
 
-  /// Marks a block whose only copy failed its checksum. A match stops before it, as before a
-  /// block that is not cached, so the engine recomputes from there, and the save of those
-  /// tokens repairs it (repair). The entry and its children stay, evictable as before; the
-  /// children match again once it is repaired. kNotFound when not indexed; marking twice is ok.
-  Status mark_damaged(const BlockKey& key);
+  /// Marks a block whose only copy, in `only_copy`, failed its checksum. A match stops before
+  /// it, as before a block that is not cached, so the engine recomputes from there, and the save
+  /// of those tokens repairs it (repair). The entry and its children stay, evictable as before;
+  /// the children match again once it is repaired, or once add_residency gives it a second
+  /// (verified) copy. True when marked; false when already marked or when it has a copy outside
+  /// `only_copy` (checked under the block's lock). kNotFound when not indexed.
+  Result<bool> mark_damaged(const BlockKey& key, Tier only_copy);
   /// Gives a damaged block a new copy in `tier`, its only residency: the slot and checksum are
   /// replaced and the block matches again. Returns the slot it replaced. kBusy when the block is
-  /// not damaged or has a copy in another tier; kNotFound when not indexed.
+  /// not damaged; kNotFound when not indexed.
   Result<SlotId> repair(const BlockKey& key, Tier tier, SlotId slot, uint64_t checksum);
   /// Blocks marked damaged now (a relaxed read: a fast check before looking at any one block).
   uint64_t damaged_count() const noexcept;

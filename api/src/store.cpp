@@ -169,9 +169,11 @@ Result<size_t> Store::save(NamespaceId id, std::span<const TokenId> tokens, cons
     return tiers_->save_blocks(*ns, tokens.first(full * bt), blocks, src.memory, Tier::kHost, priority, extras,
                                first_block);
   }
+  if (first_block >= full) return size_t{0};
   if (src.memory == LocationKind::kDevice) {
     // Paged in device memory: the pack kernel fills a lane's device staging a window at a time,
     // and each block goes from there straight into its slot (one DMA), with no host scratch.
+    // The lane stays held through each window's save, which reads its staging.
     auto ns = namespace_of(id);
     if (!ns) return ns.status();
     auto lane = packer_->acquire();

@@ -397,13 +397,13 @@ Status TierManager::drop_residency(const BlockKey& key, Tier from) {
 }
 
 Result<CatalogEntry> TierManager::write_to_nvme(const CatalogEntry& entry, const std::byte* src,
-                                                bool src_is_device, bool replace) {
+                                                bool src_is_device, bool src_may_change, bool replace) {
   if (!nvme_) return Status(StatusCode::kUnavailable, "no NVMe tier");
   auto slot = allocate_slot(Tier::kNvme);
   if (!slot) return slot.status();
   Result<CatalogEntry> written = Status(StatusCode::kInternal, "not written");
   const bool aligned = reinterpret_cast<uintptr_t>(src) % kIoAlignment == 0;
-  if (!src_is_device && aligned) {
+  if (!src_is_device && aligned && !src_may_change) {
     // Aligned host bytes (an arena slot): the engine writes them straight from there.
     const SlotLocation loc = nvme_->location(*slot);
     JobSpec job;
@@ -414,8 +414,9 @@ Result<CatalogEntry> TierManager::write_to_nvme(const CatalogEntry& entry, const
     written = s ? nvme_->write_header(*slot, entry, std::span<const std::byte>(src, block_bytes_))
                 : Result<CatalogEntry>(s);
   } else {
-    // CUDA HBM, or a caller's unaligned buffer: an aligned host copy first (the header's
-    // checksums are computed in host memory; O_DIRECT needs the alignment).
+    // CUDA HBM, a caller's unaligned buffer, or bytes a client may change meanwhile (its shared
+    // window): a private aligned host copy first, which both the write and the header's
+    // checksums read (they are computed in host memory; O_DIRECT needs the alignment).
     AlignedBuffer tmp = make_aligned_buffer(align_up(block_bytes_, kIoAlignment));
     Status s;
     if (src_is_device) {
@@ -720,13 +721,16 @@ Result<size_t> TierManager::save_blocks(const Namespace& ns, std::span<const Tok
                               return catalog_entry(keys[b], parent, static_cast<uint32_t>(b), block_tokens,
                                                    block_extras, priority);
                             }, blocks[b - first_block], src_on_device);
-      if (!repaired) {
-        failure = repaired.status();
-        break;
-      }
-      if (*repaired) {
+      if (repaired && *repaired) {
         ++saved;
+        counters_->saved++;
       } else {
+        // A failed repair (NVMe full, a write error) leaves the block damaged for a later save;
+        // the rest of this save goes on.
+        if (!repaired) {
+          counters_->errors++;
+          spdlog::warn("kvtier: repair of block {} failed: {}", keys[b].to_hex(), repaired.status().to_string());
+        }
         counters_->skipped++;
       }
       continue;
@@ -765,7 +769,8 @@ Result<size_t> TierManager::save_blocks(const Namespace& ns, std::span<const Tok
         src_is_device = false;
       }
       auto written = write_to_nvme(
-          catalog_entry(keys[b], parent, ins.block_index, block_tokens, block_extras, priority), src, false);
+          catalog_entry(keys[b], parent, ins.block_index, block_tokens, block_extras, priority), src, false,
+          /*src_may_change=*/true);
       slot = written ? Result<SlotId>(written->slot) : Result<SlotId>(written.status());
       on_nvme = true;
       ins.tier = Tier::kNvme;
@@ -848,7 +853,7 @@ size_t TierManager::quarantine(std::span<const BlockKey> suspects) {
     // checksum, through the catalog's slot: a copy repaired meanwhile reads good.
     const Status s = nvme_->read_block(key, std::span(buf.get(), block_bytes_));
     if (s.code() != StatusCode::kChecksumMismatch) continue;
-    if (index_->mark_damaged(key).is_ok()) {
+    if (auto marked = index_->mark_damaged(key, Tier::kNvme); marked && *marked) {
       ++found;
       counters_->corrupt_found++;
       spdlog::warn("kvtier: block {} is corrupt on NVMe ({}); lookups stop before it until a save of "
@@ -860,6 +865,7 @@ size_t TierManager::quarantine(std::span<const BlockKey> suspects) {
 
 Result<bool> TierManager::repair(const BlockKey& key, const std::function<CatalogEntry()>& entry,
                                  const std::byte* src, bool src_is_device) {
+  if (auto where = index_->get(key); !where || !where->damaged) return false;  // most blocks: no lock
   std::lock_guard lock(counters_->repair_mu);
   auto where = index_->get(key);
   if (!where || !where->damaged) return false;
@@ -869,7 +875,7 @@ Result<bool> TierManager::repair(const BlockKey& key, const std::function<Catalo
   // A new slot, then the catalog switches to it (the old slot is freed), then the index. The
   // caller's pin keeps the block from being evicted in between; repair_mu keeps a second repair
   // or check out.
-  auto written = write_to_nvme(entry(), src, src_is_device, /*replace=*/true);
+  auto written = write_to_nvme(entry(), src, src_is_device, /*src_may_change=*/true, /*replace=*/true);
   if (!written) return written.status();
   auto old = index_->repair(key, Tier::kNvme, written->slot, written->checksum);
   if (!old) return internal_error("repair of " + key.to_hex() + " left the index behind: " + old.status().to_string());

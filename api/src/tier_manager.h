@@ -211,10 +211,12 @@ class TierManager {
   /// the demotion. kBusy when it was pinned meanwhile (both copies stay).
   Status drop_residency(const BlockKey& key, Tier from);
   /// Allocates an NVMe slot, writes `src` (block_bytes_) and commits `entry`; the slot.
-  /// With `replace`, the block is on NVMe already and the new copy replaces it
-  /// (NvmeTier::replace). The committed entry.
+  /// With `src_may_change` (a caller's buffer, not an arena slot) the bytes are first copied
+  /// into a private buffer, so the write and the checksum see the same bytes. With `replace`,
+  /// the block is on NVMe already and the new copy replaces it (NvmeTier::replace). The
+  /// committed entry.
   Result<CatalogEntry> write_to_nvme(const CatalogEntry& entry, const std::byte* src, bool src_is_device,
-                                     bool replace = false);
+                                     bool src_may_change = false, bool replace = false);
   /// After a verified read failed: reads each suspect whose only copy is on NVMe again on its own,
   /// and marks the corrupt ones damaged in the index. The number marked.
   size_t quarantine(std::span<const BlockKey> suspects);

@@ -458,6 +458,10 @@ TEST_CASE("A corrupt block on NVMe fails one load, then lookups stop before it u
     f.opts.promote_on_hit = false;
     into = LocationKind::kDevice;
   }
+  bool commits_fail = false;  // a disk that fails the repair's catalog commit
+  f.opts.nvme.before_catalog_commit = [&commits_fail]() -> Status {
+    return commits_fail ? Status(StatusCode::kIoError, "injected commit failure") : Status::ok();
+  };
   f.reopen();  // the copies in memory are gone: every block is on NVMe only
   std::vector<BlockKey> keys;
   REQUIRE(f.tm->index().key_chain().chain(f.ns, t, {}, keys).is_ok());
@@ -482,9 +486,18 @@ TEST_CASE("A corrupt block on NVMe fails one load, then lookups stop before it u
   // The next lookup is a shorter hit, not the same failure again: blocks 0 and 1 load.
   CHECK(f.load_and_check(t) == 2);
 
+  // A repair that fails leaves the block damaged and the save going on, nothing lost.
+  const uint64_t free_before = f.tm->stats().nvme.free_slots;
+  commits_fail = true;
+  CHECK(*f.tm->save(f.ns, t, kv) == 0);
+  commits_fail = false;
+  CHECK(f.tm->stats().blocks_repaired == 0);
+  CHECK(f.tm->index().damaged_count() == 1);
+  CHECK(f.tm->stats().nvme.free_slots == free_before);  // its new slot went back
+  CHECK(f.load_and_check(t) == 2);
+
   // The engine recomputes from block 2 and saves the prompt: block 2's new bytes replace the
   // corrupt copy in a fresh slot, and the old slot is given back.
-  const uint64_t free_before = f.tm->stats().nvme.free_slots;
   CHECK(*f.tm->save(f.ns, t, kv) == 1);
   CHECK(f.tm->stats().blocks_repaired == 1);
   CHECK(f.tm->stats().nvme.free_slots == free_before);

@@ -370,8 +370,8 @@ TEST_CASE("A damaged block ends every match before it until a repair gives it a 
   auto branch_keys = insert_prompt(*index, ns, branch, Tier::kNvme);
   const SlotId old_slot = index->get(keys[3])->slot(Tier::kNvme);
 
-  REQUIRE(index->mark_damaged(keys[3]).is_ok());
-  REQUIRE(index->mark_damaged(keys[3]).is_ok());  // twice is once
+  REQUIRE(*index->mark_damaged(keys[3], Tier::kNvme));
+  CHECK_FALSE(*index->mark_damaged(keys[3], Tier::kNvme));  // twice is once
   CHECK(index->stats().damaged_blocks == 1);
   CHECK(index->damaged_count() == 1);
   CHECK(index->get(keys[3])->damaged);
@@ -383,14 +383,20 @@ TEST_CASE("A damaged block ends every match before it until a repair gives it a 
     for (const auto& b : m->blocks) CHECK_FALSE(b.damaged);
     REQUIRE(index->release(m->lease).is_ok());  // the lease pinned exactly the matched blocks
   }
-  CHECK(index->mark_damaged(BlockKey{5, 5}).code() == StatusCode::kNotFound);
+  CHECK(index->mark_damaged(BlockKey{5, 5}, Tier::kNvme).status().code() == StatusCode::kNotFound);
   CHECK(index->check_invariants().is_ok());
 
-  // A repair needs the block damaged and that tier its only copy.
-  CHECK(index->repair(keys[2], Tier::kNvme, 900, 1).status().code() == StatusCode::kBusy);
+  // A second copy (a promotion, verified on its way in) clears the mark: the block serves again.
   REQUIRE(index->add_residency(keys[3], Tier::kHost, 77).is_ok());
-  CHECK(index->repair(keys[3], Tier::kNvme, 900, 1).status().code() == StatusCode::kBusy);
+  CHECK(index->damaged_count() == 0);
+  CHECK(index->match(ns, prompt, {}, {})->blocks.size() == 6);
+  CHECK_FALSE(*index->mark_damaged(keys[3], Tier::kNvme));  // not its only copy: not marked
   REQUIRE(index->remove_residency(keys[3], Tier::kHost).is_ok());
+  REQUIRE(*index->mark_damaged(keys[3], Tier::kNvme));
+  CHECK(index->check_invariants().is_ok());
+
+  // A repair needs the block damaged.
+  CHECK(index->repair(keys[2], Tier::kNvme, 900, 1).status().code() == StatusCode::kBusy);
   CHECK(index->repair(keys[3], Tier::kNvme, kNoSlot, 1).status().code() == StatusCode::kInvalidArgument);
 
   auto old = index->repair(keys[3], Tier::kNvme, 900, 0xABCD);
@@ -403,12 +409,14 @@ TEST_CASE("A damaged block ends every match before it until a repair gives it a 
   CHECK(index->match(ns, branch, {}, {})->blocks.size() == 6);
   CHECK(index->check_invariants().is_ok());
 
-  SECTION("a damaged leaf leaves the index when evicted, and its count with it") {
-    REQUIRE(index->mark_damaged(branch_keys[5]).is_ok());
-    CHECK(index->match(ns, branch, {}, {})->blocks.size() == 5);
-    auto gone = index->erase(branch_keys[5]);
+  SECTION("a lease does not pin a damaged leaf, which leaves the index when evicted, its count with it") {
+    REQUIRE(*index->mark_damaged(branch_keys[5], Tier::kNvme));
+    auto m = index->match(ns, branch, {}, {.take_lease = true});
+    CHECK(m->blocks.size() == 5);
+    auto gone = index->erase(branch_keys[5]);  // refused (kBusy) were it pinned by the lease
     REQUIRE(gone.is_ok());
     CHECK(index->damaged_count() == 0);
+    REQUIRE(index->release(m->lease).is_ok());
     CHECK(index->check_invariants().is_ok());
   }
 }
