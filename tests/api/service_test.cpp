@@ -82,6 +82,19 @@ uint64_t restore_and_check(KvStore& store, NamespaceId ns, const std::vector<Tok
   return m->tokens;
 }
 
+/// Saves `prompt` through a client of a daemon on `dir`, then stops the daemon gracefully (write-back
+/// flushed), so that after a restart every block is on NVMe only.
+void save_and_stop(const std::string& dir, const std::vector<TokenId>& prompt) {
+  auto server = start_server(test_config(dir));
+  auto c = connect(*server);
+  auto ns = c->open_namespace({"m", "", ""});
+  REQUIRE(ns.is_ok());
+  REQUIRE(save_prompt(*c, *ns, prompt) == prompt.size() / 16);
+  c.reset();
+  server->request_stop();
+  REQUIRE(server->wait().is_ok());
+}
+
 /// Starts service_child with `args`; returns its pid.
 pid_t spawn_child(std::vector<std::string> args) {
   args.insert(args.begin(), KVTIER_SERVICE_CHILD);
@@ -416,15 +429,7 @@ TEST_CASE("Daemon: a client killed mid-load leaves no lease, no pin, no session"
 TEST_CASE("Daemon restart: the NVMe-resident cache is back, byte-identical", "[service]") {
   TempDir dir("kvtier_svc");
   const auto prompt = synthetic_tokens(31, 16 * 40);
-  {
-    auto server = start_server(test_config(dir.path()));
-    auto c = connect(*server);
-    auto ns = c->open_namespace({"m", "", ""});
-    REQUIRE(save_prompt(*c, *ns, prompt) == 40);
-    c.reset();
-    server->request_stop();
-    REQUIRE(server->wait().is_ok());  // graceful: write-back blocks are flushed to NVMe
-  }
+  save_and_stop(dir.path(), prompt);
   auto server = start_server(test_config(dir.path()));
   CHECK(server->store().tiers().stats().recovered_blocks == 40);
   auto c = connect(*server);
@@ -435,15 +440,7 @@ TEST_CASE("Daemon restart: the NVMe-resident cache is back, byte-identical", "[s
 TEST_CASE("Daemon: a block corrupt on NVMe fails one load, then a client's save repairs it", "[service]") {
   TempDir dir("kvtier_svc");
   const auto prompt = synthetic_tokens(33, 16 * 8);
-  {
-    auto server = start_server(test_config(dir.path()));
-    auto c = connect(*server);
-    auto ns = c->open_namespace({"m", "", ""});
-    REQUIRE(save_prompt(*c, *ns, prompt) == 8);
-    c.reset();
-    server->request_stop();
-    REQUIRE(server->wait().is_ok());  // flushed: after the restart every block is on NVMe only
-  }
+  save_and_stop(dir.path(), prompt);
   auto server = start_server(test_config(dir.path()));
   {
     // Bytes in the middle of block 5's payload on disk; its slot header stays intact.

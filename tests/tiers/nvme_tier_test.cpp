@@ -15,6 +15,17 @@ NvmeHarness::Backing backing_named(const std::string& name) {
   return name == "file" ? NvmeHarness::Backing::kFile : NvmeHarness::Backing::kMemory;
 }
 
+/// The harness's options, with commits that fail like a crash before the catalog put while
+/// `*crash` is set.
+NvmeTierOptions crashing_options(NvmeHarness& h, const bool* crash) {
+  auto options = h.options();
+  options.before_catalog_commit = [crash]() -> Status {
+    if (*crash) return Status(StatusCode::kIoError, "simulated crash before the catalog put");
+    return Status::ok();
+  };
+  return options;
+}
+
 /// Flips one byte at `offset` of `dev` (read-modify-write of its page).
 void flip_byte(StorageDevice& dev, uint64_t offset) {
   auto page = make_aligned_buffer(kIoAlignment);
@@ -163,11 +174,7 @@ TEST_CASE("A corrupted slot header drops its entry at open and frees the slot") 
 TEST_CASE("A crash between the data write and the catalog put leaves the block absent") {
   NvmeHarness h;
   bool crash = false;
-  auto options = h.options();
-  options.before_catalog_commit = [&crash]() -> Status {
-    if (crash) return Status(StatusCode::kIoError, "simulated crash before the catalog put");
-    return Status::ok();
-  };
+  const auto options = crashing_options(h, &crash);
   SlotId lost_slot;
   {
     auto tier = h.open(options);
@@ -385,10 +392,7 @@ TEST_CASE("A batch that fails its flush or crashes before the catalog commits no
   NvmeHarness h(NvmeHarness::Backing::kMemory, 16);
   h.wrap_faults(true);
   bool crash = false;
-  auto options = h.options();
-  options.before_catalog_commit = [&crash]() -> Status {
-    return crash ? Status(StatusCode::kIoError, "simulated crash before the catalog put") : Status::ok();
-  };
+  const auto options = crashing_options(h, &crash);
   auto tier = h.open(options);
   h.store(*tier, 9, 0);
 
@@ -422,11 +426,7 @@ TEST_CASE("A batch that fails its flush or crashes before the catalog commits no
 TEST_CASE("A replaced block reads its new copy and frees the old slot, but a crash before the switch keeps the old") {
   NvmeHarness h;
   bool crash = false;
-  auto options = h.options();
-  options.before_catalog_commit = [&crash]() -> Status {
-    if (crash) return Status(StatusCode::kIoError, "simulated crash before the catalog put");
-    return Status::ok();
-  };
+  const auto options = crashing_options(h, &crash);
   const size_t bb = h.layout().bytes_per_block();
   auto write_copy = [&](NvmeTier& tier, uint64_t i) {
     auto slot = tier.allocate();
