@@ -181,15 +181,21 @@ struct PrefixIndex::Run {
     hits.push_back(0);
     tokens.insert(tokens.end(), b.tokens.begin(), b.tokens.end());
   }
-  /// Clears a damaged mark (a new copy of the block); true when there was one.
-  bool clear_damaged(uint32_t pos) noexcept {
-    if (!cold[pos].damaged) return false;
-    cold[pos].damaged = false;
-    --damaged;
+  /// Sets or clears entry pos's damaged mark, keeping this run's count and the index-wide
+  /// `total` in step; true when the mark changed.
+  bool set_damaged(uint32_t pos, bool on, std::atomic<uint64_t>& total) noexcept {
+    if (cold[pos].damaged == on) return false;
+    cold[pos].damaged = on;
+    if (on) {
+      ++damaged;
+      total.fetch_add(1, std::memory_order_relaxed);
+    } else {
+      --damaged;
+      total.fetch_sub(1, std::memory_order_relaxed);
+    }
     return true;
   }
-  void pop_back() {
-    if (cold.back().damaged) --damaged;
+  void pop_back() {  // the caller clears a damaged mark first (set_damaged)
     hot.pop_back();
     cold.pop_back();
     hits.pop_back();
@@ -524,10 +530,7 @@ Result<InsertOutcome> PrefixIndex::insert(const Namespace& ns, const BlockInsert
     if (block.pin) ++h.pin_count;
     if (parent) ++parent->run->cold[parent->pos].children_in_tier[t];
     counters_->resident[t].fetch_add(1, std::memory_order_relaxed);
-    if (run.clear_damaged(loc.pos)) {  // the new copy is the good one
-      h.checksum = block.checksum;
-      counters_->damaged.fetch_sub(1, std::memory_order_relaxed);
-    }
+    if (run.set_damaged(loc.pos, false, counters_->damaged)) h.checksum = block.checksum;  // the new copy is the good one
     return InsertOutcome::kAddedResidency;
   }
 
@@ -610,9 +613,7 @@ Status PrefixIndex::add_residency(const BlockKey& key, Tier tier, SlotId slot) {
   h.slots[t] = slot;
   if (parent) ++parent->run->cold[parent->pos].children_in_tier[t];
   counters_->resident[t].fetch_add(1, std::memory_order_relaxed);
-  if (run.clear_damaged(loc.pos)) {  // a second copy, verified: the block serves again
-    counters_->damaged.fetch_sub(1, std::memory_order_relaxed);
-  }
+  run.set_damaged(loc.pos, false, counters_->damaged);  // a second copy, verified: the block serves again
   return Status::ok();
 }
 
@@ -651,7 +652,7 @@ Result<EvictedBlock> PrefixIndex::remove_residency_impl(const BlockKey& key, Tie
       if (last) --pc.child_count;
     }
     if (last) {
-      if (run.cold[loc.pos].damaged) counters_->damaged.fetch_sub(1, std::memory_order_relaxed);
+      run.set_damaged(loc.pos, false, counters_->damaged);
       run.pop_back();
       shard.map.erase(it);
       // An empty run is unreachable: no key maps to it, and inserts append only after a parent.
@@ -753,11 +754,7 @@ Result<bool> PrefixIndex::mark_damaged(const BlockKey& key, Tier only_copy) {
   bool marked = false;
   const bool found = with_entry(key, [&](Run& run, uint32_t pos) {
     // A copy elsewhere was verified on its way in (and loads read it): nothing to mark.
-    if (run.cold[pos].damaged || run.hot[pos].tier_mask != tier_bit(only_copy)) return;
-    marked = true;
-    run.cold[pos].damaged = true;
-    ++run.damaged;
-    counters_->damaged.fetch_add(1, std::memory_order_relaxed);
+    if (run.hot[pos].tier_mask == tier_bit(only_copy)) marked = run.set_damaged(pos, true, counters_->damaged);
   });
   if (!found) return not_found("block " + key.to_hex() + " is not indexed");
   return marked;
@@ -778,8 +775,7 @@ Result<SlotId> PrefixIndex::repair(const BlockKey& key, Tier tier, SlotId slot, 
       old = h.slots[static_cast<int>(tier)];
       h.slots[static_cast<int>(tier)] = slot;
       h.checksum = checksum;
-      run.clear_damaged(pos);
-      counters_->damaged.fetch_sub(1, std::memory_order_relaxed);
+      run.set_damaged(pos, false, counters_->damaged);
     }
   });
   if (!found) return not_found("block " + key.to_hex() + " is not indexed");

@@ -161,55 +161,49 @@ Result<size_t> Store::save(NamespaceId id, std::span<const TokenId> tokens, cons
   const size_t full = *checked;
   const uint32_t bt = layout().block_tokens;
   const uint64_t bpb = layout().bytes_per_block();
+  if (src.is_paged() && first_block >= full) return size_t{0};  // nothing to pack
+  auto ns = namespace_of(id);
+  if (!ns) return ns.status();
   if (!src.is_paged()) {
     // Canonical blocks, host or device, back to back or not: each is copied once, into its slot.
-    auto ns = namespace_of(id);
-    if (!ns) return ns.status();
     std::vector<const std::byte*> blocks(src.blocks.begin(), src.blocks.end());
     return tiers_->save_blocks(*ns, tokens.first(full * bt), blocks, src.memory, Tier::kHost, priority, extras,
                                first_block);
   }
-  if (first_block >= full) return size_t{0};
-  if (src.memory == LocationKind::kDevice) {
-    // Paged in device memory: the pack kernel fills a lane's device staging a window at a time,
-    // and each block goes from there straight into its slot (one DMA), with no host scratch.
-    // The lane stays held through each window's save, which reads its staging.
-    auto ns = namespace_of(id);
-    if (!ns) return ns.status();
-    auto lane = packer_->acquire();
-    if (!lane) return lane.status();
-    const size_t window = lane->staging_bytes() / bpb;
-    if (window == 0) return invalid("save: a block does not fit the device staging");
+  // Paged: pack `window` blocks at a time into a canonical buffer (host scratch, or a packer
+  // lane's device staging), then save them from there, each block copied once into its slot.
+  auto save_in_windows = [&](std::byte* buf, LocationKind kind, size_t window, auto&& pack) -> Result<size_t> {
     size_t saved = 0;
     std::vector<const std::byte*> blocks;
     for (size_t b0 = first_block; b0 < full; b0 += window) {
       const size_t count = std::min(window, full - b0);
-      KVTIER_RETURN_IF_ERROR(pack_in_device(layout(), src, b0 - first_block, count, lane->staging(), *lane));
+      KVTIER_RETURN_IF_ERROR(pack(b0 - first_block, count));
       blocks.clear();
-      for (size_t i = 0; i < count; ++i) blocks.push_back(lane->staging() + i * bpb);
+      for (size_t i = 0; i < count; ++i) blocks.push_back(buf + i * bpb);
       const size_t end = b0 + count;
-      auto r = tiers_->save_blocks(*ns, tokens.first(end * bt), blocks, LocationKind::kDevice, Tier::kHost, priority,
+      auto r = tiers_->save_blocks(*ns, tokens.first(end * bt), blocks, kind, Tier::kHost, priority,
                                    extras_below(extras, end), b0);
       if (!r) return r.status();
       saved += *r;
     }
     return saved;
+  };
+  if (src.memory == LocationKind::kDevice) {
+    // The pack kernel fills the lane's staging; each block goes from there into its slot by one
+    // DMA. The lane stays held through each window's save, which reads its staging.
+    auto lane = packer_->acquire();
+    if (!lane) return lane.status();
+    const size_t window = lane->staging_bytes() / bpb;
+    if (window == 0) return invalid("save: a block does not fit the device staging");
+    return save_in_windows(lane->staging(), LocationKind::kDevice, window, [&](size_t first, size_t count) {
+      return pack_in_device(layout(), src, first, count, lane->staging(), *lane);
+    });
   }
-  // Paged in host memory: pack a window at a time into host scratch on the CPU, then save it.
-  const size_t window = std::min<size_t>(std::max<size_t>(src.block_count(), 1), options_.scratch_blocks);
+  const size_t window = std::min<size_t>(src.block_count(), options_.scratch_blocks);
   auto scratch = std::make_unique<std::byte[]>(window * bpb);
-  size_t saved = 0;
-  for (size_t b0 = first_block; b0 < full; b0 += window) {
-    const size_t count = std::min(window, full - b0);
-    KVTIER_RETURN_IF_ERROR(gather_blocks(layout(), src, b0 - first_block, count, scratch.get(),
-                                         {&tiers_->transfer(), packer_.get()}));
-    const size_t end = b0 + count;
-    auto r = save_host(id, tokens.first(end * bt), {scratch.get(), count * bpb}, priority,
-                       extras_below(extras, end), b0);
-    if (!r) return r.status();
-    saved += *r;
-  }
-  return saved;
+  return save_in_windows(scratch.get(), LocationKind::kHost, window, [&](size_t first, size_t count) {
+    return gather_blocks(layout(), src, first, count, scratch.get(), {&tiers_->transfer(), packer_.get()});
+  });
 }
 
 Result<std::vector<BlockKey>> Store::cached_prefix(NamespaceId id, std::span<const TokenId> tokens,

@@ -741,7 +741,6 @@ Result<size_t> TierManager::save_blocks(const Namespace& ns, std::span<const Tok
       break;
     }
     const std::byte* src = blocks[b - first_block];
-    bool src_is_device = src_on_device;
     BlockInsert ins{.key = keys[b],
                     .parent = parent,
                     .block_index = static_cast<uint32_t>(b),
@@ -758,20 +757,18 @@ Result<size_t> TierManager::save_blocks(const Namespace& ns, std::span<const Tok
     bool on_nvme = false;
     if (!slot && slot.status().code() == StatusCode::kResourceExhausted && nvme_) {
       // The memory tier holds nothing it may give up (pinned, or parents of resident blocks):
-      // the block goes straight to NVMe instead of failing the save. Its checksum is taken on
-      // the host, so a device block is read into a host bounce block first.
-      if (src_is_device) {
-        if (Status s = read_to_bounce(src); !s) {
-          failure = s;
-          break;
-        }
-        src = bounce.get();
-        src_is_device = false;
-      }
+      // the block goes straight to NVMe instead of failing the save. write_to_nvme copies it
+      // into a private host block first (a device block by one DMA); the write and the
+      // checksum recorded both come from that copy.
       auto written = write_to_nvme(
-          catalog_entry(keys[b], parent, ins.block_index, block_tokens, block_extras, priority), src, false,
+          catalog_entry(keys[b], parent, ins.block_index, block_tokens, block_extras, priority), src, src_on_device,
           /*src_may_change=*/true);
-      slot = written ? Result<SlotId>(written->slot) : Result<SlotId>(written.status());
+      if (written) {
+        slot = written->slot;
+        ins.checksum = written->checksum;
+      } else {
+        slot = written.status();
+      }
       on_nvme = true;
       ins.tier = Tier::kNvme;
     }
@@ -781,25 +778,25 @@ Result<size_t> TierManager::save_blocks(const Namespace& ns, std::span<const Tok
     }
     ins.slot = *slot;
     if (!on_nvme) {
-      if (Status s = copy_block(arena.slot_ptr(*slot), arena.is_device_memory(), src, src_is_device); !s) {
+      if (Status s = copy_block(arena.slot_ptr(*slot), arena.is_device_memory(), src, src_on_device); !s) {
         free_slot(tier, *slot);
         failure = s;
         break;
       }
-    }
-    // The checksum of the copy the tier holds, not of `src`: a daemon client can change its
-    // shared window while it is read, and a checksum of other bytes would fail every later load.
-    const bool stored_in_host = !on_nvme && !arena.is_device_memory();
-    if (!stored_in_host && src_is_device) {
-      // Device to HBM: the bytes are nowhere on the host. Read the stored copy back once.
-      if (Status s = read_to_bounce(arena.slot_ptr(*slot)); !s) {
-        free_slot(tier, *slot);
-        failure = s;
-        break;
+      // The checksum of the copy the tier holds, not of `src`: a daemon client can change its
+      // shared window while it is read, and a checksum of other bytes would fail every later load.
+      const bool stored_in_host = !arena.is_device_memory();
+      if (!stored_in_host && src_on_device) {
+        // Device to HBM: the bytes are nowhere on the host. Read the stored copy back once.
+        if (Status s = read_to_bounce(arena.slot_ptr(*slot)); !s) {
+          free_slot(tier, *slot);
+          failure = s;
+          break;
+        }
+        src = bounce.get();
       }
-      src = bounce.get();
+      ins.checksum = XXH3_64bits(stored_in_host ? arena.slot_ptr(*slot) : src, block_bytes_);
     }
-    ins.checksum = XXH3_64bits(stored_in_host ? arena.slot_ptr(*slot) : src, block_bytes_);
     auto release_slot = [&] {
       if (on_nvme) nvme_->erase(keys[b]).ignore();
       else free_slot(tier, *slot);
