@@ -58,11 +58,14 @@ bool same_tokens(const TokenId* a, const TokenId* b, uint32_t block_tokens) noex
 }
 
 struct Candidate {
+  bool over;  // its group is over its share of the tier
   Priority priority;
   uint64_t last_access;
   BlockKey key;
-  // Lowest priority class first, then oldest.
+  GroupId group;
+  // A group over its share first, then the lowest priority class, then the oldest.
   bool evict_before(const Candidate& o) const noexcept {
+    if (over != o.over) return over;
     if (priority != o.priority) return priority < o.priority;
     return last_access < o.last_access;
   }
@@ -111,8 +114,8 @@ class PairLock {
 // of the block concerned as well; pins, recency and hits change under `mu` alone. So holding
 // every key shard freezes the structure of every run (check_invariants relies on it).
 struct PrefixIndex::Run {
-  Run(const BlockKey& head, uint32_t first, uint32_t bt, uint64_t fp, uint64_t bytes)
-      : head_parent(head), first_index(first), block_tokens(bt), layout_fp(fp), byte_size(bytes) {}
+  Run(const BlockKey& head, uint32_t first, uint32_t bt, uint64_t fp, uint64_t bytes, GroupId g)
+      : head_parent(head), first_index(first), block_tokens(bt), layout_fp(fp), byte_size(bytes), group(g) {}
 
   mutable std::mutex mu;
   const BlockKey head_parent;
@@ -120,6 +123,7 @@ struct PrefixIndex::Run {
   const uint32_t block_tokens;
   const uint64_t layout_fp;    // one chain, one layout: insert checks it against the parent's
   const uint64_t byte_size;
+  const GroupId group;         // every block of a chain is counted under its root's group
   size_t registry_slot = 0;    // position in Runs::all; guarded by Runs::mu
   std::vector<Hot> hot;        // size() is the number of entries
   std::vector<Cold> cold;
@@ -163,7 +167,9 @@ struct PrefixIndex::Run {
     const bool last_residency = (h.tier_mask & ~tier_bit(tier)) == 0;
     return purpose == EvictPurpose::kDemote || !last_residency || c.child_count == 0;
   }
-  Candidate candidate(uint32_t pos) const noexcept { return {hot[pos].priority, hot[pos].last_access, hot[pos].key}; }
+  Candidate candidate(uint32_t pos, bool over) const noexcept {
+    return {over, hot[pos].priority, hot[pos].last_access, hot[pos].key, group};
+  }
 
   void append(const BlockInsert& b, uint64_t tick) {
     Hot& h = hot.emplace_back();
@@ -254,6 +260,64 @@ struct PrefixIndex::Runs {
 
 struct PrefixIndex::CandidateQueue : std::priority_queue<Candidate, std::vector<Candidate>, EvictsLater> {};
 
+// Residency per group and tier, the groups' shares, and which group each namespace root has.
+struct PrefixIndex::Groups {
+  std::array<std::array<std::atomic<uint64_t>, kNumTiers>, kMaxGroups> resident{};
+  std::array<std::array<std::atomic<uint64_t>, kNumTiers>, kMaxGroups> limit{};
+  std::atomic<bool> any_limit{false};
+  std::atomic<bool> any_root{false};  // an insert of block 0 looks up its root only once one is set
+  mutable std::mutex roots_mu;        // a leaf lock
+  absl::flat_hash_map<BlockKey, GroupId, std::hash<BlockKey>> roots;
+};
+
+// The candidates of one eviction call, best first, and how many blocks each group over its
+// share has to give up. A candidate popped as "over" after its group gave up that many goes back
+// as an ordinary one, so a group loses only what it holds beyond its share.
+struct PrefixIndex::Victims {
+  CandidateQueue heap;
+  absl::flat_hash_map<GroupId, uint64_t> excess;  // groups over their share at the scan
+
+  bool over(GroupId g) const {
+    auto it = excess.find(g);
+    return it != excess.end() && it->second != 0;
+  }
+  std::optional<Candidate> pop() {
+    while (!heap.empty()) {
+      Candidate c = heap.top();
+      heap.pop();
+      if (!c.over || over(c.group)) return c;
+      c.over = false;
+      heap.push(c);
+    }
+    return std::nullopt;
+  }
+  // Call for each candidate taken; `over_share` counts those taken for being over (evictions).
+  void took(const Candidate& c, std::atomic<uint64_t>* over_share) {
+    if (!c.over) return;
+    --excess[c.group];
+    if (over_share) over_share->fetch_add(1, std::memory_order_relaxed);
+  }
+  // Keeps the best `max_blocks` of `all`, in eviction order, where only a group's best `excess`
+  // candidates rank as over its share: its others compete as everyone else's do.
+  void keep_best(std::vector<Candidate>& all, size_t max_blocks) const {
+    if (!excess.empty()) {
+      auto before = [](const Candidate& a, const Candidate& b) { return a.evict_before(b); };
+      std::sort(all.begin(), all.end(), before);
+      absl::flat_hash_map<GroupId, uint64_t> left = excess;
+      for (Candidate& c : all) {
+        if (!c.over) continue;
+      uint64_t& n = left[c.group];
+      if (n == 0) {
+        c.over = false;
+      } else {
+        --n;
+      }
+      }
+    }
+    ::kvtier::keep_best(all, max_blocks);
+  }
+};
+
 struct PrefixIndex::Leases {
   struct Record {
     std::vector<Span> spans;
@@ -265,7 +329,7 @@ struct PrefixIndex::Leases {
 
 struct PrefixIndex::Counters {
   std::atomic<uint64_t> entries{0}, lookups{0}, hit_blocks{0}, hit_tokens{0}, lookup_tokens{0},
-      inserts{0}, collisions{0}, leases_expired{0}, damaged{0};
+      inserts{0}, collisions{0}, leases_expired{0}, damaged{0}, over_share_evictions{0};
   std::array<std::atomic<uint64_t>, kNumTiers> resident{}, evictions{};
 };
 
@@ -292,6 +356,7 @@ PrefixIndex::PrefixIndex(const KeyChain& keys, IndexOptions options)
       shards_(new Shard[options_.shards]),
       runs_(new Runs),
       leases_(new Leases),
+      groups_(new Groups),
       counters_(new Counters) {}
 
 PrefixIndex::~PrefixIndex() = default;
@@ -529,7 +594,7 @@ Result<InsertOutcome> PrefixIndex::insert(const Namespace& ns, const BlockInsert
     h.slots[t] = block.slot;
     if (block.pin) ++h.pin_count;
     if (parent) ++parent->run->cold[parent->pos].children_in_tier[t];
-    counters_->resident[t].fetch_add(1, std::memory_order_relaxed);
+    count_residency(run, t, true);
     if (run.set_damaged(loc.pos, false, counters_->damaged)) h.checksum = block.checksum;  // the new copy is the good one
     return InsertOutcome::kAddedResidency;
   }
@@ -554,7 +619,8 @@ Result<InsertOutcome> PrefixIndex::insert(const Namespace& ns, const BlockInsert
     run->append(block, tick);
   } else {
     // Filled before it is published (registry, then key map), so no one sees it half-made.
-    auto fresh = std::make_shared<Run>(block.parent, block.block_index, bt, layout_fp, block_bytes);
+    auto fresh = std::make_shared<Run>(block.parent, block.block_index, bt, layout_fp, block_bytes,
+                                       group_of_new_run(block, parent ? parent->run : nullptr));
     fresh->append(block, tick);
     run = fresh.get();
     runs_->add(std::move(fresh));
@@ -567,8 +633,62 @@ Result<InsertOutcome> PrefixIndex::insert(const Namespace& ns, const BlockInsert
   }
   counters_->entries.fetch_add(1, std::memory_order_relaxed);
   counters_->inserts.fetch_add(1, std::memory_order_relaxed);
-  counters_->resident[t].fetch_add(1, std::memory_order_relaxed);
+  count_residency(*run, t, true);
   return InsertOutcome::kInserted;
+}
+
+GroupId PrefixIndex::group_of_new_run(const BlockInsert& block, const Run* parent_run) const {
+  if (parent_run != nullptr) return parent_run->group;
+  if (!groups_->any_root.load(std::memory_order_acquire)) return kNoGroup;
+  std::lock_guard lock(groups_->roots_mu);
+  auto it = groups_->roots.find(block.parent);  // block 0: its parent is the namespace root
+  return it == groups_->roots.end() ? kNoGroup : it->second;
+}
+
+// Under the block's key-shard and run locks, like the residency change it counts, so that
+// check_invariants sees the counters and the entries agree.
+void PrefixIndex::count_residency(const Run& run, int t, bool added) noexcept {
+  std::atomic<uint64_t>& group = groups_->resident[run.group][t];
+  if (added) {
+    counters_->resident[t].fetch_add(1, std::memory_order_relaxed);
+    group.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    counters_->resident[t].fetch_sub(1, std::memory_order_relaxed);
+    group.fetch_sub(1, std::memory_order_relaxed);
+  }
+}
+
+Status PrefixIndex::set_root_group(const BlockKey& root, GroupId group) {
+  if (group >= kMaxGroups) {
+    return invalid_argument("group " + std::to_string(group) + " is out of range (at most " +
+                            std::to_string(kMaxGroups - 1) + ")");
+  }
+  std::lock_guard lock(groups_->roots_mu);
+  auto [it, added] = groups_->roots.emplace(root, group);
+  if (!added && it->second != group) {
+    return Status(StatusCode::kAlreadyExists, "namespace root " + root.to_hex() + " is counted under group " +
+                                                  std::to_string(it->second) + " already");
+  }
+  groups_->any_root.store(true, std::memory_order_release);
+  return Status::ok();
+}
+
+Status PrefixIndex::set_group_limit(GroupId group, Tier tier, uint64_t max_blocks) {
+  if (group >= kMaxGroups) return invalid_argument("group " + std::to_string(group) + " is out of range");
+  if (static_cast<int>(tier) >= kNumTiers) return invalid_argument("unknown tier");
+  groups_->limit[group][static_cast<int>(tier)].store(max_blocks, std::memory_order_relaxed);
+  if (max_blocks != 0) groups_->any_limit.store(true, std::memory_order_relaxed);
+  return Status::ok();
+}
+
+uint64_t PrefixIndex::group_resident(GroupId group, Tier tier) const noexcept {
+  if (group >= kMaxGroups || static_cast<int>(tier) >= kNumTiers) return 0;
+  return groups_->resident[group][static_cast<int>(tier)].load(std::memory_order_relaxed);
+}
+
+uint64_t PrefixIndex::group_limit(GroupId group, Tier tier) const noexcept {
+  if (group >= kMaxGroups || static_cast<int>(tier) >= kNumTiers) return 0;
+  return groups_->limit[group][static_cast<int>(tier)].load(std::memory_order_relaxed);
 }
 
 Result<std::optional<BlockKey>> PrefixIndex::parent_key_of(const BlockKey& key) const {
@@ -612,7 +732,7 @@ Status PrefixIndex::add_residency(const BlockKey& key, Tier tier, SlotId slot) {
   h.tier_mask |= tier_bit(tier);
   h.slots[t] = slot;
   if (parent) ++parent->run->cold[parent->pos].children_in_tier[t];
-  counters_->resident[t].fetch_add(1, std::memory_order_relaxed);
+  count_residency(run, t, true);
   run.set_damaged(loc.pos, false, counters_->damaged);  // a second copy, verified: the block serves again
   return Status::ok();
 }
@@ -651,6 +771,8 @@ Result<EvictedBlock> PrefixIndex::remove_residency_impl(const BlockKey& key, Tie
       --pc.children_in_tier[t];
       if (last) --pc.child_count;
     }
+    // Counted under the locks, so check_invariants sees counters and entries agree.
+    count_residency(run, t, false);
     if (last) {
       run.set_damaged(loc.pos, false, counters_->damaged);
       run.pop_back();
@@ -659,8 +781,6 @@ Result<EvictedBlock> PrefixIndex::remove_residency_impl(const BlockKey& key, Tie
       if (run.size() == 0) emptied = runs_->remove(&run);
       counters_->entries.fetch_sub(1, std::memory_order_relaxed);
     }
-    // Counted under the locks, so check_invariants sees counters and entries agree.
-    counters_->resident[t].fetch_sub(1, std::memory_order_relaxed);
   }
   if (count_eviction) counters_->evictions[t].fetch_add(1, std::memory_order_relaxed);
   return out;
@@ -829,48 +949,58 @@ void PinLedger::unpin_all(PrefixIndex& index) {
   count_ = 0;
 }
 
-PrefixIndex::CandidateQueue PrefixIndex::candidate_heap(Tier tier, size_t max_blocks, EvictPurpose purpose) const {
+PrefixIndex::Victims PrefixIndex::candidate_heap(Tier tier, size_t max_blocks, EvictPurpose purpose) const {
+  const int t = static_cast<int>(tier);
+  Victims victims;
+  if (groups_->any_limit.load(std::memory_order_relaxed)) {
+    for (uint32_t g = 0; g < kMaxGroups; ++g) {
+      const uint64_t limit = groups_->limit[g][t].load(std::memory_order_relaxed);
+      const uint64_t held = groups_->resident[g][t].load(std::memory_order_relaxed);
+      if (limit != 0 && held > limit) victims.excess.emplace(static_cast<GroupId>(g), held - limit);
+    }
+  }
   // The best `max_blocks` eligible blocks of all runs, one run locked at a time.
   std::vector<Candidate> best;
   for (const auto& run : runs_->snapshot()) {
+    const bool over = victims.over(run->group);
     std::lock_guard lock(run->mu);
     for (uint32_t p = 0; p < run->size(); ++p) {
-      if (run->eligible(p, tier, purpose)) best.push_back(run->candidate(p));
+      if (run->eligible(p, tier, purpose)) best.push_back(run->candidate(p, over));
     }
-    if (best.size() > 2 * max_blocks + 4096) keep_best(best, max_blocks);
+    if (best.size() > 2 * max_blocks + 4096) victims.keep_best(best, max_blocks);
   }
-  keep_best(best, max_blocks);
-  CandidateQueue heap;
-  for (const auto& c : best) heap.push(c);
-  return heap;
+  victims.keep_best(best, max_blocks);
+  for (const auto& c : best) victims.heap.push(c);
+  return victims;
 }
 
 // A parent whose child was just chosen joins the candidates when `joins(run, pos)` says so; the
 // entry is read under its locks.
 template <typename Joins>
-void PrefixIndex::push_parent_if(const BlockKey& parent, CandidateQueue& heap, Joins joins) const {
+void PrefixIndex::push_parent_if(const BlockKey& parent, Victims& victims, Joins joins) const {
   with_entry(parent, [&](const Run& run, uint32_t pos) {
-    if (joins(run, pos)) heap.push(run.candidate(pos));
+    if (joins(run, pos)) victims.heap.push(run.candidate(pos, victims.over(run.group)));
   });
 }
 
 std::vector<BlockKey> PrefixIndex::pick_victims(Tier tier, size_t max_blocks, EvictPurpose purpose) const {
   std::vector<BlockKey> keys;
   if (max_blocks == 0) return keys;
-  CandidateQueue heap = candidate_heap(tier, max_blocks, purpose);
+  Victims victims = candidate_heap(tier, max_blocks, purpose);
   const int t = static_cast<int>(tier);
   absl::flat_hash_map<BlockKey, uint32_t, std::hash<BlockKey>> leaving;  // parent -> its victims
-  while (!heap.empty() && keys.size() < max_blocks) {
-    const Candidate c = heap.top();
-    heap.pop();
-    keys.push_back(c.key);
+  while (keys.size() < max_blocks) {
+    const std::optional<Candidate> c = victims.pop();
+    if (!c) break;
+    keys.push_back(c->key);
+    victims.took(*c, nullptr);  // advisory: the caller's removal is what counts
     if (purpose != EvictPurpose::kDemote) continue;
     // A demoted block leaves this tier only; it stays indexed. Once all of a parent's children
     // in this tier are victims, the parent may follow them in the same batch.
-    auto parent = parent_key_of(c.key);
+    auto parent = parent_key_of(c->key);
     if (!parent || !*parent) continue;
     const uint32_t picked = ++leaving[**parent];
-    push_parent_if(**parent, heap, [&](const Run& run, uint32_t pos) {
+    push_parent_if(**parent, victims, [&](const Run& run, uint32_t pos) {
       const Hot& h = run.hot[pos];
       return (h.tier_mask & tier_bit(tier)) && h.pin_count == 0 && run.cold[pos].children_in_tier[t] == picked;
     });
@@ -882,17 +1012,18 @@ std::vector<EvictedBlock> PrefixIndex::evict(Tier tier, size_t max_blocks) {
   expire_leases();
   std::vector<EvictedBlock> out;
   if (max_blocks == 0) return out;
-  CandidateQueue heap = candidate_heap(tier, max_blocks, EvictPurpose::kDrop);
-  while (!heap.empty() && out.size() < max_blocks) {
-    const Candidate c = heap.top();
-    heap.pop();
-    auto parent = parent_key_of(c.key);
-    auto removed = remove_residency_impl(c.key, tier, /*count_eviction=*/true);
+  Victims victims = candidate_heap(tier, max_blocks, EvictPurpose::kDrop);
+  while (out.size() < max_blocks) {
+    const std::optional<Candidate> c = victims.pop();
+    if (!c) break;
+    auto parent = parent_key_of(c->key);
+    auto removed = remove_residency_impl(c->key, tier, /*count_eviction=*/true);
     if (!removed) continue;  // pinned or gained a child since it was chosen: skip it
     out.push_back(*removed);
+    victims.took(*c, &counters_->over_share_evictions);
     if (!parent || !*parent) continue;
     // The parent may have just become a leaf of this tier: it joins the candidates.
-    push_parent_if(**parent, heap,
+    push_parent_if(**parent, victims,
                    [&](const Run& run, uint32_t pos) { return run.eligible(pos, tier, EvictPurpose::kDrop); });
   }
   return out;
@@ -910,6 +1041,7 @@ IndexStats PrefixIndex::stats() const {
   s.collisions = ld(counters_->collisions);
   s.leases_expired = ld(counters_->leases_expired);
   s.damaged_blocks = ld(counters_->damaged);
+  s.over_share_evictions = ld(counters_->over_share_evictions);
   for (int t = 0; t < kNumTiers; ++t) {
     s.resident_blocks[t] = ld(counters_->resident[t]);
     s.evictions[t] = ld(counters_->evictions[t]);
@@ -945,6 +1077,7 @@ Status PrefixIndex::check_invariants() const {
 
   absl::flat_hash_map<BlockKey, std::pair<uint32_t, std::array<uint32_t, kNumTiers>>> children;
   std::array<uint64_t, kNumTiers> resident{};
+  absl::flat_hash_map<GroupId, std::array<uint64_t, kNumTiers>> group_resident;
   uint64_t entries = 0, damaged = 0;
   for (const auto& run : runs) {
     const Run& r = *run;
@@ -967,6 +1100,7 @@ Status PrefixIndex::check_invariants() const {
         const bool in = h.tier_mask & (1u << t);
         if (in != (h.slots[t] != kNoSlot)) return internal_error("residency mask and slots disagree");
         resident[t] += in;
+        group_resident[r.group][t] += in;
       }
       if (r.block_index(p) == 0) continue;
       if (p == 0) {
@@ -979,6 +1113,7 @@ Status PrefixIndex::check_invariants() const {
         const Run& pr = *pit->second.run;
         if (pr.block_index(pit->second.pos) + 1 != r.first_index) return internal_error("block_index chain broken");
         if (pr.layout_fp != r.layout_fp) return internal_error("a run's layout differs from its parent's");
+        if (pr.group != r.group) return internal_error("a run's group differs from its parent's");
       }
       auto& c = children[r.parent_of(p)];
       ++c.first;
@@ -1001,6 +1136,15 @@ Status PrefixIndex::check_invariants() const {
   if (damaged != counters_->damaged.load()) return internal_error("damaged counter drifted");
   for (int t = 0; t < kNumTiers; ++t) {
     if (resident[t] != counters_->resident[t].load()) return internal_error("resident counter drifted");
+  }
+  for (uint32_t g = 0; g < kMaxGroups; ++g) {
+    auto it = group_resident.find(static_cast<GroupId>(g));
+    for (int t = 0; t < kNumTiers; ++t) {
+      const uint64_t counted = it == group_resident.end() ? 0 : it->second[t];
+      if (counted != groups_->resident[g][t].load()) {
+        return internal_error("resident counter of group " + std::to_string(g) + " drifted");
+      }
+    }
   }
   return Status::ok();
 }

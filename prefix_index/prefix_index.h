@@ -40,6 +40,13 @@ namespace kvtier {
 using LeaseId = uint64_t;
 inline constexpr LeaseId kNoLease = 0;
 
+/// The owner a block's residency is counted under: a tenant, for tier shares. Every block of a
+/// namespace belongs to the group of its root (set_root_group); 0 is the group of roots never
+/// given one.
+using GroupId = uint16_t;
+inline constexpr GroupId kNoGroup = 0;
+inline constexpr uint32_t kMaxGroups = 1024;
+
 struct IndexOptions {
   /// Number of shards; a power of two in [1, 4096]. Default 64.
   uint32_t shards = 64;
@@ -144,6 +151,7 @@ struct IndexStats {
   std::array<uint64_t, kNumTiers> resident_blocks{};
   std::array<uint64_t, kNumTiers> evictions{};
   uint64_t damaged_blocks = 0;  // marked damaged and not yet repaired or evicted
+  uint64_t over_share_evictions = 0;  // blocks evict() dropped first as their group was over its share
 };
 
 class PrefixIndex {
@@ -214,8 +222,24 @@ class PrefixIndex {
   /// A snapshot of one block with its parent, tokens and extras, or nullopt.
   std::optional<BlockRecord> describe(const BlockKey& key) const;
 
-  /// Up to `max_blocks` victims in `tier`: lowest priority class first, then least recently
-  /// used; never pinned; never a block with a child resident in the same tier; for kDrop, never
+  /// Counts every block of namespace `root` (block 0 and everything chained from it) under
+  /// `group`, for tier shares. Call it before the namespace's first insert: blocks already
+  /// indexed keep the group they were inserted under. Setting the group a root has already is
+  /// ok; kAlreadyExists when it has another one (it keeps the first); kInvalidArgument for a
+  /// group >= kMaxGroups.
+  Status set_root_group(const BlockKey& root, GroupId group);
+  /// The most blocks `group` may keep in `tier` before its blocks are evicted ahead of everyone
+  /// else's (its share of the tier); 0 (the default) sets no share. Work-conserving: a group
+  /// may fill a tier while the others leave room, and loses only its own blocks once over.
+  Status set_group_limit(GroupId group, Tier tier, uint64_t max_blocks);
+  /// Blocks of `group` resident in `tier` now (a relaxed read); 0 for an unknown group.
+  uint64_t group_resident(GroupId group, Tier tier) const noexcept;
+  /// The limit set_group_limit gave, 0 when none.
+  uint64_t group_limit(GroupId group, Tier tier) const noexcept;
+
+  /// Up to `max_blocks` victims in `tier`: first the blocks of groups over their share of the
+  /// tier (set_group_limit; as many as they are over, to within one call's `max_blocks`), then
+  /// lowest priority class first, then least recently used; never pinned; never a block with a child resident in the same tier; for kDrop, never
   /// a block whose removal would orphan an indexed child. Advisory: removal re-checks.
   /// For kDemote, a block whose every child resident in `tier` is already among the victims
   /// joins the candidates too, after those children: moved in the order returned, a batch can
@@ -240,6 +264,7 @@ class PrefixIndex {
   struct Loc;
   struct Span;
   struct CandidateQueue;
+  struct Victims;
   PrefixIndex(const KeyChain& keys, IndexOptions options);
   Shard& shard_for(const BlockKey& key) const noexcept;
   uint64_t now_ns() const;
@@ -252,9 +277,12 @@ class PrefixIndex {
   /// key is not indexed.
   template <typename Fn>
   bool with_entry(const BlockKey& key, Fn&& fn) const;
+  /// The group of a new run: the root's for block 0, else its parent run's.
+  GroupId group_of_new_run(const BlockInsert& block, const Run* parent_run) const;
+  void count_residency(const Run& run, int tier, bool added) noexcept;
   template <typename Joins>
-  void push_parent_if(const BlockKey& parent, CandidateQueue& heap, Joins joins) const;
-  CandidateQueue candidate_heap(Tier tier, size_t max_blocks, EvictPurpose purpose) const;
+  void push_parent_if(const BlockKey& parent, Victims& victims, Joins joins) const;
+  Victims candidate_heap(Tier tier, size_t max_blocks, EvictPurpose purpose) const;
 
   KeyChain keys_;
   IndexOptions options_;
@@ -266,6 +294,9 @@ class PrefixIndex {
 
   struct Leases;
   std::unique_ptr<Leases> leases_;
+
+  struct Groups;
+  std::unique_ptr<Groups> groups_;
 
   struct Counters;
   std::unique_ptr<Counters> counters_;

@@ -49,11 +49,14 @@ struct NamespaceRecord {
   BlockKey root;
   KvLayout layout;
   std::string model_id;
+  std::string tenant;  // the tenant its blocks are counted under (tenant shares); "" for none
 
   friend bool operator==(const NamespaceRecord&, const NamespaceRecord&) = default;
 };
 
 inline constexpr uint8_t kCatalogValueVersion = 1;
+/// Namespace records: 2 adds the tenant; version 1 records still decode (with no tenant).
+inline constexpr uint8_t kNamespaceRecordVersion = 2;
 
 struct CatalogOptions {
   /// Sync every write to the RocksDB WAL before it returns (WriteOptions::sync; default true).
@@ -94,6 +97,8 @@ class Catalog {
   /// Value encodings, exposed for tests.
   static std::string encode_entry(const CatalogEntry& entry);
   static Result<CatalogEntry> decode_entry(std::string_view value);
+  static std::string encode_namespace(const NamespaceRecord& record);
+  static Result<NamespaceRecord> decode_namespace(std::string_view value);
 
  private:
   Catalog(std::unique_ptr<rocksdb::DB> db, CatalogOptions options);

@@ -1,5 +1,7 @@
 #include "api/src/metrics.h"
 
+#include "api/src/prometheus_text.h"
+
 #include <httplib.h>
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
@@ -42,18 +44,6 @@ std::string sanitize_name(std::string_view name, bool allow_colon) {
   std::string out(name.empty() ? std::string_view("_") : name);
   for (size_t i = 0; i < out.size(); ++i) {
     if (!name_char(out[i], i == 0, allow_colon)) out[i] = '_';
-  }
-  return out;
-}
-
-std::string escape_label_value(std::string_view v) {
-  std::string out;
-  out.reserve(v.size());
-  for (char c : v) {
-    if (c == '\\') out += "\\\\";
-    else if (c == '"') out += "\\\"";
-    else if (c == '\n') out += "\\n";
-    else out += c;
   }
   return out;
 }

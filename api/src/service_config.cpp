@@ -355,6 +355,7 @@ Status parse_tenants(const toml::node& n, const std::string& key, ServiceConfig&
         {"max_pinned_blocks", [&](auto& node, auto& k) {
            return assign(get_uint(node, k, 0, uint64_t{1} << 40), rule.max_pinned_blocks);
          }},
+        {"tier_share", [&](auto& node, auto& k) { return assign(get_fraction(node, k), rule.tier_share); }},
     }));
     if (!named) return invalid_argument("config: " + prefix + ".name is required" + at_line((*arr)[i]));
     tenants.push_back(std::move(rule));
@@ -382,6 +383,20 @@ Status validate_fields(const ServiceConfig& c) {
     if (!names.insert(c.tenants[i].name).second) {
       return invalid_argument("config: tenant[" + std::to_string(i) + "].name \"" + c.tenants[i].name +
                               "\" is used by another tenant");
+    }
+  }
+  if (c.tenants.size() >= kMaxGroups) {
+    return invalid_argument("config: at most " + std::to_string(kMaxGroups - 1) + " [[tenant]] tables, got " +
+                            std::to_string(c.tenants.size()));
+  }
+  // Tenants with one salt share their blocks, so a share of a tier could not tell theirs apart.
+  for (size_t i = 0; i < c.tenants.size(); ++i) {
+    for (size_t j = 0; j < c.tenants.size(); ++j) {
+      if (i != j && c.tenants[i].tier_share < 1.0 && c.tenants[i].salt == c.tenants[j].salt) {
+        return invalid_argument("config: tenant[" + std::to_string(i) + "] (\"" + c.tenants[i].name +
+                                "\") sets tier_share but shares its salt with tenant \"" + c.tenants[j].name +
+                                "\", whose blocks are the same blocks: give it a salt of its own");
+      }
     }
   }
   if (!c.metrics_listen.empty()) {
@@ -856,6 +871,7 @@ Result<TierManagerOptions> to_tier_options(const ServiceConfig& c) {
   o.write_policy = c.write_policy;
   o.promote_on_hit = c.promote_on_hit;
   o.index.default_lease_ns = c.lease_ms * 1'000'000ull;
+  for (const TenantRule& t : c.tenants) o.tenants.push_back({.name = t.name, .tier_share = t.tier_share});
   return o;
 }
 

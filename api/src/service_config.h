@@ -28,8 +28,12 @@ struct TenantRule {
   /// Quotas, so one tenant cannot push every other tenant's blocks out:
   /// the highest priority class its saves and pins may take (a request above it is refused) ...
   Priority max_priority = Priority::kRetained;
-  /// ... and the most pinned blocks all its clients may hold at once (0: no limit).
+  /// ... and the most pinned blocks all its clients may hold at once (0: no limit) ...
   uint64_t max_pinned_blocks = 0;
+  /// ... and its share of every tier, in (0, 1] (default 1: no share): while the tenant holds
+  /// more than this fraction of a tier's slots, its blocks are evicted before anyone else's
+  /// (TenantShare). A tenant sharing its salt with another cannot set one.
+  double tier_share = 1.0;
 };
 
 struct ServiceConfig {

@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include "api/src/kv_copy.h"
+#include "api/src/prometheus_text.h"
 
 namespace kvtier {
 namespace {
@@ -51,13 +52,13 @@ Result<Namespace> Store::namespace_of(NamespaceId id) const {
   return namespaces_[id];
 }
 
-Result<NamespaceId> Store::open_namespace_spec(const NamespaceSpec& spec) {
+Result<NamespaceId> Store::open_namespace_spec(const NamespaceSpec& spec, std::string_view tenant) {
   auto key = std::make_tuple(spec.model_id, spec.tenant_salt, spec.adapter_id);
   {
     std::shared_lock lock(ns_mu_);
     if (auto it = ns_ids_.find(key); it != ns_ids_.end()) return it->second;
   }
-  auto ns = tiers_->add_namespace(spec);
+  auto ns = tiers_->add_namespace(spec, tenant);
   if (!ns) return ns.status();
   std::unique_lock lock(ns_mu_);
   if (auto it = ns_ids_.find(key); it != ns_ids_.end()) return it->second;  // lost a race: same root
@@ -68,8 +69,10 @@ Result<NamespaceId> Store::open_namespace_spec(const NamespaceSpec& spec) {
 }
 
 Result<NamespaceId> Store::open_namespace(const NamespaceRequest& request) {
+  // In-process, the tenant is its own salt, and names it in StoreOptions::tiers.tenants too.
   return open_namespace_spec({.model_id = request.model_id, .layout = layout(),
-                              .tenant_salt = request.tenant, .adapter_id = request.adapter_id});
+                              .tenant_salt = request.tenant, .adapter_id = request.adapter_id},
+                             request.tenant);
 }
 
 Result<Match> Store::lookup(NamespaceId id, std::span<const TokenId> tokens, std::span<const BlockExtra> extras) {
@@ -318,6 +321,29 @@ std::string render_tier_metrics(TierManager& tiers) {
          "or a save that found its tier full.");
   out += fmt::format("kvtier_reclaim_rounds_total{{by=\"background\"}} {}\n", s.background_rounds);
   out += fmt::format("kvtier_reclaim_rounds_total{{by=\"foreground\"}} {}\n", s.foreground_rounds);
+  if (!s.tenants.empty()) {
+    family("kvtier_tenant_blocks", "gauge", "Blocks each tenant's namespaces hold in each tier.");
+    for (const TenantResidency& t : s.tenants) {
+      for (Tier tier : kAllTiers) {
+        if (!tiers.has_tier(tier)) continue;
+        out += fmt::format("kvtier_tenant_blocks{{tenant=\"{}\",tier=\"{}\"}} {}\n", escape_label_value(t.name),
+                           tier_name(tier), t.resident_blocks[int(tier)]);
+      }
+    }
+    family("kvtier_tenant_share_blocks", "gauge",
+           "Each tenant's share of each tier in blocks (tier_share): beyond it, its blocks are evicted first. "
+           "Tenants without a share have no series.");
+    for (const TenantResidency& t : s.tenants) {
+      for (Tier tier : kAllTiers) {
+        if (t.share_blocks[int(tier)] == 0) continue;
+        out += fmt::format("kvtier_tenant_share_blocks{{tenant=\"{}\",tier=\"{}\"}} {}\n",
+                           escape_label_value(t.name), tier_name(tier), t.share_blocks[int(tier)]);
+      }
+    }
+  }
+  scalar("kvtier_over_share_evictions_total", "counter",
+         "Blocks dropped ahead of the usual order because their tenant held more than its tier_share.",
+         ix.over_share_evictions);
   const IoEngineStats io = tiers.transfer().io_engine().stats();
   scalar("kvtier_io_ops_total", "counter", "Reads and writes sent to the storage devices.", io.ops);
   scalar("kvtier_io_submit_calls_total", "counter",

@@ -37,8 +37,9 @@ class Store final : public KvStore {
   const KeyChain& keys() const noexcept { return keys_; }
   /// The namespace an id stands for; kNotFound for an unknown id.
   Result<Namespace> namespace_of(NamespaceId id) const;
-  /// Resolves a namespace from its full spec (the daemon passes the tenant's salt here).
-  Result<NamespaceId> open_namespace_spec(const NamespaceSpec& spec);
+  /// Resolves a namespace from its full spec (the daemon passes the tenant's salt here), its
+  /// blocks counted under `tenant` (TierManager::add_namespace).
+  Result<NamespaceId> open_namespace_spec(const NamespaceSpec& spec, std::string_view tenant = {});
 
   /// Writes back every memory-only block to NVMe and stops the transfer engine: what a graceful
   /// shutdown calls. Idempotent; the store refuses work afterwards.

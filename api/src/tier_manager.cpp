@@ -140,6 +140,7 @@ Result<std::unique_ptr<TierManager>> TierManager::open(const KeyChain& keys, Tie
   KVTIER_RETURN_IF_ERROR(check_limits(options.nvme_limits, "NVMe tier"));
   std::unique_ptr<TierManager> m(new TierManager(keys, std::move(options)));
   KVTIER_RETURN_IF_ERROR(m->open_tiers());
+  KVTIER_RETURN_IF_ERROR(m->set_tenant_shares());
   KVTIER_RETURN_IF_ERROR(m->recover());
   if (m->options_.background_reclaim) {
     m->counters_->bg_thread = std::thread([tm = m.get()] { tm->reclaimer_loop(); });
@@ -190,14 +191,50 @@ Status TierManager::open_tiers() {
   return Status::ok();
 }
 
+Status TierManager::set_tenant_shares() {
+  const auto& tenants = options_.tenants;
+  if (tenants.size() >= kMaxGroups) {
+    return invalid_argument("at most " + std::to_string(kMaxGroups - 1) + " tenants, got " +
+                            std::to_string(tenants.size()));
+  }
+  std::unordered_set<std::string_view> names;
+  for (size_t i = 0; i < tenants.size(); ++i) {
+    const TenantShare& tenant = tenants[i];
+    if (!names.insert(tenant.name).second) {
+      return invalid_argument("tenant \"" + tenant.name + "\" is listed twice");
+    }
+    if (!(tenant.tier_share > 0.0 && tenant.tier_share <= 1.0)) {
+      return invalid_argument("tenant \"" + tenant.name + "\": tier_share must be in (0, 1], got " +
+                              std::to_string(tenant.tier_share));
+    }
+    if (tenant.tier_share == 1.0) continue;
+    for (Tier t : kAllTiers) {
+      if (!has_tier(t)) continue;
+      const auto share = static_cast<uint64_t>(tenant.tier_share * static_cast<double>(capacity_slots(t)));
+      KVTIER_RETURN_IF_ERROR(index_->set_group_limit(static_cast<GroupId>(i + 1), t, std::max<uint64_t>(share, 1)));
+    }
+  }
+  return Status::ok();
+}
+
+GroupId TierManager::group_of(std::string_view tenant) const noexcept {
+  for (size_t i = 0; i < options_.tenants.size(); ++i) {
+    if (options_.tenants[i].name == tenant) return static_cast<GroupId>(i + 1);
+  }
+  return kNoGroup;
+}
+
 // Re-indexes every catalog entry. Entries go in block order so a parent is indexed before its
 // children; a block whose parent is gone (it lived only in memory when the process stopped) is
 // unreachable by any match and is erased to give its slot back.
 Status TierManager::recover() {
   if (!nvme_) return Status::ok();
   std::unordered_map<BlockKey, NamespaceRecord> namespaces;
-  KVTIER_RETURN_IF_ERROR(nvme_->for_each_namespace(
-      [&](const NamespaceRecord& r) { namespaces.emplace(r.root, r); }));
+  KVTIER_RETURN_IF_ERROR(nvme_->for_each_namespace([&](const NamespaceRecord& r) {
+    namespaces.emplace(r.root, r);
+    // Before the namespace's blocks go in: each block takes its group when indexed.
+    if (const GroupId g = group_of(r.tenant); g != kNoGroup) index_->set_root_group(r.root, g).ignore();
+  }));
   std::vector<CatalogEntry> entries = nvme_->entries();
   std::sort(entries.begin(), entries.end(),
             [](const CatalogEntry& a, const CatalogEntry& b) { return a.block_index < b.block_index; });
@@ -605,14 +642,28 @@ Result<SlotId> TierManager::copy_into_memory_tier(const BlockResidency& from, Ti
   return *slot;
 }
 
-Result<Namespace> TierManager::add_namespace(const NamespaceSpec& spec) {
+Result<Namespace> TierManager::add_namespace(const NamespaceSpec& spec, std::string_view tenant) {
   if (!(spec.layout == options_.layout)) {
     return Status(StatusCode::kLayoutMismatch, "namespace layout " + spec.layout.describe() +
                                                    " differs from the store's " + options_.layout.describe());
   }
   auto ns = keys_.make_namespace(spec);
   if (!ns) return ns.status();
-  if (nvme_) KVTIER_RETURN_IF_ERROR(nvme_->put_namespace({ns->root, ns->layout, spec.model_id}));
+  const GroupId g = group_of(tenant);
+  if (g != kNoGroup) {
+    if (Status s = index_->set_root_group(ns->root, g); !s) {
+      // Another tenant with the same salt opened it first (and recorded it): the blocks stay
+      // that tenant's.
+      spdlog::debug("kvtier: namespace {} stays with its first tenant: {}", ns->root.to_hex(), s.to_string());
+      return ns;
+    }
+  }
+  // The record's tenant is what counts the namespace's blocks again after a restart. Only a
+  // listed tenant's name is kept (in-process, a tenant is named by its salt).
+  if (nvme_) {
+    KVTIER_RETURN_IF_ERROR(nvme_->put_namespace(
+        {ns->root, ns->layout, spec.model_id, g != kNoGroup ? std::string(tenant) : std::string()}));
+  }
   return ns;
 }
 
@@ -1090,6 +1141,15 @@ TierManagerStats TierManager::stats() const {
   s.foreground_rounds = counters_->foreground_rounds;
   if (nvme_) s.nvme = nvme_->stats();
   s.transfer = engine_->stats();
+  s.tenants.reserve(options_.tenants.size());
+  for (size_t i = 0; i < options_.tenants.size(); ++i) {
+    TenantResidency& r = s.tenants.emplace_back();
+    r.name = options_.tenants[i].name;
+    for (Tier t : kAllTiers) {
+      r.resident_blocks[static_cast<int>(t)] = index_->group_resident(static_cast<GroupId>(i + 1), t);
+      r.share_blocks[static_cast<int>(t)] = index_->group_limit(static_cast<GroupId>(i + 1), t);
+    }
+  }
   return s;
 }
 

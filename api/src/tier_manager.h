@@ -49,6 +49,23 @@ struct TierLimits {
   double low_watermark = 0.85;
 };
 
+/// A tenant whose blocks the tiers count apart, with its share of every tier.
+struct TenantShare {
+  std::string name;  // as add_namespace names it; unique
+  /// The fraction of each tier's slots the tenant may hold before its blocks are evicted ahead
+  /// of every other tenant's, in (0, 1]. 1 (the default) counts the tenant's blocks and sets no
+  /// share. Work-conserving: a tenant may fill a tier the others leave empty, and loses only its
+  /// own blocks beyond its share when room is needed.
+  double tier_share = 1.0;
+};
+
+/// What one tenant holds, as TierManagerStats reports it.
+struct TenantResidency {
+  std::string name;
+  std::array<uint64_t, kNumTiers> resident_blocks{};
+  std::array<uint64_t, kNumTiers> share_blocks{};  // its share of each tier in blocks; 0: none
+};
+
 struct TierManagerOptions {
   /// The KV layout of every namespace this manager serves (sets every slot size). Required.
   KvLayout layout;
@@ -74,6 +91,9 @@ struct TierManagerOptions {
   TransferEngineOptions transfer;
   /// Options of the prefix index.
   IndexOptions index;
+  /// Tenants counted apart, with their tier shares (at most kMaxGroups − 1). Blocks of a
+  /// namespace opened under no listed tenant are counted together and have no share.
+  std::vector<TenantShare> tenants;
 };
 
 struct TierCounters {
@@ -99,6 +119,7 @@ struct TierManagerStats {
   uint64_t foreground_rounds = 0;   // reclaim rounds run inside a save, load or rebalance
   NvmeTierStats nvme{};
   TransferStats transfer{};
+  std::vector<TenantResidency> tenants;  // one per TierManagerOptions::tenants entry, in order
 };
 
 class TierManager {
@@ -118,8 +139,11 @@ class TierManager {
   TransferEngine& transfer() noexcept { return *engine_; }
 
   /// Resolves a namespace and records it in the NVMe catalog so its blocks can be re-indexed
-  /// after a restart. kLayoutMismatch when spec.layout is not this manager's layout.
-  Result<Namespace> add_namespace(const NamespaceSpec& spec);
+  /// after a restart. kLayoutMismatch when spec.layout is not this manager's layout. Its blocks
+  /// are counted under `tenant` when options.tenants lists it (tenant shares; the catalog keeps
+  /// the name, so the count survives a restart); a namespace keeps the first tenant it is
+  /// opened under (tenants that share a salt share its blocks).
+  Result<Namespace> add_namespace(const NamespaceSpec& spec, std::string_view tenant = {});
 
   /// Saves the full blocks of `tokens` whose KV is in `kv` (canonical layout, block after block;
   /// at least blocks × bytes_per_block bytes, host memory) into `tier` (kHost or kHbm). Blocks
@@ -180,6 +204,10 @@ class TierManager {
 
   TierManager(const KeyChain& keys, TierManagerOptions options);
   Status open_tiers();
+  /// Checks options.tenants and gives the index each tenant's share of every tier, in blocks.
+  Status set_tenant_shares();
+  /// The index group of a tenant named in options.tenants; kNoGroup for any other name.
+  GroupId group_of(std::string_view tenant) const noexcept;
   Status recover();
   MemoryTier* memory_tier(Tier t) noexcept;
   uint64_t capacity_slots(Tier t) const noexcept;

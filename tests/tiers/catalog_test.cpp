@@ -34,7 +34,7 @@ TEST_CASE("Catalog entries round-trip across close and reopen") {
   REQUIRE(dir.ok());
   std::map<BlockKey, CatalogEntry> expect;
   const KvLayout layout = *KvLayout::standard(32, 8, 128, Dtype::kBf16);
-  const NamespaceRecord ns{{77, 88}, layout, "meta-llama/Llama-3.1-8B"};
+  const NamespaceRecord ns{{77, 88}, layout, "meta-llama/Llama-3.1-8B", "team-a"};
   {
     auto cat = Catalog::open(dir.file("catalog"));
     REQUIRE(cat.is_ok());
@@ -69,6 +69,29 @@ TEST_CASE("Catalog entries round-trip across close and reopen") {
   REQUIRE(meta.is_ok());
   CHECK(*meta == "v1");
   CHECK((*cat)->get_meta("nope").status().code() == StatusCode::kNotFound);
+}
+
+TEST_CASE("A namespace record written before tenants were recorded still decodes, with no tenant") {
+  const NamespaceRecord ns{{5, 6}, *KvLayout::standard(2, 2, 64, Dtype::kFp16), "m", "team-a"};
+  const std::string v2 = Catalog::encode_namespace(ns);
+  auto back = Catalog::decode_namespace(v2);
+  REQUIRE(back.is_ok());
+  CHECK(*back == ns);
+
+  // Version 1: the same fields without the tenant's length and bytes.
+  std::string v1 = v2.substr(0, v2.size() - sizeof(uint32_t) - ns.tenant.size());
+  v1[0] = 1;
+  auto old = Catalog::decode_namespace(v1);
+  REQUIRE(old.is_ok());
+  CHECK(old->tenant.empty());
+  CHECK(old->model_id == "m");
+  CHECK(old->layout == ns.layout);
+
+  // A version 2 record cut short, or an unknown version, is refused.
+  CHECK(Catalog::decode_namespace(v2.substr(0, v2.size() - 1)).status().code() == StatusCode::kChecksumMismatch);
+  std::string v9 = v2;
+  v9[0] = 9;
+  CHECK(!Catalog::decode_namespace(v9).is_ok());
 }
 
 TEST_CASE("Catalog values are versioned and truncation is detected") {
