@@ -46,6 +46,24 @@ uint64_t wall_ns() {
                                    .count());
 }
 
+Status check_tenants(const std::vector<TenantShare>& tenants) {
+  if (tenants.size() >= kMaxGroups) {
+    return invalid_argument("at most " + std::to_string(kMaxGroups - 1) + " tenants, got " +
+                            std::to_string(tenants.size()));
+  }
+  std::unordered_set<std::string_view> names;
+  for (const TenantShare& tenant : tenants) {
+    if (!names.insert(tenant.name).second) {
+      return invalid_argument("tenant \"" + tenant.name + "\" is listed twice");
+    }
+    if (!(tenant.tier_share > 0.0 && tenant.tier_share <= 1.0)) {
+      return invalid_argument("tenant \"" + tenant.name + "\": tier_share must be in (0, 1], got " +
+                              std::to_string(tenant.tier_share));
+    }
+  }
+  return Status::ok();
+}
+
 Status check_limits(const TierLimits& l, const char* name) {
   if (!(l.low_watermark > 0 && l.low_watermark <= l.high_watermark && l.high_watermark <= 1.0)) {
     return invalid_argument(std::string(name) + " watermarks must satisfy 0 < low <= high <= 1");
@@ -138,6 +156,7 @@ Result<std::unique_ptr<TierManager>> TierManager::open(const KeyChain& keys, Tie
   KVTIER_RETURN_IF_ERROR(check_limits(options.hbm, "HBM tier"));
   KVTIER_RETURN_IF_ERROR(check_limits(options.host, "host tier"));
   KVTIER_RETURN_IF_ERROR(check_limits(options.nvme_limits, "NVMe tier"));
+  KVTIER_RETURN_IF_ERROR(check_tenants(options.tenants));
   std::unique_ptr<TierManager> m(new TierManager(keys, std::move(options)));
   KVTIER_RETURN_IF_ERROR(m->open_tiers());
   KVTIER_RETURN_IF_ERROR(m->set_tenant_shares());
@@ -192,27 +211,19 @@ Status TierManager::open_tiers() {
 }
 
 Status TierManager::set_tenant_shares() {
-  const auto& tenants = options_.tenants;
-  if (tenants.size() >= kMaxGroups) {
-    return invalid_argument("at most " + std::to_string(kMaxGroups - 1) + " tenants, got " +
-                            std::to_string(tenants.size()));
-  }
-  std::unordered_set<std::string_view> names;
-  for (size_t i = 0; i < tenants.size(); ++i) {
-    const TenantShare& tenant = tenants[i];
-    if (!names.insert(tenant.name).second) {
-      return invalid_argument("tenant \"" + tenant.name + "\" is listed twice");
-    }
-    if (!(tenant.tier_share > 0.0 && tenant.tier_share <= 1.0)) {
-      return invalid_argument("tenant \"" + tenant.name + "\": tier_share must be in (0, 1], got " +
-                              std::to_string(tenant.tier_share));
-    }
-    if (tenant.tier_share == 1.0) continue;
+  for (size_t i = 0; i < options_.tenants.size(); ++i) {
+    const double share = options_.tenants[i].tier_share;
+    if (share == 1.0) continue;
+    std::string shares;
     for (Tier t : kAllTiers) {
       if (!has_tier(t)) continue;
-      const auto share = static_cast<uint64_t>(tenant.tier_share * static_cast<double>(capacity_slots(t)));
-      KVTIER_RETURN_IF_ERROR(index_->set_group_limit(static_cast<GroupId>(i + 1), t, std::max<uint64_t>(share, 1)));
+      const uint64_t blocks =
+          std::max<uint64_t>(static_cast<uint64_t>(share * static_cast<double>(capacity_slots(t))), 1);
+      KVTIER_RETURN_IF_ERROR(index_->set_group_limit(static_cast<GroupId>(i + 1), t, blocks));
+      shares += fmt::format("{}{} {} blocks", shares.empty() ? "" : ", ", tier_name(t), blocks);
     }
+    spdlog::info("kvtier: tenant \"{}\" keeps its blocks ahead of others' up to {:.0f}% of each tier: {}",
+                 options_.tenants[i].name, share * 100, shares);
   }
   return Status::ok();
 }

@@ -204,7 +204,7 @@ class TierManager {
 
   TierManager(const KeyChain& keys, TierManagerOptions options);
   Status open_tiers();
-  /// Checks options.tenants and gives the index each tenant's share of every tier, in blocks.
+  /// Gives the index each tenant's share of every tier, in blocks (checked by open()).
   Status set_tenant_shares();
   /// The index group of a tenant named in options.tenants; kNoGroup for any other name.
   GroupId group_of(std::string_view tenant) const noexcept;

@@ -55,6 +55,7 @@ name = "team-a"
 salt = "salt-a"
 uids = [1000]
 gids = [3000]
+tier_share = 0.5
 
 [[tenant]]
 name = "public"
@@ -117,6 +118,8 @@ TEST_CASE("A full kvtierd.toml parses into every field") {
   CHECK(c.tenants[0].max_pinned_blocks == 0);
   CHECK(c.tenants[1].max_priority == Priority::kNormal);
   CHECK(c.tenants[1].max_pinned_blocks == 4096);
+  CHECK(c.tenants[0].tier_share == 0.5);
+  CHECK(c.tenants[1].tier_share == 1.0);  // no share unless configured
 }
 
 TEST_CASE("Keys absent from the file keep the base's values; the empty file gives the defaults") {
@@ -217,6 +220,11 @@ TEST_CASE("Every bad input is refused with a message naming its key") {
       {"[[tenant]]\nname = \"a\"\nmax_priority = \"urgent\"", "tenant[0].max_priority must be one of"},
       {"[[tenant]]\nname = \"a\"\nmax_priority = 2", "tenant[0].max_priority"},
       {"[[tenant]]\nname = \"a\"\nmax_pinned_blocks = -1", "tenant[0].max_pinned_blocks"},
+      {"[[tenant]]\nname = \"a\"\ntier_share = 0", "tenant[0].tier_share must be in (0, 1]"},
+      {"[[tenant]]\nname = \"a\"\ntier_share = 1.5", "tenant[0].tier_share must be in (0, 1]"},
+      {"[[tenant]]\nname = \"a\"\ntier_share = \"half\"", "tenant[0].tier_share must be a number"},
+      {"[[tenant]]\nname = \"a\"\nsalt = \"s\"\n[[tenant]]\nname = \"b\"\nsalt = \"s\"\ntier_share = 0.5",
+       "tenant[1] (\"b\") sets tier_share but shares its salt with tenant \"a\""},
       {"data_dir = ", "line 1"},
   };
   for (const Case& c : cases) {
@@ -444,6 +452,17 @@ TEST_CASE("to_tier_options carries sizes, watermarks, NVMe dir and durability, l
   CHECK(o->write_policy == WritePolicy::kWriteThrough);
   CHECK_FALSE(o->promote_on_hit);
   CHECK(o->index.default_lease_ns == 1234ull * 1'000'000);
+  REQUIRE(o->tenants.size() == 1);  // resolve() added the shared default tenant
+  CHECK(o->tenants[0].name.empty());
+  CHECK(o->tenants[0].tier_share == 1.0);
+
+  c.tenants = {TenantRule{.name = "a", .salt = "sa", .tier_share = 0.25}, TenantRule{.name = "b", .salt = "sb"}};
+  auto shared = to_tier_options(c);
+  REQUIRE(shared.is_ok());
+  REQUIRE(shared->tenants.size() == 2);
+  CHECK(shared->tenants[0].name == "a");
+  CHECK(shared->tenants[0].tier_share == 0.25);
+  CHECK(shared->tenants[1].tier_share == 1.0);
 
   c.nvme_enabled = false;
   auto off = to_tier_options(c);

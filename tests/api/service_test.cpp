@@ -801,6 +801,31 @@ TEST_CASE("Daemon: tenant quotas cap the priority class and the pinned blocks", 
   }
 }
 
+TEST_CASE("Daemon: tier shares come from the config, and metrics count each tenant's blocks", "[service]") {
+  TempDir dir("kvtier_svc");
+  auto config = test_config(dir.path());
+  const uint32_t me = ::geteuid();
+  config.tenants = {TenantRule{.name = "shared \"a\"", .salt = "salt-a", .uids = {me}, .tier_share = 0.25},
+                    TenantRule{.name = "b", .salt = "salt-b", .uids = {me}}};
+  auto server = start_server(config);
+  auto c = connect(*server);
+  auto a = c->open_namespace({"m", "shared \"a\"", ""});
+  auto b = c->open_namespace({"m", "b", ""});
+  REQUIRE((a.is_ok() && b.is_ok()));
+  REQUIRE(save_prompt(*c, *a, synthetic_tokens(91, 128)) == 8);
+  REQUIRE(save_prompt(*c, *b, synthetic_tokens(92, 64)) == 4);
+
+  auto text = c->metrics_text();
+  REQUIRE(text.is_ok());
+  // The label value is escaped as the text format wants it.
+  CHECK(text->find("kvtier_tenant_blocks{tenant=\"shared \\\"a\\\"\",tier=\"host\"} 8\n") != std::string::npos);
+  CHECK(text->find("kvtier_tenant_blocks{tenant=\"b\",tier=\"host\"} 4\n") != std::string::npos);
+  CHECK(text->find("kvtier_tenant_share_blocks{tenant=\"shared \\\"a\\\"\",tier=\"host\"} 16\n") !=
+        std::string::npos);  // a quarter of 64 blocks
+  CHECK(text->find("kvtier_tenant_share_blocks{tenant=\"b\"") == std::string::npos);  // no share
+  CHECK(text->find("kvtier_over_share_evictions_total 0\n") != std::string::npos);
+}
+
 TEST_CASE("Daemon: a peer outside allowed_uids is refused with permission_denied", "[service]") {
   if (::geteuid() != 0) {
     WARN("not root: refusing another identity needs setuid; skipped");

@@ -794,3 +794,102 @@ TEST_CASE("Write-back onto a failing disk loses no committed block, and the stor
   CHECK(f.load_and_check(third) == 20);
   CHECK(f.load_and_check(second) == second_cached);
 }
+
+namespace {
+
+/// Blocks of `tokens` cached in `ns`, looked up without touching their recency.
+size_t cached_blocks(TierManager& tm, const Namespace& ns, const std::vector<TokenId>& tokens) {
+  auto m = tm.index().match(ns, tokens, {}, {.touch = false});
+  REQUIRE(m.is_ok());
+  return m->blocks.size();
+}
+
+}  // namespace
+
+TEST_CASE("A tenant past its tier share loses its own blocks first; the other tenant's stay cached") {
+  const bool shares = GENERATE(true, false);
+  INFO("tenant a's tier_share: " << (shares ? "0.5" : "none"));
+  Fixture f(/*host_blocks=*/20, /*nvme_blocks=*/0);
+  f.opts.background_reclaim = false;  // each save reclaims for itself: the order is the test's
+  f.opts.tenants = {{.name = "a", .tier_share = shares ? 0.5 : 1.0}, {.name = "b"}};
+  f.reopen();
+  auto a = f.tm->add_namespace({"model", layout(), "salt-a", ""}, "a");
+  auto b = f.tm->add_namespace({"model", layout(), "salt-b", ""}, "b");
+  REQUIRE(a.is_ok());
+  REQUIRE(b.is_ok());
+
+  // b's six one-block prompts are the oldest blocks of the tier; then a saves thirty.
+  std::vector<std::vector<TokenId>> b_prompts, a_prompts;
+  for (int p = 0; p < 6; ++p) {
+    b_prompts.push_back(prompt(300 + p, 1));
+    REQUIRE(*f.tm->save(*b, b_prompts.back(), kv_for(b_prompts.back(), layout())) == 1);
+  }
+  for (int p = 0; p < 30; ++p) {
+    a_prompts.push_back(prompt(400 + p, 1));
+    REQUIRE(*f.tm->save(*a, a_prompts.back(), kv_for(a_prompts.back(), layout())) == 1);
+  }
+
+  size_t b_cached = 0, a_cached = 0;
+  for (const auto& p : b_prompts) b_cached += cached_blocks(*f.tm, *b, p);
+  for (const auto& p : a_prompts) a_cached += cached_blocks(*f.tm, *a, p);
+  const auto st = f.tm->stats();
+  REQUIRE(st.tenants.size() == 2);
+  CHECK(st.tenants[0].name == "a");
+  CHECK(st.tenants[0].resident_blocks[int(Tier::kHost)] == a_cached);
+  CHECK(st.tenants[1].resident_blocks[int(Tier::kHost)] == b_cached);
+  CHECK(st.tiers[int(Tier::kHost)].used_slots == a_cached + b_cached);
+  if (shares) {
+    CHECK(b_cached == 6);  // never touched: a always had blocks beyond its share to give up
+    CHECK(st.tenants[0].share_blocks[int(Tier::kHost)] == 10);
+    CHECK(a_cached >= 10);  // and a kept its share
+    CHECK(f.tm->index().stats().over_share_evictions > 0);
+  } else {
+    CHECK(b_cached == 0);  // least recently used: b's blocks went first
+    CHECK(st.tenants[0].share_blocks[int(Tier::kHost)] == 0);
+  }
+  // a's newest prompts are the ones it kept.
+  CHECK(cached_blocks(*f.tm, *a, a_prompts.back()) == 1);
+  REQUIRE(f.tm->index().check_invariants().is_ok());
+}
+
+TEST_CASE("Each tenant's blocks are counted again after a restart") {
+  Fixture f;
+  f.opts.tenants = {{.name = "a", .tier_share = 0.25}, {.name = "b"}};
+  f.reopen();
+  auto a = f.tm->add_namespace({"model", layout(), "salt-a", ""}, "a");
+  auto b = f.tm->add_namespace({"model", layout(), "salt-b", ""}, "b");
+  auto other = f.tm->add_namespace({"model", layout(), "salt-c", ""}, "not-listed");
+  REQUIRE((a.is_ok() && b.is_ok() && other.is_ok()));
+  auto pa = prompt(500, 4), pb = prompt(501, 2), pc = prompt(502, 3);
+  REQUIRE(*f.tm->save(*a, pa, kv_for(pa, layout())) == 4);
+  REQUIRE(*f.tm->save(*b, pb, kv_for(pb, layout())) == 2);
+  REQUIRE(*f.tm->save(*other, pc, kv_for(pc, layout())) == 3);
+  REQUIRE(*f.tm->flush() == 9);
+
+  f.reopen();  // the NVMe catalog's namespace records name the tenants
+  const auto st = f.tm->stats();
+  REQUIRE(st.recovered_blocks == 9);
+  CHECK(st.tenants[0].resident_blocks[int(Tier::kNvme)] == 4);
+  CHECK(st.tenants[1].resident_blocks[int(Tier::kNvme)] == 2);
+  CHECK(f.tm->index().group_resident(kNoGroup, Tier::kNvme) == 3);
+  CHECK(st.tenants[0].share_blocks[int(Tier::kNvme)] == st.tiers[int(Tier::kNvme)].capacity_slots / 4);
+  CHECK(st.tenants[1].share_blocks[int(Tier::kNvme)] == 0);
+  // Opening a's namespace again under a is fine; b's under a is not how it is counted.
+  CHECK(f.tm->add_namespace({"model", layout(), "salt-a", ""}, "a").is_ok());
+  CHECK(f.tm->add_namespace({"model", layout(), "salt-b", ""}, "a").is_ok());
+  CHECK(f.tm->stats().tenants[1].resident_blocks[int(Tier::kNvme)] == 2);
+  REQUIRE(f.tm->index().check_invariants().is_ok());
+}
+
+TEST_CASE("Tenant shares outside (0, 1], and a tenant listed twice, are refused") {
+  Fixture f(/*host_blocks=*/8, /*nvme_blocks=*/0);
+  for (double bad : {0.0, -0.5, 1.5}) {
+    f.opts.tenants = {{.name = "a", .tier_share = bad}};
+    auto r = TierManager::open(f.keys, f.opts);
+    CHECK(r.status().code() == StatusCode::kInvalidArgument);
+  }
+  f.opts.tenants = {{.name = "a"}, {.name = "a", .tier_share = 0.5}};
+  auto twice = TierManager::open(f.keys, f.opts);
+  CHECK(twice.status().code() == StatusCode::kInvalidArgument);
+  CHECK(std::string(twice.status().message()).find("listed twice") != std::string::npos);
+}
