@@ -306,12 +306,12 @@ struct PrefixIndex::Victims {
       absl::flat_hash_map<GroupId, uint64_t> left = excess;
       for (Candidate& c : all) {
         if (!c.over) continue;
-      uint64_t& n = left[c.group];
-      if (n == 0) {
-        c.over = false;
-      } else {
-        --n;
-      }
+        uint64_t& n = left[c.group];
+        if (n == 0) {
+          c.over = false;
+        } else {
+          --n;
+        }
       }
     }
     ::kvtier::keep_best(all, max_blocks);
@@ -983,8 +983,10 @@ void PrefixIndex::push_parent_if(const BlockKey& parent, Victims& victims, Joins
   });
 }
 
-std::vector<BlockKey> PrefixIndex::pick_victims(Tier tier, size_t max_blocks, EvictPurpose purpose) const {
+std::vector<BlockKey> PrefixIndex::pick_victims(Tier tier, size_t max_blocks, EvictPurpose purpose,
+                                               std::vector<uint8_t>* over_share) const {
   std::vector<BlockKey> keys;
+  if (over_share) over_share->clear();
   if (max_blocks == 0) return keys;
   Victims victims = candidate_heap(tier, max_blocks, purpose);
   const int t = static_cast<int>(tier);
@@ -993,7 +995,8 @@ std::vector<BlockKey> PrefixIndex::pick_victims(Tier tier, size_t max_blocks, Ev
     const std::optional<Candidate> c = victims.pop();
     if (!c) break;
     keys.push_back(c->key);
-    victims.took(*c, nullptr);  // advisory: the caller's removal is what counts
+    if (over_share) over_share->push_back(c->over);
+    victims.took(*c, nullptr);  // advisory: the caller counts the moves that succeed
     if (purpose != EvictPurpose::kDemote) continue;
     // A demoted block leaves this tier only; it stays indexed. Once all of a parent's children
     // in this tier are victims, the parent may follow them in the same batch.

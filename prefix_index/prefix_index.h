@@ -17,7 +17,8 @@
 // Concurrency: each key-map shard and each run has its own mutex. Locks are taken key shards
 // first (in shard order), then runs (in address order); a match holds one run at a time and
 // no key shard while it holds a run. A pinned block never leaves its run, so a lease keeps
-// (run, range) pairs and releases a 128K-token match with a few locks.
+// (run, range) pairs and releases a 128K-token match with a few locks. The map of namespace
+// roots to groups has a leaf lock of its own (an insert of block 0 takes it under the others).
 #pragma once
 
 #include <array>
@@ -151,7 +152,7 @@ struct IndexStats {
   std::array<uint64_t, kNumTiers> resident_blocks{};
   std::array<uint64_t, kNumTiers> evictions{};
   uint64_t damaged_blocks = 0;  // marked damaged and not yet repaired or evicted
-  uint64_t over_share_evictions = 0;  // blocks evict() dropped first as their group was over its share
+  uint64_t over_share_evictions = 0;  // blocks evict() dropped early, their group over its share
 };
 
 class PrefixIndex {
@@ -244,7 +245,9 @@ class PrefixIndex {
   /// For kDemote, a block whose every child resident in `tier` is already among the victims
   /// joins the candidates too, after those children: moved in the order returned, a batch can
   /// take the last 64 blocks of one long prompt, not just its one leaf.
-  std::vector<BlockKey> pick_victims(Tier tier, size_t max_blocks, EvictPurpose purpose) const;
+  /// `over_share`, when given, gets one flag per victim: taken for its group's share.
+  std::vector<BlockKey> pick_victims(Tier tier, size_t max_blocks, EvictPurpose purpose,
+                                     std::vector<uint8_t>* over_share = nullptr) const;
 
   /// Drops up to `max_blocks` blocks from `tier` in eviction order, leaves first, following
   /// parents as they become leaves. Expired leases are released first.

@@ -94,8 +94,10 @@ Status undecodable(const std::string& what) {
 }
 
 std::string namespace_value(const NamespaceRecord& r) {
+  // A record without a tenant keeps version 1, which a kvtierd from before tier shares reads too.
+  const uint8_t version = r.tenant.empty() ? 1 : kNamespaceRecordVersion;
   Writer w;
-  w.put<uint8_t>(kNamespaceRecordVersion);
+  w.put<uint8_t>(version);
   w.put_key(r.root);
   w.put<uint8_t>(static_cast<uint8_t>(r.layout.kind));
   w.put<uint32_t>(r.layout.num_layers);
@@ -104,7 +106,7 @@ std::string namespace_value(const NamespaceRecord& r) {
   w.put<uint8_t>(static_cast<uint8_t>(r.layout.dtype));
   w.put<uint32_t>(r.layout.block_tokens);
   w.put_bytes(r.model_id);
-  w.put_bytes(r.tenant);
+  if (version >= 2) w.put_bytes(r.tenant);
   return w.take();
 }
 

@@ -55,7 +55,8 @@ struct NamespaceRecord {
 };
 
 inline constexpr uint8_t kCatalogValueVersion = 1;
-/// Namespace records: 2 adds the tenant; version 1 records still decode (with no tenant).
+/// Namespace records: 2 adds the tenant. A record with no tenant is still written as version 1,
+/// and version 1 records decode with no tenant.
 inline constexpr uint8_t kNamespaceRecordVersion = 2;
 
 struct CatalogOptions {

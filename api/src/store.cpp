@@ -342,8 +342,8 @@ std::string render_tier_metrics(TierManager& tiers) {
     }
   }
   scalar("kvtier_over_share_evictions_total", "counter",
-         "Blocks dropped ahead of the usual order because their tenant held more than its tier_share.",
-         ix.over_share_evictions);
+         "Blocks demoted or dropped ahead of the usual order because their tenant held more than its tier_share.",
+         ix.over_share_evictions + s.over_share_demotions);
   const IoEngineStats io = tiers.transfer().io_engine().stats();
   scalar("kvtier_io_ops_total", "counter", "Reads and writes sent to the storage devices.", io.ops);
   scalar("kvtier_io_submit_calls_total", "counter",

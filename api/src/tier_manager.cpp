@@ -19,7 +19,7 @@ struct TierManager::Counters {
   std::array<std::atomic<uint64_t>, kNumTiers> demotions_out{}, promotions_in{}, drops{};
   std::atomic<uint64_t> saved{0}, skipped{0}, loaded{0}, write_through{0};
   std::atomic<uint64_t> recovered{0}, recovery_dropped{0}, errors{0};
-  std::atomic<uint64_t> corrupt_found{0}, repaired{0};
+  std::atomic<uint64_t> corrupt_found{0}, repaired{0}, over_share_demotions{0};
   // One corruption check or repair at a time: a repair switches a block's NVMe slot in the
   // catalog and then in the index, and neither a second repair nor a check may come between.
   std::mutex repair_mu;
@@ -382,13 +382,19 @@ Status TierManager::reclaim(Tier t, uint64_t target_used, const std::atomic<bool
         ++failed;
       }
     };
+    std::vector<uint8_t> over_share;  // per victim: chosen first for its tenant's tier share
+    auto count_over = [&](size_t v, const Status& moved) {
+      if (moved.is_ok() && over_share[v]) counters_->over_share_demotions++;
+      count(moved);
+    };
     if (lower == Tier::kNvme) {
       // Write-back: every victim's write in flight at once and one commit for all of them.
-      const std::vector<BlockKey> victims = index_->pick_victims(t, batch, EvictPurpose::kDemote);
+      const std::vector<BlockKey> victims = index_->pick_victims(t, batch, EvictPurpose::kDemote, &over_share);
       const std::vector<Status> stored = store_batch_to_nvme(victims);
-      for (size_t v = 0; v < victims.size(); ++v) count(stored[v] ? drop_residency(victims[v], t) : stored[v]);
+      for (size_t v = 0; v < victims.size(); ++v) count_over(v, stored[v] ? drop_residency(victims[v], t) : stored[v]);
     } else if (lower) {
-      for (const BlockKey& key : index_->pick_victims(t, batch, EvictPurpose::kDemote)) count(demote_block(key, t));
+      const std::vector<BlockKey> victims = index_->pick_victims(t, batch, EvictPurpose::kDemote, &over_share);
+      for (size_t v = 0; v < victims.size(); ++v) count_over(v, demote_block(victims[v], t));
     }
     // Drop, leaves first, only when there is no lower tier or it failed to take the victims
     // (full, failing disk). Not when the victims were merely pinned at the pick or pinned
@@ -660,14 +666,12 @@ Result<Namespace> TierManager::add_namespace(const NamespaceSpec& spec, std::str
   }
   auto ns = keys_.make_namespace(spec);
   if (!ns) return ns.status();
+  // The first tenant to open a namespace keeps its blocks (tenants with one salt share them):
+  // a later one leaves the index and the catalog record as they are.
   const GroupId g = group_of(tenant);
-  if (g != kNoGroup) {
-    if (Status s = index_->set_root_group(ns->root, g); !s) {
-      // Another tenant with the same salt opened it first (and recorded it): the blocks stay
-      // that tenant's.
-      spdlog::debug("kvtier: namespace {} stays with its first tenant: {}", ns->root.to_hex(), s.to_string());
-      return ns;
-    }
+  if (Status s = index_->set_root_group(ns->root, g); !s) {
+    spdlog::debug("kvtier: namespace {} stays with its first tenant: {}", ns->root.to_hex(), s.to_string());
+    return ns;
   }
   // The record's tenant is what counts the namespace's blocks again after a restart. Only a
   // listed tenant's name is kept (in-process, a tenant is named by its salt).
@@ -1148,6 +1152,7 @@ TierManagerStats TierManager::stats() const {
   s.errors = counters_->errors;
   s.corrupt_blocks_found = counters_->corrupt_found;
   s.blocks_repaired = counters_->repaired;
+  s.over_share_demotions = counters_->over_share_demotions;
   s.background_rounds = counters_->background_rounds;
   s.foreground_rounds = counters_->foreground_rounds;
   if (nvme_) s.nvme = nvme_->stats();

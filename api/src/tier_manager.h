@@ -115,6 +115,7 @@ struct TierManagerStats {
   uint64_t errors = 0;              // failed transfers and storage operations
   uint64_t corrupt_blocks_found = 0;  // NVMe copies that failed their checksum and were marked damaged
   uint64_t blocks_repaired = 0;       // damaged blocks whose tokens were saved again, replacing the copy
+  uint64_t over_share_demotions = 0;  // blocks demoted early, their tenant over its tier share
   uint64_t background_rounds = 0;   // reclaim rounds (up to 64 blocks) run by the background thread
   uint64_t foreground_rounds = 0;   // reclaim rounds run inside a save, load or rebalance
   NvmeTierStats nvme{};

@@ -12,6 +12,15 @@ using namespace kvtier::testing;
 TEST_CASE("Concurrent insert, match, lease and evict keep the index consistent") {
   TestIndex t({.shards = 8});
   auto& [chain, index, ns] = t;
+  // With a group and shares, every residency change is counted per group too (check_invariants
+  // checks the counts), and evictions rank the group's excess first.
+  const bool shares = GENERATE(false, true);
+  constexpr GroupId kGroup = 3;
+  if (shares) {
+    REQUIRE(index->set_root_group(ns.root, kGroup).is_ok());
+    REQUIRE(index->set_group_limit(kGroup, Tier::kHost, 8).is_ok());
+    REQUIRE(index->set_group_limit(kGroup, Tier::kHbm, 4).is_ok());
+  }
   std::mt19937_64 seed_rng(99);
   auto shared = random_tokens(seed_rng, 64);
 
@@ -96,4 +105,7 @@ TEST_CASE("Concurrent insert, match, lease and evict keep the index consistent")
   CHECK(pinned_evictions.load() == 0);
   CHECK(index->stats().leases_active == 0);
   CHECK(index->check_invariants().to_string() == "ok");
+  if (shares) {
+    for (Tier tier : kAllTiers) CHECK(index->group_resident(kGroup, tier) == index->stats().resident_blocks[int(tier)]);
+  }
 }

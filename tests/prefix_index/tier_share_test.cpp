@@ -85,7 +85,9 @@ TEST_CASE("A group over its share of a tier is evicted first, and only down to i
   // Demotion picks a's six blocks over its share (oldest first), then b's oldest.
   std::vector<BlockKey> expected = slice(a_keys, 0, 6);
   expected.push_back(b_keys[0]);
-  CHECK(s.index.pick_victims(Tier::kHost, 7, EvictPurpose::kDemote) == expected);
+  std::vector<uint8_t> over;
+  CHECK(s.index.pick_victims(Tier::kHost, 7, EvictPurpose::kDemote, &over) == expected);
+  CHECK(over == std::vector<uint8_t>{1, 1, 1, 1, 1, 1, 0});
 
   // Eviction takes the same: a goes down to exactly its share, then plain recency resumes.
   expected.push_back(b_keys[1]);

@@ -78,14 +78,30 @@ TEST_CASE("A namespace record written before tenants were recorded still decodes
   REQUIRE(back.is_ok());
   CHECK(*back == ns);
 
-  // Version 1: the same fields without the tenant's length and bytes.
-  std::string v1 = v2.substr(0, v2.size() - sizeof(uint32_t) - ns.tenant.size());
-  v1[0] = 1;
+  // Version 1, byte by byte as kvtierd wrote it before tenants: version, root, layout, model.
+  std::string v1;
+  auto put = [&](auto v) { v1.append(reinterpret_cast<const char*>(&v), sizeof v); };
+  put(uint8_t{1});
+  put(uint64_t{5});  // root.lo
+  put(uint64_t{6});  // root.hi
+  put(static_cast<uint8_t>(ns.layout.kind));
+  put(uint32_t{2});  // layers
+  put(uint32_t{2});  // kv heads
+  put(uint32_t{64});  // head dim
+  put(static_cast<uint8_t>(Dtype::kFp16));
+  put(ns.layout.block_tokens);
+  put(uint32_t{1});
+  v1 += "m";
   auto old = Catalog::decode_namespace(v1);
   REQUIRE(old.is_ok());
   CHECK(old->tenant.empty());
   CHECK(old->model_id == "m");
   CHECK(old->layout == ns.layout);
+  CHECK(old->root == ns.root);
+  // A record with no tenant is still written as version 1, which older kvtierds read.
+  NamespaceRecord untenanted = ns;
+  untenanted.tenant.clear();
+  CHECK(Catalog::encode_namespace(untenanted) == v1);
 
   // A version 2 record cut short, or an unknown version, is refused.
   CHECK(Catalog::decode_namespace(v2.substr(0, v2.size() - 1)).status().code() == StatusCode::kChecksumMismatch);
