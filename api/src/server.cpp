@@ -117,8 +117,35 @@ struct Server::Instruments {
   Counter* protocol_errors = nullptr;
   Gauge* clients_connected = nullptr;
   Histogram* load_seconds_per_block = nullptr;
+  // Per tenant, in config order: how much of its prompts its clients found cached, and saved.
+  struct PerTenant {
+    Counter* lookup_tokens = nullptr;
+    Counter* hit_tokens = nullptr;
+    Counter* save_bytes = nullptr;
+  };
+  std::vector<PerTenant> tenants;
+  const TenantRule* first_tenant = nullptr;
 
-  explicit Instruments(MetricsRegistry& r) {
+  /// The counters of a tenant of the config; null for any other rule.
+  PerTenant* of(const TenantRule* rule) {
+    if (rule == nullptr || first_tenant == nullptr || rule < first_tenant || rule >= first_tenant + tenants.size()) {
+      return nullptr;
+    }
+    return &tenants[static_cast<size_t>(rule - first_tenant)];
+  }
+
+  Instruments(MetricsRegistry& r, const std::vector<TenantRule>& rules) {
+    first_tenant = rules.data();
+    for (const TenantRule& rule : rules) {
+      const MetricLabels labels{{"tenant", rule.name}};
+      tenants.push_back({
+          .lookup_tokens = &r.counter("kvtierd_tenant_lookup_tokens_total",
+                                      "Tokens the tenant's clients asked about by lookups.", labels),
+          .hit_tokens = &r.counter("kvtierd_tenant_hit_tokens_total",
+                                   "Tokens the tenant's lookups found cached.", labels),
+          .save_bytes = &r.counter("kvtierd_tenant_save_bytes_total", "KV bytes the tenant's clients saved.", labels),
+      });
+    }
     for (Op op : kAllOps) {
       const std::string name(op_name(static_cast<uint16_t>(op)));
       PerOp& p = ops[static_cast<int>(op)];
@@ -145,7 +172,7 @@ struct Server::Instruments {
 Server::Server(ServiceConfig config)
     : config_(std::move(config)),
       max_spinning_(std::max(1, static_cast<int>(std::thread::hardware_concurrency()) - 1)),
-      m_(std::make_unique<Instruments>(metrics_)) {}
+      m_(std::make_unique<Instruments>(metrics_, config_.tenants)) {}
 
 Server::~Server() {
   request_stop();
@@ -305,6 +332,7 @@ struct Handler {
   uint64_t restored_tokens = 0, loaded_bytes = 0, saved_bytes = 0, nvme_blocks = 0;
   double loaded_blocks = 0;  // whole-block equivalents (a request may carry some layers only)
   uint64_t asked_tokens = 0, hit_tokens = 0;
+  const TenantRule* tenant = nullptr;  // the tenant of the namespace the request named
 
   template <class M>
   Status decode(std::span<const std::byte> payload, M& m) {
@@ -314,9 +342,11 @@ struct Handler {
   }
 
   Result<Namespace> ns(uint32_t id) {
-    if (!s.namespaces.count(id)) {
+    auto it = s.namespaces.find(id);
+    if (it == s.namespaces.end()) {
       return Status(StatusCode::kNotFound, "namespace " + std::to_string(id) + " was not opened on this connection");
     }
+    tenant = it->second;
     return store.namespace_of(id);
   }
 
@@ -907,6 +937,11 @@ void Server::serve(std::shared_ptr<Session> session) {
     m_->blocks_from_nvme->add(h.nvme_blocks);
     m_->lookup_tokens->add(h.asked_tokens);
     m_->lookup_hit_tokens->add(h.hit_tokens);
+    if (Instruments::PerTenant* t = m_->of(h.tenant)) {
+      if (h.asked_tokens) t->lookup_tokens->add(h.asked_tokens);
+      if (h.hit_tokens) t->hit_tokens->add(h.hit_tokens);
+      if (h.saved_bytes) t->save_bytes->add(h.saved_bytes);
+    }
     if (h.loaded_blocks > 0) m_->load_seconds_per_block->observe(secs / h.loaded_blocks);
     if (h.fatal) {
       m_->protocol_errors->add(1);

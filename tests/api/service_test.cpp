@@ -801,7 +801,7 @@ TEST_CASE("Daemon: tenant quotas cap the priority class and the pinned blocks", 
   }
 }
 
-TEST_CASE("Daemon: tier shares come from the config, and metrics count each tenant's blocks", "[service]") {
+TEST_CASE("Daemon: tier shares come from the config, and metrics count each tenant's blocks and requests", "[service]") {
   TempDir dir("kvtier_svc");
   auto config = test_config(dir.path());
   const uint32_t me = ::geteuid();
@@ -812,8 +812,13 @@ TEST_CASE("Daemon: tier shares come from the config, and metrics count each tena
   auto a = c->open_namespace({"m", "shared \"a\"", ""});
   auto b = c->open_namespace({"m", "b", ""});
   REQUIRE((a.is_ok() && b.is_ok()));
-  REQUIRE(save_prompt(*c, *a, synthetic_tokens(91, 128)) == 8);
+  const auto pa = synthetic_tokens(91, 128);
+  REQUIRE(save_prompt(*c, *a, pa) == 8);
   REQUIRE(save_prompt(*c, *b, synthetic_tokens(92, 64)) == 4);
+  auto m = c->lookup(*a, pa);  // 128 tokens asked, all of them cached
+  REQUIRE(m.is_ok());
+  REQUIRE(c->release(*m).is_ok());
+  CHECK(c->lookup(*b, pa)->tokens == 0);  // b's salt: nothing of a's
 
   auto text = c->metrics_text();
   REQUIRE(text.is_ok());
@@ -824,6 +829,12 @@ TEST_CASE("Daemon: tier shares come from the config, and metrics count each tena
         std::string::npos);  // a quarter of 64 blocks
   CHECK(text->find("kvtier_tenant_share_blocks{tenant=\"b\"") == std::string::npos);  // no share
   CHECK(text->find("kvtier_over_share_evictions_total 0\n") != std::string::npos);
+  // Requests per tenant: what each asked for and found, and what it saved.
+  CHECK(text->find("kvtierd_tenant_lookup_tokens_total{tenant=\"b\"} 128\n") != std::string::npos);
+  CHECK(text->find("kvtierd_tenant_hit_tokens_total{tenant=\"b\"} 0\n") != std::string::npos);
+  CHECK(text->find("kvtierd_tenant_hit_tokens_total{tenant=\"shared \\\"a\\\"\"} 128\n") != std::string::npos);
+  CHECK(text->find("kvtierd_tenant_save_bytes_total{tenant=\"b\"} " + std::to_string(4 * kBlock) + "\n") !=
+        std::string::npos);
 }
 
 TEST_CASE("Daemon: a peer outside allowed_uids is refused with permission_denied", "[service]") {
