@@ -114,16 +114,21 @@ class PairLock {
 // of the block concerned as well; pins, recency and hits change under `mu` alone. So holding
 // every key shard freezes the structure of every run (check_invariants relies on it).
 struct PrefixIndex::Run {
-  Run(const BlockKey& head, uint32_t first, uint32_t bt, uint64_t fp, uint64_t bytes, GroupId g)
-      : head_parent(head), first_index(first), block_tokens(bt), layout_fp(fp), byte_size(bytes), group(g) {}
+  Run(const BlockKey& head, const BlockKey& root_key, uint32_t first, uint32_t bt, uint64_t fp, uint64_t bytes,
+      GroupId g)
+      : head_parent(head), root(root_key), first_index(first), block_tokens(bt), layout_fp(fp), byte_size(bytes),
+        group(g) {}
 
   mutable std::mutex mu;
   const BlockKey head_parent;
+  const BlockKey root;         // the namespace root of the chain
   const uint32_t first_index;  // block_index of entry 0
   const uint32_t block_tokens;
   const uint64_t layout_fp;    // one chain, one layout: insert checks it against the parent's
   const uint64_t byte_size;
-  const GroupId group;         // every block of a chain is counted under its root's group
+  // Every block of a chain is counted under its root's group. Changes only under every key-shard
+  // lock (set_root_group), as the counts it names do; atomic for the eviction scan's reads.
+  std::atomic<GroupId> group;
   size_t registry_slot = 0;    // position in Runs::all; guarded by Runs::mu
   std::vector<Hot> hot;        // size() is the number of entries
   std::vector<Cold> cold;
@@ -132,6 +137,7 @@ struct PrefixIndex::Run {
   uint32_t damaged = 0;        // entries with Cold::damaged; a match reads Cold only when set
 
   uint32_t size() const noexcept { return static_cast<uint32_t>(hot.size()); }
+  GroupId group_now() const noexcept { return group.load(std::memory_order_relaxed); }
   uint32_t block_index(uint32_t pos) const noexcept { return first_index + pos; }
   const BlockKey& parent_of(uint32_t pos) const noexcept { return pos ? hot[pos - 1].key : head_parent; }
   const TokenId* tokens_of(uint32_t pos) const noexcept { return tokens.data() + size_t(pos) * block_tokens; }
@@ -168,7 +174,7 @@ struct PrefixIndex::Run {
     return purpose == EvictPurpose::kDemote || !last_residency || c.child_count == 0;
   }
   Candidate candidate(uint32_t pos, bool over) const noexcept {
-    return {over, hot[pos].priority, hot[pos].last_access, hot[pos].key, group};
+    return {over, hot[pos].priority, hot[pos].last_access, hot[pos].key, group_now()};
   }
 
   void append(const BlockInsert& b, uint64_t tick) {
@@ -619,7 +625,9 @@ Result<InsertOutcome> PrefixIndex::insert(const Namespace& ns, const BlockInsert
     run->append(block, tick);
   } else {
     // Filled before it is published (registry, then key map), so no one sees it half-made.
-    auto fresh = std::make_shared<Run>(block.parent, block.block_index, bt, layout_fp, block_bytes,
+    // Block 0's parent is the namespace root; any other block's chain has its parent's root.
+    const BlockKey root = parent ? parent->run->root : block.parent;
+    auto fresh = std::make_shared<Run>(block.parent, root, block.block_index, bt, layout_fp, block_bytes,
                                        group_of_new_run(block, parent ? parent->run : nullptr));
     fresh->append(block, tick);
     run = fresh.get();
@@ -638,7 +646,7 @@ Result<InsertOutcome> PrefixIndex::insert(const Namespace& ns, const BlockInsert
 }
 
 GroupId PrefixIndex::group_of_new_run(const BlockInsert& block, const Run* parent_run) const {
-  if (parent_run != nullptr) return parent_run->group;
+  if (parent_run != nullptr) return parent_run->group_now();
   if (!groups_->any_root.load(std::memory_order_acquire)) return kNoGroup;
   std::lock_guard lock(groups_->roots_mu);
   auto it = groups_->roots.find(block.parent);  // block 0: its parent is the namespace root
@@ -648,7 +656,7 @@ GroupId PrefixIndex::group_of_new_run(const BlockInsert& block, const Run* paren
 // Under the block's key-shard and run locks, like the residency change it counts, so that
 // check_invariants sees the counters and the entries agree.
 void PrefixIndex::count_residency(const Run& run, int t, bool added) noexcept {
-  std::atomic<uint64_t>& group = groups_->resident[run.group][t];
+  std::atomic<uint64_t>& group = groups_->resident[run.group_now()][t];
   if (added) {
     counters_->resident[t].fetch_add(1, std::memory_order_relaxed);
     group.fetch_add(1, std::memory_order_relaxed);
@@ -663,13 +671,35 @@ Status PrefixIndex::set_root_group(const BlockKey& root, GroupId group) {
     return invalid_argument("group " + std::to_string(group) + " is out of range (at most " +
                             std::to_string(kMaxGroups - 1) + ")");
   }
-  std::lock_guard lock(groups_->roots_mu);
-  auto [it, added] = groups_->roots.emplace(root, group);
-  if (!added && it->second != group) {
-    return Status(StatusCode::kAlreadyExists, "namespace root " + root.to_hex() + " is counted under group " +
-                                                  std::to_string(it->second) + " already");
+  {
+    std::lock_guard lock(groups_->roots_mu);
+    auto [it, added] = groups_->roots.emplace(root, group);
+    if (!added) {
+      if (it->second == group) return Status::ok();
+      return Status(StatusCode::kAlreadyExists, "namespace root " + root.to_hex() + " is counted under group " +
+                                                    std::to_string(it->second) + " already");
+    }
+    groups_->any_root.store(true, std::memory_order_release);
   }
-  groups_->any_root.store(true, std::memory_order_release);
+  if (group == kNoGroup) return Status::ok();
+  // Blocks indexed before the root had a group (recovered from a catalog that named no tenant)
+  // join it now, so their chains' new blocks do too. Every key shard held: no residency changes
+  // and no run is created meanwhile (an insert that read the map before the root was added holds
+  // its shard until its run is published), which is what check_invariants holds too.
+  std::vector<std::unique_lock<std::mutex>> locks;
+  locks.reserve(options_.shards);
+  for (uint32_t s = 0; s < options_.shards; ++s) locks.emplace_back(shards_[s].mu);
+  for (const auto& run : runs_->all) {
+    if (run->root != root || run->group_now() != kNoGroup) continue;
+    for (const Hot& h : run->hot) {
+      for (int t = 0; t < kNumTiers; ++t) {
+        if (!(h.tier_mask & (1u << t))) continue;
+        groups_->resident[kNoGroup][t].fetch_sub(1, std::memory_order_relaxed);
+        groups_->resident[group][t].fetch_add(1, std::memory_order_relaxed);
+      }
+    }
+    run->group.store(group, std::memory_order_relaxed);
+  }
   return Status::ok();
 }
 
@@ -962,8 +992,8 @@ PrefixIndex::Victims PrefixIndex::candidate_heap(Tier tier, size_t max_blocks, E
   // The best `max_blocks` eligible blocks of all runs, one run locked at a time.
   std::vector<Candidate> best;
   for (const auto& run : runs_->snapshot()) {
-    const bool over = victims.over(run->group);
     std::lock_guard lock(run->mu);
+    const bool over = victims.over(run->group_now());
     for (uint32_t p = 0; p < run->size(); ++p) {
       if (run->eligible(p, tier, purpose)) best.push_back(run->candidate(p, over));
     }
@@ -979,7 +1009,7 @@ PrefixIndex::Victims PrefixIndex::candidate_heap(Tier tier, size_t max_blocks, E
 template <typename Joins>
 void PrefixIndex::push_parent_if(const BlockKey& parent, Victims& victims, Joins joins) const {
   with_entry(parent, [&](const Run& run, uint32_t pos) {
-    if (joins(run, pos)) victims.heap.push(run.candidate(pos, victims.over(run.group)));
+    if (joins(run, pos)) victims.heap.push(run.candidate(pos, victims.over(run.group_now())));
   });
 }
 
@@ -1103,7 +1133,7 @@ Status PrefixIndex::check_invariants() const {
         const bool in = h.tier_mask & (1u << t);
         if (in != (h.slots[t] != kNoSlot)) return internal_error("residency mask and slots disagree");
         resident[t] += in;
-        group_resident[r.group][t] += in;
+        group_resident[r.group_now()][t] += in;
       }
       if (r.block_index(p) == 0) continue;
       if (p == 0) {
@@ -1116,7 +1146,8 @@ Status PrefixIndex::check_invariants() const {
         const Run& pr = *pit->second.run;
         if (pr.block_index(pit->second.pos) + 1 != r.first_index) return internal_error("block_index chain broken");
         if (pr.layout_fp != r.layout_fp) return internal_error("a run's layout differs from its parent's");
-        if (pr.group != r.group) return internal_error("a run's group differs from its parent's");
+        if (pr.group_now() != r.group_now()) return internal_error("a run's group differs from its parent's");
+        if (pr.root != r.root) return internal_error("a run's root differs from its parent's");
       }
       auto& c = children[r.parent_of(p)];
       ++c.first;

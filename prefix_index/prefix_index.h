@@ -224,10 +224,10 @@ class PrefixIndex {
   std::optional<BlockRecord> describe(const BlockKey& key) const;
 
   /// Counts every block of namespace `root` (block 0 and everything chained from it) under
-  /// `group`, for tier shares. Call it before the namespace's first insert: blocks already
-  /// indexed keep the group they were inserted under. Setting the group a root has already is
-  /// ok; kAlreadyExists when it has another one (it keeps the first); kInvalidArgument for a
-  /// group >= kMaxGroups.
+  /// `group`, for tier shares. Blocks of the root indexed before it had a group join it (this
+  /// holds every key shard while it walks the runs: call it once per namespace, not per
+  /// request). Setting the group a root has already is ok; kAlreadyExists when it has another
+  /// one, kNoGroup included (it keeps the first); kInvalidArgument for a group >= kMaxGroups.
   Status set_root_group(const BlockKey& root, GroupId group);
   /// The most blocks `group` may keep in `tier` before its blocks are evicted ahead of everyone
   /// else's (its share of the tier); 0 (the default) sets no share. Work-conserving: a group

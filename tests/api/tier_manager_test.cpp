@@ -79,8 +79,9 @@ struct Fixture {
     ns = *n;
   }
   /// Matches `tokens` with a lease, loads every matched block into host memory, checks the bytes.
-  size_t load_and_check(const std::vector<TokenId>& tokens) {
-    auto m = tm->index().match(ns, tokens, {}, {.take_lease = true});
+  size_t load_and_check(const std::vector<TokenId>& tokens) { return load_and_check_in(ns, tokens); }
+  size_t load_and_check_in(const Namespace& in, const std::vector<TokenId>& tokens) {
+    auto m = tm->index().match(in, tokens, {}, {.take_lease = true});
     REQUIRE(m.is_ok());
     if (m->blocks.empty()) return 0;  // no lease to load with
     const uint64_t bb = layout().bytes_per_block();
@@ -897,6 +898,31 @@ TEST_CASE("Each tenant's blocks are counted again after a restart") {
   const auto again = f.tm->stats();
   CHECK(again.tenants[0].resident_blocks[int(Tier::kNvme)] == 4);
   CHECK(again.tenants[1].resident_blocks[int(Tier::kNvme)] == 2);
+  REQUIRE(f.tm->index().check_invariants().is_ok());
+}
+
+TEST_CASE("Blocks recovered under no tenant join the tenant that opens their namespace") {
+  // The catalog of a kvtierd from before tier shares: namespace records without a tenant.
+  Fixture f;
+  auto a = f.tm->add_namespace({"model", layout(), "salt-a", ""}, "a");  // not listed: no tenant
+  REQUIRE(a.is_ok());
+  auto pa = prompt(600, 5);
+  REQUIRE(*f.tm->save(*a, pa, kv_for(pa, layout())) == 5);
+  REQUIRE(*f.tm->flush() == 5);
+
+  f.opts.tenants = {{.name = "a", .tier_share = 0.5}};
+  f.reopen();
+  CHECK(f.tm->stats().tenants[0].resident_blocks[int(Tier::kNvme)] == 0);  // recovered under none
+  a = f.tm->add_namespace({"model", layout(), "salt-a", ""}, "a");
+  REQUIRE(a.is_ok());
+  CHECK(f.tm->stats().tenants[0].resident_blocks[int(Tier::kNvme)] == 5);
+  auto longer = pa;
+  const auto more = prompt(601, 2);
+  longer.insert(longer.end(), more.begin(), more.end());
+  REQUIRE(*f.tm->save(*a, longer, kv_for(longer, layout())) == 2);  // extends a recovered chain
+  CHECK(f.tm->stats().tenants[0].resident_blocks[int(Tier::kHost)] == 2);
+  CHECK(f.tm->index().group_resident(kNoGroup, Tier::kHost) == 0);
+  CHECK(f.load_and_check_in(*a, longer) == 7);
   REQUIRE(f.tm->index().check_invariants().is_ok());
 }
 

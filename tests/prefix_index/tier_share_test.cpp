@@ -138,3 +138,50 @@ TEST_CASE("A namespace root keeps the first group it is given") {
   CHECK(s.index.group_resident(kB, Tier::kHost) == 0);
   CHECK(s.index.group_resident(static_cast<GroupId>(kMaxGroups), Tier::kHost) == 0);
 }
+
+TEST_CASE("Blocks indexed before their root had a group join it, and so do their chains' new blocks") {
+  TwoTenants s;
+  // A namespace whose blocks came back from a catalog that named no tenant.
+  const Namespace c = *s.t.chain.make_namespace({"m", small_layout(4), "salt-c", ""});
+  auto prompt = random_tokens(s.rng, 40);
+  insert_prompt(s.index, c, prompt);  // 10 blocks
+  auto branch = prompt;
+  branch.resize(16);
+  const auto tail = random_tokens(s.rng, 8);
+  branch.insert(branch.end(), tail.begin(), tail.end());
+  insert_prompt(s.index, c, branch);  // 4 shared, 2 in a run of their own
+  REQUIRE(s.index.add_residency(s.index.match(c, prompt)->blocks[0].key, Tier::kNvme, 901).is_ok());
+  CHECK(s.index.group_resident(kNoGroup, Tier::kHost) == 12);
+  const GroupId kC = 3;
+
+  REQUIRE(s.index.set_root_group(c.root, kC).is_ok());
+  CHECK(s.index.group_resident(kC, Tier::kHost) == 12);
+  CHECK(s.index.group_resident(kC, Tier::kNvme) == 1);
+  CHECK(s.index.group_resident(kNoGroup, Tier::kHost) == 0);
+  CHECK(s.index.group_resident(kNoGroup, Tier::kNvme) == 0);
+  REQUIRE(s.index.check_invariants().is_ok());
+
+  // A new block extending the old chain, and a new branch off it, count under the group too.
+  auto longer = prompt;
+  const auto more = random_tokens(s.rng, 4);
+  longer.insert(longer.end(), more.begin(), more.end());
+  insert_prompt(s.index, c, longer);
+  auto other_branch = prompt;
+  other_branch.resize(8);
+  const auto other_tail = random_tokens(s.rng, 4);
+  other_branch.insert(other_branch.end(), other_tail.begin(), other_tail.end());
+  insert_prompt(s.index, c, other_branch);
+  CHECK(s.index.group_resident(kC, Tier::kHost) == 14);
+  CHECK(s.index.group_resident(kNoGroup, Tier::kHost) == 0);
+  // Other namespaces' blocks kept theirs.
+  insert_prompt(s.index, s.a, random_tokens(s.rng, 4));
+  CHECK(s.index.group_resident(kA, Tier::kHost) == 1);
+  REQUIRE(s.index.check_invariants().is_ok());
+
+  // A root explicitly left without a group keeps none.
+  const Namespace d = *s.t.chain.make_namespace({"m", small_layout(4), "salt-d", ""});
+  REQUIRE(s.index.set_root_group(d.root, kNoGroup).is_ok());
+  CHECK(s.index.set_root_group(d.root, 4).code() == StatusCode::kAlreadyExists);
+  insert_prompt(s.index, d, random_tokens(s.rng, 4));
+  CHECK(s.index.group_resident(kNoGroup, Tier::kHost) == 1);
+}
