@@ -271,9 +271,11 @@ struct PrefixIndex::Groups {
   std::array<std::array<std::atomic<uint64_t>, kNumTiers>, kMaxGroups> resident{};
   std::array<std::array<std::atomic<uint64_t>, kNumTiers>, kMaxGroups> limit{};
   std::atomic<bool> any_limit{false};
-  std::atomic<bool> any_root{false};  // an insert of block 0 looks up its root only once one is set
-  mutable std::mutex roots_mu;        // a leaf lock
+  std::mutex roots_mu;  // a leaf lock, for the two below
   absl::flat_hash_map<BlockKey, GroupId, std::hash<BlockKey>> roots;
+  // Roots that had blocks indexed before set_root_group gave them an entry: the ones whose runs
+  // it must relabel.
+  absl::flat_hash_set<BlockKey, std::hash<BlockKey>> ungrouped;
 };
 
 // The candidates of one eviction call, best first, and how many blocks each group over its
@@ -647,10 +649,11 @@ Result<InsertOutcome> PrefixIndex::insert(const Namespace& ns, const BlockInsert
 
 GroupId PrefixIndex::group_of_new_run(const BlockInsert& block, const Run* parent_run) const {
   if (parent_run != nullptr) return parent_run->group_now();
-  if (!groups_->any_root.load(std::memory_order_acquire)) return kNoGroup;
   std::lock_guard lock(groups_->roots_mu);
   auto it = groups_->roots.find(block.parent);  // block 0: its parent is the namespace root
-  return it == groups_->roots.end() ? kNoGroup : it->second;
+  if (it != groups_->roots.end()) return it->second;
+  groups_->ungrouped.insert(block.parent);
+  return kNoGroup;
 }
 
 // Under the block's key-shard and run locks, like the residency change it counts, so that
@@ -671,6 +674,7 @@ Status PrefixIndex::set_root_group(const BlockKey& root, GroupId group) {
     return invalid_argument("group " + std::to_string(group) + " is out of range (at most " +
                             std::to_string(kMaxGroups - 1) + ")");
   }
+  bool relabel = false;
   {
     std::lock_guard lock(groups_->roots_mu);
     auto [it, added] = groups_->roots.emplace(root, group);
@@ -679,13 +683,14 @@ Status PrefixIndex::set_root_group(const BlockKey& root, GroupId group) {
       return Status(StatusCode::kAlreadyExists, "namespace root " + root.to_hex() + " is counted under group " +
                                                     std::to_string(it->second) + " already");
     }
-    groups_->any_root.store(true, std::memory_order_release);
+    relabel = groups_->ungrouped.erase(root) != 0 && group != kNoGroup;
   }
-  if (group == kNoGroup) return Status::ok();
+  if (!relabel) return Status::ok();  // the usual case: a namespace with no blocks yet
   // Blocks indexed before the root had a group (recovered from a catalog that named no tenant)
   // join it now, so their chains' new blocks do too. Every key shard held: no residency changes
-  // and no run is created meanwhile (an insert that read the map before the root was added holds
-  // its shard until its run is published), which is what check_invariants holds too.
+  // and no run is created meanwhile (an insert that looked the root up before it was added holds
+  // its shard until its run is published), which is what check_invariants holds too. Nothing
+  // else may be held here: under ThreadSanitizer a thread holds at most 64 locks.
   std::vector<std::unique_lock<std::mutex>> locks;
   locks.reserve(options_.shards);
   for (uint32_t s = 0; s < options_.shards; ++s) locks.emplace_back(shards_[s].mu);

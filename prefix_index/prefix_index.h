@@ -224,9 +224,9 @@ class PrefixIndex {
   std::optional<BlockRecord> describe(const BlockKey& key) const;
 
   /// Counts every block of namespace `root` (block 0 and everything chained from it) under
-  /// `group`, for tier shares. Blocks of the root indexed before it had a group join it (this
-  /// holds every key shard while it walks the runs: call it once per namespace, not per
-  /// request). Setting the group a root has already is ok; kAlreadyExists when it has another
+  /// `group`, for tier shares. Blocks of the root indexed before it had a group join it (then,
+  /// and only then, this holds every key shard while it walks the runs; call it with no other
+  /// lock held). Setting the group a root has already is ok; kAlreadyExists when it has another
   /// one, kNoGroup included (it keeps the first); kInvalidArgument for a group >= kMaxGroups.
   Status set_root_group(const BlockKey& root, GroupId group);
   /// The most blocks `group` may keep in `tier` before its blocks are evicted ahead of everyone

@@ -241,11 +241,11 @@ GroupId TierManager::group_of(std::string_view tenant) const noexcept {
 Status TierManager::recover() {
   if (!nvme_) return Status::ok();
   std::unordered_map<BlockKey, NamespaceRecord> namespaces;
-  KVTIER_RETURN_IF_ERROR(nvme_->for_each_namespace([&](const NamespaceRecord& r) {
-    namespaces.emplace(r.root, r);
-    // Before the namespace's blocks go in: each block takes its group when indexed.
-    if (const GroupId g = group_of(r.tenant); g != kNoGroup) index_->set_root_group(r.root, g).ignore();
-  }));
+  KVTIER_RETURN_IF_ERROR(nvme_->for_each_namespace([&](const NamespaceRecord& r) { namespaces.emplace(r.root, r); }));
+  // Before the namespaces' blocks go in: each block takes its group when indexed.
+  for (const auto& [root, record] : namespaces) {
+    if (const GroupId g = group_of(record.tenant); g != kNoGroup) index_->set_root_group(root, g).ignore();
+  }
   std::vector<CatalogEntry> entries = nvme_->entries();
   std::sort(entries.begin(), entries.end(),
             [](const CatalogEntry& a, const CatalogEntry& b) { return a.block_index < b.block_index; });

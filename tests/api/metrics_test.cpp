@@ -167,7 +167,7 @@ TEST_CASE("parse_listen_address accepts host:port, [v6]:port and :port") {
   }
 }
 
-TEST_CASE("The HTTP server serves /metrics and /healthz; a taken port is a Status") {
+TEST_CASE("The HTTP server serves /metrics and /healthz and a taken port is a Status") {
   MetricsRegistry r;
   fill(r);
   auto server = MetricsHttpServer::start(r, "127.0.0.1:0");

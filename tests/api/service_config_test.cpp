@@ -122,7 +122,7 @@ TEST_CASE("A full kvtierd.toml parses into every field") {
   CHECK(c.tenants[1].tier_share == 1.0);  // no share unless configured
 }
 
-TEST_CASE("Keys absent from the file keep the base's values; the empty file gives the defaults") {
+TEST_CASE("Keys absent from the file keep the base's values and the empty file gives the defaults") {
   auto empty = parse_config_toml("");
   REQUIRE(empty.is_ok());
   CHECK(empty->data_dir == "/var/lib/kvtier");
@@ -401,7 +401,7 @@ TEST_CASE("resolve sizes auto tiers within their caps and refuses sizes below on
   }
 }
 
-TEST_CASE("hf_config gives the model's shape; [layout] dtype and block_tokens still apply") {
+TEST_CASE("hf_config gives the model's shape while the layout table's dtype and block_tokens still apply") {
   TempDir dir;
   REQUIRE(dir.ok());
   const std::string hf = write_file(dir, "config.json", R"({

@@ -801,7 +801,7 @@ TEST_CASE("Daemon: tenant quotas cap the priority class and the pinned blocks", 
   }
 }
 
-TEST_CASE("Daemon: tier shares come from the config, and metrics count each tenant's blocks and requests", "[service]") {
+TEST_CASE("Daemon: tier shares come from the config and metrics count each tenant's blocks and requests", "[service]") {
   TempDir dir("kvtier_svc");
   auto config = test_config(dir.path());
   const uint32_t me = ::geteuid();

@@ -807,7 +807,7 @@ size_t cached_blocks(TierManager& tm, const Namespace& ns, const std::vector<Tok
 
 }  // namespace
 
-TEST_CASE("A tenant past its tier share loses its own blocks first; the other tenant's stay cached") {
+TEST_CASE("A tenant past its tier share loses its own blocks first while the other tenant's stay cached") {
   const bool shares = GENERATE(true, false);
   const bool nvme = GENERATE(false, true);  // host blocks dropped, or written back to NVMe
   INFO("tenant a's tier_share: " << (shares ? "0.5" : "none") << (nvme ? ", with NVMe" : ", no NVMe"));
@@ -926,7 +926,7 @@ TEST_CASE("Blocks recovered under no tenant join the tenant that opens their nam
   REQUIRE(f.tm->index().check_invariants().is_ok());
 }
 
-TEST_CASE("Tenant shares outside (0, 1], and a tenant listed twice, are refused") {
+TEST_CASE("Tenant shares outside the range 0 to 1 and a tenant listed twice are refused") {
   Fixture f(/*host_blocks=*/8, /*nvme_blocks=*/0);
   for (double bad : {0.0, -0.5, 1.5}) {
     f.opts.tenants = {{.name = "a", .tier_share = bad}};

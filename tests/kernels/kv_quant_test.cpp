@@ -13,7 +13,7 @@ using namespace kvtier;
 using namespace kvtier::kernels;
 using namespace kvtier::kernels::testing;
 
-TEST_CASE("Quantize meets the error bound; dequantize rounds q*scale once") {
+TEST_CASE("Quantize meets the error bound and dequantize rounds q times scale once") {
   const uint64_t seed = test_seed();
   CAPTURE(seed);
   Rng rng(seed);

@@ -42,7 +42,7 @@ std::vector<BlockKey> slice(const std::vector<BlockKey>& v, size_t begin, size_t
 
 }  // namespace
 
-TEST_CASE("Every block is counted under its namespace root's group, branches included") {
+TEST_CASE("Every block is counted under its namespace root's group including branches") {
   TwoTenants s;
   auto prompt = random_tokens(s.rng, 40);  // 10 blocks, then a branch off block 5
   insert_prompt(s.index, s.a, prompt);
@@ -72,7 +72,7 @@ TEST_CASE("Every block is counted under its namespace root's group, branches inc
   CHECK(s.index.group_resident(kNoGroup, Tier::kHost) == 0);
 }
 
-TEST_CASE("A group over its share of a tier is evicted first, and only down to its share") {
+TEST_CASE("A group over its share of a tier is evicted first and only down to its share") {
   TwoTenants s;
   const auto b_keys = s.leaves(s.b, 5);   // the oldest blocks of the tier
   const auto a_keys = s.leaves(s.a, 10);  // then tenant a fills it
@@ -104,7 +104,7 @@ TEST_CASE("A group over its share of a tier is evicted first, and only down to i
   CHECK(s.index.pick_victims(Tier::kHost, 1, EvictPurpose::kDrop) == slice(b_keys, 2, 3));
 }
 
-TEST_CASE("Over its share, a group's own priority classes order its blocks, and its pins hold") {
+TEST_CASE("Over its share a group's own priority classes order its blocks and its pins hold") {
   TwoTenants s;
   const auto b_keys = s.leaves(s.b, 3);
   std::vector<BlockKey> a_keys;
@@ -139,7 +139,7 @@ TEST_CASE("A namespace root keeps the first group it is given") {
   CHECK(s.index.group_resident(static_cast<GroupId>(kMaxGroups), Tier::kHost) == 0);
 }
 
-TEST_CASE("Blocks indexed before their root had a group join it, and so do their chains' new blocks") {
+TEST_CASE("Blocks indexed before their root had a group join it and so do their chains' new blocks") {
   TwoTenants s;
   // A namespace whose blocks came back from a catalog that named no tenant.
   const Namespace c = *s.t.chain.make_namespace({"m", small_layout(4), "salt-c", ""});

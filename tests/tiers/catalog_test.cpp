@@ -71,7 +71,7 @@ TEST_CASE("Catalog entries round-trip across close and reopen") {
   CHECK((*cat)->get_meta("nope").status().code() == StatusCode::kNotFound);
 }
 
-TEST_CASE("A namespace record written before tenants were recorded still decodes, with no tenant") {
+TEST_CASE("A namespace record written before tenants were recorded still decodes with no tenant") {
   const NamespaceRecord ns{{5, 6}, *KvLayout::standard(2, 2, 64, Dtype::kFp16), "m", "team-a"};
   const std::string v2 = Catalog::encode_namespace(ns);
   auto back = Catalog::decode_namespace(v2);

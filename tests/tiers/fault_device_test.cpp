@@ -111,7 +111,7 @@ TEST_CASE("torn_write_nth keeps only the first page of the Nth write") {
   CHECK(f.works_again());
 }
 
-TEST_CASE("fail_flush fails flushes; one-in-N errors are seeded and replayable") {
+TEST_CASE("fail_flush fails flushes and one-in-N errors are seeded and replayable") {
   Fixture f;
   FaultPlan plan;
   plan.fail_flush = true;

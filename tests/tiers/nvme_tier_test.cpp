@@ -73,7 +73,7 @@ TEST_CASE("NvmeTier returns every stored block byte-identical, whole and by laye
         StatusCode::kNotFound);
 }
 
-TEST_CASE("NvmeTier brings back every committed block after close and reopen; erased stay gone") {
+TEST_CASE("NvmeTier brings back every committed block after close and reopen and erased ones stay gone") {
   const std::string backing = GENERATE(as<std::string>{}, "memory", "file");
   NvmeHarness h(backing_named(backing), 16, 2);
   const KvLayout layout = h.layout();
@@ -205,7 +205,7 @@ TEST_CASE("A crash between the data write and the catalog put leaves the block a
   CHECK(used.contains(lost_slot));
 }
 
-TEST_CASE("Every injected fault during a write or commit reaches the caller; the tier serves on") {
+TEST_CASE("Every injected fault during a write or commit reaches the caller and the tier serves on") {
   struct Case {
     const char* name;
     FaultPlan plan;
@@ -275,7 +275,7 @@ TEST_CASE("Every injected fault during a write or commit reaches the caller; the
   CHECK(h.reads_back(*tier, 6, next));
 }
 
-TEST_CASE("A full tier says so; erasing makes room") {
+TEST_CASE("A full tier says so and erasing makes room") {
   NvmeHarness h(NvmeHarness::Backing::kMemory, 3);
   auto tier = h.open();
   for (uint64_t i = 0; i < 3; ++i) h.store(*tier, 7, i);
