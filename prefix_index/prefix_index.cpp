@@ -173,8 +173,8 @@ struct PrefixIndex::Run {
     const bool last_residency = (h.tier_mask & ~tier_bit(tier)) == 0;
     return purpose == EvictPurpose::kDemote || !last_residency || c.child_count == 0;
   }
-  Candidate candidate(uint32_t pos, bool over) const noexcept {
-    return {over, hot[pos].priority, hot[pos].last_access, hot[pos].key, group_now()};
+  Candidate candidate(uint32_t pos, GroupId g, bool over) const noexcept {
+    return {over, hot[pos].priority, hot[pos].last_access, hot[pos].key, g};
   }
 
   void append(const BlockInsert& b, uint64_t tick) {
@@ -271,7 +271,7 @@ struct PrefixIndex::Groups {
   std::array<std::array<std::atomic<uint64_t>, kNumTiers>, kMaxGroups> resident{};
   std::array<std::array<std::atomic<uint64_t>, kNumTiers>, kMaxGroups> limit{};
   std::atomic<bool> any_limit{false};
-  std::mutex roots_mu;  // a leaf lock, for the two below
+  mutable std::mutex roots_mu;  // a leaf lock, for the two below
   absl::flat_hash_map<BlockKey, GroupId, std::hash<BlockKey>> roots;
   // Roots that had blocks indexed before set_root_group gave them an entry: the ones whose runs
   // it must relabel.
@@ -674,6 +674,8 @@ Status PrefixIndex::set_root_group(const BlockKey& root, GroupId group) {
     return invalid_argument("group " + std::to_string(group) + " is out of range (at most " +
                             std::to_string(kMaxGroups - 1) + ")");
   }
+  std::vector<std::unique_lock<std::mutex>> locks;  // reserved before anything changes
+  locks.reserve(options_.shards);
   bool relabel = false;
   {
     std::lock_guard lock(groups_->roots_mu);
@@ -691,8 +693,6 @@ Status PrefixIndex::set_root_group(const BlockKey& root, GroupId group) {
   // and no run is created meanwhile (an insert that looked the root up before it was added holds
   // its shard until its run is published), which is what check_invariants holds too. Nothing
   // else may be held here: under ThreadSanitizer a thread holds at most 64 locks.
-  std::vector<std::unique_lock<std::mutex>> locks;
-  locks.reserve(options_.shards);
   for (uint32_t s = 0; s < options_.shards; ++s) locks.emplace_back(shards_[s].mu);
   for (const auto& run : runs_->all) {
     if (run->root != root || run->group_now() != kNoGroup) continue;
@@ -706,6 +706,13 @@ Status PrefixIndex::set_root_group(const BlockKey& root, GroupId group) {
     run->group.store(group, std::memory_order_relaxed);
   }
   return Status::ok();
+}
+
+std::optional<GroupId> PrefixIndex::root_group(const BlockKey& root) const {
+  std::lock_guard lock(groups_->roots_mu);
+  auto it = groups_->roots.find(root);
+  if (it == groups_->roots.end()) return std::nullopt;
+  return it->second;
 }
 
 Status PrefixIndex::set_group_limit(GroupId group, Tier tier, uint64_t max_blocks) {
@@ -998,9 +1005,10 @@ PrefixIndex::Victims PrefixIndex::candidate_heap(Tier tier, size_t max_blocks, E
   std::vector<Candidate> best;
   for (const auto& run : runs_->snapshot()) {
     std::lock_guard lock(run->mu);
-    const bool over = victims.over(run->group_now());
+    const GroupId g = run->group_now();
+    const bool over = victims.over(g);
     for (uint32_t p = 0; p < run->size(); ++p) {
-      if (run->eligible(p, tier, purpose)) best.push_back(run->candidate(p, over));
+      if (run->eligible(p, tier, purpose)) best.push_back(run->candidate(p, g, over));
     }
     if (best.size() > 2 * max_blocks + 4096) victims.keep_best(best, max_blocks);
   }
@@ -1014,7 +1022,8 @@ PrefixIndex::Victims PrefixIndex::candidate_heap(Tier tier, size_t max_blocks, E
 template <typename Joins>
 void PrefixIndex::push_parent_if(const BlockKey& parent, Victims& victims, Joins joins) const {
   with_entry(parent, [&](const Run& run, uint32_t pos) {
-    if (joins(run, pos)) victims.heap.push(run.candidate(pos, victims.over(run.group_now())));
+    const GroupId g = run.group_now();
+    if (joins(run, pos)) victims.heap.push(run.candidate(pos, g, victims.over(g)));
   });
 }
 

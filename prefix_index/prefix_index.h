@@ -229,6 +229,8 @@ class PrefixIndex {
   /// lock held). Setting the group a root has already is ok; kAlreadyExists when it has another
   /// one, kNoGroup included (it keeps the first); kInvalidArgument for a group >= kMaxGroups.
   Status set_root_group(const BlockKey& root, GroupId group);
+  /// The group set_root_group gave `root`; nullopt when it gave none.
+  std::optional<GroupId> root_group(const BlockKey& root) const;
   /// The most blocks `group` may keep in `tier` before its blocks are evicted ahead of everyone
   /// else's (its share of the tier); 0 (the default) sets no share. Work-conserving: a group
   /// may fill a tier while the others leave room, and loses only its own blocks once over.

@@ -128,7 +128,9 @@ struct Server::Instruments {
 
   /// The counters of a tenant of the config; null for any other rule.
   PerTenant* of(const TenantRule* rule) {
-    if (rule == nullptr || first_tenant == nullptr || rule < first_tenant || rule >= first_tenant + tenants.size()) {
+    const std::less<const TenantRule*> before;  // a total order, also for find_tenant's static rule
+    if (rule == nullptr || tenants.empty() || before(rule, first_tenant) ||
+        !before(rule, first_tenant + tenants.size())) {
       return nullptr;
     }
     return &tenants[static_cast<size_t>(rule - first_tenant)];

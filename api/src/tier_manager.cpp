@@ -666,18 +666,19 @@ Result<Namespace> TierManager::add_namespace(const NamespaceSpec& spec, std::str
   }
   auto ns = keys_.make_namespace(spec);
   if (!ns) return ns.status();
-  // The first tenant to open a namespace keeps its blocks (tenants with one salt share them):
-  // a later one leaves the index and the catalog record as they are.
-  const GroupId g = group_of(tenant);
+  // The first tenant to open a namespace keeps its blocks (tenants with one salt share them);
+  // a later one is counted under it, and the record names it again.
+  GroupId g = group_of(tenant);
   if (Status s = index_->set_root_group(ns->root, g); !s) {
-    spdlog::debug("kvtier: namespace {} stays with its first tenant: {}", ns->root.to_hex(), s.to_string());
-    return ns;
+    if (s.code() != StatusCode::kAlreadyExists) return s;
+    g = index_->root_group(ns->root).value_or(kNoGroup);
   }
-  // The record's tenant is what counts the namespace's blocks again after a restart. Only a
-  // listed tenant's name is kept (in-process, a tenant is named by its salt).
+  // The record's tenant is what counts the namespace's blocks again after a restart, and a block
+  // whose namespace has no record is dropped then: every open writes it (the first opener's may
+  // have failed). Only a listed tenant's name is kept (in-process, a tenant is named by its salt).
   if (nvme_) {
     KVTIER_RETURN_IF_ERROR(nvme_->put_namespace(
-        {ns->root, ns->layout, spec.model_id, g != kNoGroup ? std::string(tenant) : std::string()}));
+        {ns->root, ns->layout, spec.model_id, g != kNoGroup ? options_.tenants[g - 1].name : std::string()}));
   }
   return ns;
 }
