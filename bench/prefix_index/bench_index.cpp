@@ -1,9 +1,11 @@
-// Prefix-index benchmark: keying vs raw XXH3-128 over the same bytes, and match() of a
-// 128K-token prompt (all cached, none cached) on 1 and 2 threads. Median of repeats, with spread.
+// Prefix-index benchmark: keying vs raw XXH3-128 over the same bytes, match() of a 128K-token
+// prompt (all cached, none cached) on 1 and 2 threads, and the eviction choice with and without
+// tenant shares. Median of repeats, with spread.
 // Rerun: build/default/bench/prefix_index/kvtier_bench_index [repeats]
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
+#include <algorithm>
 #include <barrier>
 #include <cstdlib>
 #include <cstring>
@@ -142,6 +144,51 @@ bool bench_match(const KeyChain& chain, uint32_t bt, const std::vector<TokenId>&
   return true;
 }
 
+// The eviction choice a reclaim round makes (pick_victims of 64 blocks to demote from the host
+// tier) in an index of two tenants' 512 prompts of 128 blocks each, without shares and with
+// tenant a over its share: the scan reads every run either way, the shares add a per-group
+// excess and a rank per candidate.
+bool bench_victims(const KeyChain& chain, std::mt19937_64& rng, int repeats) {
+  auto layout = *KvLayout::standard(32, 8, 128, Dtype::kBf16, kBlockTokens);
+  auto index = std::move(*PrefixIndex::create(chain));
+  const std::array<Namespace, 2> tenants{*chain.make_namespace({"bench-model", layout, "salt-a", ""}),
+                                         *chain.make_namespace({"bench-model", layout, "salt-b", ""})};
+  for (GroupId g = 0; g < 2; ++g) {
+    if (!index->set_root_group(tenants[g].root, static_cast<GroupId>(g + 1)).is_ok()) return false;
+  }
+  constexpr size_t kPrompts = 512, kBlocks = 128;
+  for (size_t p = 0; p < kPrompts; ++p) {
+    const Namespace& ns = tenants[p % 2];
+    const auto tokens = random_tokens(rng, kBlocks * kBlockTokens);
+    std::vector<BlockKey> k;
+    if (!chain.chain(ns, tokens, {}, k).is_ok()) return false;
+    for (size_t b = 0; b < k.size(); ++b) {
+      BlockInsert ins{.key = k[b], .parent = b ? k[b - 1] : ns.root, .block_index = uint32_t(b),
+                      .tokens = std::span(tokens).subspan(b * kBlockTokens, kBlockTokens), .slot = p * kBlocks + b};
+      if (!index->insert(ns, ins)) return false;
+    }
+  }
+  std::printf("\neviction choice: 64 victims to demote among %llu host blocks of 2 tenants (us per pick)\n",
+              static_cast<unsigned long long>(index->stats().entries));
+  auto pick = [&] {
+    auto once = [&] { do_not_optimize(index->pick_victims(Tier::kHost, 64, EvictPurpose::kDemote).size()); };
+    once();  // warm-up: the first scan pulls the runs into cache
+    return summarize(time_runs(repeats, once));
+  };
+  const Summary plain = pick();
+  print_row("no shares", plain, 1e6, "us/pick");
+  if (!index->set_group_limit(1, Tier::kHost, kPrompts * kBlocks / 4).is_ok()) return false;
+  std::vector<uint8_t> over;
+  const size_t picked = index->pick_victims(Tier::kHost, 64, EvictPurpose::kDemote, &over).size();
+  const Summary shared = pick();
+  char label[96];
+  std::snprintf(label, sizeof label, "tenant a over its share (%zu of %zu picks its)",
+                static_cast<size_t>(std::count(over.begin(), over.end(), 1)), picked);
+  print_row(label, shared, 1e6, "us/pick");
+  std::printf("  ratio with shares / without: %.2f\n", shared.median / plain.median);
+  return true;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -200,6 +247,7 @@ int main(int argc, char** argv) {
   for (uint32_t bt : {kBlockTokens, 64u, 256u}) {
     if (!bench_match(chain, bt, prompt, rng, repeats, /*full=*/bt == kBlockTokens)) return 1;
   }
+  if (!bench_victims(chain, rng, repeats)) return 1;
   std::printf("\nrerun: build/default/bench/prefix_index/kvtier_bench_index %d\n", repeats);
   return 0;
 }
