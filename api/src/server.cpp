@@ -81,7 +81,11 @@ struct Server::Session {
   proto::AdaptiveSpin spin;       // how long to spin for the next request before parking
   std::unordered_map<NamespaceId, const TenantRule*> namespaces;  // opened by this session, and their tenant
   std::unordered_map<const TenantRule*, uint64_t> tenant_pins;    // pins held here, per tenant (quotas)
-  std::unordered_map<LeaseId, Match> leases;
+  struct HeldLease {
+    Match match;
+    const TenantRule* tenant;  // of the namespace it was matched in (per-tenant metrics)
+  };
+  std::unordered_map<LeaseId, HeldLease> leases;
   size_t leased_blocks = 0;  // blocks over all entries of `leases`
   PinLedger pins;  // the priority pins this session holds
   // Memory the client registered (kRegisterMemory): the daemon loads into and saves from it.
@@ -122,6 +126,7 @@ struct Server::Instruments {
     Counter* lookup_tokens = nullptr;
     Counter* hit_tokens = nullptr;
     Counter* save_bytes = nullptr;
+    Counter* restored_tokens = nullptr;
   };
   std::vector<PerTenant> tenants;
   const TenantRule* first_tenant = nullptr;
@@ -146,6 +151,8 @@ struct Server::Instruments {
           .hit_tokens = &r.counter("kvtierd_tenant_hit_tokens_total",
                                    "Tokens the tenant's lookups found cached.", labels),
           .save_bytes = &r.counter("kvtierd_tenant_save_bytes_total", "KV bytes the tenant's clients saved.", labels),
+          .restored_tokens = &r.counter("kvtierd_tenant_tokens_restored_total",
+                                        "Tokens whose KV the tenant's clients restored instead of recomputing.", labels),
       });
     }
     for (Op op : kAllOps) {
@@ -489,8 +496,8 @@ Status Handler::lookup(std::span<const std::byte> payload) {
     const uint64_t now = static_cast<uint64_t>(
         std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
     for (auto it = s.leases.begin(); it != s.leases.end();) {
-      if (it->second.lease_expiry_ns <= now) {
-        s.leased_blocks -= it->second.blocks.size();
+      if (it->second.match.lease_expiry_ns <= now) {
+        s.leased_blocks -= it->second.match.blocks.size();
         it = s.leases.erase(it);
       } else {
         ++it;
@@ -512,7 +519,7 @@ Status Handler::lookup(std::span<const std::byte> payload) {
   hit_tokens = m->tokens;
   if (m->lease != kNoLease) {
     s.leased_blocks += m->blocks.size();
-    s.leases.emplace(m->lease, std::move(*m));
+    s.leases.emplace(m->lease, Server::Session::HeldLease{std::move(*m), tenant});
   }
   proto::encode(reply, body);
   return Status::ok();
@@ -521,7 +528,8 @@ Status Handler::lookup(std::span<const std::byte> payload) {
 Result<Match> Handler::leased_blocks(uint64_t lease, uint32_t first_block, uint64_t block_count) {
   auto it = s.leases.find(lease);
   if (it == s.leases.end()) return Status(StatusCode::kNotFound, "lease " + std::to_string(lease) + " is not held by this client");
-  const Match& m = it->second;
+  const Match& m = it->second.match;
+  tenant = it->second.tenant;
   if (first_block > m.blocks.size() || block_count > m.blocks.size() - first_block) {
     return invalid("blocks [" + std::to_string(first_block) + ", +" + std::to_string(block_count) +
                    ") are outside the lease's " + std::to_string(m.blocks.size()) + " blocks");
@@ -718,7 +726,7 @@ Status Handler::release(std::span<const std::byte> payload) {
   KVTIER_RETURN_IF_ERROR(decode(payload, req));
   auto it = s.leases.find(req.lease);
   if (it == s.leases.end()) return Status(StatusCode::kNotFound, "lease " + std::to_string(req.lease) + " is not held by this client");
-  s.leased_blocks -= it->second.blocks.size();
+  s.leased_blocks -= it->second.match.blocks.size();
   s.leases.erase(it);
   // kNotFound here means the lease expired in the index already: released either way.
   store.tiers().index().release(req.lease).ignore();
@@ -943,6 +951,7 @@ void Server::serve(std::shared_ptr<Session> session) {
       if (h.asked_tokens) t->lookup_tokens->add(h.asked_tokens);
       if (h.hit_tokens) t->hit_tokens->add(h.hit_tokens);
       if (h.saved_bytes) t->save_bytes->add(h.saved_bytes);
+      if (h.restored_tokens) t->restored_tokens->add(h.restored_tokens);
     }
     if (h.loaded_blocks > 0) m_->load_seconds_per_block->observe(secs / h.loaded_blocks);
     if (h.fatal) {
@@ -957,7 +966,7 @@ void Server::serve(std::shared_ptr<Session> session) {
 
 void Server::end_session(Session& s) {
   PrefixIndex& index = store_->tiers().index();
-  for (auto& [lease, match] : s.leases) index.release(lease).ignore();  // kNotFound: expired already
+  for (auto& [lease, held] : s.leases) index.release(lease).ignore();  // kNotFound: expired already
   s.leases.clear();
   s.pins.unpin_all(index);
   for (const auto& [tenant, n] : s.tenant_pins) give_tenant_pins(*tenant, n);

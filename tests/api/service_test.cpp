@@ -815,9 +815,7 @@ TEST_CASE("Daemon: tier shares come from the config and metrics count each tenan
   const auto pa = synthetic_tokens(91, 128);
   REQUIRE(save_prompt(*c, *a, pa) == 8);
   REQUIRE(save_prompt(*c, *b, synthetic_tokens(92, 64)) == 4);
-  auto m = c->lookup(*a, pa);  // 128 tokens asked, all of them cached
-  REQUIRE(m.is_ok());
-  REQUIRE(c->release(*m).is_ok());
+  REQUIRE(restore_and_check(*c, *a, pa) == 128);  // 128 tokens asked, all cached, all restored
   CHECK(c->lookup(*b, pa)->tokens == 0);  // b's salt: nothing of a's
 
   auto text = c->metrics_text();
@@ -835,6 +833,9 @@ TEST_CASE("Daemon: tier shares come from the config and metrics count each tenan
   CHECK(text->find("kvtierd_tenant_hit_tokens_total{tenant=\"shared \\\"a\\\"\"} 128\n") != std::string::npos);
   CHECK(text->find("kvtierd_tenant_save_bytes_total{tenant=\"b\"} " + std::to_string(4 * kBlock) + "\n") !=
         std::string::npos);
+  CHECK(text->find("kvtierd_tenant_tokens_restored_total{tenant=\"shared \\\"a\\\"\"} 128\n") !=
+        std::string::npos);
+  CHECK(text->find("kvtierd_tenant_tokens_restored_total{tenant=\"b\"} 0\n") != std::string::npos);
 }
 
 TEST_CASE("Daemon: a peer outside allowed_uids is refused with permission_denied", "[service]") {
