@@ -177,14 +177,17 @@ Result<std::unique_ptr<StorageDevice>> create_file_device(const std::string& pat
   size = size / kIoAlignment * kIoAlignment;
   const int base_flags = O_RDWR | O_CLOEXEC | (options.create ? O_CREAT : 0);
   bool direct = options.direct;
-  int fd = ::open(path.c_str(), base_flags | (direct ? O_DIRECT : 0), 0644);
+  auto open_file = [&](int flags) {
+    return options.open_fn ? options.open_fn(path.c_str(), flags, 0644) : ::open(path.c_str(), flags, 0644);
+  };
+  int fd = open_file(base_flags | (direct ? O_DIRECT : 0));
   if (fd < 0 && direct && errno == EINVAL) {
     if (options.require_direct) {
       return Status(StatusCode::kIoError, "open " + path + ": the file system refuses O_DIRECT");
     }
     spdlog::warn("kvtier: {} refuses O_DIRECT; falling back to buffered I/O", path);
     direct = false;
-    fd = ::open(path.c_str(), base_flags, 0644);
+    fd = open_file(base_flags);
   }
   if (fd < 0) return os_error("open", path, errno);
 

@@ -6,9 +6,12 @@
 //   FaultInjectingDevice (tiers/fault_device.h) wraps any device and fails on purpose
 #pragma once
 
+#include <sys/types.h>
+
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -89,6 +92,9 @@ struct FileDeviceOptions {
   /// Create the file when missing and preallocate `size` bytes with fallocate (default true).
   /// A block device is used as it is; its size must be at least `size`.
   bool create = true;
+  /// Stands in for ::open(path, flags, mode) (default: ::open). Tests play a file system that
+  /// refuses O_DIRECT with it, whatever the machine's file systems do.
+  std::function<int(const char*, int, mode_t)> open_fn;
 };
 
 /// Opens (and preallocates) a slot file or block device of `size` bytes (rounded down to

@@ -85,7 +85,9 @@ class TransferEngine::Impl {
     {
       std::unique_lock lock(mu_);
       if (blocking) {
+        ++waiting_submitters_;
         admit_cv_.wait(lock, [&] { return stopping_ || admitted_ < options_.max_inflight_jobs; });
+        --waiting_submitters_;
       } else if (!stopping_ && admitted_ >= options_.max_inflight_jobs) {
         return Status(StatusCode::kResourceExhausted,
                       "transfer engine full: " + std::to_string(admitted_) + " jobs in flight");
@@ -121,6 +123,9 @@ class TransferEngine::Impl {
     s.jobs_cancelled = jobs_cancelled_.load(std::memory_order_relaxed);
     s.checksum_mismatches = checksum_mismatches_.load(std::memory_order_relaxed);
     for (int i = 0; i < kNumRoutes; ++i) s.bytes_per_route[i] = route_bytes_[i].load(std::memory_order_relaxed);
+    std::lock_guard lock(mu_);
+    s.submitters_waiting = waiting_submitters_;
+    s.shutting_down = stopping_;
     return s;
   }
 
@@ -439,7 +444,7 @@ class TransferEngine::Impl {
   static thread_local const Impl* t_dispatching;  // the engine whose dispatcher this thread is
   bool batch_open_ = false;                       // dispatcher thread only
   uint32_t batch_ops_ = 0;
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::condition_variable work_cv_;   // the dispatcher waits here
   std::condition_variable admit_cv_;  // submit() and shutdown() wait here
   std::deque<std::shared_ptr<Job>> dispatch_;     // admitted jobs with chunks left to issue
@@ -447,6 +452,7 @@ class TransferEngine::Impl {
   uint32_t admitted_ = 0;
   uint32_t finishing_ = 0;  // jobs whose slot is back but whose handle is not final yet
   uint32_t direct_inflight_ = 0;
+  uint32_t waiting_submitters_ = 0;  // submit() calls waiting for an admission slot
   bool stopping_ = false;
   std::once_flag shutdown_once_;
   std::thread dispatcher_;

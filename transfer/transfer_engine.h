@@ -98,6 +98,8 @@ struct TransferStats {
   uint64_t jobs_submitted = 0, jobs_done = 0, jobs_failed = 0, jobs_cancelled = 0;
   uint64_t checksum_mismatches = 0;
   std::array<uint64_t, kNumRoutes> bytes_per_route{};  // index: Route; bytes that arrived
+  uint64_t submitters_waiting = 0;  // submit() calls waiting now for a job to finish (back-pressure)
+  bool shutting_down = false;       // shutdown() has begun: new jobs are refused
 };
 
 struct TransferEngineOptions {

@@ -149,7 +149,7 @@ TEST_CASE("format_for_humans shows one line per series, histograms as count, mea
   CHECK(lines == 5);  // 2 counters, 2 gauges, 1 histogram
 }
 
-TEST_CASE("parse_listen_address accepts host:port, [v6]:port and :port") {
+TEST_CASE("parse_listen_address accepts host and port or an IPv6 address in brackets or only a port") {
   auto a = parse_listen_address("127.0.0.1:9477");
   REQUIRE(a.is_ok());
   CHECK(a->host == "127.0.0.1");

@@ -81,7 +81,7 @@ KvLayout sample_layout() {
 }
 
 HelloRequest sample_hello() {
-  return {.min_version = 1, .max_version = 3, .window_bytes = 0x0000000123456789ull,
+  return {.min_version = 2, .max_version = 3, .window_bytes = 0x0000000123456789ull,
           .client_name = "vllm-worker-7", .mailbox_bytes = 65536};
 }
 HelloReply sample_hello_reply() {
@@ -111,7 +111,7 @@ SaveRequest sample_save() {
           .extras = sample_extras()};
 }
 RegisterMemoryRequest sample_register() {
-  RegisterMemoryRequest m{.kind = 0, .offset = 1ull << 33, .bytes = 3ull << 30, .address = 0x7f0012345000ull};
+  RegisterMemoryRequest m{.kind = 1, .offset = 1ull << 33, .bytes = 3ull << 30, .address = 0x7f0012345000ull};
   for (size_t i = 0; i < m.ipc_handle.size(); ++i) m.ipc_handle[i] = std::byte(i * 3 + 1);
   return m;
 }

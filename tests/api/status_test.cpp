@@ -13,8 +13,9 @@ TEST_CASE("Status carries a code and a readable message") {
   CHECK_FALSE(bad.is_ok());
   CHECK(bad.code() == StatusCode::kInvalidArgument);
   CHECK(bad.to_string() == "invalid_argument: block_tokens must be positive");
-  Status copy = bad;  // copies share the message
+  Status copy = bad;  // copies share the message: the same bytes, not a copy of them
   CHECK(copy.message() == bad.message());
+  CHECK(copy.message().data() == bad.message().data());
 }
 
 TEST_CASE("Result holds a value or an error, never an ok error") {

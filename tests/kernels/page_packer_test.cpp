@@ -6,6 +6,7 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <numeric>
 #include <optional>
 #include <thread>
@@ -256,8 +257,14 @@ TEST_CASE("Page packer: lanes are bounded and reused, and a lane that cannot be 
     auto first = packer.acquire();
     REQUIRE(first.is_ok());
     std::optional<Result<DevicePagePacker::Lane>> second;
-    std::thread taker([&] { second.emplace(packer.acquire()); });
-    while (packer.waiters() == 0) std::this_thread::yield();  // the taker waits in acquire()
+    std::atomic<bool> returned{false};
+    std::thread taker([&] {
+      second.emplace(packer.acquire());
+      returned = true;
+    });
+    // Until the taker waits in acquire(), or (the bound broken) returns at once.
+    while (packer.waiters() == 0 && !returned.load()) std::this_thread::yield();
+    CHECK_FALSE(returned.load());
     CHECK(packer.lanes() == 1);
     { auto done = std::move(*first); }  // gives the lane back: the taker wakes with it
     taker.join();

@@ -70,13 +70,8 @@ TEST_CASE("Random operation sequences keep the index invariants") {
       case 6: {
         clock.advance(rng() % 20);
         index->expire_leases();
-        std::set<BlockKey> leased;
-        for (const auto& [id, ks] : leases) {
-          // A lease still pins its blocks only if it has not expired; be conservative and
-          // only assert about explicit pins, which never expire.
-          (void)id;
-          leased.insert(ks.begin(), ks.end());
-        }
+        // A lease pins its blocks only until it expires, which this test does not track: only
+        // explicit pins, which never expire, are asserted on.
         for (const auto& ev : index->evict(tier, 1 + rng() % 6)) {
           INFO("evicted " << ev.key.to_hex());
           CHECK(pinned.count(ev.key) == 0);
@@ -96,6 +91,6 @@ TEST_CASE("Random operation sequences keep the index invariants") {
     INFO("seed " << seed << " step " << step);
     REQUIRE(index->check_invariants().to_string() == "ok");
   }
-  // Every block still indexed is reachable: matching its prompt finds it.
+  // Every block still pinned is still indexed (check_invariants above checked prefix closure).
   for (const auto& k : pinned) CHECK(index->get(k).has_value());
 }

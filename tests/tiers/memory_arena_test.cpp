@@ -113,5 +113,9 @@ TEST_CASE("Without a GPU the HBM arena is emulated in host memory, or refused wh
     std::memset((*arena)->slot_ptr(3), 0x5a, 8192);  // host memory: writable from the CPU
     CHECK(create_hbm_arena({.slot_bytes = 8192, .slots = 4, .allow_emulated = false}).status().code() ==
           StatusCode::kUnavailable);
+  } else {
+    WARN("a GPU: the arena is cudaMalloc memory, so the emulated path is not checked here");
+    CHECK((*arena)->kind() == ArenaKind::kHbmCuda);
+    CHECK((*arena)->is_device_memory());
   }
 }

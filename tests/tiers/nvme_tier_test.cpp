@@ -401,17 +401,23 @@ TEST_CASE("A batch that fails its flush or crashes before the catalog commits no
   FaultPlan plan;
   plan.fail_flush = true;
   h.fault().set_plan(plan);
-  for (const Status& s : tier->commit_batch(batch)) CHECK(s.code() == StatusCode::kIoError);
+  const auto failed = tier->commit_batch(batch);
+  REQUIRE(failed.size() == batch.size());
+  for (const Status& s : failed) CHECK(s.code() == StatusCode::kIoError);
   h.fault().clear_faults();
   CHECK(tier->stats().blocks == 1);
   // The slots stay reserved: the same batch commits on retry.
-  for (const Status& s : tier->commit_batch(batch)) CHECK(s.is_ok());
+  const auto retried = tier->commit_batch(batch);
+  REQUIRE(retried.size() == batch.size());
+  for (const Status& s : retried) CHECK(s.is_ok());
   CHECK(tier->stats().blocks == 5);
 
   std::vector<CatalogEntry> lost;
   for (uint64_t i = 5; i < 9; ++i) lost.push_back(write_uncommitted(h, *tier, 9, i));
   crash = true;
-  for (const Status& s : tier->commit_batch(lost)) CHECK(s.code() == StatusCode::kIoError);
+  const auto crashed = tier->commit_batch(lost);
+  REQUIRE(crashed.size() == lost.size());
+  for (const Status& s : crashed) CHECK(s.code() == StatusCode::kIoError);
   // "Crash": the process goes away holding the reserved slots.
   tier.reset();
   crash = false;

@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <atomic>
+#include <thread>
 
 #include "tiers/memory_arena.h"
 #include "transfer_test_support.h"
@@ -54,16 +55,22 @@ TEST_CASE("a blocked submit proceeds once a job finishes", "[transfer][backpress
   REQUIRE(h1.is_ok());
   gated.wait_reads_started(1);
   // The second submit blocks in another thread until the gate opens and the first job finishes.
-  std::atomic<bool> second_ok{false};
+  std::atomic<bool> returned{false}, second_ok{false};
   std::thread submitter([&] {
     JobSpec second;
     second.segments.push_back(segment(0, 4096, Location::host(a.get()), Location::host(b.get())));
     auto h2 = engine->submit(std::move(second));
+    returned = true;
     second_ok = h2.is_ok() && h2->wait().is_ok();
   });
+  // Until it waits, or (back-pressure broken) returns at once.
+  while (engine->stats().submitters_waiting == 0 && !returned.load()) std::this_thread::yield();
+  CHECK_FALSE(returned.load());  // it waits while the first job holds the only slot
+  CHECK(engine->stats().jobs_submitted == 1);
   gated.open_gate();
   submitter.join();
   CHECK(second_ok.load());
+  CHECK(engine->stats().submitters_waiting == 0);
   CHECK(h1->wait().is_ok());
 }
 

@@ -3,6 +3,8 @@
 #include <catch2/catch.hpp>
 
 #include <atomic>
+#include <chrono>
+#include <future>
 #include <thread>
 #include <vector>
 
@@ -80,9 +82,14 @@ TEST_CASE("shutdown waits for admitted jobs and refuses new ones", "[transfer][c
   auto h = engine->submit(JobSpec{{segment(0, 4096, Location::storage(&gated, 0), Location::host(dst.get()))}, 1, {}});
   REQUIRE(h.is_ok());
   gated.wait_reads_started(1);
-  std::thread closer([&] { engine->shutdown(); });
+  auto closer = std::async(std::launch::async, [&] { engine->shutdown(); });
+  while (!engine->stats().shutting_down) std::this_thread::yield();
+  // Shutdown has begun and refuses new jobs, but the admitted one is still held by the gate.
+  CHECK(engine->try_submit(JobSpec{}).status().code() == StatusCode::kUnavailable);
+  CHECK(closer.wait_for(std::chrono::seconds(0)) == std::future_status::timeout);
+  CHECK_FALSE(h->poll());
   gated.open_gate();
-  closer.join();
+  closer.get();
   CHECK(h->poll());
   CHECK(h->wait().is_ok());
   CHECK(engine->try_submit(JobSpec{}).status().code() == StatusCode::kUnavailable);
