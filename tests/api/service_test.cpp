@@ -140,6 +140,7 @@ TEST_CASE("In-process Store: save, lookup, load canonical and paged KV byte-iden
     if (memory == LocationKind::kDevice && !s.tiers().transfer().copy_engine().device_memory_is_host()) {
       // A GPU: these vectors are not GPU memory (registered_memory_test covers real device memory).
       WARN("skipped on a GPU: the device-memory case needs emulated device memory");
+      SUCCEED("skipped");  // a deliberate skip, not a run that checked nothing (--warn NoAssertions)
       return;
     }
     const KvLayout L = s.layout();
@@ -307,6 +308,7 @@ TEST_CASE("Daemon: a load larger than half the window streams layer by layer", "
     if (memory == LocationKind::kDevice && !server->store().tiers().transfer().copy_engine().device_memory_is_host()) {
       // A GPU: these vectors are not GPU memory (registered_memory_test covers real device memory).
       WARN("skipped on a GPU: the device-memory case needs emulated device memory");
+      SUCCEED("skipped");  // a deliberate skip, not a run that checked nothing (--warn NoAssertions)
       return;
     }
     const uint32_t pages = 24;
@@ -653,13 +655,19 @@ TEST_CASE("Daemon: bad protocol input closes that connection only", "[service]")
     REQUIRE(reader.next(h, payload, got_fd).is_ok());  // hello answered over the socket
     proto::Mailbox box(static_cast<std::byte*>(mapped), kBox);
     std::vector<std::byte> bad;
-    SECTION("bad magic") { bad = std::vector<std::byte>(40, std::byte{0x5A}); }
-    SECTION("a length that differs from the header's") {
+    const std::string what = GENERATE(as<std::string>{}, "bad magic", "a length that differs from the header's",
+                                      "a doorbell inside the mailbox", "shorter than a header",
+                                      "a length word past the slot: read as the slot's size then refused");
+    CAPTURE(what);
+    if (what == "bad magic") {
+      bad = std::vector<std::byte>(40, std::byte{0x5A});
+    } else if (what == "a length that differs from the header's") {
       bad = frame(proto::kVersion, static_cast<uint16_t>(proto::Op::kRelease), 100, std::vector<std::byte>(8));
-    }
-    SECTION("a doorbell inside the mailbox") { bad = frame(proto::kVersion, static_cast<uint16_t>(proto::Op::kDoorbell), 0, {}); }
-    SECTION("shorter than a header") { bad = std::vector<std::byte>(3, std::byte{1}); }
-    SECTION("a length word past the slot: read as the slot's size, then refused") {
+    } else if (what == "a doorbell inside the mailbox") {
+      bad = frame(proto::kVersion, static_cast<uint16_t>(proto::Op::kDoorbell), 0, {});
+    } else if (what == "shorter than a header") {
+      bad = std::vector<std::byte>(3, std::byte{1});
+    } else {
       bad = frame(proto::kVersion, static_cast<uint16_t>(proto::Op::kStats), 0, {});
       box.publish(proto::Mailbox::kRequest, bad, 1);
       uint32_t huge = 0xFFFFFFFFu;  // the length word of the request slot (mailbox.h layout)
@@ -746,6 +754,7 @@ TEST_CASE("Daemon: tenants are bound to identities", "[service]") {
   REQUIRE(save_prompt(*c, *alpha, prompt) == 8);
   if (me != 0) {
     WARN("not root: the cross-identity half of this test needs setuid and is skipped");
+    SUCCEED("skipped");
     return;
   }
   // Another identity: may not open alpha, and sees none of alpha's blocks through beta.
@@ -845,6 +854,7 @@ TEST_CASE("Daemon: tier shares come from the config and metrics count each tenan
 TEST_CASE("Daemon: a peer outside allowed_uids is refused with permission_denied", "[service]") {
   if (::geteuid() != 0) {
     WARN("not root: refusing another identity needs setuid; skipped");
+    SUCCEED("skipped");
     return;
   }
   TempDir dir("kvtier_svc");

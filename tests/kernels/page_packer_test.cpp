@@ -231,8 +231,13 @@ TEST_CASE("Page packer: a failing lane reports the error and is replaced", "[pac
   PagedCase got = want;
   LaneLog log;
   auto packer = counting_packer(log, {.staging_bytes = 2 * want.layout.bytes_per_block()});
-  SECTION("a launch fails") { log.fail_launch_at = 1; }
-  SECTION("a copy fails") { log.fail_copy_at = 2; }
+  const bool launch_fails = GENERATE(true, false);  // else a copy fails
+  CAPTURE(launch_fails);
+  if (launch_fails) {
+    log.fail_launch_at = 1;
+  } else {
+    log.fail_copy_at = 2;
+  }
   {
     auto lane = packer.acquire();
     REQUIRE(lane.is_ok());
