@@ -300,6 +300,37 @@ struct BenchServer {
   BenchServer& operator=(const BenchServer&) = delete;
 };
 
+/// A client whose 4 KiB window cannot hold one layer, with `memory` registered, and its namespace
+/// `model`: every byte it loads or saves goes straight between the daemon's tiers and `memory`
+/// (cudaMalloc with a GPU, else emulated device memory in a memfd).
+struct RegisteredClient {
+  std::unique_ptr<Client> client;
+  NamespaceId ns = 0;
+};
+
+RegisteredClient connect_registered(const BenchServer& bench, DeviceAllocation& memory, const std::string& model,
+                                    const std::string& name) {
+  auto client = Client::connect({.socket_path = bench.server->socket_path(), .window_bytes = 4096, .name = name});
+  must(client.status(), "connect");
+  must((*client)->register_memory(memory.data(), memory.size()), "register_memory");
+  auto ns = (*client)->open_namespace({.model_id = model, .tenant = "", .adapter_id = ""});
+  must(ns.status(), (name + " open_namespace").c_str());
+  return {std::move(*client), *ns};
+}
+
+/// `memory` seen as a vLLM paged cache of `blocks` pages: one layer tensor [2][blocks][T][H][D]
+/// after another, the blocks on pages in reverse order, so the daemon's page packer reorders.
+KvBuffer vllm_pages_over(DeviceAllocation& memory, const KvLayout& layout, size_t blocks) {
+  std::vector<void*> layer_tensors;
+  for (uint32_t l = 0; l < layout.num_layers; ++l) {
+    layer_tensors.push_back(memory.data() + uint64_t(l) * blocks * layout.bytes_per_block_layer());
+  }
+  std::vector<int32_t> page_of(blocks);
+  for (size_t b = 0; b < blocks; ++b) page_of[b] = static_cast<int32_t>(blocks - 1 - b);
+  return KvBuffer::paged(kernels::EngineLayout::kVllm, std::move(layer_tensors), static_cast<uint32_t>(blocks),
+                         std::move(page_of), LocationKind::kDevice);
+}
+
 // ---- c) one large load, layer by layer -----------------------------------------------------------
 
 struct LayeredResult {
@@ -332,33 +363,21 @@ LayeredResult run_layered(int repeats) {
   // emulated device memory in a memfd).
   auto reg = DeviceAllocation::create(blocks * bpb);
   must(reg.status(), "allocate registered memory");
-  auto reg_client = Client::connect({.socket_path = bench.server->socket_path(), .window_bytes = 4096,
-                                     .name = "bench-registered"});
-  must(reg_client.status(), "connect");
-  must((*reg_client)->register_memory(reg->data(), reg->size()), "register_memory");
-  auto rns = (*reg_client)->open_namespace({.model_id = "bench-layered", .tenant = "", .adapter_id = ""});
-  must(rns.status(), "registered client open_namespace");
-  // The same registered memory seen as a vLLM paged cache: 32 layer tensors of [2][64 pages][16][8][128],
-  // the blocks on pages in reverse order. The daemon unpacks into it with the page packer.
-  std::vector<void*> layer_tensors;
-  for (uint32_t l = 0; l < layout.num_layers; ++l) {
-    layer_tensors.push_back(reg->data() + uint64_t(l) * blocks * layout.bytes_per_block_layer());
-  }
-  std::vector<int32_t> page_of(blocks);
-  for (size_t b = 0; b < blocks; ++b) page_of[b] = static_cast<int32_t>(blocks - 1 - b);
-  const KvBuffer paged = KvBuffer::paged(kernels::EngineLayout::kVllm, layer_tensors, static_cast<uint32_t>(blocks),
-                                         page_of, LocationKind::kDevice);
+  RegisteredClient registered = connect_registered(bench, *reg, "bench-layered", "bench-registered");
+  // The same registered memory seen as a vLLM paged cache of 64 pages: the daemon unpacks into it
+  // with the page packer.
+  const KvBuffer paged = vllm_pages_over(*reg, layout, blocks);
   auto time_paged = [&](std::vector<double>& first, std::vector<double>& all) {
-    auto m = (*reg_client)->lookup(*rns, prompt);
+    auto m = registered.client->lookup(registered.ns, prompt);
     must(m.status(), "lookup");
     const auto t0 = Clock::now();
-    auto h = (*reg_client)->load(*m, paged);
+    auto h = registered.client->load(*m, paged);
     must(h.status(), "paged load");
     must(h->wait_layer(0), "wait_layer");
     first.push_back(us_since(t0) / 1000);
     must(h->wait(), "paged load");
     all.push_back(us_since(t0) / 1000);
-    must((*reg_client)->release(*m), "release");
+    must(registered.client->release(*m), "release");
   };
   auto time_load = [&](KvStore& s, NamespaceId n, std::byte* into, LocationKind kind, std::vector<double>& first,
                        std::vector<double>& all) {
@@ -384,11 +403,11 @@ LayeredResult run_layered(int repeats) {
   std::vector<double> warm;
   time_load(**client, *cns, out.data(), LocationKind::kHost, warm, warm);  // first touch of the window and the output
   time_load(store, *ns, out.data(), LocationKind::kHost, warm, warm);
-  time_load(**reg_client, *rns, reg->data(), LocationKind::kDevice, warm, warm);
+  time_load(*registered.client, registered.ns, reg->data(), LocationKind::kDevice, warm, warm);
   time_paged(warm, warm);
   for (int i = 0; i < repeats; ++i) {
     time_load(**client, *cns, out.data(), LocationKind::kHost, r.sock_first, r.sock_all);
-    time_load(**reg_client, *rns, reg->data(), LocationKind::kDevice, r.reg_first, r.reg_all);
+    time_load(*registered.client, registered.ns, reg->data(), LocationKind::kDevice, r.reg_first, r.reg_all);
     time_paged(r.paged_first, r.paged_all);
     time_load(store, *ns, out.data(), LocationKind::kHost, r.proc_first, r.proc_all);
     const auto t0 = Clock::now();
@@ -397,7 +416,7 @@ LayeredResult run_layered(int repeats) {
     r.memcpy_all.push_back(us_since(t0) / 1000);
   }
   client->reset();
-  reg_client->reset();
+  registered.client.reset();
   std::printf("\nc) one load of a cached %zu-token prompt, %s (%zu blocks, %.0f MiB), %d repeats\n"
               "   median (min .. max), ms                first layer in place        whole load in place\n",
               kTokens, layout.describe().c_str(), blocks, blocks * bpb / 1048576.0, repeats);
@@ -431,28 +450,15 @@ SaveResult run_saves(int repeats) {
   auto reg = DeviceAllocation::create(kBlocks * bpb);
   must(reg.status(), "allocate registered memory");
   if (!reg->is_cuda()) std::memset(reg->data(), 0x5A, reg->size());
-  auto client = Client::connect({.socket_path = bench.server->socket_path(), .window_bytes = 4096,
-                                 .name = "bench-saves"});
-  must(client.status(), "connect");
-  must((*client)->register_memory(reg->data(), reg->size()), "register_memory");
-  auto ns = (*client)->open_namespace({.model_id = "bench-saves", .tenant = "", .adapter_id = ""});
-  must(ns.status(), "open_namespace");
+  RegisteredClient registered = connect_registered(bench, *reg, "bench-saves", "bench-saves");
   const KvBuffer canonical = KvBuffer::contiguous(reg->data(), kBlocks, bpb, LocationKind::kDevice);
-  // The same memory as a vLLM paged cache, 32 layer tensors of [2][16 pages][16][8][128], pages
-  // in reverse order: the daemon packs it with the page packer.
-  std::vector<void*> layer_tensors;
-  for (uint32_t l = 0; l < layout.num_layers; ++l) {
-    layer_tensors.push_back(reg->data() + uint64_t(l) * kBlocks * layout.bytes_per_block_layer());
-  }
-  std::vector<int32_t> page_of(kBlocks);
-  for (size_t b = 0; b < kBlocks; ++b) page_of[b] = static_cast<int32_t>(kBlocks - 1 - b);
-  const KvBuffer paged = KvBuffer::paged(kernels::EngineLayout::kVllm, layer_tensors, kBlocks, page_of,
-                                         LocationKind::kDevice);
+  // The same memory as a vLLM paged cache of 16 pages: the daemon packs it with the page packer.
+  const KvBuffer paged = vllm_pages_over(*reg, layout, kBlocks);
   uint64_t seed = 9000;
   auto time_save = [&](const KvBuffer& src, std::vector<double>& ms) {
     const auto prompt = synthetic_tokens(seed++, kBlocks * layout.block_tokens);
     const auto t0 = Clock::now();
-    auto saved = (*client)->save(*ns, prompt, src);
+    auto saved = registered.client->save(registered.ns, prompt, src);
     must(saved.status(), "save");
     ms.push_back(us_since(t0) / 1000);
     if (*saved != kBlocks) must(Status(StatusCode::kInternal, "a save stored fewer blocks"), "save");
@@ -471,7 +477,7 @@ SaveResult run_saves(int repeats) {
     do_not_optimize(to[to.size() / 2]);
     r.memcpy_all.push_back(us_since(t0) / 1000);
   }
-  client->reset();
+  registered.client.reset();
   std::printf("\nd) one save of a new %zu-token prompt from registered memory (%zu blocks, %.0f MiB), %d repeats\n"
               "   median (min .. max), ms                whole save\n",
               kBlocks * layout.block_tokens, kBlocks, kBlocks * bpb / 1048576.0, repeats);
