@@ -93,43 +93,6 @@ Status undecodable(const std::string& what) {
   return {StatusCode::kChecksumMismatch, "catalog value does not decode: " + what};
 }
 
-std::string namespace_value(const NamespaceRecord& r) {
-  // A record without a tenant keeps version 1, which a kvtierd from before tier shares reads too.
-  const uint8_t version = r.tenant.empty() ? 1 : kNamespaceRecordVersion;
-  Writer w;
-  w.put<uint8_t>(version);
-  w.put_key(r.root);
-  w.put<uint8_t>(static_cast<uint8_t>(r.layout.kind));
-  w.put<uint32_t>(r.layout.num_layers);
-  w.put<uint32_t>(r.layout.num_kv_heads);
-  w.put<uint32_t>(r.layout.head_dim);
-  w.put<uint8_t>(static_cast<uint8_t>(r.layout.dtype));
-  w.put<uint32_t>(r.layout.block_tokens);
-  w.put_bytes(r.model_id);
-  if (version >= 2) w.put_bytes(r.tenant);
-  return w.take();
-}
-
-Result<NamespaceRecord> namespace_from(std::string_view value) {
-  Reader r(value);
-  NamespaceRecord rec;
-  uint8_t version = 0, kind = 0, dtype = 0;
-  if (!r.get(version)) return undecodable("empty namespace record");
-  if (version != 1 && version != kNamespaceRecordVersion) {
-    return invalid_argument("catalog namespace record version " + std::to_string(version));
-  }
-  // Version 1 (before tenant shares) has no tenant: its blocks count under no tenant.
-  if (!r.get_key(rec.root) || !r.get(kind) || !r.get(rec.layout.num_layers) ||
-      !r.get(rec.layout.num_kv_heads) || !r.get(rec.layout.head_dim) || !r.get(dtype) ||
-      !r.get(rec.layout.block_tokens) || !r.get_bytes(rec.model_id) ||
-      (version >= 2 && !r.get_bytes(rec.tenant)) || !r.done()) {
-    return undecodable("truncated namespace record");
-  }
-  rec.layout.kind = static_cast<AttentionKind>(kind);
-  rec.layout.dtype = static_cast<Dtype>(dtype);
-  return rec;
-}
-
 }  // namespace
 
 #if defined(__SANITIZE_THREAD__)
@@ -173,9 +136,42 @@ std::string Catalog::encode_entry(const CatalogEntry& e) {
   return w.take();
 }
 
-std::string Catalog::encode_namespace(const NamespaceRecord& record) { return namespace_value(record); }
+std::string Catalog::encode_namespace(const NamespaceRecord& r) {
+  // A record without a tenant keeps version 1, which a kvtierd from before tier shares reads too.
+  const uint8_t version = r.tenant.empty() ? 1 : kNamespaceRecordVersion;
+  Writer w;
+  w.put<uint8_t>(version);
+  w.put_key(r.root);
+  w.put<uint8_t>(static_cast<uint8_t>(r.layout.kind));
+  w.put<uint32_t>(r.layout.num_layers);
+  w.put<uint32_t>(r.layout.num_kv_heads);
+  w.put<uint32_t>(r.layout.head_dim);
+  w.put<uint8_t>(static_cast<uint8_t>(r.layout.dtype));
+  w.put<uint32_t>(r.layout.block_tokens);
+  w.put_bytes(r.model_id);
+  if (version >= 2) w.put_bytes(r.tenant);
+  return w.take();
+}
 
-Result<NamespaceRecord> Catalog::decode_namespace(std::string_view value) { return namespace_from(value); }
+Result<NamespaceRecord> Catalog::decode_namespace(std::string_view value) {
+  Reader r(value);
+  NamespaceRecord rec;
+  uint8_t version = 0, kind = 0, dtype = 0;
+  if (!r.get(version)) return undecodable("empty namespace record");
+  if (version != 1 && version != kNamespaceRecordVersion) {
+    return invalid_argument("catalog namespace record version " + std::to_string(version));
+  }
+  // Version 1 (before tenant shares) has no tenant: its blocks count under no tenant.
+  if (!r.get_key(rec.root) || !r.get(kind) || !r.get(rec.layout.num_layers) ||
+      !r.get(rec.layout.num_kv_heads) || !r.get(rec.layout.head_dim) || !r.get(dtype) ||
+      !r.get(rec.layout.block_tokens) || !r.get_bytes(rec.model_id) ||
+      (version >= 2 && !r.get_bytes(rec.tenant)) || !r.done()) {
+    return undecodable("truncated namespace record");
+  }
+  rec.layout.kind = static_cast<AttentionKind>(kind);
+  rec.layout.dtype = static_cast<Dtype>(dtype);
+  return rec;
+}
 
 Result<CatalogEntry> Catalog::decode_entry(std::string_view value) {
   Reader r(value);
