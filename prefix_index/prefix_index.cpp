@@ -266,7 +266,8 @@ struct PrefixIndex::Runs {
 
 struct PrefixIndex::CandidateQueue : std::priority_queue<Candidate, std::vector<Candidate>, EvictsLater> {};
 
-// Residency per group and tier, the groups' shares, and which group each namespace root has.
+// Residency per group and tier (summed over the groups, a tier's resident blocks), the groups'
+// shares, and which group each namespace root has.
 struct PrefixIndex::Groups {
   std::array<std::array<std::atomic<uint64_t>, kNumTiers>, kMaxGroups> resident{};
   std::array<std::array<std::atomic<uint64_t>, kNumTiers>, kMaxGroups> limit{};
@@ -338,7 +339,7 @@ struct PrefixIndex::Leases {
 struct PrefixIndex::Counters {
   std::atomic<uint64_t> entries{0}, lookups{0}, hit_blocks{0}, hit_tokens{0}, lookup_tokens{0},
       inserts{0}, collisions{0}, leases_expired{0}, damaged{0}, over_share_evictions{0};
-  std::array<std::atomic<uint64_t>, kNumTiers> resident{}, evictions{};
+  std::array<std::atomic<uint64_t>, kNumTiers> evictions{};
 };
 
 Result<std::unique_ptr<PrefixIndex>> PrefixIndex::create(const KeyChain& keys, IndexOptions options) {
@@ -661,10 +662,8 @@ GroupId PrefixIndex::group_of_new_run(const BlockInsert& block, const Run* paren
 void PrefixIndex::count_residency(const Run& run, int t, bool added) noexcept {
   std::atomic<uint64_t>& group = groups_->resident[run.group_now()][t];
   if (added) {
-    counters_->resident[t].fetch_add(1, std::memory_order_relaxed);
     group.fetch_add(1, std::memory_order_relaxed);
   } else {
-    counters_->resident[t].fetch_sub(1, std::memory_order_relaxed);
     group.fetch_sub(1, std::memory_order_relaxed);
   }
 }
@@ -1090,7 +1089,7 @@ IndexStats PrefixIndex::stats() const {
   s.damaged_blocks = ld(counters_->damaged);
   s.over_share_evictions = ld(counters_->over_share_evictions);
   for (int t = 0; t < kNumTiers; ++t) {
-    s.resident_blocks[t] = ld(counters_->resident[t]);
+    for (const auto& group : groups_->resident) s.resident_blocks[t] += ld(group[t]);
     s.evictions[t] = ld(counters_->evictions[t]);
   }
   std::lock_guard lock(leases_->mu);
@@ -1123,7 +1122,6 @@ Status PrefixIndex::check_invariants() const {
   }
 
   absl::flat_hash_map<BlockKey, std::pair<uint32_t, std::array<uint32_t, kNumTiers>>> children;
-  std::array<uint64_t, kNumTiers> resident{};
   absl::flat_hash_map<GroupId, std::array<uint64_t, kNumTiers>> group_resident;
   uint64_t entries = 0, damaged = 0;
   for (const auto& run : runs) {
@@ -1146,7 +1144,6 @@ Status PrefixIndex::check_invariants() const {
       for (int t = 0; t < kNumTiers; ++t) {
         const bool in = h.tier_mask & (1u << t);
         if (in != (h.slots[t] != kNoSlot)) return internal_error("residency mask and slots disagree");
-        resident[t] += in;
         group_resident[r.group_now()][t] += in;
       }
       if (r.block_index(p) == 0) continue;
@@ -1182,9 +1179,7 @@ Status PrefixIndex::check_invariants() const {
   }
   if (entries != counters_->entries.load()) return internal_error("entry counter drifted");
   if (damaged != counters_->damaged.load()) return internal_error("damaged counter drifted");
-  for (int t = 0; t < kNumTiers; ++t) {
-    if (resident[t] != counters_->resident[t].load()) return internal_error("resident counter drifted");
-  }
+  // Per group; a tier's total is their sum (stats()).
   for (uint32_t g = 0; g < kMaxGroups; ++g) {
     auto it = group_resident.find(static_cast<GroupId>(g));
     for (int t = 0; t < kNumTiers; ++t) {

@@ -242,8 +242,9 @@ class PrefixIndex {
 
   /// Up to `max_blocks` victims in `tier`: first the blocks of groups over their share of the
   /// tier (set_group_limit; as many as they are over, to within one call's `max_blocks`), then
-  /// lowest priority class first, then least recently used; never pinned; never a block with a child resident in the same tier; for kDrop, never
-  /// a block whose removal would orphan an indexed child. Advisory: removal re-checks.
+  /// lowest priority class first, then least recently used; never pinned; never a block with a
+  /// child resident in the same tier; for kDrop, never a block whose removal would orphan an
+  /// indexed child. Advisory: removal re-checks.
   /// For kDemote, a block whose every child resident in `tier` is already among the victims
   /// joins the candidates too, after those children: moved in the order returned, a batch can
   /// take the last 64 blocks of one long prompt, not just its one leaf.
