@@ -527,8 +527,7 @@ name = "nobody"
 
 TEST_CASE("The example kvtierd.toml in docs/service.md parses to the defaults") {
   // Keeps the documentation honest: its first ```toml block must be a valid config.
-  std::string path = __FILE__;
-  path = path.substr(0, path.rfind("/tests/")) + "/docs/service.md";
+  const std::string path = std::string(KVTIER_SOURCE_DIR) + "/docs/service.md";
   std::ifstream in(path);
   REQUIRE(in.good());
   std::stringstream ss;
