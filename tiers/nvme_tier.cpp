@@ -415,6 +415,8 @@ NvmeTierStats NvmeTier::stats() const {
   s.free_slots = allocator_.free_count();
   s.checksum_errors = checksum_errors_.load(std::memory_order_relaxed);
   s.dropped_at_open = dropped_at_open_.load(std::memory_order_relaxed);
+  s.corrupt_at_open = corrupt_at_open_.load(std::memory_order_relaxed);
+  s.misplaced_at_open = misplaced_at_open_.load(std::memory_order_relaxed);
   s.io_errors = io_errors_.load(std::memory_order_relaxed);
   return s;
 }

@@ -81,7 +81,9 @@ struct NvmeTierStats {
   uint64_t slots = 0;
   uint64_t free_slots = 0;
   uint64_t checksum_errors = 0;   // reads refused because bytes failed a check
-  uint64_t dropped_at_open = 0;   // catalog entries dropped at open (bad header, bad slot)
+  uint64_t dropped_at_open = 0;   // catalog entries dropped at open, all causes:
+  uint64_t corrupt_at_open = 0;   //   a slot header unreadable or disagreeing, an undecodable entry
+  uint64_t misplaced_at_open = 0; //   a slot out of range or claimed by another entry, another layout
   uint64_t io_errors = 0;         // device operations that failed
 };
 
@@ -208,7 +210,8 @@ class NvmeTier {
   std::unordered_set<BlockKey> committing_;
   uint64_t bytes_used_ = 0;
 
-  std::atomic<uint64_t> checksum_errors_{0}, dropped_at_open_{0}, io_errors_{0};
+  std::atomic<uint64_t> checksum_errors_{0}, dropped_at_open_{0}, corrupt_at_open_{0}, misplaced_at_open_{0},
+      io_errors_{0};
 };
 
 }  // namespace kvtier

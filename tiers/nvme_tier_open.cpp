@@ -112,7 +112,9 @@ Status NvmeTier::recover() {
       [&](const CatalogEntry& e) { candidates.push_back(e); }, &undecodable));
 
   std::vector<BlockKey> drop = undecodable;
+  corrupt_at_open_.fetch_add(undecodable.size(), std::memory_order_relaxed);
   for (const CatalogEntry& e : candidates) {
+    bool corrupt = false;
     // The payload checksum is not recomputed here (that would read the whole tier); every read
     // checks it. The header must name this key with the entry's length, checksum and layout.
     std::string why;
@@ -126,10 +128,12 @@ Status NvmeTier::recover() {
       auto info = read_header(e.slot, e.key);
       if (!info.is_ok()) {
         why = info.status().to_string();
+        corrupt = true;
       } else if (info->payload_bytes != e.payload_bytes ||
                  info->payload_checksum != e.checksum || info->parent != e.parent ||
                  info->tokens != e.tokens) {
         why = "slot header disagrees with the catalog";
+        corrupt = true;
       }
     }
     if (why.empty()) {
@@ -141,6 +145,7 @@ Status NvmeTier::recover() {
       spdlog::warn("kvtier nvme tier {}: dropping block {} (slot {}): {}", options_.dir,
                    e.key.to_hex(), e.slot, why);
       drop.push_back(e.key);
+      (corrupt ? corrupt_at_open_ : misplaced_at_open_).fetch_add(1, std::memory_order_relaxed);
       continue;
     }
     slot_state_[e.slot] = SlotState::kCommitted;
@@ -148,8 +153,17 @@ Status NvmeTier::recover() {
     bytes_used_ += e.payload_bytes;
   }
   for (const BlockKey& key : drop) {
-    KVTIER_RETURN_IF_ERROR(catalog_->remove(key));
     dropped_at_open_.fetch_add(1, std::memory_order_relaxed);
+    if (Status s = catalog_->remove(key); !s) {
+      // A full disk must not stop the tier from opening. The entry stays in the catalog (and is
+      // checked again at the next open); its slot is kept out of use so nothing else is written
+      // there under a second entry.
+      spdlog::warn("kvtier nvme tier {}: could not erase dropped block {}: {}", options_.dir, key.to_hex(),
+                   s.to_string());
+      for (const CatalogEntry& e : candidates) {
+        if (e.key == key && e.slot < slot_count_ && !allocator_.is_used(e.slot)) allocator_.claim(e.slot).ignore();
+      }
+    }
   }
   if (!drop.empty() || !live_.empty()) {
     spdlog::info("kvtier nvme tier {}: {} blocks restored, {} dropped, {} of {} slots free",

@@ -303,8 +303,25 @@ std::string render_tier_metrics(TierManager& tiers) {
   scalar("kvtier_recovered_blocks_total", "counter", "Blocks indexed from the NVMe catalog at open.", s.recovered_blocks);
   scalar("kvtier_checksum_errors_total", "counter", "NVMe reads refused for a bad checksum.", s.nvme.checksum_errors);
   scalar("kvtier_corrupt_blocks_total", "counter",
-         "Blocks whose only copy (on NVMe) failed its checksum; lookups stop before them until repaired.",
-         s.corrupt_blocks_found);
+         "Blocks whose only copy (on NVMe) failed its checksum, or whose slot header failed its check at open; "
+         "lookups stop before them until repaired.",
+         s.corrupt_blocks_found + s.nvme.corrupt_at_open);
+  family("kvtier_recovery_dropped_blocks_total", "counter",
+         "NVMe blocks dropped at open, by cause: corrupt (a slot header unreadable or disagreeing with the "
+         "catalog), misplaced (a slot out of range or claimed twice), no_namespace (no namespace record).");
+  out += fmt::format("kvtier_recovery_dropped_blocks_total{{cause=\"corrupt\"}} {}\n", s.nvme.corrupt_at_open);
+  out += fmt::format("kvtier_recovery_dropped_blocks_total{{cause=\"misplaced\"}} {}\n", s.nvme.misplaced_at_open);
+  out += fmt::format("kvtier_recovery_dropped_blocks_total{{cause=\"no_namespace\"}} {}\n", s.recovery_dropped);
+  scalar("kvtier_orphan_blocks", "gauge",
+         "NVMe blocks kept at open whose parent is missing: indexed again once a save of their prefix indexes the "
+         "parent; the first to go when NVMe needs room.",
+         s.orphans);
+  scalar("kvtier_orphans_adopted_total", "counter", "Orphan blocks indexed again under a newly saved parent.",
+         s.orphans_adopted);
+  scalar("kvtier_orphans_dropped_total", "counter", "Orphan blocks erased to make room on NVMe.", s.orphans_dropped);
+  scalar("kvtier_ancestor_writes_total", "counter",
+         "Blocks written back to NVMe early, as the parents of a write-back (NVMe stays prefix-closed).",
+         s.ancestor_writes);
   scalar("kvtier_damaged_blocks", "gauge", "Blocks marked corrupt and not yet repaired or evicted.", ix.damaged_blocks);
   scalar("kvtier_repaired_blocks_total", "counter",
          "Corrupt blocks replaced by a save of the same tokens.", s.blocks_repaired);

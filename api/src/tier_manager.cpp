@@ -36,6 +36,11 @@ struct TierManager::Counters {
   std::mutex writeback_mu;
   std::mutex dirty_mu;
   std::unordered_set<BlockKey> dirty;  // in a memory tier, not yet on NVMe
+  std::atomic<uint64_t> ancestor_writes{0};
+  // NVMe blocks found at open whose parent is not indexed, by parent key (see the class comment).
+  std::mutex orphan_mu;
+  std::unordered_multimap<BlockKey, CatalogEntry> orphans;
+  std::atomic<uint64_t> orphan_count{0}, orphans_adopted{0}, orphans_dropped{0};
 };
 
 namespace {
@@ -236,8 +241,10 @@ GroupId TierManager::group_of(std::string_view tenant) const noexcept {
 }
 
 // Re-indexes every catalog entry. Entries go in block order so a parent is indexed before its
-// children; a block whose parent is gone (it lived only in memory when the process stopped) is
-// unreachable by any match and is erased to give its slot back.
+// children. Write-back keeps NVMe prefix-closed, so a block whose parent is not indexed had its
+// parent dropped at open (a corrupt slot) or comes from an older kvtier: it is kept as an orphan,
+// neither indexed nor erased, so a corrupt block costs only itself, and restart time does not
+// grow with erasures. Entries of a namespace without a record are unreachable and erased.
 Status TierManager::recover() {
   if (!nvme_) return Status::ok();
   std::unordered_map<BlockKey, NamespaceRecord> namespaces;
@@ -250,12 +257,16 @@ Status TierManager::recover() {
   std::sort(entries.begin(), entries.end(),
             [](const CatalogEntry& a, const CatalogEntry& b) { return a.block_index < b.block_index; });
   std::unordered_map<BlockKey, BlockKey> root_of;  // block → its namespace root
-  for (const CatalogEntry& e : entries) {
+  for (CatalogEntry& e : entries) {
     BlockKey root;
     if (e.block_index == 0) {
       root = e.parent.is_zero() ? e.ns_root : e.parent;
     } else if (auto it = root_of.find(e.parent); it != root_of.end()) {
       root = it->second;
+    } else {
+      counters_->orphans.emplace(e.parent, std::move(e));  // its parent is missing: kept aside
+      counters_->orphan_count++;
+      continue;
     }
     auto ns_it = namespaces.find(root);
     bool indexed = false;
@@ -284,10 +295,66 @@ Status TierManager::recover() {
     }
   }
   if (!entries.empty()) {
-    spdlog::info("kvtier: recovered {} blocks from NVMe ({} unreachable dropped)",
-                 counters_->recovered.load(), counters_->recovery_dropped.load());
+    spdlog::info("kvtier: recovered {} blocks from NVMe ({} kept whose parent is missing, {} without a namespace dropped)",
+                 counters_->recovered.load(), counters_->orphan_count.load(), counters_->recovery_dropped.load());
   }
   return Status::ok();
+}
+
+size_t TierManager::adopt_orphans(const Namespace& ns, const BlockKey& parent) {
+  if (counters_->orphan_count.load(std::memory_order_relaxed) == 0) return 0;
+  size_t adopted = 0;
+  std::vector<BlockKey> parents{parent};
+  while (!parents.empty()) {
+    const BlockKey p = parents.back();
+    parents.pop_back();
+    std::vector<CatalogEntry> children;
+    {
+      std::lock_guard lock(counters_->orphan_mu);
+      auto [begin, end] = counters_->orphans.equal_range(p);
+      for (auto it = begin; it != end; ++it) children.push_back(std::move(it->second));
+      counters_->orphans.erase(begin, end);
+      counters_->orphan_count -= children.size();
+    }
+    for (const CatalogEntry& e : children) {
+      // The index checks the key against parent, tokens and extras: an orphan that does not
+      // chain from this parent is refused (and erased) rather than matched.
+      auto r = index_->insert(ns, {.key = e.key, .parent = e.parent, .block_index = e.block_index,
+                                   .tokens = e.tokens, .extras = e.extras, .byte_size = e.payload_bytes,
+                                   .checksum = e.checksum, .tier = Tier::kNvme, .slot = e.slot,
+                                   .priority = e.priority});
+      if (r) {
+        // kAddedResidency: the block was saved again in memory meanwhile; this copy joins it.
+        ++adopted;
+        counters_->orphans_adopted++;
+        parents.push_back(e.key);
+      } else {
+        spdlog::warn("kvtier: orphan block {} not indexed: {}", e.key.to_hex(), r.status().to_string());
+        nvme_->erase(e.key).ignore();
+        counters_->orphans_dropped++;
+      }
+    }
+  }
+  return adopted;
+}
+
+size_t TierManager::drop_orphans(size_t n) {
+  if (!nvme_ || counters_->orphan_count.load(std::memory_order_relaxed) == 0) return 0;
+  std::vector<BlockKey> victims;
+  {
+    std::lock_guard lock(counters_->orphan_mu);
+    for (auto it = counters_->orphans.begin(); it != counters_->orphans.end() && victims.size() < n;) {
+      victims.push_back(it->second.key);
+      it = counters_->orphans.erase(it);
+    }
+    counters_->orphan_count -= victims.size();
+  }
+  size_t dropped = 0;
+  for (const BlockKey& k : victims) {
+    if (nvme_->erase(k).is_ok()) ++dropped;  // catalog first, then the slot
+    counters_->orphans_dropped++;
+  }
+  return dropped;
 }
 
 bool TierManager::has_tier(Tier t) const noexcept {
@@ -369,6 +436,8 @@ Status TierManager::reclaim(Tier t, uint64_t target_used, const std::atomic<bool
     if (stop != nullptr && stop->load(std::memory_order_relaxed)) return Status::ok();
     std::lock_guard lock(counters_->reclaim_mu[static_cast<int>(t)]);
     if (used_slots(t) <= target_used) return Status::ok();
+    // Orphans kept at open go first: no prefix reaches them until their parent is saved again.
+    if (t == Tier::kNvme && drop_orphans(std::min<uint64_t>(used_slots(t) - target_used, 64)) > 0) continue;
     (stop != nullptr ? counters_->background_rounds : counters_->foreground_rounds)++;
     const size_t batch = std::min<uint64_t>(used_slots(t) - target_used, 64);
     size_t progressed = 0, failed = 0;
@@ -509,47 +578,117 @@ CatalogEntry TierManager::catalog_entry(const BlockKey& key, const BlockKey& par
   return entry;
 }
 
+std::vector<BlockKey> TierManager::with_ancestors(std::span<const BlockKey> keys) const {
+  std::unordered_set<BlockKey> seen;
+  std::vector<std::pair<uint32_t, BlockKey>> chain;
+  for (const BlockKey& key : keys) {
+    BlockKey k = key;
+    // Up to the first ancestor on NVMe (included: it is pinned while its children are written,
+    // so NVMe reclaim cannot take it from under them) or the chain's first block.
+    while (seen.insert(k).second) {
+      auto rec = index_->describe(k);
+      if (!rec) break;  // left the index: its children fail their parent check
+      chain.emplace_back(rec->block_index, k);
+      if (rec->block_index == 0 || rec->residency.resident_in(Tier::kNvme)) break;
+      k = rec->parent;
+    }
+  }
+  // Parents before children: along a chain the block index grows by one per block.
+  std::stable_sort(chain.begin(), chain.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::vector<BlockKey> out;
+  out.reserve(chain.size());
+  for (const auto& [index, k] : chain) out.push_back(k);
+  return out;
+}
+
 std::vector<Status> TierManager::store_batch_to_nvme(std::span<const BlockKey> keys) {
   std::vector<Status> result(keys.size(), Status::ok());
   if (!nvme_) {
     std::fill(result.begin(), result.end(), Status(StatusCode::kUnavailable, "no NVMe tier"));
     return result;
   }
+  std::lock_guard writeback(counters_->writeback_mu);
+  const std::vector<BlockKey> all = with_ancestors(keys);
+  // Pinned for the whole call: nothing may free a memory copy while its write is in flight, and
+  // an ancestor committed by one round must still be on NVMe when a later round commits its
+  // children (an unpinned one with no NVMe child yet could be reclaimed in between).
+  std::vector<BlockKey> pinned;
+  std::unordered_map<BlockKey, Status> by_key;
+  std::unordered_set<BlockKey> written_now;
+  pinned.reserve(all.size());
+  for (const BlockKey& k : all) {
+    if (Status p = index_->pin(k); !p) {
+      by_key.emplace(k, p);
+    } else {
+      pinned.push_back(k);
+    }
+  }
+  // Rounds in block order: a round's parents are committed by an earlier round or in its own
+  // batch (one catalog write, all or nothing).
+  constexpr size_t kRound = 256;
+  for (size_t first = 0; first < pinned.size(); first += kRound) {
+    store_round_to_nvme(std::span(pinned).subspan(first, std::min(kRound, pinned.size() - first)), by_key,
+                        written_now);
+  }
+  for (const BlockKey& k : pinned) index_->unpin(k).ignore();
+  const std::unordered_set<BlockKey> asked(keys.begin(), keys.end());
+  for (const BlockKey& k : written_now) {
+    if (!asked.contains(k)) counters_->ancestor_writes++;
+  }
+  for (size_t i = 0; i < keys.size(); ++i) {
+    auto it = by_key.find(keys[i]);
+    result[i] = it == by_key.end() ? not_found("block left the index") : it->second;
+  }
+  return result;
+}
+
+void TierManager::store_round_to_nvme(std::span<const BlockKey> keys, std::unordered_map<BlockKey, Status>& result,
+                                      std::unordered_set<BlockKey>& written_now) {
   struct Pending {
-    size_t i;
+    BlockKey key;
+    BlockKey parent;
+    uint32_t block_index;
     SlotId slot;
-    const std::byte* src;
+    AlignedBuffer copy;  // a private host copy (HBM or unaligned source), else null
     CatalogEntry entry;  // as write_header returned it
     TransferHandle handle;
     Status header_status;
   };
-  std::lock_guard writeback(counters_->writeback_mu);
   std::vector<Pending> pending;
-  std::vector<size_t> pinned;
   const MemoryArena& host = *memory_tier(Tier::kHost)->arena;
-  for (size_t i = 0; i < keys.size(); ++i) {
-    // Pinned for the duration: nothing may free the host copy while its write is in flight.
-    if (Status p = index_->pin(keys[i]); !p) {
-      result[i] = p;
-      continue;
-    }
-    pinned.push_back(i);
-    auto rec = index_->describe(keys[i]);
+  for (const BlockKey& key : keys) {
+    auto rec = index_->describe(key);
     if (!rec) {
-      result[i] = not_found("block left the index");
+      result.insert_or_assign(key, not_found("block left the index"));
       continue;
     }
-    if (rec->residency.resident_in(Tier::kNvme)) continue;  // stored already
-    const std::byte* src = rec->residency.resident_in(Tier::kHost)
-                               ? host.slot_ptr(rec->residency.slot(Tier::kHost))
-                               : nullptr;
-    if (src == nullptr || reinterpret_cast<uintptr_t>(src) % kIoAlignment != 0) {
-      result[i] = store_to_nvme(keys[i], *rec);  // HBM-only: through a host copy
+    if (rec->residency.resident_in(Tier::kNvme)) {  // stored already
+      result.insert_or_assign(key, Status::ok());
       continue;
+    }
+    const BlockResidency& where = rec->residency;
+    AlignedBuffer copy;
+    const std::byte* src = where.resident_in(Tier::kHost) ? host.slot_ptr(where.slot(Tier::kHost)) : nullptr;
+    if (src == nullptr || reinterpret_cast<uintptr_t>(src) % kIoAlignment != 0) {
+      // HBM only (or an unaligned host slot): through a private aligned host copy, which both
+      // the write and the header's checksums read.
+      const Tier from = src != nullptr ? Tier::kHost : Tier::kHbm;
+      if (!where.resident_in(from)) {
+        result.insert_or_assign(key, not_found("block is in no memory tier"));
+        continue;
+      }
+      const MemoryArena& arena = *memory_tier(from)->arena;
+      copy = make_aligned_buffer(align_up(block_bytes_, kIoAlignment));
+      if (Status s = copy_block(copy.get(), false, arena.slot_ptr(where.slot(from)), arena.is_device_memory()); !s) {
+        counters_->errors++;
+        result.insert_or_assign(key, s);
+        continue;
+      }
+      src = copy.get();
     }
     auto slot = allocate_slot(Tier::kNvme);
     if (!slot) {
-      result[i] = slot.status();
+      result.insert_or_assign(key, slot.status());
       continue;
     }
     const SlotLocation loc = nvme_->location(*slot);
@@ -560,60 +699,64 @@ std::vector<Status> TierManager::store_batch_to_nvme(std::span<const BlockKey> k
     if (!handle) {
       nvme_->release_uncommitted(*slot).ignore();
       counters_->errors++;
-      result[i] = handle.status();
+      result.insert_or_assign(key, handle.status());
       continue;
     }
-    // The header (checksums of the host copy, then one 4 KiB write) while the payload write is
-    // in flight: the CPU work overlaps the disk. Both are flushed before the commit, so their
-    // order does not matter for crash safety.
+    // The header (checksums of the source, then one 4 KiB write) while the payload write is in
+    // flight: the CPU work overlaps the disk. Both are flushed before the commit, so their order
+    // does not matter for crash safety.
     Result<CatalogEntry> header = nvme_->write_header(
-        *slot,
-        catalog_entry(keys[i], rec->parent, rec->block_index, rec->tokens, rec->extras, rec->residency.priority),
+        *slot, catalog_entry(key, rec->parent, rec->block_index, rec->tokens, rec->extras, where.priority),
         std::span<const std::byte>(src, block_bytes_));
-    pending.push_back({i, *slot, src, header ? std::move(*header) : CatalogEntry{}, std::move(*handle),
-                       header.status()});
+    pending.push_back({key, rec->parent, rec->block_index, *slot, std::move(copy),
+                       header ? std::move(*header) : CatalogEntry{}, std::move(*handle), header.status()});
   }
+  // Which written blocks may be committed: a parent on NVMe already, or committed in this batch
+  // (pending is in block order, so a parent is decided before its children).
+  std::unordered_set<BlockKey> in_batch;
   std::vector<CatalogEntry> written;
   std::vector<size_t> written_of;  // index into pending
+  auto refuse = [&](Pending& w, Status why) {
+    nvme_->release_uncommitted(w.slot).ignore();
+    result.insert_or_assign(w.key, std::move(why));
+  };
   for (size_t p = 0; p < pending.size(); ++p) {
     Pending& w = pending[p];
     Status s = w.handle.wait();
     if (s) s = w.header_status;
-    Result<CatalogEntry> entry = s ? Result<CatalogEntry>(std::move(w.entry)) : Result<CatalogEntry>(s);
-    if (!entry) {
-      nvme_->release_uncommitted(w.slot).ignore();
+    if (!s) {
       counters_->errors++;
-      result[w.i] = entry.status();
+      refuse(w, s);
       continue;
     }
-    written.push_back(std::move(*entry));
+    if (w.block_index > 0 && !in_batch.contains(w.parent)) {
+      auto parent = index_->get(w.parent);
+      if (!parent || !parent->resident_in(Tier::kNvme)) {
+        // Its parent could not be stored: committing it would leave a block on NVMe that no
+        // prefix reaches after a restart. It stays in memory, dirty, for a later write-back.
+        auto why = result.find(w.parent);
+        refuse(w, why != result.end() && !why->second.is_ok()
+                      ? why->second
+                      : Status(StatusCode::kUnavailable, "its parent is not on NVMe"));
+        continue;
+      }
+    }
+    in_batch.insert(w.key);
+    written.push_back(std::move(w.entry));
     written_of.push_back(p);
   }
   const std::vector<Status> committed = nvme_->commit_batch(written);
   for (size_t c = 0; c < written.size(); ++c) {
-    const Pending& w = pending[written_of[c]];
+    Pending& w = pending[written_of[c]];
     if (!committed[c]) {
-      nvme_->release_uncommitted(w.slot).ignore();
       counters_->errors++;
-      result[w.i] = committed[c];
+      refuse(w, committed[c]);
       continue;
     }
-    result[w.i] = index_nvme_copy(keys[w.i], w.slot);
+    Status indexed = index_nvme_copy(w.key, w.slot);
+    if (indexed) written_now.insert(w.key);
+    result.insert_or_assign(w.key, std::move(indexed));
   }
-  for (size_t i : pinned) index_->unpin(keys[i]).ignore();
-  return result;
-}
-
-Status TierManager::store_to_nvme(const BlockKey& key, const BlockRecord& rec) {
-  if (!nvme_) return Status(StatusCode::kUnavailable, "no NVMe tier");
-  const BlockResidency& where = rec.residency;
-  const Tier src_tier = where.resident_in(Tier::kHost) ? Tier::kHost : Tier::kHbm;
-  if (!where.resident_in(src_tier)) return not_found("block is in no memory tier");
-  const MemoryArena& src_arena = *memory_tier(src_tier)->arena;
-  auto written = write_to_nvme(catalog_entry(key, rec.parent, rec.block_index, rec.tokens, rec.extras, where.priority),
-                               src_arena.slot_ptr(where.slot(src_tier)), src_arena.is_device_memory());
-  if (!written) return written.status();
-  return index_nvme_copy(key, written->slot);
 }
 
 Status TierManager::index_nvme_copy(const BlockKey& key, SlotId slot) {
@@ -827,9 +970,13 @@ Result<size_t> TierManager::save_blocks(const Namespace& ns, std::span<const Tok
       // the block goes straight to NVMe instead of failing the save. write_to_nvme copies it
       // into a private host block first (a device block by one DMA); the write and the
       // checksum recorded both come from that copy.
-      auto written = write_to_nvme(
-          catalog_entry(keys[b], parent, ins.block_index, block_tokens, block_extras, priority), src, src_on_device,
-          /*src_may_change=*/true);
+      // Its parent first (pinned: the previous block), so NVMe stays prefix-closed.
+      const BlockKey parent_key = parent;
+      const Status parent_stored = b == 0 ? Status::ok() : store_batch_to_nvme(std::span(&parent_key, 1))[0];
+      auto written = !parent_stored ? Result<CatalogEntry>(parent_stored)
+                                    : write_to_nvme(catalog_entry(keys[b], parent, ins.block_index, block_tokens,
+                                                                  block_extras, priority),
+                                                    src, src_on_device, /*src_may_change=*/true);
       if (written) {
         slot = written->slot;
         ins.checksum = written->checksum;
@@ -882,6 +1029,7 @@ Result<size_t> TierManager::save_blocks(const Namespace& ns, std::span<const Tok
     pin_only(keys[b]);  // the insert took the pin
     ++saved;
     counters_->saved++;
+    adopt_orphans(ns, keys[b]);  // blocks kept at open below it match again (the next ones skip)
     if (on_nvme) continue;
     {
       // Dirty until on NVMe; under write-through that is by the end of this save, and a block
@@ -1150,6 +1298,10 @@ TierManagerStats TierManager::stats() const {
   s.write_through_blocks = counters_->write_through;
   s.recovered_blocks = counters_->recovered;
   s.recovery_dropped = counters_->recovery_dropped;
+  s.orphans = counters_->orphan_count;
+  s.orphans_adopted = counters_->orphans_adopted;
+  s.orphans_dropped = counters_->orphans_dropped;
+  s.ancestor_writes = counters_->ancestor_writes;
   s.errors = counters_->errors;
   s.corrupt_blocks_found = counters_->corrupt_found;
   s.blocks_repaired = counters_->repaired;

@@ -11,6 +11,14 @@
 //   - a slot is freed only after its residency left the index, and the index refuses to remove
 //     a residency while the block is pinned (a leased match), so a load never reads a reused slot;
 //   - on NVMe the catalog entry is written after the data, and erased before the slot is freed.
+//
+// NVMe stays prefix-closed: a block is committed to NVMe only together with, or after, its
+// parent (write-back writes a chain's missing ancestors first and keeps them in memory as clean
+// copies), and the index never drops a parent's NVMe copy while a child is on NVMe. So every
+// block the catalog holds is reachable after a crash, whatever was in memory only. A block whose
+// parent is missing at open (its parent's slot was found corrupt) is kept aside as an orphan,
+// not erased: it is indexed again once a save indexes its parent (keys chain, so the same
+// tokens give the same parent key), and orphans are the first blocks NVMe reclaim drops.
 #pragma once
 
 #include <array>
@@ -22,6 +30,8 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "kvtier/kv_layout.h"
@@ -111,7 +121,11 @@ struct TierManagerStats {
   uint64_t loaded_blocks = 0;
   uint64_t write_through_blocks = 0;
   uint64_t recovered_blocks = 0;    // indexed from the NVMe catalog at open
-  uint64_t recovery_dropped = 0;    // catalog entries that could not be indexed (orphans, layout)
+  uint64_t recovery_dropped = 0;    // catalog entries that could not be indexed (no namespace)
+  uint64_t orphans = 0;             // NVMe blocks kept at open whose parent is missing, now
+  uint64_t orphans_adopted = 0;     // orphans indexed again once a save indexed their parent
+  uint64_t orphans_dropped = 0;     // orphans erased to make room on NVMe
+  uint64_t ancestor_writes = 0;     // blocks written back early as the parents of a write-back
   uint64_t errors = 0;              // failed transfers and storage operations
   uint64_t corrupt_blocks_found = 0;  // NVMe copies that failed their checksum and were marked damaged
   uint64_t blocks_repaired = 0;       // damaged blocks whose tokens were saved again, replacing the copy
@@ -210,6 +224,11 @@ class TierManager {
   /// The index group of a tenant named in options.tenants; kNoGroup for any other name.
   GroupId group_of(std::string_view tenant) const noexcept;
   Status recover();
+  /// Indexes the orphans kept at open whose parent is `parent` (just indexed in `ns`), then
+  /// theirs in turn. The number indexed; an orphan the index refuses is erased.
+  size_t adopt_orphans(const Namespace& ns, const BlockKey& parent);
+  /// Erases up to `n` orphans from NVMe (catalog first); the number erased.
+  size_t drop_orphans(size_t n);
   MemoryTier* memory_tier(Tier t) noexcept;
   uint64_t capacity_slots(Tier t) const noexcept;
   uint64_t used_slots(Tier t) const noexcept;
@@ -227,15 +246,23 @@ class TierManager {
   /// Copies a block down to the memory tier below `from` (HBM → host) and drops `from`'s copy.
   /// Write-back to NVMe goes through store_batch_to_nvme instead (kInvalidArgument here).
   Status demote_block(const BlockKey& key, Tier from);
-  /// Stores an indexed block's memory-tier copy on NVMe and adds the NVMe residency.
-  Status store_to_nvme(const BlockKey& key, const BlockRecord& rec);
   /// Adds the NVMe residency of a block just committed to `slot` and clears its dirty mark; when
   /// the block left the index (or was stored twice) meanwhile, erases the NVMe copy instead.
   Status index_nvme_copy(const BlockKey& key, SlotId slot);
-  /// store_to_nvme for many blocks at once: every data write in flight together, then one
-  /// NvmeTier::commit_batch (one flush per slot file, one synced catalog write). Blocks on NVMe
-  /// already are ok; HBM-only blocks take store_to_nvme. One status per key, in order.
+  /// Writes indexed blocks' memory copies to NVMe and adds their NVMe residency, keeping NVMe prefix-closed: each block's ancestors
+  /// not yet on NVMe are written first (they keep their memory copies), in block order, and a
+  /// block is committed only when its parent is on NVMe or committed with it. Every data write
+  /// of a round is in flight together, then one NvmeTier::commit_batch (one flush per slot file,
+  /// one synced catalog write, all or nothing). Blocks on NVMe already are ok. One status per
+  /// key, in order.
   std::vector<Status> store_batch_to_nvme(std::span<const BlockKey> keys);
+  /// The blocks to write for `keys`: theirs and their ancestors' keys up to (and including) the
+  /// first ancestor on NVMe, deduplicated, parents before children.
+  std::vector<BlockKey> with_ancestors(std::span<const BlockKey> keys) const;
+  /// One round of store_batch_to_nvme over pinned keys in block order: a status per key into
+  /// `result`, and the keys it wrote (not those stored already) into `written_now`.
+  void store_round_to_nvme(std::span<const BlockKey> keys, std::unordered_map<BlockKey, Status>& result,
+                           std::unordered_set<BlockKey>& written_now);
   /// Removes `from`'s residency of a block that has a lower copy, frees its slot and counts
   /// the demotion. kBusy when it was pinned meanwhile (both copies stay).
   Status drop_residency(const BlockKey& key, Tier from);
