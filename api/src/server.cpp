@@ -71,6 +71,7 @@ struct Server::Session {
   int fd = -1;
   uint32_t uid = 0, gid = 0;
   pid_t pid = 0;
+  std::chrono::steady_clock::time_point accepted_at;  // the hello deadline counts from here
   std::string name;
   bool hello_done = false;
   std::byte* window = nullptr;
@@ -119,6 +120,9 @@ struct Server::Instruments {
   Counter* clients_total = nullptr;
   Counter* clients_refused = nullptr;
   Counter* protocol_errors = nullptr;
+  Counter* hello_timeouts = nullptr;
+  Counter* idle_timeouts = nullptr;
+  Counter* requests_over_budget = nullptr;
   Gauge* clients_connected = nullptr;
   Histogram* load_seconds_per_block = nullptr;
   // Per tenant, in config order: how much of its prompts its clients found cached, and saved.
@@ -172,6 +176,12 @@ struct Server::Instruments {
     clients_total = &r.counter("kvtierd_clients_total", "Client connections accepted.");
     clients_refused = &r.counter("kvtierd_clients_refused_total", "Connections refused (credentials or client limit).");
     protocol_errors = &r.counter("kvtierd_protocol_errors_total", "Connections closed for malformed input.");
+    hello_timeouts = &r.counter("kvtierd_connections_timed_out_total",
+                                "Connections closed at a deadline, per reason.", {{"reason", "hello"}});
+    idle_timeouts = &r.counter("kvtierd_connections_timed_out_total",
+                               "Connections closed at a deadline, per reason.", {{"reason", "idle"}});
+    requests_over_budget = &r.counter("kvtierd_requests_over_budget_total",
+                                      "Request frames refused because max_inflight_request_bytes was held.");
     clients_connected = &r.gauge("kvtierd_clients_connected", "Client connections now open.");
     load_seconds_per_block = &r.histogram("kvtierd_load_block_seconds", "Load time divided by blocks loaded.",
                                           default_latency_buckets());
@@ -181,7 +191,17 @@ struct Server::Instruments {
 Server::Server(ServiceConfig config)
     : config_(std::move(config)),
       max_spinning_(std::max(1, static_cast<int>(std::thread::hardware_concurrency()) - 1)),
-      m_(std::make_unique<Instruments>(metrics_, config_.tenants)) {}
+      request_budget_(std::make_unique<proto::RequestBudget>(config_.max_inflight_request_bytes)),
+      m_(std::make_unique<Instruments>(metrics_, config_.tenants)) {
+  // The budget keeps its own counts; the gauges read them at every scrape.
+  metrics_.add_collector([budget = request_budget_.get()](MetricsRegistry& r) {
+    r.gauge("kvtierd_request_bytes_held", "Payload bytes of request frames being received or handled.")
+        .set(static_cast<double>(budget->held()));
+    r.gauge("kvtierd_request_bytes_charged",
+            "The part of kvtierd_request_bytes_held charged to max_inflight_request_bytes.")
+        .set(static_cast<double>(budget->charged()));
+  });
+}
 
 Server::~Server() {
   request_stop();
@@ -303,6 +323,7 @@ void Server::accept_loop() {
     session->uid = cred.uid;
     session->gid = cred.gid;
     session->pid = cred.pid;
+    session->accepted_at = std::chrono::steady_clock::now();
     {
       std::lock_guard lock(mu_);
       if (active_ >= config_.max_clients) {
@@ -310,6 +331,15 @@ void Server::accept_loop() {
                                                           std::to_string(config_.max_clients) + " clients"));
         continue;
       }
+      // uid 0 is bounded by max_clients only (service_config.h).
+      const uint32_t per_uid = clients_per_uid_limit(config_);
+      if (cred.uid != 0 && clients_of_uid_[cred.uid] >= per_uid) {
+        refuse(Status(StatusCode::kResourceExhausted, "kvtierd serves at most " + std::to_string(per_uid) +
+                                                          " clients of one uid (max_clients_per_uid); uid " +
+                                                          std::to_string(cred.uid) + " has that many"));
+        continue;
+      }
+      if (cred.uid != 0) ++clients_of_uid_[cred.uid];
       sessions_.emplace(session->id, session);
       ++active_;
     }
@@ -803,18 +833,21 @@ Status Handler::prefix_op(Op op, std::span<const std::byte> payload) {
   return Status::ok();
 }
 
-/// Waits for the session's next request: true when it is in the mailbox, false when the socket
-/// has something (a frame, a doorbell, the end of the stream). Polls both for the session's spin
-/// budget (AdaptiveSpin), the socket every 64 rounds, then parks (mailbox.h) and blocks on the
-/// socket. It spins only while it holds one of the `max_spinning` places in `spinning`.
-bool wait_request(Server::Session& s, proto::FrameReader& reader, std::atomic<int>& spinning,
-                  int max_spinning) {
+enum class Arrival { kMailbox, kSocket, kDeadline };
+
+/// Waits for the session's next request: kMailbox when it is in the mailbox, kSocket when the
+/// socket has something (a frame, a doorbell, the end of the stream), kDeadline when neither came
+/// by `deadline`. Polls both for the session's spin budget (AdaptiveSpin), the socket every 64
+/// rounds, then parks (mailbox.h) and blocks on the socket until the deadline. It spins only
+/// while it holds one of the `max_spinning` places in `spinning`.
+Arrival wait_request(Server::Session& s, proto::FrameReader& reader, std::atomic<int>& spinning,
+                     int max_spinning, proto::FrameReader::Deadline deadline) {
   using proto::Mailbox;
   const auto start = std::chrono::steady_clock::now();
   const auto budget = s.spin.budget();
   auto arrived = [&] {
     s.spin.observe(start, s.mailbox.published_at(Mailbox::kRequest));
-    return true;
+    return Arrival::kMailbox;
   };
   if (budget.count() > 0 && spinning.fetch_add(1, std::memory_order_relaxed) < max_spinning) {
     struct Leave {
@@ -824,7 +857,7 @@ bool wait_request(Server::Session& s, proto::FrameReader& reader, std::atomic<in
     for (uint32_t i = 1;; ++i) {
       if (s.mailbox.seq(Mailbox::kRequest) != s.mailbox_seen) return arrived();
       if (i % 64 == 0) {
-        if (reader.try_fill()) return false;
+        if (reader.try_fill()) return Arrival::kSocket;
         if (std::chrono::steady_clock::now() - start > budget) break;
       }
       proto::cpu_relax();
@@ -832,9 +865,18 @@ bool wait_request(Server::Session& s, proto::FrameReader& reader, std::atomic<in
   } else if (budget.count() > 0) {
     spinning.fetch_sub(1, std::memory_order_relaxed);  // every place is taken: park at once
   }
-  if (s.mailbox.park(Mailbox::kRequest) == s.mailbox_seen) reader.wait_readable();
+  bool readable = true;
+  if (s.mailbox.park(Mailbox::kRequest) == s.mailbox_seen) readable = reader.wait_readable(deadline);
   s.mailbox.unpark(Mailbox::kRequest);
-  return s.mailbox.seq(Mailbox::kRequest) != s.mailbox_seen && arrived();
+  // A request published as the deadline passed is still served.
+  if (s.mailbox.seq(Mailbox::kRequest) != s.mailbox_seen) return arrived();
+  return readable ? Arrival::kSocket : Arrival::kDeadline;
+}
+
+/// True when the idle deadline may close the session: it holds nothing a client would lose
+/// (service_config.h idle_timeout_ms).
+bool may_idle_out(const Server::Session& s) {
+  return s.leases.empty() && s.pins.size() == 0 && s.regions.empty();
 }
 
 }  // namespace
@@ -845,7 +887,9 @@ void Server::serve(std::shared_ptr<Session> session) {
   std::vector<std::byte> payload;
   std::vector<std::byte> reply;
   std::vector<std::byte> frame;  // a mailbox frame, in or out
-  proto::FrameReader reader(s.fd);
+  proto::FrameReader reader(s.fd, request_budget_.get());
+  proto::RequestBudget& budget = *request_budget_;
+  uint64_t mailbox_bytes = 0;  // of the mailbox request being handled, counted in `budget`
   bool from_mailbox = false;
   // A reply goes back the way its request came; one too large for the mailbox goes over the
   // socket and the mailbox says so.
@@ -863,28 +907,90 @@ void Server::serve(std::shared_ptr<Session> session) {
     if (!ring) return Status::ok();
     return proto::send_frame(s.fd, static_cast<uint16_t>(Op::kDoorbell) | proto::kReplyBit, 0, {});
   };
+  using Clock = std::chrono::steady_clock;
+  // The next request must be whole by this time: the hello deadline counts from the accept, the
+  // idle one from the last reply, and only while the session holds nothing (may_idle_out).
+  auto request_deadline = [&]() -> proto::FrameReader::Deadline {
+    if (!s.hello_done) {
+      if (config_.hello_timeout_ms == 0) return proto::FrameReader::kNoDeadline;
+      return s.accepted_at + std::chrono::milliseconds(config_.hello_timeout_ms);
+    }
+    if (config_.idle_timeout_ms == 0 || !may_idle_out(s)) return proto::FrameReader::kNoDeadline;
+    return Clock::now() + std::chrono::milliseconds(config_.idle_timeout_ms);
+  };
+  auto timed_out = [&] {
+    if (!s.hello_done) {
+      m_->hello_timeouts->add(1);
+      spdlog::warn("kvtierd: closing connection {} (pid {} uid {}): no hello within {} ms", s.id, s.pid, s.uid,
+                   config_.hello_timeout_ms);
+      // Answered like a refused peer (accept_loop), so a client that is merely slow sees why.
+      reply.clear();
+      proto::encode_status(Status(StatusCode::kUnavailable, "no hello within hello_timeout_ms (" +
+                                                                std::to_string(config_.hello_timeout_ms) + " ms)"),
+                           reply);
+      proto::send_frame(s.fd, static_cast<uint16_t>(Op::kHello) | proto::kReplyBit, 0, reply).ignore();
+    } else {
+      m_->idle_timeouts->add(1);
+      spdlog::warn("kvtierd: closing client {} '{}' (pid {} uid {}): idle for {} ms with no lease, pin or "
+                   "registered memory", s.id, s.name, s.pid, s.uid, config_.idle_timeout_ms);
+    }
+  };
+  // Ends the handling of a request: its bytes leave the budget, large buffers are freed.
+  auto request_done = [&] {
+    reader.release_frame(payload);
+    budget.give_back(mailbox_bytes);
+    mailbox_bytes = 0;
+    if (frame.capacity() > proto::FrameReader::kKeptPayloadCapacity) std::vector<std::byte>().swap(frame);
+  };
   for (;;) {
+    request_done();
     int passed_fd = -1;
     Status got;
-    from_mailbox = s.mailbox && !reader.buffered() && wait_request(s, reader, spinning_, max_spinning_);
+    const proto::FrameReader::Deadline deadline = request_deadline();
+    Arrival arrival = Arrival::kSocket;
+    if (s.mailbox && !reader.buffered()) arrival = wait_request(s, reader, spinning_, max_spinning_, deadline);
+    if (arrival == Arrival::kDeadline) {
+      timed_out();
+      break;
+    }
+    from_mailbox = arrival == Arrival::kMailbox;
     if (from_mailbox) {
       s.mailbox_seen = s.mailbox.seq(proto::Mailbox::kRequest);
       s.mailbox.read(proto::Mailbox::kRequest, frame);
       std::span<const std::byte> body;
       got = proto::split_frame(frame, header, body);
-      payload.assign(body.begin(), body.end());
+      // A mailbox frame (at most a slot, which the client sized at hello) is charged like a
+      // socket frame while it is handled; both copies of it are freed after.
+      if (got && !budget.grow(0, body.size())) {
+        got = Status(StatusCode::kResourceExhausted,
+                     "kvtierd holds its limit of " + std::to_string(budget.limit()) +
+                         " bytes of requests in flight (max_inflight_request_bytes); a frame of " +
+                         std::to_string(body.size()) + " bytes is refused");
+      } else if (got) {
+        mailbox_bytes = body.size();
+        payload.assign(body.begin(), body.end());
+      }
     } else {
-      got = reader.next(header, payload, passed_fd);
+      got = reader.next(header, payload, passed_fd, deadline);
     }
     if (!got) {
       if (passed_fd >= 0) ::close(passed_fd);
-      if (got.code() == StatusCode::kProtocolError) {
-        m_->protocol_errors->add(1);
+      if (!from_mailbox && reader.deadline_passed()) {
+        timed_out();
+        break;
+      }
+      if (got.code() == StatusCode::kProtocolError || got.code() == StatusCode::kResourceExhausted) {
+        if (got.code() == StatusCode::kProtocolError) {
+          m_->protocol_errors->add(1);
+        } else {
+          m_->requests_over_budget->add(1);
+          spdlog::warn("kvtierd: closing client {} (pid {} uid {}): {}", s.id, s.pid, s.uid, got.to_string());
+        }
         reply.clear();
         proto::encode_status(got, reply);
         send_reply(header.op | proto::kReplyBit, header.request_id).ignore();
       }
-      break;  // end of stream, or a frame we cannot parse: close
+      break;  // end of stream, a frame we cannot parse or hold: close
     }
     if (header.op == static_cast<uint16_t>(Op::kDoorbell) && header.version == proto::kVersion &&
         payload.empty() && !from_mailbox && passed_fd < 0) {
@@ -961,6 +1067,7 @@ void Server::serve(std::shared_ptr<Session> session) {
     }
     if (!sent) break;
   }
+  request_done();
   end_session(s);
 }
 
@@ -979,6 +1086,10 @@ void Server::end_session(Session& s) {
   // Closed under mu_, after leaving sessions_: the stop path shuts down every listed session's
   // fd under the same lock, and must never touch a descriptor number already reused.
   sessions_.erase(s.id);
+  if (s.uid != 0) {
+    auto it = clients_of_uid_.find(s.uid);
+    if (it != clients_of_uid_.end() && --it->second == 0) clients_of_uid_.erase(it);
+  }
   ::close(s.fd);
   s.fd = -1;
   --active_;
@@ -1030,12 +1141,23 @@ uint64_t Server::tenant_pins(const TenantRule& tenant) const {
   return it == tenant_pins_.end() ? 0 : it->second;
 }
 
+bool Server::wait_request_bytes(const std::function<bool(uint64_t held, uint64_t charged)>& ready,
+                                std::chrono::milliseconds timeout) {
+  proto::RequestBudget& b = *request_budget_;
+  return b.wait_until([&] { return ready(b.held(), b.charged()); }, timeout);
+}
+
 ServerCounters Server::counters() const {
   ServerCounters c;
   c.clients_connected = static_cast<uint64_t>(m_->clients_connected->value());
   c.clients_total = m_->clients_total->value();
   c.clients_refused = m_->clients_refused->value();
   c.protocol_errors = m_->protocol_errors->value();
+  c.hello_timeouts = m_->hello_timeouts->value();
+  c.idle_timeouts = m_->idle_timeouts->value();
+  c.requests_over_budget = m_->requests_over_budget->value();
+  c.request_bytes_held = request_budget_->held();
+  c.request_bytes_charged = request_budget_->charged();
   return c;
 }
 

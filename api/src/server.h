@@ -4,6 +4,11 @@
 // the daemon maps at hello — never through the socket, and the client never maps the daemon's
 // arenas, so a client sees only the blocks its own lookups and tenants lead it to.
 //
+// Connections are bounded (docs/service.md "Limits"): at most max_clients, at most
+// max_clients_per_uid of one uid (uid 0 excepted), a hello within hello_timeout_ms, an idle
+// connection without leases, pins or registered memory closed after idle_timeout_ms, and request
+// payloads held in memory under one daemon-wide budget (max_inflight_request_bytes).
+//
 // A client's leases and pins are its session's: they are released when it disconnects or dies.
 // request_stop() begins a graceful shutdown: no new connections, every in-flight request finishes
 // and is answered, sessions end, write-back blocks are flushed to NVMe, and the store closes.
@@ -13,6 +18,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -25,11 +31,20 @@
 
 namespace kvtier {
 
+namespace proto {
+class RequestBudget;
+}
+
 struct ServerCounters {
   uint64_t clients_connected = 0;  // sessions now open
   uint64_t clients_total = 0;      // sessions ever accepted
-  uint64_t clients_refused = 0;    // peers refused by credentials or the client limit
+  uint64_t clients_refused = 0;    // peers refused by credentials, the client or the per-uid limit
   uint64_t protocol_errors = 0;    // connections closed for malformed input
+  uint64_t hello_timeouts = 0;     // connections closed for no hello within hello_timeout_ms
+  uint64_t idle_timeouts = 0;      // connections closed after idle_timeout_ms without a request
+  uint64_t requests_over_budget = 0;  // frames refused: max_inflight_request_bytes was held
+  uint64_t request_bytes_held = 0;     // payload bytes of frames being received or handled, now
+  uint64_t request_bytes_charged = 0;  // the part of them charged to the budget, now
 };
 
 class Server {
@@ -59,6 +74,10 @@ class Server {
   /// Blocks until at most `n` client sessions are open — the event a disconnect signals once its
   /// leases and pins are released. False when `timeout` passed first.
   bool wait_sessions_at_most(size_t n, std::chrono::milliseconds timeout);
+  /// Blocks until `ready(request_bytes_held, request_bytes_charged)` is true (ServerCounters),
+  /// re-checked at every change of the request budget. False when `timeout` passed first.
+  bool wait_request_bytes(const std::function<bool(uint64_t held, uint64_t charged)>& ready,
+                          std::chrono::milliseconds timeout);
   /// Counters, occupancy and latencies in Prometheus text format (also served over HTTP).
   std::string metrics_text();
 
@@ -90,6 +109,7 @@ class Server {
   mutable std::mutex mu_;  // guards sessions_, active_
   std::condition_variable drained_;
   std::unordered_map<uint64_t, std::shared_ptr<Session>> sessions_;
+  std::unordered_map<uint32_t, uint32_t> clients_of_uid_;  // sessions_ per uid (max_clients_per_uid)
   size_t active_ = 0;  // connection threads still running
   bool waited_ = false;
   Status wait_status_;
@@ -101,6 +121,8 @@ class Server {
   // threads doing the work. The others park at once.
   std::atomic<int> spinning_{0};
   const int max_spinning_;
+
+  std::unique_ptr<proto::RequestBudget> request_budget_;  // max_inflight_request_bytes
 
   MetricsRegistry metrics_;
   std::unique_ptr<MetricsHttpServer> http_;

@@ -315,6 +315,18 @@ Status parse_service(const toml::table& t, ServiceConfig& c) {
          return Status::ok();
        }},
       {"lease_ms", [&](auto& n, auto& key) { return assign(get_uint(n, key, 1, kMaxLeaseMs), c.lease_ms); }},
+      {"max_clients_per_uid", [&](auto& n, auto& key) -> Status {
+         auto v = get_uint(n, key, 0, 1u << 20);
+         if (!v.is_ok()) return v.status();
+         c.max_clients_per_uid = static_cast<uint32_t>(*v);
+         return Status::ok();
+       }},
+      {"hello_timeout_ms",
+       [&](auto& n, auto& key) { return assign(get_uint(n, key, 0, kMaxLeaseMs), c.hello_timeout_ms); }},
+      {"idle_timeout_ms",
+       [&](auto& n, auto& key) { return assign(get_uint(n, key, 0, kMaxLeaseMs), c.idle_timeout_ms); }},
+      {"max_inflight_request_bytes",
+       [&](auto& n, auto& key) { return assign(get_bytes(n, key), c.max_inflight_request_bytes); }},
       {"client_window_max_bytes", [&](auto& n, auto& key) -> Status {
          auto v = get_bytes(n, key);
          if (!v.is_ok()) return v.status();
@@ -377,6 +389,14 @@ Status validate_fields(const ServiceConfig& c) {
   if (c.data_dir.empty()) return invalid_argument("config: data_dir must not be empty");
   if (c.lease_ms == 0 || c.lease_ms > kMaxLeaseMs) {
     return invalid_argument("config: service.lease_ms must be from 1 to " + std::to_string(kMaxLeaseMs));
+  }
+  if (c.max_clients_per_uid > c.max_clients) {
+    return invalid_argument("config: service.max_clients_per_uid (" + std::to_string(c.max_clients_per_uid) +
+                            ") must not exceed service.max_clients (" + std::to_string(c.max_clients) + ")");
+  }
+  if (c.hello_timeout_ms > kMaxLeaseMs || c.idle_timeout_ms > kMaxLeaseMs) {
+    return invalid_argument("config: service.hello_timeout_ms and service.idle_timeout_ms must be at most " +
+                            std::to_string(kMaxLeaseMs) + " (24 h)");
   }
   std::set<std::string_view> names;
   for (size_t i = 0; i < c.tenants.size(); ++i) {
@@ -873,6 +893,11 @@ Result<TierManagerOptions> to_tier_options(const ServiceConfig& c) {
   o.index.default_lease_ns = c.lease_ms * 1'000'000ull;
   for (const TenantRule& t : c.tenants) o.tenants.push_back({.name = t.name, .tier_share = t.tier_share});
   return o;
+}
+
+uint32_t clients_per_uid_limit(const ServiceConfig& c) {
+  if (c.max_clients_per_uid != 0) return c.max_clients_per_uid;
+  return std::max<uint32_t>(1, c.max_clients / 2);
 }
 
 const TenantRule* find_tenant(const ServiceConfig& c, std::string_view name) {

@@ -90,6 +90,31 @@ struct ServiceConfig {
   bool fdatasync = true;
   /// Connected clients at most (default 256).
   uint32_t max_clients = 256;
+  /// Connected clients of one uid at most, so one uid opening connections in a loop cannot take
+  /// every slot. 0 (default) = auto: half of max_clients (at least 1), which leaves the other
+  /// half to everyone else and is still far more than one machine's engine processes need. uid 0
+  /// is never limited by it, only by max_clients: root can stop the daemon anyway, and a
+  /// deployment whose engines all run as root keeps every slot. A deployment that runs every
+  /// engine under one other uid and wants all slots for it sets this to max_clients. At most
+  /// max_clients.
+  uint32_t max_clients_per_uid = 0;
+  /// A connection that has not completed its hello this long after it was accepted is closed
+  /// (answered with kUnavailable first), so connections that never speak cannot hold slots.
+  /// Default 5000 ms; 0 = no deadline; at most 24 h.
+  uint64_t hello_timeout_ms = 5000;
+  /// A connection that holds no lease, no pin and no registered memory and sends no request for
+  /// this long is closed (without an answer: its next request fails with kUnavailable).
+  /// Registered memory exempts it because an engine that registered its KV cache is long-lived
+  /// and re-registering costs it a reconnect. Default 0 = off: the thin client does not
+  /// reconnect, so an engine idle between batches would see its next call fail. The per-uid
+  /// limit is what bounds idle connections by default. At most 24 h.
+  uint64_t idle_timeout_ms = 0;
+  /// Request bytes held at once over all connections, in frames partly received or being
+  /// handled, beyond each frame's first 64 KiB (RequestBudget, socket_io.h). A frame that cannot
+  /// get its bytes is answered kResourceExhausted and its connection closed. Only bytes that
+  /// arrived count, never the size a header announces. Default 256 MiB (32 frames of the largest
+  /// size, kMaxPayload 8 MiB); 0 admits only frames of at most 64 KiB.
+  uint64_t max_inflight_request_bytes = 256ull << 20;
   /// Lifetime of a lookup lease a client did not release (default 30000 ms, at most 24 h).
   uint64_t lease_ms = 30000;
   /// Largest shared-memory window a client may hand over (default 4 GiB).
@@ -123,6 +148,9 @@ Status resolve(ServiceConfig& config);
 /// in data_dir/nvme (one slot file), durability, write policy, promote_on_hit, lease length.
 /// kInvalidArgument when the config is not resolved (host_bytes 0) or the layout is invalid.
 Result<TierManagerOptions> to_tier_options(const ServiceConfig& config);
+
+/// The per-uid connection limit max_clients_per_uid stands for (its auto value resolved).
+uint32_t clients_per_uid_limit(const ServiceConfig& config);
 
 /// The tenant called `name`, or null. With no tenants configured, "" names the shared default.
 const TenantRule* find_tenant(const ServiceConfig& config, std::string_view name);

@@ -97,34 +97,96 @@ Status send_frame(int sock, uint16_t op, uint32_t request_id, std::span<const st
   return Status::ok();
 }
 
-constexpr size_t kReadBuffer = 64 * 1024;
+bool RequestBudget::grow(uint64_t before, uint64_t after) noexcept {
+  const uint64_t more = charge_of(after) - charge_of(before);
+  if (more > 0) {
+    uint64_t now = charged_.load();
+    do {
+      if (now + more > limit_) return false;
+    } while (!charged_.compare_exchange_weak(now, now + more));
+  }
+  held_.fetch_add(after - before);
+  changed();
+  return true;
+}
 
-FrameReader::FrameReader(int sock) : sock_(sock), buf_(kReadBuffer) {}
+void RequestBudget::give_back(uint64_t bytes) noexcept {
+  if (bytes == 0) return;
+  charged_.fetch_sub(charge_of(bytes));
+  held_.fetch_sub(bytes);
+  changed();
+}
+
+// A waiter registers, then reads the counts under mu_; a change stores the counts, then reads
+// waiters_: one of the two always sees the other (sequentially consistent atomics), so a waiter
+// that missed a change is woken by it.
+void RequestBudget::changed() noexcept {
+  if (waiters_.load() == 0) return;
+  std::lock_guard lock(mu_);
+  cv_.notify_all();
+}
+
+bool RequestBudget::wait_until(const std::function<bool()>& ready, std::chrono::milliseconds timeout) {
+  waiters_.fetch_add(1);
+  bool ok;
+  {
+    std::unique_lock lock(mu_);
+    ok = cv_.wait_for(lock, timeout, ready);
+  }
+  waiters_.fetch_sub(1);
+  return ok;
+}
+
+constexpr size_t kReadBuffer = 64 * 1024;
+static_assert(kReadBuffer == RequestBudget::kFreeBytesPerFrame, "the free bytes are a read buffer's worth");
+
+FrameReader::FrameReader(int sock, RequestBudget* budget) : sock_(sock), budget_(budget), buf_(kReadBuffer) {}
 
 FrameReader::~FrameReader() {
   if (pending_fd_ >= 0) ::close(pending_fd_);
+  if (budget_) budget_->give_back(frame_bytes_);
 }
 
-ssize_t FrameReader::fill() {
+void FrameReader::release_frame(std::vector<std::byte>& payload) noexcept {
+  if (budget_) budget_->give_back(frame_bytes_);
+  frame_bytes_ = 0;
+  if (payload.capacity() > kKeptPayloadCapacity) std::vector<std::byte>().swap(payload);
+}
+
+ssize_t FrameReader::receive(std::byte* buf, size_t n, Deadline deadline) {
+  const auto start = std::chrono::steady_clock::now();
+  int flags = MSG_DONTWAIT;
+  for (;;) {
+    const ssize_t r = recv_into(buf, n, flags);
+    if (r >= 0) return r;
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
+    if (flags != 0 && std::chrono::steady_clock::now() - start <= kPollBeforeBlocking) {
+      cpu_relax();
+      continue;
+    }
+    if (deadline == kNoDeadline) {
+      flags = 0;  // block in recvmsg
+      continue;
+    }
+    flags = MSG_DONTWAIT;  // block in poll, which knows the deadline
+    if (!wait_readable(deadline)) {
+      errno = ETIMEDOUT;
+      return -1;
+    }
+  }
+}
+
+ssize_t FrameReader::fill(Deadline deadline) {
   if (begin_ == end_) begin_ = end_ = 0;
   if (end_ == buf_.size()) {  // the unread tail moves to the front
     std::memmove(buf_.data(), buf_.data() + begin_, end_ - begin_);
     end_ -= begin_;
     begin_ = 0;
   }
-  const auto start = std::chrono::steady_clock::now();
-  int flags = MSG_DONTWAIT;
-  for (;;) {
-    const ssize_t r = recv_into(buf_.data() + end_, buf_.size() - end_, flags);
-    if (r >= 0) {
-      end_ += static_cast<size_t>(r);
-      return r;
-    }
-    if (errno == EINTR) continue;
-    if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
-    if (std::chrono::steady_clock::now() - start > kPollBeforeBlocking) flags &= ~MSG_DONTWAIT;  // block
-    cpu_relax();
-  }
+  const ssize_t r = receive(buf_.data() + end_, buf_.size() - end_, deadline);
+  if (r > 0) end_ += static_cast<size_t>(r);
+  return r;
 }
 
 bool FrameReader::try_fill() {
@@ -139,9 +201,24 @@ bool FrameReader::try_fill() {
   return errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR;
 }
 
-void FrameReader::wait_readable() const {
-  pollfd p{sock_, POLLIN, 0};
-  while (::poll(&p, 1, -1) < 0 && errno == EINTR) {
+bool FrameReader::wait_readable(Deadline deadline) {
+  deadline_passed_ = false;
+  for (;;) {
+    int timeout_ms = -1;
+    if (deadline != kNoDeadline) {
+      const auto left = deadline - std::chrono::steady_clock::now();
+      if (left <= std::chrono::steady_clock::duration::zero()) {
+        deadline_passed_ = true;
+        return false;
+      }
+      // Rounded up: poll's milliseconds must not wake before the deadline and spin.
+      const auto ms = std::chrono::ceil<std::chrono::milliseconds>(left).count();
+      timeout_ms = static_cast<int>(std::min<int64_t>(ms, 24 * 3600 * 1000));
+    }
+    pollfd p{sock_, POLLIN, 0};
+    const int r = ::poll(&p, 1, timeout_ms);
+    if (r > 0) return true;
+    if (r < 0 && errno != EINTR) return true;  // the read that follows reports the error
   }
 }
 
@@ -155,11 +232,18 @@ ssize_t FrameReader::recv_into(std::byte* buf, size_t n, int flags) {
   return r;
 }
 
-Status FrameReader::next(FrameHeader& header, std::vector<std::byte>& payload, int& received_fd) {
+Status FrameReader::next(FrameHeader& header, std::vector<std::byte>& payload, int& received_fd, Deadline deadline) {
   received_fd = -1;
+  release_frame(payload);
+  payload.clear();
+  deadline_passed_ = false;
+  auto failed_read = [&](const char* where) {
+    if (deadline_passed_) return Status(StatusCode::kUnavailable, std::string("no whole frame by the deadline (") + where + ")");
+    return gone("recv");
+  };
   while (end_ - begin_ < kHeaderBytes) {
-    const ssize_t r = fill();
-    if (r < 0) return gone("recv");
+    const ssize_t r = fill(deadline);
+    if (r < 0) return failed_read("header");
     if (r == 0) {
       if (end_ == begin_) return Status(StatusCode::kUnavailable, "peer closed the connection");
       return Status(StatusCode::kProtocolError, "stream ended inside a frame header");
@@ -180,20 +264,39 @@ Status FrameReader::next(FrameHeader& header, std::vector<std::byte>& payload, i
       if (r.pending_fd_ >= 0 && r.fd_last_byte_ < frame_end) out = std::exchange(r.pending_fd_, -1);
     }
   } hand_out{*this, frame_start + kHeaderBytes + header.payload_bytes, received_fd};
-  payload.resize(header.payload_bytes);
-  const size_t buffered = std::min<size_t>(end_ - begin_, payload.size());
-  if (buffered > 0) std::memcpy(payload.data(), buf_.data() + begin_, buffered);
-  begin_ += buffered;
-  // The rest straight into the payload, past the buffer.
-  for (size_t got = buffered; got < payload.size();) {
-    const ssize_t n = recv_into(payload.data() + got, payload.size() - got, 0);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return gone("recv");
+  // The payload grows only with bytes that came: what the buffer holds is copied in, and room
+  // made for it at most doubles the payload, so the capacity stays within twice what arrived.
+  // Once the payload has spare room, reads go straight into it, past the buffer.
+  const size_t total = header.payload_bytes;
+  size_t got = 0;
+  auto take = [&](size_t n) {
+    if (budget_ && !budget_->grow(got, got + n)) return false;
+    got += n;
+    frame_bytes_ = got;
+    return true;
+  };
+  auto over_budget = [&] {
+    return Status(StatusCode::kResourceExhausted,
+                  "kvtierd holds its limit of " + std::to_string(budget_->limit()) +
+                      " bytes of requests in flight (max_inflight_request_bytes); a frame of " +
+                      std::to_string(total) + " bytes is refused");
+  };
+  while (got < total) {
+    const size_t buffered = std::min<size_t>(end_ - begin_, total - got);
+    if (buffered > 0) {
+      if (payload.size() < got + buffered) payload.resize(std::min(total, std::max(got + buffered, 2 * got)));
+      if (!take(buffered)) return over_budget();
+      std::memcpy(payload.data() + got - buffered, buf_.data() + begin_, buffered);
+      begin_ += buffered;
+      continue;
     }
+    const bool direct = payload.size() > got;
+    const ssize_t n = direct ? receive(payload.data() + got, payload.size() - got, deadline) : fill(deadline);
+    if (n < 0) return failed_read("payload");
     if (n == 0) return Status(StatusCode::kProtocolError, "stream ended inside a frame payload");
-    got += static_cast<size_t>(n);
+    if (direct && !take(static_cast<size_t>(n))) return over_budget();
   }
+  payload.resize(total);
   return Status::ok();
 }
 

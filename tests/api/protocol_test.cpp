@@ -866,6 +866,97 @@ TEST_CASE("FrameReader splits a stream into its frames however the bytes arrive"
   }
 }
 
+TEST_CASE("A payload grows with the bytes that arrive and its bytes are charged to the request budget") {
+  SocketPair sp;
+  const int big_buffer = 1 << 20;  // every write below fits: nothing waits for the reader
+  ::setsockopt(sp.b, SOL_SOCKET, SO_SNDBUF, &big_buffer, sizeof(big_buffer));
+  constexpr uint64_t kFree = RequestBudget::kFreeBytesPerFrame;
+  RequestBudget budget(16 * 1024);
+  FrameHeader h;
+  Bytes payload;
+  int fd = -1;
+  // A header announcing the largest payload, then the first `sent` bytes of it.
+  auto announce = [&](uint32_t id, size_t sent) {
+    Bytes f(kHeaderBytes);
+    encode_header({.op = static_cast<uint16_t>(Op::kSave), .request_id = id, .payload_bytes = kMaxPayload}, f.data());
+    const Bytes part = pattern(sent, uint8_t(id));
+    f.insert(f.end(), part.begin(), part.end());
+    write_all(sp.b, f);
+  };
+  auto soon = [] { return std::chrono::steady_clock::now() + std::chrono::milliseconds(20); };
+  {
+    FrameReader reader(sp.a, &budget);
+    SECTION("a few bytes of an 8 MiB frame hold a few bytes") {
+      announce(1, 100);
+      // The rest never comes: the deadline ends the wait, with what arrived held.
+      const Status s = reader.next(h, payload, fd, soon());
+      CHECK(s.code() == StatusCode::kUnavailable);
+      CHECK(reader.deadline_passed());
+      CHECK(h.request_id == 1);
+      CHECK(payload.capacity() <= 200);  // was kMaxPayload, announced, before any byte came
+      CHECK(budget.held() == 100);
+      CHECK(budget.charged() == 0);
+      reader.release_frame(payload);
+      CHECK(budget.held() == 0);
+    }
+    SECTION("bytes past the free ones are charged and the capacity stays within twice what came") {
+      announce(2, kFree + 10'000);
+      CHECK(reader.next(h, payload, fd, soon()).code() == StatusCode::kUnavailable);
+      CHECK(payload.capacity() <= 2 * (kFree + 10'000));
+      CHECK(budget.held() == kFree + 10'000);
+      CHECK(budget.charged() == 10'000);
+    }
+    SECTION("a frame the budget cannot hold is refused with its header") {
+      announce(3, kFree + 16 * 1024 + 1);
+      const Status s = reader.next(h, payload, fd, soon());
+      CHECK(s.code() == StatusCode::kResourceExhausted);
+      CHECK_FALSE(reader.deadline_passed());
+      CHECK(h.request_id == 3);
+      CHECK(budget.charged() <= 16 * 1024);
+    }
+    SECTION("a whole frame is held until it is released and a large payload is freed then") {
+      const Bytes big = pattern(kFree + 5'000, 4);
+      write_all(sp.b, frame_bytes(static_cast<uint16_t>(Op::kSave), 4, big));
+      REQUIRE(reader.next(h, payload, fd).is_ok());
+      CHECK(payload == big);
+      CHECK(budget.held() == big.size());
+      CHECK(budget.charged() == 5'000);
+      reader.release_frame(payload);
+      CHECK(budget.held() == 0);
+      CHECK(budget.charged() == 0);
+      CHECK(payload.capacity() <= FrameReader::kKeptPayloadCapacity);
+      // The next frame releases the one before by itself.
+      write_all(sp.b, frame_bytes(static_cast<uint16_t>(Op::kSave), 5, big));
+      write_all(sp.b, frame_bytes(static_cast<uint16_t>(Op::kRelease), 6, pattern(10, 6)));
+      REQUIRE(reader.next(h, payload, fd).is_ok());
+      CHECK(budget.held() == big.size());
+      REQUIRE(reader.next(h, payload, fd).is_ok());
+      CHECK(h.request_id == 6);
+      CHECK(budget.held() == 10);
+    }
+  }
+  // A reader that goes gives back what its frame held.
+  CHECK(budget.held() == 0);
+  CHECK(budget.charged() == 0);
+}
+
+TEST_CASE("A reader waits for the socket no longer than its deadline") {
+  SocketPair sp;
+  FrameReader reader(sp.a);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(30);
+  CHECK_FALSE(reader.wait_readable(deadline));
+  CHECK(reader.deadline_passed());
+  CHECK(std::chrono::steady_clock::now() >= deadline);
+  write_all(sp.b, frame_bytes(static_cast<uint16_t>(Op::kLookup), 1, pattern(3, 1)));
+  CHECK(reader.wait_readable(std::chrono::steady_clock::now() + std::chrono::seconds(20)));
+  CHECK_FALSE(reader.deadline_passed());
+  FrameHeader h;
+  Bytes payload;
+  int fd = -1;
+  REQUIRE(reader.next(h, payload, fd, std::chrono::steady_clock::now() + std::chrono::seconds(20)).is_ok());
+  CHECK(payload == pattern(3, 1));
+}
+
 TEST_CASE("A mailbox reader spins only as long as spinning has lately paid off") {
   using namespace std::chrono_literals;
   proto::AdaptiveSpin spin;

@@ -55,7 +55,7 @@ int check_shared(Client& c, NamespaceId ns, const std::vector<TokenId>& prompt, 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 5) return fail("usage: service_child share|save|hold|tenant|capi SOCKET SEED TOKENS [ARG]");
+  if (argc < 5) return fail("usage: service_child share|save|hold|tenant|refused|uid-limit|capi SOCKET SEED TOKENS [ARG]");
   const std::string cmd = argv[1], socket = argv[2];
   const uint64_t seed = std::strtoull(argv[3], nullptr, 10);
   const auto prompt = synthetic_tokens(seed, std::strtoull(argv[4], nullptr, 10));
@@ -77,6 +77,21 @@ int main(int argc, char** argv) {
     auto c = Client::connect({.socket_path = socket, .window_bytes = 64 << 10, .name = "service_child"});
     if (c || c.status().code() != StatusCode::kPermissionDenied) {
       return fail("connect was not refused with permission_denied", c ? Status::ok() : c.status());
+    }
+    return 0;
+  }
+  if (cmd == "uid-limit") {  // as another identity: SEED clients connect, the next is refused
+    if (::setgid(static_cast<gid_t>(arg)) != 0 || ::setuid(static_cast<uid_t>(arg)) != 0) return fail("setuid");
+    std::vector<std::unique_ptr<Client>> held;
+    for (uint64_t i = 0; i < seed; ++i) held.push_back(connect_or_die(socket));
+    auto over = Client::connect({.socket_path = socket, .window_bytes = 64 << 10, .name = "service_child"});
+    if (over || over.status().code() != StatusCode::kResourceExhausted ||
+        over.status().message().find("max_clients_per_uid") == std::string_view::npos) {
+      return fail("the connection past the per-uid limit was not refused with resource_exhausted",
+                  over ? Status::ok() : over.status());
+    }
+    for (auto& c : held) {  // the refusal left the others alone
+      if (!c->open_namespace({"m", "", ""})) return fail("a client within the limit is not served");
     }
     return 0;
   }

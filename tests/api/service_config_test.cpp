@@ -47,6 +47,10 @@ fdatasync = false
 
 [service]
 max_clients = 64
+max_clients_per_uid = 8
+hello_timeout_ms = 250
+idle_timeout_ms = 60000
+max_inflight_request_bytes = "32MiB"
 lease_ms = 5000
 client_window_max_bytes = "8GiB"
 
@@ -103,6 +107,11 @@ TEST_CASE("A full kvtierd.toml parses into every field") {
   CHECK_FALSE(c.promote_on_hit);
   CHECK_FALSE(c.fdatasync);
   CHECK(c.max_clients == 64);
+  CHECK(c.max_clients_per_uid == 8);
+  CHECK(clients_per_uid_limit(c) == 8);
+  CHECK(c.hello_timeout_ms == 250);
+  CHECK(c.idle_timeout_ms == 60000);
+  CHECK(c.max_inflight_request_bytes == 32ull << 20);
   CHECK(c.lease_ms == 5000);
   CHECK(c.client_window_max_bytes == 8ull << 30);
   REQUIRE(c.tenants.size() == 2);
@@ -131,6 +140,15 @@ TEST_CASE("Keys absent from the file keep the base's values and the empty file g
   CHECK(empty->layout == *KvLayout::standard(32, 8, 128, Dtype::kBf16, 16));
   CHECK(empty->write_policy == WritePolicy::kWriteBack);
   CHECK(empty->tenants.empty());
+  // The connection bounds: half the slots per uid, a 5 s hello, no idle deadline, 256 MiB.
+  CHECK(empty->max_clients_per_uid == 0);
+  CHECK(clients_per_uid_limit(*empty) == 128);
+  CHECK(empty->hello_timeout_ms == 5000);
+  CHECK(empty->idle_timeout_ms == 0);
+  CHECK(empty->max_inflight_request_bytes == 256ull << 20);
+  ServiceConfig one_slot;
+  one_slot.max_clients = 1;
+  CHECK(clients_per_uid_limit(one_slot) == 1);  // never 0: a uid can always connect
 
   ServiceConfig base;
   base.data_dir = "/base";
@@ -213,6 +231,11 @@ TEST_CASE("Every bad input is refused with a message naming its key") {
       {"[service]\nmax_clients = \"many\"", "service.max_clients"},
       {"[service]\nmax_clients = 0", "service.max_clients"},
       {"[service]\nclient_window_max_bytes = 0", "service.client_window_max_bytes"},
+      {"[service]\nmax_clients = 4\nmax_clients_per_uid = 5", "service.max_clients_per_uid (5) must not exceed"},
+      {"[service]\nmax_clients_per_uid = -1", "service.max_clients_per_uid"},
+      {"[service]\nhello_timeout_ms = 86400001", "service.hello_timeout_ms"},
+      {"[service]\nidle_timeout_ms = \"soon\"", "service.idle_timeout_ms"},
+      {"[service]\nmax_inflight_request_bytes = \"-1MiB\"", "service.max_inflight_request_bytes"},
       {"[tenant]\nname = \"a\"", "tenant must be an array of tables"},
       {"[[tenant]]\nsalt = \"x\"", "tenant[0].name is required"},
       {"[[tenant]]\nname = \"a\"\neveryone = \"yes\"", "tenant[0].everyone"},
@@ -550,5 +573,9 @@ TEST_CASE("The example kvtierd.toml in docs/service.md parses to the defaults") 
   CHECK(parsed->low_watermark == defaults.low_watermark);
   CHECK(parsed->client_window_max_bytes == defaults.client_window_max_bytes);
   CHECK(parsed->lease_ms == defaults.lease_ms);
+  CHECK(parsed->max_clients_per_uid == defaults.max_clients_per_uid);
+  CHECK(parsed->hello_timeout_ms == defaults.hello_timeout_ms);
+  CHECK(parsed->idle_timeout_ms == defaults.idle_timeout_ms);
+  CHECK(parsed->max_inflight_request_bytes == defaults.max_inflight_request_bytes);
   CHECK(parsed->tenants.empty());
 }
