@@ -17,6 +17,17 @@ for preset in ${KVTIER_TEST_PRESETS:-default asan tsan}; do
 done
 echo "=== kvtier tests: all presets passed ==="
 
+# A real kvtierd SIGKILLed under a prefix-sharing workload, 100 times in write-back mode and 20 in
+# write-through: after every restart each block the NVMe catalog held must be indexed again, and
+# every restored byte is checked (tools/demo_service.cpp run_crash_loop). About half a minute.
+if [[ " ${KVTIER_TEST_PRESETS:-default asan tsan} " == *" default "* ]]; then
+  echo "=== kvtier crash loop: SIGKILL kvtierd under load ==="
+  crash_dir=$(mktemp -d)
+  build/default/tools/kvtier crash-loop --cycles "${KVTIER_CRASH_CYCLES:-100}" --dir "${crash_dir}/write-back"
+  build/default/tools/kvtier crash-loop --cycles 20 --write-through --seed 2 --dir "${crash_dir}/write-through"
+  rm -rf "${crash_dir}"
+fi
+
 # A bounded libFuzzer run of the wire codec (clang, ASan + UBSan) on a copy of the seed corpus.
 # A crash fails the script and leaves its input in build/fuzz/artifacts/ (replay it by passing the
 # file to the same binary). KVTIER_FUZZ_SECONDS sets the budget (default 30); 0 skips the run.

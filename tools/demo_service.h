@@ -45,4 +45,18 @@ struct ServiceDemoUserOptions {
 /// Runs one user's requests; returns a process exit code.
 int run_service_demo_user(const ServiceDemoUserOptions& options);
 
+/// `kvtier crash-loop`: starts kvtierd on a fresh data dir, drives a workload that shares
+/// prefixes (every restored byte checked), SIGKILLs the daemon between or in the middle of
+/// requests, and checks after each restart that every block the NVMe catalog held was indexed
+/// again (none orphaned or dropped). Exit code non-zero on any loss or wrong byte.
+struct CrashLoopOptions {
+  std::string dir = "/var/tmp/kvtier-demo/crash-loop";  // the daemon's data dir (wiped at start)
+  uint32_t cycles = 100;          // SIGKILLs (and restarts)
+  uint64_t seed = 1;
+  std::string host_bytes = "2MiB";  // 32 blocks of 64 KiB: the workload overflows onto NVMe
+  std::string nvme_bytes = "64MiB";
+  bool write_through = false;
+};
+int run_crash_loop(const CrashLoopOptions& options);
+
 }  // namespace kvtier

@@ -1,4 +1,4 @@
-// `kvtier`: the command line. Subcommands: service-demo, demo, tier-demo, keys, layout, info, serve,
+// `kvtier`: the command line. Subcommands: service-demo, crash-loop, demo, tier-demo, keys, layout, info, serve,
 // stats (and the hidden service-demo-user, the user processes service-demo starts).
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
@@ -70,6 +70,16 @@ int main(int argc, char** argv) {
   service_demo_cmd->add_option("--window-mib", service_demo.window_mib, "each user's shared-memory window")
       ->capture_default_str();
 
+  CrashLoopOptions crash_loop;
+  auto* crash_loop_cmd = app.add_subcommand(
+      "crash-loop", "SIGKILL kvtierd under load again and again: every block committed to NVMe must come back");
+  crash_loop_cmd->add_option("--dir", crash_loop.dir, "the daemon's data dir (wiped)")->capture_default_str();
+  crash_loop_cmd->add_option("--cycles", crash_loop.cycles, "SIGKILLs and restarts")->capture_default_str();
+  crash_loop_cmd->add_option("--seed", crash_loop.seed, "workload and kill-point seed")->capture_default_str();
+  crash_loop_cmd->add_option("--host-bytes", crash_loop.host_bytes, "daemon's host tier")->capture_default_str();
+  crash_loop_cmd->add_option("--nvme-bytes", crash_loop.nvme_bytes, "daemon's NVMe tier")->capture_default_str();
+  crash_loop_cmd->add_flag("--write-through", crash_loop.write_through, "run the daemon in write-through mode");
+
   ServiceDemoUserOptions service_user;
   auto* service_user_cmd = app.add_subcommand("service-demo-user", "one user process of service-demo");
   service_user_cmd->group("");  // hidden: service-demo starts it
@@ -129,6 +139,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   if (*service_demo_cmd) return run_service_demo(service_demo);
+  if (*crash_loop_cmd) return run_crash_loop(crash_loop);
   if (*service_user_cmd) return run_service_demo_user(service_user);
   if (*demo_cmd) return run_index_demo(demo);
   if (*serve_cmd) return run_serve(serve);
