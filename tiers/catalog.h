@@ -4,10 +4,12 @@
 // NvmeTier does. Values are versioned binary records.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <span>
 #include <string>
 #include <string_view>
@@ -21,6 +23,7 @@
 
 namespace rocksdb {
 class DB;
+class Status;
 }
 
 namespace kvtier {
@@ -65,11 +68,25 @@ struct CatalogOptions {
   bool sync = true;
   /// Create the database when missing (default true).
   bool create = true;
+  /// A file to hold an exclusive flock(2) on for the catalog's lifetime, created when missing,
+  /// with the holder's pid written into it (default "": no lock). The NvmeTier locks DIR/LOCK,
+  /// so a second kvtierd (or a second tier in one process) on the same directory is refused
+  /// with kUnavailable naming the file and the holder, before RocksDB's own lock is reached.
+  std::string lock_file;
+  /// Free bytes the file system must have, beyond what RocksDB's memtables hold, before a write
+  /// after a no-space failure asks RocksDB to resume (default 1 MiB).
+  uint64_t resume_headroom_bytes = 1 << 20;
 };
 
 class Catalog {
  public:
-  /// Opens (creating when allowed) the RocksDB database in `dir`. kIoError with RocksDB's message.
+  /// Opens (creating when allowed) the RocksDB database in `dir`. kIoError with RocksDB's
+  /// message (a damaged database among them); kUnavailable when `lock_file` or RocksDB's own
+  /// lock is held by another opener. On a file system too full for RocksDB to open for writing
+  /// (it writes a new MANIFEST and OPTIONS file at every open), the catalog opens read-only:
+  /// reads serve what is committed, writes fail with kResourceExhausted, and the first write
+  /// after space returns reopens it for writing. RocksDB's info log goes to spdlog (warnings and
+  /// up; everything at debug level), never to a LOG file beside the data.
   static Result<std::unique_ptr<Catalog>> open(const std::string& dir, CatalogOptions options = {});
   ~Catalog();
   Catalog(const Catalog&) = delete;
@@ -88,12 +105,22 @@ class Catalog {
   Status for_each(const std::function<void(const CatalogEntry&)>& fn,
                   std::vector<BlockKey>* undecodable = nullptr) const;
 
+  /// Writes nothing when the stored record is the same already (every open of a namespace puts
+  /// its record; a full disk then still lets known namespaces open).
   Status put_namespace(const NamespaceRecord& record);
   Status for_each_namespace(const std::function<void(const NamespaceRecord&)>& fn) const;
 
   /// Small named strings for the tier's own bookkeeping (its geometry). kNotFound when absent.
   Status put_meta(std::string_view name, std::string_view value);
   Result<std::string> get_meta(std::string_view name) const;
+
+  /// True after a write failed for lack of space (or the catalog opened read-only on a full
+  /// file system), until a later write resumes. Writes meanwhile fail with kResourceExhausted;
+  /// each first checks the file system's free space and asks RocksDB to resume (DB::Resume, or
+  /// a read-write reopen) once there is room.
+  bool out_of_space() const noexcept { return out_of_space_.load(std::memory_order_relaxed); }
+  /// Writes that resumed the catalog after a no-space failure.
+  uint64_t resumes() const noexcept { return resumes_.load(std::memory_order_relaxed); }
 
   /// Value encodings, exposed for tests.
   static std::string encode_entry(const CatalogEntry& entry);
@@ -102,8 +129,14 @@ class Catalog {
   static Result<NamespaceRecord> decode_namespace(std::string_view value);
 
  private:
-  Catalog(std::unique_ptr<rocksdb::DB> db, CatalogOptions options);
+  Catalog(std::string dir, std::unique_ptr<rocksdb::DB> db, bool read_only, CatalogOptions options, int lock_fd);
   Status write(std::string_view key, std::string_view value);
+  /// The common tail of put, put_batch and remove: resume first when out of space, then `op`
+  /// (a RocksDB write); a no-space failure marks the catalog out of space.
+  Status checked_write(const std::string& what, const std::function<rocksdb::Status(rocksdb::DB&)>& op);
+  /// When out of space and the file system has room again: DB::Resume, or reopen read-write.
+  void resume_if_room();
+  Status error(const rocksdb::Status& s, const std::string& what) const;
 
   /// Serializes RocksDB calls in ThreadSanitizer builds only. Why: Debian's librocksdb is not
   /// instrumented, so TSan sees the libstdc++ and libc calls RocksDB makes (string appends in
@@ -114,8 +147,17 @@ class Catalog {
   class TsanGuard;
   mutable std::mutex tsan_mu_;
 
+  std::string dir_;
+  /// Held shared by every call into db_, exclusively only to swap a read-only db_ for a
+  /// read-write one (resume_if_room).
+  mutable std::shared_mutex db_mu_;
   std::unique_ptr<rocksdb::DB> db_;
+  bool read_only_ = false;  // guarded by db_mu_
   CatalogOptions options_;
+  int lock_fd_ = -1;
+  std::mutex resume_mu_;  // one resume attempt at a time
+  std::atomic<bool> out_of_space_{false};
+  std::atomic<uint64_t> resumes_{0};
 };
 
 }  // namespace kvtier

@@ -5,8 +5,10 @@
 #include <linux/fs.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -170,6 +172,70 @@ Status os_error(const std::string& what, const std::string& path, int err) {
   return errno_status(-err, what + " " + path);
 }
 
+/// Writes zeros into every hole of `path` below `size` (and up to `size` past its end) through a
+/// buffered descriptor of its own, for file systems without fallocate: holes read as zeros, so
+/// the content is unchanged, and the blocks are allocated now, not at the first write (which a
+/// full disk would fail). Returns 0 or an errno.
+int zero_fill_holes(const std::string& path, uint64_t size) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return errno;
+  static constexpr size_t kChunk = 1 << 20;
+  const std::vector<char> zeros(kChunk, 0);
+  int err = 0;
+  uint64_t at = 0;
+  while (at < size && err == 0) {
+    off_t hole = ::lseek(fd, static_cast<off_t>(at), SEEK_HOLE);
+    if (hole < 0) {
+      if (errno != ENXIO) {
+        err = errno;
+        break;
+      }
+      hole = static_cast<off_t>(at);  // at or past the end: the rest is one hole
+    }
+    if (static_cast<uint64_t>(hole) >= size) break;
+    const off_t data = ::lseek(fd, hole, SEEK_DATA);
+    if (data < 0 && errno != ENXIO) {
+      err = errno;
+      break;
+    }
+    const uint64_t end = data < 0 ? size : std::min<uint64_t>(static_cast<uint64_t>(data), size);
+    for (uint64_t off = static_cast<uint64_t>(hole); off < end && err == 0;) {
+      const ssize_t n = ::pwrite(fd, zeros.data(), std::min<uint64_t>(kChunk, end - off), static_cast<off_t>(off));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        err = n < 0 ? errno : EIO;
+        break;
+      }
+      off += static_cast<uint64_t>(n);
+    }
+    at = end;
+  }
+  if (err == 0 && ::fsync(fd) != 0) err = errno;
+  ::close(fd);
+  return err;
+}
+
+/// Allocates every byte of [0, size) of a regular file: fallocate, or zero_fill_holes where the
+/// file system has no fallocate. Returns 0 or an errno.
+int preallocate(int fd, const std::string& path, uint64_t size, const FileDeviceOptions& options) {
+  int rc;
+  do {
+    rc = options.fallocate_fn ? options.fallocate_fn(fd, size)
+                              : (::fallocate(fd, 0, 0, static_cast<off_t>(size)) == 0 ? 0 : errno);
+  } while (rc == EINTR);
+  if (rc != EOPNOTSUPP) return rc;
+  spdlog::info("kvtier: {}: the file system has no fallocate; writing zeros to preallocate {} bytes", path, size);
+  return zero_fill_holes(path, size);
+}
+
+uint64_t free_bytes_at(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+  struct statvfs vfs{};
+  if (::statvfs(dir.c_str(), &vfs) != 0) return 0;
+  return static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+}
+
 }  // namespace
 
 Result<std::unique_ptr<StorageDevice>> create_file_device(const std::string& path, uint64_t size,
@@ -211,23 +277,20 @@ Result<std::unique_ptr<StorageDevice>> create_file_device(const std::string& pat
                         " bytes, fewer than the " + std::to_string(size) + " asked for");
     }
   } else if (S_ISREG(st.st_mode)) {
-    if (options.create && static_cast<uint64_t>(st.st_size) < size) {
-      int rc;
-      do {
-        rc = ::posix_fallocate(fd, 0, static_cast<off_t>(size));
-      } while (rc == EINTR);
-      if (rc == EOPNOTSUPP || rc == EINVAL) {
-        // Some file systems cannot preallocate; a sparse file still works, less predictably.
-        rc = ::ftruncate(fd, static_cast<off_t>(size)) == 0 ? 0 : errno;
-      }
+    // Allocated bytes, not the length: a file left sparse by an older kvtier is filled too.
+    if (options.create && static_cast<uint64_t>(st.st_blocks) * 512 < size) {
+      const int rc = preallocate(fd, path, size, options);
       if (rc != 0) {
+        // A failed fallocate may keep what it allocated past the old end: give that back.
+        if (::ftruncate(fd, st.st_size) != 0) spdlog::warn("kvtier: {}: truncating after a failed preallocation: {}", path, std::strerror(errno));
         ::close(fd);
         if (rc == ENOSPC) {
           return Status(StatusCode::kResourceExhausted,
                         "preallocating " + std::to_string(size) + " bytes for " + path +
-                            ": no space left on the file system");
+                            ": no space left on the file system (" + std::to_string(free_bytes_at(path)) +
+                            " bytes free)");
         }
-        return os_error("fallocate", path, rc);
+        return os_error("preallocating " + std::to_string(size) + " bytes for", path, rc);
       }
     } else if (static_cast<uint64_t>(st.st_size) < size) {
       ::close(fd);

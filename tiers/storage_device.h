@@ -89,12 +89,18 @@ struct FileDeviceOptions {
   bool direct = true;
   /// Fail instead of falling back when O_DIRECT is refused (default false).
   bool require_direct = false;
-  /// Create the file when missing and preallocate `size` bytes with fallocate (default true).
-  /// A block device is used as it is; its size must be at least `size`.
+  /// Create the file when missing and preallocate `size` bytes (default true): fallocate(2), or,
+  /// on a file system that cannot (ext2), zeros written into every hole, so the file is never
+  /// left sparse; an existing file's holes are filled the same way. kResourceExhausted when the
+  /// file system has too little space. A block device is used as it is; its size must be at
+  /// least `size`.
   bool create = true;
   /// Stands in for ::open(path, flags, mode) (default: ::open). Tests play a file system that
   /// refuses O_DIRECT with it, whatever the machine's file systems do.
   std::function<int(const char*, int, mode_t)> open_fn;
+  /// Stands in for fallocate(fd, 0, 0, length), returning 0 or an errno (default: fallocate).
+  /// Tests play a file system without fallocate (EOPNOTSUPP) with it.
+  std::function<int(int fd, uint64_t length)> fallocate_fn;
 };
 
 /// Opens (and preallocates) a slot file or block device of `size` bytes (rounded down to

@@ -39,6 +39,7 @@ Status Store::close() {
   std::lock_guard lock(close_mu_);
   if (closed_) return Status::ok();
   closed_ = true;
+  if (!tiers_) return Status::ok();  // open() failed before the tiers were there: nothing to flush
   auto flushed = tiers_->flush();
   tiers_->close();
   return flushed ? Status::ok() : flushed.status();
