@@ -366,6 +366,15 @@ Result<std::unique_ptr<Catalog>> Catalog::open(const std::string& dir, CatalogOp
     if (lock_fd >= 0) ::close(lock_fd);
     return open_error(s, dir);
   }
+  if (!read_only && free_bytes_of(dir) >= options.resume_headroom_bytes) {
+    // Recovery left the WALs of every run that crashed in place (avoid_flush_during_recovery):
+    // one flush now turns them into a table and deletes them, so files do not pile up over
+    // restarts and the next open replays nothing. A failure here only delays that.
+    rocksdb::FlushOptions fo;
+    if (rocksdb::Status fs = raw->Flush(fo); !fs.ok()) {
+      spdlog::warn("kvtier catalog {}: flush after open failed: {}", dir, fs.ToString());
+    }
+  }
   remove_old_info_logs(dir);
   return std::unique_ptr<Catalog>(
       new Catalog(dir, std::unique_ptr<rocksdb::DB>(raw), read_only, std::move(options), lock_fd));

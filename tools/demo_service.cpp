@@ -669,6 +669,14 @@ int run_crash_loop(const CrashLoopOptions& o) {
     client->reset();
     if (Status s = (*daemon)->kill(); !s) return fail(s);
   }
+  // Every restart after a crash leaves RocksDB files behind unless the open cleans up after it.
+  size_t catalog_files = 0;
+  for ([[maybe_unused]] const auto& entry : std::filesystem::directory_iterator(o.dir + "/nvme/catalog", ec)) ++catalog_files;
+  if (catalog_files > 32) {
+    std::fprintf(stderr, "kvtier crash loop: %zu files in the catalog after %u crashes: they pile up\n", catalog_files,
+                 o.cycles);
+    return 1;
+  }
   std::printf("  %u restarts after SIGKILL: every block committed to NVMe was indexed again (up to %llu blocks), "
               "none orphaned or dropped; slowest start %.0f ms\n",
               o.cycles, static_cast<unsigned long long>(max_recovered), restart_s_max * 1e3);

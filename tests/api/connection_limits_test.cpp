@@ -20,6 +20,7 @@
 #include "api/src/protocol.h"
 #include "api/src/server.h"
 #include "api/src/socket_io.h"
+#include "service_fixture.h"
 #include "service_support.h"
 #include "temp_dir.h"
 
@@ -33,25 +34,9 @@ namespace {
 
 constexpr uint64_t kBlock = 4096;  // service_test_layout().bytes_per_block()
 
-ServiceConfig limits_config(const std::string& dir) {
-  ServiceConfig c;
-  c.data_dir = dir;
-  c.layout = service_test_layout();
-  c.host_bytes = 64 * kBlock;
-  c.nvme_bytes = 256 * kBlock;
-  c.hbm_enabled = false;
-  c.metrics_listen = "";
-  c.fdatasync = false;
-  c.secret = "connection-limits-test";
-  return c;
-}
+ServiceConfig limits_config(const std::string& dir) { return test_service_config(dir, "connection-limits-test"); }
 
-std::unique_ptr<Server> start_server(ServiceConfig c) {
-  REQUIRE(resolve(c).is_ok());
-  auto s = Server::start(std::move(c));
-  REQUIRE(s.is_ok());
-  return std::move(*s);
-}
+std::unique_ptr<Server> start_server(ServiceConfig c) { return start_test_server(std::move(c)); }
 
 std::unique_ptr<Client> connect(const Server& s, uint32_t mailbox_bytes = proto::kDefaultMailboxBytes) {
   auto c = Client::connect({.socket_path = s.socket_path(), .window_bytes = 16 * kBlock, .name = "limits",

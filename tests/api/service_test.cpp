@@ -22,6 +22,7 @@
 #include "api/src/server.h"
 #include "api/src/socket_io.h"
 #include "api/src/store.h"
+#include "service_fixture.h"
 #include "service_support.h"
 #include "temp_dir.h"
 
@@ -35,25 +36,9 @@ namespace {
 
 constexpr uint64_t kBlock = 4096;  // service_test_layout().bytes_per_block()
 
-ServiceConfig test_config(const std::string& dir) {
-  ServiceConfig c;
-  c.data_dir = dir;
-  c.layout = service_test_layout();
-  c.host_bytes = 64 * kBlock;
-  c.nvme_bytes = 512 * kBlock;
-  c.hbm_enabled = false;
-  c.metrics_listen = "";
-  c.fdatasync = false;
-  c.secret = "service-test";
-  return c;
-}
+ServiceConfig test_config(const std::string& dir) { return test_service_config(dir, "service-test", 512); }
 
-std::unique_ptr<Server> start_server(ServiceConfig c) {
-  REQUIRE(resolve(c).is_ok());
-  auto s = Server::start(std::move(c));
-  REQUIRE(s.is_ok());
-  return std::move(*s);
-}
+std::unique_ptr<Server> start_server(ServiceConfig c) { return start_test_server(std::move(c)); }
 
 std::unique_ptr<Client> connect(const Server& s, uint64_t window = 64 * kBlock) {
   auto c = Client::connect({.socket_path = s.socket_path(), .window_bytes = window, .name = "test"});

@@ -19,6 +19,7 @@
 #include "api/src/server.h"
 #include "api/src/service_config.h"
 #include "api/src/store.h"
+#include "service_fixture.h"
 #include "service_support.h"
 #include "temp_dir.h"
 #include "tiers/tmpfs_mount.h"
@@ -32,18 +33,7 @@ namespace {
 
 constexpr uint64_t kBlock = 4096;  // service_test_layout().bytes_per_block()
 
-ServiceConfig config_in(const std::string& dir) {
-  ServiceConfig c;
-  c.data_dir = dir;
-  c.layout = service_test_layout();
-  c.host_bytes = 64 * kBlock;
-  c.nvme_bytes = 256 * kBlock;
-  c.hbm_enabled = false;
-  c.metrics_listen = "";
-  c.fdatasync = false;
-  c.secret = "store-open-test";
-  return c;
-}
+ServiceConfig config_in(const std::string& dir) { return test_service_config(dir, "store-open-test"); }
 
 Result<std::unique_ptr<Store>> open_store(ServiceConfig c) {
   REQUIRE(resolve(c).is_ok());

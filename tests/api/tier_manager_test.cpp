@@ -979,6 +979,18 @@ size_t nvme_prefix(TierManager& tm, const Namespace& ns, const std::vector<Token
   return prefix;
 }
 
+/// Overwrites 16 bytes of a slot's header in the tier's one slot file (slot s at s × slot_bytes),
+/// as a torn or bit-rotted write would.
+void corrupt_slot_header(const std::string& nvme_dir, SlotId slot) {
+  const uint64_t slot_bytes = header_bytes_for(layout()) + align_up(layout().bytes_per_block(), kIoAlignment);
+  const int fd = ::open((nvme_dir + "/slots.0").c_str(), O_RDWR);
+  REQUIRE(fd >= 0);
+  std::byte junk[16];
+  std::memset(junk, 0x5A, sizeof junk);
+  REQUIRE(::pwrite(fd, junk, sizeof junk, static_cast<off_t>(slot * slot_bytes + 16)) == ssize_t(sizeof junk));
+  ::close(fd);
+}
+
 }  // namespace
 
 TEST_CASE("Write-back keeps NVMe prefix-closed so a crash loses only blocks that were in memory only") {
@@ -1051,16 +1063,7 @@ TEST_CASE("A block found corrupt at open costs only itself and its descendants c
   REQUIRE(f.tm->index().key_chain().chain(f.ns, a, {}, keys).is_ok());
   const SlotId slot = f.tm->index().get(keys[2])->slot(Tier::kNvme);
   f.tm.reset();
-  {
-    // Flip bytes of block 2's slot header (one slot file: slot s at s × slot_bytes).
-    const uint64_t slot_bytes = header_bytes_for(layout()) + align_up(layout().bytes_per_block(), kIoAlignment);
-    const int fd = ::open((f.dir.path() + "/slots.0").c_str(), O_RDWR);
-    REQUIRE(fd >= 0);
-    std::byte junk[16];
-    std::memset(junk, 0x5A, sizeof junk);
-    REQUIRE(::pwrite(fd, junk, sizeof junk, static_cast<off_t>(slot * slot_bytes + 16)) == ssize_t(sizeof junk));
-    ::close(fd);
-  }
+  corrupt_slot_header(f.dir.path(), slot);  // block 2's
   f.reopen();
   TierManagerStats s = f.tm->stats();
   CHECK(s.nvme.corrupt_at_open == 1);
@@ -1087,15 +1090,7 @@ TEST_CASE("Orphans kept at open are the first blocks dropped when NVMe needs roo
   REQUIRE(f.tm->index().key_chain().chain(f.ns, a, {}, keys).is_ok());
   const SlotId slot = f.tm->index().get(keys[0])->slot(Tier::kNvme);
   f.tm.reset();
-  {
-    const uint64_t slot_bytes = header_bytes_for(layout()) + align_up(layout().bytes_per_block(), kIoAlignment);
-    const int fd = ::open((f.dir.path() + "/slots.0").c_str(), O_RDWR);
-    REQUIRE(fd >= 0);
-    std::byte junk[16];
-    std::memset(junk, 0x5A, sizeof junk);
-    REQUIRE(::pwrite(fd, junk, sizeof junk, static_cast<off_t>(slot * slot_bytes + 16)) == ssize_t(sizeof junk));
-    ::close(fd);
-  }
+  corrupt_slot_header(f.dir.path(), slot);  // block 0's: every other block is an orphan
   f.reopen();
   REQUIRE(f.tm->stats().orphans == 11);
   // Other prompts fill NVMe through write-back: the orphans make room before any indexed block.
