@@ -642,6 +642,13 @@ int run_crash_loop(const CrashLoopOptions& o) {
     }
     auto ns = (*client)->open_namespace({.model_id = "crash-loop"});
     if (!ns) return fail(ns.status());
+    // Before the first crash: fill the tiers with prompts of their own (restart time over a full tier).
+    for (uint64_t filled = 0, i = 0; cycle == 0 && filled < o.fill_blocks; ++i) {
+      const auto p = synthetic_tokens(2'000'000'000ull + i, 64 * 16);
+      auto report = serve_request(**client, *ns, p, kv);
+      if (!report) return fail(report.status());
+      filled += report->saved_blocks;
+    }
     // Requests until a random moment, then SIGKILL: between requests, or in the middle of one
     // (a second thread kills while this one saves), so write-back is cut at any point.
     const uint64_t requests = 4 + rng() % 24;
@@ -677,6 +684,8 @@ int run_crash_loop(const CrashLoopOptions& o) {
                  o.cycles);
     return 1;
   }
+  if (o.fill_blocks > 0) std::printf("  filled with %llu blocks before the first crash\n",
+                                     static_cast<unsigned long long>(o.fill_blocks));
   std::printf("  %u restarts after SIGKILL: every block committed to NVMe was indexed again (up to %llu blocks), "
               "none orphaned or dropped; slowest start %.0f ms\n",
               o.cycles, static_cast<unsigned long long>(max_recovered), restart_s_max * 1e3);

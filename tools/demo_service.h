@@ -56,6 +56,7 @@ struct CrashLoopOptions {
   std::string host_bytes = "2MiB";  // 32 blocks of 64 KiB: the workload overflows onto NVMe
   std::string nvme_bytes = "64MiB";
   bool write_through = false;
+  uint64_t fill_blocks = 0;       // blocks of prompts of their own saved before the first crash
 };
 int run_crash_loop(const CrashLoopOptions& options);
 

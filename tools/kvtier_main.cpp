@@ -79,6 +79,8 @@ int main(int argc, char** argv) {
   crash_loop_cmd->add_option("--host-bytes", crash_loop.host_bytes, "daemon's host tier")->capture_default_str();
   crash_loop_cmd->add_option("--nvme-bytes", crash_loop.nvme_bytes, "daemon's NVMe tier")->capture_default_str();
   crash_loop_cmd->add_flag("--write-through", crash_loop.write_through, "run the daemon in write-through mode");
+  crash_loop_cmd->add_option("--fill-blocks", crash_loop.fill_blocks, "blocks saved before the first crash")
+      ->capture_default_str();
 
   ServiceDemoUserOptions service_user;
   auto* service_user_cmd = app.add_subcommand("service-demo-user", "one user process of service-demo");
