@@ -187,7 +187,8 @@ Status NvmeTier::recover() {
   KVTIER_RETURN_IF_ERROR(catalog_->for_each(
       [&](const CatalogEntry& e) { candidates.push_back(e); }, &undecodable));
 
-  std::vector<BlockKey> drop = undecodable;
+  std::vector<std::pair<BlockKey, SlotId>> drop;  // an undecodable entry names no slot
+  for (const BlockKey& key : undecodable) drop.emplace_back(key, kNoSlot);
   corrupt_at_open_.fetch_add(undecodable.size(), std::memory_order_relaxed);
   for (const CatalogEntry& e : candidates) {
     bool corrupt = false;
@@ -220,7 +221,7 @@ Status NvmeTier::recover() {
     if (!why.empty()) {
       spdlog::warn("kvtier nvme tier {}: dropping block {} (slot {}): {}", options_.dir,
                    e.key.to_hex(), e.slot, why);
-      drop.push_back(e.key);
+      drop.emplace_back(e.key, e.slot);
       (corrupt ? corrupt_at_open_ : misplaced_at_open_).fetch_add(1, std::memory_order_relaxed);
       continue;
     }
@@ -228,7 +229,7 @@ Status NvmeTier::recover() {
     live_.emplace(e.key, Live{e, false});
     bytes_used_ += e.payload_bytes;
   }
-  for (const BlockKey& key : drop) {
+  for (const auto& [key, slot] : drop) {
     dropped_at_open_.fetch_add(1, std::memory_order_relaxed);
     if (Status s = catalog_->remove(key); !s) {
       // A full disk must not stop the tier from opening. The entry stays in the catalog (and is
@@ -236,9 +237,7 @@ Status NvmeTier::recover() {
       // there under a second entry.
       spdlog::warn("kvtier nvme tier {}: could not erase dropped block {}: {}", options_.dir, key.to_hex(),
                    s.to_string());
-      for (const CatalogEntry& e : candidates) {
-        if (e.key == key && e.slot < slot_count_ && !allocator_.is_used(e.slot)) allocator_.claim(e.slot).ignore();
-      }
+      if (slot < slot_count_ && !allocator_.is_used(slot)) allocator_.claim(slot).ignore();
     }
   }
   if (!drop.empty() || !live_.empty()) {

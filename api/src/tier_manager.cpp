@@ -83,6 +83,13 @@ std::optional<Tier> lower_of(Tier t, bool nvme) {
   return std::nullopt;
 }
 
+/// The index insert of a block committed on NVMe, as its catalog entry describes it.
+BlockInsert nvme_insert(const CatalogEntry& e, const BlockKey& parent) {
+  return {.key = e.key, .parent = parent, .block_index = e.block_index, .tokens = e.tokens, .extras = e.extras,
+          .byte_size = e.payload_bytes, .checksum = e.checksum, .tier = Tier::kNvme, .slot = e.slot,
+          .priority = e.priority};
+}
+
 const TierLimits& limits_of(const TierManagerOptions& o, Tier t) {
   return t == Tier::kHbm ? o.hbm : t == Tier::kHost ? o.host : o.nvme_limits;
 }
@@ -272,17 +279,7 @@ Status TierManager::recover() {
     bool indexed = false;
     if (ns_it != namespaces.end() && ns_it->second.layout == options_.layout) {
       Namespace ns{root, options_.layout};
-      BlockInsert ins{.key = e.key,
-                      .parent = e.block_index == 0 ? root : e.parent,
-                      .block_index = e.block_index,
-                      .tokens = e.tokens,
-                      .extras = e.extras,
-                      .byte_size = e.payload_bytes,
-                      .checksum = e.checksum,
-                      .tier = Tier::kNvme,
-                      .slot = e.slot,
-                      .priority = e.priority};
-      auto r = index_->insert(ns, ins);
+      auto r = index_->insert(ns, nvme_insert(e, e.block_index == 0 ? root : e.parent));
       indexed = r.is_ok();
       if (!r) spdlog::warn("kvtier: recovery: block {} not indexed: {}", e.key.to_hex(), r.status().to_string());
     }
@@ -319,10 +316,7 @@ size_t TierManager::adopt_orphans(const Namespace& ns, const BlockKey& parent) {
     for (const CatalogEntry& e : children) {
       // The index checks the key against parent, tokens and extras: an orphan that does not
       // chain from this parent is refused (and erased) rather than matched.
-      auto r = index_->insert(ns, {.key = e.key, .parent = e.parent, .block_index = e.block_index,
-                                   .tokens = e.tokens, .extras = e.extras, .byte_size = e.payload_bytes,
-                                   .checksum = e.checksum, .tier = Tier::kNvme, .slot = e.slot,
-                                   .priority = e.priority});
+      auto r = index_->insert(ns, nvme_insert(e, e.parent));
       if (r) {
         // kAddedResidency: the block was saved again in memory meanwhile; this copy joins it.
         ++adopted;
@@ -646,8 +640,6 @@ void TierManager::store_round_to_nvme(std::span<const BlockKey> keys, std::unord
                                       std::unordered_set<BlockKey>& written_now) {
   struct Pending {
     BlockKey key;
-    BlockKey parent;
-    uint32_t block_index;
     SlotId slot;
     AlignedBuffer copy;  // a private host copy (HBM or unaligned source), else null
     CatalogEntry entry;  // as write_header returned it
@@ -708,7 +700,7 @@ void TierManager::store_round_to_nvme(std::span<const BlockKey> keys, std::unord
     Result<CatalogEntry> header = nvme_->write_header(
         *slot, catalog_entry(key, rec->parent, rec->block_index, rec->tokens, rec->extras, where.priority),
         std::span<const std::byte>(src, block_bytes_));
-    pending.push_back({key, rec->parent, rec->block_index, *slot, std::move(copy),
+    pending.push_back({key, *slot, std::move(copy),
                        header ? std::move(*header) : CatalogEntry{}, std::move(*handle), header.status()});
   }
   // Which written blocks may be committed: a parent on NVMe already, or committed in this batch
@@ -729,12 +721,12 @@ void TierManager::store_round_to_nvme(std::span<const BlockKey> keys, std::unord
       refuse(w, s);
       continue;
     }
-    if (w.block_index > 0 && !in_batch.contains(w.parent)) {
-      auto parent = index_->get(w.parent);
+    if (w.entry.block_index > 0 && !in_batch.contains(w.entry.parent)) {
+      auto parent = index_->get(w.entry.parent);
       if (!parent || !parent->resident_in(Tier::kNvme)) {
         // Its parent could not be stored: committing it would leave a block on NVMe that no
         // prefix reaches after a restart. It stays in memory, dirty, for a later write-back.
-        auto why = result.find(w.parent);
+        auto why = result.find(w.entry.parent);
         refuse(w, why != result.end() && !why->second.is_ok()
                       ? why->second
                       : Status(StatusCode::kUnavailable, "its parent is not on NVMe"));
@@ -971,8 +963,7 @@ Result<size_t> TierManager::save_blocks(const Namespace& ns, std::span<const Tok
       // into a private host block first (a device block by one DMA); the write and the
       // checksum recorded both come from that copy.
       // Its parent first (pinned: the previous block), so NVMe stays prefix-closed.
-      const BlockKey parent_key = parent;
-      const Status parent_stored = b == 0 ? Status::ok() : store_batch_to_nvme(std::span(&parent_key, 1))[0];
+      const Status parent_stored = b == 0 ? Status::ok() : store_batch_to_nvme(std::span(&parent, 1))[0];
       auto written = !parent_stored ? Result<CatalogEntry>(parent_stored)
                                     : write_to_nvme(catalog_entry(keys[b], parent, ins.block_index, block_tokens,
                                                                   block_extras, priority),

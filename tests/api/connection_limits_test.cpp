@@ -110,21 +110,6 @@ Status first_reply_status(const std::vector<std::byte>& bytes, uint16_t& op) {
   return remote;
 }
 
-pid_t spawn_child(std::vector<std::string> args) {
-  args.insert(args.begin(), KVTIER_SERVICE_CHILD);
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  pid_t pid = -1;
-  REQUIRE(::posix_spawn(&pid, KVTIER_SERVICE_CHILD, nullptr, nullptr, argv.data(), environ) == 0);
-  return pid;
-}
-
-int wait_exit(pid_t pid) {
-  int status = 0;
-  REQUIRE(::waitpid(pid, &status, 0) == pid);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
 
 }  // namespace
 

@@ -54,19 +54,6 @@ size_t save_prompt(KvStore& store, NamespaceId ns, const std::vector<TokenId>& p
   return *saved;
 }
 
-/// Looks up, loads and compares every restored byte; returns the matched tokens.
-uint64_t restore_and_check(KvStore& store, NamespaceId ns, const std::vector<TokenId>& prompt) {
-  auto m = store.lookup(ns, prompt);
-  REQUIRE(m.is_ok());
-  std::vector<std::byte> got(m->blocks.size() * kBlock, std::byte{0xEE});
-  auto h = store.load(*m, KvBuffer::contiguous(got.data(), m->blocks.size(), kBlock));
-  REQUIRE(h.is_ok());
-  REQUIRE(h->wait().is_ok());
-  CHECK(got == prompt_kv(prompt, store.layout(), 0, m->blocks.size()));
-  REQUIRE(store.release(*m).is_ok());
-  return m->tokens;
-}
-
 /// Saves `prompt` through a client of a daemon on `dir`, then stops the daemon gracefully (write-back
 /// flushed), so that after a restart every block is on NVMe only.
 void save_and_stop(const std::string& dir, const std::vector<TokenId>& prompt) {
@@ -80,22 +67,6 @@ void save_and_stop(const std::string& dir, const std::vector<TokenId>& prompt) {
   REQUIRE(server->wait().is_ok());
 }
 
-/// Starts service_child with `args`; returns its pid.
-pid_t spawn_child(std::vector<std::string> args) {
-  args.insert(args.begin(), KVTIER_SERVICE_CHILD);
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  pid_t pid = -1;
-  REQUIRE(::posix_spawn(&pid, KVTIER_SERVICE_CHILD, nullptr, nullptr, argv.data(), environ) == 0);
-  return pid;
-}
-
-int wait_exit(pid_t pid) {
-  int status = 0;
-  REQUIRE(::waitpid(pid, &status, 0) == pid);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
 
 }  // namespace
 
