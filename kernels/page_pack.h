@@ -15,12 +15,13 @@
 #include <cstdint>
 
 #include "kernels/paged_kv.h"
+#include "kvtier/kv_buffer.h"
 #include "kvtier/kv_layout.h"
 #include "kvtier/status.h"
 
 namespace kvtier::kernels {
 
-enum class EngineLayout : uint8_t { kVllm = 0, kFlashInferNhd = 1, kFlashInferHnd = 2 };
+using ::kvtier::EngineLayout;  // kvtier/kv_buffer.h: the engine layouts above
 
 struct PagePackArgs {
   KvLayout layout;                 // standard attention; dtype sets the element size

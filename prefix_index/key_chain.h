@@ -29,16 +29,9 @@
 #include "kvtier/block_key.h"
 #include "kvtier/kv_layout.h"
 #include "kvtier/status.h"
+#include "kvtier/tokens.h"
 
 namespace kvtier {
-
-using TokenId = uint32_t;
-
-/// A per-block extra folded into that block's key: a multimodal item hash, for example.
-struct BlockExtra {
-  uint32_t block_index = 0;  // which full block of the prompt it belongs to
-  BlockKey item_hash;        // the item's own content hash
-};
 
 /// What a prefix's root key is made of. Two specs share blocks only when every field is equal.
 struct NamespaceSpec {

@@ -32,14 +32,12 @@
 #include <vector>
 
 #include "kvtier/block_key.h"
+#include "kvtier/match.h"
 #include "kvtier/status.h"
 #include "kvtier/tier.h"
 #include "prefix_index/key_chain.h"
 
 namespace kvtier {
-
-using LeaseId = uint64_t;
-inline constexpr LeaseId kNoLease = 0;
 
 /// The owner a block's residency is counted under: a tenant, for tier shares. Every block of a
 /// namespace belongs to the group of its root (set_root_group); 0 is the group of roots never
@@ -58,22 +56,6 @@ struct IndexOptions {
   std::function<uint64_t()> clock_ns;
 };
 
-/// Where one block lives, as a match reports it.
-/// 64 bytes: one cache line per block of a match (a 128K-token match returns 8192 of them).
-struct BlockResidency {
-  BlockKey key;
-  std::array<SlotId, kNumTiers> slots{kNoSlot, kNoSlot, kNoSlot};
-  uint64_t byte_size = 0;
-  uint64_t checksum = 0;
-  uint8_t tier_mask = 0;  // bit tier_bit(t) set when resident in tier t
-  Priority priority = Priority::kNormal;
-  bool damaged = false;  // its only copy failed a checksum: no match returns it (mark_damaged)
-
-  bool resident_in(Tier t) const noexcept { return tier_mask & tier_bit(t); }
-  SlotId slot(Tier t) const noexcept { return slots[static_cast<int>(t)]; }
-};
-static_assert(sizeof(BlockResidency) == 64);
-
 /// Everything the index knows of one block: what a lower tier needs to persist it.
 struct BlockRecord {
   BlockKey parent;  // the namespace root for block 0
@@ -83,14 +65,6 @@ struct BlockRecord {
   uint64_t layout_fingerprint = 0;
   BlockResidency residency;
   uint64_t hits = 0;  // matches that returned this block since it was inserted
-};
-
-/// The longest cached prefix of a prompt.
-struct Match {
-  std::vector<BlockResidency> blocks;  // in prompt order; blocks.size() full blocks matched
-  uint64_t tokens = 0;                 // blocks.size() × block_tokens
-  LeaseId lease = kNoLease;            // pins every matched block until released or expired
-  uint64_t lease_expiry_ns = 0;
 };
 
 struct MatchOptions {

@@ -22,8 +22,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "api/src/client.h"
-#include "api/src/metrics.h"
+#include "kvtier/client.h"
+#include "api/metrics/metrics.h"
 #include "tiers/catalog.h"
 #include "tools/synthetic_kv.h"
 

@@ -7,7 +7,7 @@
 #include <filesystem>
 #include <vector>
 
-#include "api/src/tier_manager.h"
+#include "api/store/tier_manager.h"
 #include "tools/synthetic_kv.h"
 
 namespace kvtier {

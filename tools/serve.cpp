@@ -8,10 +8,10 @@
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
-#include "api/src/client.h"
-#include "api/src/metrics.h"
-#include "api/src/server.h"
-#include "api/src/service_config.h"
+#include "kvtier/client.h"
+#include "api/metrics/metrics.h"
+#include "api/server/server.h"
+#include "api/server/service_config.h"
 
 namespace kvtier {
 

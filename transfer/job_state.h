@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "kvtier/status.h"
-#include "transfer/transfer_handle.h"
+#include "kvtier/transfer_handle.h"
 
 namespace kvtier::detail {
 

@@ -27,7 +27,6 @@ namespace {
 
 std::atomic<uint64_t> g_mapped{0};
 
-Status invalid(std::string m) { return Status(StatusCode::kInvalidArgument, std::move(m)); }
 
 std::string hex(const void* p) {
   char buf[32];
@@ -67,7 +66,7 @@ Result<std::pair<uintptr_t, uint64_t>> allocation_range(const void* p) {
   CUdeviceptr base = 0;
   size_t size = 0;
   if (CUresult r = fn(&base, &size, static_cast<CUdeviceptr>(reinterpret_cast<uintptr_t>(p))); r != CUDA_SUCCESS) {
-    return invalid("cuMemGetAddressRange(" + hex(p) + ") failed with CUDA error " + std::to_string(int(r)));
+    return invalid_argument("cuMemGetAddressRange(" + hex(p) + ") failed with CUDA error " + std::to_string(int(r)));
   }
   return std::pair<uintptr_t, uint64_t>{static_cast<uintptr_t>(base), static_cast<uint64_t>(size)};
 }
@@ -123,7 +122,7 @@ Result<std::unique_ptr<MappedDeviceMemory>> map_ipc(const DeviceShare& share, bo
     if (!range) return range.status();
     const uint64_t off = reinterpret_cast<uintptr_t>(p) - range->first;
     if (share.offset != off || share.bytes > range->second - off) {
-      return invalid("the shared region does not match its CUDA allocation in this process");
+      return invalid_argument("the shared region does not match its CUDA allocation in this process");
     }
     return std::unique_ptr<MappedDeviceMemory>(new MappedOwn(const_cast<std::byte*>(p), share.bytes));
   }
@@ -151,7 +150,7 @@ Result<std::unique_ptr<MappedDeviceMemory>> map_ipc(const DeviceShare& share, bo
       (void)cudaIpcCloseMemHandle(m.base);
       maps.erase(it);
     }
-    return invalid("the shared region [" + std::to_string(share.offset) + ", +" + std::to_string(share.bytes) +
+    return invalid_argument("the shared region [" + std::to_string(share.offset) + ", +" + std::to_string(share.bytes) +
                    ") runs past its " + std::to_string(m.bytes) + "-byte CUDA allocation");
   }
   ++m.refs;
@@ -176,15 +175,15 @@ class MappedMemfd final : public MappedDeviceMemory {
 };
 
 Result<std::unique_ptr<MappedDeviceMemory>> map_memfd(const DeviceShare& share) {
-  if (share.fd < 0) return invalid("a memfd share came without its descriptor");
+  if (share.fd < 0) return invalid_argument("a memfd share came without its descriptor");
   struct stat st {};
-  if (::fstat(share.fd, &st) != 0 || !S_ISREG(st.st_mode)) return invalid("the shared descriptor is not a memory file");
+  if (::fstat(share.fd, &st) != 0 || !S_ISREG(st.st_mode)) return invalid_argument("the shared descriptor is not a memory file");
   const int seals = ::fcntl(share.fd, F_GET_SEALS);
   // Only a file its owner cannot shrink: a truncated file would make this process's copies fault.
-  if (seals < 0 || !(seals & F_SEAL_SHRINK)) return invalid("the shared memory must be a memfd sealed with F_SEAL_SHRINK");
+  if (seals < 0 || !(seals & F_SEAL_SHRINK)) return invalid_argument("the shared memory must be a memfd sealed with F_SEAL_SHRINK");
   const uint64_t file_bytes = static_cast<uint64_t>(st.st_size);
   if (share.offset > file_bytes || share.bytes > file_bytes - share.offset) {
-    return invalid("the shared region [" + std::to_string(share.offset) + ", +" + std::to_string(share.bytes) +
+    return invalid_argument("the shared region [" + std::to_string(share.offset) + ", +" + std::to_string(share.bytes) +
                    ") runs past the " + std::to_string(file_bytes) + "-byte memory file");
   }
   const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
@@ -201,7 +200,7 @@ Result<std::unique_ptr<MappedDeviceMemory>> map_memfd(const DeviceShare& share) 
 }  // namespace
 
 Result<DeviceAllocation> DeviceAllocation::create(uint64_t bytes) {
-  if (bytes == 0) return invalid("a device allocation needs at least one byte");
+  if (bytes == 0) return invalid_argument("a device allocation needs at least one byte");
   DeviceAllocation a;
 #ifdef KVTIER_WITH_CUDA
   if (probe_devices().has_gpu()) {
@@ -269,7 +268,7 @@ DeviceAllocation::~DeviceAllocation() {
 }
 
 Status DeviceAllocation::write(uint64_t offset, const void* src, uint64_t bytes) {
-  if (offset > bytes_ || bytes > bytes_ - offset) return invalid("write past the end of the device allocation");
+  if (offset > bytes_ || bytes > bytes_ - offset) return invalid_argument("write past the end of the device allocation");
 #ifdef KVTIER_WITH_CUDA
   if (cuda_) {
     if (cudaError_t e = cudaMemcpy(data_ + offset, src, bytes, cudaMemcpyHostToDevice); e != cudaSuccess) {
@@ -283,7 +282,7 @@ Status DeviceAllocation::write(uint64_t offset, const void* src, uint64_t bytes)
 }
 
 Status DeviceAllocation::read(uint64_t offset, void* dst, uint64_t bytes) const {
-  if (offset > bytes_ || bytes > bytes_ - offset) return invalid("read past the end of the device allocation");
+  if (offset > bytes_ || bytes > bytes_ - offset) return invalid_argument("read past the end of the device allocation");
 #ifdef KVTIER_WITH_CUDA
   if (cuda_) {
     if (cudaError_t e = cudaMemcpy(dst, data_ + offset, bytes, cudaMemcpyDeviceToHost); e != cudaSuccess) {
@@ -297,7 +296,7 @@ Status DeviceAllocation::read(uint64_t offset, void* dst, uint64_t bytes) const 
 }
 
 Result<DeviceShare> export_device_memory(const void* base, uint64_t bytes) {
-  if (!base || bytes == 0) return invalid("share a non-empty region");
+  if (!base || bytes == 0) return invalid_argument("share a non-empty region");
   const auto p = reinterpret_cast<uintptr_t>(base);
   {
     std::lock_guard lock(g_emulated_mu);
@@ -307,7 +306,7 @@ Result<DeviceShare> export_device_memory(const void* base, uint64_t bytes) {
       const uint64_t off = p - it->first;
       if (off < it->second.bytes) {
         if (bytes > it->second.bytes - off) {
-          return invalid("the region [" + hex(base) + ", +" + std::to_string(bytes) + ") runs past its " +
+          return invalid_argument("the region [" + hex(base) + ", +" + std::to_string(bytes) + ") runs past its " +
                          std::to_string(it->second.bytes) + "-byte DeviceAllocation");
         }
         return DeviceShare{.kind = ShareKind::kMemfd, .offset = off, .bytes = bytes, .fd = it->second.fd};
@@ -323,7 +322,7 @@ Result<DeviceShare> export_device_memory(const void* base, uint64_t bytes) {
       const auto [alloc, alloc_bytes] = *range;
       const uint64_t off = p - alloc;
       if (bytes > alloc_bytes - off) {
-        return invalid("the region [" + hex(base) + ", +" + std::to_string(bytes) + ") runs past its " +
+        return invalid_argument("the region [" + hex(base) + ", +" + std::to_string(bytes) + ") runs past its " +
                        std::to_string(alloc_bytes) + "-byte CUDA allocation");
       }
       cudaIpcMemHandle_t h;
@@ -337,13 +336,13 @@ Result<DeviceShare> export_device_memory(const void* base, uint64_t bytes) {
     (void)cudaGetLastError();  // a host pointer is not an error worth keeping
   }
 #endif
-  return invalid("memory at " + hex(base) +
+  return invalid_argument("memory at " + hex(base) +
                  " cannot be shared: register CUDA device memory (cudaMalloc, a CUDA tensor) or, on a machine "
                  "without a GPU, memory from kvtier::DeviceAllocation::create");
 }
 
 Result<std::unique_ptr<MappedDeviceMemory>> map_device_memory(const DeviceShare& share, bool same_process) {
-  if (share.bytes == 0) return invalid("a shared region must not be empty");
+  if (share.bytes == 0) return invalid_argument("a shared region must not be empty");
   switch (share.kind) {
     case ShareKind::kMemfd: return map_memfd(share);
     case ShareKind::kCudaIpc:
@@ -354,7 +353,7 @@ Result<std::unique_ptr<MappedDeviceMemory>> map_device_memory(const DeviceShare&
       return Status(StatusCode::kUnavailable, "a CUDA IPC handle needs a GPU, and this kvtierd was built without CUDA");
 #endif
   }
-  return invalid("unknown share kind");
+  return invalid_argument("unknown share kind");
 }
 
 uint64_t mapped_device_regions() noexcept { return g_mapped.load(); }

@@ -32,19 +32,14 @@
 #include <string>
 #include <vector>
 
+#include "kvtier/kv_buffer.h"  // LocationKind
 #include "kvtier/status.h"
 #include "tiers/storage_device.h"
 #include "transfer/copy_engine.h"
 #include "transfer/io_engine.h"
-#include "transfer/transfer_handle.h"
+#include "kvtier/transfer_handle.h"
 
 namespace kvtier {
-
-enum class LocationKind : uint8_t {
-  kHost,     // host memory the CPU may read and write (host arena slot, a caller's buffer)
-  kDevice,   // HBM arena memory: a CUDA device pointer, or emulated HBM in host memory
-  kStorage,  // a byte offset on a StorageDevice
-};
 
 /// Where a segment's bytes are or go. Make one with host(), device() or storage(). The pointer is
 /// non-owning; the engine writes only through a segment's dst.

@@ -1,4 +1,4 @@
-#include "transfer/transfer_handle.h"
+#include "kvtier/transfer_handle.h"
 
 #include "transfer/job_state.h"
 

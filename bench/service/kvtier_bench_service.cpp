@@ -37,9 +37,9 @@
 
 #include <spdlog/spdlog.h>
 
-#include "api/src/client.h"
-#include "api/src/server.h"
-#include "api/src/service_config.h"
+#include "kvtier/client.h"
+#include "api/server/server.h"
+#include "api/server/service_config.h"
 #include "transfer/shared_device_memory.h"
 #include "bench/bench_stats.h"
 #include "tools/synthetic_kv.h"

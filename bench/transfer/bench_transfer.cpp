@@ -26,7 +26,7 @@
 #include <tuple>
 #include <vector>
 
-#include "api/src/tier_manager.h"
+#include "api/store/tier_manager.h"
 #include "bench/bench_stats.h"
 #include "tiers/device_probe.h"
 #include "tiers/memory_arena.h"

@@ -16,10 +16,11 @@
 #include <string>
 #include <vector>
 
-#include "api/src/client.h"
-#include "api/src/protocol.h"
-#include "api/src/server.h"
-#include "api/src/socket_io.h"
+#include "kvtier/client.h"
+#include "api/wire/mailbox.h"
+#include "api/wire/protocol.h"
+#include "api/server/server.h"
+#include "api/wire/socket_io.h"
 #include "service_fixture.h"
 #include "service_support.h"
 #include "temp_dir.h"

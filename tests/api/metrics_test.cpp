@@ -8,7 +8,7 @@
 #include <thread>
 #include <vector>
 
-#include "api/src/metrics.h"
+#include "api/metrics/metrics.h"
 
 using namespace kvtier;
 

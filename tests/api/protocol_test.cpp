@@ -15,9 +15,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "api/src/mailbox.h"
-#include "api/src/protocol.h"
-#include "api/src/socket_io.h"
+#include "api/wire/mailbox.h"
+#include "api/wire/protocol.h"
+#include "api/wire/socket_io.h"
 
 using namespace kvtier;
 using namespace kvtier::proto;

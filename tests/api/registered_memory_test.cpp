@@ -17,10 +17,10 @@
 #include <string>
 #include <vector>
 
-#include "api/src/client.h"
-#include "api/src/protocol.h"
-#include "api/src/server.h"
-#include "api/src/socket_io.h"
+#include "kvtier/client.h"
+#include "api/wire/protocol.h"
+#include "api/server/server.h"
+#include "api/wire/socket_io.h"
 #include "service_support.h"
 #include "temp_dir.h"
 #include "transfer/shared_device_memory.h"

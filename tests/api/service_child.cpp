@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "api/src/client.h"
+#include "kvtier/client.h"
 #include "transfer/shared_device_memory.h"
 #include "service_support.h"
 

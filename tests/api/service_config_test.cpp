@@ -9,7 +9,7 @@
 #include <sstream>
 #include <string>
 
-#include "api/src/service_config.h"
+#include "api/server/service_config.h"
 #include "temp_dir.h"
 #include "tiers/device_probe.h"
 

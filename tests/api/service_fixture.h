@@ -14,8 +14,8 @@
 
 extern char** environ;
 
-#include "api/src/server.h"
-#include "api/src/service_config.h"
+#include "api/server/server.h"
+#include "api/server/service_config.h"
 #include "service_support.h"
 
 namespace kvtier::testing {

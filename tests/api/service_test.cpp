@@ -17,11 +17,12 @@
 #include <string>
 #include <vector>
 
-#include "api/src/client.h"
-#include "api/src/protocol.h"
-#include "api/src/server.h"
-#include "api/src/socket_io.h"
-#include "api/src/store.h"
+#include "kvtier/client.h"
+#include "api/wire/mailbox.h"
+#include "api/wire/protocol.h"
+#include "api/server/server.h"
+#include "api/wire/socket_io.h"
+#include "api/store/store.h"
 #include "service_fixture.h"
 #include "service_support.h"
 #include "temp_dir.h"

@@ -16,9 +16,9 @@
 #include <string>
 #include <vector>
 
-#include "api/src/server.h"
-#include "api/src/service_config.h"
-#include "api/src/store.h"
+#include "api/server/server.h"
+#include "api/server/service_config.h"
+#include "api/store/store.h"
 #include "service_fixture.h"
 #include "service_support.h"
 #include "temp_dir.h"

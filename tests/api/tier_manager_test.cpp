@@ -14,7 +14,7 @@
 #include <random>
 #include <thread>
 
-#include "api/src/tier_manager.h"
+#include "api/store/tier_manager.h"
 #include "tiers/fault_device.h"
 #include "transfer/copy_engine.h"
 #include "temp_dir.h"

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "api/src/protocol.h"
+#include "api/wire/protocol.h"
 
 namespace {
 

@@ -1,4 +1,4 @@
-// Fuzz target for the wire codec (api/src/protocol.h). Input: a u16 op (little-endian), then a
+// Fuzz target for the wire codec (api/wire/protocol.h). Input: a u16 op (little-endian), then a
 // payload. Besides "never crashes, never reads out of bounds", it checks two properties a server
 // relies on: every failure is kProtocolError, and decoding is canonical — whatever decodes
 // re-encodes to exactly the bytes it came from, so no field is dropped or silently normalised.
@@ -11,7 +11,7 @@
 #include <span>
 #include <vector>
 
-#include "api/src/protocol.h"
+#include "api/wire/protocol.h"
 
 namespace {
 

@@ -8,11 +8,12 @@
 #include <string>
 #include <string_view>
 
+#include "kvtier/export.h"
 #include "kvtier/status.h"
 
 namespace kvtier {
 
-struct BlockKey {
+struct KVTIER_API BlockKey {
   uint64_t lo = 0;  // low 64 bits of the XXH3-128 digest
   uint64_t hi = 0;  // high 64 bits
 

@@ -10,6 +10,7 @@
 #include <string>
 #include <string_view>
 
+#include "kvtier/export.h"
 #include "kvtier/status.h"
 
 namespace kvtier {
@@ -39,10 +40,10 @@ constexpr uint32_t dtype_bits(Dtype d) noexcept {
 }
 
 /// "fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "int8", "int4".
-std::string_view dtype_name(Dtype d) noexcept;
+KVTIER_API std::string_view dtype_name(Dtype d) noexcept;
 /// Accepts the names above and torch spellings ("float16", "bfloat16", "float32",
 /// "torch.float16", "float8_e4m3fn", "half", ...).
-Result<Dtype> parse_dtype(std::string_view name);
+KVTIER_API Result<Dtype> parse_dtype(std::string_view name);
 
 enum class AttentionKind : uint8_t {
   kStandard = 0,  // separate K and V per kv head (MHA, GQA, MQA)
@@ -56,7 +57,7 @@ inline constexpr uint32_t kMaxKvHeads = 1024;
 inline constexpr uint32_t kMaxHeadDim = 65536;
 inline constexpr uint64_t kMaxBlockBytes = 1ull << 31;  // 2 GiB per block
 
-struct KvLayout {
+struct KVTIER_API KvLayout {
   AttentionKind kind = AttentionKind::kStandard;
   uint32_t num_layers = 0;      // transformer layers holding KV
   uint32_t num_kv_heads = 0;    // KV heads (GQA/MQA count); 1 for kLatent

@@ -1,12 +1,15 @@
 /* kvtier C API: a kvtierd client for engines written in other languages (C, Rust, Go, Python
  * through ctypes/cffi). Every call returns a kvtier_status (0 = ok; the codes are
  * kvtier::StatusCode's); after a failure kvtier_last_error() describes it. A client may be used
- * from several threads (calls queue); a match belongs to the client that looked it up. */
+ * from several threads (calls queue); a match belongs to the client that looked it up. No C++
+ * exception leaves a kvtier_* call: one that would is KVTIER_INTERNAL, its text in kvtier_last_error(). */
 #ifndef KVTIER_KVTIER_H_
 #define KVTIER_KVTIER_H_
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "kvtier/export.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -37,40 +40,40 @@ typedef struct kvtier_match kvtier_match;
 enum { KVTIER_PRIORITY_LOW = 0, KVTIER_PRIORITY_NORMAL = 1, KVTIER_PRIORITY_HIGH = 2, KVTIER_PRIORITY_RETAINED = 3 };
 
 /* The last failure's message on this thread ("" when none). Valid until the next call. */
-const char* kvtier_last_error(void);
+KVTIER_API const char* kvtier_last_error(void);
 /* A stable lower-case name for a status, e.g. "permission_denied". */
-const char* kvtier_status_name(kvtier_status status);
+KVTIER_API const char* kvtier_status_name(kvtier_status status);
 
 /* Connects to kvtierd at socket_path (NULL: the default path) with a shared-memory window of
  * window_bytes (0: 256 MiB). */
-kvtier_status kvtier_connect(const char* socket_path, uint64_t window_bytes, kvtier_client** out);
+KVTIER_API kvtier_status kvtier_connect(const char* socket_path, uint64_t window_bytes, kvtier_client** out);
 /* Disconnects; the daemon releases every lease and pin the client still held. NULL is a no-op. */
-void kvtier_disconnect(kvtier_client* client);
+KVTIER_API void kvtier_disconnect(kvtier_client* client);
 
 /* The daemon's KV layout: canonical block bytes, tokens per block, layers. */
-uint64_t kvtier_block_bytes(const kvtier_client* client);
-uint32_t kvtier_block_tokens(const kvtier_client* client);
-uint32_t kvtier_num_layers(const kvtier_client* client);
+KVTIER_API uint64_t kvtier_block_bytes(const kvtier_client* client);
+KVTIER_API uint32_t kvtier_block_tokens(const kvtier_client* client);
+KVTIER_API uint32_t kvtier_num_layers(const kvtier_client* client);
 
 /* Resolves a namespace; tenant must be one the client's identity is bound to ("" = default). */
-kvtier_status kvtier_open_namespace(kvtier_client* client, const char* model_id, const char* tenant,
+KVTIER_API kvtier_status kvtier_open_namespace(kvtier_client* client, const char* model_id, const char* tenant,
                                     const char* adapter_id, uint32_t* namespace_out);
 
 /* The longest cached prefix of tokens, under a lease; free it with kvtier_match_free. */
-kvtier_status kvtier_lookup(kvtier_client* client, uint32_t ns, const uint32_t* tokens, size_t num_tokens,
+KVTIER_API kvtier_status kvtier_lookup(kvtier_client* client, uint32_t ns, const uint32_t* tokens, size_t num_tokens,
                             kvtier_match** out);
-uint64_t kvtier_match_tokens(const kvtier_match* match);
-size_t kvtier_match_blocks(const kvtier_match* match);
+KVTIER_API uint64_t kvtier_match_tokens(const kvtier_match* match);
+KVTIER_API size_t kvtier_match_blocks(const kvtier_match* match);
 /* Copies the first num_blocks matched blocks into blocks[i] (canonical layout, block_bytes each;
  * device_memory != 0 for GPU pointers). Returns when every byte is in place. */
-kvtier_status kvtier_load(kvtier_client* client, const kvtier_match* match, void* const* blocks,
+KVTIER_API kvtier_status kvtier_load(kvtier_client* client, const kvtier_match* match, void* const* blocks,
                           size_t num_blocks, int device_memory);
 /* Releases the match's lease and frees it. NULL is a no-op. */
-void kvtier_match_free(kvtier_client* client, kvtier_match* match);
+KVTIER_API void kvtier_match_free(kvtier_client* client, kvtier_match* match);
 
 /* Saves the full blocks of tokens from blocks[0..num_blocks) (block first_block onward; earlier
  * blocks must be cached). *saved_out (may be NULL) receives the blocks newly saved. */
-kvtier_status kvtier_save(kvtier_client* client, uint32_t ns, const uint32_t* tokens, size_t num_tokens,
+KVTIER_API kvtier_status kvtier_save(kvtier_client* client, uint32_t ns, const uint32_t* tokens, size_t num_tokens,
                           void* const* blocks, size_t num_blocks, size_t first_block, int device_memory,
                           int priority, size_t* saved_out);
 
@@ -80,18 +83,18 @@ kvtier_status kvtier_save(kvtier_client* client, uint32_t ns, const uint32_t* to
  * this process. Register the engine's KV cache once; unregister it before freeing it (the daemon
  * also drops it at disconnect). KVTIER_INVALID_ARGUMENT for memory that cannot be shared (plain
  * host memory), KVTIER_ALREADY_EXISTS for a range overlapping a registered one. */
-kvtier_status kvtier_register_memory(kvtier_client* client, void* base, uint64_t bytes);
-kvtier_status kvtier_unregister_memory(kvtier_client* client, void* base);
+KVTIER_API kvtier_status kvtier_register_memory(kvtier_client* client, void* base, uint64_t bytes);
+KVTIER_API kvtier_status kvtier_unregister_memory(kvtier_client* client, void* base);
 
 /* Pins (with a priority) or unpins the cached prefix of tokens; *count_out receives the blocks. */
-kvtier_status kvtier_pin(kvtier_client* client, uint32_t ns, const uint32_t* tokens, size_t num_tokens,
+KVTIER_API kvtier_status kvtier_pin(kvtier_client* client, uint32_t ns, const uint32_t* tokens, size_t num_tokens,
                          int priority, size_t* count_out);
-kvtier_status kvtier_unpin(kvtier_client* client, uint32_t ns, const uint32_t* tokens, size_t num_tokens,
+KVTIER_API kvtier_status kvtier_unpin(kvtier_client* client, uint32_t ns, const uint32_t* tokens, size_t num_tokens,
                            size_t* count_out);
 
 /* The daemon's metrics in Prometheus text; free the string with kvtier_free_string. */
-kvtier_status kvtier_metrics(kvtier_client* client, char** text_out);
-void kvtier_free_string(char* text);
+KVTIER_API kvtier_status kvtier_metrics(kvtier_client* client, char** text_out);
+KVTIER_API void kvtier_free_string(char* text);
 
 #ifdef __cplusplus
 }

@@ -16,6 +16,8 @@
 #include <utility>
 #include <variant>
 
+#include "kvtier/export.h"
+
 namespace kvtier {
 
 enum class StatusCode : uint8_t {
@@ -37,9 +39,9 @@ enum class StatusCode : uint8_t {
 };
 
 /// Stable lower-case name of a code, e.g. "invalid_argument".
-std::string_view status_code_name(StatusCode code) noexcept;
+KVTIER_API std::string_view status_code_name(StatusCode code) noexcept;
 
-class [[nodiscard]] Status {
+class [[nodiscard, gnu::visibility("default")]] Status {  // exported, as KVTIER_API
  public:
   Status() noexcept = default;  // ok
   Status(StatusCode code, std::string message)

@@ -1,13 +1,6 @@
-// Client: a KvStore that talks to kvtierd (api/src/server.h). It creates a shared-memory window
-// (a memfd it maps and hands to the daemon at hello); loads and saves move KV through the window
-// in chunks that fit it, so bytes never cross the socket. One request is in flight per client at
-// a time (calls from several threads queue); use one Client per engine worker for parallelism.
-//
-// A load larger than a few MiB streams layer by layer: it returns at once, and a worker thread
-// asks the daemon for one slice of layers at a time into one half of the window while it copies
-// the previous slice out of the other half, so wait_layer(0) returns long before the last layer
-// has arrived and the engine's first layers overlap the rest of the restore. Until the load is
-// final, the client's other calls wait for it.
+// SocketClient: the kvtier::Client (kvtier/client.h) that talks to kvtierd (api/server/server.h)
+// through a Unix socket, a shared-memory window and a mailbox. How loads stream is written down in
+// kvtier/client.h.
 #pragma once
 
 #include <condition_variable>
@@ -22,64 +15,33 @@
 #include <thread>
 #include <vector>
 
-#include "api/src/kv_copy.h"
-#include "api/src/mailbox.h"
-#include "api/src/protocol.h"
-#include "api/src/socket_io.h"
-#include "kvtier/store.h"
+#include "api/kv_copy/kv_copy.h"
+#include "api/wire/mailbox.h"
+#include "api/wire/protocol.h"
+#include "api/wire/socket_io.h"
+#include "kvtier/client.h"
+#include "kvtier/kv_store.h"
 #include "transfer/job_state.h"
 
 namespace kvtier {
 
-struct ClientOptions {
-  /// The daemon's socket (default /var/lib/kvtier/kvtierd.sock, the daemon's default).
-  std::string socket_path = "/var/lib/kvtier/kvtierd.sock";
-  /// Shared-memory window in bytes; a load or save moves at most this much per round trip.
-  /// Must hold at least one block. Default 256 MiB (memory is touched only as it is used).
-  uint64_t window_bytes = 256ull << 20;
-  /// Shown in the daemon's logs.
-  std::string name = "kvtier-client";
-  /// Requests and replies that fit cross a shared-memory mailbox of this size while both sides are
-  /// awake, with no system call (api/src/mailbox.h). Default 516 KiB: two 256 KiB slots, lookups
-  /// of up to ~64K tokens. 0 sends everything over the socket.
-  uint32_t mailbox_bytes = proto::kDefaultMailboxBytes;
-};
-
-class Client final : public KvStore {
+class SocketClient final : public Client {
  public:
-  /// Connects, says hello and maps the window. kUnavailable when no daemon listens,
-  /// kPermissionDenied when the daemon refuses this identity.
-  static Result<std::unique_ptr<Client>> connect(ClientOptions options);
-  ~Client() override;
-  Client(const Client&) = delete;
-  Client& operator=(const Client&) = delete;
+  /// Connects, says hello and maps the window (Client::connect).
+  static Result<std::unique_ptr<SocketClient>> connect(ClientOptions options);
+  ~SocketClient() override;
 
-  uint64_t client_id() const noexcept { return client_id_; }
-  /// Tenants this client's identity may open (from the daemon's config).
-  const std::vector<std::string>& tenants() const noexcept { return tenants_; }
-  uint64_t window_bytes() const noexcept { return window_bytes_; }
-
-  /// Hands [base, base + bytes) of this process's GPU memory to kvtierd (CUDA IPC; on a machine
-  /// without a GPU, memory from kvtier::DeviceAllocation::create, shared as a memfd). A load into,
-  /// or a save from, a KvBuffer that lies wholly in registered memory — canonical blocks, or every
-  /// layer tensor of a paged buffer — then goes straight between the daemon's tiers and that
-  /// memory: no window, no copy in this process. Other buffers still go through the window.
-  /// Register an engine's KV cache once at start (a tensor inside a caching allocator's block is
-  /// fine) and unregister it before freeing it; the daemon drops the mapping at disconnect too.
-  /// kInvalidArgument for memory that cannot be shared, kAlreadyExists when the range overlaps a
-  /// registered one, kResourceExhausted past 4096 regions.
-  Status register_memory(void* base, uint64_t bytes);
-  /// Ends the registration made at `base` (kNotFound if none was).
-  Status unregister_memory(void* base);
+  uint64_t client_id() const noexcept override { return client_id_; }
+  const std::vector<std::string>& tenants() const noexcept override { return tenants_; }
+  uint64_t window_bytes() const noexcept override { return window_bytes_; }
+  Status register_memory(void* base, uint64_t bytes) override;
+  Status unregister_memory(void* base) override;
 
   // KvStore
   const KvLayout& layout() const noexcept override { return layout_; }
   Result<NamespaceId> open_namespace(const NamespaceRequest& request) override;
   Result<Match> lookup(NamespaceId ns, std::span<const TokenId> tokens,
                        std::span<const BlockExtra> extras = {}) override;
-  /// A small load runs to completion before it returns. A larger one returns at once and streams in
-  /// layer order (see above): wait_layer(l) returns once layer l of every block is in `dst`.
-  /// `dst` must stay valid until the handle is final; cancel() stops after the slice in flight.
   Result<TransferHandle> load(const Match& match, const KvBuffer& dst) override;
   Status release(const Match& match) override;
   Result<size_t> save(NamespaceId ns, std::span<const TokenId> tokens, const KvBuffer& src,
@@ -94,7 +56,7 @@ class Client final : public KvStore {
   Result<std::string> metrics_text() override;
 
  private:
-  Client() = default;
+  SocketClient() = default;
   /// One request/reply round trip; `reply` receives the reply body when the status is ok.
   Status call(proto::Op op, const std::vector<std::byte>& request, std::vector<std::byte>& reply, int pass_fd = -1);
   /// The halves of call(), for requests in flight back to back; returns the request id.
@@ -165,7 +127,8 @@ class Client final : public KvStore {
   uint64_t client_id_ = 0;
   std::vector<std::string> tenants_;
   uint32_t next_request_ = 1;
-  std::unique_ptr<TransferEngine> engine_;
+  std::unique_ptr<CopyEngine> engine_;      // device copies, made on first use
+  std::unique_ptr<DeviceCopier> copier_;    // over engine_
   std::unique_ptr<kernels::DevicePagePacker> packer_;  // paged KV in device memory, via the window
   struct Registered {
     uint64_t bytes = 0;

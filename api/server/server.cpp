@@ -1,4 +1,4 @@
-#include "api/src/server.h"
+#include "api/server/server.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -19,10 +19,10 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include "api/src/mailbox.h"
-#include "api/src/protocol.h"
-#include "api/src/socket_io.h"
-#include "api/src/kv_copy.h"
+#include "api/wire/mailbox.h"
+#include "api/wire/protocol.h"
+#include "api/wire/socket_io.h"
+#include "api/kv_copy/kv_copy.h"
 #include "transfer/shared_device_memory.h"
 
 namespace kvtier {
@@ -37,7 +37,6 @@ constexpr size_t kMaxNamespacesPerSession = 1024;  // each is recorded in the ca
 constexpr size_t kMaxPinnedBlocksPerSession = 256 * 1024;  // pins a client may hold at once
 constexpr size_t kMaxRegionsPerSession = 4096;  // registered memory regions (per-layer tensors)
 
-Status invalid(std::string m) { return Status(StatusCode::kInvalidArgument, std::move(m)); }
 
 std::string_view op_name(uint16_t op) {
   switch (static_cast<Op>(op)) {
@@ -95,9 +94,9 @@ struct Server::Session {
 
   /// The window bytes [offset, offset + bytes), or kInvalidArgument when outside the window.
   Result<std::byte*> window_span(uint64_t offset, uint64_t bytes) const {
-    if (!window || window_bytes == 0) return invalid("this client handed over no shared-memory window");
+    if (!window || window_bytes == 0) return invalid_argument("this client handed over no shared-memory window");
     if (offset > window_bytes || bytes > window_bytes - offset) {
-      return invalid("window range [" + std::to_string(offset) + ", +" + std::to_string(bytes) +
+      return invalid_argument("window range [" + std::to_string(offset) + ", +" + std::to_string(bytes) +
                      ") is outside the " + std::to_string(window_bytes) + "-byte window");
     }
     return window + offset;
@@ -240,13 +239,13 @@ Status Server::bind_socket() {
   const std::string& path = config_.socket_path;
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
-  if (path.size() >= sizeof(addr.sun_path)) return invalid("socket path too long: " + path);
+  if (path.size() >= sizeof(addr.sun_path)) return invalid_argument("socket path too long: " + path);
   std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
   // A live daemon answers a connect; a stale socket from a crash does not and is replaced. Any
   // other kind of file at the path is the operator's, never deleted.
   struct stat st{};
   if (::lstat(path.c_str(), &st) == 0 && !S_ISSOCK(st.st_mode)) {
-    return invalid(path + " exists and is not a socket; choose another socket_path");
+    return invalid_argument(path + " exists and is not a socket; choose another socket_path");
   }
   if (auto probe = proto::connect_unix(path)) {
     ::close(*probe);
@@ -459,11 +458,11 @@ Status Handler::hello(std::span<const std::byte> payload) {
     const int seals = ::fcntl(passed_fd, F_GET_SEALS);
     if (::fstat(passed_fd, &st) != 0 || !S_ISREG(st.st_mode) || static_cast<uint64_t>(st.st_size) < mapped) {
       fatal = true;
-      return invalid("the window descriptor is not a memory file of at least " + std::to_string(mapped) + " bytes");
+      return invalid_argument("the window descriptor is not a memory file of at least " + std::to_string(mapped) + " bytes");
     }
     if (seals < 0 || !(seals & F_SEAL_SHRINK)) {
       fatal = true;
-      return invalid("the window must be a memfd sealed with F_SEAL_SHRINK");
+      return invalid_argument("the window must be a memfd sealed with F_SEAL_SHRINK");
     }
     void* p = ::mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_SHARED, passed_fd, 0);
     if (p == MAP_FAILED) {
@@ -561,7 +560,7 @@ Result<Match> Handler::leased_blocks(uint64_t lease, uint32_t first_block, uint6
   const Match& m = it->second.match;
   tenant = it->second.tenant;
   if (first_block > m.blocks.size() || block_count > m.blocks.size() - first_block) {
-    return invalid("blocks [" + std::to_string(first_block) + ", +" + std::to_string(block_count) +
+    return invalid_argument("blocks [" + std::to_string(first_block) + ", +" + std::to_string(block_count) +
                    ") are outside the lease's " + std::to_string(m.blocks.size()) + " blocks");
   }
   Match part;
@@ -575,7 +574,7 @@ Result<uint32_t> Handler::layer_count(uint32_t begin, uint32_t count) const {
   const uint32_t all_layers = store.layout().num_layers;
   const uint32_t layers = LayerRange{begin, count}.size(all_layers);
   if (layers == 0) {
-    return invalid("layers [" + std::to_string(begin) + ", +" + std::to_string(count) + ") are outside the layout's " +
+    return invalid_argument("layers [" + std::to_string(begin) + ", +" + std::to_string(count) + ") are outside the layout's " +
                    std::to_string(all_layers));
   }
   return layers;
@@ -639,7 +638,7 @@ Status Handler::register_memory(std::span<const std::byte> payload) {
   KVTIER_RETURN_IF_ERROR(decode(payload, req));
   const auto kind = static_cast<ShareKind>(req.kind);
   if ((kind == ShareKind::kMemfd) != (passed_fd >= 0)) {
-    return invalid(kind == ShareKind::kMemfd ? "a memfd registration came without its descriptor"
+    return invalid_argument(kind == ShareKind::kMemfd ? "a memfd registration came without its descriptor"
                                              : "a CUDA IPC registration passes no descriptor");
   }
   if (s.regions.size() >= kMaxRegionsPerSession) {
@@ -681,10 +680,10 @@ Result<KvBuffer> Handler::region_buffer(const proto::RegionBuffer& rb) {
     }
     const MappedDeviceMemory& m = *it->second;
     if (p.offset > m.size() || bytes > m.size() - p.offset) {
-      return invalid(std::string(what) + " [" + std::to_string(p.offset) + ", +" + std::to_string(bytes) +
+      return invalid_argument(std::string(what) + " [" + std::to_string(p.offset) + ", +" + std::to_string(bytes) +
                      ") runs past region " + std::to_string(p.region) + " of " + std::to_string(m.size()) + " bytes");
     }
-    if (cuda && *cuda != m.is_cuda()) return invalid("one KV buffer spans GPU memory and emulated device memory");
+    if (cuda && *cuda != m.is_cuda()) return invalid_argument("one KV buffer spans GPU memory and emulated device memory");
     cuda = m.is_cuda();
     return m.data() + p.offset;
   };
@@ -697,12 +696,12 @@ Result<KvBuffer> Handler::region_buffer(const proto::RegionBuffer& rb) {
       buf.blocks.push_back(*at);
     }
   } else {
-    if (layout.kind != AttentionKind::kStandard) return invalid("paged KV buffers need a standard (non-MLA) layout");
+    if (layout.kind != AttentionKind::kStandard) return invalid_argument("paged KV buffers need a standard (non-MLA) layout");
     if (rb.places.size() != layout.num_layers) {
-      return invalid("a paged KV buffer has one tensor per layer: " + std::to_string(rb.places.size()) + " for " +
+      return invalid_argument("a paged KV buffer has one tensor per layer: " + std::to_string(rb.places.size()) + " for " +
                      std::to_string(layout.num_layers) + " layers");
     }
-    if (rb.engine_num_pages == 0) return invalid("a paged KV buffer has no pages");
+    if (rb.engine_num_pages == 0) return invalid_argument("a paged KV buffer has no pages");
     // Every engine layout holds pages × (K and V of a block's tokens) per layer tensor.
     const uint64_t tensor = uint64_t(rb.engine_num_pages) * layout.bytes_per_block_layer();
     for (const proto::RegionRef& p : rb.places) {
@@ -771,7 +770,7 @@ Status Handler::save(std::span<const std::byte> payload) {
   KVTIER_RETURN_IF_ERROR(check_priority(req.namespace_id, static_cast<Priority>(req.priority)));
   const uint32_t bt = store.layout().block_tokens;
   const size_t full = req.tokens.size() / bt;
-  if (req.first_block > full) return invalid("first_block is past the prompt's full blocks");
+  if (req.first_block > full) return invalid_argument("first_block is past the prompt's full blocks");
   const uint64_t bytes = uint64_t(full - req.first_block) * store.layout().bytes_per_block();
   auto base = s.window_span(req.window_offset, bytes);
   if (!base) return base.status();
@@ -789,12 +788,12 @@ Status Handler::prefix_op(Op op, std::span<const std::byte> payload) {
   if (auto n = ns(req.namespace_id); !n) return n.status();
   uint64_t count = 0;
   if (op == Op::kPrefetch) {
-    if (req.arg >= kNumTiers) return invalid("prefetch tier " + std::to_string(req.arg) + " is not a tier");
+    if (req.arg >= kNumTiers) return invalid_argument("prefetch tier " + std::to_string(req.arg) + " is not a tier");
     auto r = store.prefetch(req.namespace_id, req.tokens, static_cast<Tier>(req.arg), req.extras);
     if (!r) return r.status();
     count = *r;
   } else {
-    if (op == Op::kPin && req.arg >= kNumPriorities) return invalid("pin priority " + std::to_string(req.arg) + " is not a priority");
+    if (op == Op::kPin && req.arg >= kNumPriorities) return invalid_argument("pin priority " + std::to_string(req.arg) + " is not a priority");
     auto keys = store.cached_prefix(req.namespace_id, req.tokens, req.extras);
     if (!keys) return keys.status();
     PrefixIndex& index = store.tiers().index();

@@ -1,5 +1,5 @@
 // kvtierd: the daemon that owns the tiers and serves them to many engine processes over a Unix
-// socket (api/src/protocol.h). One thread accepts; each client connection gets a thread that
+// socket (api/wire/protocol.h). One thread accepts; each client connection gets a thread that
 // answers its requests in order. KV bytes move through the client's shared-memory window, which
 // the daemon maps at hello — never through the socket, and the client never maps the daemon's
 // arenas, so a client sees only the blocks its own lookups and tenants lead it to.
@@ -25,9 +25,9 @@
 #include <thread>
 #include <unordered_map>
 
-#include "api/src/metrics.h"
-#include "api/src/service_config.h"
-#include "api/src/store.h"
+#include "api/metrics/metrics.h"
+#include "api/server/service_config.h"
+#include "api/store/store.h"
 
 namespace kvtier {
 

@@ -1,4 +1,4 @@
-#include "api/src/service_config.h"
+#include "api/server/service_config.h"
 
 // toml++ is used as Debian ships it: a shared library built with exceptions (ABI namespace
 // toml::v3::ex). Compiling this file with TOML_EXCEPTIONS=0 would ask for the noex symbols the
@@ -27,7 +27,7 @@
 #include <set>
 #include <sstream>
 
-#include "api/src/metrics.h"
+#include "api/metrics/metrics.h"
 #include "tiers/block_header.h"
 #include "tiers/device_probe.h"
 #include "tiers/storage_device.h"

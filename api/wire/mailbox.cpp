@@ -1,4 +1,4 @@
-#include "api/src/mailbox.h"
+#include "api/wire/mailbox.h"
 
 #include <algorithm>
 #include <cstring>

@@ -9,9 +9,10 @@
 #include <tuple>
 #include <vector>
 
-#include "api/src/tier_manager.h"
+#include "api/store/engine_copier.h"
+#include "api/store/tier_manager.h"
 #include "kernels/page_packer.h"
-#include "kvtier/store.h"
+#include "kvtier/kv_store.h"
 
 namespace kvtier {
 
@@ -84,6 +85,7 @@ class Store final : public KvStore {
   KeyChain keys_;
   std::unique_ptr<TierManager> tiers_;
   std::unique_ptr<kernels::DevicePagePacker> packer_;  // paged KV in device memory
+  std::unique_ptr<EngineCopier> copier_;               // canonical KV in device memory, via tiers_
   mutable std::shared_mutex ns_mu_;
   std::vector<Namespace> namespaces_;                                   // id → namespace
   std::map<std::tuple<std::string, std::string, std::string>, NamespaceId> ns_ids_;  // spec → id

@@ -1,6 +1,6 @@
-#include "api/src/metrics.h"
+#include "api/metrics/metrics.h"
 
-#include "api/src/prometheus_text.h"
+#include "api/metrics/prometheus_text.h"
 
 #include <httplib.h>
 #include <spdlog/spdlog.h>

@@ -1,6 +1,7 @@
-#include "api/src/kv_copy.h"
+#include "api/kv_copy/kv_copy.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <numeric>
 #include <string>
@@ -8,7 +9,7 @@
 
 #include "kernels/page_pack.h"
 #include "transfer/job_state.h"
-#include "transfer/transfer_handle.h"
+#include "kvtier/transfer_handle.h"
 
 namespace kvtier {
 
@@ -27,7 +28,7 @@ KvBuffer KvBuffer::contiguous(std::byte* base, size_t count, uint64_t block_byte
   return b;
 }
 
-KvBuffer KvBuffer::paged(kernels::EngineLayout engine, std::vector<void*> layer_base,
+KvBuffer KvBuffer::paged(EngineLayout engine, std::vector<void*> layer_base,
                          uint32_t engine_num_pages, std::vector<int32_t> pages, LocationKind memory) {
   KvBuffer b;
   b.memory = memory;
@@ -40,7 +41,59 @@ KvBuffer KvBuffer::paged(kernels::EngineLayout engine, std::vector<void*> layer_
 
 namespace {
 
-Status invalid(std::string m) { return Status(StatusCode::kInvalidArgument, std::move(m)); }
+/// Each copy goes to the copy engine on its own; the job finishes when the last one lands.
+class CopyEngineCopier final : public DeviceCopier {
+ public:
+  explicit CopyEngineCopier(CopyEngine& engine) : engine_(engine) {}
+
+  Result<TransferHandle> copy(std::vector<BlockCopy> copies, uint32_t num_layers) override {
+    std::vector<uint32_t> per_layer(num_layers, 0);
+    for (const BlockCopy& c : copies) {
+      if (c.layer >= num_layers) return invalid_argument("copy: a copy's layer is past the job's layers");
+      ++per_layer[c.layer];
+    }
+    struct Shared {
+      std::shared_ptr<detail::JobState> job;
+      std::atomic<size_t> outstanding;
+    };
+    auto shared = std::make_shared<Shared>();
+    shared->job = std::make_shared<detail::JobState>(std::move(per_layer), TransferCallback{});
+    shared->outstanding.store(copies.size() + 1);  // + 1: the submitting loop's own reference
+    auto landed = [shared] {
+      if (shared->outstanding.fetch_sub(1) == 1) shared->job->finish({});
+    };
+    shared->job->mark_running();
+    for (const BlockCopy& c : copies) {
+      if (shared->job->should_stop()) {
+        landed();
+        continue;
+      }
+      const CopyDirection d = c.src_device ? (c.dst_device ? CopyDirection::kDeviceToDevice : CopyDirection::kDeviceToHost)
+                                           : (c.dst_device ? CopyDirection::kHostToDevice : CopyDirection::kHostToHost);
+      const uint32_t layer = c.layer;
+      const uint64_t bytes = c.bytes;
+      Status st = engine_.submit(c.dst, c.src, c.bytes, d, [shared, layer, bytes, landed](const Status& s) {
+        if (s) {
+          shared->job->add_bytes(bytes);
+          shared->job->segment_arrived(layer);
+        } else {
+          shared->job->record_error(s);
+        }
+        landed();
+      });
+      if (!st) {
+        shared->job->record_error(std::move(st));
+        landed();
+      }
+    }
+    TransferHandle handle(shared->job);
+    landed();
+    return handle;
+  }
+
+ private:
+  CopyEngine& engine_;
+};
 
 kernels::PagePackArgs pack_args(const KvLayout& layout, const KvBuffer& buf, size_t first, size_t count,
                                 const std::byte* canonical, std::vector<int32_t>& slots) {
@@ -62,26 +115,26 @@ kernels::PagePackArgs pack_args(const KvLayout& layout, const KvBuffer& buf, siz
 }  // namespace
 
 Status check_kv_buffer(const KvLayout& layout, const KvBuffer& buf) {
-  if (buf.memory == LocationKind::kStorage) return invalid("KV buffers are host or device memory");
+  if (buf.memory == LocationKind::kStorage) return invalid_argument("KV buffers are host or device memory");
   if (!buf.is_paged()) {
     for (size_t i = 0; i < buf.blocks.size(); ++i) {
-      if (!buf.blocks[i]) return invalid("KV buffer block " + std::to_string(i) + " is null");
+      if (!buf.blocks[i]) return invalid_argument("KV buffer block " + std::to_string(i) + " is null");
     }
     return Status::ok();
   }
-  if (layout.kind != AttentionKind::kStandard) return invalid("paged KV buffers need a standard (non-MLA) layout");
+  if (layout.kind != AttentionKind::kStandard) return invalid_argument("paged KV buffers need a standard (non-MLA) layout");
   if (buf.layer_base.size() != layout.num_layers) {
-    return invalid("paged KV buffer has " + std::to_string(buf.layer_base.size()) + " layer tensors; the layout has " +
+    return invalid_argument("paged KV buffer has " + std::to_string(buf.layer_base.size()) + " layer tensors; the layout has " +
                    std::to_string(layout.num_layers) + " layers");
   }
   for (int32_t p : buf.pages) {
     if (p < 0 || static_cast<uint32_t>(p) >= buf.engine_num_pages) {
-      return invalid("page " + std::to_string(p) + " is outside the engine's " +
+      return invalid_argument("page " + std::to_string(p) + " is outside the engine's " +
                      std::to_string(buf.engine_num_pages) + " pages");
     }
   }
   for (void* base : buf.layer_base) {
-    if (!base) return invalid("paged KV buffer has a null layer tensor");
+    if (!base) return invalid_argument("paged KV buffer has a null layer tensor");
   }
   return Status::ok();
 }
@@ -100,13 +153,13 @@ std::unique_ptr<kernels::DevicePagePacker> create_page_packer(bool device_memory
 
 Status gather_blocks(const KvLayout& layout, const KvBuffer& src, size_t first, size_t count,
                      std::byte* out, DeviceMovers movers) {
-  if (first + count > src.block_count()) return invalid("gather past the KV buffer's blocks");
+  if (first + count > src.block_count()) return invalid_argument("gather past the KV buffer's blocks");
   const uint64_t bpb = layout.bytes_per_block();
   if (src.is_paged()) {
     std::vector<int32_t> slots;
     const kernels::PagePackArgs a = pack_args(layout, src, first, count, out, slots);
     if (src.memory == LocationKind::kHost) return kernels::pack_pages_cpu(a);
-    if (!movers.packer) return invalid("paged KV in device memory needs a page packer");
+    if (!movers.packer) return invalid_argument("paged KV in device memory needs a page packer");
     auto lane = movers.packer->acquire();
     if (!lane) return lane.status();
     return lane->pack_to_host(a);
@@ -115,14 +168,14 @@ Status gather_blocks(const KvLayout& layout, const KvBuffer& src, size_t first, 
     for (size_t i = 0; i < count; ++i) std::memcpy(out + i * bpb, src.blocks[first + i], bpb);
     return Status::ok();
   }
-  if (!movers.engine) return invalid("device KV needs a copy engine");
-  JobSpec job;
+  if (!movers.copier) return invalid_argument("device KV needs a copy engine");
+  std::vector<BlockCopy> copies;
   for (size_t i = 0; i < count; ++i) {
-    job.segments.push_back({.layer = 0, .bytes = bpb, .src = Location::device_memory(src.blocks[first + i]),
-                            .dst = Location::host(out + i * bpb)});
+    copies.push_back({.layer = 0, .bytes = bpb, .src = src.blocks[first + i], .dst = out + i * bpb,
+                      .src_device = true});
   }
-  if (job.segments.empty()) return Status::ok();
-  auto h = movers.engine->submit(std::move(job));
+  if (copies.empty()) return Status::ok();
+  auto h = movers.copier->copy(std::move(copies), 1);
   return h ? h->wait() : h.status();
 }
 
@@ -146,24 +199,24 @@ Status with_range_args(const KvLayout& layout, const std::byte* in, const KvBuff
 
 Status unpack_in_device(const KvLayout& layout, const std::byte* in, const KvBuffer& dst, size_t first,
                         size_t count, kernels::DevicePagePacker::Lane& lane, LayerRange range) {
-  if (first + count > dst.block_count()) return invalid("unpack past the KV buffer's blocks");
-  if (range.size(layout.num_layers) == 0) return invalid("unpack: the layer range is outside the layout's layers");
+  if (first + count > dst.block_count()) return invalid_argument("unpack past the KV buffer's blocks");
+  if (range.size(layout.num_layers) == 0) return invalid_argument("unpack: the layer range is outside the layout's layers");
   return with_range_args(layout, in, dst, first, count, range,
                          [&](const kernels::PagePackArgs& a) { return lane.unpack_device(a); });
 }
 
 Status pack_in_device(const KvLayout& layout, const KvBuffer& src, size_t first, size_t count, std::byte* out,
                       kernels::DevicePagePacker::Lane& lane) {
-  if (first + count > src.block_count()) return invalid("pack past the KV buffer's blocks");
+  if (first + count > src.block_count()) return invalid_argument("pack past the KV buffer's blocks");
   std::vector<int32_t> slots;
   return lane.pack_device(pack_args(layout, src, first, count, out, slots));
 }
 
 Result<TransferHandle> scatter_blocks(const KvLayout& layout, const std::byte* in, const KvBuffer& dst,
                                       size_t first, size_t count, DeviceMovers movers, LayerRange range) {
-  if (first + count > dst.block_count()) return invalid("scatter past the KV buffer's blocks");
+  if (first + count > dst.block_count()) return invalid_argument("scatter past the KV buffer's blocks");
   const uint32_t layers = range.size(layout.num_layers);
-  if (layers == 0) return invalid("scatter: the layer range is outside the layout's layers");
+  if (layers == 0) return invalid_argument("scatter: the layer range is outside the layout's layers");
   const uint64_t layer_bytes = layout.bytes_per_block_layer();
   const uint64_t stride = layers * layer_bytes;  // one block of `in`
   if (dst.is_paged()) {
@@ -178,7 +231,7 @@ Result<TransferHandle> scatter_blocks(const KvLayout& layout, const std::byte* i
         return Status::ok();
       });
     } else if (!movers.packer) {
-      st = invalid("paged KV in device memory needs a page packer");
+      st = invalid_argument("paged KV in device memory needs a page packer");
     } else if (auto lane = movers.packer->acquire(); !lane) {
       st = lane.status();
     } else {
@@ -189,36 +242,33 @@ Result<TransferHandle> scatter_blocks(const KvLayout& layout, const std::byte* i
     return finished_handle(layers);
   }
   auto to = [&](size_t i, uint32_t l) { return dst.blocks[first + i] + uint64_t(range.begin + l) * layer_bytes; };
-  TransferEngine* engine = movers.engine;
-  if (!engine) {
-    if (dst.memory != LocationKind::kHost) return invalid("device KV needs a copy engine");
+  DeviceCopier* copier = movers.copier;
+  if (!copier) {
+    if (dst.memory != LocationKind::kHost) return invalid_argument("device KV needs a copy engine");
     for (uint32_t l = 0; l < layers; ++l) {
       for (size_t i = 0; i < count; ++i) std::memcpy(to(i, l), in + i * stride + l * layer_bytes, layer_bytes);
     }
     return finished_handle(layers);
   }
-  JobSpec job;
-  job.num_layers = layers;
+  std::vector<BlockCopy> copies;
   for (uint32_t l = 0; l < layers; ++l) {
     for (size_t i = 0; i < count; ++i) {
-      job.segments.push_back({.layer = l, .bytes = layer_bytes,
-                              .src = Location::host(in + i * stride + l * layer_bytes),
-                              .dst = dst.memory == LocationKind::kDevice ? Location::device_memory(to(i, l))
-                                                                         : Location::host(to(i, l))});
+      copies.push_back({.layer = l, .bytes = layer_bytes, .src = in + i * stride + l * layer_bytes, .dst = to(i, l),
+                        .dst_device = dst.memory == LocationKind::kDevice});
     }
   }
-  if (job.segments.empty()) return finished_handle(layers);
-  return engine->submit(std::move(job));
+  if (copies.empty()) return finished_handle(layers);
+  return copier->copy(std::move(copies), layers);
 }
 
 Status check_extras(std::span<const BlockExtra> extras, size_t full_blocks) {
   for (size_t i = 0; i < extras.size(); ++i) {
     if (extras[i].block_index >= full_blocks) {
-      return invalid("extra " + std::to_string(i) + " belongs to block " + std::to_string(extras[i].block_index) +
+      return invalid_argument("extra " + std::to_string(i) + " belongs to block " + std::to_string(extras[i].block_index) +
                      "; the prompt has " + std::to_string(full_blocks) + " full blocks");
     }
     if (i > 0 && extras[i].block_index < extras[i - 1].block_index) {
-      return invalid("extras must be sorted by block index");
+      return invalid_argument("extras must be sorted by block index");
     }
   }
   return Status::ok();
@@ -229,11 +279,11 @@ Result<size_t> check_save(const KvLayout& layout, size_t num_tokens, const KvBuf
   KVTIER_RETURN_IF_ERROR(check_kv_buffer(layout, src));
   const size_t full = num_tokens / layout.block_tokens;
   if (first_block > full) {
-    return invalid("first_block " + std::to_string(first_block) + " is past the prompt's " + std::to_string(full) +
+    return invalid_argument("first_block " + std::to_string(first_block) + " is past the prompt's " + std::to_string(full) +
                    " full blocks");
   }
   if (src.block_count() != full - first_block) {
-    return invalid("save: the buffer has " + std::to_string(src.block_count()) + " blocks; blocks " +
+    return invalid_argument("save: the buffer has " + std::to_string(src.block_count()) + " blocks; blocks " +
                    std::to_string(first_block) + ".." + std::to_string(full) + " of the prompt need " +
                    std::to_string(full - first_block));
   }
@@ -244,7 +294,7 @@ Result<size_t> check_save(const KvLayout& layout, size_t num_tokens, const KvBuf
 Status check_load(const KvLayout& layout, const Match& match, const KvBuffer& dst) {
   KVTIER_RETURN_IF_ERROR(check_kv_buffer(layout, dst));
   if (dst.block_count() > match.blocks.size()) {
-    return invalid("load: the buffer has " + std::to_string(dst.block_count()) + " blocks; the match has " +
+    return invalid_argument("load: the buffer has " + std::to_string(dst.block_count()) + " blocks; the match has " +
                    std::to_string(match.blocks.size()));
   }
   return Status::ok();
@@ -255,6 +305,8 @@ std::span<const BlockExtra> extras_below(std::span<const BlockExtra> extras, siz
   while (n < extras.size() && extras[n].block_index < end_block) ++n;
   return extras.first(n);
 }
+
+std::unique_ptr<DeviceCopier> copier_over(CopyEngine& engine) { return std::make_unique<CopyEngineCopier>(engine); }
 
 TransferHandle finished_handle(uint32_t num_layers, Status status) {
   auto job = std::make_shared<detail::JobState>(std::vector<uint32_t>(num_layers, 0), TransferCallback{});

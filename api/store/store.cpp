@@ -1,4 +1,4 @@
-#include "api/src/store.h"
+#include "api/store/store.h"
 
 #include <algorithm>
 #include <cstring>
@@ -8,20 +8,19 @@
 
 #include <fmt/format.h>
 
-#include "api/src/kv_copy.h"
-#include "api/src/prometheus_text.h"
+#include "api/kv_copy/kv_copy.h"
+#include "api/metrics/prometheus_text.h"
 
 namespace kvtier {
 namespace {
 
-Status invalid(std::string m) { return Status(StatusCode::kInvalidArgument, std::move(m)); }
 
 }  // namespace
 
 Store::Store(StoreOptions options) : options_(std::move(options)), keys_(options_.secret) {}
 
 Result<std::unique_ptr<Store>> Store::open(StoreOptions options) {
-  if (options.scratch_blocks == 0) return invalid("scratch_blocks must be at least 1");
+  if (options.scratch_blocks == 0) return invalid_argument("scratch_blocks must be at least 1");
   std::unique_ptr<Store> store(new Store(std::move(options)));
   auto tiers = TierManager::open(store->keys_, store->options_.tiers);
   if (!tiers) return tiers.status();
@@ -30,6 +29,7 @@ Result<std::unique_ptr<Store>> Store::open(StoreOptions options) {
   store->packer_ = create_page_packer(store->tiers_->transfer().copy_engine().device_memory_is_host(),
                                       std::min<uint64_t>(uint64_t(store->options_.scratch_blocks) * bpb, 64ull << 20),
                                       bpb);
+  store->copier_ = std::make_unique<EngineCopier>(store->tiers_->transfer());
   return store;
 }
 
@@ -135,7 +135,7 @@ Result<TransferHandle> Store::load_layers(const Match& part, const KvBuffer& dst
     auto lane = packer_->acquire();
     if (!lane) return lane.status();
     const size_t window = std::min<size_t>(n, lane->staging_bytes() / bytes);
-    if (window == 0) return invalid("load: a block does not fit the device staging");
+    if (window == 0) return invalid_argument("load: a block does not fit the device staging");
     st = restore_in_windows(lane->staging(), LocationKind::kDevice, window, [&](size_t b0, size_t count) {
       return unpack_in_device(layout(), lane->staging(), dst, b0, count, *lane, range);
     });
@@ -143,7 +143,7 @@ Result<TransferHandle> Store::load_layers(const Match& part, const KvBuffer& dst
     const size_t window = std::min<size_t>(n, options_.scratch_blocks);
     auto scratch = std::make_unique<std::byte[]>(window * bytes);
     st = restore_in_windows(scratch.get(), LocationKind::kHost, window, [&](size_t b0, size_t count) {
-      auto done = scatter_blocks(layout(), scratch.get(), dst, b0, count, {&tiers_->transfer(), packer_.get()}, range);
+      auto done = scatter_blocks(layout(), scratch.get(), dst, b0, count, {copier_.get(), packer_.get()}, range);
       return done ? done->wait() : done.status();
     });
   }
@@ -198,7 +198,7 @@ Result<size_t> Store::save(NamespaceId id, std::span<const TokenId> tokens, cons
     auto lane = packer_->acquire();
     if (!lane) return lane.status();
     const size_t window = lane->staging_bytes() / bpb;
-    if (window == 0) return invalid("save: a block does not fit the device staging");
+    if (window == 0) return invalid_argument("save: a block does not fit the device staging");
     return save_in_windows(lane->staging(), LocationKind::kDevice, window, [&](size_t first, size_t count) {
       return pack_in_device(layout(), src, first, count, lane->staging(), *lane);
     });
@@ -206,7 +206,7 @@ Result<size_t> Store::save(NamespaceId id, std::span<const TokenId> tokens, cons
   const size_t window = std::min<size_t>(src.block_count(), options_.scratch_blocks);
   auto scratch = std::make_unique<std::byte[]>(window * bpb);
   return save_in_windows(scratch.get(), LocationKind::kHost, window, [&](size_t first, size_t count) {
-    return gather_blocks(layout(), src, first, count, scratch.get(), {&tiers_->transfer(), packer_.get()});
+    return gather_blocks(layout(), src, first, count, scratch.get(), {copier_.get(), packer_.get()});
   });
 }
 
@@ -225,7 +225,7 @@ Result<std::vector<BlockKey>> Store::cached_prefix(NamespaceId id, std::span<con
 Result<size_t> Store::prefetch(NamespaceId id, std::span<const TokenId> tokens, Tier to,
                                std::span<const BlockExtra> extras) {
   if (to == Tier::kNvme || !tiers_->has_tier(to)) {
-    return invalid("prefetch goes to a memory tier this store has; " + std::string(tier_name(to)) + " is not one");
+    return invalid_argument("prefetch goes to a memory tier this store has; " + std::string(tier_name(to)) + " is not one");
   }
   auto keys = cached_prefix(id, tokens, extras);
   if (!keys) return keys.status();

@@ -24,12 +24,13 @@
 #include <memory>
 #include <string_view>
 
+#include "kvtier/export.h"
 #include "kvtier/status.h"
 
 namespace kvtier {
 
 enum class TransferState : uint8_t { kPending, kRunning, kDone, kFailed, kCancelled };
-std::string_view transfer_state_name(TransferState state) noexcept;
+KVTIER_API std::string_view transfer_state_name(TransferState state) noexcept;
 constexpr bool is_final(TransferState s) noexcept {
   return s == TransferState::kDone || s == TransferState::kFailed || s == TransferState::kCancelled;
 }
@@ -38,10 +39,10 @@ constexpr bool is_final(TransferState s) noexcept {
 using TransferCallback = std::function<void(const Status&)>;
 
 namespace detail {
-class JobState;  // shared by the handle and the engine (transfer/job_state.h)
+class JobState;  // shared by the handle and whoever runs the job (transfer/job_state.h)
 }
 
-class TransferHandle {
+class KVTIER_API TransferHandle {
  public:
   /// An empty handle: valid() is false, wait() returns kInvalidArgument.
   TransferHandle() noexcept = default;

@@ -1,4 +1,4 @@
-#include "api/src/tier_manager.h"
+#include "api/store/tier_manager.h"
 
 #include <spdlog/spdlog.h>
 #include <xxhash.h>

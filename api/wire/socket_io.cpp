@@ -1,4 +1,4 @@
-#include "api/src/socket_io.h"
+#include "api/wire/socket_io.h"
 
 #include <cerrno>
 #include <algorithm>

@@ -12,7 +12,7 @@
 #include <string_view>
 #include <vector>
 
-#include "api/src/tier_manager.h"
+#include "api/store/tier_manager.h"
 #include "kvtier/kv_layout.h"
 #include "kvtier/status.h"
 

@@ -27,7 +27,7 @@
 #include "kvtier/kv_layout.h"
 #include "kvtier/status.h"
 #include "kvtier/tier.h"
-#include "prefix_index/key_chain.h"
+#include "kvtier/tokens.h"
 
 namespace kvtier::proto {
 
@@ -52,7 +52,7 @@ enum class Op : uint16_t {
   kPin = 8,            // pin a prefix (released on unpin or disconnect) and set its priority
   kUnpin = 9,
   kStats = 10,         // Prometheus text of the daemon's metrics
-  kDoorbell = 11,      // no payload, no reply: "look at the mailbox" (api/src/mailbox.h); the
+  kDoorbell = 11,      // no payload, no reply: "look at the mailbox" (api/wire/mailbox.h); the
                        // daemon sends it back with kReplyBit set to wake a parked client
   kRegisterMemory = 12,    // share a region of the client's GPU memory (transfer/shared_device_memory.h)
   kUnregisterMemory = 13,  // end a registration
@@ -83,7 +83,7 @@ struct HelloRequest {
   uint64_t window_bytes = 0;  // size of the memfd window passed with the frame
   std::string client_name;    // for logs and metrics only
   uint32_t mailbox_bytes = 0; // 0, or a mailbox of this size follows the window in the same
-                              // memfd, at mailbox_offset(window_bytes) (api/src/mailbox.h)
+                              // memfd, at mailbox_offset(window_bytes) (api/wire/mailbox.h)
 };
 struct HelloReply {
   uint16_t version = kVersion;

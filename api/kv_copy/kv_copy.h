@@ -5,12 +5,16 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <vector>
 
 #include "kernels/page_packer.h"
+#include "kvtier/kv_buffer.h"
 #include "kvtier/kv_layout.h"
+#include "kvtier/kv_store.h"
 #include "kvtier/status.h"
-#include "kvtier/store.h"
-#include "transfer/transfer_engine.h"
+#include "kvtier/transfer_handle.h"
+#include "transfer/copy_engine.h"
 
 namespace kvtier {
 
@@ -24,10 +28,33 @@ Result<size_t> check_save(const KvLayout& layout, size_t num_tokens, const KvBuf
 /// The checks every KvStore::load makes: the buffer, and no more blocks than the match has.
 Status check_load(const KvLayout& layout, const Match& match, const KvBuffer& dst);
 
-/// What a buffer in device memory needs: `engine` copies canonical blocks, `packer` packs and
+/// One copy between host memory and device memory: a block, or one layer of one.
+struct BlockCopy {
+  uint32_t layer = 0;  // the handle's layer it completes
+  uint64_t bytes = 0;
+  const std::byte* src = nullptr;
+  std::byte* dst = nullptr;
+  bool src_device = false;  // src is device memory
+  bool dst_device = false;  // dst is device memory
+};
+
+/// What moves canonical blocks in and out of device memory as one job with per-layer completion:
+/// the transfer engine in a Store (api/store/engine_copier.h), a copy engine in a client, which
+/// links no transfer engine (copier_over below).
+class DeviceCopier {
+ public:
+  virtual ~DeviceCopier() = default;
+  /// Starts the copies; the handle's wait_layer(l) returns once every copy of layer l has landed.
+  virtual Result<TransferHandle> copy(std::vector<BlockCopy> copies, uint32_t num_layers) = 0;
+};
+
+/// A DeviceCopier that submits each copy to `engine` (which must outlive it).
+std::unique_ptr<DeviceCopier> copier_over(CopyEngine& engine);
+
+/// What a buffer in device memory needs: `copier` copies canonical blocks, `packer` packs and
 /// unpacks paged ones. Either may be null when the buffer does not need it.
 struct DeviceMovers {
-  TransferEngine* engine = nullptr;
+  DeviceCopier* copier = nullptr;
   kernels::DevicePagePacker* packer = nullptr;
 };
 
@@ -38,7 +65,7 @@ std::unique_ptr<kernels::DevicePagePacker> create_page_packer(bool device_memory
                                                               uint64_t min_staging_bytes);
 
 /// Copies blocks [first, first + count) of `src` into `out` (count canonical blocks back to back,
-/// host memory) and waits. Canonical device memory goes through the engine; paged layouts are
+/// host memory) and waits. Canonical device memory goes through the copier; paged layouts are
 /// packed (on the CPU from host memory, by the packer's kernels from device memory).
 Status gather_blocks(const KvLayout& layout, const KvBuffer& src, size_t first, size_t count,
                      std::byte* out, DeviceMovers movers);
@@ -47,7 +74,7 @@ Status gather_blocks(const KvLayout& layout, const KvBuffer& src, size_t first, 
 /// `dst`. Canonical destinations get one segment per layer per block, so the handle's
 /// wait_layer(l) returns as soon as layer l is in place; paged host destinations are unpacked
 /// layer by layer, paged device ones by the packer, before the (already final) handle returns.
-/// With a null engine (host destinations only) canonical blocks are copied in place, layer by
+/// With a null copier (host destinations only) canonical blocks are copied in place, layer by
 /// layer, before it returns.
 ///
 /// With `layers` (default: all), `in` holds only those layers of each block, back to back

@@ -6,7 +6,7 @@
 // against the bytes that remain before anything is reserved, so a frame can never make us
 // allocate more than its own size. Encoders do not enforce the limits: a message over a limit
 // encodes, and the peer's decode refuses it (encode_status alone truncates, see there).
-#include "api/src/protocol.h"
+#include "api/wire/protocol.h"
 
 #include <bit>
 #include <cstring>

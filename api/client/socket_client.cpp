@@ -1,4 +1,4 @@
-#include "api/src/client.h"
+#include "api/client/socket_client.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -10,8 +10,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "api/src/kv_copy.h"
-#include "api/src/socket_io.h"
+#include "api/kv_copy/kv_copy.h"
+#include "api/wire/socket_io.h"
+#include "transfer/copy_engine.h"
 #include "transfer/shared_device_memory.h"
 
 namespace kvtier {
@@ -20,21 +21,28 @@ using proto::Op;
 
 namespace {
 
-Status invalid(std::string m) { return Status(StatusCode::kInvalidArgument, std::move(m)); }
 
 std::vector<BlockExtra> to_vector(std::span<const BlockExtra> e) { return {e.begin(), e.end()}; }
 
 }  // namespace
 
+static_assert(ClientOptions::kDefaultMailboxBytes == proto::kDefaultMailboxBytes);
+
 Result<std::unique_ptr<Client>> Client::connect(ClientOptions options) {
-  std::unique_ptr<Client> c(new Client());
+  auto c = SocketClient::connect(std::move(options));
+  if (!c) return c.status();
+  return std::unique_ptr<Client>(std::move(*c));
+}
+
+Result<std::unique_ptr<SocketClient>> SocketClient::connect(ClientOptions options) {
+  std::unique_ptr<SocketClient> c(new SocketClient());
   auto fd = proto::connect_unix(options.socket_path);
   if (!fd) return fd.status();
   c->fd_ = *fd;
   c->reader_ = std::make_unique<proto::FrameReader>(c->fd_);
   int window_fd = -1;
   if (!proto::valid_mailbox_bytes(options.mailbox_bytes)) {
-    return invalid("mailbox_bytes must be 0 or a multiple of 4096 in [" + std::to_string(proto::kMinMailboxBytes) +
+    return invalid_argument("mailbox_bytes must be 0 or a multiple of 4096 in [" + std::to_string(proto::kMinMailboxBytes) +
                    ", " + std::to_string(proto::kMaxMailboxBytes) + "]");
   }
   const uint64_t mapped = proto::memfd_bytes(options.window_bytes, options.mailbox_bytes);
@@ -76,7 +84,7 @@ Result<std::unique_ptr<Client>> Client::connect(ClientOptions options) {
   return c;
 }
 
-Client::~Client() {
+SocketClient::~SocketClient() {
   {  // a streaming load still in flight finishes first: it uses the socket and the window
     std::lock_guard lock(worker_mu_);
     worker_stop_ = true;
@@ -85,13 +93,14 @@ Client::~Client() {
   if (worker_.joinable()) worker_.join();
   if (fd_ >= 0) ::close(fd_);  // the daemon releases this client's leases and pins
   if (engine_) {  // the window was registered with it: forget it before it is unmapped
+    copier_.reset();
     engine_->unregister_host_memory(window_);
     engine_.reset();
   }
   if (window_) ::munmap(window_, mapped_bytes_);
 }
 
-Result<uint32_t> Client::send_request(Op op, const std::vector<std::byte>& request, int pass_fd) {
+Result<uint32_t> SocketClient::send_request(Op op, const std::vector<std::byte>& request, int pass_fd) {
   const uint32_t id = next_request_++;
   KVTIER_RETURN_IF_ERROR(proto::send_frame(fd_, static_cast<uint16_t>(op), id, request, pass_fd));
   return id;
@@ -101,7 +110,7 @@ namespace {
 bool is_doorbell(const proto::FrameHeader& h) { return h.op == (static_cast<uint16_t>(Op::kDoorbell) | proto::kReplyBit); }
 }  // namespace
 
-Status Client::next_frame(proto::FrameHeader& header, std::vector<std::byte>& payload) {
+Status SocketClient::next_frame(proto::FrameHeader& header, std::vector<std::byte>& payload) {
   int received = -1;
   Status got = reader_->next(header, payload, received);
   if (received >= 0) ::close(received);
@@ -111,14 +120,14 @@ Status Client::next_frame(proto::FrameHeader& header, std::vector<std::byte>& pa
   return got;
 }
 
-Status Client::recv_frame(proto::FrameHeader& header, std::vector<std::byte>& payload) {
+Status SocketClient::recv_frame(proto::FrameHeader& header, std::vector<std::byte>& payload) {
   do {  // a doorbell that found this client awake after all: nothing to do
     KVTIER_RETURN_IF_ERROR(next_frame(header, payload));
   } while (is_doorbell(header));
   return Status::ok();
 }
 
-Status Client::accept_reply(Op op, uint32_t id, const proto::FrameHeader& header, std::span<const std::byte> payload,
+Status SocketClient::accept_reply(Op op, uint32_t id, const proto::FrameHeader& header, std::span<const std::byte> payload,
                             std::vector<std::byte>& reply) {
   if (header.op != (static_cast<uint16_t>(op) | proto::kReplyBit) ||
       (header.request_id != id && header.request_id != 0)) {
@@ -132,14 +141,14 @@ Status Client::accept_reply(Op op, uint32_t id, const proto::FrameHeader& header
   return Status::ok();
 }
 
-Status Client::recv_reply(Op op, uint32_t id, std::vector<std::byte>& reply) {
+Status SocketClient::recv_reply(Op op, uint32_t id, std::vector<std::byte>& reply) {
   proto::FrameHeader header;
   std::vector<std::byte> payload;
   KVTIER_RETURN_IF_ERROR(recv_frame(header, payload));
   return accept_reply(op, id, header, payload, reply);
 }
 
-Status Client::mailbox_call(Op op, const std::vector<std::byte>& request, std::vector<std::byte>& reply, bool& used) {
+Status SocketClient::mailbox_call(Op op, const std::vector<std::byte>& request, std::vector<std::byte>& reply, bool& used) {
   using proto::Mailbox;
   used = false;
   if (!mailbox_ || op == Op::kHello || proto::kHeaderBytes + request.size() > mailbox_.slot_bytes()) {
@@ -188,7 +197,7 @@ Status Client::mailbox_call(Op op, const std::vector<std::byte>& request, std::v
   return accept_reply(op, id, header, payload, reply);
 }
 
-Status Client::call(Op op, const std::vector<std::byte>& request, std::vector<std::byte>& reply, int pass_fd) {
+Status SocketClient::call(Op op, const std::vector<std::byte>& request, std::vector<std::byte>& reply, int pass_fd) {
   bool used = false;
   if (pass_fd < 0) {  // a descriptor only crosses the socket
     Status via_mailbox = mailbox_call(op, request, reply, used);
@@ -204,23 +213,22 @@ Status Client::call(Op op, const std::vector<std::byte>& request, std::vector<st
   return accept_reply(op, next_request_ - 1, header, payload, reply);
 }
 
-Result<DeviceMovers> Client::movers() {
+Result<DeviceMovers> SocketClient::movers() {
   if (!engine_) {
-    TransferEngineOptions o;
-    o.staging_buffers = 2;
-    auto e = TransferEngine::create(std::move(o));
+    auto e = create_copy_engine();
     if (!e) return e.status();
     engine_ = std::move(*e);
-    // Page-lock the window for DMA where a GPU is present (else a no-op or mlock).
+    // Page-lock the window for DMA where a GPU is present (else a no-op).
     engine_->register_host_memory(window_, window_bytes_).ignore();
+    copier_ = copier_over(*engine_);
     // A streamed slice fills half the window: stage that much per launch (a whole block at least).
-    packer_ = create_page_packer(engine_->copy_engine().device_memory_is_host(),
+    packer_ = create_page_packer(engine_->device_memory_is_host(),
                                  std::min<uint64_t>(window_bytes_ / 2, 64ull << 20), layout_.bytes_per_block());
   }
-  return DeviceMovers{engine_.get(), packer_.get()};
+  return DeviceMovers{copier_.get(), packer_.get()};
 }
 
-Result<NamespaceId> Client::open_namespace(const NamespaceRequest& r) {
+Result<NamespaceId> SocketClient::open_namespace(const NamespaceRequest& r) {
   std::lock_guard lock(gate_);
   std::vector<std::byte> req, reply;
   proto::encode(proto::OpenNamespaceRequest{.model_id = r.model_id, .tenant = r.tenant, .adapter_id = r.adapter_id,
@@ -232,7 +240,7 @@ Result<NamespaceId> Client::open_namespace(const NamespaceRequest& r) {
   return out.namespace_id;
 }
 
-Result<Match> Client::lookup(NamespaceId ns, std::span<const TokenId> tokens, std::span<const BlockExtra> extras) {
+Result<Match> SocketClient::lookup(NamespaceId ns, std::span<const TokenId> tokens, std::span<const BlockExtra> extras) {
   std::lock_guard lock(gate_);
   std::vector<std::byte> req, reply;
   proto::encode(proto::LookupRequest{.namespace_id = ns, .take_lease = true,
@@ -257,7 +265,7 @@ constexpr uint64_t kSliceBytes = 4ull << 20;
 constexpr size_t kDirectBlocks = 64 * 1024;
 }  // namespace
 
-Client::LoadPlan Client::plan_load(size_t n) const {
+SocketClient::LoadPlan SocketClient::plan_load(size_t n) const {
   const uint32_t layers = layout_.num_layers;
   const uint64_t layer_bytes = layout_.bytes_per_block_layer();
   LoadPlan p;
@@ -277,7 +285,7 @@ Client::LoadPlan Client::plan_load(size_t n) const {
   return p;
 }
 
-Client::LoadPlan Client::plan_direct_load(size_t n) const {
+SocketClient::LoadPlan SocketClient::plan_direct_load(size_t n) const {
   const uint32_t layers = layout_.num_layers;
   const uint64_t layer_bytes = layout_.bytes_per_block_layer();
   LoadPlan p;
@@ -288,7 +296,7 @@ Client::LoadPlan Client::plan_direct_load(size_t n) const {
   return p;
 }
 
-Status Client::register_memory(void* base, uint64_t bytes) {
+Status SocketClient::register_memory(void* base, uint64_t bytes) {
   auto share = export_device_memory(base, bytes);
   if (!share) return share.status();
   const auto at = reinterpret_cast<uintptr_t>(base);
@@ -311,7 +319,7 @@ Status Client::register_memory(void* base, uint64_t bytes) {
   return Status::ok();
 }
 
-Status Client::unregister_memory(void* base) {
+Status SocketClient::unregister_memory(void* base) {
   std::lock_guard lock(gate_);
   auto it = registered_.find(reinterpret_cast<uintptr_t>(base));
   if (it == registered_.end()) return Status(StatusCode::kNotFound, "no region was registered at this address");
@@ -321,7 +329,7 @@ Status Client::unregister_memory(void* base) {
   return call(Op::kUnregisterMemory, req, reply);
 }
 
-std::optional<proto::RegionBuffer> Client::in_registered_memory(const KvBuffer& buf) const {
+std::optional<proto::RegionBuffer> SocketClient::in_registered_memory(const KvBuffer& buf) const {
   if (registered_.empty()) return std::nullopt;
   // The region holding [p, p + bytes) whole, if one does.
   auto place = [&](const void* p, uint64_t bytes) -> std::optional<proto::RegionRef> {
@@ -354,7 +362,7 @@ std::optional<proto::RegionBuffer> Client::in_registered_memory(const KvBuffer& 
   return rb;
 }
 
-proto::RegionBuffer Client::slice_of(const proto::RegionBuffer& all, size_t first, size_t count) {
+proto::RegionBuffer SocketClient::slice_of(const proto::RegionBuffer& all, size_t first, size_t count) {
   proto::RegionBuffer part;
   part.layout = all.layout;
   part.engine_num_pages = all.engine_num_pages;
@@ -367,7 +375,7 @@ proto::RegionBuffer Client::slice_of(const proto::RegionBuffer& all, size_t firs
   return part;
 }
 
-Result<TransferHandle> Client::load(const Match& match, const KvBuffer& dst) {
+Result<TransferHandle> SocketClient::load(const Match& match, const KvBuffer& dst) {
   std::unique_lock lock(gate_);  // stream_load unlocks it: released to it below
   // Registered memory (register_memory) is written by the daemon itself, paged layouts included.
   auto direct = in_registered_memory(dst);
@@ -375,9 +383,9 @@ Result<TransferHandle> Client::load(const Match& match, const KvBuffer& dst) {
   const size_t n = dst.block_count();
   const uint32_t layers = layout_.num_layers;
   if (n == 0) return finished_handle(layers);
-  if (match.lease == kNoLease) return invalid("load needs a leased match (from lookup)");
+  if (match.lease == kNoLease) return invalid_argument("load needs a leased match (from lookup)");
   if (!direct && window_bytes_ < layout_.bytes_per_block_layer()) {
-    return invalid("the shared window cannot hold one layer of a block");
+    return invalid_argument("the shared window cannot hold one layer of a block");
   }
   // Into registered memory nothing is copied here: the slices only give wait_layer() its early layers.
   const LoadPlan plan = direct ? plan_direct_load(n) : plan_load(n);
@@ -417,7 +425,7 @@ Result<TransferHandle> Client::load(const Match& match, const KvBuffer& dst) {
   return TransferHandle(std::move(job));
 }
 
-void Client::stream_load(LeaseId lease, const KvBuffer& dst, LoadPlan plan, const std::shared_ptr<detail::JobState>& job,
+void SocketClient::stream_load(LeaseId lease, const KvBuffer& dst, LoadPlan plan, const std::shared_ptr<detail::JobState>& job,
                          const proto::RegionBuffer* direct) {
   const uint32_t layers = layout_.num_layers;
   const size_t n = dst.block_count();
@@ -499,7 +507,7 @@ void Client::stream_load(LeaseId lease, const KvBuffer& dst, LoadPlan plan, cons
   job->finish({});
 }
 
-Status Client::release(const Match& match) {
+Status SocketClient::release(const Match& match) {
   if (match.lease == kNoLease) return Status::ok();
   std::lock_guard lock(gate_);
   std::vector<std::byte> req, reply;
@@ -507,7 +515,7 @@ Status Client::release(const Match& match) {
   return call(Op::kRelease, req, reply);
 }
 
-Result<size_t> Client::save(NamespaceId ns, std::span<const TokenId> tokens, const KvBuffer& src, Priority priority,
+Result<size_t> SocketClient::save(NamespaceId ns, std::span<const TokenId> tokens, const KvBuffer& src, Priority priority,
                             std::span<const BlockExtra> extras, size_t first_block) {
   std::lock_guard lock(gate_);
   auto direct = in_registered_memory(src);
@@ -518,7 +526,7 @@ Result<size_t> Client::save(NamespaceId ns, std::span<const TokenId> tokens, con
   if (full == first_block) return size_t{0};
   // One request per chunk: registered memory the daemon reads itself, or what fits the window.
   const size_t chunk = direct ? kDirectBlocks : window_blocks_;
-  if (chunk == 0) return invalid("the shared window cannot hold one block");
+  if (chunk == 0) return invalid_argument("the shared window cannot hold one block");
   DeviceMovers movers;
   if (!direct && src.memory != LocationKind::kHost) {
     auto m = this->movers();
@@ -552,7 +560,7 @@ Result<size_t> Client::save(NamespaceId ns, std::span<const TokenId> tokens, con
   return saved;
 }
 
-Result<uint64_t> Client::prefix_call(Op op, NamespaceId ns, uint8_t arg, std::span<const TokenId> tokens,
+Result<uint64_t> SocketClient::prefix_call(Op op, NamespaceId ns, uint8_t arg, std::span<const TokenId> tokens,
                                      std::span<const BlockExtra> extras) {
   std::lock_guard lock(gate_);
   std::vector<std::byte> req, reply;
@@ -565,26 +573,26 @@ Result<uint64_t> Client::prefix_call(Op op, NamespaceId ns, uint8_t arg, std::sp
   return out.count;
 }
 
-Result<size_t> Client::prefetch(NamespaceId ns, std::span<const TokenId> tokens, Tier to, std::span<const BlockExtra> extras) {
+Result<size_t> SocketClient::prefetch(NamespaceId ns, std::span<const TokenId> tokens, Tier to, std::span<const BlockExtra> extras) {
   auto r = prefix_call(Op::kPrefetch, ns, static_cast<uint8_t>(to), tokens, extras);
   if (!r) return r.status();
   return static_cast<size_t>(*r);
 }
 
-Result<size_t> Client::pin(NamespaceId ns, std::span<const TokenId> tokens, Priority priority,
+Result<size_t> SocketClient::pin(NamespaceId ns, std::span<const TokenId> tokens, Priority priority,
                            std::span<const BlockExtra> extras) {
   auto r = prefix_call(Op::kPin, ns, static_cast<uint8_t>(priority), tokens, extras);
   if (!r) return r.status();
   return static_cast<size_t>(*r);
 }
 
-Result<size_t> Client::unpin(NamespaceId ns, std::span<const TokenId> tokens, std::span<const BlockExtra> extras) {
+Result<size_t> SocketClient::unpin(NamespaceId ns, std::span<const TokenId> tokens, std::span<const BlockExtra> extras) {
   auto r = prefix_call(Op::kUnpin, ns, 0, tokens, extras);
   if (!r) return r.status();
   return static_cast<size_t>(*r);
 }
 
-Result<std::string> Client::metrics_text() {
+Result<std::string> SocketClient::metrics_text() {
   std::lock_guard lock(gate_);
   std::vector<std::byte> reply;
   KVTIER_RETURN_IF_ERROR(call(Op::kStats, {}, reply));

@@ -1,4 +1,4 @@
-// Mailbox: the fast path for a client's small requests (api/src/client.h, api/src/server.cpp).
+// Mailbox: the fast path for a client's small requests (kvtier/client.h, api/server/server.cpp).
 //
 // A round trip over the Unix socket costs four or more system calls, and on a virtual machine
 // those dominate a lookup (~12 µs of a ~21 µs 4K-token lookup). A client therefore maps, after its
@@ -26,8 +26,8 @@
 #include <span>
 #include <vector>
 
-#include "api/src/protocol.h"
-#include "api/src/socket_io.h"
+#include "api/wire/protocol.h"
+#include "api/wire/socket_io.h"
 #include "kvtier/status.h"
 
 namespace kvtier::proto {

@@ -14,7 +14,7 @@
 #include <sys/types.h>
 #include <vector>
 
-#include "api/src/protocol.h"
+#include "api/wire/protocol.h"
 #include "kvtier/status.h"
 
 namespace kvtier::proto {

@@ -1,5 +1,5 @@
-// The interface a serving engine uses, in-process (kvtier::Store, api/src/store.h) or through the
-// kvtierd daemon (kvtier::Client, api/src/client.h). Both implement KvStore, so an engine switches
+// The interface a serving engine uses, in-process (kvtier::Store, api/store/store.h) or through the
+// kvtierd daemon (kvtier::Client, kvtier/client.h). Both implement KvStore, so an engine switches
 // between them without other changes.
 //
 // A request's life: lookup() the prompt → a Match of the longest cached prefix under a lease that
@@ -9,18 +9,17 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <memory>
 #include <span>
 #include <string>
-#include <vector>
 
-#include "kernels/page_pack.h"
+#include "kvtier/export.h"
+#include "kvtier/kv_buffer.h"
 #include "kvtier/kv_layout.h"
+#include "kvtier/match.h"
 #include "kvtier/status.h"
 #include "kvtier/tier.h"
-#include "prefix_index/key_chain.h"
-#include "prefix_index/prefix_index.h"
-#include "transfer/transfer_engine.h"
+#include "kvtier/tokens.h"
+#include "kvtier/transfer_handle.h"
 
 namespace kvtier {
 
@@ -34,33 +33,7 @@ struct NamespaceRequest {
   std::string adapter_id;
 };
 
-/// Where an engine keeps the KV of the blocks one call saves or loads, in host or device memory.
-/// Either the canonical block layout — one pointer per block, bytes_per_block each — or an
-/// engine's paged layout: one tensor per layer (kernels/page_pack.h: vLLM, FlashInfer NHD/HND)
-/// and, per block, the page that holds it.
-struct KvBuffer {
-  LocationKind memory = LocationKind::kHost;  // kHost or kDevice
-  std::vector<std::byte*> blocks;             // canonical: [blocks]
-
-  kernels::EngineLayout engine = kernels::EngineLayout::kVllm;
-  std::vector<void*> layer_base;  // paged: [num_layers] engine tensor per layer
-  uint32_t engine_num_pages = 0;  // paged: pages per engine tensor
-  std::vector<int32_t> pages;     // paged: [blocks] the page of each block
-
-  static KvBuffer canonical(std::span<std::byte* const> blocks,
-                            LocationKind memory = LocationKind::kHost);
-  /// `count` canonical blocks back to back from `base`.
-  static KvBuffer contiguous(std::byte* base, size_t count, uint64_t block_bytes,
-                             LocationKind memory = LocationKind::kHost);
-  static KvBuffer paged(kernels::EngineLayout engine, std::vector<void*> layer_base,
-                        uint32_t engine_num_pages, std::vector<int32_t> pages,
-                        LocationKind memory = LocationKind::kHost);
-
-  bool is_paged() const noexcept { return !layer_base.empty(); }
-  size_t block_count() const noexcept { return is_paged() ? pages.size() : blocks.size(); }
-};
-
-class KvStore {
+class KVTIER_API KvStore {
  public:
   virtual ~KvStore() = default;
 

@@ -1,0 +1,41 @@
+// A match: the longest cached prefix of a prompt, and where each of its blocks lives.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <vector>
+
+#include "kvtier/block_key.h"
+#include "kvtier/tier.h"
+
+namespace kvtier {
+
+/// A lease pins every block of a match until it is released or expires.
+using LeaseId = uint64_t;
+inline constexpr LeaseId kNoLease = 0;
+
+/// Where one block lives, as a match reports it.
+/// 64 bytes: one cache line per block of a match (a 128K-token match returns 8192 of them).
+struct BlockResidency {
+  BlockKey key;
+  std::array<SlotId, kNumTiers> slots{kNoSlot, kNoSlot, kNoSlot};
+  uint64_t byte_size = 0;
+  uint64_t checksum = 0;
+  uint8_t tier_mask = 0;  // bit tier_bit(t) set when resident in tier t
+  Priority priority = Priority::kNormal;
+  bool damaged = false;  // its only copy failed a checksum: no match returns it (mark_damaged)
+
+  bool resident_in(Tier t) const noexcept { return tier_mask & tier_bit(t); }
+  SlotId slot(Tier t) const noexcept { return slots[static_cast<int>(t)]; }
+};
+static_assert(sizeof(BlockResidency) == 64);
+
+/// The longest cached prefix of a prompt.
+struct Match {
+  std::vector<BlockResidency> blocks;  // in prompt order; blocks.size() full blocks matched
+  uint64_t tokens = 0;                 // blocks.size() × block_tokens
+  LeaseId lease = kNoLease;            // pins every matched block until released or expired
+  uint64_t lease_expiry_ns = 0;
+};
+
+}  // namespace kvtier
