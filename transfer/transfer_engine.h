@@ -135,7 +135,9 @@ class TransferEngine {
   void shutdown();
 
   /// Registers more host memory (the host arena) with the io engine and the copy engine so reads
-  /// and writes into it use fixed buffers and DMA. The region must outlive the engine.
+  /// and writes into it use fixed buffers and DMA. The region must outlive the engine. The io
+  /// engine's refusal (the memlock limit) is logged and not an error: plain reads and writes serve
+  /// the region instead. Only the copy engine's refusal is returned.
   [[nodiscard]] Status register_host_memory(void* base, size_t bytes);
   /// Forgets a region given to register_host_memory; call it before freeing the region, with no
   /// job on it in flight.

@@ -188,14 +188,23 @@ void UringIoEngine::unregister_buffers(const void* base) noexcept {
 Status UringIoEngine::install_buffers_locked(std::vector<iovec> wanted, std::vector<const void*> owners) {
   // The table is replaced whole. Ops are prepped under ring_mu_ with indices into the table that
   // is current then, and the kernel keeps the old table alive for ops already in flight.
+  // A refused table (the memlock limit, a bad region) leaves the table that was in place: the
+  // regions registered before keep their fixed reads and writes, the new ones go plain.
   if (!buffers_.empty()) io_uring_unregister_buffers(&ring_);
-  buffers_.clear();
-  owners_.clear();
-  if (wanted.empty()) return Status::ok();
+  if (wanted.empty()) {
+    buffers_.clear();
+    owners_.clear();
+    return Status::ok();
+  }
   int r = io_uring_register_buffers(&ring_, wanted.data(), static_cast<unsigned>(wanted.size()));
   if (r < 0) {
-    spdlog::warn("io_uring: registering {} buffers refused ({}); using plain reads and writes",
-                 wanted.size(), std::strerror(-r));
+    const size_t kept = buffers_.size();
+    if (kept > 0 && io_uring_register_buffers(&ring_, buffers_.data(), static_cast<unsigned>(kept)) < 0) {
+      buffers_.clear();
+      owners_.clear();
+    }
+    spdlog::warn("io_uring: registering {} buffers refused ({}); {} stay registered, the rest use "
+                 "plain reads and writes", wanted.size(), std::strerror(-r), buffers_.size());
     return Status(StatusCode::kResourceExhausted,
                   std::string("io_uring_register_buffers: ") + std::strerror(-r));
   }

@@ -6,6 +6,8 @@
 #include <condition_variable>
 #include <mutex>
 
+#include <sys/mman.h>
+
 #include "tiers/fault_device.h"
 #include "transfer/copy_engine.h"
 #include "transfer_test_support.h"
@@ -209,4 +211,78 @@ TEST_CASE("the host copy engine copies", "[transfer][copy]") {
   CHECK(done == 4);
   CHECK(same_bytes(src.get(), dst.get(), 1 << 20));
   CHECK(engine->device_memory_is_host());
+}
+
+TEST_CASE("a refused buffer registration keeps the buffers registered before", "[transfer][io]") {
+  IoEngineOptions o;
+  o.kind = IoEngineKind::kUring;
+  auto engine = create_io_engine(o);
+  REQUIRE(engine.is_ok());
+  auto device = create_memory_device(1 << 20);
+  AlignedBuffer kept = random_buffer(256 << 10, 7);
+  IoRegion region{kept.get(), 256 << 10};
+  REQUIRE((*engine)->register_buffers({&region, 1}).is_ok());
+  REQUIRE_THAT((*engine)->describe(), Catch::Contains("1 fixed buffers"));
+
+  // Memory the kernel cannot pin (as the memlock limit would refuse it): the registration fails
+  // with a reason, and the region registered before stays registered.
+  const size_t bad_bytes = 1 << 20;
+  void* bad = mmap(nullptr, bad_bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  REQUIRE(bad != MAP_FAILED);
+  IoRegion refused{bad, bad_bytes};
+  CHECK((*engine)->register_buffers({&refused, 1}).code() == StatusCode::kResourceExhausted);
+  CHECK_THAT((*engine)->describe(), Catch::Contains("1 fixed buffers"));
+  munmap(bad, bad_bytes);
+
+  // And the engine still moves bytes through it.
+  Completions writes;
+  REQUIRE((*engine)->write_async(device.get(), 0, {kept.get(), 256 << 10}, writes.callback()).is_ok());
+  CHECK(writes.wait(1).at(0) == int64_t(256 << 10));
+  AlignedBuffer back = zero_buffer(256 << 10);
+  Completions reads;
+  REQUIRE((*engine)->read_async(device.get(), 0, {back.get(), 256 << 10}, reads.callback()).is_ok());
+  CHECK(reads.wait(1).at(0) == int64_t(256 << 10));
+  CHECK(same_bytes(kept.get(), back.get(), 256 << 10));
+  (*engine)->unregister_buffers(kept.get());
+}
+
+namespace {
+
+/// An io engine whose fixed-buffer registrations are all refused, as io_uring refuses them past a
+/// daemon user's memlock limit; reads and writes go to a thread-pool engine.
+class RefusingIoEngine final : public IoEngine {
+ public:
+  explicit RefusingIoEngine(std::unique_ptr<IoEngine> inner)
+      : IoEngine(inner->queue_depth()), inner_(std::move(inner)) {}
+  Status submit(const IoRequest& request, IoCallback done) override {
+    return inner_->submit(request, std::move(done));
+  }
+  Status register_buffers(std::span<const IoRegion>) override {
+    return {StatusCode::kResourceExhausted, "io_uring_register_buffers: Cannot allocate memory"};
+  }
+  void unregister_buffers(const void*) noexcept override {}
+  void drain() override { inner_->drain(); }
+  IoEngineStats stats() const noexcept override { return inner_->stats(); }
+  IoEngineKind kind() const noexcept override { return inner_->kind(); }
+  std::string describe() const override { return "refusing " + inner_->describe(); }
+
+ private:
+  std::unique_ptr<IoEngine> inner_;
+};
+
+}  // namespace
+
+TEST_CASE("host memory the io engine refuses to register still serves transfers", "[transfer][io]") {
+  IoEngineOptions o;
+  o.kind = IoEngineKind::kThreadPool;
+  auto inner = create_io_engine(o);
+  REQUIRE(inner.is_ok());
+  TransferEngineOptions options;
+  options.io_engine = std::make_shared<RefusingIoEngine>(std::move(*inner));
+  auto engine = TransferEngine::create(options);
+  REQUIRE(engine.is_ok());  // its staging registration was refused too
+  AlignedBuffer arena = random_buffer(1 << 20, 9);
+  // kvtierd registers its host arena at start: a refusal there must not stop the daemon.
+  CHECK((*engine)->register_host_memory(arena.get(), 1 << 20).is_ok());
+  (*engine)->unregister_host_memory(arena.get());
 }
