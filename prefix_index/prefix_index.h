@@ -233,7 +233,7 @@ class PrefixIndex {
   IndexStats stats() const;
 
   /// Checks every structural invariant (prefix closure, child counts, residency masks);
-  /// for tests and `kvtier fsck`. Locks the whole index.
+  /// for tests and `kvtier demo`, which checks it after its workload. Locks the whole index.
   Status check_invariants() const;
 
  private:

@@ -9,6 +9,7 @@ packages=(
   catch2 libbenchmark-dev
   libspdlog-dev libfmt-dev libcli11-dev nlohmann-json3-dev libtomlplusplus-dev libcpp-httplib-dev libabsl-dev
   fio python3
+  dpkg-dev file  # cpack -G DEB: dpkg-shlibdeps, and file to find the programs
 )
 
 missing=()

@@ -1,9 +1,6 @@
 #define CATCH_CONFIG_RUNNER
 #include <catch2/catch.hpp>
 
-// The TSan suppressions for the uninstrumented RocksDB, in every test binary.
-#include "tiers/tsan_suppressions.h"
-
 // Catch's own main, plus one rule for every run: a test case or section that checks nothing
 // fails (Catch2 v2 takes --warn once, and ctest passes --warn NoTests). A deliberate skip says
 // SUCCEED("skipped") after its WARN.

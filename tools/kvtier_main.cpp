@@ -11,7 +11,6 @@
 #include "tools/demo_index.h"
 #include "tools/demo_service.h"
 #include "tools/demo_tiers.h"
-#include "tiers/tsan_suppressions.h"
 #include "tools/serve.h"
 
 using namespace kvtier;

@@ -1,7 +1,6 @@
 // kvtierd: the kvtier daemon (the same as `kvtier serve`).
 #include <CLI/CLI.hpp>
 
-#include "tiers/tsan_suppressions.h"
 #include "tools/serve.h"
 
 int main(int argc, char** argv) {

@@ -1,23 +1,11 @@
-// ThreadSanitizer suppressions for programs that embed the catalog. Include this header in
-// exactly one source file of each program (its main), so a TSan build runs clean without a
+// ThreadSanitizer suppressions, compiled into every program of the tsan build and no other
+// (cmake/kvtier_tsan.cmake adds this file to each executable), so a TSan build runs clean without a
 // suppressions file. Debian's librocksdb is not instrumented: TSan sees its memcpy, write and
 // mutex interceptors but not the atomics and futexes that order them, and reports races inside
 // RocksDB (group commit, cache-role registry) that are not there. Races in kvtier's own code are
 // still reported unless a RocksDB frame is on the stack. (Catalog also serializes its RocksDB
 // calls in TSan builds, for the reports whose stacks hold no RocksDB frame.)
-#pragma once
-
-#if defined(__SANITIZE_THREAD__)
-#define KVTIER_TSAN_BUILD 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define KVTIER_TSAN_BUILD 1
-#endif
-#endif
-
-#ifdef KVTIER_TSAN_BUILD
 extern "C" __attribute__((visibility("default"), used)) const char* __tsan_default_suppressions() {
   return "called_from_lib:librocksdb.so\n"
          "race:librocksdb.so\n";
 }
-#endif
