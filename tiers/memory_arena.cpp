@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "api/vocab/byte_size.h"
 #include "tiers/device_probe.h"
 #include "tiers/storage_device.h"
 
@@ -20,19 +21,6 @@ namespace kvtier {
 namespace {
 
 std::atomic<uint64_t> g_outstanding{0};
-
-std::string human_bytes(uint64_t b) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  double v = static_cast<double>(b);
-  int u = 0;
-  while (v >= 1024 && u < 4) {
-    v /= 1024;
-    ++u;
-  }
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.2f %s", v, units[u]);
-  return buf;
-}
 
 Status check_shape(uint64_t slot_bytes, uint64_t slots, const char* what) {
   if (slot_bytes == 0 || slots == 0) {
@@ -132,7 +120,7 @@ Result<std::byte*> map_anonymous(uint64_t bytes, int fd) {
   void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, flags, fd, 0);
   if (p == MAP_FAILED) {
     return Status(StatusCode::kResourceExhausted,
-                  "mmap of " + human_bytes(bytes) + " failed: " + std::strerror(errno));
+                  "mmap of " + format_bytes(bytes) + " failed: " + std::strerror(errno));
   }
   return static_cast<std::byte*>(p);
 }
@@ -158,8 +146,8 @@ Result<IpcHandle> MemoryArena::export_ipc() const {
 }
 
 std::string MemoryArena::describe() const {
-  return std::string(arena_kind_name(kind_)) + " arena " + human_bytes(size_bytes()) + ", " +
-         std::to_string(slots_) + " × " + human_bytes(slot_bytes_) + " slots";
+  return std::string(arena_kind_name(kind_)) + " arena " + format_bytes(size_bytes()) + ", " +
+         std::to_string(slots_) + " × " + format_bytes(slot_bytes_) + " slots";
 }
 
 Result<std::unique_ptr<MemoryArena>> create_host_arena(const HostArenaOptions& options) {
@@ -175,7 +163,7 @@ Result<std::unique_ptr<MemoryArena>> create_host_arena(const HostArenaOptions& o
       int e = errno;
       close(fd);
       return Status(StatusCode::kResourceExhausted,
-                    "sizing the shared host arena to " + human_bytes(bytes) + ": " + std::strerror(e));
+                    "sizing the shared host arena to " + format_bytes(bytes) + ": " + std::strerror(e));
     }
   }
   auto mapped = map_anonymous(bytes, fd);
@@ -207,7 +195,7 @@ Result<std::unique_ptr<MemoryArena>> create_host_arena(const HostArenaOptions& o
       } else {
         spdlog::warn("kvtier: host arena of {} stays pageable: mlock failed ({}); raise "
                      "RLIMIT_MEMLOCK (ulimit -l) to pin it",
-                     human_bytes(bytes), std::strerror(errno));
+                     format_bytes(bytes), std::strerror(errno));
       }
     }
   }
@@ -236,7 +224,7 @@ Result<std::unique_ptr<MemoryArena>> create_hbm_arena(const HbmArenaOptions& opt
     if (e != cudaSuccess) {
       (void)cudaGetLastError();
       return Status(StatusCode::kResourceExhausted,
-                    "cudaMalloc of " + human_bytes(bytes) + " for the HBM arena: " + cudaGetErrorString(e));
+                    "cudaMalloc of " + format_bytes(bytes) + " for the HBM arena: " + cudaGetErrorString(e));
     }
     return std::unique_ptr<MemoryArena>(
         new CudaHbmArena(static_cast<std::byte*>(p), slot_bytes, options.slots, options.device));
@@ -248,7 +236,7 @@ Result<std::unique_ptr<MemoryArena>> create_hbm_arena(const HbmArenaOptions& opt
   }
   auto mapped = map_anonymous(bytes, -1);
   if (!mapped) return mapped.status();
-  spdlog::info("kvtier: HBM tier is emulated in host memory ({}): {}", probe.reason, human_bytes(bytes));
+  spdlog::info("kvtier: HBM tier is emulated in host memory ({}): {}", probe.reason, format_bytes(bytes));
   return std::unique_ptr<MemoryArena>(new EmulatedHbmArena(*mapped, slot_bytes, options.slots));
 }
 

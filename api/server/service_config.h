@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "api/store/tier_manager.h"
+#include "api/vocab/byte_size.h"  // parse_bytes, format_bytes: sizes in the config
 #include "kvtier/kv_layout.h"
 #include "kvtier/status.h"
 
@@ -130,14 +131,6 @@ struct ServiceConfig {
 Result<ServiceConfig> parse_config_toml(std::string_view text, ServiceConfig base = {});
 /// Reads and parses a file. kNotFound when it does not exist, kIoError when it cannot be read.
 Result<ServiceConfig> load_config_file(const std::string& path, ServiceConfig base = {});
-
-/// "4096", "64GiB", "512 MiB", "1.5TiB", "10GB", "64G". Binary units (K, KiB, M, MiB, ... P,
-/// PiB) are powers of 1024, decimal ones (KB, MB, GB, TB, PB) powers of 1000; case does not
-/// matter; a trailing "B" alone means bytes. Fractions round down to whole bytes. kInvalidArgument
-/// for negative, malformed or overflowing sizes.
-Result<uint64_t> parse_bytes(std::string_view text);
-/// "1.50 GiB", "512 MiB", "4096 B": for logs.
-std::string format_bytes(uint64_t bytes);
 
 /// Makes a parsed config ready to run: socket_path default, data_dir created (mkdir -p, 0750),
 /// secret loaded or created, hf_config applied, auto sizes measured (logged with spdlog),
