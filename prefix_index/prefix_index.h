@@ -237,7 +237,7 @@ class PrefixIndex {
   Status check_invariants() const;
 
  private:
-  // Defined in prefix_index.cpp.
+  // Defined in index_internals.h.
   struct Shard;
   struct Run;
   struct Runs;
