@@ -10,6 +10,10 @@
 #include <toml++/toml.h>
 
 #include <algorithm>
+#include <cctype>
+#include <charconv>
+#include <cstdio>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <set>

@@ -10,12 +10,7 @@ TierManager::TierManager(const KeyChain& keys, TierManagerOptions options)
 TierManager::~TierManager() { close(); }
 
 void TierManager::close() {
-  {
-    std::lock_guard lock(counters_->bg_mu);
-    counters_->bg_stop = true;  // a running pass ends after its current round
-  }
-  counters_->bg_cv.notify_all();
-  if (counters_->bg_thread.joinable()) counters_->bg_thread.join();
+  if (reclaimer_) reclaimer_->stop();  // a running pass ends after its current round
   if (engine_) engine_->shutdown();
 }
 
@@ -59,10 +54,10 @@ uint64_t TierManager::used_slots(Tier t) const noexcept {
 Result<SlotId> TierManager::allocate_slot(Tier t) {
   const uint64_t cap = capacity_slots(t);
   const uint64_t low = low_mark(t);
-  const bool background = options_.background_reclaim;
+  const bool background = reclaimer_ != nullptr;  // background_reclaim, once open
   if (above_high(t)) {
     if (background) {
-      kick_reclaimer();  // down to the low watermark while this save goes on
+      reclaimer_->kick();  // down to the low watermark while this save goes on
     } else {
       reclaim(t, low).ignore();  // best effort
     }

@@ -34,6 +34,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "api/store/reclaimer.h"
 #include "kvtier/kv_layout.h"
 #include "kvtier/status.h"
 #include "kvtier/tier.h"
@@ -97,6 +98,9 @@ struct TierManagerOptions {
   /// (write-back to NVMe included) while saves go on, so a save reclaims by itself only when its
   /// tier is full. false: the save that crosses the high watermark reclaims (default true).
   bool background_reclaim = true;
+  /// How the background reclaimer runs (reclaimer.h): on its own thread (kThread, the default),
+  /// or only when the owner calls reclaimer()->step() (kStepped, for tests that order it).
+  Reclaimer::Mode reclaimer_mode = Reclaimer::Mode::kThread;
   /// Options of the transfer engine the manager creates.
   TransferEngineOptions transfer;
   /// Options of the prefix index.
@@ -204,9 +208,9 @@ class TierManager {
   /// Stops the background reclaimer and waits for in-flight transfers (the engine is shut
   /// down; the manager then refuses work).
   void close();
-  /// Blocks until the background reclaimer has nothing left to do (no pending request and no
-  /// round running). Returns at once without background_reclaim. For tests and benchmarks.
-  void wait_reclaim_idle();
+  /// The background reclaimer (reclaimer.h); null without background_reclaim. Its wait_idle()
+  /// waits out a thread's passes, its step() runs a stepped one.
+  Reclaimer* reclaimer() noexcept { return reclaimer_.get(); }
 
   TierManagerStats stats() const;
 
@@ -241,8 +245,8 @@ class TierManager {
   bool above_high(Tier t) const noexcept;
   /// The slots in use at `t`'s low watermark: where a reclaim stops.
   uint64_t low_mark(Tier t) const noexcept;
-  void kick_reclaimer();
-  void reclaimer_loop();
+  /// The reclaimer's pass: every tier above its high watermark down to its low one, top down.
+  void reclaim_pass(const std::atomic<bool>& stop);
   /// Copies a block down to the memory tier below `from` (HBM → host) and drops `from`'s copy.
   /// Write-back to NVMe goes through store_batch_to_nvme instead (kInvalidArgument here).
   Status demote_block(const BlockKey& key, Tier from);
@@ -301,6 +305,7 @@ class TierManager {
 
   struct Counters;
   std::unique_ptr<Counters> counters_;
+  std::unique_ptr<Reclaimer> reclaimer_;  // after counters_: its pass counts there
 };
 
 }  // namespace kvtier

@@ -37,12 +37,6 @@ struct TierManager::Counters {
   std::mutex repair_mu;
   std::array<std::mutex, kNumTiers> reclaim_mu;  // one reclaim round per tier at a time
   std::atomic<uint64_t> background_rounds{0}, foreground_rounds{0};
-  // The background reclaimer (TierManagerOptions::background_reclaim).
-  std::mutex bg_mu;
-  std::condition_variable bg_cv;  // kicks, stop, and the end of a pass (wait_reclaim_idle)
-  bool bg_kicked = false, bg_busy = false;
-  std::atomic<bool> bg_stop{false};
-  std::thread bg_thread;
   // One write-back batch at a time (reclaim rounds, background or not, and flush): a block two
   // batches both found memory-only would otherwise be written and committed twice.
   std::mutex writeback_mu;

@@ -19,7 +19,8 @@ Result<std::unique_ptr<TierManager>> TierManager::open(const KeyChain& keys, Tie
   KVTIER_RETURN_IF_ERROR(m->set_tenant_shares());
   KVTIER_RETURN_IF_ERROR(m->recover());
   if (m->options_.background_reclaim) {
-    m->counters_->bg_thread = std::thread([tm = m.get()] { tm->reclaimer_loop(); });
+    m->reclaimer_ = std::make_unique<Reclaimer>(
+        m->options_.reclaimer_mode, [tm = m.get()](const std::atomic<bool>& stop) { tm->reclaim_pass(stop); });
   }
   return m;
 }

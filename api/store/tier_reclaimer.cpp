@@ -1,5 +1,5 @@
-// The tier manager, the reclaimer: watermarks, the background reclaimer thread, and reclaiming a
-// tier by demoting its coldest blocks down a tier or dropping them.
+// The tier manager, the reclaimer: watermarks, the background reclaimer's pass (reclaimer.h runs
+// it), and reclaiming a tier by demoting its coldest blocks down a tier or dropping them.
 #include "api/store/tier_manager_internals.h"
 
 namespace kvtier {
@@ -14,41 +14,14 @@ uint64_t TierManager::low_mark(Tier t) const noexcept {
   return static_cast<uint64_t>(limits_of(options_, t).low_watermark * static_cast<double>(capacity_slots(t)));
 }
 
-void TierManager::kick_reclaimer() {
-  {
-    std::lock_guard lock(counters_->bg_mu);
-    counters_->bg_kicked = true;
-  }
-  counters_->bg_cv.notify_all();
-}
-
-void TierManager::wait_reclaim_idle() {
-  std::unique_lock lock(counters_->bg_mu);
-  counters_->bg_cv.wait(lock, [&] {
-    return !options_.background_reclaim || counters_->bg_stop || (!counters_->bg_kicked && !counters_->bg_busy);
-  });
-}
-
-void TierManager::reclaimer_loop() {
-  Counters& c = *counters_;
-  std::unique_lock lock(c.bg_mu);
-  for (;;) {
-    c.bg_cv.wait(lock, [&] { return c.bg_kicked || c.bg_stop; });
-    if (c.bg_stop) break;
-    c.bg_kicked = false;
-    c.bg_busy = true;
-    lock.unlock();
-    // Top down: HBM's demotions land in the host tier, whose write-back lands on NVMe.
-    for (Tier t : kAllTiers) {
-      if (!has_tier(t) || !above_high(t)) continue;
-      if (Status s = reclaim(t, low_mark(t), &c.bg_stop); !s) {
-        // Everything pinned, or a failing disk: the next save that needs room reports it.
-        spdlog::debug("background reclaim of the {} tier: {}", tier_name(t), s.to_string());
-      }
+void TierManager::reclaim_pass(const std::atomic<bool>& stop) {
+  // Top down: HBM's demotions land in the host tier, whose write-back lands on NVMe.
+  for (Tier t : kAllTiers) {
+    if (!has_tier(t) || !above_high(t)) continue;
+    if (Status s = reclaim(t, low_mark(t), &stop); !s) {
+      // Everything pinned, or a failing disk: the next save that needs room reports it.
+      spdlog::debug("background reclaim of the {} tier: {}", tier_name(t), s.to_string());
     }
-    lock.lock();
-    c.bg_busy = false;
-    c.bg_cv.notify_all();
   }
 }
 

@@ -210,7 +210,7 @@ Result<size_t> TierManager::save_blocks(const Namespace& ns, std::span<const Tok
   if (pinned) index_->unpin(*pinned).ignore();
   // A reclaim pass that ran during the save may have found nothing to move: the save's own pin
   // held the only leaf. Now that it is released, ask again rather than wait for the next save.
-  if (options_.background_reclaim && above_high(tier)) kick_reclaimer();
+  if (reclaimer_ && above_high(tier)) reclaimer_->kick();
   if (!failure.is_ok()) return failure;
   return saved;
 }

@@ -356,7 +356,7 @@ int main(int argc, char** argv) {
       for (auto& t : tokens) t = static_cast<TokenId>(rng() % 128000);
       auto saved = (*tm)->save(*ns, tokens, std::span<const std::byte>(kv.get(), kSaveBlocks * kBlock));
       must(saved.status(), "save");
-      (*tm)->wait_reclaim_idle();
+      if (Reclaimer* r = (*tm)->reclaimer()) r->wait_idle();
     };
     save_once();  // fills the host tier: from here on every saved block pushes one down
     const TierManagerStats before = (*tm)->stats();

@@ -558,15 +558,31 @@ TEST_CASE("Concurrent saves, loads and rebalances stay consistent") {
   std::array<Namespace, 3> ns{f.ns, f.ns, f.ns};
   if (shares) {
     f.opts.tenants = {{.name = "a", .tier_share = 0.25}, {.name = "b"}};
+    // The reclaimer runs only when the stepping thread below runs it, so no pass can move a block
+    // once that thread is done (7ee8781 waited for a thread to go idle instead).
+    f.opts.reclaimer_mode = Reclaimer::Mode::kStepped;
     f.reopen();
     // Threads 0 and 1 race on the same prompts of tenant a; thread 2 saves tenant b's.
     const Namespace a = *f.tm->add_namespace({"model", layout(), "salt-a", ""}, "a");
     ns = {a, a, *f.tm->add_namespace({"model", layout(), "salt-b", ""}, "b")};
   }
   std::atomic<int> failures{0};
+  std::atomic<int> workers_left{3};
   std::vector<std::thread> threads;
+  std::thread stepper;
+  if (shares) {
+    stepper = std::thread([&] {  // the background reclaimer's passes, among the workers' calls
+      while (workers_left.load() > 0) {
+        if (!f.tm->reclaimer()->step()) std::this_thread::yield();
+      }
+    });
+  }
   for (int th = 0; th < 3; ++th) {
     threads.emplace_back([&, th] {
+      struct Done {
+        std::atomic<int>& left;
+        ~Done() { left.fetch_sub(1); }
+      } done{workers_left};
       for (int i = 0; i < 12; ++i) {
         const Namespace& in = ns[th];
         auto t = prompt(1000 + (th * 7 + i) % 10, 3);
@@ -591,10 +607,13 @@ TEST_CASE("Concurrent saves, loads and rebalances stay consistent") {
     });
   }
   for (auto& t : threads) t.join();
+  if (stepper.joinable()) stepper.join();
   CHECK(failures == 0);
   CHECK(f.tm->index().check_invariants().is_ok());  // the per-tenant counts included
   if (shares) {
-    f.tm->wait_reclaim_idle();  // the background reclaimer moves blocks between the two reads otherwise
+    CHECK(f.tm->reclaimer()->passes() > 0);  // it did run among the workers
+    // Nothing steps the reclaimer now: the tenants' counts and the tier's, read a moment apart
+    // by stats(), see the same blocks even with a pass pending.
     const auto st = f.tm->stats();
     for (Tier tier : {Tier::kHost, Tier::kNvme}) {
       CHECK(st.tenants[0].resident_blocks[int(tier)] + st.tenants[1].resident_blocks[int(tier)] ==
@@ -745,7 +764,7 @@ TEST_CASE("Background write-back: a save past the high watermark does not wait f
   CHECK(f.tm->stats().tiers[int(Tier::kHost)].used_slots == 6);
 
   gate->open();
-  f.tm->wait_reclaim_idle();
+  f.tm->reclaimer()->wait_idle();
   const auto st = f.tm->stats();
   CHECK(st.background_rounds >= 1);
   CHECK(st.foreground_rounds == 0);
@@ -1007,7 +1026,7 @@ TEST_CASE("Write-back keeps NVMe prefix-closed so a crash loses only blocks that
     REQUIRE(f.tm->save(f.ns, p, kv_for(p, layout())).is_ok());
     prompts.push_back(std::move(p));
   }
-  f.tm->wait_reclaim_idle();
+  f.tm->reclaimer()->wait_idle();
   std::vector<size_t> on_nvme;
   for (const auto& p : prompts) on_nvme.push_back(nvme_prefix(*f.tm, f.ns, p));
   const TierManagerStats before = f.tm->stats();
@@ -1104,4 +1123,57 @@ TEST_CASE("Orphans kept at open are the first blocks dropped when NVMe needs roo
   CHECK(s.orphans + s.orphans_dropped == 11);
   CHECK(s.tiers[static_cast<int>(Tier::kNvme)].drops == 0);  // no indexed block was dropped for them
   REQUIRE(f.tm->index().check_invariants().is_ok());
+}
+
+TEST_CASE("A stepped reclaimer runs a pass only when stepped, one per burst of kicks") {
+  std::atomic<int> ran{0};
+  Reclaimer r(Reclaimer::Mode::kStepped, [&](const std::atomic<bool>&) { ran.fetch_add(1); });
+  CHECK_FALSE(r.step());  // nothing asked for
+  r.kick();
+  r.kick();  // kicks before a pass ask for one pass
+  CHECK(r.pending());
+  CHECK(ran == 0);  // no thread runs it
+  CHECK(r.step());
+  CHECK(ran == 1);
+  CHECK_FALSE(r.pending());
+  CHECK_FALSE(r.step());
+  CHECK(r.passes() == 1);
+  r.stop();
+  r.kick();  // after stop, nothing is asked for
+  CHECK_FALSE(r.pending());
+  CHECK_FALSE(r.step());
+}
+
+TEST_CASE("A threaded reclaimer runs a kicked pass and wait_idle waits for it") {
+  std::atomic<int> ran{0};
+  Reclaimer r(Reclaimer::Mode::kThread, [&](const std::atomic<bool>&) { ran.fetch_add(1); });
+  r.kick();
+  r.wait_idle();
+  CHECK(ran == 1);
+  CHECK(r.passes() == 1);
+  CHECK_FALSE(r.step());  // a threaded reclaimer is never stepped
+  r.stop();
+  r.stop();  // idempotent
+}
+
+TEST_CASE("A save past the high watermark leaves the reclaim to the stepped reclaimer") {
+  Fixture f(/*host_blocks=*/8, /*nvme_blocks=*/64);
+  f.opts.reclaimer_mode = Reclaimer::Mode::kStepped;
+  f.opts.host.high_watermark = 0.75;
+  f.opts.host.low_watermark = 0.25;
+  f.reopen();
+  const auto tokens = prompt(7, 7);  // 7 blocks: past the 6-block high watermark
+  REQUIRE(f.tm->save(f.ns, tokens, kv_for(tokens, layout())).is_ok());
+  // The save only asked: the tier is still above its high watermark, nothing moved.
+  CHECK(f.tm->reclaimer()->pending());
+  CHECK(f.tm->stats().tiers[int(Tier::kHost)].used_slots == 7);
+  CHECK(f.tm->stats().background_rounds == 0);
+  // One pass, here and now: down to the low watermark (2 blocks), the rest written back to NVMe.
+  REQUIRE(f.tm->reclaimer()->step());
+  const auto st = f.tm->stats();
+  CHECK(st.background_rounds >= 1);
+  CHECK(st.foreground_rounds == 0);
+  CHECK(st.tiers[int(Tier::kHost)].used_slots <= 2);
+  CHECK(nvme_prefix(*f.tm, f.ns, tokens) == 7);
+  CHECK(f.tm->index().check_invariants().is_ok());
 }
