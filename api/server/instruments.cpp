@@ -1,40 +1,8 @@
 #include "api/server/instruments.h"
 
 #include <string>
-#include <string_view>
 
 namespace kvtier {
-
-using proto::Op;
-
-namespace {
-
-std::string_view op_name(uint16_t op) {
-  switch (static_cast<Op>(op)) {
-    case Op::kHello: return "hello";
-    case Op::kOpenNamespace: return "open_namespace";
-    case Op::kLookup: return "lookup";
-    case Op::kLoad: return "load";
-    case Op::kRelease: return "release";
-    case Op::kSave: return "save";
-    case Op::kPrefetch: return "prefetch";
-    case Op::kPin: return "pin";
-    case Op::kUnpin: return "unpin";
-    case Op::kStats: return "stats";
-    case Op::kDoorbell: return "doorbell";
-    case Op::kRegisterMemory: return "register_memory";
-    case Op::kUnregisterMemory: return "unregister_memory";
-    case Op::kLoadTo: return "load_to";
-    case Op::kSaveFrom: return "save_from";
-  }
-  return "unknown";
-}
-
-constexpr Op kAllOps[] = {Op::kHello, Op::kOpenNamespace, Op::kLookup, Op::kLoad, Op::kRelease,
-                          Op::kSave, Op::kPrefetch, Op::kPin, Op::kUnpin, Op::kStats,
-                          Op::kRegisterMemory, Op::kUnregisterMemory, Op::kLoadTo, Op::kSaveFrom};
-
-}  // namespace
 
 Server::Instruments::Instruments(MetricsRegistry& r, const std::vector<TenantRule>& rules) {
   first_tenant = rules.data();
@@ -50,9 +18,10 @@ Server::Instruments::Instruments(MetricsRegistry& r, const std::vector<TenantRul
                                       "Tokens whose KV the tenant's clients restored instead of recomputing.", labels),
     });
   }
-  for (Op op : kAllOps) {
-    const std::string name(op_name(static_cast<uint16_t>(op)));
-    PerOp& p = ops[static_cast<int>(op)];
+  for (const proto::OpInfo& info : proto::kOps) {
+    if (!info.answered) continue;  // a doorbell is no request of its own
+    const std::string name(info.name);
+    PerOp& p = ops[static_cast<int>(info.op)];
     p.requests = &r.counter("kvtierd_requests_total", "Requests answered, per operation.", {{"op", name}});
     p.errors = &r.counter("kvtierd_request_errors_total", "Requests answered with an error, per operation.", {{"op", name}});
     p.seconds = &r.histogram("kvtierd_request_seconds", "Time to answer a request, per operation.",

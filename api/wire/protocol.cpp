@@ -244,10 +244,6 @@ Status check_prefix_arg(Op op, uint8_t arg) {
 
 }  // namespace
 
-bool is_known_op(uint16_t op) noexcept {
-  return op >= static_cast<uint16_t>(Op::kHello) && op <= kLastOp;
-}
-
 // ---- header ----------------------------------------------------------------------------------
 
 void encode_header(const FrameHeader& h, std::byte out[kHeaderBytes]) noexcept {

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "kvtier/block_key.h"
@@ -60,8 +61,47 @@ enum class Op : uint16_t {
   kSaveFrom = 15,      // save blocks straight from a registered region
 };
 inline constexpr uint16_t kLastOp = static_cast<uint16_t>(Op::kSaveFrom);
+
+/// The ops once, in wire order: each one's name (logs, the daemon's per-op metrics) and whether a
+/// request of it is answered (a doorbell is not: no payload, no reply). op_name, is_known_op and
+/// kvtierd's instruments read this table; the static_assert below ties it to the enum.
+struct OpInfo {
+  Op op;
+  std::string_view name;
+  bool answered;
+};
+inline constexpr OpInfo kOps[] = {
+    {Op::kHello, "hello", true},
+    {Op::kOpenNamespace, "open_namespace", true},
+    {Op::kLookup, "lookup", true},
+    {Op::kLoad, "load", true},
+    {Op::kRelease, "release", true},
+    {Op::kSave, "save", true},
+    {Op::kPrefetch, "prefetch", true},
+    {Op::kPin, "pin", true},
+    {Op::kUnpin, "unpin", true},
+    {Op::kStats, "stats", true},
+    {Op::kDoorbell, "doorbell", false},
+    {Op::kRegisterMemory, "register_memory", true},
+    {Op::kUnregisterMemory, "unregister_memory", true},
+    {Op::kLoadTo, "load_to", true},
+    {Op::kSaveFrom, "save_from", true},
+};
+consteval bool ops_table_matches_enum() {
+  if (std::size(kOps) != kLastOp) return false;
+  for (size_t i = 0; i < std::size(kOps); ++i) {
+    if (static_cast<uint16_t>(kOps[i].op) != i + 1 || kOps[i].name.empty()) return false;
+  }
+  return true;
+}
+static_assert(ops_table_matches_enum(), "kOps lists every Op once, in wire order from 1");
+
 /// True for the ops above (requests only).
-bool is_known_op(uint16_t op) noexcept;
+constexpr bool is_known_op(uint16_t op) noexcept { return op >= 1 && op <= kLastOp; }
+/// The op's name from kOps; "unknown" for any other value.
+constexpr std::string_view op_name(uint16_t op) noexcept {
+  return is_known_op(op) ? kOps[op - 1].name : std::string_view("unknown");
+}
 
 struct FrameHeader {
   uint32_t magic = kMagic;

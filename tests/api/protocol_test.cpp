@@ -2,6 +2,9 @@
 // every malformed payload (truncated, oversized, trailing, unknown enum or op) is kProtocolError.
 #include <catch2/catch.hpp>
 
+#include <set>
+#include <string_view>
+
 #include <chrono>
 #include <cstring>
 #include <thread>
@@ -571,6 +574,19 @@ TEST_CASE("Unknown ops are refused") {
     CHECK(mentions(s, "unknown op"));
   }
   for (uint16_t op = 1; op <= kLastOp; ++op) CHECK(is_known_op(op));
+}
+
+TEST_CASE("Every op has one name, and only the doorbell goes unanswered") {
+  std::set<std::string_view> names;
+  for (const OpInfo& info : kOps) {
+    CAPTURE(info.name);
+    CHECK(op_name(static_cast<uint16_t>(info.op)) == info.name);
+    CHECK(names.insert(info.name).second);  // the metrics label ops by name: no two alike
+    CHECK(info.answered == (info.op != Op::kDoorbell));
+  }
+  CHECK(names.size() == kLastOp);
+  CHECK(op_name(0) == "unknown");
+  CHECK(op_name(kLastOp + 1) == "unknown");
 }
 
 TEST_CASE("Unknown enum values are refused") {
