@@ -294,9 +294,8 @@ Result<std::unique_ptr<StorageDevice>> create_file_device(const std::string& pat
       }
     } else if (static_cast<uint64_t>(st.st_size) < size) {
       ::close(fd);
-      return Status(StatusCode::kInvalidArgument,
-                    path + " holds " + std::to_string(st.st_size) + " bytes, fewer than " +
-                        std::to_string(size));
+      return invalid_argument(path + " holds " + std::to_string(st.st_size) + " bytes, fewer than " +
+                              std::to_string(size));
     }
   } else {
     ::close(fd);

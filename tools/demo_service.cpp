@@ -428,7 +428,7 @@ int run_service_demo(const ServiceDemoOptions& o) {
   const auto demo_start = Clock::now();
   const ServiceDemoWorkload& w = o.workload;
   if (w.users == 0 || w.turns == 0 || w.documents == 0) {
-    return fail(Status(StatusCode::kInvalidArgument, "--users, --turns and --documents must be at least 1"));
+    return fail(invalid_argument("--users, --turns and --documents must be at least 1"));
   }
   std::error_code ec;
   std::filesystem::remove_all(o.dir, ec);

@@ -50,7 +50,7 @@ Result<ServiceConfig> build_config(const ServeFlags& f) {
     try {
       c.socket_mode = static_cast<uint32_t>(std::stoul(f.socket_mode, nullptr, 8));
     } catch (...) {
-      return Status(StatusCode::kInvalidArgument, "--socket-mode must be octal, e.g. 0660");
+      return invalid_argument("--socket-mode must be octal, e.g. 0660");
     }
   }
   if (!f.metrics.empty()) c.metrics_listen = f.metrics == "off" ? "" : f.metrics;

@@ -27,7 +27,6 @@ namespace {
 
 std::atomic<uint64_t> g_mapped{0};
 
-
 std::string hex(const void* p) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%p", p);

@@ -49,7 +49,7 @@ kvtier_status ok() {
   return KVTIER_OK;
 }
 kvtier_status bad(const char* what) {
-  return fail(kvtier::Status(kvtier::StatusCode::kInvalidArgument, what));
+  return fail(kvtier::invalid_argument(what));
 }
 /// Runs a call's body with nothing thrown past the C edge: an exception (std::bad_alloc, or a bug)
 /// becomes KVTIER_INTERNAL with its text in kvtier_last_error.

@@ -21,7 +21,6 @@ using proto::Op;
 
 namespace {
 
-
 std::vector<BlockExtra> to_vector(std::span<const BlockExtra> e) { return {e.begin(), e.end()}; }
 
 }  // namespace

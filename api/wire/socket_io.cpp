@@ -49,7 +49,7 @@ ssize_t recv_some(int sock, std::byte* buf, size_t n, int flags, int& received_f
 
 Status send_frame(int sock, uint16_t op, uint32_t request_id, std::span<const std::byte> payload, int pass_fd) {
   if (payload.size() > kMaxPayload) {
-    return Status(StatusCode::kInvalidArgument, "request of " + std::to_string(payload.size()) +
+    return invalid_argument("request of " + std::to_string(payload.size()) +
                                                     " bytes exceeds the protocol's " + std::to_string(kMaxPayload));
   }
   std::byte header[kHeaderBytes];
@@ -304,7 +304,7 @@ Result<int> connect_unix(const std::string& path) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (path.size() >= sizeof(addr.sun_path)) {
-    return Status(StatusCode::kInvalidArgument, "socket path longer than " + std::to_string(sizeof(addr.sun_path) - 1) +
+    return invalid_argument("socket path longer than " + std::to_string(sizeof(addr.sun_path) - 1) +
                                                     " bytes: " + path);
   }
   std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
