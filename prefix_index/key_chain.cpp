@@ -48,6 +48,8 @@ Result<Namespace> KeyChain::make_namespace(const NamespaceSpec& spec) const {
   root_input.append(reinterpret_cast<const char*>(&fp), sizeof fp);
   append_field(root_input, spec.tenant_salt);
   append_field(root_input, spec.adapter_id);
+  // Length-prefixed and last, so a root with a revision never equals one without.
+  if (!spec.revision.empty()) append_field(root_input, spec.revision);
   Namespace ns;
   ns.root = hash_(root_input.data(), root_input.size(), secret_.data(), secret_.size());
   ns.layout = spec.layout;

@@ -1,6 +1,8 @@
 // KeyChain: turns token ids into chained, keyed 128-bit block keys (DESIGN.md "Keys").
 //
-//   key_0 = H(s_root, "kvtier/1" ‖ model id ‖ layout fingerprint ‖ tenant salt ‖ adapter id)
+//   key_0 = H(s_root, "kvtier/1" ‖ model id ‖ layout fingerprint ‖ tenant salt ‖ adapter id
+//               [‖ revision])   (the revision field only when one is given, so roots without
+//                                 one are the same as before revisions existed)
 //   d_i   = H(s_block, tokens_i ‖ extras_i)          (block digest)
 //   key_i = L(s_link, key_{i-1}, d_i)                (link)
 // with H = XXH3-128, L = two keyed XXH3 multiply-folds with avalanche (each output word mixes all
@@ -39,6 +41,8 @@ struct NamespaceSpec {
   KvLayout layout;         // must validate; its fingerprint and block size go into the root
   std::string tenant_salt; // "" shares across all users of the deployment
   std::string adapter_id;  // LoRA adapter, "" for the base model
+  std::string revision;    // the weights' revision (a commit hash or a digest of the weight files);
+                           // "" when unknown. KV of other weights of the same model never matches
 };
 
 /// A resolved namespace: the root key plus the layout its blocks follow.

@@ -113,9 +113,17 @@ uint32_t kvtier_num_layers(const kvtier_client* c) { return c ? c->client->layou
 
 kvtier_status kvtier_open_namespace(kvtier_client* c, const char* model_id, const char* tenant, const char* adapter_id,
                                     uint32_t* namespace_out) {
+  return kvtier_open_namespace_revision(c, model_id, "", tenant, adapter_id, namespace_out);
+}
+
+kvtier_status kvtier_open_namespace_revision(kvtier_client* c, const char* model_id, const char* revision,
+                                             const char* tenant, const char* adapter_id, uint32_t* namespace_out) {
   return guarded([&]() -> kvtier_status {
     if (!c || !model_id || !namespace_out) return bad("client, model_id and namespace_out are required");
-    auto id = c->client->open_namespace({model_id, tenant ? tenant : "", adapter_id ? adapter_id : ""});
+    auto id = c->client->open_namespace({.model_id = model_id,
+                                         .tenant = tenant ? tenant : "",
+                                         .adapter_id = adapter_id ? adapter_id : "",
+                                         .revision = revision ? revision : ""});
     if (!id) return fail(id.status());
     *namespace_out = *id;
     return ok();

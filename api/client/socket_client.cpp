@@ -231,7 +231,8 @@ Result<NamespaceId> SocketClient::open_namespace(const NamespaceRequest& r) {
   std::lock_guard lock(gate_);
   std::vector<std::byte> req, reply;
   proto::encode(proto::OpenNamespaceRequest{.model_id = r.model_id, .tenant = r.tenant, .adapter_id = r.adapter_id,
-                                            .layout_fingerprint = layout_.fingerprint()},
+                                            .layout_fingerprint = layout_.fingerprint(),
+                                            .revision = r.revision},
                 req);
   KVTIER_RETURN_IF_ERROR(call(Op::kOpenNamespace, req, reply));
   proto::OpenNamespaceReply out;

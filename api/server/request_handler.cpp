@@ -120,7 +120,8 @@ Status Handler::open_namespace(std::span<const std::byte> payload) {
     return Status(StatusCode::kLayoutMismatch, "the client's KV layout differs from the daemon's " + store.layout().describe());
   }
   auto id = store.open_namespace_spec({.model_id = req.model_id, .layout = store.layout(),
-                                       .tenant_salt = tenant->salt, .adapter_id = req.adapter_id},
+                                       .tenant_salt = tenant->salt, .adapter_id = req.adapter_id,
+                                       .revision = req.revision},
                                       tenant->name);
   if (!id) return id.status();
   s.namespaces.emplace(*id, tenant);

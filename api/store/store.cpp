@@ -54,7 +54,7 @@ Result<Namespace> Store::namespace_of(NamespaceId id) const {
 }
 
 Result<NamespaceId> Store::open_namespace_spec(const NamespaceSpec& spec, std::string_view tenant) {
-  auto key = std::make_tuple(spec.model_id, spec.tenant_salt, spec.adapter_id);
+  auto key = std::make_tuple(spec.model_id, spec.tenant_salt, spec.adapter_id, spec.revision);
   {
     std::shared_lock lock(ns_mu_);
     if (auto it = ns_ids_.find(key); it != ns_ids_.end()) return it->second;
@@ -72,7 +72,8 @@ Result<NamespaceId> Store::open_namespace_spec(const NamespaceSpec& spec, std::s
 Result<NamespaceId> Store::open_namespace(const NamespaceRequest& request) {
   // In-process, the tenant is its own salt, and names it in StoreOptions::tiers.tenants too.
   return open_namespace_spec({.model_id = request.model_id, .layout = layout(),
-                              .tenant_salt = request.tenant, .adapter_id = request.adapter_id},
+                              .tenant_salt = request.tenant, .adapter_id = request.adapter_id,
+                              .revision = request.revision},
                              request.tenant);
 }
 

@@ -88,7 +88,8 @@ class Store final : public KvStore {
   std::unique_ptr<EngineCopier> copier_;               // canonical KV in device memory, via tiers_
   mutable std::shared_mutex ns_mu_;
   std::vector<Namespace> namespaces_;                                   // id → namespace
-  std::map<std::tuple<std::string, std::string, std::string>, NamespaceId> ns_ids_;  // spec → id
+  // (model, tenant salt, adapter, revision) → id
+  std::map<std::tuple<std::string, std::string, std::string, std::string>, NamespaceId> ns_ids_;
   bool closed_ = false;
   std::mutex close_mu_;
   std::mutex pins_mu_;

@@ -329,6 +329,7 @@ void encode(const OpenNamespaceRequest& m, std::vector<std::byte>& out) {
   w.string(m.tenant);
   w.string(m.adapter_id);
   w.u64(m.layout_fingerprint);
+  w.string(m.revision);
 }
 
 Status decode(std::span<const std::byte> in, OpenNamespaceRequest& m) {
@@ -337,7 +338,8 @@ Status decode(std::span<const std::byte> in, OpenNamespaceRequest& m) {
                         KVTIER_RETURN_IF_ERROR(r.string(t.model_id, "model_id"));
                         KVTIER_RETURN_IF_ERROR(r.string(t.tenant, "tenant"));
                         KVTIER_RETURN_IF_ERROR(r.string(t.adapter_id, "adapter_id"));
-                        return r.u64(t.layout_fingerprint, "layout_fingerprint");
+                        KVTIER_RETURN_IF_ERROR(r.u64(t.layout_fingerprint, "layout_fingerprint"));
+                        return r.string(t.revision, "revision");
                       });
 }
 

@@ -33,7 +33,7 @@
 namespace kvtier::proto {
 
 inline constexpr uint32_t kMagic = 0x3154564Bu;  // "KVT1" little-endian
-inline constexpr uint16_t kVersion = 1;
+inline constexpr uint16_t kVersion = 2;  // 2: OpenNamespaceRequest carries the revision
 inline constexpr size_t kHeaderBytes = 16;
 inline constexpr uint32_t kMaxPayload = 8u << 20;  // 8 MiB: ~2M tokens
 inline constexpr uint32_t kMaxString = 4096;
@@ -139,6 +139,7 @@ struct OpenNamespaceRequest {
   std::string tenant;      // a tenant name from the daemon's config ("" = the default tenant)
   std::string adapter_id;
   uint64_t layout_fingerprint = 0;  // must equal the daemon layout's, else kLayoutMismatch
+  std::string revision;    // the weights' revision, part of the root key ("" = none); version 2
 };
 struct OpenNamespaceReply {
   uint32_t namespace_id = 0;

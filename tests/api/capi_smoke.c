@@ -41,6 +41,15 @@ int capi_smoke(const char* socket_path, const unsigned* tokens, size_t num_token
   }
   CHECK(kvtier_load(c, m, back_ptrs, blocks, 0));
   kvtier_match_free(c, m);
+  /* Another revision of the same model is another namespace: nothing saved above matches there. */
+  uint32_t other_rev = 0;
+  CHECK(kvtier_open_namespace_revision(c, "c-model", "rev-2", "", "", &other_rev));
+  CHECK(kvtier_lookup(c, other_rev, tokens, num_tokens, &m));
+  if (other_rev == ns || kvtier_match_blocks(m) != 0) {
+    fprintf(stderr, "capi_smoke: another revision matched %zu blocks\n", kvtier_match_blocks(m));
+    return 1;
+  }
+  kvtier_match_free(c, m);
   if (memcmp(kv, back, blocks * bpb) != 0) {
     fprintf(stderr, "capi_smoke: loaded bytes differ\n");
     return 1;

@@ -93,7 +93,8 @@ HelloReply sample_hello_reply() {
 }
 OpenNamespaceRequest sample_open() {
   return {.model_id = "meta-llama/Llama-3.1-8B-Instruct@main", .tenant = "team-a",
-          .adapter_id = "lora-sql", .layout_fingerprint = 0xDEADBEEFCAFEF00Dull};
+          .adapter_id = "lora-sql", .layout_fingerprint = 0xDEADBEEFCAFEF00Dull,
+          .revision = "0123abcd"};
 }
 LookupRequest sample_lookup() {
   return {.namespace_id = 0x00C0FFEE, .take_lease = false, .tokens = sample_tokens(37),
@@ -203,6 +204,7 @@ TEST_CASE("Every request round-trips field by field") {
     CHECK(out.tenant == in.tenant);
     CHECK(out.adapter_id == in.adapter_id);
     CHECK(out.layout_fingerprint == in.layout_fingerprint);
+    CHECK(out.revision == in.revision);
   }
   {
     LookupRequest in = sample_lookup(), out;
@@ -387,7 +389,7 @@ TEST_CASE("The byte format is little-endian in field order") {
   std::byte header[kHeaderBytes];
   encode_header({.op = 3, .request_id = 0x0A0B0C0Du, .payload_bytes = 0x100}, header);
   CHECK(Bytes(header, header + kHeaderBytes) ==
-        bytes_of({'K', 'V', 'T', '1', 1, 0, 3, 0, 0x0D, 0x0C, 0x0B, 0x0A, 0, 1, 0, 0}));
+        bytes_of({'K', 'V', 'T', '1', 2, 0, 3, 0, 0x0D, 0x0C, 0x0B, 0x0A, 0, 1, 0, 0}));
 
   Bytes status;
   encode_status(Status(StatusCode::kBusy, "pinned"), status);
@@ -396,7 +398,7 @@ TEST_CASE("The byte format is little-endian in field order") {
 }
 
 TEST_CASE("The frame header round-trips and is checked") {
-  FrameHeader in{.version = 1, .op = static_cast<uint16_t>(static_cast<uint16_t>(Op::kSave) | kReplyBit),
+  FrameHeader in{.version = kVersion, .op = static_cast<uint16_t>(static_cast<uint16_t>(Op::kSave) | kReplyBit),
                  .request_id = 0xFEEDF00Du, .payload_bytes = 12345};
   std::byte raw[kHeaderBytes];
   encode_header(in, raw);

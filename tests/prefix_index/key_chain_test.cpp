@@ -57,6 +57,13 @@ TEST_CASE("Root keys separate every namespace field") {
   CHECK(base != root({"m", small_layout(8), "salt", "lora"}));
   CHECK(root({"ab", layout, "c", ""}) != root({"a", layout, "bc", ""}));  // length-prefixed fields
   CHECK(KeyChain("other").make_namespace({"m", layout, "salt", "lora"})->root != base);
+  // The weights' revision: another revision never shares a root, and no revision keeps the root
+  // it had before revisions existed (a field is added only when given).
+  const BlockKey rev_a = root({"m", layout, "salt", "lora", "abc123"});
+  CHECK(rev_a != base);
+  CHECK(rev_a != root({"m", layout, "salt", "lora", "abc124"}));
+  CHECK(rev_a == root({"m", layout, "salt", "lora", "abc123"}));
+  CHECK(root({"m", layout, "salt", "", "lora"}) != root({"m", layout, "salt", "lora", ""}));
   CHECK(chain.make_namespace({"", layout, "", ""}).status().code() == StatusCode::kInvalidArgument);
   KvLayout bad = layout;
   bad.block_tokens = 0;

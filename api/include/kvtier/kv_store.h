@@ -31,6 +31,10 @@ struct NamespaceRequest {
   std::string model_id;
   std::string tenant;
   std::string adapter_id;
+  /// The model weights' revision: a commit hash, or a digest of the weight files when none is
+  /// known. Part of the namespace's root key, so KV computed with other weights of the same model
+  /// id never matches. "" for none (every revision then shares the namespace).
+  std::string revision;
 };
 
 class KVTIER_API KvStore {

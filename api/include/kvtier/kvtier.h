@@ -58,6 +58,11 @@ KVTIER_API uint32_t kvtier_num_layers(const kvtier_client* client);
 /* Resolves a namespace; tenant must be one the client's identity is bound to ("" = default). */
 KVTIER_API kvtier_status kvtier_open_namespace(kvtier_client* client, const char* model_id, const char* tenant,
                                     const char* adapter_id, uint32_t* namespace_out);
+/* The same, with the model weights' revision (a commit hash or a digest of the weight files; NULL or
+ * "" for none) in the namespace's root key: KV of other weights of the same model never matches. */
+KVTIER_API kvtier_status kvtier_open_namespace_revision(kvtier_client* client, const char* model_id,
+                                                       const char* revision, const char* tenant,
+                                                       const char* adapter_id, uint32_t* namespace_out);
 
 /* The longest cached prefix of tokens, under a lease; free it with kvtier_match_free. */
 KVTIER_API kvtier_status kvtier_lookup(kvtier_client* client, uint32_t ns, const uint32_t* tokens, size_t num_tokens,
