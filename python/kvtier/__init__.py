@@ -1,0 +1,205 @@
+"""kvtier: a hierarchical KV-cache store for LLM serving (GPU HBM, host DRAM, NVMe).
+
+Two stores answer the same calls (``KvStore`` in C++):
+
+* :class:`Client` talks to a running ``kvtierd`` over its Unix socket; many processes share its
+  cache. KV moves through a shared-memory window, or straight into registered GPU memory.
+* :class:`Store` is the same tiers inside this process.
+
+A request's life::
+
+    with kvtier.Client() as kv:
+        ns = kv.open_namespace("meta-llama/Llama-3.1-8B", revision="0e9e39f")
+        with kv.lookup(ns, prompt_tokens) as match:       # the lease ends with the block
+            if match.block_count:
+                kv.load(match, dst).wait()                # dst: [blocks, bytes_per_block] tensor
+        ...compute the rest of the prompt...
+        kv.save(ns, prompt_tokens, src)
+
+``dst`` and ``src`` are tensors (torch, numpy: the buffer protocol or DLPack) or objects with
+``__cuda_array_interface__``, in kvtier's canonical block layout, or an engine's paged cache
+(:class:`PagedKv`). Nothing is copied in Python. :mod:`kvtier.hf` saves and restores the KV cache
+of a Hugging Face transformers model.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Sequence, Union
+
+from . import _native
+from ._errors import (AlreadyExists, Busy, Cancelled, ChecksumMismatch, Collision, Error,
+                      Internal, InvalidArgument, IoError, LayoutMismatch, NotFound,
+                      PermissionDenied, ProtocolError, ResourceExhausted, Unavailable,
+                      error_class)
+from ._native import KvLayout, Match, PagedKv, TransferHandle
+
+__version__: str = _native.__version__
+
+__all__ = [
+    "Client", "Store", "KvLayout", "Match", "PagedKv", "TransferHandle", "DEFAULT_SOCKET",
+    "Error", "InvalidArgument", "NotFound", "AlreadyExists", "LayoutMismatch", "Collision",
+    "Busy", "ResourceExhausted", "IoError", "ChecksumMismatch", "Cancelled", "Unavailable",
+    "PermissionDenied", "ProtocolError", "Internal", "error_class", "__version__",
+]
+
+#: kvtierd's default socket; the ``KVTIER_SOCKET`` environment variable overrides it.
+DEFAULT_SOCKET = "/var/lib/kvtier/kvtierd.sock"
+
+Tokens = Union[Sequence[int], Any]  # a sequence of ints, or a 1-D integer tensor on the CPU
+Buffer = Any  # a tensor / buffer / __cuda_array_interface__ object, a list of them, or PagedKv
+
+
+class _StoreApi:
+    """The calls :class:`Client` and :class:`Store` share (C++ ``kvtier::KvStore``)."""
+
+    _native: _native.KvStore
+
+    @property
+    def layout(self) -> KvLayout:
+        """The KV layout of every block: layers, kv heads, head dim, dtype, block tokens, bytes."""
+        return self._native.layout
+
+    @property
+    def closed(self) -> bool:
+        return self._native.closed
+
+    def open_namespace(self, model: str, tenant: str = "", adapter: str = "",
+                       revision: str = "") -> int:
+        """Resolves a namespace: the model id, a tenant (through kvtierd, one this process's
+        identity is bound to, else :class:`PermissionDenied`), a LoRA adapter id, and the weights'
+        revision (a commit hash or a digest of the weight files: KV of other weights never
+        matches). Returns its id."""
+        return self._native.open_namespace(model, tenant, adapter, revision)
+
+    def lookup(self, ns: int, tokens: Tokens) -> Match:
+        """The longest cached prefix of ``tokens`` (whole blocks), under a lease that keeps its
+        blocks from eviction until :meth:`release` (or the ``with`` block around the match ends).
+        """
+        return self._native.lookup(ns, tokens)
+
+    def load(self, match: Match, dst: Buffer) -> TransferHandle:
+        """Copies the first ``len(dst)`` blocks of a leased match into ``dst``. Returns a handle:
+        ``wait()``, ``wait_layer(i)`` (layer ``i`` of every block is in place), ``done()``,
+        ``cancel()``. ``dst`` is kept alive until the load is final. A block that fails its
+        checksum fails the load with :class:`ChecksumMismatch` and is a miss from then on."""
+        return self._native.load(match, dst)
+
+    def release(self, match: Match) -> None:
+        """Ends a match's lease (a no-op when it has none or was released)."""
+        self._native.release(match)
+
+    def save(self, ns: int, tokens: Tokens, src: Buffer, first_block: int = 0,
+             priority: str = "normal") -> int:
+        """Saves the full blocks of ``tokens`` whose KV ``src`` holds: blocks
+        ``[first_block, len(tokens) // block_tokens)``; earlier ones must be cached already.
+        ``priority``: low, normal, high or retained. Returns the number of blocks newly saved."""
+        return self._native.save(ns, tokens, src, first_block, priority)
+
+    def prefetch(self, ns: int, tokens: Tokens, to: str = "host") -> int:
+        """Copies the cached prefix of ``tokens`` up into tier ``to`` ('host' or 'hbm') ahead of a
+        request. Returns the number of blocks moved."""
+        return self._native.prefetch(ns, tokens, to)
+
+    def pin(self, ns: int, tokens: Tokens, priority: str = "retained") -> int:
+        """Keeps the cached prefix of ``tokens`` from eviction (through kvtierd, until this client
+        disconnects). Returns the number of blocks pinned."""
+        return self._native.pin(ns, tokens, priority)
+
+    def unpin(self, ns: int, tokens: Tokens) -> int:
+        """Undoes one :meth:`pin` of the cached prefix of ``tokens``."""
+        return self._native.unpin(ns, tokens)
+
+    def metrics_text(self) -> str:
+        """Counters, occupancy and latencies in Prometheus text format."""
+        return self._native.metrics_text()
+
+    def metrics(self) -> dict[str, float]:
+        """:meth:`metrics_text` parsed: ``{'name{label="v",...}': value}`` per sample."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(self.metrics_text()):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return out
+
+    def close(self) -> None:
+        """Ends this store or connection (kvtierd releases what a client still held). Calls in
+        flight finish first; later calls raise :class:`Unavailable`. Idempotent."""
+        self._native.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else repr(self.layout)
+        return f"{type(self).__name__}({state})"
+
+
+class Client(_StoreApi):
+    """A connection to kvtierd. Safe to use from several threads (requests queue; one is in flight
+    at a time, so use one client per worker for parallel transfers). The GIL is released while a
+    call waits.
+
+    ``socket_path``: the daemon's socket (default ``$KVTIER_SOCKET`` or :data:`DEFAULT_SOCKET`).
+    ``window_bytes``: the shared-memory window loads and saves move through (default 256 MiB;
+    memory is touched only as it is used). Raises :class:`Unavailable` when no daemon listens and
+    :class:`PermissionDenied` when the daemon refuses this process's identity.
+    """
+
+    _native: _native.NativeClient
+
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None,
+                 window_bytes: int | None = None, name: str | None = None) -> None:
+        path = os.fspath(socket_path) if socket_path is not None else os.environ.get(
+            "KVTIER_SOCKET", DEFAULT_SOCKET)
+        self._native = _native.connect(path, window_bytes, name)
+
+    @property
+    def client_id(self) -> int:
+        """The daemon's name for this connection."""
+        return self._native.client_id
+
+    @property
+    def tenants(self) -> list[str]:
+        """The tenants this process's identity may open."""
+        return self._native.tenants
+
+    @property
+    def window_bytes(self) -> int:
+        return self._native.window_bytes
+
+    def register_memory(self, tensor: Any) -> None:
+        """Hands a GPU KV cache (a contiguous CUDA tensor) to kvtierd, so loads into it and saves
+        from it skip the window. Unregister it before freeing it."""
+        self._native.register_memory(tensor)
+
+    def unregister_memory(self, tensor: Any) -> None:
+        self._native.unregister_memory(tensor)
+
+
+class Store(_StoreApi):
+    """kvtier's tiers inside this process: the same calls as :class:`Client`, no daemon.
+
+    ``layout``: a :class:`KvLayout`. ``host_bytes``: the host DRAM tier (bytes or "64MiB").
+    ``nvme_dir`` and ``nvme_bytes``: an NVMe tier (slot files and a RocksDB catalog there).
+    ``secret``: the deployment secret keys derive from. ``write_through``: persist every save
+    to NVMe before it returns (default: write-back).
+    """
+
+    def __init__(self, layout: KvLayout, host_bytes: int | str = "256MiB",
+                 nvme_dir: str | os.PathLike[str] | None = None, nvme_bytes: int | str = 0,
+                 secret: str = "", write_through: bool = False) -> None:
+        self._native = _native.open_store(layout, host_bytes,
+                                          os.fspath(nvme_dir) if nvme_dir is not None else None,
+                                          nvme_bytes, secret, write_through)
+
+
+def tokens_list(tokens: Iterable[int]) -> list[int]:
+    """``tokens`` as a list of ints (tensors and arrays included)."""
+    return tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
