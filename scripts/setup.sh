@@ -8,7 +8,7 @@ packages=(
   liburing-dev librocksdb-dev libxxhash-dev
   catch2 libbenchmark-dev
   libspdlog-dev libfmt-dev libcli11-dev nlohmann-json3-dev libtomlplusplus-dev libcpp-httplib-dev libabsl-dev
-  fio python3
+  fio python3 python3-venv python3-dev
   dpkg-dev file  # cpack -G DEB: dpkg-shlibdeps, and file to find the programs
 )
 
@@ -25,4 +25,30 @@ if ((${#missing[@]})); then
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 else
   echo "kvtier setup: all packages present"
+fi
+
+# ---- the Python environment: .venv/ at the repository root -------------------------------------
+# Every package pinned (python/requirements*.txt) and installed with --no-deps, so exactly that list
+# lands. A stamp of the requirement files makes a second run a no-op. KVTIER_SKIP_PYTHON=1 skips it
+# (a C++-only machine: configure with -DKVTIER_PYTHON=OFF then).
+if [[ ${KVTIER_SKIP_PYTHON:-0} != 1 ]]; then
+  root=$(cd "$(dirname "$0")/.." && pwd)
+  venv=${root}/.venv
+  reqs=("${root}/python/requirements-torch.txt" "${root}/python/requirements.txt")
+  # PyPI's torch is the CUDA 13 build: without a CUDA 13 toolkit on the machine it needs the CUDA
+  # libraries as wheels too.
+  if ! ldconfig -p | grep -q 'libcublas\.so\.13'; then
+    reqs+=("${root}/python/requirements-torch-cuda-libs.txt")
+  fi
+  want=$(cat "${reqs[@]}" | sha256sum | cut -d' ' -f1)
+  if [[ -x ${venv}/bin/python && $(cat "${venv}/.kvtier-requirements" 2>/dev/null) == "${want}" ]]; then
+    echo "kvtier setup: Python environment .venv up to date"
+  else
+    echo "kvtier setup: filling the Python environment .venv (torch, transformers, nanobind, pytest)"
+    [[ -x ${venv}/bin/python ]] || /usr/bin/python3 -m venv "${venv}"
+    args=()
+    for r in "${reqs[@]}"; do args+=(-r "${r}"); done
+    "${venv}/bin/pip" install -q --no-deps --disable-pip-version-check "${args[@]}"
+    echo "${want}" >"${venv}/.kvtier-requirements"
+  fi
 fi
