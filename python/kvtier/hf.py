@@ -35,6 +35,22 @@ def _config_of(model_or_config: Any) -> Any:
     return getattr(model_or_config, "config", model_or_config)
 
 
+def random_llama(path: str | os.PathLike[str], dtype: str = "float32", layers: int = 4, hidden: int = 256,
+                 heads: int = 4, kv_heads: int = 2, vocab: int = 1024, intermediate: int | None = None,
+                 seed: int = 0, max_positions: int = 8192) -> Path:
+    """Writes a Llama-architecture model with random weights to ``path`` (safetensors, no hub), for
+    tests, demos and benchmarks. ``initializer_range`` 0.2 makes greedy output vary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=max_positions, initializer_range=0.2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model.save_pretrained(path)
+    return Path(path)
+
+
 def layout_for(model_or_config: Any, block_tokens: int = 16, dtype: torch.dtype | None = None) -> KvLayout:
     """The KV layout of a model (or its config): layers, kv heads, head dim from the config, the
     dtype of the model's weights (or ``dtype``)."""
