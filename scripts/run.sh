@@ -2,7 +2,9 @@
 # The main job: set up, build, and run the kvtier service demo — the real kvtierd daemon started as
 # its own process, several user processes sharing a system prompt and documents through it (every
 # restored byte checked), then a SIGTERM, a restart on the same data dir and a replay showing the
-# cache survived on NVMe — followed by the prefix-index, transfer and service benchmarks.
+# cache survived on NVMe; then the same with a real model (tools/hf_demo.py: HF transformers user
+# processes restoring their KV through kvtierd, every generated token checked against a recompute) —
+# followed by the prefix-index, transfer, service and model (bench/python) benchmarks.
 # Works on a fresh Debian 12 machine as root.
 # KVTIER_DATA_DIR (default /var/tmp/kvtier-demo) holds the daemon's data dir (service/) and the
 # transfer benchmark's file. KVTIER_BENCH_REPEATS sets the benchmarks' repeats.
@@ -19,8 +21,13 @@ echo
 echo
 ./build/default/tools/kvtier service-demo --dir "$DATA_DIR/service"
 echo
+# The same story with a real model: HF transformers user processes restoring their KV through kvtierd.
+.venv/bin/python tools/hf_demo.py --dir "$DATA_DIR/hf"
+echo
 ./build/default/bench/prefix_index/kvtier_bench_index "${KVTIER_BENCH_REPEATS:-11}"
 echo
 ./build/default/bench/transfer/kvtier_bench_transfer "${KVTIER_BENCH_REPEATS:-5}" "$DATA_DIR"
 echo
 ./build/default/bench/service/kvtier_bench_service "${KVTIER_BENCH_REPEATS:-5}"
+echo
+.venv/bin/python bench/python/bench_hf_restore.py --pairs "${KVTIER_BENCH_PAIRS:-3}" --data-dir "$DATA_DIR"

@@ -25,9 +25,9 @@ std::string_view copy_direction_name(CopyDirection d) noexcept;
 using CopyCallback = std::function<void(const Status&)>;
 
 struct CopyEngineOptions {
-  /// Host engine: memcpy worker threads (default 1). CUDA engine: streams (default 1 → 2 streams,
-  /// one per direction, at least).
-  uint32_t threads = 1;
+  /// Host engine: memcpy worker threads (default 0: auto, 2, or 1 on a 1-CPU machine). CUDA
+  /// engine: streams per direction (0 or 1 → 2 streams, one per direction).
+  uint32_t threads = 0;
   /// Most copies queued or in flight; submit() blocks while this many are (default 64).
   uint32_t queue_depth = 64;
   /// CUDA device ordinal (default 0).

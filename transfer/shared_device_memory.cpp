@@ -188,7 +188,10 @@ Result<std::unique_ptr<MappedDeviceMemory>> map_memfd(const DeviceShare& share) 
   const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
   const uint64_t start = share.offset / page * page;
   const size_t map_bytes = static_cast<size_t>(share.offset - start + share.bytes);
-  void* p = ::mmap(nullptr, map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, share.fd, static_cast<off_t>(start));
+  // MAP_POPULATE: the page tables are filled here, at registration, not by page faults during the
+  // first load into the region (which ran at a third of the later loads' speed).
+  void* p = ::mmap(nullptr, map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, share.fd,
+                   static_cast<off_t>(start));
   if (p == MAP_FAILED) {
     return Status(StatusCode::kResourceExhausted, std::string("cannot map the shared region: ") + std::strerror(errno));
   }

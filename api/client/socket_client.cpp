@@ -299,6 +299,60 @@ SocketClient::LoadPlan SocketClient::plan_direct_load(size_t n) const {
 Status SocketClient::register_memory(void* base, uint64_t bytes) {
   auto share = export_device_memory(base, bytes);
   if (!share) return share.status();
+  return register_share(base, bytes, *share);
+}
+
+namespace {
+// A memfd both processes map; the daemon's mapping ends at unregister (or disconnect).
+class SharedHost final : public SharedHostMemory {
+ public:
+  SharedHost(Client* client, std::byte* data, uint64_t bytes, int fd)
+      : client_(client), data_(data), bytes_(bytes), fd_(fd) {}
+  ~SharedHost() override {
+    client_->unregister_memory(data_).ignore();  // the daemon unmaps it at disconnect otherwise
+    ::munmap(data_, bytes_);
+    ::close(fd_);
+  }
+  std::byte* data() const noexcept override { return data_; }
+  uint64_t size() const noexcept override { return bytes_; }
+
+ private:
+  Client* client_;
+  std::byte* data_;
+  uint64_t bytes_;
+  int fd_;
+};
+}  // namespace
+
+Result<std::unique_ptr<SharedHostMemory>> SocketClient::allocate_shared_host(uint64_t bytes) {
+  if (bytes == 0) return invalid_argument("shared host memory needs at least one byte");
+  constexpr uint64_t kPage = 4096;
+  if (bytes > (1ull << 47)) return Status(StatusCode::kResourceExhausted, "shared host memory of " + std::to_string(bytes) + " bytes");
+  const uint64_t size = (bytes + kPage - 1) / kPage * kPage;
+  const int fd = ::memfd_create("kvtier-shared-host", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  if (fd < 0) return Status(StatusCode::kResourceExhausted, std::string("memfd_create: ") + std::strerror(errno));
+  if (::ftruncate(fd, static_cast<off_t>(size)) != 0 || ::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) != 0) {
+    const int err = errno;
+    ::close(fd);
+    return Status(StatusCode::kResourceExhausted, std::string("shared host memory: ") + std::strerror(err));
+  }
+  void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) {
+    const int err = errno;
+    ::close(fd);
+    return Status(StatusCode::kResourceExhausted, std::string("mmap of shared host memory: ") + std::strerror(err));
+  }
+  DeviceShare share{.kind = ShareKind::kMemfd, .offset = 0, .bytes = size, .fd = fd};
+  if (Status s = register_share(p, size, share); !s.is_ok()) {
+    ::munmap(p, size);
+    ::close(fd);
+    return s;
+  }
+  return std::unique_ptr<SharedHostMemory>(std::make_unique<SharedHost>(this, static_cast<std::byte*>(p), size, fd));
+}
+
+Status SocketClient::register_share(void* base, uint64_t bytes, const DeviceShare& share_in) {
+  const DeviceShare* share = &share_in;
   const auto at = reinterpret_cast<uintptr_t>(base);
   std::lock_guard lock(gate_);
   // Regions never overlap, so every address has at most one region.

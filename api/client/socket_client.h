@@ -25,6 +25,8 @@
 
 namespace kvtier {
 
+struct DeviceShare;  // transfer/shared_device_memory.h
+
 class SocketClient final : public Client {
  public:
   /// Connects, says hello and maps the window (Client::connect).
@@ -36,6 +38,7 @@ class SocketClient final : public Client {
   uint64_t window_bytes() const noexcept override { return window_bytes_; }
   Status register_memory(void* base, uint64_t bytes) override;
   Status unregister_memory(void* base) override;
+  Result<std::unique_ptr<SharedHostMemory>> allocate_shared_host(uint64_t bytes) override;
 
   // KvStore
   const KvLayout& layout() const noexcept override { return layout_; }
@@ -101,6 +104,8 @@ class SocketClient final : public Client {
    private:
     std::binary_semaphore sem_{1};
   };
+  /// Registers [base, base + bytes) with the daemon as `share` describes it.
+  Status register_share(void* base, uint64_t bytes, const DeviceShare& share);
   Result<uint64_t> prefix_call(proto::Op op, NamespaceId ns, uint8_t arg, std::span<const TokenId> tokens,
                                std::span<const BlockExtra> extras);
   /// The copy engine and page packer for device buffers, made on first use.

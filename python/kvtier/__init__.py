@@ -182,6 +182,13 @@ class Client(_StoreApi):
     def unregister_memory(self, tensor: Any) -> None:
         self._native.unregister_memory(tensor)
 
+    def shared_host(self, nbytes: int) -> Any:
+        """``nbytes`` (rounded up to whole pages) of zero-filled host memory shared with kvtierd,
+        as a 1-D numpy uint8 array (``torch.from_numpy`` views it without a copy; needs numpy).
+        A load into it or a save from it is one copy between the daemon's tiers and this memory —
+        no window, no second copy here. Freed (and unregistered) when the last view of it goes."""
+        return self._native.allocate_shared_host(nbytes)
+
 
 class Store(_StoreApi):
     """kvtier's tiers inside this process: the same calls as :class:`Client`, no daemon.

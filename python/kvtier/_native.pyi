@@ -1,4 +1,8 @@
 from collections.abc import Sequence
+from typing import Annotated
+
+import numpy
+from numpy.typing import NDArray
 
 
 class KvLayout:
@@ -164,6 +168,8 @@ class NativeClient(KvStore):
     def window_bytes(self) -> int: ...
 
     def register_memory(self, tensor: object) -> None: ...
+
+    def allocate_shared_host(self, bytes: int) -> Annotated[NDArray[numpy.uint8], dict(shape=(None,))]: ...
 
     def unregister_memory(self, tensor: object) -> None: ...
 

@@ -13,17 +13,20 @@ layer and plane in torch, on the cache's own device (CPU or CUDA). GQA/MQA, bf16
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from . import KvLayout, _errors
+from . import Client, KvLayout, _errors
 
 _log = logging.getLogger("kvtier.hf")
 
@@ -106,6 +109,39 @@ def open_namespace(store: Any, model: Any, tenant: str = "", adapter: str = "",
     return store.open_namespace(name, tenant=tenant, adapter=adapter, revision=rev)
 
 
+class _Staging:
+    """One client's reusable host buffer shared with kvtierd (Client.shared_host): canonical blocks
+    restored into it or saved from it cross one copy, not two (no window). Grows as needed; one
+    user at a time."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.buf: Any = None
+
+
+_staging: "weakref.WeakKeyDictionary[Any, _Staging]" = weakref.WeakKeyDictionary()
+_staging_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _blocks_buffer(store: Any, n: int, dtype: torch.dtype, device: Any):
+    """A [n, bytes_per_block / itemsize] tensor to restore into or save from: in memory shared with
+    kvtierd for a client on the CPU, else a plain tensor on `device`."""
+    layout = store.layout
+    elements = layout.bytes_per_block // torch.tensor([], dtype=dtype).element_size()
+    if not isinstance(store, Client) or torch.device(device).type != "cpu":
+        yield torch.empty((n, elements), dtype=dtype, device=device)
+        return
+    with _staging_lock:
+        st = _staging.setdefault(store, _Staging())
+    with st.lock:
+        need = n * layout.bytes_per_block
+        if st.buf is None or st.buf.nbytes < need:
+            st.buf = None  # the old one goes first
+            st.buf = store.shared_host(need)
+        yield torch.from_numpy(st.buf)[:need].view(dtype).view(n, elements)
+
+
 def _dims(layout: KvLayout) -> tuple[int, int, int, int]:
     if layout.latent:
         raise _errors.InvalidArgument("kvtier.hf handles standard attention; MLA caches are not supported yet")
@@ -113,15 +149,19 @@ def _dims(layout: KvLayout) -> tuple[int, int, int, int]:
 
 
 def cache_to_blocks(cache: Any, layout: KvLayout, first_block: int, end_block: int,
-                    batch_index: int = 0) -> torch.Tensor:
+                    batch_index: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
     """Blocks ``[first_block, end_block)`` of a cache as one contiguous tensor
-    ``[blocks, bytes_per_block / itemsize]`` in kvtier's canonical layout, on the cache's device."""
+    ``[blocks, bytes_per_block / itemsize]`` in kvtier's canonical layout, on the cache's device
+    (or written into ``out``, of that shape and the cache's dtype)."""
     layers, bt, heads, dim = _dims(layout)
     if len(cache.layers) != layers:
         raise _errors.LayoutMismatch(f"the cache has {len(cache.layers)} layers; the layout {layers}")
     n = end_block - first_block
     keys0 = cache.layers[0].keys
-    out = torch.empty((n, layers, 2, bt, heads, dim), dtype=keys0.dtype, device=keys0.device)
+    if out is None:
+        out = torch.empty((n, layers, 2, bt, heads, dim), dtype=keys0.dtype, device=keys0.device)
+    else:
+        out = out.view(n, layers, 2, bt, heads, dim)
     lo, hi = first_block * bt, end_block * bt
     for i, layer in enumerate(cache.layers):
         for plane, t in enumerate((layer.keys, layer.values)):
@@ -152,9 +192,11 @@ def save_cache(store: Any, ns: int, tokens: Sequence[int], cache: Any, first_blo
     end_block = min(len(tokens), cache.get_seq_length()) // layout.block_tokens
     if end_block <= first_block:
         return 0
-    blocks = cache_to_blocks(cache, layout, first_block, end_block, batch_index)
-    return store.save(ns, tokens[: end_block * layout.block_tokens], blocks, first_block=first_block,
-                      priority=priority)
+    keys0 = cache.layers[0].keys
+    with _blocks_buffer(store, end_block - first_block, keys0.dtype, keys0.device) as buf:
+        blocks = cache_to_blocks(cache, layout, first_block, end_block, batch_index, out=buf)
+        return store.save(ns, tokens[: end_block * layout.block_tokens], blocks, first_block=first_block,
+                          priority=priority)
 
 
 @dataclass
@@ -191,19 +233,18 @@ def restore_cache(store: Any, ns: int, tokens: Sequence[int], config: Any, devic
         n = match.block_count
         if n == 0:
             return Restored(fresh, 0, [])
-        elements = layout.bytes_per_block // torch.tensor([], dtype=dtype).element_size()
-        blocks = torch.empty((n, elements), dtype=dtype, device=device)
         cache = DynamicCache(config=config)
-        try:
-            handle = store.load(match, blocks)
-            for layer in range(layout.num_layers):
-                handle.wait_layer(layer)  # later layers still arriving while this one is placed
-                k, v = blocks_to_layer(blocks, layout, layer)
-                cache.update(k.contiguous(), v.contiguous(), layer)
-            handle.wait()
-        except _errors.Error as e:
-            _log.warning("kvtier load failed, recomputing: %s", e)
-            return Restored(fresh, 0, [], str(e))
+        with _blocks_buffer(store, n, dtype, device) as blocks:
+            try:
+                handle = store.load(match, blocks)
+                for layer in range(layout.num_layers):
+                    handle.wait_layer(layer)  # later layers still arriving while this one is placed
+                    k, v = blocks_to_layer(blocks, layout, layer)
+                    cache.update(k.contiguous(), v.contiguous(), layer)  # copies: the buffer is reused
+                handle.wait()
+            except _errors.Error as e:
+                _log.warning("kvtier load failed, recomputing: %s", e)
+                return Restored(fresh, 0, [], str(e))
         return Restored(cache, match.tokens, match.tiers)
 
 

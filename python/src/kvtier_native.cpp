@@ -516,6 +516,29 @@ class PyClient : public PyStore {
     nb::gil_scoped_release unlocked;
     check(static_cast<Client&>(*s).register_memory(a.data, a.nbytes));
   }
+  // Host memory shared with the daemon, as a 1-D numpy uint8 array (buffer protocol and DLPack) that owns
+  // it; the client stays alive while the array does.
+  nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>> allocate_shared_host(uint64_t bytes) {
+    auto s = get();
+    std::unique_ptr<SharedHostMemory> mem;
+    {
+      nb::gil_scoped_release unlocked;
+      mem = unwrap(static_cast<Client&>(*s).allocate_shared_host(bytes));
+    }
+    struct Owner {
+      std::shared_ptr<KvStore> client;  // destroyed after the memory (members in reverse order)
+      std::unique_ptr<SharedHostMemory> mem;
+    };
+    auto* owner = new Owner{std::move(s), std::move(mem)};
+    std::byte* data = owner->mem->data();
+    const size_t shape[1] = {static_cast<size_t>(owner->mem->size())};
+    nb::capsule keep(owner, [](void* p) noexcept {
+      nb::gil_scoped_release unlocked;  // unregistering is a round trip to the daemon
+      delete static_cast<Owner*>(p);
+    });
+    return nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>>(data, 1, shape, keep);
+  }
+
   void unregister_memory(nb::handle tensor) {
     auto s = get();
     ArrayView a = array_of(tensor, /*writable=*/true, "tensor");
@@ -704,6 +727,7 @@ NB_MODULE(_native, m) {
       .def_prop_ro("tenants", &PyClient::tenants)
       .def_prop_ro("window_bytes", &PyClient::window_bytes)
       .def("register_memory", &PyClient::register_memory, "tensor"_a)
+      .def("allocate_shared_host", &PyClient::allocate_shared_host, "bytes"_a)
       .def("unregister_memory", &PyClient::unregister_memory, "tensor"_a);
 
   m.def("connect", &connect, "socket_path"_a = nb::none(), "window_bytes"_a = nb::none(), "name"_a = nb::none());

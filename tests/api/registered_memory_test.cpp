@@ -438,3 +438,44 @@ TEST_CASE("Daemon: another process loads into its own registered memory", "[serv
   CHECK(WIFEXITED(status));
   CHECK(WEXITSTATUS(status) == 0);
 }
+
+TEST_CASE("Daemon: shared host memory is loaded into and saved from with no window", "[service][registered]") {
+  TempDir dir("kvtier_shared_host");
+  const KvLayout L = service_test_layout();
+  const uint64_t bpb = L.bytes_per_block();
+  auto server = start(config_for(dir.path(), L, 64));
+  auto c = connect_windowless(*server);  // a window too small for one layer: only the direct path works
+  auto ns = c->open_namespace({"m", "", ""});
+  REQUIRE(ns.is_ok());
+  const auto prompt = synthetic_tokens(72, 16 * 12);
+  const auto expect = prompt_kv(prompt, L, 0, 12);
+  const uint64_t regions_before = mapped_device_regions();
+
+  auto src = c->allocate_shared_host(12 * bpb - 100);  // rounded up to whole pages
+  REQUIRE(src.is_ok());
+  REQUIRE((*src)->size() >= 12 * bpb);
+  CHECK((*src)->size() % 4096 == 0);
+  CHECK(mapped_device_regions() == regions_before + 1);
+  CHECK(std::all_of((*src)->data(), (*src)->data() + (*src)->size(), [](std::byte b) { return b == std::byte{0}; }));
+  std::memcpy((*src)->data(), expect.data(), expect.size());
+  auto saved = c->save(*ns, prompt, KvBuffer::contiguous((*src)->data(), 12, bpb));  // plain host KvBuffer
+  REQUIRE(saved.is_ok());
+  CHECK(*saved == 12);
+
+  auto dst = c->allocate_shared_host(12 * bpb);
+  REQUIRE(dst.is_ok());
+  auto m = c->lookup(*ns, prompt);
+  REQUIRE(m.is_ok());
+  REQUIRE(m->blocks.size() == 12);
+  auto h = c->load(*m, KvBuffer::contiguous((*dst)->data(), 12, bpb));
+  REQUIRE(h.is_ok());
+  REQUIRE(h->wait().is_ok());
+  CHECK(std::memcmp((*dst)->data(), expect.data(), expect.size()) == 0);
+  REQUIRE(c->release(*m).is_ok());
+
+  // Freeing it ends the registration: the daemon unmaps it, and its range is free to register again.
+  src->reset();
+  dst->reset();
+  CHECK(mapped_device_regions() == regions_before);
+  CHECK(c->allocate_shared_host(0).status().code() == StatusCode::kInvalidArgument);
+}

@@ -12,6 +12,7 @@
 // Link libkvtier_client (CMake: find_package(kvtier) → kvtier::client; pkg-config: kvtier).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -36,6 +37,17 @@ struct ClientOptions {
   uint32_t mailbox_bytes = kDefaultMailboxBytes;
 
   static constexpr uint32_t kDefaultMailboxBytes = 4096 + 2 * (256u << 10);
+};
+
+/// Host memory a client shares with kvtierd: a sealed memfd both processes map. A load into it, or a
+/// save from it, is one copy between the daemon's tiers and this memory — no window, no second copy
+/// in this process — so a CPU engine (or a GPU engine's host staging) allocates its KV buffers here.
+/// Unregistered and unmapped on destruction; must not outlive the client that allocated it.
+class KVTIER_API SharedHostMemory {
+ public:
+  virtual ~SharedHostMemory() = default;
+  virtual std::byte* data() const noexcept = 0;
+  virtual uint64_t size() const noexcept = 0;
 };
 
 class KVTIER_API Client : public KvStore {
@@ -64,6 +76,9 @@ class KVTIER_API Client : public KvStore {
   virtual Status register_memory(void* base, uint64_t bytes) = 0;
   /// Ends the registration made at `base` (kNotFound if none was).
   virtual Status unregister_memory(void* base) = 0;
+  /// `bytes` (rounded up to whole pages) of zero-filled host memory shared with the daemon and
+  /// registered with it (the limits of register_memory). kResourceExhausted when it cannot be had.
+  virtual Result<std::unique_ptr<SharedHostMemory>> allocate_shared_host(uint64_t bytes) = 0;
 
   /// A small load runs to completion before it returns. A larger one returns at once and streams in
   /// layer order (see above): wait_layer(l) returns once layer l of every block is in `dst`.
