@@ -265,10 +265,12 @@ constexpr uint64_t kSliceBytes = 4ull << 20;
 constexpr size_t kDirectBlocks = 64 * 1024;
 }  // namespace
 
-SocketClient::LoadPlan SocketClient::plan_load(size_t n) const {
-  const uint32_t layers = layout_.num_layers;
+SocketClient::LoadPlan SocketClient::plan_load(size_t n, LayerRange range) const {
+  const uint32_t layers = range.size(layout_.num_layers);
   const uint64_t layer_bytes = layout_.bytes_per_block_layer();
   LoadPlan p;
+  p.layer_begin = range.begin;
+  p.layer_count = layers;
   // Two buffers (the daemon fills one while the other is copied out) when the window holds two
   // block-layers, else one.
   p.half = window_bytes_ >= 2 * layer_bytes ? window_bytes_ / 2 : 0;
@@ -285,10 +287,12 @@ SocketClient::LoadPlan SocketClient::plan_load(size_t n) const {
   return p;
 }
 
-SocketClient::LoadPlan SocketClient::plan_direct_load(size_t n) const {
-  const uint32_t layers = layout_.num_layers;
+SocketClient::LoadPlan SocketClient::plan_direct_load(size_t n, LayerRange range) const {
+  const uint32_t layers = range.size(layout_.num_layers);
   const uint64_t layer_bytes = layout_.bytes_per_block_layer();
   LoadPlan p;
+  p.layer_begin = range.begin;
+  p.layer_count = layers;
   p.blocks = std::min<size_t>(n, kDirectBlocks);
   const uint64_t row = p.blocks * layer_bytes;
   p.layers = static_cast<uint32_t>(std::clamp<uint64_t>(kSliceBytes / row, 1, layers));
@@ -430,19 +434,24 @@ proto::RegionBuffer SocketClient::slice_of(const proto::RegionBuffer& all, size_
 }
 
 Result<TransferHandle> SocketClient::load(const Match& match, const KvBuffer& dst) {
+  return load_layers(match, dst, {});
+}
+
+Result<TransferHandle> SocketClient::load_layers(const Match& match, const KvBuffer& dst, LayerRange range) {
+  const uint32_t layers = range.size(layout_.num_layers);
+  if (layers == 0) return invalid_argument("load: the layer range is outside the layout's layers");
   std::unique_lock lock(gate_);  // stream_load unlocks it: released to it below
   // Registered memory (register_memory) is written by the daemon itself, paged layouts included.
   auto direct = in_registered_memory(dst);
   KVTIER_RETURN_IF_ERROR(check_load(layout_, match, dst));
   const size_t n = dst.block_count();
-  const uint32_t layers = layout_.num_layers;
   if (n == 0) return finished_handle(layers);
   if (match.lease == kNoLease) return invalid_argument("load needs a leased match (from lookup)");
   if (!direct && window_bytes_ < layout_.bytes_per_block_layer()) {
     return invalid_argument("the shared window cannot hold one layer of a block");
   }
   // Into registered memory nothing is copied here: the slices only give wait_layer() its early layers.
-  const LoadPlan plan = direct ? plan_direct_load(n) : plan_load(n);
+  const LoadPlan plan = direct ? plan_direct_load(n, range) : plan_load(n, range);
   auto job = std::make_shared<detail::JobState>(std::vector<uint32_t>(layers, 1), TransferCallback{});
   job->mark_running();
   lock.release();
@@ -481,7 +490,7 @@ Result<TransferHandle> SocketClient::load(const Match& match, const KvBuffer& ds
 
 void SocketClient::stream_load(LeaseId lease, const KvBuffer& dst, LoadPlan plan, const std::shared_ptr<detail::JobState>& job,
                          const proto::RegionBuffer* direct) {
-  const uint32_t layers = layout_.num_layers;
+  const uint32_t layer_end = plan.layer_begin + plan.layer_count;
   const size_t n = dst.block_count();
   const size_t chunks = (n + plan.blocks - 1) / plan.blocks;
   struct Slice {
@@ -494,8 +503,8 @@ void SocketClient::stream_load(LeaseId lease, const KvBuffer& dst, LoadPlan plan
   // Slices in layer order: every block of layers [l0, l0 + nl), then the next layers.
   auto slice_at = [&](size_t k) {
     Slice s;
-    s.l0 = static_cast<uint32_t>(k / chunks) * plan.layers;
-    s.nl = std::min(plan.layers, layers - s.l0);
+    s.l0 = plan.layer_begin + static_cast<uint32_t>(k / chunks) * plan.layers;
+    s.nl = std::min(plan.layers, layer_end - s.l0);
     s.b0 = (k % chunks) * plan.blocks;
     s.nb = std::min(plan.blocks, n - s.b0);
     s.offset = plan.half ? (k % 2) * plan.half : 0;
@@ -552,7 +561,7 @@ void SocketClient::stream_load(LeaseId lease, const KvBuffer& dst, LoadPlan plan
       if (!st) continue;
     }
     if (s.ends_layers) {
-      for (uint32_t l = s.l0; l < s.l0 + s.nl; ++l) job->segment_arrived(l);
+      for (uint32_t l = s.l0; l < s.l0 + s.nl; ++l) job->segment_arrived(l - plan.layer_begin);
     }
     if (next < plan.slices && !job->cancel_requested()) st = send_next();
   }

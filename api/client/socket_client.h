@@ -46,6 +46,7 @@ class SocketClient final : public Client {
   Result<Match> lookup(NamespaceId ns, std::span<const TokenId> tokens,
                        std::span<const BlockExtra> extras = {}) override;
   Result<TransferHandle> load(const Match& match, const KvBuffer& dst) override;
+  Result<TransferHandle> load_layers(const Match& match, const KvBuffer& dst, LayerRange layers) override;
   Status release(const Match& match) override;
   Result<size_t> save(NamespaceId ns, std::span<const TokenId> tokens, const KvBuffer& src,
                       Priority priority = Priority::kNormal, std::span<const BlockExtra> extras = {},
@@ -78,14 +79,16 @@ class SocketClient final : public Client {
 
   /// How a load is cut into slices: layers [l0, l0 + layers) of blocks [b0, b0 + blocks).
   struct LoadPlan {
+    uint32_t layer_begin = 0;  // the load's layers: [layer_begin, layer_begin + layer_count)
+    uint32_t layer_count = 0;
     uint32_t layers = 0;     // per slice (the last group may have fewer)
     size_t blocks = 0;       // per slice (the last chunk may have fewer)
     uint64_t half = 0;       // bytes of each of the two window buffers (0: one buffer only)
     size_t slices = 0;
   };
-  LoadPlan plan_load(size_t n) const;
+  LoadPlan plan_load(size_t n, LayerRange range) const;
   /// Slices of a load into registered memory: layer groups of about 4 MiB, no window halves.
-  LoadPlan plan_direct_load(size_t n) const;
+  LoadPlan plan_direct_load(size_t n, LayerRange range) const;
   /// Runs a sliced load, through the window, or into registered memory when `direct` says where
   /// `dst` lies; marks each layer on `job` as it lands, finishes `job`. Holds the gate.
   void stream_load(LeaseId lease, const KvBuffer& dst, LoadPlan plan,

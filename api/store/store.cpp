@@ -88,17 +88,20 @@ Status Store::release(const Match& match) {
   return tiers_->index().release(match.lease);
 }
 
-Result<TransferHandle> Store::load(const Match& match, const KvBuffer& dst) {
+Result<TransferHandle> Store::load(const Match& match, const KvBuffer& dst) { return load_layers(match, dst, {}); }
+
+Result<TransferHandle> Store::load_layers(const Match& match, const KvBuffer& dst, LayerRange range) {
   KVTIER_RETURN_IF_ERROR(check_load(layout(), match, dst));
   const size_t n = dst.block_count();
+  if (n == match.blocks.size()) return load_part(match, dst, range);
   Match part;
   part.lease = match.lease;
   part.tokens = uint64_t(n) * layout().block_tokens;
   part.blocks.assign(match.blocks.begin(), match.blocks.begin() + n);
-  return load_layers(part, dst);
+  return load_part(part, dst, range);
 }
 
-Result<TransferHandle> Store::load_layers(const Match& part, const KvBuffer& dst, LayerRange range) {
+Result<TransferHandle> Store::load_part(const Match& part, const KvBuffer& dst, LayerRange range) {
   const uint32_t layers = range.size(layout().num_layers);
   if (layers == 0) return invalid_argument("load: the layer range is outside the layout's layers");
   const uint64_t layer_bytes = layout().bytes_per_block_layer();

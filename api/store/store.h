@@ -67,12 +67,10 @@ class Store final : public KvStore {
   /// The keys of the cached prefix of `tokens` (no lease, recency untouched).
   Result<std::vector<BlockKey>> cached_prefix(NamespaceId ns, std::span<const TokenId> tokens,
                                               std::span<const BlockExtra> extras = {});
-  /// Copies layers `layers` of every block of `part` (a leased match, one block per dst block) to
-  /// where they belong in `dst`: load() with a layer range, for the daemon's slices into a
-  /// client's registered memory. Paged host buffers go through host scratch and the CPU unpack;
-  /// paged device buffers through a packer lane's device staging and the unpack kernel. The
-  /// handle's layer i is layer layers.begin + i.
-  Result<TransferHandle> load_layers(const Match& part, const KvBuffer& dst, LayerRange layers = {});
+  /// KvStore::load_layers; also the daemon's slices into a client's registered memory. Paged host
+  /// buffers go through host scratch and the CPU unpack; paged device buffers through a packer
+  /// lane's device staging and the unpack kernel.
+  Result<TransferHandle> load_layers(const Match& match, const KvBuffer& dst, LayerRange layers) override;
   /// Saves canonical KV already in host memory (`kv` holds blocks [first_block, n) back to back):
   /// the zero-gather path the daemon uses for a client's shared window.
   Result<size_t> save_host(NamespaceId ns, std::span<const TokenId> tokens, std::span<const std::byte> kv,
@@ -80,6 +78,8 @@ class Store final : public KvStore {
 
  private:
   Store(StoreOptions options);
+  /// load_layers of a checked `part`: one matched block per block of dst.
+  Result<TransferHandle> load_part(const Match& part, const KvBuffer& dst, LayerRange layers);
 
   StoreOptions options_;
   KeyChain keys_;

@@ -78,12 +78,26 @@ class _StoreApi:
         """
         return self._native.lookup(ns, tokens)
 
-    def load(self, match: Match, dst: Buffer) -> TransferHandle:
+    def load(self, match: Match, dst: Buffer, layers: range | tuple[int, int] | None = None) -> TransferHandle:
         """Copies the first ``len(dst)`` blocks of a leased match into ``dst``. Returns a handle:
         ``wait()``, ``wait_layer(i)`` (layer ``i`` of every block is in place), ``done()``,
         ``cancel()``. ``dst`` is kept alive until the load is final. A block that fails its
-        checksum fails the load with :class:`ChecksumMismatch` and is a miss from then on."""
-        return self._native.load(match, dst)
+        checksum fails the load with :class:`ChecksumMismatch` and is a miss from then on.
+
+        ``layers``: only these layers (a ``range`` with step 1, or ``(begin, count)``); the blocks
+        of ``dst`` stay whole and only those layers are written. The handle's layer ``i`` is then
+        layer ``begin + i``."""
+        if layers is None:
+            return self._native.load(match, dst)
+        if isinstance(layers, range):
+            if layers.step != 1 or len(layers) == 0:
+                raise InvalidArgument("layers must be a non-empty range with step 1")
+            begin, count = layers.start, len(layers)
+        else:
+            begin, count = layers
+        if begin < 0 or count <= 0:
+            raise InvalidArgument(f"layers ({begin}, {count}) is not a layer range")
+        return self._native.load(match, dst, begin, count)
 
     def release(self, match: Match) -> None:
         """Ends a match's lease (a no-op when it has none or was released)."""

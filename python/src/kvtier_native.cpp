@@ -433,7 +433,7 @@ class PyStore {
     return m;
   }
 
-  PyHandle load(const PyMatch& m, nb::object dst) {
+  PyHandle load(const PyMatch& m, nb::object dst, uint32_t layer_begin, uint32_t layer_count) {
     auto s = get();
     KvBuffer buf = buffer_of(dst, s->layout(), /*writable=*/true, "dst");
     if (buf.block_count() > m.match.blocks.size()) {
@@ -445,7 +445,9 @@ class PyStore {
     PyHandle h;
     {
       nb::gil_scoped_release unlocked;
-      h.handle = std::make_unique<TransferHandle>(unwrap(s->load(m.match, buf)));
+      h.handle = std::make_unique<TransferHandle>(
+          unwrap(layer_begin == 0 && layer_count == 0 ? s->load(m.match, buf)
+                                                      : s->load_layers(m.match, buf, {layer_begin, layer_count})));
     }
     h.owner = std::move(s);
     h.keep = std::move(dst);
@@ -714,7 +716,7 @@ NB_MODULE(_native, m) {
       .def("close", &PyStore::close)
       .def("open_namespace", &PyStore::open_namespace, "model"_a, "tenant"_a = "", "adapter"_a = "", "revision"_a = "")
       .def("lookup", &PyStore::lookup, "ns"_a, "tokens"_a)
-      .def("load", &PyStore::load, "match"_a, "dst"_a)
+      .def("load", &PyStore::load, "match"_a, "dst"_a, "layer_begin"_a = 0, "layer_count"_a = 0)
       .def("release", &PyStore::release, "match"_a)
       .def("save", &PyStore::save, "ns"_a, "tokens"_a, "src"_a, "first_block"_a = 0, "priority"_a = "normal")
       .def("prefetch", &PyStore::prefetch, "ns"_a, "tokens"_a, "to"_a = "host")

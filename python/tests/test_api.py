@@ -284,3 +284,26 @@ def test_error_classes_cover_every_status_code():
         assert cls is not kvtier.Error, f"no exception class for {code}"
         err = cls("why")
         assert isinstance(err, kvtier.Error) and err.code == code and str(err) == f"{code}: why"
+
+
+def test_load_of_some_layers_writes_only_those(kv):
+    ns = kv.open_namespace("layers")
+    src = kv_blocks(3, seed=9)
+    kv.save(ns, tokens(12), src)
+    per_layer = LAYOUT.bytes_per_block_layer // 2  # bf16 elements of one layer of one block
+    with kv.lookup(ns, tokens(12)) as m:
+        for layers in (range(1, 2), (1, 1), range(0, 1)):
+            dst = torch.full_like(src, 7.0)
+            h = kv.load(m, dst, layers=layers)
+            h.wait_layer(0)
+            h.wait()
+            begin = layers.start if isinstance(layers, range) else layers[0]
+            for layer in range(LAYOUT.num_layers):
+                part = slice(layer * per_layer, (layer + 1) * per_layer)
+                if layer == begin:
+                    assert torch.equal(dst[:, part], src[:, part])
+                else:
+                    assert bool((dst[:, part] == 7.0).all())
+        for bad in (range(2, 3), (1, 5), range(0, 2, 2), (0, 0)):
+            with pytest.raises(kvtier.InvalidArgument):
+                kv.load(m, torch.empty_like(src), layers=bad)

@@ -20,6 +20,8 @@
 #include "kvtier/client.h"
 #include "api/wire/protocol.h"
 #include "api/server/server.h"
+#include "api/server/service_config.h"
+#include "api/store/store.h"
 #include "api/wire/socket_io.h"
 #include "service_support.h"
 #include "temp_dir.h"
@@ -478,4 +480,77 @@ TEST_CASE("Daemon: shared host memory is loaded into and saved from with no wind
   dst->reset();
   CHECK(mapped_device_regions() == regions_before);
   CHECK(c->allocate_shared_host(0).status().code() == StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("Daemon and Store: load_layers writes only the layers asked for", "[service][registered]") {
+  TempDir dir("kvtier_load_layers");
+  const KvLayout L = *KvLayout::standard(4, 2, 16, Dtype::kBf16, 16);  // layers 1 and 2 are inner
+  const uint64_t bpb = L.bytes_per_block(), lb = L.bytes_per_block_layer();
+  auto server = start(config_for(dir.path(), L, 64));
+  auto window = Client::connect({.socket_path = server->socket_path(), .name = "layers"});
+  REQUIRE(window.is_ok());
+  auto direct = connect_windowless(*server);
+  const auto prompt = synthetic_tokens(73, 16 * 10);
+  const auto expect = prompt_kv(prompt, L, 0, 10);
+  {
+    auto ns = (*window)->open_namespace({"m", "", ""});
+    REQUIRE(ns.is_ok());
+    std::vector<std::byte> src(expect.begin(), expect.end());
+    REQUIRE((*window)->save(*ns, prompt, KvBuffer::contiguous(src.data(), 10, bpb)).is_ok());
+  }
+  const LayerRange range{1, 2};
+  // Layers 1 and 2 of every block are the saved ones; every other byte is still the fill.
+  auto check_only_range = [&](const std::byte* got) {
+    for (size_t b = 0; b < 10; ++b) {
+      for (uint32_t l = 0; l < L.num_layers; ++l) {
+        const std::byte* at = got + b * bpb + l * lb;
+        if (l >= range.begin && l < range.begin + range.count) {
+          REQUIRE(std::memcmp(at, expect.data() + b * bpb + l * lb, lb) == 0);
+        } else {
+          REQUIRE(std::all_of(at, at + lb, [](std::byte x) { return x == std::byte{0xEE}; }));
+        }
+      }
+    }
+  };
+  auto run = [&](KvStore& kv, std::byte* dst) {
+    auto ns = kv.open_namespace({"m", "", ""});
+    REQUIRE(ns.is_ok());
+    auto m = kv.lookup(*ns, prompt);
+    REQUIRE(m.is_ok());
+    REQUIRE(m->blocks.size() == 10);
+    std::fill(dst, dst + 10 * bpb, std::byte{0xEE});
+    auto h = kv.load_layers(*m, KvBuffer::contiguous(dst, 10, bpb), range);
+    REQUIRE(h.is_ok());
+    CHECK(h->num_layers() == 2);
+    CHECK(h->wait_layer(1).is_ok());  // the range's second layer, layer 2
+    CHECK(h->wait_layer(2).code() == StatusCode::kInvalidArgument);
+    REQUIRE(h->wait().is_ok());
+    check_only_range(dst);
+    CHECK(kv.load_layers(*m, KvBuffer::contiguous(dst, 10, bpb), {L.num_layers, 1}).status().code() ==
+          StatusCode::kInvalidArgument);
+    CHECK(kv.load_layers(*m, KvBuffer::contiguous(dst, 10, bpb), {L.num_layers - 1, 2}).status().code() ==
+          StatusCode::kInvalidArgument);
+    REQUIRE(kv.release(*m).is_ok());
+  };
+  SECTION("through the window") {
+    std::vector<std::byte> dst(10 * bpb);
+    run(**window, dst.data());
+  }
+  SECTION("into shared host memory (no window)") {
+    auto dst = direct->allocate_shared_host(10 * bpb);
+    REQUIRE(dst.is_ok());
+    run(*direct, (*dst)->data());
+  }
+  SECTION("in-process") {
+    window->reset();
+    direct.reset();
+    server.reset();  // the data dir is free: the Store opens it
+    ServiceConfig c = config_for(dir.path(), L, 64);
+    auto opts = to_tier_options(c);
+    REQUIRE(opts.is_ok());
+    auto store = Store::open({.tiers = std::move(*opts), .secret = c.secret});
+    REQUIRE(store.is_ok());
+    std::vector<std::byte> dst(10 * bpb);
+    run(**store, dst.data());
+  }
 }

@@ -59,6 +59,12 @@ class KVTIER_API KvStore {
   /// verified) first; a corrupt block fails the load with kChecksumMismatch.
   virtual Result<TransferHandle> load(const Match& match, const KvBuffer& dst) = 0;
 
+  /// load() of layers [layers.begin, layers.begin + count) only (count 0: to the last layer): each
+  /// block of `dst` is whole and only those layers of it are written (a pipeline-parallel rank that
+  /// holds some layers, or layers restored as they are needed). The handle's layer i is layer
+  /// layers.begin + i. kInvalidArgument for a range outside the layout.
+  virtual Result<TransferHandle> load_layers(const Match& match, const KvBuffer& dst, LayerRange layers) = 0;
+
   /// Releases a match's lease (a no-op for a match without one).
   virtual Status release(const Match& match) = 0;
 
