@@ -307,3 +307,32 @@ def test_load_of_some_layers_writes_only_those(kv):
         for bad in (range(2, 3), (1, 5), range(0, 2, 2), (0, 0)):
             with pytest.raises(kvtier.InvalidArgument):
                 kv.load(m, torch.empty_like(src), layers=bad)
+
+
+class CudaArrayInterface:
+    """An object that offers only __cuda_array_interface__ (as CuPy, Numba or JAX arrays do). Its
+    pointer here is host memory: on a machine without a GPU kvtier's device memory is emulated in
+    host memory, so the whole path but a CUDA copy runs."""
+
+    def __init__(self, array: np.ndarray, readonly: bool = False, strides=None) -> None:
+        self.array = array
+        self.__cuda_array_interface__ = {
+            "data": (array.ctypes.data, readonly), "shape": array.shape, "typestr": array.dtype.str,
+            "strides": strides, "version": 3}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the host pointer stands for device memory only without a GPU")
+def test_objects_with_the_cuda_array_interface(kv):
+    ns = kv.open_namespace("cai")
+    raw = kv_blocks(2, seed=4).view(torch.uint8).numpy().copy()
+    assert kv.save(ns, tokens(8), CudaArrayInterface(raw)) == 2
+    back = np.zeros_like(raw)
+    with kv.lookup(ns, tokens(8)) as m:
+        kv.load(m, CudaArrayInterface(back)).wait()
+        assert np.array_equal(back, raw)
+        with pytest.raises(kvtier.InvalidArgument, match="read-only"):
+            kv.load(m, CudaArrayInterface(back, readonly=True))
+        with pytest.raises(kvtier.InvalidArgument, match="not contiguous"):
+            kv.load(m, CudaArrayInterface(back, strides=(1, 2)))
+    with pytest.raises(kvtier.InvalidArgument, match="element type"):
+        kv.save(ns, tokens(8), CudaArrayInterface(np.zeros((2, BPB // 4), dtype=np.float32)))
