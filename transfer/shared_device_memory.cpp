@@ -201,6 +201,24 @@ Result<std::unique_ptr<MappedDeviceMemory>> map_memfd(const DeviceShare& share) 
 
 }  // namespace
 
+Result<SharedMemfd> create_shared_memfd(const char* name, uint64_t bytes) {
+  if (bytes == 0) return invalid_argument("shared memory needs at least one byte");
+  const int fd = ::memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  if (fd < 0) return Status(StatusCode::kResourceExhausted, std::string("memfd_create: ") + std::strerror(errno));
+  if (::ftruncate(fd, static_cast<off_t>(bytes)) != 0 || ::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) != 0) {
+    const int err = errno;
+    ::close(fd);
+    return Status(StatusCode::kResourceExhausted, std::string("sizing shared memory (") + name + "): " + std::strerror(err));
+  }
+  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) {
+    const int err = errno;
+    ::close(fd);
+    return Status(StatusCode::kResourceExhausted, std::string("mmap of shared memory (") + name + "): " + std::strerror(err));
+  }
+  return SharedMemfd{.fd = fd, .data = static_cast<std::byte*>(p)};
+}
+
 Result<DeviceAllocation> DeviceAllocation::create(uint64_t bytes) {
   if (bytes == 0) return invalid_argument("a device allocation needs at least one byte");
   DeviceAllocation a;
@@ -216,19 +234,10 @@ Result<DeviceAllocation> DeviceAllocation::create(uint64_t bytes) {
     return a;
   }
 #endif
-  const int fd = ::memfd_create("kvtier-device", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-  if (fd < 0) return Status(StatusCode::kResourceExhausted, std::string("memfd_create: ") + std::strerror(errno));
-  if (::ftruncate(fd, static_cast<off_t>(bytes)) != 0 || ::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) != 0) {
-    const int err = errno;
-    ::close(fd);
-    return Status(StatusCode::kResourceExhausted, std::string("sizing the emulated device memory: ") + std::strerror(err));
-  }
-  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  if (p == MAP_FAILED) {
-    const int err = errno;
-    ::close(fd);
-    return Status(StatusCode::kResourceExhausted, std::string("mmap: ") + std::strerror(err));
-  }
+  auto m = create_shared_memfd("kvtier-device", bytes);
+  if (!m) return m.status();
+  const int fd = m->fd;
+  void* p = m->data;
   a.data_ = static_cast<std::byte*>(p);
   a.bytes_ = bytes;
   std::lock_guard lock(g_emulated_mu);

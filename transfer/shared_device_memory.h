@@ -43,6 +43,15 @@ struct DeviceShare {
                         // handle where it was made; a daemon embedded in its client's process)
 };
 
+/// A memfd of `bytes`, sealed against shrinking and mapped shared here: what a client hands kvtierd
+/// as emulated device memory or shared host memory. The caller owns both (munmap, close).
+/// kResourceExhausted when it cannot be had.
+struct SharedMemfd {
+  int fd = -1;
+  std::byte* data = nullptr;
+};
+Result<SharedMemfd> create_shared_memfd(const char* name, uint64_t bytes);
+
 /// Memory a client may register with kvtierd: cudaMalloc on a machine with a GPU, else a sealed
 /// memfd mapping that stands in for device memory (see above). Freed on destruction.
 class DeviceAllocation {

@@ -333,19 +333,10 @@ Result<std::unique_ptr<SharedHostMemory>> SocketClient::allocate_shared_host(uin
   constexpr uint64_t kPage = 4096;
   if (bytes > (1ull << 47)) return Status(StatusCode::kResourceExhausted, "shared host memory of " + std::to_string(bytes) + " bytes");
   const uint64_t size = (bytes + kPage - 1) / kPage * kPage;
-  const int fd = ::memfd_create("kvtier-shared-host", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-  if (fd < 0) return Status(StatusCode::kResourceExhausted, std::string("memfd_create: ") + std::strerror(errno));
-  if (::ftruncate(fd, static_cast<off_t>(size)) != 0 || ::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) != 0) {
-    const int err = errno;
-    ::close(fd);
-    return Status(StatusCode::kResourceExhausted, std::string("shared host memory: ") + std::strerror(err));
-  }
-  void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  if (p == MAP_FAILED) {
-    const int err = errno;
-    ::close(fd);
-    return Status(StatusCode::kResourceExhausted, std::string("mmap of shared host memory: ") + std::strerror(err));
-  }
+  auto mem = create_shared_memfd("kvtier-shared-host", size);
+  if (!mem) return mem.status();
+  const int fd = mem->fd;
+  void* p = mem->data;
   DeviceShare share{.kind = ShareKind::kMemfd, .offset = 0, .bytes = size, .fd = fd};
   if (Status s = register_share(p, size, share); !s.is_ok()) {
     ::munmap(p, size);
