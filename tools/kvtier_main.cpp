@@ -1,5 +1,5 @@
 // `kvtier`: the command line. Subcommands: service-demo, crash-loop, demo, tier-demo, keys, layout, info, serve,
-// stats (and the hidden service-demo-user, the user processes service-demo starts).
+// stats, plan (and the hidden service-demo-user, the user processes service-demo starts).
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
@@ -11,6 +11,7 @@
 #include "tools/demo_index.h"
 #include "tools/demo_service.h"
 #include "tools/demo_tiers.h"
+#include "tools/plan_cli.h"
 #include "tools/serve.h"
 
 using namespace kvtier;
@@ -131,6 +132,12 @@ int main(int argc, char** argv) {
   auto* serve_cmd = app.add_subcommand("serve", "Run the kvtierd daemon (the same as the kvtierd program)");
   add_serve_flags(*serve_cmd, serve);
 
+  PlanFlags plan;
+  auto* plan_cmd = app.add_subcommand(
+      "plan", "The seed's cost model: concurrency, prefill, decode and context switching per context length, "
+              "and where restoring a prefix beats recomputing it (docs/cost-model.md)");
+  add_plan_flags(*plan_cmd, plan);
+
   std::string stats_socket;
   bool stats_raw = false;
   auto* stats_cmd = app.add_subcommand("stats", "Print a running kvtierd's metrics");
@@ -145,6 +152,7 @@ int main(int argc, char** argv) {
   if (*demo_cmd) return run_index_demo(demo);
   if (*serve_cmd) return run_serve(serve);
   if (*stats_cmd) return run_stats(stats_socket, stats_raw);
+  if (*plan_cmd) return run_plan(plan);
   if (*tier_demo_cmd) return run_tier_demo(tier_demo);
 
   if (*keys_cmd) {
