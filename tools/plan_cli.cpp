@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -119,6 +121,52 @@ std::string seconds_text(double s) {
   return buf;
 }
 
+json rows_json(const plan::PlanInputs& in, const std::vector<plan::PlanRow>& rows) {
+  json out = json::array();
+  for (const auto& r : rows) {
+    json switch_s = json::object(), beats = json::object(), bw = json::object();
+    for (const auto& t : r.tiers) {
+      switch_s[t.tier] = t.switch_s;
+      bw[t.tier] = t.bandwidth;
+      beats[t.tier] = t.restore_beats_recompute_from ? json(*t.restore_beats_recompute_from) : json(nullptr);
+    }
+    out.push_back({{"context", r.context}, {"kv_bytes_per_token", r.kv_bytes_per_token},
+                   {"kv_bytes_per_sequence", r.kv_bytes_per_sequence}, {"weights_bytes", r.weights_bytes},
+                   {"max_sequences", r.max_sequences}, {"users", in.users}, {"users_fit", r.users_fit},
+                   {"prefill_s", r.prefill_s}, {"decode_s_per_token", r.decode_s_per_token},
+                   {"decode_s_per_screen", r.decode_s_per_screen}, {"screen_tokens", in.screen_tokens},
+                   {"switch_s", switch_s}, {"tier_bandwidth", bw}, {"restore_beats_recompute_from", beats},
+                   {"gpu", in.gpu.name}, {"utilization", in.utilization},
+                   {"attention_flops_factor", in.attention_flops_factor}});
+  }
+  return out;
+}
+
+// --plot: the rows through kvtier.plan_plot (matplotlib). Python: $KVTIER_PYTHON, else the
+// checkout's .venv when this kvtier was built in one (build/<preset>/tools/kvtier), else python3.
+Status plot(const json& rows, const std::string& file) {
+  std::error_code ec;
+  const std::filesystem::path exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  const std::filesystem::path root = ec ? std::filesystem::path() : exe.parent_path().parent_path().parent_path().parent_path();
+  std::string python = "python3", env;
+  if (const char* p = std::getenv("KVTIER_PYTHON"); p && *p) python = p;
+  else if (!root.empty() && std::filesystem::exists(root / ".venv/bin/python")) python = (root / ".venv/bin/python").string();
+  if (!root.empty() && std::filesystem::exists(root / "python/kvtier/plan_plot.py")) {
+    env = "PYTHONPATH='" + (root / "python").string() + "' ";
+  }
+  const std::string cmd = env + "'" + python + "' -m kvtier.plan_plot '" + file + "'";
+  FILE* p = ::popen(cmd.c_str(), "w");
+  if (!p) return Status(StatusCode::kUnavailable, "--plot: cannot run " + python);
+  const std::string text = rows.dump();
+  std::fwrite(text.data(), 1, text.size(), p);
+  const int rc = ::pclose(p);
+  if (rc != 0) {
+    return Status(StatusCode::kUnavailable, "--plot: " + python + " -m kvtier.plan_plot failed (it needs matplotlib "
+                                            "and the kvtier package: set KVTIER_PYTHON to scripts/setup.sh's .venv/bin/python)");
+  }
+  return Status::ok();
+}
+
 int fail(const Status& s) {
   std::fprintf(stderr, "kvtier plan: %s\n", s.to_string().c_str());
   return 2;
@@ -145,6 +193,7 @@ void add_plan_flags(CLI::App& cmd, PlanFlags& f) {
   cmd.add_option("--attention-flops-factor", f.attention_flops_factor,
                  "prefill attention FLOPs = factor x layers x hidden x context^2")->capture_default_str();
   cmd.add_flag("--json", f.json, "one JSON object per context length, in an array");
+  cmd.add_option("--plot", f.plot, "also write a plot (.svg or .png): time and concurrency against context length");
   cmd.add_flag("--list-gpus", f.list_gpus, "print the GPU presets and their sources");
 }
 
@@ -227,24 +276,11 @@ int run_plan(const PlanFlags& f) {
 
   std::vector<plan::PlanRow> rows;
   for (uint64_t c : *contexts) rows.push_back(plan::plan_for(in, c));
+  if (!f.plot.empty()) {
+    if (Status s = plot(rows_json(in, rows), f.plot); !s.is_ok()) return fail(s);
+  }
   if (f.json) {
-    json out = json::array();
-    for (const auto& r : rows) {
-      json switch_s = json::object(), beats = json::object(), bw = json::object();
-      for (const auto& t : r.tiers) {
-        switch_s[t.tier] = t.switch_s;
-        bw[t.tier] = t.bandwidth;
-        beats[t.tier] = t.restore_beats_recompute_from ? json(*t.restore_beats_recompute_from) : json(nullptr);
-      }
-      out.push_back({{"context", r.context}, {"kv_bytes_per_token", r.kv_bytes_per_token},
-                     {"kv_bytes_per_sequence", r.kv_bytes_per_sequence}, {"weights_bytes", r.weights_bytes},
-                     {"max_sequences", r.max_sequences}, {"users", in.users}, {"users_fit", r.users_fit},
-                     {"prefill_s", r.prefill_s}, {"decode_s_per_token", r.decode_s_per_token},
-                     {"decode_s_per_screen", r.decode_s_per_screen}, {"screen_tokens", in.screen_tokens},
-                     {"switch_s", switch_s}, {"tier_bandwidth", bw}, {"restore_beats_recompute_from", beats},
-                     {"gpu", in.gpu.name}, {"utilization", in.utilization},
-                     {"attention_flops_factor", in.attention_flops_factor}});
-    }
+    const json out = rows_json(in, rows);
     std::printf("%s\n", out.dump(2).c_str());
     return 0;
   }
@@ -276,8 +312,8 @@ int run_plan(const PlanFlags& f) {
     std::printf("\n");
   }
   if (std::any_of(rows.begin(), rows.end(), [](const plan::PlanRow& r) { return !r.users_fit; })) {
-    std::printf("\n! marks lengths at which %u sequence%s do not fit in HBM beside the weights\n", in.users,
-                in.users == 1 ? "" : "s");
+    std::printf("\n! marks lengths at which %u sequence%s not fit in HBM beside the weights\n", in.users,
+                in.users == 1 ? " does" : "s do");
   }
   return 0;
 }

@@ -5,6 +5,7 @@
 
 #include <cstdio>
 #include <fstream>
+#include <iterator>
 #include <string>
 
 #include "temp_dir.h"
@@ -141,6 +142,14 @@ TEST_CASE("kvtier plan: a config.json and a preset, as text and as JSON, and bad
   // The parameter count estimated from the config when --params is not given: 34.4B.
   const auto est = nlohmann::json::parse(run("--model " + config + " --gpu A100-80G-SXM --context 4K --json", &status));
   CHECK_THAT(est[0]["weights_bytes"].get<double>() / 2, WithinRel(34.4e9, 0.01));
+  // --plot writes the figure (kvtier.plan_plot, matplotlib from the checkout's .venv).
+  const std::string svg = dir.path() + "/plan.svg";
+  run("--model " + config + " --gpu A100-80G-SXM --context 1K,4K,50000,200K --nvme-bw 3G --plot " + svg, &status);
+  CHECK(status == 0);
+  std::ifstream plotted(svg);
+  const std::string figure((std::istreambuf_iterator<char>(plotted)), std::istreambuf_iterator<char>());
+  CHECK(figure.find("<svg") != std::string::npos);
+  CHECK(figure.find("restore from nvme") != std::string::npos);
   // Bad input: a clear message and exit status 2.
   for (const std::string& bad : {std::string("--gpu A100-80G-SXM --context 4K"),             // no model
                                  "--model " + config + " --gpu V100 --context 4K",           // unknown GPU
