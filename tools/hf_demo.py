@@ -46,16 +46,23 @@ def user_process(args: argparse.Namespace) -> None:
     greedy = dict(do_sample=False)
     model.generate(ids[:, :32], max_new_tokens=1, **greedy)  # warm-up, outside every timing
 
-    t0 = time.perf_counter()
-    model.generate(ids, max_new_tokens=1, **greedy)
-    ttft_recompute = time.perf_counter() - t0
+    def best_of_two(fn) -> float:  # the faster of two runs: the first pays for allocations
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    ttft_recompute = best_of_two(lambda: model.generate(ids, max_new_tokens=1, **greedy))
 
     with kvtier.Client(args.socket, name=f"hf-demo-user-{args.user}") as kv:
         ns = kvtier.hf.open_namespace(kv, model, model_id="demo/random-llama")
         # Time to first token: restore the cached prefix, compute the rest, one token out.
-        t0 = time.perf_counter()
-        _, first = kvtier.hf.generate(kv, ns, model, ids, save=False, max_new_tokens=1, **greedy)
-        ttft_kvtier = time.perf_counter() - t0
+        runs = []
+        ttft_kvtier = best_of_two(
+            lambda: runs.append(kvtier.hf.generate(kv, ns, model, ids, save=False, max_new_tokens=1, **greedy)[1]))
+        first = runs[0]
         # The whole answer, and the prompt's new blocks saved for the users after this one.
         out, info = kvtier.hf.generate(kv, ns, model, ids, max_new_tokens=NEW_TOKENS, **greedy)
     ref = model.generate(ids, max_new_tokens=NEW_TOKENS, **greedy)
