@@ -98,7 +98,10 @@ class Match:
 
     def __enter__(self) -> object: ...
 
-    def __exit__(self, exc_type: object | None = None, exc: object | None = None, tb: object | None = None) -> None: ...
+    def __exit__(self, exc_type: object | None = None, exc: object | None = None, tb: object | None = None) -> None:
+        """
+        Releases the lease; a client whose daemon went away has none left, and that is not an error.
+        """
 
     def __repr__(self) -> str: ...
 

@@ -680,8 +680,17 @@ NB_MODULE(_native, m) {
           }, "block"_a, "Every tier block `block` is resident in.")
       .def("release", &PyMatch::release, "Ends the lease (once; later calls do nothing).")
       .def("__enter__", [](nb::handle self) { return nb::borrow(self); })
-      .def("__exit__", [](PyMatch& m, nb::handle, nb::handle, nb::handle) { m.release(); },
-           "exc_type"_a = nb::none(), "exc"_a = nb::none(), "tb"_a = nb::none())
+      .def("__exit__",
+           [](PyMatch& m, nb::handle, nb::handle, nb::handle) {
+             try {
+               m.release();
+             } catch (const StatusError& e) {
+               // The connection is gone, and the daemon ended the lease with it: nothing is held.
+               if (e.code != StatusCode::kUnavailable) throw;
+             }
+           },
+           "exc_type"_a = nb::none(), "exc"_a = nb::none(), "tb"_a = nb::none(),
+           "Releases the lease; a client whose daemon went away has none left, and that is not an error.")
       .def("__repr__", [](const PyMatch& m) {
         return "Match(tokens=" + std::to_string(m.match.tokens) + ", blocks=" + std::to_string(m.match.blocks.size()) +
                (m.owner ? ")" : ", released)");

@@ -191,3 +191,32 @@ def test_a_corrupt_nvme_block_is_a_miss_and_the_output_is_unchanged(daemon_facto
         assert info.restored_tokens >= SYSTEM // 16 * 16 and info.error is None, info
         assert_same_as_recompute({"sequence": out.sequences[0].tolist(), "logits0": out.logits[0][0].float()},
                                  reference[5])
+
+
+def test_a_daemon_that_dies_mid_restore_costs_a_recompute_not_the_request(daemon_factory, tiny_llama, reference):
+    daemon = daemon_factory(hf_config=tiny_llama / "config.json", host_bytes="1MiB")
+    model = load_model(tiny_llama)
+    kw = dict(max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    kv = kvtier.Client(daemon.socket)
+    ns = kvtier.hf.open_namespace(kv, model, model_id="tiny-llama")
+    kvtier.hf.generate(kv, ns, model, torch.tensor([PROMPTS[0]]), **kw)
+    assert kv.lookup(ns, PROMPTS[1]).block_count >= SYSTEM // 16
+
+    # The daemon is SIGKILLed after the lookup leased the prefix and before the load reaches it.
+    real_load = kv.load
+
+    def load_after_the_daemon_died(match, dst, layers=None):
+        daemon.kill()
+        return real_load(match, dst, layers)
+
+    kv.load = load_after_the_daemon_died
+    out, info = kvtier.hf.generate(kv, ns, model, torch.tensor([PROMPTS[1]]), **kw)
+    assert info.restored_tokens == 0 and info.saved_blocks == 0 and info.error, info
+    assert_same_as_recompute({"sequence": out.sequences[0].tolist(), "logits0": out.logits[0][0].float()},
+                             reference[1])
+    # With the daemon gone, the next request finds nothing and still answers (lookup fails: a miss).
+    kv.load = real_load
+    out, info = kvtier.hf.generate(kv, ns, model, torch.tensor([PROMPTS[2]]), **kw)
+    assert info.restored_tokens == 0 and info.error
+    assert out.sequences[0].tolist() == reference[2]["sequence"]
+    kv.close()
