@@ -3,10 +3,18 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
+#include <memory>
+#include <thread>
 #include <fstream>
 #include <sstream>
 
@@ -167,6 +175,52 @@ Status plot(const json& rows, const std::string& file) {
   return Status::ok();
 }
 
+// --measure DIR: the read bandwidth of the file system under DIR, as kvtier's NVMe tier reads it
+// (O_DIRECT, 2 MiB blocks, 8 reads in flight). A 512 MiB file is written, flushed and read back
+// three times; the best pass counts. Refused where O_DIRECT is (tmpfs).
+Result<double> measure_nvme_read(const std::string& dir) {
+  constexpr size_t kBlock = 2u << 20, kBlocks = 256, kThreads = 8;
+  const std::string path = dir + "/kvtier-plan-measure." + std::to_string(::getpid());
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_DIRECT, 0600);
+  if (fd < 0) return Status(StatusCode::kUnavailable, "--measure: cannot open " + path + " with O_DIRECT: " + std::strerror(errno));
+  ::unlink(path.c_str());  // gone when closed
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
+  void* raw = nullptr;
+  if (::posix_memalign(&raw, 4096, kBlock * kThreads) != 0) return Status(StatusCode::kResourceExhausted, "--measure: no memory");
+  std::unique_ptr<std::byte, decltype(&std::free)> buf(static_cast<std::byte*>(raw), &std::free);
+  std::memset(buf.get(), 0x5A, kBlock * kThreads);
+  for (size_t b = 0; b < kBlocks; ++b) {
+    if (::pwrite(fd, buf.get(), kBlock, static_cast<off_t>(b * kBlock)) != static_cast<ssize_t>(kBlock)) {
+      return Status(StatusCode::kIoError, std::string("--measure: writing the test file: ") + std::strerror(errno));
+    }
+  }
+  if (::fdatasync(fd) != 0) return Status(StatusCode::kIoError, std::string("--measure: fdatasync: ") + std::strerror(errno));
+  double best = 0;
+  for (int pass = 0; pass < 3; ++pass) {
+    std::atomic<size_t> next{0};
+    std::atomic<bool> failed{false};
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<std::thread> readers;
+    for (size_t t = 0; t < kThreads; ++t) {
+      readers.emplace_back([&, t] {
+        for (size_t b; (b = next.fetch_add(1)) < kBlocks;) {
+          if (::pread(fd, buf.get() + t * kBlock, kBlock, static_cast<off_t>(b * kBlock)) != static_cast<ssize_t>(kBlock)) {
+            failed = true;
+          }
+        }
+      });
+    }
+    for (auto& r : readers) r.join();
+    if (failed) return Status(StatusCode::kIoError, "--measure: a read of the test file failed");
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, double(kBlock * kBlocks) / s);
+  }
+  return best;
+}
+
 int fail(const Status& s) {
   std::fprintf(stderr, "kvtier plan: %s\n", s.to_string().c_str());
   return 2;
@@ -186,6 +240,7 @@ void add_plan_flags(CLI::App& cmd, PlanFlags& f) {
   cmd.add_option("--hbm-bw", f.hbm_bw, "GPU memory bandwidth, bytes/s, e.g. 2.039T");
   cmd.add_option("--pcie-bw", f.pcie_bw, "practical host-to-GPU bandwidth, bytes/s, e.g. 25G");
   cmd.add_option("--nvme-bw", f.nvme_bw, "NVMe read bandwidth, bytes/s (no NVMe figures without it)");
+  cmd.add_option("--measure", f.measure, "measure the NVMe read bandwidth of the file system under this directory");
   cmd.add_option("--context", f.contexts, "context lengths, comma-separated: 4096,50000 or 4K,128K (required)");
   cmd.add_option("--users", f.users, "sequences that must fit in HBM at once")->capture_default_str();
   cmd.add_option("--kv-dtype", f.kv_dtype, "KV cache element type: bf16, fp16, fp8, int8 (default: the model's)");
@@ -267,6 +322,16 @@ int run_plan(const PlanFlags& f) {
     if (Status s = figure(flag, *text, *out); !s.is_ok()) return fail(s);
   }
   if (!f.nvme_bw.empty()) in.nvme_bw = nvme;
+  if (!f.measure.empty()) {
+    if (!f.nvme_bw.empty()) return fail(invalid_argument("give --nvme-bw or --measure, not both"));
+    auto measured = measure_nvme_read(f.measure);
+    if (!measured) return fail(measured.status());
+    in.nvme_bw = *measured;
+    if (!f.json) {
+      std::printf("measured: NVMe (the file system under %s) reads %.2f GB/s with O_DIRECT, 2 MiB blocks, 8 in "
+                  "flight; the GPU and its host link are the preset's or the flags'\n", f.measure.c_str(), *measured / 1e9);
+    }
+  }
   in.users = f.users;
   in.utilization = f.utilization;
   in.attention_flops_factor = f.attention_flops_factor;

@@ -10,7 +10,7 @@ namespace kvtier {
 
 struct PlanFlags {
   std::string model, layout, params, active_params, gpu, flops, hbm_bytes, hbm_bw, pcie_bw, nvme_bw, contexts;
-  std::string kv_dtype, plot;
+  std::string kv_dtype, plot, measure;
   uint32_t hidden = 0;
   uint32_t users = 1;
   double utilization = 1.0;

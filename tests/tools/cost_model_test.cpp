@@ -150,6 +150,15 @@ TEST_CASE("kvtier plan: a config.json and a preset, as text and as JSON, and bad
   const std::string figure((std::istreambuf_iterator<char>(plotted)), std::istreambuf_iterator<char>());
   CHECK(figure.find("<svg") != std::string::npos);
   CHECK(figure.find("restore from nvme") != std::string::npos);
+  // --measure: this machine's disk read bandwidth stands in for --nvme-bw.
+  const auto measured = nlohmann::json::parse(
+      run("--model " + config + " --gpu A100-80G-SXM --context 50000 --json --measure /var/tmp", &status));
+  REQUIRE(status == 0);
+  CHECK(measured[0]["tier_bandwidth"]["nvme"].get<double>() > 1e6);
+  CHECK(measured[0]["switch_s"].contains("nvme"));
+  CHECK(run("--model " + config + " --gpu H200 --context 4K --measure /nonexistent/dir", &status).find("cannot open") !=
+        std::string::npos);
+  CHECK(status == 2);
   // Bad input: a clear message and exit status 2.
   for (const std::string& bad : {std::string("--gpu A100-80G-SXM --context 4K"),             // no model
                                  "--model " + config + " --gpu V100 --context 4K",           // unknown GPU
