@@ -37,7 +37,7 @@ if [[ ${KVTIER_SKIP_PYTHON:-0} != 1 ]]; then
   reqs=("${root}/python/requirements-torch.txt" "${root}/python/requirements.txt")
   # PyPI's torch is the CUDA 13 build: without a CUDA 13 toolkit on the machine it needs the CUDA
   # libraries as wheels too.
-  if ! ldconfig -p | grep -q 'libcublas\.so\.13'; then
+  if ! grep -q 'libcublas\.so\.13' <<<"$(ldconfig -p)"; then  # not `| grep -q`: SIGPIPE under pipefail
     reqs+=("${root}/python/requirements-torch-cuda-libs.txt")
   fi
   want=$(cat "${reqs[@]}" | sha256sum | cut -d' ' -f1)

@@ -27,7 +27,7 @@ for f in include/kvtier/kvtier.h include/kvtier/client.h include/kvtier/kv_store
 done
 
 so=${prefix}/lib/libkvtier_client.so.0
-readelf -d "${so}" | grep -q 'SONAME.*\[libkvtier_client\.so\.0\]' || fail "soname is not libkvtier_client.so.0"
+grep -q 'SONAME.*\[libkvtier_client\.so\.0\]' <<<"$(readelf -d "${so}")" || fail "soname is not libkvtier_client.so.0"
 if readelf -d "${so}" | grep NEEDED | grep -E 'rocksdb|uring|absl|toml|httplib|cudart'; then
   fail "libkvtier_client.so needs a library the thin client must not link (above)"
 fi
@@ -47,7 +47,8 @@ libdir=$(pkg-config --variable=libdir kvtier)
 cc -std=c11 -Wall -Wextra -Werror -o "${work}/c_consumer" "${src}/tests/install/consumer.c" \
    "${src}/tests/api/capi_smoke.c" \
    $(pkg-config --cflags --libs kvtier) -Wl,-rpath,"${libdir}"
-ldd "${work}/c_consumer" | grep -q "libkvtier_client.so.0 => ${prefix}/lib/" ||
+# grep reads a captured copy: `ldd | grep -q` fails under pipefail whenever grep exits first (SIGPIPE).
+grep -q "libkvtier_client.so.0 => ${prefix}/lib/" <<<"$(ldd "${work}/c_consumer")" ||
   fail "the C program does not load libkvtier_client from the install prefix: $(ldd "${work}/c_consumer" | grep kvtier)"
 
 # The C++ programs: find_package(kvtier) with only the install prefix on CMAKE_PREFIX_PATH.
@@ -59,9 +60,9 @@ for kind in shared static; do
   cmake --build "${work}/cxx-${kind}" >>"${work}/cxx-${kind}.log" 2>&1 ||
     { cat "${work}/cxx-${kind}.log"; fail "building the C++ program (${kind}) failed"; }
 done
-ldd "${work}/cxx-shared/kvtier_cxx_consumer" | grep -q "libkvtier_client.so.0 => ${prefix}/lib/" ||
+grep -q "libkvtier_client.so.0 => ${prefix}/lib/" <<<"$(ldd "${work}/cxx-shared/kvtier_cxx_consumer")" ||
   fail "the C++ program does not load libkvtier_client from the install prefix"
-if ldd "${work}/cxx-static/kvtier_cxx_consumer" | grep -q libkvtier_client; then
+if grep -q libkvtier_client <<<"$(ldd "${work}/cxx-static/kvtier_cxx_consumer")"; then
   fail "the static C++ program still loads libkvtier_client.so"
 fi
 

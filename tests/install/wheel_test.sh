@@ -23,7 +23,7 @@ done
 /usr/bin/python3 -m venv "${work}/venv"
 "${work}/venv/bin/pip" install -q --no-deps --disable-pip-version-check "${wheel}"
 so=$(ls "${work}"/venv/lib/python3*/site-packages/kvtier/_native*.so)
-! ldd "${so}" | grep -q "libkvtier_client" || fail "the module needs libkvtier_client.so at run time"
+! grep -q "libkvtier_client" <<<"$(ldd "${so}")" || fail "the module needs libkvtier_client.so at run time"
 cd "${work}"
 KVTIERD="${build}/tools/kvtierd" "${work}/venv/bin/python" - "${version}" "${work}/daemon" <<'PY'
 import sys
