@@ -45,7 +45,7 @@ libdir=$(pkg-config --variable=libdir kvtier)
 [[ $(realpath "${libdir}") == "${prefix}/lib" ]] || fail "kvtier.pc's libdir ${libdir} is not the install prefix's"
 # shellcheck disable=SC2046
 cc -std=c11 -Wall -Wextra -Werror -o "${work}/c_consumer" "${src}/tests/install/consumer.c" \
-   "${src}/tests/api/capi_smoke.c" \
+   "${src}/tests/api/client/capi_smoke.c" \
    $(pkg-config --cflags --libs kvtier) -Wl,-rpath,"${libdir}"
 # grep reads a captured copy: `ldd | grep -q` fails under pipefail whenever grep exits first (SIGPIPE).
 grep -q "libkvtier_client.so.0 => ${prefix}/lib/" <<<"$(ldd "${work}/c_consumer")" ||
