@@ -11,6 +11,7 @@
 #include "tools/demo_index.h"
 #include "tools/demo_service.h"
 #include "tools/demo_tiers.h"
+#include "tools/layout_spec.h"
 #include "tools/plan_cli.h"
 #include "tools/serve.h"
 
@@ -21,19 +22,7 @@ namespace {
 // "layers,kv_heads,head_dim,dtype[,block_tokens]" or a path to a Hugging Face config.json.
 Result<KvLayout> parse_layout(const std::string& spec, uint32_t block_tokens) {
   if (spec.find(',') == std::string::npos) return KvLayout::from_hf_config_file(spec, block_tokens);
-  std::stringstream in(spec);
-  std::string part;
-  std::vector<std::string> parts;
-  while (std::getline(in, part, ',')) parts.push_back(part);
-  if (parts.size() != 4) return invalid_argument("layout is layers,kv_heads,head_dim,dtype or a config.json path");
-  auto dtype = parse_dtype(parts[3]);
-  if (!dtype) return dtype.status();
-  try {
-    return KvLayout::standard(std::stoul(parts[0]), std::stoul(parts[1]), std::stoul(parts[2]),
-                              *dtype, block_tokens);
-  } catch (const std::exception&) {
-    return invalid_argument("layout numbers must be positive integers");
-  }
+  return parse_layout_list(spec, block_tokens, "layout", "layers,kv_heads,head_dim,dtype or a config.json path");
 }
 
 std::vector<TokenId> parse_tokens(const std::string& text) {

@@ -19,6 +19,7 @@
 #include <sstream>
 
 #include "tools/cost_model.h"
+#include "tools/layout_spec.h"
 
 namespace kvtier {
 
@@ -267,20 +268,9 @@ int run_plan(const PlanFlags& f) {
   if (!f.model.empty()) {
     if (Status s = model_from_config(f, in.model); !s.is_ok()) return fail(s);
   } else {
-    std::stringstream spec(f.layout);
-    std::string part;
-    std::vector<std::string> parts;
-    while (std::getline(spec, part, ',')) parts.push_back(part);
-    if (parts.size() != 4) return fail(invalid_argument("--layout is layers,kv_heads,head_dim,dtype"));
-    auto dtype = parse_dtype(parts[3]);
-    if (!dtype) return fail(dtype.status());
-    try {
-      auto l = KvLayout::standard(std::stoul(parts[0]), std::stoul(parts[1]), std::stoul(parts[2]), *dtype);
-      if (!l) return fail(l.status());
-      in.model.layout = *l;
-    } catch (const std::exception&) {
-      return fail(invalid_argument("--layout numbers must be positive integers"));
-    }
+    auto l = parse_layout_list(f.layout, 16, "--layout", "layers,kv_heads,head_dim,dtype");
+    if (!l) return fail(l.status());
+    in.model.layout = *l;
   }
   if (f.hidden) in.model.hidden = f.hidden;
   if (!f.params.empty()) {

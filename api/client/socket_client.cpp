@@ -346,8 +346,7 @@ Result<std::unique_ptr<SharedHostMemory>> SocketClient::allocate_shared_host(uin
   return std::unique_ptr<SharedHostMemory>(std::make_unique<SharedHost>(this, static_cast<std::byte*>(p), size, fd));
 }
 
-Status SocketClient::register_share(void* base, uint64_t bytes, const DeviceShare& share_in) {
-  const DeviceShare* share = &share_in;
+Status SocketClient::register_share(void* base, uint64_t bytes, const DeviceShare& share) {
   const auto at = reinterpret_cast<uintptr_t>(base);
   std::lock_guard lock(gate_);
   // Regions never overlap, so every address has at most one region.
@@ -357,11 +356,11 @@ Status SocketClient::register_share(void* base, uint64_t bytes, const DeviceShar
     return Status(StatusCode::kAlreadyExists, "the memory overlaps a region this client registered already");
   }
   std::vector<std::byte> req, reply;
-  proto::encode(proto::RegisterMemoryRequest{.kind = static_cast<uint8_t>(share->kind), .ipc_handle = share->ipc_handle,
-                                             .offset = share->offset, .bytes = share->bytes,
-                                             .address = share->address},
+  proto::encode(proto::RegisterMemoryRequest{.kind = static_cast<uint8_t>(share.kind), .ipc_handle = share.ipc_handle,
+                                             .offset = share.offset, .bytes = share.bytes,
+                                             .address = share.address},
                 req);
-  KVTIER_RETURN_IF_ERROR(call(Op::kRegisterMemory, req, reply, share->fd));
+  KVTIER_RETURN_IF_ERROR(call(Op::kRegisterMemory, req, reply, share.fd));
   proto::RegisterMemoryReply out;
   KVTIER_RETURN_IF_ERROR(proto::decode(reply, out));
   registered_.emplace(at, Registered{.bytes = bytes, .region = out.region});
