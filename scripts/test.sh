@@ -2,6 +2,8 @@
 # The whole test suite: set up, then build and run every test under three presets —
 # default (optimised, CUDA sources compiled when nvcc is there), asan (AddressSanitizer + UBSan)
 # and tsan (ThreadSanitizer). Fails when any test fails. Works on a fresh Debian 12 machine as root.
+# The default preset's ctests include the Python package's pytest files (python/tests/test_*.py, one
+# ctest each, named python/test_*) and `pip install .` into a bare venv (python/wheel).
 # KVTIER_TEST_PRESETS="default" runs a subset. Then a bounded libFuzzer run (fuzz preset, clang).
 set -euo pipefail
 cd "$(dirname "$0")/.."

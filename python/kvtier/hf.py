@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import Client, KvLayout, _errors
+from . import Client, KvLayout, _errors, tokens_list
 
 _log = logging.getLogger("kvtier.hf")
 
@@ -188,7 +188,7 @@ def save_cache(store: Any, ns: int, tokens: Sequence[int], cache: Any, first_blo
     """Saves the full blocks of ``tokens`` (from ``first_block``) whose KV ``cache`` holds — after
     a prefill, or after ``generate`` (its prompt positions). Returns the blocks newly saved."""
     layout = store.layout
-    tokens = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
+    tokens = tokens_list(tokens)
     end_block = min(len(tokens), cache.get_seq_length()) // layout.block_tokens
     if end_block <= first_block:
         return 0
@@ -220,7 +220,7 @@ def restore_cache(store: Any, ns: int, tokens: Sequence[int], config: Any, devic
     dtype = dtype or _TORCH_DTYPES.get(layout.dtype)
     if dtype is None:
         raise _errors.InvalidArgument(f"kvtier.hf restores bf16, fp16 or fp32 KV, not {layout.dtype}")
-    tokens = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
+    tokens = tokens_list(tokens)
     fresh = DynamicCache(config=config)
     if len(tokens) < 2:
         return Restored(fresh, 0, [])

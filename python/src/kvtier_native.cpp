@@ -189,6 +189,20 @@ void check_dtype(const ArrayView& a, Dtype want, const char* what) {
   }
 }
 
+// C-contiguous: each dimension's stride (in the units stride_at counts, of which an element is
+// `element`) is the product of the later dimensions; size-1 dimensions may have any stride.
+template <typename StrideAt>
+void check_c_contiguous(const std::vector<int64_t>& shape, StrideAt stride_at, int64_t element, const char* what) {
+  int64_t expect = element;
+  for (size_t i = shape.size(); i-- > 0;) {
+    if (shape[i] != 1 && stride_at(i) != expect) {
+      bad(std::string(what) + " is not contiguous: kvtier copies whole blocks and never gathers in Python "
+          "(call .contiguous() first)");
+    }
+    expect *= shape[i];
+  }
+}
+
 template <typename Array>
 ArrayView view_of(const Array& arr, const char* what) {
   ArrayView v;
@@ -199,16 +213,8 @@ ArrayView view_of(const Array& arr, const char* what) {
   if (arr.dtype().bits % 8 != 0 || arr.dtype().lanes != 1) {
     bad(std::string(what) + ": packed element types are not supported");
   }
-  // C-contiguous: each stride equals the product of the later dimensions (size-1 dimensions free).
-  int64_t expect = 1;
-  for (size_t i = arr.ndim(); i-- > 0;) {
-    v.shape.insert(v.shape.begin(), static_cast<int64_t>(arr.shape(i)));
-    if (arr.shape(i) != 1 && arr.stride(i) != expect) {
-      bad(std::string(what) + " is not contiguous: kvtier copies whole blocks and never gathers in Python "
-          "(call .contiguous() first)");
-    }
-    expect *= static_cast<int64_t>(arr.shape(i));
-  }
+  for (size_t i = 0; i < arr.ndim(); ++i) v.shape.push_back(static_cast<int64_t>(arr.shape(i)));
+  check_c_contiguous(v.shape, [&](size_t i) { return arr.stride(i); }, 1, what);  // strides in elements
   switch (arr.device_type()) {
     case nb::device::cpu::value:
     case nb::device::cuda_host::value: v.memory = LocationKind::kHost; break;
@@ -252,13 +258,9 @@ std::optional<ArrayView> from_cuda_array_interface(nb::handle obj, bool writable
     v.shape.push_back(nb::cast<int64_t>(d));
     elements *= static_cast<uint64_t>(v.shape.back());
   }
-  if (cai.contains("strides") && !cai["strides"].is_none()) {
-    int64_t expect = v.itemsize;
+  if (cai.contains("strides") && !cai["strides"].is_none()) {  // in bytes; None means C-contiguous
     auto strides = nb::cast<nb::tuple>(cai["strides"]);
-    for (size_t i = v.shape.size(); i-- > 0;) {
-      if (v.shape[i] != 1 && nb::cast<int64_t>(strides[i]) != expect) bad(std::string(what) + " is not contiguous");
-      expect *= v.shape[i];
-    }
+    check_c_contiguous(v.shape, [&](size_t i) { return nb::cast<int64_t>(strides[i]); }, v.itemsize, what);
   }
   v.nbytes = elements * v.itemsize;
   v.memory = LocationKind::kDevice;
@@ -353,12 +355,9 @@ KvBuffer buffer_of(nb::handle obj, const KvLayout& layout, bool writable, const 
 
 // ---- the bound objects --------------------------------------------------------------------------
 
-class PyStore;
-
 struct PyMatch {
   Match match;
   std::shared_ptr<KvStore> owner;  // for release(); empty once released
-  uint32_t block_tokens = 0;
 
   /// Ends the lease (once; later calls do nothing).
   void release() {
@@ -429,17 +428,12 @@ class PyStore {
       m.match = unwrap(s->lookup(ns, t));
     }
     m.owner = std::move(s);
-    m.block_tokens = m.owner->layout().block_tokens;
     return m;
   }
 
   PyHandle load(const PyMatch& m, nb::object dst, uint32_t layer_begin, uint32_t layer_count) {
     auto s = get();
-    KvBuffer buf = buffer_of(dst, s->layout(), /*writable=*/true, "dst");
-    if (buf.block_count() > m.match.blocks.size()) {
-      bad("dst holds " + std::to_string(buf.block_count()) + " blocks; the match has " +
-          std::to_string(m.match.blocks.size()));
-    }
+    KvBuffer buf = buffer_of(dst, s->layout(), /*writable=*/true, "dst");  // its block count: check_load's
     if (m.match.lease == kNoLease && !m.match.blocks.empty()) bad("the match was released: look it up again");
     if (m.owner && m.owner != s) bad("the match belongs to another store or client");
     PyHandle h;
@@ -507,7 +501,6 @@ class PyClient : public PyStore {
   explicit PyClient(std::shared_ptr<Client> c) : PyStore(c), client_id_(c->client_id()), tenants_(c->tenants()),
                                                  window_bytes_(c->window_bytes()) {}
 
-  Client& client() const { return static_cast<Client&>(*get()); }
   uint64_t client_id() const { return client_id_; }
   const std::vector<std::string>& tenants() const { return tenants_; }
   uint64_t window_bytes() const { return window_bytes_; }

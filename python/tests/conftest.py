@@ -34,19 +34,14 @@ def daemon_factory(tmp_path):
         d.kill()
 
 
-def make_tiny_llama(path: Path, dtype: str = "bfloat16", seed: int = 0) -> Path:
-    """A 4-layer Llama with random weights (kvtier.hf.random_llama), written locally: no hub."""
-    from kvtier.hf import random_llama
-
-    return random_llama(path, dtype=dtype, seed=seed)
-
-
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     # fp32: the engine's own matmuls are not batch-invariant (a prefix computed inside a longer
     # prompt rounds differently), and in bf16 that alone can flip a greedy near-tie. kvtier's bytes
     # are exact in every dtype (test_api.py, test_hf_dtypes.py); token identity is checked in fp32.
-    return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama", dtype="float32")
+    from kvtier.hf import random_llama  # a 4-layer Llama with random weights, written locally: no hub
+
+    return random_llama(tmp_path_factory.mktemp("models") / "tiny-llama", dtype="float32")
 
 
 def worker_env() -> dict:
@@ -56,7 +51,7 @@ def worker_env() -> dict:
     return env
 
 
-def run_worker(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """python/tests/hf_worker.py in its own process."""
-    return subprocess.run([sys.executable, str(Path(__file__).with_name("hf_worker.py")), *args],
-                          env=worker_env(), capture_output=True, text=True, check=check, timeout=600)
+def start_worker(*args: str) -> subprocess.Popen:
+    """python/tests/hf_worker.py in its own process (wait with communicate())."""
+    return subprocess.Popen([sys.executable, str(Path(__file__).with_name("hf_worker.py")), *args], env=worker_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

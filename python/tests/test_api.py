@@ -142,7 +142,7 @@ def test_bad_tensors_are_refused_before_anything_is_sent(kv):
     with kv.lookup(ns, tokens(8)) as m:
         with pytest.raises(kvtier.InvalidArgument, match="read-only"):
             kv.load(m, bytes(2 * BPB))
-        with pytest.raises(kvtier.InvalidArgument, match="holds 3 blocks"):
+        with pytest.raises(kvtier.InvalidArgument, match="the buffer has 3 blocks; the match has 2"):
             kv.load(m, torch.zeros(3, ELEMS, dtype=torch.bfloat16))
     for bad_tokens, message in [([1, -2, 3], "outside"), ([1.5], "ints"), (torch.zeros(2, 2, dtype=torch.int64), "one-dimensional"),
                                 (torch.zeros(4), "integers"), (12, "sequence")]:

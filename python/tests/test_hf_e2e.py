@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ import torch
 
 import kvtier
 import kvtier.hf
-from conftest import make_tiny_llama, run_worker, worker_env
+from conftest import start_worker
 
 SYSTEM = 150   # system prompt tokens shared by every prompt (9 whole blocks)
 NEW = 16       # greedy tokens generated per prompt
@@ -69,12 +67,23 @@ def assert_same_as_recompute(result: dict, ref: dict) -> None:
     assert diff <= tolerance(ref["logits0"]), f"first-step logits differ by {diff}"
 
 
-def run_prompts(tmp_path: Path, daemon, model: Path, indices: list[int], name: str) -> list[dict]:
+def start_prompts(tmp_path: Path, daemon, model: Path, indices: list[int], name: str):
+    """A worker process generating PROMPTS[indices] through the daemon; finish() waits for it."""
     pfile, out = tmp_path / f"{name}.json", tmp_path / f"{name}.pt"
     pfile.write_text(json.dumps([PROMPTS[i] for i in indices]))
-    run_worker("--socket", daemon.socket, "--model", str(model), "--prompts", str(pfile), "--out", str(out),
-               "--max-new-tokens", str(NEW))
+    return start_worker("--socket", daemon.socket, "--model", str(model), "--prompts", str(pfile), "--out", str(out),
+                        "--max-new-tokens", str(NEW)), out
+
+
+def finish(worker) -> list[dict]:
+    proc, out = worker
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
     return torch.load(out)
+
+
+def run_prompts(tmp_path: Path, daemon, model: Path, indices: list[int], name: str) -> list[dict]:
+    return finish(start_prompts(tmp_path, daemon, model, indices, name))
 
 
 def test_processes_restore_kv_through_kvtierd_and_match_recompute(tmp_path, daemon_factory, tiny_llama, reference):
@@ -100,18 +109,9 @@ def test_processes_restore_kv_through_kvtierd_and_match_recompute(tmp_path, daem
     assert_same_as_recompute(b2, reference[0])
 
     # Four processes at once on the shared prefix.
-    procs = []
-    for i in range(4, 8):
-        pfile, out = tmp_path / f"c{i}.json", tmp_path / f"c{i}.pt"
-        pfile.write_text(json.dumps([PROMPTS[i]]))
-        procs.append((i, out, subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("hf_worker.py")), "--socket", daemon.socket, "--model",
-             str(tiny_llama), "--prompts", str(pfile), "--out", str(out), "--max-new-tokens", str(NEW)],
-            env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
-    for i, out, proc in procs:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err
-        r = torch.load(out)[0]
+    workers = {i: start_prompts(tmp_path, daemon, tiny_llama, [i], f"c{i}") for i in range(4, 8)}
+    for i, worker in workers.items():
+        r = finish(worker)[0]
         assert r["restored"] >= SYSTEM // 16 * 16, r
         assert_same_as_recompute(r, reference[i])
 
@@ -119,7 +119,7 @@ def test_processes_restore_kv_through_kvtierd_and_match_recompute(tmp_path, daem
 def test_other_weights_of_the_same_model_id_never_match(tmp_path, daemon_factory, tiny_llama, reference):
     daemon = daemon_factory(hf_config=tiny_llama / "config.json", host_bytes="1MiB")
     model = load_model(tiny_llama)
-    other_dir = make_tiny_llama(tmp_path / "retrained", dtype="float32", seed=7)  # same config and id, other weights
+    other_dir = kvtier.hf.random_llama(tmp_path / "retrained", dtype="float32", seed=7)  # same config and id, other weights
     other = load_model(other_dir)
     with kvtier.Client(daemon.socket) as kv:
         ns = kvtier.hf.open_namespace(kv, model, model_id="tiny-llama")
