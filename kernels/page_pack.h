@@ -5,8 +5,11 @@
 //   kVllm           [2][num_pages][page_tokens][kv_heads][head_dim]   (K plane, then V plane)
 //   kFlashInferNhd  [num_pages][2][page_tokens][kv_heads][head_dim]
 //   kFlashInferHnd  [num_pages][2][kv_heads][page_tokens][head_dim]
-// Canonical slot: [layer][K|V][token][kv_head][head_dim]. Engine pages hold as many tokens as a
-// block (page_tokens == layout.block_tokens). Element bytes are copied unchanged.
+//   kVllmCpu        [num_pages][kv_heads][page_tokens × 2 × head_dim], inside each (page, head)
+//                   K transposed as [head_dim][page_tokens], then V as [page_tokens][head_dim]
+// Canonical slot: [layer][K|V][token][kv_head][head_dim]. An engine page holds page_tokens, a
+// multiple of layout.block_tokens; `engine_pages` names block-sized pieces of pages (kvtier/kv_buffer.h).
+// Element bytes are copied unchanged.
 //
 // pack:   engine pages → arena slots (saving new blocks into the cache)
 // unpack: arena slots → engine pages (loading restored blocks into the engine)
@@ -33,10 +36,11 @@ struct PagePackArgs {
                                       // this array itself must be in device memory.
   uint32_t engine_num_pages = 0;   // pages in each engine tensor (vLLM: K→V plane distance)
   const int32_t* arena_slots = nullptr;   // [num_blocks]
-  const int32_t* engine_pages = nullptr;  // [num_blocks]
+  const int32_t* engine_pages = nullptr;  // [num_blocks] block-sized pieces of engine pages
   uint32_t num_blocks = 0;
   uint32_t layer_begin = 0;        // layers [layer_begin, layer_begin + layer_count)
   uint32_t layer_count = 0;        // 0 = every layer from layer_begin
+  uint32_t page_tokens = 0;        // tokens per engine page, a multiple of block_tokens (0: equal)
 };
 
 /// Checks the layout, pointers and layer range; reads no device memory.
@@ -45,25 +49,38 @@ Status check_page_pack(const PagePackArgs& args);
 /// arena_slots and engine_pages, so they must be host memory here.
 Status check_page_pack_indices(const PagePackArgs& args);
 
-/// Byte offset of plane `plane`, token `t`, kv head `h`, element 0 of page `page` inside the
-/// engine tensor of one layer. Shared by the CPU reference and the CUDA kernel.
+/// Tokens per engine page of `a` (page_tokens, or block_tokens when 0).
+KVTIER_HD uint32_t engine_page_tokens(const PagePackArgs& a) {
+  return a.page_tokens ? a.page_tokens : a.layout.block_tokens;
+}
+
+/// Byte offset of element 0 of (plane `plane`, token `t` of the page, kv head `h`) of engine page
+/// `page` inside the engine tensor of one layer. Its head_dim elements follow one another except
+/// in kVllmCpu's K plane, where they lie page_tokens elements apart (engine_elem_stride). Shared
+/// by the CPU reference and the CUDA kernel.
 KVTIER_HD uint64_t engine_row_offset(EngineLayout engine, uint32_t engine_num_pages,
-                                     uint32_t block_tokens, uint32_t kv_heads, uint64_t row_bytes,
-                                     uint32_t page, uint32_t plane, uint32_t t, uint32_t h) {
-  const uint64_t T = block_tokens, Hk = kv_heads;
-  uint64_t row = 0;
+                                     uint32_t page_tokens, uint32_t kv_heads, uint32_t head_dim,
+                                     uint32_t elem_bytes, uint32_t page, uint32_t plane, uint32_t t,
+                                     uint32_t h) {
+  const uint64_t T = page_tokens, Hk = kv_heads, D = head_dim, E = elem_bytes;
   switch (engine) {
     case EngineLayout::kVllm:
-      row = ((uint64_t(plane) * engine_num_pages + page) * T + t) * Hk + h;
-      break;
+      return (((uint64_t(plane) * engine_num_pages + page) * T + t) * Hk + h) * D * E;
     case EngineLayout::kFlashInferNhd:
-      row = ((uint64_t(page) * 2 + plane) * T + t) * Hk + h;
-      break;
+      return (((uint64_t(page) * 2 + plane) * T + t) * Hk + h) * D * E;
     case EngineLayout::kFlashInferHnd:
-      row = ((uint64_t(page) * 2 + plane) * Hk + h) * T + t;
-      break;
+      return (((uint64_t(page) * 2 + plane) * Hk + h) * T + t) * D * E;
+    case EngineLayout::kVllmCpu: {
+      const uint64_t head_slice = (uint64_t(page) * Hk + h) * 2 * T * D;  // elements
+      return (plane == 0 ? head_slice + t : head_slice + T * D + uint64_t(t) * D) * E;
+    }
   }
-  return row * row_bytes;
+  return 0;
+}
+
+/// Elements between consecutive head_dim elements of one engine row (see engine_row_offset).
+KVTIER_HD uint32_t engine_elem_stride(EngineLayout engine, uint32_t page_tokens, uint32_t plane) {
+  return engine == EngineLayout::kVllmCpu && plane == 0 ? page_tokens : 1;
 }
 
 /// CPU references (host pointers); they also bounds-check slots and pages.

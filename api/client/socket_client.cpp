@@ -401,8 +401,10 @@ std::optional<proto::RegionBuffer> SocketClient::in_registered_memory(const KvBu
   }
   rb.layout = static_cast<uint8_t>(1 + static_cast<int>(buf.engine));
   rb.engine_num_pages = buf.engine_num_pages;
+  rb.page_tokens = buf.page_tokens;
+  const uint64_t pieces = buf.page_tokens > layout_.block_tokens ? buf.page_tokens / layout_.block_tokens : 1;
   for (const void* base : buf.layer_base) {
-    auto r = place(base, uint64_t(buf.engine_num_pages) * layout_.bytes_per_block_layer());
+    auto r = place(base, uint64_t(buf.engine_num_pages) * pieces * layout_.bytes_per_block_layer());
     if (!r) return std::nullopt;
     rb.places.push_back(*r);
   }
@@ -414,6 +416,7 @@ proto::RegionBuffer SocketClient::slice_of(const proto::RegionBuffer& all, size_
   proto::RegionBuffer part;
   part.layout = all.layout;
   part.engine_num_pages = all.engine_num_pages;
+  part.page_tokens = all.page_tokens;
   if (all.layout == 0) {
     part.places.assign(all.places.begin() + first, all.places.begin() + first + count);
   } else {
@@ -446,7 +449,7 @@ Result<TransferHandle> SocketClient::load_layers(const Match& match, const KvBuf
   job->mark_running();
   lock.release();
   if (plan.slices == 1) {  // nothing to overlap: done before returning
-    stream_load(match.lease, dst, plan, job, direct ? &*direct : nullptr);
+    stream_load(match.lease, match.first_block, dst, plan, job, direct ? &*direct : nullptr);
     KVTIER_RETURN_IF_ERROR(job->status());
     return TransferHandle(std::move(job));
   }
@@ -470,15 +473,15 @@ Result<TransferHandle> SocketClient::load_layers(const Match& match, const KvBuf
       });
     }
     // The gate admits one load at a time, so no task is waiting here.
-    worker_task_ = [this, lease = match.lease, dst, plan, job, direct = std::move(direct)] {
-      stream_load(lease, dst, plan, job, direct ? &*direct : nullptr);
+    worker_task_ = [this, lease = match.lease, first = match.first_block, dst, plan, job, direct = std::move(direct)] {
+      stream_load(lease, first, dst, plan, job, direct ? &*direct : nullptr);
     };
   }
   worker_cv_.notify_one();
   return TransferHandle(std::move(job));
 }
 
-void SocketClient::stream_load(LeaseId lease, const KvBuffer& dst, LoadPlan plan, const std::shared_ptr<detail::JobState>& job,
+void SocketClient::stream_load(LeaseId lease, uint32_t lease_first, const KvBuffer& dst, LoadPlan plan, const std::shared_ptr<detail::JobState>& job,
                          const proto::RegionBuffer* direct) {
   const uint32_t layer_end = plan.layer_begin + plan.layer_count;
   const size_t n = dst.block_count();
@@ -515,12 +518,12 @@ void SocketClient::stream_load(LeaseId lease, const KvBuffer& dst, LoadPlan plan
     Slice s = slice_at(next++);
     std::vector<std::byte> req;
     if (direct) {
-      proto::encode(proto::LoadToRequest{.lease = lease, .first_block = static_cast<uint32_t>(s.b0),
+      proto::encode(proto::LoadToRequest{.lease = lease, .first_block = lease_first + static_cast<uint32_t>(s.b0),
                                          .layer_begin = s.l0, .layer_count = s.nl,
                                          .dst = slice_of(*direct, s.b0, s.nb)},
                     req);
     } else {
-      proto::encode(proto::LoadRequest{.lease = lease, .first_block = static_cast<uint32_t>(s.b0),
+      proto::encode(proto::LoadRequest{.lease = lease, .first_block = lease_first + static_cast<uint32_t>(s.b0),
                                        .block_count = static_cast<uint32_t>(s.nb), .window_offset = s.offset,
                                        .layer_begin = s.l0, .layer_count = s.nl},
                     req);

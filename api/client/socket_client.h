@@ -91,7 +91,7 @@ class SocketClient final : public Client {
   LoadPlan plan_direct_load(size_t n, LayerRange range) const;
   /// Runs a sliced load, through the window, or into registered memory when `direct` says where
   /// `dst` lies; marks each layer on `job` as it lands, finishes `job`. Holds the gate.
-  void stream_load(LeaseId lease, const KvBuffer& dst, LoadPlan plan,
+  void stream_load(LeaseId lease, uint32_t lease_first, const KvBuffer& dst, LoadPlan plan,
                    const std::shared_ptr<detail::JobState>& job, const proto::RegionBuffer* direct);
   /// `buf` as places in registered regions, or nullopt when any of it lies outside them. Under the gate.
   std::optional<proto::RegionBuffer> in_registered_memory(const KvBuffer& buf) const;

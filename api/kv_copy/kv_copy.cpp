@@ -29,8 +29,10 @@ KvBuffer KvBuffer::contiguous(std::byte* base, size_t count, uint64_t block_byte
 }
 
 KvBuffer KvBuffer::paged(EngineLayout engine, std::vector<void*> layer_base,
-                         uint32_t engine_num_pages, std::vector<int32_t> pages, LocationKind memory) {
+                         uint32_t engine_num_pages, std::vector<int32_t> pages, LocationKind memory,
+                         uint32_t page_tokens) {
   KvBuffer b;
+  b.page_tokens = page_tokens;
   b.memory = memory;
   b.engine = engine;
   b.layer_base = std::move(layer_base);
@@ -106,6 +108,7 @@ kernels::PagePackArgs pack_args(const KvLayout& layout, const KvBuffer& buf, siz
   a.engine = buf.engine;
   a.layer_base = buf.layer_base.data();
   a.engine_num_pages = buf.engine_num_pages;
+  a.page_tokens = buf.page_tokens;
   a.arena_slots = slots.data();
   a.engine_pages = buf.pages.data() + first;
   a.num_blocks = static_cast<uint32_t>(count);
@@ -127,10 +130,23 @@ Status check_kv_buffer(const KvLayout& layout, const KvBuffer& buf) {
     return invalid_argument("paged KV buffer has " + std::to_string(buf.layer_base.size()) + " layer tensors; the layout has " +
                    std::to_string(layout.num_layers) + " layers");
   }
+  if (static_cast<uint8_t>(buf.engine) >= kNumEngineLayouts) return invalid_argument("paged KV buffer: unknown engine layout");
+  if (buf.page_tokens % layout.block_tokens != 0) {
+    return invalid_argument("engine pages of " + std::to_string(buf.page_tokens) + " tokens are not whole blocks of " +
+                            std::to_string(layout.block_tokens) + " tokens");
+  }
+  if (buf.engine == EngineLayout::kVllmCpu && buf.memory != LocationKind::kHost) {
+    return invalid_argument("the vllm_cpu layout is vLLM's CPU backend's: host memory only");
+  }
+  const uint64_t pieces = uint64_t(buf.engine_num_pages) * (buf.page_tokens ? buf.page_tokens / layout.block_tokens : 1);
   for (int32_t p : buf.pages) {
-    if (p < 0 || static_cast<uint32_t>(p) >= buf.engine_num_pages) {
-      return invalid_argument("page " + std::to_string(p) + " is outside the engine's " +
-                     std::to_string(buf.engine_num_pages) + " pages");
+    if (p < 0 || static_cast<uint64_t>(p) >= pieces) {
+      return invalid_argument(buf.page_tokens > layout.block_tokens
+                                  ? "block piece " + std::to_string(p) + " is outside the engine's " +
+                                        std::to_string(buf.engine_num_pages) + " pages of " +
+                                        std::to_string(buf.page_tokens) + " tokens"
+                                  : "page " + std::to_string(p) + " is outside the engine's " +
+                                        std::to_string(buf.engine_num_pages) + " pages");
     }
   }
   for (void* base : buf.layer_base) {

@@ -320,8 +320,13 @@ Result<KvBuffer> Handler::region_buffer(const proto::RegionBuffer& rb) {
                      std::to_string(layout.num_layers) + " layers");
     }
     if (rb.engine_num_pages == 0) return invalid_argument("a paged KV buffer has no pages");
-    // Every engine layout holds pages × (K and V of a block's tokens) per layer tensor.
-    const uint64_t tensor = uint64_t(rb.engine_num_pages) * layout.bytes_per_block_layer();
+    if (rb.page_tokens % layout.block_tokens != 0) {
+      return invalid_argument("engine pages of " + std::to_string(rb.page_tokens) + " tokens are not whole blocks of " +
+                              std::to_string(layout.block_tokens));
+    }
+    // Every engine layout holds pages × (K and V of a page's tokens) per layer tensor.
+    const uint64_t pieces = rb.page_tokens ? rb.page_tokens / layout.block_tokens : 1;
+    const uint64_t tensor = uint64_t(rb.engine_num_pages) * pieces * layout.bytes_per_block_layer();
     for (const proto::RegionRef& p : rb.places) {
       auto at = place(p, tensor, "a layer tensor");
       if (!at) return at.status();
@@ -329,6 +334,7 @@ Result<KvBuffer> Handler::region_buffer(const proto::RegionBuffer& rb) {
     }
     buf.engine = static_cast<kernels::EngineLayout>(rb.layout - 1);
     buf.engine_num_pages = rb.engine_num_pages;
+    buf.page_tokens = rb.page_tokens;
     buf.pages = rb.pages;
   }
   // GPU memory is device memory; a memfd stands in for it where the daemon's copies run on the

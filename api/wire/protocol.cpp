@@ -13,6 +13,8 @@
 #include <string_view>
 #include <utility>
 
+#include "kvtier/kv_buffer.h"
+
 namespace kvtier::proto {
 namespace {
 
@@ -546,6 +548,7 @@ namespace {
 void write_region_buffer(Writer& w, const RegionBuffer& b) {
   w.u8(b.layout);
   w.u32(b.engine_num_pages);
+  w.u32(b.page_tokens);
   w.u32(static_cast<uint32_t>(b.places.size()));
   for (const RegionRef& p : b.places) {
     w.u32(p.region);
@@ -559,8 +562,12 @@ void write_region_buffer(Writer& w, const RegionBuffer& b) {
 // and the region itself are checked by the daemon against the region and the layout.
 Status read_region_buffer(Reader& r, RegionBuffer& b) {
   KVTIER_RETURN_IF_ERROR(r.u8(b.layout, "layout"));
-  if (b.layout > 3) return r.error("layout", std::to_string(b.layout) + " is not a KV buffer layout (0 canonical, 1-3 paged)");
+  if (b.layout > kNumEngineLayouts) {
+    return r.error("layout", std::to_string(b.layout) + " is not a KV buffer layout (0 canonical, 1-" +
+                                 std::to_string(kNumEngineLayouts) + " paged)");
+  }
   KVTIER_RETURN_IF_ERROR(r.u32(b.engine_num_pages, "engine_num_pages"));
+  KVTIER_RETURN_IF_ERROR(r.u32(b.page_tokens, "page_tokens"));
   uint32_t n = 0;
   KVTIER_RETURN_IF_ERROR(r.count(n, "places", kMaxBlocks, 12));
   b.places.resize(n);

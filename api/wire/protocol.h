@@ -33,7 +33,7 @@
 namespace kvtier::proto {
 
 inline constexpr uint32_t kMagic = 0x3154564Bu;  // "KVT1" little-endian
-inline constexpr uint16_t kVersion = 2;  // 2: OpenNamespaceRequest carries the revision
+inline constexpr uint16_t kVersion = 3;  // 2: OpenNamespaceRequest carries the revision; 3: RegionBuffer::page_tokens
 inline constexpr size_t kHeaderBytes = 16;
 inline constexpr uint32_t kMaxPayload = 8u << 20;  // 8 MiB: ~2M tokens
 inline constexpr uint32_t kMaxString = 4096;
@@ -223,6 +223,7 @@ struct RegionRef {
 struct RegionBuffer {
   uint8_t layout = 0;              // 0 canonical; 1 + kernels::EngineLayout for paged
   uint32_t engine_num_pages = 0;   // paged: pages in each layer tensor
+  uint32_t page_tokens = 0;        // paged: tokens per page, a multiple of block_tokens (0: equal)
   std::vector<RegionRef> places;   // canonical: [blocks]; paged: [layers]
   std::vector<int32_t> pages;      // paged: [blocks]; canonical: empty
   size_t block_count() const noexcept { return layout == 0 ? places.size() : pages.size(); }

@@ -78,7 +78,8 @@ class _StoreApi:
         """
         return self._native.lookup(ns, tokens)
 
-    def load(self, match: Match, dst: Buffer, layers: range | tuple[int, int] | None = None) -> TransferHandle:
+    def load(self, match: Match, dst: Buffer, layers: range | tuple[int, int] | None = None,
+             first_block: int = 0) -> TransferHandle:
         """Copies the first ``len(dst)`` blocks of a leased match into ``dst``. Returns a handle:
         ``wait()``, ``wait_layer(i)`` (layer ``i`` of every block is in place), ``done()``,
         ``cancel()``. ``dst`` is kept alive until the load is final. A block that fails its
@@ -86,9 +87,14 @@ class _StoreApi:
 
         ``layers``: only these layers (a ``range`` with step 1, or ``(begin, count)``); the blocks
         of ``dst`` stay whole and only those layers are written. The handle's layer ``i`` is then
-        layer ``begin + i``."""
+        layer ``begin + i``.
+
+        ``first_block``: start at this block of the match (``dst`` then holds blocks
+        ``first_block, first_block + 1, ...``): the blocks an engine's own cache lacks."""
+        if first_block < 0:
+            raise InvalidArgument(f"first_block {first_block} is negative")
         if layers is None:
-            return self._native.load(match, dst)
+            return self._native.load(match, dst, 0, 0, first_block)
         if isinstance(layers, range):
             if layers.step != 1 or len(layers) == 0:
                 raise InvalidArgument("layers must be a non-empty range with step 1")
@@ -97,7 +103,7 @@ class _StoreApi:
             begin, count = layers
         if begin < 0 or count <= 0:
             raise InvalidArgument(f"layers ({begin}, {count}) is not a layer range")
-        return self._native.load(match, dst, begin, count)
+        return self._native.load(match, dst, begin, count, first_block)
 
     def release(self, match: Match) -> None:
         """Ends a match's lease (a no-op when it has none or was released)."""

@@ -54,10 +54,10 @@ class KvLayout:
 
 class PagedKv:
     """
-    An engine's paged KV cache: one tensor per layer (vllm: [2][pages][tokens][heads][dim], flashinfer_nhd: [pages][2][tokens][heads][dim], flashinfer_hnd: [pages][2][heads][tokens][dim]) and the page that holds each block.
+    An engine's paged KV cache: one tensor per layer (vllm: [2][pages][tokens][heads][dim], flashinfer_nhd: [pages][2][tokens][heads][dim], flashinfer_hnd: [pages][2][heads][tokens][dim], vllm_cpu: [pages][heads][tokens * 2 * dim] with K transposed inside each (page, head), host memory only) and where each block is. page_tokens: tokens per page, a multiple of the layout's block_tokens (0: equal); pages then count block-sized pieces: piece p is tokens [(p % r) * block_tokens, +block_tokens) of page p // r, r = page_tokens // block_tokens.
     """
 
-    def __init__(self, layout: str, layers: list, pages: Sequence[int]) -> None: ...
+    def __init__(self, layout: str, layers: list, pages: Sequence[int], page_tokens: int = 0) -> None: ...
 
     @property
     def layout(self) -> str: ...
@@ -67,6 +67,9 @@ class PagedKv:
 
     @property
     def pages(self) -> list[int]: ...
+
+    @property
+    def page_tokens(self) -> int: ...
 
 class Match:
     """The longest cached prefix of a prompt, under a lease until released."""
@@ -146,7 +149,7 @@ class KvStore:
 
     def lookup(self, ns: int, tokens: object) -> Match: ...
 
-    def load(self, match: Match, dst: object, layer_begin: int = 0, layer_count: int = 0) -> TransferHandle: ...
+    def load(self, match: Match, dst: object, layer_begin: int = 0, layer_count: int = 0, first_block: int = 0) -> TransferHandle: ...
 
     def release(self, match: Match) -> None: ...
 

@@ -276,16 +276,18 @@ ArrayView array_of(nb::handle obj, bool writable, const char* what) {
 
 // An engine's paged KV cache: one tensor per layer and the page of each block.
 struct PagedKv {
-  std::string engine;  // "vllm", "flashinfer_nhd", "flashinfer_hnd"
+  std::string engine;  // "vllm", "flashinfer_nhd", "flashinfer_hnd", "vllm_cpu"
   nb::list layers;
   std::vector<int32_t> pages;
+  uint32_t page_tokens = 0;
 };
 
 EngineLayout engine_layout_of(std::string_view name) {
   if (name == "vllm") return EngineLayout::kVllm;
   if (name == "flashinfer_nhd") return EngineLayout::kFlashInferNhd;
   if (name == "flashinfer_hnd") return EngineLayout::kFlashInferHnd;
-  bad("unknown paged layout '" + std::string(name) + "': vllm, flashinfer_nhd or flashinfer_hnd");
+  if (name == "vllm_cpu") return EngineLayout::kVllmCpu;
+  bad("unknown paged layout '" + std::string(name) + "': vllm, flashinfer_nhd, flashinfer_hnd or vllm_cpu");
 }
 
 // `obj` as a KvBuffer for `blocks` blocks (0: as many as it holds). Canonical blocks are one array
@@ -299,7 +301,12 @@ KvBuffer buffer_of(nb::handle obj, const KvLayout& layout, bool writable, const 
       bad(std::string(what) + ": " + std::to_string(nb::len(paged.layers)) + " layer tensors for a layout of " +
           std::to_string(layout.num_layers) + " layers");
     }
-    const uint64_t page_bytes = layout.bytes_per_block_layer();
+    if (paged.page_tokens % layout.block_tokens != 0) {
+      bad(std::string(what) + ": pages of " + std::to_string(paged.page_tokens) + " tokens are not whole blocks of " +
+          std::to_string(layout.block_tokens) + " tokens");
+    }
+    const uint64_t pieces = paged.page_tokens ? paged.page_tokens / layout.block_tokens : 1;  // blocks per page
+    const uint64_t page_bytes = layout.bytes_per_block_layer() * pieces;
     std::vector<void*> bases;
     uint64_t pages_per_layer = 0;
     std::optional<LocationKind> memory;
@@ -318,13 +325,13 @@ KvBuffer buffer_of(nb::handle obj, const KvLayout& layout, bool writable, const 
       bases.push_back(a.data);
     }
     for (int32_t p : paged.pages) {
-      if (p < 0 || uint64_t(p) >= pages_per_layer) {
-        bad(std::string(what) + ": page " + std::to_string(p) + " is outside the " + std::to_string(pages_per_layer) +
-            " pages of each layer tensor");
+      if (p < 0 || uint64_t(p) >= pages_per_layer * pieces) {
+        bad(std::string(what) + ": " + (pieces > 1 ? "block piece " : "page ") + std::to_string(p) + " is outside the " +
+            std::to_string(pages_per_layer * pieces) + (pieces > 1 ? " block pieces" : " pages") + " of each layer tensor");
       }
     }
     return KvBuffer::paged(engine, std::move(bases), static_cast<uint32_t>(pages_per_layer), paged.pages,
-                           memory.value_or(LocationKind::kHost));
+                           memory.value_or(LocationKind::kHost), paged.page_tokens);
   }
   if (nb::isinstance<nb::list>(obj) || nb::isinstance<nb::tuple>(obj)) {
     std::vector<std::byte*> blocks;
@@ -431,17 +438,23 @@ class PyStore {
     return m;
   }
 
-  PyHandle load(const PyMatch& m, nb::object dst, uint32_t layer_begin, uint32_t layer_count) {
+  PyHandle load(const PyMatch& m, nb::object dst, uint32_t layer_begin, uint32_t layer_count, uint32_t first_block) {
     auto s = get();
+    if (first_block > m.match.blocks.size()) {
+      bad("first_block " + std::to_string(first_block) + " is past the match's " + std::to_string(m.match.blocks.size()) +
+          " blocks");
+    }
     KvBuffer buf = buffer_of(dst, s->layout(), /*writable=*/true, "dst");  // its block count: check_load's
     if (m.match.lease == kNoLease && !m.match.blocks.empty()) bad("the match was released: look it up again");
     if (m.owner && m.owner != s) bad("the match belongs to another store or client");
     PyHandle h;
     {
       nb::gil_scoped_release unlocked;
+      const Match part = first_block == 0 ? Match{} : m.match.tail(first_block);
+      const Match& from = first_block == 0 ? m.match : part;
       h.handle = std::make_unique<TransferHandle>(
-          unwrap(layer_begin == 0 && layer_count == 0 ? s->load(m.match, buf)
-                                                      : s->load_layers(m.match, buf, {layer_begin, layer_count})));
+          unwrap(layer_begin == 0 && layer_count == 0 ? s->load(from, buf)
+                                                      : s->load_layers(from, buf, {layer_begin, layer_count})));
     }
     h.owner = std::move(s);
     h.keep = std::move(dst);
@@ -637,18 +650,22 @@ NB_MODULE(_native, m) {
 
   nb::class_<PagedKv>(m, "PagedKv",
                       "An engine's paged KV cache: one tensor per layer (vllm: [2][pages][tokens][heads][dim], "
-                      "flashinfer_nhd: [pages][2][tokens][heads][dim], flashinfer_hnd: [pages][2][heads][tokens][dim]) "
-                      "and the page that holds each block.")
+                      "flashinfer_nhd: [pages][2][tokens][heads][dim], flashinfer_hnd: [pages][2][heads][tokens][dim], "
+                      "vllm_cpu: [pages][heads][tokens * 2 * dim] with K transposed inside each (page, head), host "
+                      "memory only) and where each block is. page_tokens: tokens per page, a multiple of the layout's "
+                      "block_tokens (0: equal); pages then count block-sized pieces: piece p is tokens "
+                      "[(p % r) * block_tokens, +block_tokens) of page p // r, r = page_tokens // block_tokens.")
       .def(
           "__init__",
-          [](PagedKv* self, std::string layout, nb::list layers, std::vector<int32_t> pages) {
+          [](PagedKv* self, std::string layout, nb::list layers, std::vector<int32_t> pages, uint32_t page_tokens) {
             engine_layout_of(layout);
-            new (self) PagedKv{std::move(layout), std::move(layers), std::move(pages)};
+            new (self) PagedKv{std::move(layout), std::move(layers), std::move(pages), page_tokens};
           },
-          "layout"_a, "layers"_a, "pages"_a)
+          "layout"_a, "layers"_a, "pages"_a, "page_tokens"_a = 0)
       .def_ro("layout", &PagedKv::engine)
       .def_ro("layers", &PagedKv::layers)
-      .def_ro("pages", &PagedKv::pages);
+      .def_ro("pages", &PagedKv::pages)
+      .def_ro("page_tokens", &PagedKv::page_tokens);
 
   nb::class_<PyMatch>(m, "Match", "The longest cached prefix of a prompt, under a lease until released.")
       .def_prop_ro("tokens", [](const PyMatch& m) { return m.match.tokens; }, "Matched tokens (whole blocks).")
@@ -718,7 +735,7 @@ NB_MODULE(_native, m) {
       .def("close", &PyStore::close)
       .def("open_namespace", &PyStore::open_namespace, "model"_a, "tenant"_a = "", "adapter"_a = "", "revision"_a = "")
       .def("lookup", &PyStore::lookup, "ns"_a, "tokens"_a)
-      .def("load", &PyStore::load, "match"_a, "dst"_a, "layer_begin"_a = 0, "layer_count"_a = 0)
+      .def("load", &PyStore::load, "match"_a, "dst"_a, "layer_begin"_a = 0, "layer_count"_a = 0, "first_block"_a = 0)
       .def("release", &PyStore::release, "match"_a)
       .def("save", &PyStore::save, "ns"_a, "tokens"_a, "src"_a, "first_block"_a = 0, "priority"_a = "normal")
       .def("prefetch", &PyStore::prefetch, "ns"_a, "tokens"_a, "to"_a = "host")

@@ -41,7 +41,8 @@ inline bool vllm_pages_hold(const KvLayout& layout, const std::vector<std::vecto
       for (uint32_t plane = 0; plane < 2; ++plane) {
         for (uint32_t t = 0; t < layout.block_tokens; ++t) {
           const uint64_t at = kernels::engine_row_offset(kernels::EngineLayout::kVllm, pages, layout.block_tokens, 1,
-                                                         row, static_cast<uint32_t>(page_of[b]), plane, t, 0);
+                                                         static_cast<uint32_t>(row), 1, static_cast<uint32_t>(page_of[b]),
+                                                         plane, t, 0);
           const uint64_t want = b * bpb + l * lb + (uint64_t(plane) * layout.block_tokens + t) * row;
           if (std::memcmp(tensors[l].data() + at, expect.data() + want, row) != 0) return false;
         }

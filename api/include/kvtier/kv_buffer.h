@@ -23,8 +23,13 @@ enum class LocationKind : uint8_t {
 ///   kVllm           [2][num_pages][page_tokens][kv_heads][head_dim]   (K plane, then V plane)
 ///   kFlashInferNhd  [num_pages][2][page_tokens][kv_heads][head_dim]
 ///   kFlashInferHnd  [num_pages][2][kv_heads][page_tokens][head_dim]
-/// Pages hold as many tokens as a block (page_tokens == KvLayout::block_tokens).
-enum class EngineLayout : uint8_t { kVllm = 0, kFlashInferNhd = 1, kFlashInferHnd = 2 };
+///   kVllmCpu        [num_pages][kv_heads][page_tokens × 2 × head_dim]: vLLM's CPU attention
+///                   backend; inside each (page, head), K transposed as [head_dim][page_tokens],
+///                   then V as [page_tokens][head_dim]. Host memory only.
+/// A page holds page_tokens tokens, a multiple of KvLayout::block_tokens (vLLM's CPU backend
+/// needs 32 or more): a block is a block_tokens-long piece of a page.
+enum class EngineLayout : uint8_t { kVllm = 0, kFlashInferNhd = 1, kFlashInferHnd = 2, kVllmCpu = 3 };
+inline constexpr uint8_t kNumEngineLayouts = 4;
 
 struct KVTIER_API KvBuffer {
   LocationKind memory = LocationKind::kHost;  // kHost or kDevice
@@ -33,7 +38,11 @@ struct KVTIER_API KvBuffer {
   EngineLayout engine = EngineLayout::kVllm;
   std::vector<void*> layer_base;  // paged: [num_layers] engine tensor per layer
   uint32_t engine_num_pages = 0;  // paged: pages per engine tensor
-  std::vector<int32_t> pages;     // paged: [blocks] the page of each block
+  uint32_t page_tokens = 0;       // paged: tokens per page, a multiple of block_tokens (0: equal)
+  /// paged: [blocks] where each block is, counted in block-sized pieces of pages: piece p is
+  /// tokens [(p % r) × block_tokens, +block_tokens) of page p / r, r = page_tokens / block_tokens
+  /// (with r = 1, simply the page of each block).
+  std::vector<int32_t> pages;
 
   static KvBuffer canonical(std::span<std::byte* const> blocks,
                             LocationKind memory = LocationKind::kHost);
@@ -42,7 +51,7 @@ struct KVTIER_API KvBuffer {
                              LocationKind memory = LocationKind::kHost);
   static KvBuffer paged(EngineLayout engine, std::vector<void*> layer_base,
                         uint32_t engine_num_pages, std::vector<int32_t> pages,
-                        LocationKind memory = LocationKind::kHost);
+                        LocationKind memory = LocationKind::kHost, uint32_t page_tokens = 0);
 
   bool is_paged() const noexcept { return !layer_base.empty(); }
   size_t block_count() const noexcept { return is_paged() ? pages.size() : blocks.size(); }

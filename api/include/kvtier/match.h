@@ -2,6 +2,7 @@
 #pragma once
 
 #include <array>
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -36,6 +37,20 @@ struct Match {
   uint64_t tokens = 0;                 // blocks.size() × block_tokens
   LeaseId lease = kNoLease;            // pins every matched block until released or expired
   uint64_t lease_expiry_ns = 0;
+  uint32_t first_block = 0;            // blocks[0] is this block of the prompt (tail() sets it)
+
+  /// The blocks from `skip` on, under the same lease: a load of it fills the blocks an engine
+  /// does not hold yet. Releasing either releases the lease. `skip` past the end gives no blocks.
+  Match tail(size_t skip) const {
+    Match m;
+    const size_t k = skip < blocks.size() ? skip : blocks.size();
+    m.blocks.assign(blocks.begin() + static_cast<std::ptrdiff_t>(k), blocks.end());
+    m.tokens = blocks.empty() ? 0 : tokens / blocks.size() * m.blocks.size();
+    m.lease = lease;
+    m.lease_expiry_ns = lease_expiry_ns;
+    m.first_block = first_block + static_cast<uint32_t>(k);
+    return m;
+  }
 };
 
 }  // namespace kvtier
