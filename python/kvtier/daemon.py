@@ -74,6 +74,22 @@ class Kvtierd:
         self.config.write_text("\n".join(lines) + "\n" + tenants)
         self.proc: subprocess.Popen[str] | None = None
 
+    @classmethod
+    def existing(cls, data_dir: str | os.PathLike[str], binary: str | None = None,
+                 log_level: str = "warn") -> "Kvtierd":
+        """A handle on the kvtierd.toml a Kvtierd already wrote in ``data_dir`` (not started): to
+        start that daemon again from another process."""
+        self = cls.__new__(cls)
+        self.data_dir = Path(data_dir)
+        self.config = self.data_dir / "kvtierd.toml"
+        if not self.config.is_file():
+            raise _errors.NotFound(f"no kvtierd.toml in {self.data_dir}")
+        self.socket = str(self.data_dir / "kvtierd.sock")
+        self.binary = binary or find_kvtierd()
+        self.log_level = log_level
+        self.proc = None
+        return self
+
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

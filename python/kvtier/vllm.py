@@ -1,0 +1,568 @@
+"""kvtier as vLLM's storage layer: a v1 KV connector (``KVConnectorBase_V1``), loaded out of tree::
+
+    from vllm.config import KVTransferConfig
+    KVTransferConfig(kv_connector="KvtierConnector", kv_connector_module_path="kvtier.vllm",
+                     kv_role="kv_both", kv_connector_extra_config={"socket": "/run/kvtier.sock"})
+
+The scheduler side asks kvtierd for the cached prefix beyond what vLLM's own prefix cache holds
+(under a lease, so the blocks stay until the worker has them); the worker side loads those blocks
+into vLLM's paged KV cache before the forward pass, waits per layer (``wait_for_layer_load``), and
+saves each request's new full prompt blocks after it, on a thread of its own. A failed load is
+reported through ``get_block_ids_with_load_errors`` and vLLM recomputes those blocks; a kvtierd
+that is down makes every lookup a miss and every save a no-op, and the connector reconnects.
+
+Extra config (all optional): ``socket`` (default ``$KVTIER_SOCKET`` or kvtier's default socket),
+``tenant`` (for requests without a ``cache_salt``; default ``""``), ``model`` and ``revision``
+(the namespace; default vLLM's model and revision, or a digest of a local model's weight files),
+``priority`` of saves (``normal``), ``load`` / ``save`` (default true), ``window_bytes``,
+``retry_seconds`` (how long after a failure to leave kvtierd alone, default 1).
+
+See docs/engines.md for the KV layouts, what each backend stores, and the limits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+
+import kvtier
+from kvtier import PagedKv
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1,
+                                                              KVConnectorMetadata,
+                                                              KVConnectorRole)
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+__all__ = ["KvtierConnector", "KvtierConnectorMetadata", "ConnectorStats"]
+
+log = logging.getLogger("kvtier.vllm")
+
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int8: "int8",
+           getattr(torch, "float8_e4m3fn", None): "fp8_e4m3"}
+
+
+@dataclasses.dataclass
+class _Transfer:
+    """One request's load or save, as the scheduler hands it to the workers."""
+    req_id: str
+    model: str
+    tenant: str
+    adapter: str
+    tokens: list[int]          # the prompt's tokens up to the last block moved
+    begin: int                 # kvtier blocks [begin, end) move
+    end: int
+    vllm_blocks: list[int]     # vLLM's block ids covering kvtier blocks [0, end)
+
+
+@dataclasses.dataclass
+class KvtierConnectorMetadata(KVConnectorMetadata):
+    loads: list[_Transfer] = dataclasses.field(default_factory=list)
+    saves: list[_Transfer] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class ConnectorStats:
+    """What a connector did, cumulative. The scheduler side counts lookups and hits; the worker
+    side counts loads, failures and saves."""
+    lookups: int = 0
+    hit_requests: int = 0
+    hit_tokens: int = 0
+    loaded_tokens: int = 0
+    load_failures: int = 0
+    saved_blocks: int = 0
+    save_bytes: int = 0
+    save_failures: int = 0
+    unavailable: int = 0
+
+
+@dataclasses.dataclass
+class _Request:
+    tokens: list[int]
+    model: str
+    tenant: str
+    adapter: str
+    block_ids: list[int] = dataclasses.field(default_factory=list)
+    in_kvtier: int = 0            # kvtier blocks of the prompt known to be cached there
+    load: tuple[int, int] | None = None
+    saving: bool = False          # a save was handed to the workers: its blocks stay until reported
+
+
+class _Link:
+    """A kvtierd connection that is dropped on failure and made again later, no sooner than
+    ``retry_seconds`` after the failure, so a daemon that is down costs one failed connect per
+    interval and never an exception in vLLM's loop."""
+
+    def __init__(self, socket: str, window_bytes: int | None, retry_seconds: float, name: str,
+                 stats: ConnectorStats) -> None:
+        self.socket, self.window_bytes, self.retry, self.name = socket, window_bytes, retry_seconds, name
+        self.stats = stats
+        self.client: kvtier.Client | None = None
+        self.namespaces: dict[tuple[str, str, str, str], int] = {}
+        self.refused: set[tuple[str, str, str, str]] = set()  # tenants this process may not use
+        self.down_until = 0.0
+        self.lock = threading.Lock()
+
+    def get(self) -> kvtier.Client | None:
+        if self.client is not None and not self.client.closed:
+            return self.client
+        if time.monotonic() < self.down_until:
+            return None
+        try:
+            self.client = kvtier.Client(self.socket, self.window_bytes, name=self.name)
+            self.namespaces.clear()
+            return self.client
+        except kvtier.Error as e:
+            self.failed(e)
+            return None
+
+    def failed(self, e: BaseException) -> None:
+        """After an error: a connection error drops the client (the next call reconnects)."""
+        if isinstance(e, (kvtier.Unavailable, kvtier.ProtocolError, kvtier.IoError)) or self.client is None:
+            self.stats.unavailable += 1
+            log.warning("kvtier: kvtierd at %s unavailable (%s); serving without it for %.1f s",
+                        self.socket, e, self.retry)
+            if self.client is not None:
+                try:
+                    self.client.close()
+                except kvtier.Error:
+                    pass
+            self.client = None
+            self.down_until = time.monotonic() + self.retry
+
+    def namespace(self, client: kvtier.Client, model: str, tenant: str, adapter: str, revision: str) -> int | None:
+        key = (model, tenant, adapter, revision)
+        if key in self.refused:
+            return None
+        ns = self.namespaces.get(key)
+        if ns is None:
+            try:
+                ns = client.open_namespace(model, tenant, adapter, revision)
+            except kvtier.PermissionDenied as e:
+                log.warning("kvtier: tenant %r refused (%s): its requests neither hit nor save", tenant, e)
+                self.refused.add(key)
+                return None
+            self.namespaces[key] = ns
+        return ns
+
+
+def _layout_name(kv: torch.Tensor, num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> str:
+    """Which kvtier engine layout one layer's KV tensor has, from its device and shape."""
+    shape = tuple(kv.shape)
+    if kv.device.type == "cpu" and shape == (num_blocks, kv_heads, block_size, 2 * head_dim):
+        return "vllm_cpu"  # vLLM's CPU attention backend (K transposed inside each block and head)
+    if kv.device.type == "cuda" and shape == (2, num_blocks, block_size, kv_heads, head_dim):
+        return "vllm"  # FlashAttention and the other [2, blocks, block_size, heads, dim] backends
+    raise kvtier.LayoutMismatch(
+        f"vLLM's KV cache tensor of shape {shape} on {kv.device.type} is not a layout kvtier knows "
+        f"(CPU [blocks, kv_heads, block_size, 2*head_dim] or CUDA [2, blocks, block_size, kv_heads, head_dim]); "
+        "see docs/engines.md")
+
+
+class KvtierConnector(KVConnectorBase_V1):
+    """kvtier as vLLM's KV storage: a hit in kvtierd is a prefix vLLM does not recompute."""
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
+                 kv_cache_config: "KVCacheConfig | None" = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        model_config = vllm_config.model_config
+        self._block_size = vllm_config.cache_config.block_size
+        self._model = str(extra.get("model") or model_config.served_model_name or model_config.model)
+        if isinstance(self._model, (list, tuple)):
+            self._model = self._model[0]
+        self._revision = str(extra.get("revision") or model_config.revision or self._weights_digest(model_config.model))
+        self._default_tenant = str(extra.get("tenant", ""))
+        self._priority = str(extra.get("priority", "normal"))
+        self._do_load = bool(extra.get("load", True))
+        self._do_save = bool(extra.get("save", True))
+        socket = str(extra.get("socket") or os.environ.get("KVTIER_SOCKET", kvtier.DEFAULT_SOCKET))
+        window = extra.get("window_bytes")
+        retry = float(extra.get("retry_seconds", 1.0))
+        self.stats = ConnectorStats()
+        side = "scheduler" if role == KVConnectorRole.SCHEDULER else "worker"
+        self._link = _Link(socket, int(window) if window else None, retry, f"vllm-{side}-{os.getpid()}", self.stats)
+        self._kv_heads = model_config.get_num_kv_heads(vllm_config.parallel_config)
+        self._head_dim = model_config.get_head_size()
+        self._num_layers = model_config.get_num_layers(vllm_config.parallel_config)
+        self._bt = 0  # kvtier's block_tokens, once connected
+        if self._link.get() is not None:
+            self._client()  # a kvtierd that is up but does not fit this model fails vLLM's start here
+        # scheduler side
+        self._requests: dict[str, _Request] = {}
+        self._matches: dict[str, kvtier.Match] = {}
+        self._pending_hits: dict[str, tuple[int, int]] = {}  # req -> (vLLM's computed tokens, kvtier blocks held)
+        self._release_after_step: list[str] = []
+        # worker side
+        self._layers: list[torch.Tensor] = []
+        self._layer_index: dict[str, int] = {}
+        self._engine_layout = ""
+        self._loading: list[tuple[kvtier.TransferHandle | None, _Transfer, kvtier.Match | None]] = []
+        self._failed_blocks: set[int] = set()
+        self._save_link: _Link | None = None
+        self._save_queue: queue.Queue[_Transfer | None] = queue.Queue()
+        self._save_thread: threading.Thread | None = None
+        self._saves_pending: dict[str, int] = {}
+        self._saved_reqs: set[str] = set()
+        self._finish_wanted: set[str] = set()
+        self._save_cv = threading.Condition()
+
+    @staticmethod
+    def _weights_digest(model: str) -> str:
+        if Path(model).is_dir():
+            try:
+                from kvtier.hf import weights_revision
+                return weights_revision(model)
+            except kvtier.Error:
+                return ""
+        return ""
+
+    # ---- shared ------------------------------------------------------------------------------
+    def _client(self, link: _Link | None = None) -> kvtier.Client | None:
+        link = link or self._link
+        client = link.get()
+        if client is None:
+            return None
+        if not self._bt:
+            layout = client.layout
+            self._check_layout(layout)
+            self._bt = layout.block_tokens
+        return client
+
+    def _check_layout(self, layout: kvtier.KvLayout) -> None:
+        want = (self._num_layers, self._kv_heads, self._head_dim)
+        have = (layout.num_layers, layout.num_kv_heads, layout.head_dim)
+        if layout.latent or want != have:
+            raise kvtier.LayoutMismatch(
+                f"kvtierd's layout {layout!r} does not fit this model ({want[0]} layers, {want[1]} kv heads, "
+                f"head dim {want[2]}): start kvtierd with the model's config.json ([layout] hf_config)")
+        if self._block_size % layout.block_tokens:
+            raise kvtier.LayoutMismatch(
+                f"vLLM's block size {self._block_size} is not a multiple of kvtierd's block_tokens "
+                f"{layout.block_tokens}")
+        dtype = _DTYPES.get(self._vllm_config.model_config.dtype)
+        if dtype != layout.dtype:
+            raise kvtier.LayoutMismatch(f"vLLM's KV dtype {self._vllm_config.model_config.dtype} is not "
+                                        f"kvtierd's {layout.dtype}")
+
+    def _identity(self, request: "Request") -> tuple[str, str, str]:
+        tenant = request.cache_salt if getattr(request, "cache_salt", None) else self._default_tenant
+        lora = getattr(request, "lora_request", None)
+        adapter = lora.lora_name if lora is not None else ""
+        return self._model, tenant, adapter
+
+    # ---- scheduler side ----------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        self._drop_match(request.request_id)
+        if not self._do_load:
+            return 0, False
+        tokens = list(request.prompt_token_ids or [])
+        limit = (len(tokens) - 1) // self._block_size * self._block_size  # vLLM computes at least one token
+        if limit <= num_computed_tokens:
+            return 0, False
+        model, tenant, adapter = self._identity(request)
+        with self._link.lock:
+            client = self._client()
+            if client is None:
+                return 0, False
+            try:
+                ns = self._link.namespace(client, model, tenant, adapter, self._revision)
+                if ns is None:
+                    return 0, False
+                self.stats.lookups += 1
+                match = client.lookup(ns, tokens[:limit])
+            except kvtier.Error as e:
+                self._link.failed(e)
+                return 0, False
+        held = match.block_count
+        hit = match.tokens // self._block_size * self._block_size
+        self._pending_hits[request.request_id] = (num_computed_tokens, held)
+        if hit <= num_computed_tokens:
+            match.release()
+            return 0, False
+        self._matches[request.request_id] = match
+        return hit - num_computed_tokens, False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+        rid = request.request_id
+        st = self._requests.get(rid)
+        if st is None:
+            model, tenant, adapter = self._identity(request)
+            st = self._requests[rid] = _Request(list(request.prompt_token_ids or []), model, tenant, adapter)
+        computed, held = self._pending_hits.pop(rid, (0, 0))
+        st.in_kvtier = max(st.in_kvtier, held)
+        if num_external_tokens > 0 and self._bt:
+            st.load = (computed // self._bt, (computed + num_external_tokens) // self._bt)
+            self.stats.hit_requests += 1
+            self.stats.hit_tokens += num_external_tokens
+        elif rid in self._matches:
+            self._drop_match(rid)
+
+    def _transfer(self, rid: str, st: _Request, begin: int, end: int) -> _Transfer:
+        per_page = self._block_size // self._bt
+        need = (end + per_page - 1) // per_page
+        return _Transfer(rid, st.model, st.tenant, st.adapter, st.tokens[:end * self._bt], begin, end,
+                         st.block_ids[:need])
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KvtierConnectorMetadata:
+        meta = KvtierConnectorMetadata()
+        progress: list[tuple[str, int]] = []  # (req, tokens computed once this step ran)
+        for new in scheduler_output.scheduled_new_reqs:
+            st = self._requests.get(new.req_id)
+            if st is None:
+                continue
+            st.block_ids = list(new.block_ids[0])
+            progress.append((new.req_id, new.num_computed_tokens + scheduler_output.num_scheduled_tokens.get(new.req_id, 0)))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, rid in enumerate(cached.req_ids):
+            st = self._requests.get(rid)
+            if st is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if rid in cached.resumed_req_ids:
+                st.block_ids = list(new_ids[0]) if new_ids is not None else []
+            elif new_ids is not None:
+                st.block_ids.extend(new_ids[0])
+            progress.append((rid, cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens.get(rid, 0)))
+        for rid, computed_after in progress:
+            st = self._requests[rid]
+            if st.load is not None:
+                begin, end = st.load
+                st.load = None
+                if end > begin:
+                    meta.loads.append(self._transfer(rid, st, begin, end))
+                    self._release_after_step.append(rid)
+            if self._do_save and self._bt:
+                savable = min(computed_after, len(st.tokens)) // self._bt
+                if savable > st.in_kvtier:
+                    meta.saves.append(self._transfer(rid, st, st.in_kvtier, savable))
+                    st.in_kvtier = savable
+                    st.saving = True
+        return meta
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        # The step that loaded has run: its workers hold their own leases no longer, so neither
+        # need the scheduler's.
+        for rid in self._release_after_step:
+            self._drop_match(rid)
+        self._release_after_step.clear()
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        rid = request.request_id
+        self._drop_match(rid)
+        self._pending_hits.pop(rid, None)
+        st = self._requests.pop(rid, None)
+        return (st is not None and st.saving), None
+
+    def _drop_match(self, rid: str) -> None:
+        match = self._matches.pop(rid, None)
+        if match is None:
+            return
+        with self._link.lock:
+            try:
+                match.release()
+            except kvtier.Error as e:
+                self._link.failed(e)
+
+    # ---- worker side -------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        names = sorted(kv_caches, key=extract_layer_index)
+        self._layer_index = {name: i for i, name in enumerate(names)}
+        self._layers = [kv_caches[n] for n in names]
+        first = self._layers[0]
+        num_blocks = first.shape[0] if first.device.type == "cpu" else first.shape[1]
+        self._engine_layout = _layout_name(first, num_blocks, self._block_size, self._kv_heads, self._head_dim)
+        if len(self._layers) != self._num_layers:
+            raise kvtier.LayoutMismatch(f"{len(self._layers)} KV cache tensors for a model of {self._num_layers} layers")
+        for kv in self._layers:
+            if not kv.is_contiguous():
+                raise kvtier.LayoutMismatch("kvtier needs each layer's KV cache tensor contiguous")
+        client = self._client()
+        if client is not None and self._engine_layout == "vllm":
+            for kv in self._layers:  # loads land straight in GPU memory, saves leave from it
+                client.register_memory(kv)
+
+    def _paged(self, t: _Transfer, begin: int) -> PagedKv:
+        per_page = self._block_size // self._bt
+        pieces = [t.vllm_blocks[j // per_page] * per_page + j % per_page for j in range(begin, t.end)]
+        return PagedKv(self._engine_layout, self._layers, pieces, self._block_size)
+
+    def _failed(self, t: _Transfer, from_block: int) -> None:
+        per_page = self._block_size // self._bt
+        self.stats.load_failures += 1
+        self._failed_blocks.update(t.vllm_blocks[j // per_page] for j in range(from_block, t.end))
+
+    def _lookup_for_load(self, client: kvtier.Client, ns: int, t: _Transfer) -> kvtier.Match:
+        """The worker's own lease on the blocks it is about to load (tests override it to fault)."""
+        return client.lookup(ns, t.tokens)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        meta = self._connector_metadata
+        if not isinstance(meta, KvtierConnectorMetadata) or not meta.loads:
+            return
+        with self._link.lock:
+            for t in meta.loads:
+                client = self._client()
+                if client is None:
+                    self._failed(t, t.begin)
+                    continue
+                match = None
+                try:
+                    ns = self._link.namespace(client, t.model, t.tenant, t.adapter, self._revision)
+                    if ns is None:
+                        self._failed(t, t.begin)
+                        continue
+                    match = self._lookup_for_load(client, ns, t)
+                    have = min(match.block_count, t.end)
+                    if have < t.end:  # evicted since the scheduler looked: vLLM recomputes the rest
+                        self._failed(t, max(have, t.begin))
+                    if have <= t.begin:
+                        match.release()
+                        continue
+                    part = dataclasses.replace(t, end=have)
+                    handle = client.load(match, self._paged(part, t.begin), first_block=t.begin)
+                    self._loading.append((handle, part, match))
+                except kvtier.Error as e:
+                    log.warning("kvtier: load of request %s failed (%s): vLLM recomputes it", t.req_id, e)
+                    self._failed(t, t.begin)
+                    if match is not None:
+                        self._release_quietly(match)
+                    self._link.failed(e)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        layer = self._layer_index.get(layer_name)
+        if layer is None:
+            return
+        for i, (handle, t, match) in enumerate(self._loading):
+            if handle is None:
+                continue
+            try:
+                handle.wait_layer(layer)
+            except kvtier.Error as e:
+                log.warning("kvtier: load of request %s failed at layer %d (%s): vLLM recomputes it",
+                            t.req_id, layer, e)
+                self._failed(t, t.begin)
+                self._loading[i] = (None, t, match)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # kvtier saves whole blocks (every layer) once the step's forward pass is done
+
+    def _finish_loads(self) -> None:
+        for handle, t, match in self._loading:
+            if handle is not None:
+                try:
+                    handle.wait()
+                    self.stats.loaded_tokens += (t.end - t.begin) * self._bt
+                except kvtier.Error as e:
+                    log.warning("kvtier: load of request %s failed (%s): vLLM recomputes it", t.req_id, e)
+                    self._failed(t, t.begin)
+            if match is not None:
+                self._release_quietly(match)
+        self._loading.clear()
+
+    def _release_quietly(self, match: kvtier.Match) -> None:
+        try:
+            match.release()
+        except kvtier.Error as e:
+            self._link.failed(e)
+
+    def wait_for_save(self) -> None:
+        self._finish_loads()
+        meta = self._connector_metadata
+        if not isinstance(meta, KvtierConnectorMetadata) or not meta.saves:
+            return
+        if self._save_thread is None:
+            self._save_link = _Link(self._link.socket, self._link.window_bytes, self._link.retry,
+                                    f"vllm-saver-{os.getpid()}", self.stats)
+            self._save_thread = threading.Thread(target=self._save_loop, name="kvtier-save", daemon=True)
+            self._save_thread.start()
+        with self._save_cv:
+            for t in meta.saves:
+                self._saved_reqs.add(t.req_id)
+                self._saves_pending[t.req_id] = self._saves_pending.get(t.req_id, 0) + 1
+        for t in meta.saves:
+            self._save_queue.put(t)
+
+    def _save_loop(self) -> None:
+        assert self._save_link is not None
+        while (t := self._save_queue.get()) is not None:
+            try:
+                self._save_one(t)
+            finally:
+                with self._save_cv:
+                    self._saves_pending[t.req_id] -= 1
+                    self._save_cv.notify_all()
+
+    def _save_one(self, t: _Transfer) -> None:
+        link = self._save_link
+        assert link is not None
+        client = self._client(link)
+        if client is None:
+            self.stats.save_failures += 1
+            return
+        try:
+            ns = link.namespace(client, t.model, t.tenant, t.adapter, self._revision)
+            if ns is None:
+                return
+            try:
+                saved = client.save(ns, t.tokens, self._paged(t, t.begin), first_block=t.begin, priority=self._priority)
+            except kvtier.InvalidArgument:
+                # The earlier blocks left kvtier since the lookup (evicted): save the whole prefix.
+                saved = client.save(ns, t.tokens, self._paged(t, 0), first_block=0, priority=self._priority)
+            self.stats.saved_blocks += saved
+            self.stats.save_bytes += saved * client.layout.bytes_per_block
+        except kvtier.Error as e:
+            self.stats.save_failures += 1
+            log.warning("kvtier: save of request %s failed (%s)", t.req_id, e)
+            link.failed(e)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        with self._save_cv:
+            self._finish_wanted.update(r for r in finished_req_ids if r in self._saved_reqs)
+            done = {r for r in self._finish_wanted if self._saves_pending.get(r, 0) == 0}
+            for r in done:
+                self._finish_wanted.discard(r)
+                self._saved_reqs.discard(r)
+                self._saves_pending.pop(r, None)
+        return (done or None), None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        self._finish_loads()
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def wait_for_saves(self, timeout: float | None = None) -> bool:
+        """Blocks until every save handed to the save thread is done (tests, shutdown)."""
+        with self._save_cv:
+            return self._save_cv.wait_for(lambda: all(v == 0 for v in self._saves_pending.values()), timeout)
+
+    def shutdown(self) -> None:
+        if self._save_thread is not None:
+            self._save_queue.put(None)
+            self._save_thread.join()
+            self._save_thread = None
+        for link in (self._link, self._save_link):
+            if link is not None and link.client is not None:
+                try:
+                    link.client.close()
+                except kvtier.Error:
+                    pass
+
+    def take_events(self) -> Iterable[Any]:
+        return ()
