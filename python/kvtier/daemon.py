@@ -91,6 +91,17 @@ class Kvtierd:
         return self
 
     @property
+    def log_path(self) -> Path:
+        """kvtierd's log (its stderr), appended to by every start."""
+        return self.data_dir / "kvtierd.log"
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -98,10 +109,17 @@ class Kvtierd:
         if self.running:
             return self
         r, w = os.pipe()
-        self.proc = subprocess.Popen([self.binary, "--config", str(self.config), "--ready-fd", str(w),
-                                      "--log-level", self.log_level],
-                                     pass_fds=(w,), stderr=subprocess.PIPE, text=True)
-        os.close(w)
+        # Its log goes to kvtierd.log in the data dir, not to a pipe: a pipe nobody reads would
+        # stall it, and inherited stdout/stderr would keep a caller's own pipes open after it exits.
+        log = open(self.log_path, "a")
+        try:
+            self.proc = subprocess.Popen([self.binary, "--config", str(self.config), "--ready-fd", str(w),
+                                          "--log-level", self.log_level],
+                                         pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=log, text=True)
+        finally:
+            log.close()
+            os.close(w)
         got = b""
         try:
             while b"ready" not in got:
@@ -112,10 +130,10 @@ class Kvtierd:
         finally:
             os.close(r)
         if b"ready" not in got:
-            err = self.proc.communicate(timeout=60)[1]
+            self.proc.communicate(timeout=60)
             code = self.proc.returncode
             self.proc = None
-            raise _errors.Unavailable(f"kvtierd did not start (exit {code}): {err.strip()}")
+            raise _errors.Unavailable(f"kvtierd did not start (exit {code}): {self.log_tail()}")
         return self
 
     def stop(self, timeout: float = 300) -> None:
@@ -123,9 +141,9 @@ class Kvtierd:
         if self.running:
             assert self.proc is not None
             self.proc.send_signal(signal.SIGTERM)
-            _, err = self.proc.communicate(timeout=timeout)
+            self.proc.communicate(timeout=timeout)
             if self.proc.returncode != 0:
-                raise _errors.Internal(f"kvtierd exited {self.proc.returncode} at SIGTERM: {err.strip()}")
+                raise _errors.Internal(f"kvtierd exited {self.proc.returncode} at SIGTERM: {self.log_tail()}")
         self.proc = None
 
     def kill(self) -> None:

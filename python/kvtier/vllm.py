@@ -2,7 +2,10 @@
 
     from vllm.config import KVTransferConfig
     KVTransferConfig(kv_connector="KvtierConnector", kv_connector_module_path="kvtier.vllm",
-                     kv_role="kv_both", kv_connector_extra_config={"socket": "/run/kvtier.sock"})
+                     kv_role="kv_both", kv_load_failure_policy="recompute",
+                     kv_connector_extra_config={"socket": "/run/kvtier.sock"})
+
+(``kv_load_failure_policy="recompute"``: vLLM's default, "fail", fails a request whose load fails.)
 
 The scheduler side asks kvtierd for the cached prefix beyond what vLLM's own prefix cache holds
 (under a lease, so the blocks stay until the worker has them); the worker side loads those blocks
@@ -103,9 +106,9 @@ class _Request:
 
 
 class _Link:
-    """A kvtierd connection that is dropped on failure and made again later, no sooner than
-    ``retry_seconds`` after the failure, so a daemon that is down costs one failed connect per
-    interval and never an exception in vLLM's loop."""
+    """A kvtierd connection that is dropped when a call fails on it and made again by the next
+    call; a connect that fails is not tried again for ``retry_seconds``, so a daemon that is down
+    costs one failed connect per interval and never an exception in vLLM's loop."""
 
     def __init__(self, socket: str, window_bytes: int | None, retry_seconds: float, name: str,
                  stats: ConnectorStats) -> None:
@@ -115,34 +118,41 @@ class _Link:
         self.namespaces: dict[tuple[str, str, str, str], int] = {}
         self.refused: set[tuple[str, str, str, str]] = set()  # tenants this process may not use
         self.down_until = 0.0
+        self.fresh = False  # the client was made by the last get(): no call has used it yet
         self.lock = threading.Lock()
 
     def get(self) -> kvtier.Client | None:
         if self.client is not None and not self.client.closed:
+            self.fresh = False
             return self.client
         if time.monotonic() < self.down_until:
             return None
         try:
             self.client = kvtier.Client(self.socket, self.window_bytes, name=self.name)
-            self.namespaces.clear()
-            return self.client
         except kvtier.Error as e:
-            self.failed(e)
-            return None
-
-    def failed(self, e: BaseException) -> None:
-        """After an error: a connection error drops the client (the next call reconnects)."""
-        if isinstance(e, (kvtier.Unavailable, kvtier.ProtocolError, kvtier.IoError)) or self.client is None:
             self.stats.unavailable += 1
             log.warning("kvtier: kvtierd at %s unavailable (%s); serving without it for %.1f s",
                         self.socket, e, self.retry)
-            if self.client is not None:
-                try:
-                    self.client.close()
-                except kvtier.Error:
-                    pass
-            self.client = None
             self.down_until = time.monotonic() + self.retry
+            return None
+        self.namespaces.clear()
+        self.fresh = True
+        return self.client
+
+    def failed(self, e: BaseException) -> bool:
+        """After an error: a connection error drops the client, and the next get() connects again.
+        True when the call is worth one more try at once: the connection it failed on was an old
+        one (kvtierd restarted since), not one just made."""
+        if not isinstance(e, (kvtier.Unavailable, kvtier.ProtocolError, kvtier.IoError)):
+            return False
+        log.warning("kvtier: lost kvtierd at %s (%s)", self.socket, e)
+        if self.client is not None:
+            try:
+                self.client.close()
+            except kvtier.Error:
+                pass
+        self.client = None
+        return not self.fresh
 
     def namespace(self, client: kvtier.Client, model: str, tenant: str, adapter: str, revision: str) -> int | None:
         key = (model, tenant, adapter, revision)
@@ -160,11 +170,30 @@ class _Link:
         return ns
 
 
-def _layout_name(kv: torch.Tensor, num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> str:
+def _cpu_isa(vllm_config: "VllmConfig") -> str | None:
+    """The code path vLLM's CPU attention backend takes on this machine ("vec", "amx", "vec16",
+    "neon", ...), which sets how it lays out K and V inside a block; None off the CPU backend."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    m = vllm_config.model_config
+    return _get_attn_isa(m.dtype, vllm_config.cache_config.block_size, m.get_head_size(),
+                         vllm_config.cache_config.cache_dtype)
+
+
+def _layout_name(kv: torch.Tensor, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 raw: bool) -> str:
     """Which kvtier engine layout one layer's KV tensor has, from its device and shape."""
     shape = tuple(kv.shape)
     if kv.device.type == "cpu" and shape == (num_blocks, kv_heads, block_size, 2 * head_dim):
-        return "vllm_cpu"  # vLLM's CPU attention backend (K transposed inside each block and head)
+        # vLLM's CPU attention backend. Its "vec" path keeps K transposed inside each block and
+        # head, then V (kvtier's vllm_cpu unpack). Other paths (AMX tiles, ...) lay a block out
+        # their own way: those blocks are kept byte for byte, each page's bytes split into kvtier
+        # blocks by flashinfer_nhd's bijection (whole pages only), in a namespace of their own.
+        return "flashinfer_nhd" if raw else "vllm_cpu"
     if kv.device.type == "cuda" and shape == (2, num_blocks, block_size, kv_heads, head_dim):
         return "vllm"  # FlashAttention and the other [2, blocks, block_size, heads, dim] backends
     raise kvtier.LayoutMismatch(
@@ -200,6 +229,16 @@ class KvtierConnector(KVConnectorBase_V1):
         self._head_dim = model_config.get_head_size()
         self._num_layers = model_config.get_num_layers(vllm_config.parallel_config)
         self._bt = 0  # kvtier's block_tokens, once connected
+        if role == KVConnectorRole.SCHEDULER and getattr(self._kv_transfer_config, "kv_load_failure_policy",
+                                                         "recompute") != "recompute":
+            log.warning("kvtier: kv_load_failure_policy is %r: a request whose load from kvtierd fails is failed "
+                        "instead of recomputed; set kv_load_failure_policy='recompute' in the KVTransferConfig",
+                        self._kv_transfer_config.kv_load_failure_policy)
+        # Raw mode: vLLM's CPU backend on a path kvtier cannot unpack to its canonical layout.
+        self._isa = _cpu_isa(vllm_config)
+        self._raw = self._isa is not None and self._isa != "vec"
+        if self._raw:
+            self._model = f"{self._model}#vllm-cpu-{self._isa}"  # never mixed with canonical blocks
         if self._link.get() is not None:
             self._client()  # a kvtierd that is up but does not fit this model fails vLLM's start here
         # scheduler side
@@ -276,17 +315,21 @@ class KvtierConnector(KVConnectorBase_V1):
             return 0, False
         model, tenant, adapter = self._identity(request)
         with self._link.lock:
-            client = self._client()
-            if client is None:
-                return 0, False
-            try:
-                ns = self._link.namespace(client, model, tenant, adapter, self._revision)
-                if ns is None:
+            for _ in range(2):  # once more on a new connection when the old one died (a restart)
+                client = self._client()
+                if client is None:
                     return 0, False
-                self.stats.lookups += 1
-                match = client.lookup(ns, tokens[:limit])
-            except kvtier.Error as e:
-                self._link.failed(e)
+                try:
+                    ns = self._link.namespace(client, model, tenant, adapter, self._revision)
+                    if ns is None:
+                        return 0, False
+                    self.stats.lookups += 1
+                    match = client.lookup(ns, tokens[:limit])
+                    break
+                except kvtier.Error as e:
+                    if not self._link.failed(e):
+                        return 0, False
+            else:
                 return 0, False
         held = match.block_count
         hit = match.tokens // self._block_size * self._block_size
@@ -348,6 +391,9 @@ class KvtierConnector(KVConnectorBase_V1):
                     self._release_after_step.append(rid)
             if self._do_save and self._bt:
                 savable = min(computed_after, len(st.tokens)) // self._bt
+                if self._raw:  # raw pages move whole: a half-computed page is not saved
+                    per_page = self._block_size // self._bt
+                    savable = savable // per_page * per_page
                 if savable > st.in_kvtier:
                     meta.saves.append(self._transfer(rid, st, st.in_kvtier, savable))
                     st.in_kvtier = savable
@@ -387,7 +433,8 @@ class KvtierConnector(KVConnectorBase_V1):
         self._layers = [kv_caches[n] for n in names]
         first = self._layers[0]
         num_blocks = first.shape[0] if first.device.type == "cpu" else first.shape[1]
-        self._engine_layout = _layout_name(first, num_blocks, self._block_size, self._kv_heads, self._head_dim)
+        self._engine_layout = _layout_name(first, num_blocks, self._block_size, self._kv_heads, self._head_dim,
+                                           self._raw)
         if len(self._layers) != self._num_layers:
             raise kvtier.LayoutMismatch(f"{len(self._layers)} KV cache tensors for a model of {self._num_layers} layers")
         for kv in self._layers:
@@ -512,25 +559,30 @@ class KvtierConnector(KVConnectorBase_V1):
     def _save_one(self, t: _Transfer) -> None:
         link = self._save_link
         assert link is not None
-        client = self._client(link)
-        if client is None:
-            self.stats.save_failures += 1
-            return
-        try:
-            ns = link.namespace(client, t.model, t.tenant, t.adapter, self._revision)
-            if ns is None:
+        for _ in range(2):  # once more on a new connection when the old one died (a restart)
+            client = self._client(link)
+            if client is None:
+                self.stats.save_failures += 1
                 return
             try:
-                saved = client.save(ns, t.tokens, self._paged(t, t.begin), first_block=t.begin, priority=self._priority)
-            except kvtier.InvalidArgument:
-                # The earlier blocks left kvtier since the lookup (evicted): save the whole prefix.
-                saved = client.save(ns, t.tokens, self._paged(t, 0), first_block=0, priority=self._priority)
-            self.stats.saved_blocks += saved
-            self.stats.save_bytes += saved * client.layout.bytes_per_block
-        except kvtier.Error as e:
-            self.stats.save_failures += 1
-            log.warning("kvtier: save of request %s failed (%s)", t.req_id, e)
-            link.failed(e)
+                ns = link.namespace(client, t.model, t.tenant, t.adapter, self._revision)
+                if ns is None:
+                    return
+                try:
+                    saved = client.save(ns, t.tokens, self._paged(t, t.begin), first_block=t.begin,
+                                        priority=self._priority)
+                except kvtier.InvalidArgument:
+                    # The earlier blocks left kvtier since the lookup (evicted): save the whole prefix.
+                    saved = client.save(ns, t.tokens, self._paged(t, 0), first_block=0, priority=self._priority)
+                self.stats.saved_blocks += saved
+                self.stats.save_bytes += saved * client.layout.bytes_per_block
+                return
+            except kvtier.Error as e:
+                if link.failed(e):
+                    continue
+                self.stats.save_failures += 1
+                log.warning("kvtier: save of request %s failed (%s)", t.req_id, e)
+                return
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         with self._save_cv:

@@ -29,7 +29,7 @@ def main() -> None:
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector=spec.get("connector", "KvtierConnector"),
             kv_connector_module_path=spec.get("module", "kvtier.vllm"),
-            kv_role="kv_both", kv_connector_extra_config=extra)
+            kv_role="kv_both", kv_connector_extra_config=extra, kv_load_failure_policy="recompute")
     llm = LLM(model=spec["model"], skip_tokenizer_init=True, enforce_eager=True, dtype=spec.get("dtype", "bfloat16"),
               block_size=spec.get("block_size", 32), max_model_len=spec.get("max_model_len", 8192),
               load_format="auto", enable_prefix_caching=spec.get("prefix_caching", True),
