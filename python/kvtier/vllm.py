@@ -39,9 +39,12 @@ import torch
 import kvtier
 from kvtier import PagedKv
 
+from vllm.distributed.kv_events import MEDIUM_STORAGE, BlockStored
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1,
                                                               KVConnectorMetadata,
-                                                              KVConnectorRole)
+                                                              KVConnectorRole,
+                                                              KVConnectorWorkerMetadata)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -51,7 +54,7 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-__all__ = ["KvtierConnector", "KvtierConnectorMetadata", "ConnectorStats"]
+__all__ = ["KvtierConnector", "KvtierConnectorMetadata", "KvtierConnectorStats", "ConnectorStats"]
 
 log = logging.getLogger("kvtier.vllm")
 
@@ -79,6 +82,38 @@ class KvtierConnectorMetadata(KVConnectorMetadata):
 
 
 @dataclasses.dataclass
+class _SavesDone(KVConnectorWorkerMetadata):
+    """Worker → scheduler: the saves (request id, end block) that finished, and whether they did."""
+    done: list[tuple[str, int, bool]] = dataclasses.field(default_factory=list)
+
+    def aggregate(self, other: "KVConnectorWorkerMetadata") -> "KVConnectorWorkerMetadata":
+        assert isinstance(other, _SavesDone)
+        return _SavesDone(self.done + other.done)
+
+
+_STAT_KEYS = ("loaded_tokens", "load_failures", "saved_blocks", "save_bytes", "save_failures", "unavailable")
+
+
+@dataclasses.dataclass
+class KvtierConnectorStats(KVConnectorStats):
+    """The worker's counts over one of vLLM's logging intervals (vLLM's connector stats)."""
+
+    def reset(self) -> None:
+        self.data = {k: 0 for k in _STAT_KEYS}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for k, v in other.data.items():
+            self.data[k] = self.data.get(k, 0) + v
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return {f"kvtier_{k}": self.data.get(k, 0) for k in _STAT_KEYS}
+
+    def is_empty(self) -> bool:
+        return not any(self.data.get(k, 0) for k in _STAT_KEYS)
+
+
+@dataclasses.dataclass
 class ConnectorStats:
     """What a connector did, cumulative. The scheduler side counts lookups and hits; the worker
     side counts loads, failures and saves."""
@@ -99,6 +134,7 @@ class _Request:
     model: str
     tenant: str
     adapter: str
+    request: Any = None           # vLLM's Request (its block hashes, for KV events)
     block_ids: list[int] = dataclasses.field(default_factory=list)
     in_kvtier: int = 0            # kvtier blocks of the prompt known to be cached there
     load: tuple[int, int] | None = None
@@ -225,6 +261,9 @@ class KvtierConnector(KVConnectorBase_V1):
         self.stats = ConnectorStats()
         side = "scheduler" if role == KVConnectorRole.SCHEDULER else "worker"
         self._link = _Link(socket, int(window) if window else None, retry, f"vllm-{side}-{os.getpid()}", self.stats)
+        if vllm_config.parallel_config.tensor_parallel_size * vllm_config.parallel_config.pipeline_parallel_size > 1:
+            raise kvtier.InvalidArgument("kvtier's vLLM connector supports one worker (tensor and pipeline "
+                                         "parallel size 1) for now")
         self._kv_heads = model_config.get_num_kv_heads(vllm_config.parallel_config)
         self._head_dim = model_config.get_head_size()
         self._num_layers = model_config.get_num_layers(vllm_config.parallel_config)
@@ -259,6 +298,10 @@ class KvtierConnector(KVConnectorBase_V1):
         self._saved_reqs: set[str] = set()
         self._finish_wanted: set[str] = set()
         self._save_cv = threading.Condition()
+        self._saves_done: list[tuple[str, int, bool]] = []  # for the scheduler's KV events
+        self._stats_reported = ConnectorStats()
+        self._events: list[Any] = []  # scheduler side: KV events not yet taken
+        self._pending_events: dict[tuple[str, int], BlockStored] = {}
 
     @staticmethod
     def _weights_digest(model: str) -> str:
@@ -345,7 +388,7 @@ class KvtierConnector(KVConnectorBase_V1):
         st = self._requests.get(rid)
         if st is None:
             model, tenant, adapter = self._identity(request)
-            st = self._requests[rid] = _Request(list(request.prompt_token_ids or []), model, tenant, adapter)
+            st = self._requests[rid] = _Request(list(request.prompt_token_ids or []), model, tenant, adapter, request)
         computed, held = self._pending_hits.pop(rid, (0, 0))
         st.in_kvtier = max(st.in_kvtier, held)
         if num_external_tokens > 0 and self._bt:
@@ -396,11 +439,37 @@ class KvtierConnector(KVConnectorBase_V1):
                     savable = savable // per_page * per_page
                 if savable > st.in_kvtier:
                     meta.saves.append(self._transfer(rid, st, st.in_kvtier, savable))
+                    self._note_event(rid, st, st.in_kvtier, savable)
                     st.in_kvtier = savable
                     st.saving = True
         return meta
 
+    def _note_event(self, rid: str, st: _Request, begin: int, end: int) -> None:
+        """The BlockStored event of the whole vLLM blocks this save adds, sent once it is done."""
+        hashes = getattr(st.request, "block_hashes", None) if st.request is not None else None
+        if not hashes:
+            return
+        from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
+        first = -(-begin * self._bt // self._block_size)  # the first vLLM block not already announced
+        last = end * self._bt // self._block_size
+        if last <= first or last > len(hashes):
+            return
+        lora = getattr(st.request, "lora_request", None)
+        self._pending_events[(rid, end)] = BlockStored(
+            block_hashes=[maybe_convert_block_hash(h) for h in hashes[first:last]],
+            parent_block_hash=maybe_convert_block_hash(hashes[first - 1]) if first > 0 else None,
+            token_ids=st.tokens[first * self._block_size:last * self._block_size], block_size=self._block_size,
+            lora_id=lora.lora_int_id if lora is not None else None, medium=MEDIUM_STORAGE,
+            lora_name=lora.lora_name if lora is not None else None)
+
     def update_connector_output(self, connector_output: Any) -> None:
+        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if isinstance(meta, _SavesDone):
+            for rid, end, ok in meta.done:
+                event = self._pending_events.pop((rid, end), None)
+                if ok and event is not None:
+                    self._events.append(event)
         # The step that loaded has run: its workers hold their own leases no longer, so neither
         # need the scheduler's.
         for rid in self._release_after_step:
@@ -549,25 +618,27 @@ class KvtierConnector(KVConnectorBase_V1):
     def _save_loop(self) -> None:
         assert self._save_link is not None
         while (t := self._save_queue.get()) is not None:
+            ok = False
             try:
-                self._save_one(t)
+                ok = self._save_one(t)
             finally:
                 with self._save_cv:
                     self._saves_pending[t.req_id] -= 1
+                    self._saves_done.append((t.req_id, t.end, ok))
                     self._save_cv.notify_all()
 
-    def _save_one(self, t: _Transfer) -> None:
+    def _save_one(self, t: _Transfer) -> bool:
         link = self._save_link
         assert link is not None
         for _ in range(2):  # once more on a new connection when the old one died (a restart)
             client = self._client(link)
             if client is None:
                 self.stats.save_failures += 1
-                return
+                return False
             try:
                 ns = link.namespace(client, t.model, t.tenant, t.adapter, self._revision)
                 if ns is None:
-                    return
+                    return False
                 try:
                     saved = client.save(ns, t.tokens, self._paged(t, t.begin), first_block=t.begin,
                                         priority=self._priority)
@@ -576,13 +647,14 @@ class KvtierConnector(KVConnectorBase_V1):
                     saved = client.save(ns, t.tokens, self._paged(t, 0), first_block=0, priority=self._priority)
                 self.stats.saved_blocks += saved
                 self.stats.save_bytes += saved * client.layout.bytes_per_block
-                return
+                return True
             except kvtier.Error as e:
                 if link.failed(e):
                     continue
                 self.stats.save_failures += 1
                 log.warning("kvtier: save of request %s failed (%s)", t.req_id, e)
-                return
+                return False
+        return False
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         with self._save_cv:
@@ -593,6 +665,25 @@ class KvtierConnector(KVConnectorBase_V1):
                 self._saved_reqs.discard(r)
                 self._saves_pending.pop(r, None)
         return (done or None), None
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        with self._save_cv:
+            done, self._saves_done = self._saves_done, []
+        return _SavesDone(done) if done else None
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        now = dataclasses.asdict(self.stats)
+        last = dataclasses.asdict(self._stats_reported)
+        delta = {k: now[k] - last[k] for k in _STAT_KEYS}
+        if not any(delta.values()):
+            return None
+        self._stats_reported = dataclasses.replace(self.stats)
+        return KvtierConnectorStats(data=delta)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return KvtierConnectorStats(data=dict(data)) if data is not None else KvtierConnectorStats(
+            data={k: 0 for k in _STAT_KEYS})
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         self._finish_loads()
@@ -617,4 +708,8 @@ class KvtierConnector(KVConnectorBase_V1):
                     pass
 
     def take_events(self) -> Iterable[Any]:
-        return ()
+        """BlockStored events (medium STORAGE) for the vLLM blocks kvtier now holds, once their
+        save finished, so a KV-aware router sees kvtier's blocks. kvtier does not report its own
+        evictions to vLLM: no BlockRemoved events."""
+        events, self._events = self._events, []
+        return events

@@ -100,10 +100,21 @@ def _restored_tokens(d) -> float:
 def test_a_later_engine_restores_what_an_earlier_one_saved(model, baseline, daemon_factory, tmp_path):
     d = _daemon(daemon_factory, model)
     prompts = _prompts(7, 3)
-    a = _engine(tmp_path, "A", model, d.socket, prompts)
+    record = tmp_path / "A.record.jsonl"
+    a = _engine(tmp_path, "A", model, d.socket, prompts, env={"KVTIER_TEST_RECORD": str(record)},
+                connector="RecordingConnector", module="kvtier_test_connectors")
     for p, o in zip(prompts, a):
         assert o["tokens"] == baseline[tuple(p)]
     assert _restored_tokens(d) == 0  # A found nothing: it computed and saved
+    # A told vLLM what kvtier now holds: a BlockStored event (medium STORAGE) per save, covering
+    # each prompt's whole vLLM blocks once (the shared system prompt's only for the first), and
+    # counted its saves in vLLM's connector stats.
+    lines = [json.loads(x) for x in record.read_text().splitlines()]
+    events = [x for x in lines if x["kind"] == "event"]
+    assert events and all(e["type"] == "BlockStored" and e["medium"] == "STORAGE" for e in events)
+    announced = sum(e["hashes"] for e in events)
+    assert announced == len({tuple(p[:k + 32]) for p in prompts for k in range(0, len(p) // 32 * 32, 32)})
+    assert sum(x.get("saved_blocks", 0) for x in lines if x["kind"] == "stats") > 0
 
     # B: a new engine process. Every prompt is a hit from kvtierd (its own prefix cache is empty
     # for the first), and the output does not change. A cache_salt is another tenant: no hit.
@@ -163,7 +174,7 @@ def test_hits_from_nvme_after_a_restart_and_a_daemon_killed_mid_load(model, base
     pid_file.write_text(str(d.proc.pid))
     second = _prompts(9, 2)
     c = _engine(tmp_path, "C", model, d.socket, [first[0], second[0], second[1]], env={"KVTIER_TEST_KILL_PID": str(pid_file)},
-                connector="KillingConnector", module="kvtier_fault_connector", extra={"retry_seconds": 0},
+                connector="KillingConnector", module="kvtier_test_connectors", extra={"retry_seconds": 0},
                 restart_daemon={"data_dir": str(d.data_dir), "binary": str(KVTIERD), "after_batch": 0})
     assert "killed" in (tmp_path / "kvtierd.pid.done").read_text()
     restarted = int((d.data_dir / "restarted.pid").read_text())
