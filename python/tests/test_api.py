@@ -336,3 +336,41 @@ def test_objects_with_the_cuda_array_interface(kv):
             kv.load(m, CudaArrayInterface(back, strides=(1, 2)))
     with pytest.raises(kvtier.InvalidArgument, match="element type"):
         kv.save(ns, tokens(8), CudaArrayInterface(np.zeros((2, BPB // 4), dtype=np.float32)))
+
+
+def _vllm_cpu_block(engine: torch.Tensor, piece: int, per_page: int, bt: int) -> torch.Tensor:
+    """Canonical [K|V][token][head][dim] of one block, read out of a vLLM CPU-backend layer tensor
+    [pages][heads][page_tokens][2*dim] with torch: K transposed [dim][page_tokens], then V."""
+    page, t0 = divmod(piece, per_page)
+    heads, pt, dim = engine.shape[1], engine.shape[2], engine.shape[3] // 2
+    flat = engine[page].reshape(heads, 2, pt * dim)
+    k = flat[:, 0].reshape(heads, dim, pt).transpose(1, 2)  # [heads][tokens][dim]
+    v = flat[:, 1].reshape(heads, pt, dim)
+    return torch.stack([k, v])[:, :, t0 * bt:(t0 + 1) * bt].transpose(1, 2)  # [2][tokens][heads][dim]
+
+
+def test_vllm_cpu_pages_of_two_blocks_and_a_load_that_skips_cached_blocks(kv):
+    ns = kv.open_namespace("vllm-cpu")
+    pages, bt, heads, dim, per_page = 5, 4, 2, 8, 2
+    layers = [torch.randn(pages, heads, bt * per_page, 2 * dim).to(torch.bfloat16) for _ in range(2)]
+    pieces = [7, 8, 2, 3]  # blocks 0..3: the second half of page 3, page 4, then page 1
+    assert kv.save(ns, tokens(16), kvtier.PagedKv("vllm_cpu", layers, pieces, page_tokens=bt * per_page)) == 4
+    canonical = torch.zeros(4, 2, 2, bt, heads, dim, dtype=torch.bfloat16)
+    with kv.lookup(ns, tokens(16)) as m:
+        kv.load(m, canonical.view(4, -1)).wait()
+        for b, piece in enumerate(pieces):
+            for layer in range(2):
+                assert torch.equal(canonical[b, layer], _vllm_cpu_block(layers[layer], piece, per_page, bt))
+        # An engine that holds blocks 0-1 itself loads blocks 2-3 only, into pages it chose.
+        other = [torch.zeros_like(t) for t in layers]
+        kv.load(m, kvtier.PagedKv("vllm_cpu", other, [0, 1], page_tokens=bt * per_page), first_block=2).wait()
+        for layer in range(2):
+            for b, piece in ((2, 0), (3, 1)):
+                assert torch.equal(_vllm_cpu_block(other[layer], piece, per_page, bt), canonical[b, layer])
+            assert not other[layer][1:].any()  # nothing else written
+        with pytest.raises(kvtier.InvalidArgument, match="first_block 5 is past"):
+            kv.load(m, canonical.view(4, -1)[:1], first_block=5)
+    with pytest.raises(kvtier.InvalidArgument, match="not whole blocks"):
+        kv.save(ns, tokens(16), kvtier.PagedKv("vllm_cpu", layers, [0], page_tokens=6))
+    with pytest.raises(kvtier.InvalidArgument, match="block piece 10"):
+        kv.save(ns, tokens(16), kvtier.PagedKv("vllm_cpu", layers, [10, 0, 1, 2], page_tokens=bt * per_page))
