@@ -101,8 +101,12 @@ def _wait_saved(socket: str, model: Path, prompt: list[int]) -> None:
     import kvtier
     import kvtier.hf
 
+    import torch
+    from kvtier.vllm import cpu_attention_path, stored_model_id
+
+    name = stored_model_id(str(model), cpu_attention_path(torch.bfloat16, 32, 128))
     with kvtier.Client(socket) as kv:
-        ns = kv.open_namespace(str(model), revision=kvtier.hf.weights_revision(model))
+        ns = kv.open_namespace(name, revision=kvtier.hf.weights_revision(model))
         want = len(prompt) // kv.layout.block_tokens
         for _ in range(100000):
             with kv.lookup(ns, prompt) as m:

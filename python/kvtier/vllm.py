@@ -54,7 +54,8 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-__all__ = ["KvtierConnector", "KvtierConnectorMetadata", "KvtierConnectorStats", "ConnectorStats"]
+__all__ = ["KvtierConnector", "KvtierConnectorMetadata", "KvtierConnectorStats", "ConnectorStats",
+           "stored_model_id", "cpu_attention_path"]
 
 log = logging.getLogger("kvtier.vllm")
 
@@ -213,11 +214,23 @@ def _cpu_isa(vllm_config: "VllmConfig") -> str | None:
 
     if not current_platform.is_cpu():
         return None
+    m = vllm_config.model_config
+    return cpu_attention_path(m.dtype, vllm_config.cache_config.block_size, m.get_head_size(),
+                              vllm_config.cache_config.cache_dtype)
+
+
+def stored_model_id(model: str, isa: str | None) -> str:
+    """The namespace model id under which the connector keeps ``model``'s blocks: ``model`` for
+    canonical blocks, ``model#vllm-cpu-<isa>`` for raw ones of vLLM's CPU path ``isa`` (see
+    :func:`cpu_attention_path`)."""
+    return model if isa in (None, "vec") else f"{model}#vllm-cpu-{isa}"
+
+
+def cpu_attention_path(dtype: torch.dtype, block_size: int, head_size: int, cache_dtype: str = "auto") -> str:
+    """The path vLLM's CPU attention takes on this machine for these settings ("vec", "amx", ...)."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    m = vllm_config.model_config
-    return _get_attn_isa(m.dtype, vllm_config.cache_config.block_size, m.get_head_size(),
-                         vllm_config.cache_config.cache_dtype)
+    return _get_attn_isa(dtype, block_size, head_size, cache_dtype)
 
 
 def _layout_name(kv: torch.Tensor, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
@@ -260,7 +273,9 @@ class KvtierConnector(KVConnectorBase_V1):
         retry = float(extra.get("retry_seconds", 1.0))
         self.stats = ConnectorStats()
         side = "scheduler" if role == KVConnectorRole.SCHEDULER else "worker"
-        self._link = _Link(socket, int(window) if window else None, retry, f"vllm-{side}-{os.getpid()}", self.stats)
+        # The scheduler only looks up and releases: a window of one page, not 256 MiB of address space.
+        window_bytes = int(window) if window else (4096 if role == KVConnectorRole.SCHEDULER else None)
+        self._link = _Link(socket, window_bytes, retry, f"vllm-{side}-{os.getpid()}", self.stats)
         if vllm_config.parallel_config.tensor_parallel_size * vllm_config.parallel_config.pipeline_parallel_size > 1:
             raise kvtier.InvalidArgument("kvtier's vLLM connector supports one worker (tensor and pipeline "
                                          "parallel size 1) for now")
@@ -276,8 +291,7 @@ class KvtierConnector(KVConnectorBase_V1):
         # Raw mode: vLLM's CPU backend on a path kvtier cannot unpack to its canonical layout.
         self._isa = _cpu_isa(vllm_config)
         self._raw = self._isa is not None and self._isa != "vec"
-        if self._raw:
-            self._model = f"{self._model}#vllm-cpu-{self._isa}"  # never mixed with canonical blocks
+        self._model = stored_model_id(self._model, self._isa)  # raw blocks never mix with canonical ones
         if self._link.get() is not None:
             self._client()  # a kvtierd that is up but does not fit this model fails vLLM's start here
         # scheduler side
@@ -355,7 +369,9 @@ class KvtierConnector(KVConnectorBase_V1):
         tokens = list(request.prompt_token_ids or [])
         limit = (len(tokens) - 1) // self._block_size * self._block_size  # vLLM computes at least one token
         if limit <= num_computed_tokens:
-            return 0, False
+            # Nothing to load, but what kvtier holds decides what is saved: a lookup whose
+            # lease ends at once (about 20 µs) keeps a prefix vLLM had cached from being saved again.
+            limit = len(tokens)
         model, tenant, adapter = self._identity(request)
         with self._link.lock:
             for _ in range(2):  # once more on a new connection when the old one died (a restart)
@@ -375,7 +391,7 @@ class KvtierConnector(KVConnectorBase_V1):
             else:
                 return 0, False
         held = match.block_count
-        hit = match.tokens // self._block_size * self._block_size
+        hit = min(match.tokens, (len(tokens) - 1)) // self._block_size * self._block_size
         self._pending_hits[request.request_id] = (num_computed_tokens, held)
         if hit <= num_computed_tokens:
             match.release()
@@ -534,32 +550,40 @@ class KvtierConnector(KVConnectorBase_V1):
             return
         with self._link.lock:
             for t in meta.loads:
-                client = self._client()
-                if client is None:
+                self._start_load(t)
+
+    def _start_load(self, t: _Transfer) -> None:
+        for _ in range(2):  # once more on a new connection when the old one died (a restart)
+            client = self._client()
+            if client is None:
+                self._failed(t, t.begin)
+                return
+            match = None
+            try:
+                ns = self._link.namespace(client, t.model, t.tenant, t.adapter, self._revision)
+                if ns is None:
                     self._failed(t, t.begin)
+                    return
+                match = self._lookup_for_load(client, ns, t)
+                have = min(match.block_count, t.end)
+                if have < t.end:  # evicted since the scheduler looked: vLLM recomputes the rest
+                    self._failed(t, max(have, t.begin))
+                if have <= t.begin:
+                    match.release()
+                    return
+                part = dataclasses.replace(t, end=have)
+                handle = client.load(match, self._paged(part, t.begin), first_block=t.begin)
+                self._loading.append((handle, part, match))
+                return
+            except kvtier.Error as e:
+                if match is not None:
+                    self._release_quietly(match)
+                if self._link.failed(e):
                     continue
-                match = None
-                try:
-                    ns = self._link.namespace(client, t.model, t.tenant, t.adapter, self._revision)
-                    if ns is None:
-                        self._failed(t, t.begin)
-                        continue
-                    match = self._lookup_for_load(client, ns, t)
-                    have = min(match.block_count, t.end)
-                    if have < t.end:  # evicted since the scheduler looked: vLLM recomputes the rest
-                        self._failed(t, max(have, t.begin))
-                    if have <= t.begin:
-                        match.release()
-                        continue
-                    part = dataclasses.replace(t, end=have)
-                    handle = client.load(match, self._paged(part, t.begin), first_block=t.begin)
-                    self._loading.append((handle, part, match))
-                except kvtier.Error as e:
-                    log.warning("kvtier: load of request %s failed (%s): vLLM recomputes it", t.req_id, e)
-                    self._failed(t, t.begin)
-                    if match is not None:
-                        self._release_quietly(match)
-                    self._link.failed(e)
+                log.warning("kvtier: load of request %s failed (%s): vLLM recomputes it", t.req_id, e)
+                self._failed(t, t.begin)
+                return
+        self._failed(t, t.begin)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         layer = self._layer_index.get(layer_name)

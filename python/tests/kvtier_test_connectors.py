@@ -7,6 +7,8 @@ sleeps), so the load itself meets a dead daemon. It writes "killed" to $KVTIER_T
 
 RecordingConnector: appends every KV event the scheduler side hands vLLM, and the worker's
 connector stats, as JSON lines to $KVTIER_TEST_RECORD.
+
+PageDumpConnector: dumps the vLLM pages it saves and the pages it loaded (see the class).
 """
 
 from __future__ import annotations
@@ -51,3 +53,37 @@ class RecordingConnector(KvtierConnector):
         if stats is not None:
             self._record("stats", **stats.data)
         return stats
+
+
+
+class PageDumpConnector(KvtierConnector):
+    """Dumps vLLM's own KV pages to $KVTIER_TEST_DUMP/<n>.pt: on a save, the pages it is about to
+    hand kvtier (after the forward pass wrote them); after a load, the pages kvtier filled. Each
+    dump: {"kind", "tokens", "first_page", "pages": [per layer, those pages]}."""
+
+    _dumps = 0
+
+    def _dump(self, kind: str, t, first_page: int, last_page: int) -> None:
+        import torch
+
+        ids = t.vllm_blocks[first_page:last_page]
+        torch.save({"kind": kind, "tokens": t.tokens, "first_page": first_page,
+                    "pages": [layer[ids].clone() for layer in self._layers]},
+                   os.path.join(os.environ["KVTIER_TEST_DUMP"], f"{os.getpid()}-{PageDumpConnector._dumps}.pt"))
+        PageDumpConnector._dumps += 1
+
+    def _finish_loads(self) -> None:
+        loading = [t for handle, t, _ in self._loading if handle is not None]
+        super()._finish_loads()
+        per_page = self._block_size // self._bt
+        for t in loading:
+            if not (set(t.vllm_blocks) & self._failed_blocks):
+                self._dump("load", t, t.begin // per_page, t.end // per_page)
+
+    def wait_for_save(self) -> None:
+        self._finish_loads()
+        meta = self._connector_metadata
+        for t in getattr(meta, "saves", []):
+            per_page = self._block_size // self._bt
+            self._dump("save", t, 0, t.end // per_page)
+        super().wait_for_save()
