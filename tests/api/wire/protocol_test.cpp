@@ -20,6 +20,7 @@
 
 #include "api/wire/mailbox.h"
 #include "api/wire/protocol.h"
+#include "kvtier/kv_buffer.h"
 #include "api/wire/socket_io.h"
 
 using namespace kvtier;
@@ -121,7 +122,7 @@ RegisterMemoryRequest sample_register() {
 }
 RegionBuffer sample_region_buffer(bool paged) {
   if (!paged) return {.places = {{1, 0}, {1, 4096}, {2, 1ull << 40}}};
-  return {.layout = 3 /* 1 + FlashInfer HND */, .engine_num_pages = 900,
+  return {.layout = 3 /* 1 + FlashInfer HND */, .engine_num_pages = 900, .page_tokens = 64,
           .places = {{3, 0}, {4, 64}}, .pages = {7, 0, 899}};
 }
 LoadToRequest sample_load_to() {
@@ -254,6 +255,7 @@ namespace {
 void check_same_buffer(const RegionBuffer& out, const RegionBuffer& in) {
   CHECK(out.layout == in.layout);
   CHECK(out.engine_num_pages == in.engine_num_pages);
+  CHECK(out.page_tokens == in.page_tokens);
   REQUIRE(out.places.size() == in.places.size());
   for (size_t i = 0; i < in.places.size(); ++i) {
     CHECK(out.places[i].region == in.places[i].region);
@@ -303,7 +305,7 @@ TEST_CASE("Registered-memory requests round-trip field by field") {
     kind.kind = 2;
     CHECK(is_protocol_error(decode(encoded(kind), out)));
     LoadToRequest lt = sample_load_to(), lt_out;
-    lt.dst.layout = 4;  // no such engine layout
+    lt.dst.layout = 1 + ::kvtier::kNumEngineLayouts;  // no such engine layout
     CHECK(is_protocol_error(decode(encoded(lt), lt_out)));
     lt = sample_load_to();
     lt.dst.pages = {1};  // a canonical buffer with pages
@@ -389,7 +391,7 @@ TEST_CASE("The byte format is little-endian in field order") {
   std::byte header[kHeaderBytes];
   encode_header({.op = 3, .request_id = 0x0A0B0C0Du, .payload_bytes = 0x100}, header);
   CHECK(Bytes(header, header + kHeaderBytes) ==
-        bytes_of({'K', 'V', 'T', '1', 2, 0, 3, 0, 0x0D, 0x0C, 0x0B, 0x0A, 0, 1, 0, 0}));
+        bytes_of({'K', 'V', 'T', '1', 3, 0, 3, 0, 0x0D, 0x0C, 0x0B, 0x0A, 0, 1, 0, 0}));
 
   Bytes status;
   encode_status(Status(StatusCode::kBusy, "pinned"), status);
