@@ -54,11 +54,8 @@ class Kvtierd:
                  nvme_bytes: str = "4GiB", secret: str = "", tenants: str = "", fdatasync: bool = False,
                  binary: str | None = None, log_level: str = "warn",
                  extra: Mapping[str, Any] | None = None) -> None:
-        self.data_dir = Path(data_dir)
+        self._bind(data_dir, binary, log_level)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.socket = str(self.data_dir / "kvtierd.sock")
-        self.binary = binary or find_kvtierd()
-        self.log_level = log_level
         top = {"data_dir": str(self.data_dir), "metrics_listen": "", "secret": secret}
         lay: dict[str, Any] = {"block_tokens": block_tokens}
         if hf_config is not None:
@@ -70,8 +67,15 @@ class Kvtierd:
         lines = [f"{k} = {_toml_value(v)}" for k, v in top.items()]
         lines += ["[layout]"] + [f"{k} = {_toml_value(v)}" for k, v in lay.items()]
         lines += ["[tiers]"] + [f"{k} = {_toml_value(v)}" for k, v in tiers.items()]
-        self.config = self.data_dir / "kvtierd.toml"
         self.config.write_text("\n".join(lines) + "\n" + tenants)
+
+    def _bind(self, data_dir: str | os.PathLike[str], binary: str | None, log_level: str) -> None:
+        """The paths and settings every handle has: data dir, its config and socket, the binary."""
+        self.data_dir = Path(data_dir)
+        self.config = self.data_dir / "kvtierd.toml"
+        self.socket = str(self.data_dir / "kvtierd.sock")
+        self.binary = binary or find_kvtierd()
+        self.log_level = log_level
         self.proc: subprocess.Popen[str] | None = None
 
     @classmethod
@@ -80,14 +84,9 @@ class Kvtierd:
         """A handle on the kvtierd.toml a Kvtierd already wrote in ``data_dir`` (not started): to
         start that daemon again from another process."""
         self = cls.__new__(cls)
-        self.data_dir = Path(data_dir)
-        self.config = self.data_dir / "kvtierd.toml"
+        self._bind(data_dir, binary, log_level)
         if not self.config.is_file():
             raise _errors.NotFound(f"no kvtierd.toml in {self.data_dir}")
-        self.socket = str(self.data_dir / "kvtierd.sock")
-        self.binary = binary or find_kvtierd()
-        self.log_level = log_level
-        self.proc = None
         return self
 
     @property

@@ -59,6 +59,8 @@ __all__ = ["KvtierConnector", "KvtierConnectorMetadata", "KvtierConnectorStats",
 
 log = logging.getLogger("kvtier.vllm")
 
+_DOWN = object()  # KvtierConnector._call: kvtierd could not be reached
+
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int8: "int8",
            getattr(torch, "float8_e4m3fn", None): "fp8_e4m3"}
 
@@ -70,6 +72,7 @@ class _Transfer:
     model: str
     tenant: str
     adapter: str
+    revision: str
     tokens: list[int]          # the prompt's tokens up to the last block moved
     begin: int                 # kvtier blocks [begin, end) move
     end: int
@@ -261,9 +264,12 @@ class KvtierConnector(KVConnectorBase_V1):
         model_config = vllm_config.model_config
         self._block_size = vllm_config.cache_config.block_size
         self._model = str(extra.get("model") or model_config.served_model_name or model_config.model)
-        if isinstance(self._model, (list, tuple)):
-            self._model = self._model[0]
-        self._revision = str(extra.get("revision") or model_config.revision or self._weights_digest(model_config.model))
+        # The scheduler names the namespace; each transfer carries its revision to the workers, so
+        # only one process reads a local model's weight files for the digest.
+        self._revision = ""
+        if role == KVConnectorRole.SCHEDULER:
+            self._revision = str(extra.get("revision") or model_config.revision or
+                                 self._weights_digest(model_config.model))
         self._default_tenant = str(extra.get("tenant", ""))
         self._priority = str(extra.get("priority", "normal"))
         self._do_load = bool(extra.get("load", True))
@@ -292,8 +298,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self._isa = _cpu_isa(vllm_config)
         self._raw = self._isa is not None and self._isa != "vec"
         self._model = stored_model_id(self._model, self._isa)  # raw blocks never mix with canonical ones
-        if self._link.get() is not None:
-            self._client()  # a kvtierd that is up but does not fit this model fails vLLM's start here
+        self._client()  # a kvtierd that is up but does not fit this model fails vLLM's start here
         # scheduler side
         self._requests: dict[str, _Request] = {}
         self._matches: dict[str, kvtier.Match] = {}
@@ -339,6 +344,26 @@ class KvtierConnector(KVConnectorBase_V1):
             self._bt = layout.block_tokens
         return client
 
+    def _call(self, link: _Link, fn: Any) -> Any:
+        """``fn(client)`` on ``link``'s connection, once more on a new connection when the old one
+        died (kvtierd restarted since). Returns what ``fn`` returns, or ``_DOWN`` when kvtierd
+        cannot be reached now; raises the kvtier.Error that ended it otherwise."""
+        for retry in (True, False):
+            client = self._client(link)
+            if client is None:
+                return _DOWN
+            try:
+                return fn(client)
+            except kvtier.Error as e:
+                if not (link.failed(e) and retry):
+                    raise
+        return _DOWN  # not reached: the second try is on a connection just made
+
+    @property
+    def _per_page(self) -> int:
+        """kvtier blocks per vLLM block."""
+        return self._block_size // self._bt
+
     def _check_layout(self, layout: kvtier.KvLayout) -> None:
         want = (self._num_layers, self._kv_heads, self._head_dim)
         have = (layout.num_layers, layout.num_kv_heads, layout.head_dim)
@@ -373,23 +398,21 @@ class KvtierConnector(KVConnectorBase_V1):
             # lease ends at once (about 20 µs) keeps a prefix vLLM had cached from being saved again.
             limit = len(tokens)
         model, tenant, adapter = self._identity(request)
+
+        def lookup(client: kvtier.Client) -> kvtier.Match | None:
+            ns = self._link.namespace(client, model, tenant, adapter, self._revision)
+            if ns is None:
+                return None
+            self.stats.lookups += 1
+            return client.lookup(ns, tokens[:limit])
+
         with self._link.lock:
-            for _ in range(2):  # once more on a new connection when the old one died (a restart)
-                client = self._client()
-                if client is None:
-                    return 0, False
-                try:
-                    ns = self._link.namespace(client, model, tenant, adapter, self._revision)
-                    if ns is None:
-                        return 0, False
-                    self.stats.lookups += 1
-                    match = client.lookup(ns, tokens[:limit])
-                    break
-                except kvtier.Error as e:
-                    if not self._link.failed(e):
-                        return 0, False
-            else:
+            try:
+                match = self._call(self._link, lookup)
+            except kvtier.Error:
                 return 0, False
+        if match is None or match is _DOWN:
+            return 0, False
         held = match.block_count
         hit = min(match.tokens, (len(tokens) - 1)) // self._block_size * self._block_size
         self._pending_hits[request.request_id] = (num_computed_tokens, held)
@@ -415,10 +438,10 @@ class KvtierConnector(KVConnectorBase_V1):
             self._drop_match(rid)
 
     def _transfer(self, rid: str, st: _Request, begin: int, end: int) -> _Transfer:
-        per_page = self._block_size // self._bt
+        per_page = self._per_page
         need = (end + per_page - 1) // per_page
-        return _Transfer(rid, st.model, st.tenant, st.adapter, st.tokens[:end * self._bt], begin, end,
-                         st.block_ids[:need])
+        return _Transfer(rid, st.model, st.tenant, st.adapter, self._revision, st.tokens[:end * self._bt], begin,
+                         end, st.block_ids[:need])
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KvtierConnectorMetadata:
         meta = KvtierConnectorMetadata()
@@ -451,8 +474,7 @@ class KvtierConnector(KVConnectorBase_V1):
             if self._do_save and self._bt:
                 savable = min(computed_after, len(st.tokens)) // self._bt
                 if self._raw:  # raw pages move whole: a half-computed page is not saved
-                    per_page = self._block_size // self._bt
-                    savable = savable // per_page * per_page
+                    savable = savable // self._per_page * self._per_page
                 if savable > st.in_kvtier:
                     meta.saves.append(self._transfer(rid, st, st.in_kvtier, savable))
                     self._note_event(rid, st, st.in_kvtier, savable)
@@ -504,10 +526,7 @@ class KvtierConnector(KVConnectorBase_V1):
         if match is None:
             return
         with self._link.lock:
-            try:
-                match.release()
-            except kvtier.Error as e:
-                self._link.failed(e)
+            self._release_quietly(match)
 
     # ---- worker side -------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -531,14 +550,13 @@ class KvtierConnector(KVConnectorBase_V1):
                 client.register_memory(kv)
 
     def _paged(self, t: _Transfer, begin: int) -> PagedKv:
-        per_page = self._block_size // self._bt
+        per_page = self._per_page
         pieces = [t.vllm_blocks[j // per_page] * per_page + j % per_page for j in range(begin, t.end)]
         return PagedKv(self._engine_layout, self._layers, pieces, self._block_size)
 
     def _failed(self, t: _Transfer, from_block: int) -> None:
-        per_page = self._block_size // self._bt
         self.stats.load_failures += 1
-        self._failed_blocks.update(t.vllm_blocks[j // per_page] for j in range(from_block, t.end))
+        self._failed_blocks.update(t.vllm_blocks[j // self._per_page] for j in range(from_block, t.end))
 
     def _lookup_for_load(self, client: kvtier.Client, ns: int, t: _Transfer) -> kvtier.Match:
         """The worker's own lease on the blocks it is about to load (tests override it to fault)."""
@@ -553,37 +571,38 @@ class KvtierConnector(KVConnectorBase_V1):
                 self._start_load(t)
 
     def _start_load(self, t: _Transfer) -> None:
-        for _ in range(2):  # once more on a new connection when the old one died (a restart)
-            client = self._client()
-            if client is None:
-                self._failed(t, t.begin)
-                return
-            match = None
+        def load(client: kvtier.Client):
+            ns = self._link.namespace(client, t.model, t.tenant, t.adapter, t.revision)
+            if ns is None:
+                return None
+            match = self._lookup_for_load(client, ns, t)
+            have = min(match.block_count, t.end)
             try:
-                ns = self._link.namespace(client, t.model, t.tenant, t.adapter, self._revision)
-                if ns is None:
-                    self._failed(t, t.begin)
-                    return
-                match = self._lookup_for_load(client, ns, t)
-                have = min(match.block_count, t.end)
-                if have < t.end:  # evicted since the scheduler looked: vLLM recomputes the rest
-                    self._failed(t, max(have, t.begin))
-                if have <= t.begin:
+                handle = None
+                if have > t.begin:
+                    part = dataclasses.replace(t, end=have)
+                    handle = client.load(match, self._paged(part, t.begin), first_block=t.begin)
+                else:
                     match.release()
-                    return
-                part = dataclasses.replace(t, end=have)
-                handle = client.load(match, self._paged(part, t.begin), first_block=t.begin)
-                self._loading.append((handle, part, match))
-                return
-            except kvtier.Error as e:
-                if match is not None:
-                    self._release_quietly(match)
-                if self._link.failed(e):
-                    continue
-                log.warning("kvtier: load of request %s failed (%s): vLLM recomputes it", t.req_id, e)
-                self._failed(t, t.begin)
-                return
-        self._failed(t, t.begin)
+            except kvtier.Error:
+                self._release_quietly(match)
+                raise
+            return match, have, handle
+
+        try:
+            got = self._call(self._link, load)
+        except kvtier.Error as e:
+            log.warning("kvtier: load of request %s failed (%s): vLLM recomputes it", t.req_id, e)
+            self._failed(t, t.begin)
+            return
+        if got is None or got is _DOWN:
+            self._failed(t, t.begin)
+            return
+        match, have, handle = got
+        if have < t.end:  # evicted since the scheduler looked: vLLM recomputes the rest
+            self._failed(t, max(have, t.begin))
+        if handle is not None:
+            self._loading.append((handle, dataclasses.replace(t, end=have), match))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         layer = self._layer_index.get(layer_name)
@@ -654,31 +673,30 @@ class KvtierConnector(KVConnectorBase_V1):
     def _save_one(self, t: _Transfer) -> bool:
         link = self._save_link
         assert link is not None
-        for _ in range(2):  # once more on a new connection when the old one died (a restart)
-            client = self._client(link)
-            if client is None:
-                self.stats.save_failures += 1
-                return False
+
+        def save(client: kvtier.Client) -> int | None:
+            ns = link.namespace(client, t.model, t.tenant, t.adapter, t.revision)
+            if ns is None:
+                return None
             try:
-                ns = link.namespace(client, t.model, t.tenant, t.adapter, self._revision)
-                if ns is None:
-                    return False
-                try:
-                    saved = client.save(ns, t.tokens, self._paged(t, t.begin), first_block=t.begin,
-                                        priority=self._priority)
-                except kvtier.InvalidArgument:
-                    # The earlier blocks left kvtier since the lookup (evicted): save the whole prefix.
-                    saved = client.save(ns, t.tokens, self._paged(t, 0), first_block=0, priority=self._priority)
-                self.stats.saved_blocks += saved
-                self.stats.save_bytes += saved * client.layout.bytes_per_block
-                return True
-            except kvtier.Error as e:
-                if link.failed(e):
-                    continue
-                self.stats.save_failures += 1
-                log.warning("kvtier: save of request %s failed (%s)", t.req_id, e)
-                return False
-        return False
+                saved = client.save(ns, t.tokens, self._paged(t, t.begin), first_block=t.begin, priority=self._priority)
+            except kvtier.InvalidArgument:
+                # The earlier blocks left kvtier since the lookup (evicted): save the whole prefix.
+                saved = client.save(ns, t.tokens, self._paged(t, 0), first_block=0, priority=self._priority)
+            self.stats.saved_blocks += saved
+            self.stats.save_bytes += saved * client.layout.bytes_per_block
+            return saved
+
+        try:
+            saved = self._call(link, save)
+        except kvtier.Error as e:
+            self.stats.save_failures += 1
+            log.warning("kvtier: save of request %s failed (%s)", t.req_id, e)
+            return False
+        if saved is _DOWN:
+            self.stats.save_failures += 1
+            return False
+        return saved is not None
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         with self._save_cv:

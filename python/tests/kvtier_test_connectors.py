@@ -75,7 +75,7 @@ class PageDumpConnector(KvtierConnector):
     def _finish_loads(self) -> None:
         loading = [t for handle, t, _ in self._loading if handle is not None]
         super()._finish_loads()
-        per_page = self._block_size // self._bt
+        per_page = self._per_page
         for t in loading:
             if not (set(t.vllm_blocks) & self._failed_blocks):
                 self._dump("load", t, t.begin // per_page, t.end // per_page)
@@ -84,6 +84,6 @@ class PageDumpConnector(KvtierConnector):
         self._finish_loads()
         meta = self._connector_metadata
         for t in getattr(meta, "saves", []):
-            per_page = self._block_size // self._bt
+            per_page = self._per_page
             self._dump("save", t, 0, t.end // per_page)
         super().wait_for_save()
