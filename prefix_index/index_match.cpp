@@ -127,6 +127,44 @@ Status PrefixIndex::release_spans(std::span<const Span> spans) {
   return status;
 }
 
+Status PrefixIndex::shorten(Match& match, size_t keep) {
+  if (keep >= match.blocks.size()) return Status::ok();
+  const size_t dropped = match.blocks.size() - keep;
+  const uint64_t block_tokens = match.tokens / match.blocks.size();
+  match.blocks.resize(keep);
+  match.tokens = uint64_t(keep) * block_tokens;
+  counters_->hit_blocks.fetch_sub(dropped, std::memory_order_relaxed);
+  counters_->hit_tokens.fetch_sub(dropped * block_tokens, std::memory_order_relaxed);
+  if (match.lease == kNoLease) return Status::ok();
+  // The lease's spans cover its blocks in match order: keep the first `keep`, give back the rest.
+  std::vector<Span> given_back;
+  {
+    std::lock_guard lock(leases_->mu);
+    auto it = leases_->active.find(match.lease);
+    if (it == leases_->active.end()) {
+      match.lease = kNoLease;
+      return not_found("lease is not active (released or expired)");
+    }
+    std::vector<Span>& spans = it->second.spans;
+    size_t left = keep;
+    size_t s = 0;
+    for (; s < spans.size() && left >= spans[s].end - spans[s].begin; ++s) left -= spans[s].end - spans[s].begin;
+    if (s < spans.size() && left > 0) {
+      given_back.push_back({spans[s].run, spans[s].begin + static_cast<uint32_t>(left), spans[s].end});
+      spans[s].end = spans[s].begin + static_cast<uint32_t>(left);
+      ++s;
+    }
+    given_back.insert(given_back.end(), spans.begin() + static_cast<std::ptrdiff_t>(s), spans.end());
+    spans.resize(s);
+    if (spans.empty()) {
+      leases_->active.erase(it);
+      match.lease = kNoLease;
+      match.lease_expiry_ns = 0;
+    }
+  }
+  return release_spans(given_back);
+}
+
 Status PrefixIndex::release(LeaseId lease) {
   Leases::Record record;
   {

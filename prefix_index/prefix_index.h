@@ -148,6 +148,11 @@ class PrefixIndex {
   Status match_into(const Namespace& ns, std::span<const TokenId> tokens,
                     std::span<const BlockExtra> extras, const MatchOptions& options, Match& out);
 
+  /// Shortens a match to its first `keep` blocks (`keep` >= its size: no change). Under a lease,
+  /// the blocks left out are unpinned and the lease keeps the rest; a lease of no block left is
+  /// released (match.lease becomes kNoLease). The index's hit counts drop by the blocks left out.
+  /// kNotFound when the lease was released or expired already (the match is shortened anyway).
+  Status shorten(Match& match, size_t keep);
   /// Releases a lease's pins. kNotFound when it was released or expired already.
   Status release(LeaseId lease);
   /// Releases every lease whose expiry has passed; returns how many.

@@ -1,6 +1,8 @@
 #include "tiers/fault_device.h"
 
 #include <algorithm>
+#include <chrono>
+#include <thread>
 
 namespace kvtier {
 
@@ -71,12 +73,19 @@ FaultInjectingDevice::WriteDecision FaultInjectingDevice::decide_write_locked(ui
 }
 
 int FaultInjectingDevice::read_impl(uint64_t offset, std::span<std::byte> out) {
+  uint32_t delay_us = 0;
   {
     std::lock_guard lock(mu_);
     if (draw_one_in_locked(plan_.read_error_one_in)) {
       faults_.read_errors.fetch_add(1, std::memory_order_relaxed);
       return -EIO;
     }
+    delay_us = plan_.read_delay_us;
+  }
+  if (delay_us > 0) {
+    // The device is slow, not the test waiting: the read returns its bytes after the delay.
+    faults_.delayed_reads.fetch_add(1, std::memory_order_relaxed);
+    std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
   }
   return status_to_errno(inner_->read(offset, out));
 }

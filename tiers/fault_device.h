@@ -44,6 +44,9 @@ struct FaultPlan {
   uint64_t torn_write_bytes = 4096;
   /// Every flush fails with EIO (default false).
   bool fail_flush = false;
+  /// Every read takes at least this long, its bytes right: a slow or throttled device
+  /// (default 0: no delay).
+  uint32_t read_delay_us = 0;
 };
 
 /// How many faults were injected, by kind. Monotonic across plans.
@@ -54,6 +57,7 @@ struct FaultCounters {
   std::atomic<uint64_t> short_writes{0};
   std::atomic<uint64_t> torn_writes{0};
   std::atomic<uint64_t> flush_errors{0};
+  std::atomic<uint64_t> delayed_reads{0};
 };
 
 class FaultInjectingDevice final : public StorageDevice {

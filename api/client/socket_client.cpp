@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 
 #include <fcntl.h>
@@ -228,11 +229,16 @@ Result<DeviceMovers> SocketClient::movers() {
 }
 
 Result<NamespaceId> SocketClient::open_namespace(const NamespaceRequest& r) {
+  if (!std::isfinite(r.prefill_tokens_per_second) || r.prefill_tokens_per_second < 0) {
+    return invalid_argument("prefill_tokens_per_second must be finite and >= 0, got " +
+                            std::to_string(r.prefill_tokens_per_second));
+  }
   std::lock_guard lock(gate_);
   std::vector<std::byte> req, reply;
   proto::encode(proto::OpenNamespaceRequest{.model_id = r.model_id, .tenant = r.tenant, .adapter_id = r.adapter_id,
                                             .layout_fingerprint = layout_.fingerprint(),
-                                            .revision = r.revision},
+                                            .revision = r.revision,
+                                            .prefill_tokens_per_second = r.prefill_tokens_per_second},
                 req);
   KVTIER_RETURN_IF_ERROR(call(Op::kOpenNamespace, req, reply));
   proto::OpenNamespaceReply out;
@@ -252,6 +258,8 @@ Result<Match> SocketClient::lookup(NamespaceId ns, std::span<const TokenId> toke
   Match m;
   m.lease = out.lease;
   m.tokens = out.tokens;
+  m.held_back_blocks = out.held_back_blocks;
+  m.seconds_saved = double(out.saved_ns) * 1e-9;
   m.blocks.resize(out.tier_masks.size());
   for (size_t i = 0; i < out.tier_masks.size(); ++i) m.blocks[i].tier_mask = out.tier_masks[i];
   return m;

@@ -124,7 +124,8 @@ Status Handler::open_namespace(std::span<const std::byte> payload) {
                                        .revision = req.revision},
                                       tenant->name);
   if (!id) return id.status();
-  s.namespaces.emplace(*id, tenant);
+  // Opening it again declares a new prefill speed (an engine that measured itself).
+  s.namespaces.insert_or_assign(*id, Server::Session::OpenedNamespace{tenant, req.prefill_tokens_per_second});
   proto::encode(proto::OpenNamespaceReply{.namespace_id = *id}, body);
   return Status::ok();
 }
@@ -157,9 +158,10 @@ Status Handler::lookup(std::span<const std::byte> payload) {
                                                       " leases over " + std::to_string(s.leased_blocks) +
                                                       " blocks: release some");
   }
-  auto m = store.tiers().index().match(*n, req.tokens, req.extras, {.take_lease = lease});
+  auto m = store.match(*n, req.tokens, req.extras, {.take_lease = lease}, prefill_tokens_per_second);
   if (!m) return m.status();
-  proto::LookupReply reply{.lease = m->lease, .tokens = m->tokens};
+  proto::LookupReply reply{.lease = m->lease, .tokens = m->tokens, .held_back_blocks = m->held_back_blocks,
+                           .saved_ns = static_cast<uint64_t>(m->seconds_saved * 1e9)};
   reply.tier_masks.reserve(m->blocks.size());
   for (const BlockResidency& b : m->blocks) reply.tier_masks.push_back(b.tier_mask);
   asked_tokens = req.tokens.size() / store.layout().block_tokens * store.layout().block_tokens;
@@ -421,7 +423,7 @@ Status Handler::prefix_op(Op op, std::span<const std::byte> payload) {
     auto keys = store.cached_prefix(req.namespace_id, req.tokens, req.extras);
     if (!keys) return keys.status();
     PrefixIndex& index = store.tiers().index();
-    const TenantRule& tenant = *s.namespaces.at(req.namespace_id);
+    const TenantRule& tenant = *s.namespaces.at(req.namespace_id).tenant;
     if (op == Op::kPin) {
       KVTIER_RETURN_IF_ERROR(check_priority(req.namespace_id, static_cast<Priority>(req.arg)));
       if (s.pins.size() + keys->size() > kMaxPinnedBlocksPerSession) {

@@ -30,6 +30,7 @@ struct Handler {
   double loaded_blocks = 0;  // whole-block equivalents (a request may carry some layers only)
   uint64_t asked_tokens = 0, hit_tokens = 0;
   const TenantRule* tenant = nullptr;  // the tenant of the namespace the request named
+  double prefill_tokens_per_second = 0;  // what the client declared for that namespace
 
   template <class M>
   Status decode(std::span<const std::byte> payload, M& m) {
@@ -43,17 +44,19 @@ struct Handler {
     if (it == s.namespaces.end()) {
       return Status(StatusCode::kNotFound, "namespace " + std::to_string(id) + " was not opened on this connection");
     }
-    tenant = it->second;
+    tenant = it->second.tenant;
+    prefill_tokens_per_second = it->second.prefill_tokens_per_second;
     return store.namespace_of(id);
   }
 
   /// kPermissionDenied when namespace `id`'s tenant may not save or pin at `p`.
   Status check_priority(uint32_t id, Priority p) const {
     auto it = s.namespaces.find(id);
-    if (it == s.namespaces.end() || p <= it->second->max_priority) return Status::ok();
+    if (it == s.namespaces.end() || p <= it->second.tenant->max_priority) return Status::ok();
+    const TenantRule& rule = *it->second.tenant;
     return Status(StatusCode::kPermissionDenied,
-                  "tenant '" + it->second->name + "' may save and pin at priority up to '" +
-                      std::string(priority_name(it->second->max_priority)) + "', not '" +
+                  "tenant '" + rule.name + "' may save and pin at priority up to '" +
+                      std::string(priority_name(rule.max_priority)) + "', not '" +
                       std::string(priority_name(p)) + "'");
   }
 

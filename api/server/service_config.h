@@ -86,6 +86,9 @@ struct ServiceConfig {
   WritePolicy write_policy = WritePolicy::kWriteBack;
   /// Copy NVMe-only blocks up to host on a hit (default true).
   bool promote_on_hit = true;
+  /// NVMe admission (TierManagerOptions::nvme_admission_min_uses): uses a block needs lately
+  /// before its demotion from host writes it to NVMe; 0 or 1 admits every block (default 2).
+  uint32_t nvme_admission_min_uses = 2;
   /// fdatasync NVMe slot files before committing a block (Durability::kFdatasync, default true);
   /// false survives a process crash but not power loss.
   bool fdatasync = true;

@@ -374,6 +374,7 @@ Result<TierManagerOptions> to_tier_options(const ServiceConfig& c) {
   o.shared_host_arena = false;
   o.write_policy = c.write_policy;
   o.promote_on_hit = c.promote_on_hit;
+  o.nvme_admission_min_uses = c.nvme_admission_min_uses;
   o.index.default_lease_ns = c.lease_ms * 1'000'000ull;
   for (const TenantRule& t : c.tenants) o.tenants.push_back({.name = t.name, .tier_share = t.tier_share});
   return o;

@@ -276,6 +276,8 @@ Status parse_tiers(const toml::table& t, ServiceConfig& c) {
       {"high_watermark", [&](auto& n, auto& key) { return assign(get_fraction(n, key), c.high_watermark); }},
       {"low_watermark", [&](auto& n, auto& key) { return assign(get_fraction(n, key), c.low_watermark); }},
       {"promote_on_hit", [&](auto& n, auto& key) { return assign(get_bool(n, key), c.promote_on_hit); }},
+      {"nvme_admission_min_uses",
+       [&](auto& n, auto& key) { return assign(get_uint(n, key, 0, FrequencySketch::kMaxCount), c.nvme_admission_min_uses); }},
       {"fdatasync", [&](auto& n, auto& key) { return assign(get_bool(n, key), c.fdatasync); }},
       {"write_policy", [&](auto& n, auto& key) -> Status {
          auto s = get_string(n, key);

@@ -34,7 +34,12 @@ struct Server::Session {
   proto::Mailbox mailbox;         // the client's fast path for small requests (mailbox.h)
   uint32_t mailbox_seen = 0;      // the last request sequence number taken from it
   proto::AdaptiveSpin spin;       // how long to spin for the next request before parking
-  std::unordered_map<NamespaceId, const TenantRule*> namespaces;  // opened by this session, and their tenant
+  struct OpenedNamespace {
+    const TenantRule* tenant;
+    double prefill_tokens_per_second = 0;  // as the client declared it last (restore or recompute)
+  };
+  std::unordered_map<NamespaceId, OpenedNamespace> namespaces;  // opened by this session
+
   std::unordered_map<const TenantRule*, uint64_t> tenant_pins;    // pins held here, per tenant (quotas)
   struct HeldLease {
     Match match;

@@ -1,6 +1,7 @@
 #include "api/store/store.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -65,22 +66,48 @@ Result<NamespaceId> Store::open_namespace_spec(const NamespaceSpec& spec, std::s
   if (auto it = ns_ids_.find(key); it != ns_ids_.end()) return it->second;  // lost a race: same root
   const auto id = static_cast<NamespaceId>(namespaces_.size());
   namespaces_.push_back(*ns);
+  prefill_speed_.push_back(0);
   ns_ids_.emplace(std::move(key), id);
   return id;
 }
 
 Result<NamespaceId> Store::open_namespace(const NamespaceRequest& request) {
+  const double speed = request.prefill_tokens_per_second;
+  if (!std::isfinite(speed) || speed < 0) {
+    return invalid_argument("prefill_tokens_per_second must be finite and >= 0, got " + std::to_string(speed));
+  }
   // In-process, the tenant is its own salt, and names it in StoreOptions::tiers.tenants too.
-  return open_namespace_spec({.model_id = request.model_id, .layout = layout(),
-                              .tenant_salt = request.tenant, .adapter_id = request.adapter_id,
-                              .revision = request.revision},
-                             request.tenant);
+  auto id = open_namespace_spec({.model_id = request.model_id, .layout = layout(),
+                                 .tenant_salt = request.tenant, .adapter_id = request.adapter_id,
+                                 .revision = request.revision},
+                                request.tenant);
+  if (!id) return id.status();
+  std::unique_lock lock(ns_mu_);
+  prefill_speed_[*id] = speed;  // the last declaration wins (an engine that measured itself)
+  return id;
 }
 
 Result<Match> Store::lookup(NamespaceId id, std::span<const TokenId> tokens, std::span<const BlockExtra> extras) {
   auto ns = namespace_of(id);
   if (!ns) return ns.status();
-  return tiers_->index().match(*ns, tokens, extras, {.take_lease = true});
+  double speed = 0;
+  {
+    std::shared_lock lock(ns_mu_);
+    speed = prefill_speed_[id];
+  }
+  return match(*ns, tokens, extras, {.take_lease = true}, speed);
+}
+
+Result<Match> Store::match(const Namespace& ns, std::span<const TokenId> tokens, std::span<const BlockExtra> extras,
+                           const MatchOptions& options, double prefill_tokens_per_second) {
+  auto m = tiers_->index().match(ns, tokens, extras, options);
+  if (!m || !(prefill_tokens_per_second > 0) || m->blocks.empty()) return m;
+  const RestoreOffer offer = tiers_->plan_restore(m->blocks, prefill_tokens_per_second);
+  // A lease that expired already (lease_ns tiny) leaves the match shortened all the same.
+  tiers_->index().shorten(*m, offer.keep).ignore();
+  m->held_back_blocks = static_cast<uint32_t>(offer.held_back);
+  m->seconds_saved = offer.seconds_saved;
+  return m;
 }
 
 Status Store::release(const Match& match) {
@@ -366,6 +393,31 @@ std::string render_tier_metrics(TierManager& tiers) {
   scalar("kvtier_over_share_evictions_total", "counter",
          "Blocks demoted or dropped ahead of the usual order because their tenant held more than its tier_share.",
          ix.over_share_evictions + s.over_share_demotions);
+  family("kvtier_nvme_admission_total", "counter",
+         "Blocks demoted from host DRAM, by NVMe admission's decision: admitted (used often enough lately, or of "
+         "class high or above) and written, or refused and dropped from memory.");
+  out += fmt::format("kvtier_nvme_admission_total{{decision=\"admitted\"}} {}\n", s.nvme_admitted);
+  out += fmt::format("kvtier_nvme_admission_total{{decision=\"refused\"}} {}\n", s.nvme_refused);
+  scalar("kvtier_nvme_written_bytes_total", "counter",
+         "Payload bytes of the blocks committed to NVMe (write-back, write-through, flush, repair).",
+         s.nvme_blocks_written * bpb);
+  scalar("kvtier_restore_offered_tokens_total", "counter",
+         "Tokens lookups offered where the engine declared its prefill speed (restore or recompute).",
+         s.restore_offered_tokens);
+  scalar("kvtier_restore_held_back_tokens_total", "counter",
+         "Cached tokens lookups held back as slower to restore than to recompute.", s.restore_held_back_tokens);
+  family("kvtier_restore_seconds_saved_total", "counter",
+         "Estimated recompute time minus restore time of the tokens offered.");
+  out += fmt::format("kvtier_restore_seconds_saved_total {}\n", s.restore_seconds_saved);
+  scalar("kvtier_restore_probes_total", "counter",
+         "Probe reads of a tier whose blocks were held back, so its estimate can recover.", s.restore_probes);
+  family("kvtier_restore_bandwidth_bytes_per_second", "gauge",
+         "Each tier's restore bandwidth as measured from loads (a moving estimate; the prior until a load).");
+  for (Tier t : kAllTiers) {
+    if (!tiers.has_tier(t)) continue;
+    out += fmt::format("kvtier_restore_bandwidth_bytes_per_second{{tier=\"{}\"}} {}\n", tier_name(t),
+                       s.restore_bytes_per_second[int(t)]);
+  }
   const IoEngineStats io = tiers.transfer().io_engine().stats();
   scalar("kvtier_io_ops_total", "counter", "Reads and writes sent to the storage devices.", io.ops);
   scalar("kvtier_io_submit_calls_total", "counter",

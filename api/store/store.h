@@ -64,6 +64,11 @@ class Store final : public KvStore {
                        std::span<const BlockExtra> extras = {}) override;
   Result<std::string> metrics_text() override;
 
+  /// The index's match, then restore or recompute for an engine that prefills
+  /// `prefill_tokens_per_second` (TierManager::plan_restore): the blocks not worth restoring
+  /// leave the match (and its lease), counted in held_back_blocks. 0: the index's match as is.
+  Result<Match> match(const Namespace& ns, std::span<const TokenId> tokens, std::span<const BlockExtra> extras,
+                      const MatchOptions& options, double prefill_tokens_per_second);
   /// The keys of the cached prefix of `tokens` (no lease, recency untouched).
   Result<std::vector<BlockKey>> cached_prefix(NamespaceId ns, std::span<const TokenId> tokens,
                                               std::span<const BlockExtra> extras = {});
@@ -88,6 +93,7 @@ class Store final : public KvStore {
   std::unique_ptr<EngineCopier> copier_;               // canonical KV in device memory, via tiers_
   mutable std::shared_mutex ns_mu_;
   std::vector<Namespace> namespaces_;                                   // id → namespace
+  std::vector<double> prefill_speed_;  // id → the prefill speed its last open_namespace declared
   // (model, tenant salt, adapter, revision) → id
   std::map<std::tuple<std::string, std::string, std::string, std::string>, NamespaceId> ns_ids_;
   bool closed_ = false;

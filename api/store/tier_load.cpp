@@ -60,9 +60,14 @@ Result<size_t> TierManager::promote(std::span<const BlockKey> keys, Tier to) {
   }
   size_t promoted = 0;
   if (!job.segments.empty()) {
+    // Timed as a restore when every block came from NVMe (a prefetch, or a load's promotion).
+    const bool all_nvme = from_nvme.size() == job.segments.size();
+    const uint64_t bytes = uint64_t(job.segments.size()) * block_bytes_;
+    const uint64_t start = steady_ns();
     // One job: NVMe → staging → HBM segments pipeline the disk and the copy engine.
     auto h = engine_->submit(std::move(job));
     Status s = h ? h->wait() : h.status();
+    if (all_nvme) record_restore(Tier::kNvme, bytes, start, s);
     if (!s) {
       counters_->errors++;
       for (auto& [key, slot] : moved) free_slot(to, slot);
@@ -171,8 +176,11 @@ Result<TransferHandle> TierManager::load(const Match& match, std::span<std::byte
     }
   }
   if (!direct.segments.empty()) {
+    const uint64_t bytes = uint64_t(direct.segments.size()) * block_bytes_;
+    const uint64_t start = steady_ns();
     auto h = engine_->submit(std::move(direct));
     Status s = h ? h->wait() : h.status();
+    record_restore(Tier::kNvme, bytes, start, s);
     if (!s) {
       counters_->errors++;
       // Which block: each is read again on its own. A corrupt one is marked so the next lookup
@@ -183,7 +191,104 @@ Result<TransferHandle> TierManager::load(const Match& match, std::span<std::byte
     }
   }
   counters_->loaded += match.blocks.size();
+  {
+    // A load is a use of every block it copies out (NVMe admission counts them).
+    std::vector<BlockKey> keys;
+    keys.reserve(match.blocks.size());
+    for (const BlockResidency& r : match.blocks) keys.push_back(r.key);
+    uses_->add(keys);
+  }
+  // Timed as a restore from the one memory tier every copy reads, when there is one such tier.
+  auto tier_of = [](const Location& l) { return l.kind == LocationKind::kDevice ? Tier::kHbm : Tier::kHost; };
+  const Tier source = from_memory.empty() ? Tier::kHost : tier_of(from_memory.front().second);
+  bool one_source = !from_memory.empty() && from_scratch.empty();
+  for (const auto& [b, loc] : from_memory) one_source = one_source && tier_of(loc) == source;
+  if (one_source) {
+    const uint64_t bytes = uint64_t(from_memory.size()) * layers * layer_bytes;
+    job.callback = [this, source, bytes, start = steady_ns(), cb = std::move(job.callback)](const Status& s) {
+      record_restore(source, bytes, start, s);
+      if (cb) cb(s);
+    };
+  }
   return engine_->submit(std::move(job));
+}
+
+void TierManager::record_restore(Tier from, uint64_t bytes, uint64_t start_ns, const Status& s) {
+  if (s.is_ok()) restore_->record(from, bytes, steady_ns() - start_ns);
+}
+
+RestoreOffer TierManager::plan_restore(std::span<const BlockResidency> blocks, double prefill_tokens_per_second) {
+  const uint32_t bt = options_.layout.block_tokens;
+  RestoreOffer offer = restore_->plan(blocks, prefill_tokens_per_second, bt);
+  counters_->offered_tokens += uint64_t(offer.keep) * bt;
+  if (offer.seconds_saved > 0) counters_->saved_ns += static_cast<uint64_t>(offer.seconds_saved * 1e9);
+  if (offer.held_back == 0) return offer;
+  counters_->held_back_tokens += uint64_t(offer.held_back) * bt;
+  const Tier slow = static_cast<Tier>(offer.held_back_tier);
+  // Nothing is read from a tier whose blocks are held back, so its estimate would never learn
+  // that the device got faster again: probe it once the estimate is stale.
+  const uint64_t last = restore_->last_sample_ns(slow);
+  if (last == 0 || steady_ns() - last >= options_.restore_probe_interval_ns) probe(blocks.subspan(offer.keep), slow);
+  return offer;
+}
+
+void TierManager::probe(std::span<const BlockResidency> blocks, Tier tier) {
+  {
+    std::lock_guard lock(counters_->probe_mu);
+    if (counters_->probing) return;
+    counters_->probing = true;
+  }
+  // Up to 8 blocks whose fastest copy is in `tier`, pinned until the read is done (their lease
+  // may end first), each read whole into scratch as a load would: verified when from NVMe.
+  constexpr size_t kProbeBlocks = 8;
+  auto pinned = std::make_shared<std::vector<BlockKey>>();
+  JobSpec job;
+  auto scratch = std::make_shared<AlignedBuffer>();
+  std::vector<BlockResidency> chosen;
+  for (const BlockResidency& b : blocks) {
+    if (chosen.size() == kProbeBlocks) break;
+    bool faster_copy = false;
+    for (Tier t : kAllTiers) {
+      if (t == tier) break;
+      faster_copy |= b.resident_in(t);
+    }
+    if (faster_copy || !b.resident_in(tier) || !index_->pin(b.key).is_ok()) continue;
+    pinned->push_back(b.key);
+    chosen.push_back(b);
+  }
+  auto done = [this, pinned] {
+    for (const BlockKey& k : *pinned) index_->unpin(k).ignore();
+    std::lock_guard lock(counters_->probe_mu);
+    counters_->probing = false;
+    counters_->probe_cv.notify_all();
+  };
+  if (chosen.empty()) return done();
+  *scratch = make_aligned_buffer(chosen.size() * align_up(block_bytes_, kIoAlignment));
+  for (size_t i = 0; i < chosen.size(); ++i) {
+    auto where = index_->get(chosen[i].key);  // pinned: its slots stay
+    if (!where) continue;
+    Segment seg{.layer = 0, .bytes = block_bytes_, .src = block_location(*where, tier),
+                .dst = Location::host(scratch->get() + i * align_up(block_bytes_, kIoAlignment))};
+    if (tier == Tier::kNvme) {
+      seg.verify = true;
+      seg.expected_xxh3_64 = where->checksum;
+    }
+    job.segments.push_back(seg);
+  }
+  if (job.segments.empty()) return done();
+  const uint64_t bytes = uint64_t(job.segments.size()) * block_bytes_;
+  job.callback = [this, tier, bytes, start = steady_ns(), scratch, done](const Status& s) {
+    record_restore(tier, bytes, start, s);
+    done();
+  };
+  counters_->probes++;
+  auto h = engine_->submit(std::move(job));
+  if (!h) done();  // the callback does not fire for a job that was refused
+}
+
+void TierManager::wait_for_probes() {
+  std::unique_lock lock(counters_->probe_mu);
+  counters_->probe_cv.wait(lock, [&] { return !counters_->probing; });
 }
 
 }  // namespace kvtier

@@ -5,7 +5,10 @@
 namespace kvtier {
 
 TierManager::TierManager(const KeyChain& keys, TierManagerOptions options)
-    : keys_(keys), options_(std::move(options)), counters_(std::make_unique<Counters>()) {}
+    : keys_(keys),
+      options_(std::move(options)),
+      restore_(std::make_unique<RestorePlanner>(options_.restore)),
+      counters_(std::make_unique<Counters>()) {}
 
 TierManager::~TierManager() { close(); }
 
@@ -148,6 +151,14 @@ TierManagerStats TierManager::stats() const {
   s.corrupt_blocks_found = counters_->corrupt_found;
   s.blocks_repaired = counters_->repaired;
   s.over_share_demotions = counters_->over_share_demotions;
+  s.nvme_admitted = counters_->nvme_admitted;
+  s.nvme_refused = counters_->nvme_refused;
+  s.nvme_blocks_written = counters_->nvme_writes;
+  s.restore_offered_tokens = counters_->offered_tokens;
+  s.restore_held_back_tokens = counters_->held_back_tokens;
+  s.restore_seconds_saved = double(counters_->saved_ns.load()) * 1e-9;
+  s.restore_probes = counters_->probes;
+  for (Tier t : kAllTiers) s.restore_bytes_per_second[static_cast<int>(t)] = restore_->bytes_per_second(t);
   s.background_rounds = counters_->background_rounds;
   s.foreground_rounds = counters_->foreground_rounds;
   if (nvme_) s.nvme = nvme_->stats();

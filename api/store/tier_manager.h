@@ -35,9 +35,11 @@
 #include <vector>
 
 #include "api/store/reclaimer.h"
+#include "api/store/restore_planner.h"
 #include "kvtier/kv_layout.h"
 #include "kvtier/status.h"
 #include "kvtier/tier.h"
+#include "prefix_index/frequency_sketch.h"
 #include "prefix_index/prefix_index.h"
 #include "tiers/memory_arena.h"
 #include "tiers/nvme_tier.h"
@@ -94,6 +96,21 @@ struct TierManagerOptions {
   WritePolicy write_policy = WritePolicy::kWriteBack;
   /// Copy a block up to the host tier when a load finds it only on NVMe (default true).
   bool promote_on_hit = true;
+  /// Admission to NVMe: a block demoted from the host tier is written to NVMe only when it was
+  /// used at least this many times lately — each save of its tokens and each load of it counts
+  /// one, in a frequency sketch with aging (FrequencySketch), so a block dropped and saved again
+  /// keeps its count — or when its class is kHigh or above. A block refused is dropped from
+  /// memory instead. Write-through saves, flush() and blocks on NVMe already are not filtered.
+  /// 0 or 1: every demoted block is written (default 2: a block saved once and never reused
+  /// does not cost an NVMe write, as Dynamo's and vLLM's disk filters).
+  uint32_t nvme_admission_min_uses = 2;
+  /// Restore or recompute: the bandwidth priors and smoothing of each tier's restore estimate.
+  RestorePlanner::Options restore;
+  /// A lookup that held blocks back as slower to restore than to recompute probes their tier
+  /// (a timed, verified read of up to 8 of them, off the lookup's path) when the tier's estimate
+  /// is older than this, so an estimate that went slow can recover once the device does
+  /// (default 1 s; 0: at every such lookup).
+  uint64_t restore_probe_interval_ns = 1'000'000'000ull;
   /// A background thread brings each tier from above its high watermark down to its low one
   /// (write-back to NVMe included) while saves go on, so a save reclaims by itself only when its
   /// tier is full. false: the save that crosses the high watermark reclaims (default true).
@@ -134,6 +151,14 @@ struct TierManagerStats {
   uint64_t corrupt_blocks_found = 0;  // NVMe copies that failed their checksum and were marked damaged
   uint64_t blocks_repaired = 0;       // damaged blocks whose tokens were saved again, replacing the copy
   uint64_t over_share_demotions = 0;  // blocks demoted early, their tenant over its tier share
+  uint64_t nvme_admitted = 0;       // blocks demoted from host that admission let onto NVMe
+  uint64_t nvme_refused = 0;        // blocks demoted from host that admission dropped instead
+  uint64_t nvme_blocks_written = 0; // blocks committed to NVMe (write-back, write-through, repair)
+  uint64_t restore_offered_tokens = 0;    // tokens lookups offered after restore-or-recompute
+  uint64_t restore_held_back_tokens = 0;  // tokens held back as slower to restore than recompute
+  double restore_seconds_saved = 0;       // estimated recompute minus restore time of those offered
+  uint64_t restore_probes = 0;            // probe reads of a tier whose blocks were held back
+  std::array<double, kNumTiers> restore_bytes_per_second{};  // the estimates now
   uint64_t background_rounds = 0;   // reclaim rounds (up to 64 blocks) run by the background thread
   uint64_t foreground_rounds = 0;   // reclaim rounds run inside a save, load or rebalance
   NvmeTierStats nvme{};
@@ -201,6 +226,18 @@ class TierManager {
   /// runs as one pipelined job through staging. Blocks already there are skipped.
   Result<size_t> promote(std::span<const BlockKey> keys, Tier to);
 
+  /// Restore or recompute: how much of `blocks` (a match, in order) a lookup by an engine that
+  /// prefills `prefill_tokens_per_second` should offer (RestorePlanner::plan over this manager's
+  /// measured restore bandwidths), counted in the stats. When blocks are held back and their
+  /// tier's estimate is stale (restore_probe_interval_ns), probes that tier in the background.
+  /// A speed of 0 or less: everything is offered.
+  RestoreOffer plan_restore(std::span<const BlockResidency> blocks, double prefill_tokens_per_second);
+  /// Waits until no probe plan_restore started is in flight.
+  void wait_for_probes();
+  const RestorePlanner& restore_planner() const noexcept { return *restore_; }
+  /// Uses of `key` counted lately for NVMe admission (FrequencySketch::estimate).
+  uint32_t recent_uses(const BlockKey& key) const { return uses_->estimate(key); }
+
   /// Brings every tier under its high watermark (down to its low watermark).
   Status rebalance();
   /// Writes every block resident only in memory tiers to NVMe (graceful shutdown).
@@ -258,8 +295,9 @@ class TierManager {
   /// block is committed only when its parent is on NVMe or committed with it. Every data write
   /// of a round is in flight together, then one NvmeTier::commit_batch (one flush per slot file,
   /// one synced catalog write, all or nothing). Blocks on NVMe already are ok. One status per
-  /// key, in order.
-  std::vector<Status> store_batch_to_nvme(std::span<const BlockKey> keys);
+  /// key, in order. `written`, when given, gets the number of blocks this call wrote (ancestors
+  /// included; not those stored already).
+  std::vector<Status> store_batch_to_nvme(std::span<const BlockKey> keys, size_t* written = nullptr);
   /// The blocks to write for `keys`: theirs and their ancestors' keys up to (and including) the
   /// first ancestor on NVMe, deduplicated, parents before children.
   std::vector<BlockKey> with_ancestors(std::span<const BlockKey> keys) const;
@@ -284,6 +322,18 @@ class TierManager {
   /// the catalog and the index to it and returns true; false when it is not damaged.
   Result<bool> repair(const BlockKey& key, const std::function<CatalogEntry()>& entry, const std::byte* src,
                       bool src_is_device);
+  /// Whether a block demoted from the host tier may be written to NVMe (nvme_admission_min_uses).
+  bool admit_to_nvme(const BlockResidency& block) const;
+  /// Write-back of one round of victims of `t` (the host tier, NVMe below it), in the order
+  /// pick_victims gave them: the admitted ones (and those on NVMe already) are stored and their
+  /// copy in `t` dropped; the refused ones are dropped from `t` (from the index, with their last
+  /// copy). One status per victim.
+  std::vector<Status> write_back_victims(Tier t, std::span<const BlockKey> victims);
+  /// A timed, verified read of up to 8 of `blocks` (resident in `tier`) into scratch, recorded
+  /// in the restore estimate; runs on the transfer engine, one probe at a time.
+  void probe(std::span<const BlockResidency> blocks, Tier tier);
+  /// Records the time of a restore job from one tier when it succeeded.
+  void record_restore(Tier from, uint64_t bytes, uint64_t start_ns, const Status& s);
   /// One block between host and device memory (or host to host), waited for.
   Status copy_block(std::byte* dst, bool dst_is_device, const std::byte* src, bool src_is_device);
   static CatalogEntry catalog_entry(const BlockKey& key, const BlockKey& parent, uint32_t block_index,
@@ -302,6 +352,8 @@ class TierManager {
   MemoryTier hbm_, host_;
   std::unique_ptr<NvmeTier> nvme_;
   std::unique_ptr<TransferEngine> engine_;
+  std::unique_ptr<FrequencySketch> uses_;       // for NVMe admission; sized at open
+  std::unique_ptr<RestorePlanner> restore_;
 
   struct Counters;
   std::unique_ptr<Counters> counters_;

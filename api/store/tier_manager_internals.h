@@ -47,6 +47,12 @@ struct TierManager::Counters {
   std::mutex orphan_mu;
   std::unordered_multimap<BlockKey, CatalogEntry> orphans;
   std::atomic<uint64_t> orphan_count{0}, orphans_adopted{0}, orphans_dropped{0};
+  std::atomic<uint64_t> nvme_admitted{0}, nvme_refused{0}, nvme_writes{0};
+  std::atomic<uint64_t> offered_tokens{0}, held_back_tokens{0}, saved_ns{0}, probes{0};
+  // One probe in flight at a time; wait_for_probes waits on probe_cv.
+  std::mutex probe_mu;
+  std::condition_variable probe_cv;
+  bool probing = false;  // guarded by probe_mu
 };
 
 namespace tier_detail {

@@ -57,6 +57,11 @@ Status TierManager::open_tiers() {
     nvme_ = std::move(*tier);
   }
 
+  // A counter per slot of every tier (at most 4M: 16 MiB): TinyLFU sizes its sketch to the cache.
+  uint64_t slots = 0;
+  for (Tier t : kAllTiers) slots += capacity_slots(t);
+  uses_ = std::make_unique<FrequencySketch>(std::min<uint64_t>(slots, 4ull << 20));
+
   auto engine = TransferEngine::create(options_.transfer);
   if (!engine) return engine.status();
   engine_ = std::move(*engine);

@@ -54,8 +54,8 @@ Status TierManager::reclaim(Tier t, uint64_t target_used, const std::atomic<bool
     if (lower == Tier::kNvme) {
       // Write-back: every victim's write in flight at once and one commit for all of them.
       const std::vector<BlockKey> victims = index_->pick_victims(t, batch, EvictPurpose::kDemote, &over_share);
-      const std::vector<Status> stored = store_batch_to_nvme(victims);
-      for (size_t v = 0; v < victims.size(); ++v) count_over(v, stored[v] ? drop_residency(victims[v], t) : stored[v]);
+      const std::vector<Status> moved = write_back_victims(t, victims);
+      for (size_t v = 0; v < victims.size(); ++v) count_over(v, moved[v]);
     } else if (lower) {
       const std::vector<BlockKey> victims = index_->pick_victims(t, batch, EvictPurpose::kDemote, &over_share);
       for (size_t v = 0; v < victims.size(); ++v) count_over(v, demote_block(victims[v], t));
@@ -85,6 +85,55 @@ Status TierManager::reclaim(Tier t, uint64_t target_used, const std::atomic<bool
                                                        : " tier is full and every resident block is pinned"));
     }
   }
+}
+
+bool TierManager::admit_to_nvme(const BlockResidency& block) const {
+  const uint32_t min_uses = options_.nvme_admission_min_uses;
+  return min_uses <= 1 || block.priority >= Priority::kHigh || uses_->estimate(block.key) >= min_uses;
+}
+
+std::vector<Status> TierManager::write_back_victims(Tier t, std::span<const BlockKey> victims) {
+  std::vector<Status> result(victims.size());
+  std::vector<BlockKey> to_store;
+  std::vector<uint8_t> refused(victims.size(), 0);
+  for (size_t v = 0; v < victims.size(); ++v) {
+    auto where = index_->get(victims[v]);
+    refused[v] = where && !where->resident_in(Tier::kNvme) && !admit_to_nvme(*where);
+    if (!refused[v]) to_store.push_back(victims[v]);
+  }
+  // Admitted: what this write-back wrote, the admitted blocks' ancestors included.
+  size_t written = 0;
+  const std::vector<Status> stored = store_batch_to_nvme(to_store, &written);
+  counters_->nvme_admitted += written;
+  size_t s = 0;
+  for (size_t v = 0; v < victims.size(); ++v) {
+    if (!refused[v]) {
+      const Status& st = stored[s++];
+      result[v] = st ? drop_residency(victims[v], t) : st;
+      continue;
+    }
+    // Written after all as the ancestor of an admitted child (NVMe stays prefix-closed): it has
+    // its lower copy now.
+    if (auto where = index_->get(victims[v]); where && where->resident_in(Tier::kNvme)) {
+      result[v] = drop_residency(victims[v], t);
+      continue;
+    }
+    // Refused: dropped instead of written. pick_victims put its children in `t` before it, so
+    // they are gone by now; kBusy when it was pinned meanwhile (it stays).
+    auto removed = index_->remove_residency(victims[v], t);
+    if (!removed) {
+      result[v] = removed.status();
+      continue;
+    }
+    free_slot(t, removed->slot);
+    if (removed->left_index) {
+      std::lock_guard dl(counters_->dirty_mu);
+      counters_->dirty.erase(victims[v]);
+    }
+    counters_->drops[static_cast<int>(t)]++;
+    counters_->nvme_refused++;
+  }
+  return result;
 }
 
 Status TierManager::demote_block(const BlockKey& key, Tier from) {
@@ -155,6 +204,7 @@ Result<CatalogEntry> TierManager::write_to_nvme(const CatalogEntry& entry, const
     counters_->errors++;
     return s;
   }
+  counters_->nvme_writes++;
   return written;
 }
 

@@ -41,6 +41,9 @@ Result<size_t> TierManager::save_blocks(const Namespace& ns, std::span<const Tok
                             std::to_string(keys.size() - first_block));
   }
   if (src_kind == LocationKind::kStorage) return invalid_argument("save sources are memory");
+  // A save of a block is a use of it, cached already or not (NVMe admission counts them); the
+  // blocks before first_block were counted by the save of the window that gave them.
+  uses_->add(std::span<const BlockKey>(keys).subspan(first_block));
   const bool src_on_device = src_kind == LocationKind::kDevice;
   // A device block whose bytes the host must checksum is read into this host block once.
   std::unique_ptr<std::byte[]> bounce;

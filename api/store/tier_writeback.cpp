@@ -27,7 +27,7 @@ std::vector<BlockKey> TierManager::with_ancestors(std::span<const BlockKey> keys
   return out;
 }
 
-std::vector<Status> TierManager::store_batch_to_nvme(std::span<const BlockKey> keys) {
+std::vector<Status> TierManager::store_batch_to_nvme(std::span<const BlockKey> keys, size_t* written) {
   std::vector<Status> result(keys.size(), Status::ok());
   if (!nvme_) {
     std::fill(result.begin(), result.end(), Status(StatusCode::kUnavailable, "no NVMe tier"));
@@ -61,6 +61,7 @@ std::vector<Status> TierManager::store_batch_to_nvme(std::span<const BlockKey> k
   for (const BlockKey& k : written_now) {
     if (!asked.contains(k)) counters_->ancestor_writes++;
   }
+  if (written != nullptr) *written = written_now.size();
   for (size_t i = 0; i < keys.size(); ++i) {
     auto it = by_key.find(keys[i]);
     result[i] = it == by_key.end() ? not_found("block left the index") : it->second;
@@ -177,6 +178,7 @@ void TierManager::store_round_to_nvme(std::span<const BlockKey> keys, std::unord
       refuse(w, committed[c]);
       continue;
     }
+    counters_->nvme_writes++;
     Status indexed = index_nvme_copy(w.key, w.slot);
     if (indexed) written_now.insert(w.key);
     result.insert_or_assign(w.key, std::move(indexed));

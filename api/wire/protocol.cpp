@@ -9,6 +9,7 @@
 #include "api/wire/protocol.h"
 
 #include <bit>
+#include <cmath>
 #include <cstring>
 #include <string_view>
 #include <utility>
@@ -332,6 +333,7 @@ void encode(const OpenNamespaceRequest& m, std::vector<std::byte>& out) {
   w.string(m.adapter_id);
   w.u64(m.layout_fingerprint);
   w.string(m.revision);
+  w.u64(std::bit_cast<uint64_t>(m.prefill_tokens_per_second));
 }
 
 Status decode(std::span<const std::byte> in, OpenNamespaceRequest& m) {
@@ -341,7 +343,14 @@ Status decode(std::span<const std::byte> in, OpenNamespaceRequest& m) {
                         KVTIER_RETURN_IF_ERROR(r.string(t.tenant, "tenant"));
                         KVTIER_RETURN_IF_ERROR(r.string(t.adapter_id, "adapter_id"));
                         KVTIER_RETURN_IF_ERROR(r.u64(t.layout_fingerprint, "layout_fingerprint"));
-                        return r.string(t.revision, "revision");
+                        KVTIER_RETURN_IF_ERROR(r.string(t.revision, "revision"));
+                        uint64_t bits = 0;
+                        KVTIER_RETURN_IF_ERROR(r.u64(bits, "prefill_tokens_per_second"));
+                        t.prefill_tokens_per_second = std::bit_cast<double>(bits);
+                        if (!std::isfinite(t.prefill_tokens_per_second) || t.prefill_tokens_per_second < 0) {
+                          return r.error("prefill_tokens_per_second", "must be finite and >= 0");
+                        }
+                        return Status::ok();
                       });
 }
 
@@ -378,6 +387,8 @@ void encode(const LookupReply& m, std::vector<std::byte>& out) {
   w.u64(m.tokens);
   w.u32(static_cast<uint32_t>(m.tier_masks.size()));
   for (uint8_t mask : m.tier_masks) w.u8(mask);
+  w.u32(m.held_back_blocks);
+  w.u64(m.saved_ns);
 }
 
 Status decode(std::span<const std::byte> in, LookupReply& m) {
@@ -393,7 +404,8 @@ Status decode(std::span<const std::byte> in, LookupReply& m) {
         return r.error("tier_masks", "mask " + std::to_string(mask) + " names an unknown tier");
       }
     }
-    return Status::ok();
+    KVTIER_RETURN_IF_ERROR(r.u32(t.held_back_blocks, "held_back_blocks"));
+    return r.u64(t.saved_ns, "saved_ns");
   });
 }
 

@@ -33,7 +33,9 @@
 namespace kvtier::proto {
 
 inline constexpr uint32_t kMagic = 0x3154564Bu;  // "KVT1" little-endian
-inline constexpr uint16_t kVersion = 3;  // 2: OpenNamespaceRequest carries the revision; 3: RegionBuffer::page_tokens
+// 2: OpenNamespaceRequest carries the revision; 3: RegionBuffer::page_tokens; 4: the prefill
+// speed in OpenNamespaceRequest, what a lookup held back in LookupReply.
+inline constexpr uint16_t kVersion = 4;
 inline constexpr size_t kHeaderBytes = 16;
 inline constexpr uint32_t kMaxPayload = 8u << 20;  // 8 MiB: ~2M tokens
 inline constexpr uint32_t kMaxString = 4096;
@@ -140,6 +142,9 @@ struct OpenNamespaceRequest {
   std::string adapter_id;
   uint64_t layout_fingerprint = 0;  // must equal the daemon layout's, else kLayoutMismatch
   std::string revision;    // the weights' revision, part of the root key ("" = none); version 2
+  /// The engine's prefill speed, tokens per second, finite and >= 0 (0: declares nothing; every
+  /// cached block is offered). Version 4. Sent as the double's bits.
+  double prefill_tokens_per_second = 0;
 };
 struct OpenNamespaceReply {
   uint32_t namespace_id = 0;
@@ -155,6 +160,8 @@ struct LookupReply {
   uint64_t lease = 0;              // 0 when no lease was taken or nothing matched
   uint64_t tokens = 0;             // matched tokens
   std::vector<uint8_t> tier_masks; // per matched block: tier_bit(t) set when resident in t
+  uint32_t held_back_blocks = 0;   // cached blocks after the match, slower to restore than recompute (v4)
+  uint64_t saved_ns = 0;           // estimated recompute minus restore time of the match (v4)
 };
 
 struct LoadRequest {

@@ -11,10 +11,14 @@
 //      place, for the Client (the load streams a slice of layers at a time through the window)
 //      and the in-process Store, next to one memcpy of the same bytes; and for a Client whose
 //      destination is registered memory (Client::register_memory), which the daemon fills itself
+//   e) NVMe admission: one workload — a few popular prompts asked for again and again among many
+//      one-off ones, through a host tier far smaller than the prompts — on a Store with NVMe
+//      admission at its default (a block reaches NVMe once used twice) and off (every demoted
+//      block written), alternated A B A B: NVMe bytes written and the hit rate of each
 // The daemon is a Server started in this process (its own accept and per-connection threads);
 // the clients are threads of this process, each with its own Client connection and window.
 // NVMe is off: this measures the socket path, not the disk. Median of repeats, with min and max.
-// Rerun: build/default/bench/service/kvtier_bench_service [repeats] [seconds] [lookup | layered: a) or c) only]
+// Rerun: build/default/bench/service/kvtier_bench_service [repeats] [seconds] [lookup | layered | admission: a), c)+d) or e) only]
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -40,6 +44,7 @@
 #include "kvtier/client.h"
 #include "api/server/server.h"
 #include "api/server/service_config.h"
+#include "api/store/store.h"
 #include "transfer/shared_device_memory.h"
 #include "bench/bench_stats.h"
 #include "tools/synthetic_kv.h"
@@ -493,16 +498,114 @@ SaveResult run_saves(int repeats) {
 
 }  // namespace
 
+struct AdmissionRun {
+  uint64_t nvme_bytes_written = 0;
+  uint64_t asked_tokens = 0, hit_tokens = 0, nvme_hit_blocks = 0;
+  uint64_t admitted = 0, refused = 0;
+  double seconds = 0;
+};
+
+/// e) One run of the admission workload on a fresh Store with NVMe admission at `min_uses`.
+AdmissionRun run_admission_once(uint32_t min_uses) {
+  const KvLayout layout{AttentionKind::kStandard, 2, 8, 128, Dtype::kBf16, 16};  // 128 KiB blocks
+  const uint64_t bpb = layout.bytes_per_block();
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / ("kvtier-bench-admission-" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  TierManagerOptions o;
+  o.layout = layout;
+  o.host.capacity_bytes = 96 * bpb;  // 96 blocks of host DRAM: 12 prompts
+  o.nvme.dir = dir.string();
+  o.nvme.durability = Durability::kNone;  // bytes written are the figure, not the disk's sync time
+  o.nvme_limits.capacity_bytes = 4096 * (bpb + 2 * 4096);
+  o.nvme_admission_min_uses = min_uses;
+  o.background_reclaim = false;  // the same demotions in every run
+  auto store = Store::open({.tiers = o, .secret = "bench-admission"});
+  must(store.status(), "open the admission store");
+  auto ns = (*store)->open_namespace({.model_id = "bench-model"});
+  must(ns.status(), "open_namespace");
+  // 1,000 requests of 8-block prompts: 70% one of 16 popular prompts, 30% a prompt never seen again.
+  constexpr size_t kRequests = 1000, kPopular = 16, kPromptBlocks = 8;
+  std::mt19937_64 rng(7);
+  std::vector<std::byte> kv(kPromptBlocks * bpb, std::byte{0x42}), out(kPromptBlocks * bpb);
+  AdmissionRun run;
+  const auto start = Clock::now();
+  for (size_t r = 0; r < kRequests; ++r) {
+    const bool popular = rng() % 10 < 7;
+    const uint64_t id = popular ? rng() % kPopular : 1'000'000 + r;
+    const auto tokens = synthetic_tokens(5000 + id, kPromptBlocks * layout.block_tokens);
+    auto m = (*store)->lookup(*ns, tokens);
+    must(m.status(), "lookup");
+    run.asked_tokens += tokens.size();
+    run.hit_tokens += m->tokens;
+    for (const BlockResidency& b : m->blocks) run.nvme_hit_blocks += b.tier_mask == tier_bit(Tier::kNvme);
+    if (!m->blocks.empty()) {
+      auto h = (*store)->load(*m, KvBuffer::contiguous(out.data(), m->blocks.size(), bpb));
+      must(h.status(), "load");
+      must(h->wait(), "load wait");
+    }
+    must((*store)->release(*m), "release");
+    if (m->blocks.size() < kPromptBlocks) {
+      must((*store)->save(*ns, tokens, KvBuffer::contiguous(kv.data(), kPromptBlocks, bpb), Priority::kNormal, {},
+                          m->blocks.size())
+               .status(),
+           "save");
+    }
+  }
+  run.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  const TierManagerStats st = (*store)->tiers().stats();
+  run.nvme_bytes_written = st.nvme_blocks_written * bpb;
+  run.admitted = st.nvme_admitted;
+  run.refused = st.nvme_refused;
+  store->reset();  // the flush at close is not part of the workload's writes
+  std::filesystem::remove_all(dir);
+  return run;
+}
+
+/// e) Admission on (the default, 2 uses) and off (1), alternated: NVMe bytes written and hits.
+void run_admission(int repeats) {
+  std::printf("\ne) NVMe admission: 1,000 requests of 8-block prompts (128 KiB blocks), 70%% one of 16 popular "
+              "prompts, 30%% one-off; 96 blocks of host DRAM, NVMe below; a miss saves the prompt. Admission on "
+              "(min uses 2, the default) and off (1), alternated, %d pairs\n",
+              repeats);
+  std::vector<double> bytes_ratio, hit_on, hit_off;
+  AdmissionRun on{}, off{};
+  for (int r = 0; r < repeats; ++r) {
+    on = run_admission_once(2);
+    off = run_admission_once(1);
+    bytes_ratio.push_back(double(on.nvme_bytes_written) / double(std::max<uint64_t>(off.nvme_bytes_written, 1)));
+    hit_on.push_back(double(on.hit_tokens) / double(on.asked_tokens));
+    hit_off.push_back(double(off.hit_tokens) / double(off.asked_tokens));
+  }
+  const Summary ratio = summarize(bytes_ratio);
+  std::printf("   %-34s %14s %10s %10s %12s %9s\n", "", "NVMe written", "admitted", "refused", "hit tokens", "seconds");
+  std::printf("   %-34s %10.1f MiB %10llu %10llu %11.1f%% %9.2f\n", "admission on (min uses 2)",
+              on.nvme_bytes_written / 1048576.0, static_cast<unsigned long long>(on.admitted),
+              static_cast<unsigned long long>(on.refused), 100 * summarize(hit_on).median, on.seconds);
+  std::printf("   %-34s %10.1f MiB %10llu %10llu %11.1f%% %9.2f\n", "admission off (every demoted block)",
+              off.nvme_bytes_written / 1048576.0, static_cast<unsigned long long>(off.admitted),
+              static_cast<unsigned long long>(off.refused), 100 * summarize(hit_off).median, off.seconds);
+  std::printf("   NVMe bytes written, on / off: median %.2f (min %.2f .. max %.2f over %d pairs); hit tokens %.1f%% vs "
+              "%.1f%%\n",
+              ratio.median, ratio.min, ratio.max, repeats, 100 * summarize(hit_on).median, 100 * summarize(hit_off).median);
+}
+
 int main(int argc, char** argv) {
   const int repeats = argc > 1 ? std::max(1, std::atoi(argv[1])) : 5;
   const double seconds = argc > 2 ? std::max(0.5, std::atof(argv[2])) : 3.0;
   const bool lookup_only = argc > 3 && std::strcmp(argv[3], "lookup") == 0;  // a) alone, for profiling
   const bool layered_only = argc > 3 && std::strcmp(argv[3], "layered") == 0;  // c) alone
+  const bool admission_only = argc > 3 && std::strcmp(argv[3], "admission") == 0;  // e) alone
   std::printf("rerun: %s %d %g%s\n", argv[0], repeats, seconds, argc > 3 ? (std::string(" ") + argv[3]).c_str() : "");
   if (layered_only) {
     spdlog::set_level(spdlog::level::warn);
     run_layered(repeats);
     run_saves(repeats);
+    return 0;
+  }
+  if (admission_only) {
+    spdlog::set_level(spdlog::level::warn);
+    run_admission(repeats);
     return 0;
   }
   spdlog::set_level(spdlog::level::warn);  // the server's startup lines; its warnings still show
@@ -607,6 +710,7 @@ int main(int argc, char** argv) {
 
   const LayeredResult layered = run_layered(repeats);
   const SaveResult saves = run_saves(repeats);
+  run_admission(repeats);
 
   // ---- summary --------------------------------------------------------------------------------
   const uint64_t errors = over_socket.errors + direct.errors;

@@ -65,12 +65,18 @@ class _StoreApi:
         return self._native.closed
 
     def open_namespace(self, model: str, tenant: str = "", adapter: str = "",
-                       revision: str = "") -> int:
+                       revision: str = "", prefill_tokens_per_second: float = 0.0) -> int:
         """Resolves a namespace: the model id, a tenant (through kvtierd, one this process's
         identity is bound to, else :class:`PermissionDenied`), a LoRA adapter id, and the weights'
         revision (a commit hash or a digest of the weight files: KV of other weights never
-        matches). Returns its id."""
-        return self._native.open_namespace(model, tenant, adapter, revision)
+        matches). Returns its id.
+
+        ``prefill_tokens_per_second``, the engine's prefill speed, turns on restore or recompute:
+        a lookup then offers only the cached prefix that restores faster than the engine would
+        compute it, from each tier's measured restore bandwidth (``Match.held_back_blocks`` says
+        what it held back). Opening the namespace again with a new speed replaces it; 0 (the
+        default) offers every cached block."""
+        return self._native.open_namespace(model, tenant, adapter, revision, prefill_tokens_per_second)
 
     def lookup(self, ns: int, tokens: Tokens) -> Match:
         """The longest cached prefix of ``tokens`` (whole blocks), under a lease that keeps its

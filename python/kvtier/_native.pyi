@@ -87,6 +87,18 @@ class Match:
     def lease(self) -> int: ...
 
     @property
+    def held_back_blocks(self) -> int:
+        """
+        Cached blocks after the match not offered: slower to restore than to recompute at the namespace's declared prefill speed (0 when it declares none).
+        """
+
+    @property
+    def seconds_saved(self) -> float:
+        """
+        Estimated recompute minus restore time of the matched blocks (0 without a declared speed).
+        """
+
+    @property
     def released(self) -> bool: ...
 
     @property
@@ -145,7 +157,7 @@ class KvStore:
 
     def close(self) -> None: ...
 
-    def open_namespace(self, model: str, tenant: str = '', adapter: str = '', revision: str = '') -> int: ...
+    def open_namespace(self, model: str, tenant: str = '', adapter: str = '', revision: str = '', prefill_tokens_per_second: float = 0.0) -> int: ...
 
     def lookup(self, ns: int, tokens: object) -> Match: ...
 

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,18 +96,84 @@ def weights_revision(model_or_path: Any) -> str:
     return "sha256:" + digest.hexdigest()[:16]
 
 
+class _PrefillMeter:
+    """Restore or recompute for one namespace of one store: the model's prefill speed as
+    :func:`generate` measures it (a moving average), declared to the store whenever it moves by
+    more than a quarter, so lookups offer only what restores faster than this model computes."""
+
+    SMOOTHING = 0.5
+    REDECLARE = 0.25
+
+    def __init__(self, store: Any, args: dict[str, str]) -> None:
+        self.store = weakref.ref(store)
+        self.args = args
+        self.measured = 0.0   # tokens per second, 0 until a prefill is timed
+        self.declared = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or seconds <= 0:
+            return
+        speed = tokens / seconds
+        self.measured = speed if self.measured == 0 else self.measured + self.SMOOTHING * (speed - self.measured)
+        if self.declared and abs(self.measured - self.declared) <= self.REDECLARE * self.declared:
+            return
+        store = self.store()
+        if store is None:
+            return
+        try:  # the same namespace id, its new speed
+            store.open_namespace(**self.args, prefill_tokens_per_second=self.measured)
+            self.declared = self.measured
+        except _errors.Error as e:  # a daemon that went away: the next generate declares it
+            _log.debug("kvtier: could not declare the prefill speed: %s", e)
+
+
+_meters: "weakref.WeakKeyDictionary[Any, dict[int, _PrefillMeter]]" = weakref.WeakKeyDictionary()
+_meters_lock = threading.Lock()
+
+
 def open_namespace(store: Any, model: Any, tenant: str = "", adapter: str = "",
-                   revision: str | None = None, model_id: str | None = None) -> int:
+                   revision: str | None = None, model_id: str | None = None,
+                   prefill_tokens_per_second: float | None = None) -> int:
     """A namespace for ``model``: its id (``model_id``, else the config's ``_name_or_path``) and
     its weights' revision (``revision``, else :func:`weights_revision`). Checks that the model's KV
-    layout is the store's."""
+    layout is the store's.
+
+    Restore or recompute: with ``prefill_tokens_per_second=None`` (the default) :func:`generate`
+    times each prefill and declares the model's speed, so a lookup offers only the cached prefix
+    that restores faster than the model would compute it (until the first prefill is timed, every
+    cached block is offered). A number declares that speed instead; 0 turns it off."""
     config = _config_of(model)
     mine = layout_for(model, store.layout.block_tokens)
     if mine != store.layout:
         raise _errors.LayoutMismatch(f"the model's KV layout {mine!r} is not the store's {store.layout!r}")
     name = model_id or getattr(config, "_name_or_path", "") or getattr(config, "model_type", "model")
     rev = revision if revision is not None else weights_revision(model)
-    return store.open_namespace(name, tenant=tenant, adapter=adapter, revision=rev)
+    args = {"model": name, "tenant": tenant, "adapter": adapter, "revision": rev}
+    ns = store.open_namespace(**args, prefill_tokens_per_second=prefill_tokens_per_second or 0.0)
+    with _meters_lock:
+        meters = _meters.setdefault(store, {})
+        if prefill_tokens_per_second is None:
+            meters.setdefault(ns, _PrefillMeter(store, args))
+        else:
+            meters.pop(ns, None)
+    return ns
+
+
+def _meter(store: Any, ns: int) -> _PrefillMeter | None:
+    with _meters_lock:
+        return _meters.get(store, {}).get(ns)
+
+
+class _FirstToken:
+    """A logits processor that notes when generate's first token is chosen: the prefill's end."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        if self.at is None:
+            self.at = time.perf_counter()
+        return scores
 
 
 class _Staging:
@@ -206,6 +273,7 @@ class Restored:
     tokens: int                # tokens restored (whole blocks); 0 on a miss
     tiers: list[str]           # the fastest tier each restored block came from
     error: str | None = None   # why a match could not be used (a failed load is a miss)
+    held_back_blocks: int = 0  # cached blocks not offered: slower to restore than to recompute
 
 
 def restore_cache(store: Any, ns: int, tokens: Sequence[int], config: Any, device: Any = "cpu",
@@ -232,7 +300,7 @@ def restore_cache(store: Any, ns: int, tokens: Sequence[int], config: Any, devic
     with match:
         n = match.block_count
         if n == 0:
-            return Restored(fresh, 0, [])
+            return Restored(fresh, 0, [], held_back_blocks=match.held_back_blocks)
         cache = DynamicCache(config=config)
         with _blocks_buffer(store, n, dtype, device) as blocks:
             try:
@@ -245,7 +313,7 @@ def restore_cache(store: Any, ns: int, tokens: Sequence[int], config: Any, devic
             except _errors.Error as e:
                 _log.warning("kvtier load failed, recomputing: %s", e)
                 return Restored(fresh, 0, [], str(e))
-        return Restored(cache, match.tokens, match.tiers)
+        return Restored(cache, match.tokens, match.tiers, held_back_blocks=match.held_back_blocks)
 
 
 @dataclass
@@ -255,6 +323,8 @@ class GenerateInfo:
     saved_blocks: int      # prompt blocks saved after the run
     tiers: list[str]
     error: str | None = None
+    held_back_blocks: int = 0   # cached blocks recomputed as faster than restoring them
+    prefill_seconds: float = 0.0  # the prefill of the tokens not restored, as timed
 
 
 def generate(store: Any, ns: int, model: Any, input_ids: torch.Tensor, save: bool = True,
@@ -264,10 +334,21 @@ def generate(store: Any, ns: int, model: Any, input_ids: torch.Tensor, save: boo
     generate's output and what was restored and saved."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise _errors.InvalidArgument("kvtier.hf.generate takes a batch of one prompt: input_ids [1, tokens]")
+    from transformers import LogitsProcessorList
+
     prompt = input_ids[0].tolist()
     restored = restore_cache(store, ns, prompt, model.config, device=input_ids.device, dtype=model.dtype)
     cache = restored.cache
-    out = model.generate(input_ids, past_key_values=cache, **generate_kwargs)
+    first = _FirstToken()
+    processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
+    processors.append(first)
+    start = time.perf_counter()
+    out = model.generate(input_ids, past_key_values=cache, logits_processor=processors, **generate_kwargs)
+    prefill_s = (first.at - start) if first.at is not None else 0.0
+    computed = len(prompt) - restored.tokens
+    meter = _meter(store, ns)
+    if meter is not None and computed >= store.layout.block_tokens:
+        meter.add(computed, prefill_s)
     saved = 0
     if save:
         try:
@@ -275,4 +356,5 @@ def generate(store: Any, ns: int, model: Any, input_ids: torch.Tensor, save: boo
                                priority=priority)
         except _errors.Error as e:  # a full or absent store never fails the request
             _log.warning("kvtier save failed: %s", e)
-    return out, GenerateInfo(len(prompt), restored.tokens, saved, restored.tiers, restored.error)
+    return out, GenerateInfo(len(prompt), restored.tokens, saved, restored.tiers, restored.error,
+                             restored.held_back_blocks, prefill_s)

@@ -418,10 +418,12 @@ class PyStore {
 
   KvLayout layout() const { return get()->layout(); }
 
-  NamespaceId open_namespace(std::string model, std::string tenant, std::string adapter, std::string revision) {
+  NamespaceId open_namespace(std::string model, std::string tenant, std::string adapter, std::string revision,
+                             double prefill_tokens_per_second) {
     auto s = get();
     NamespaceRequest req{.model_id = std::move(model), .tenant = std::move(tenant),
-                         .adapter_id = std::move(adapter), .revision = std::move(revision)};
+                         .adapter_id = std::move(adapter), .revision = std::move(revision),
+                         .prefill_tokens_per_second = prefill_tokens_per_second};
     nb::gil_scoped_release unlocked;
     return unwrap(s->open_namespace(req));
   }
@@ -672,6 +674,11 @@ NB_MODULE(_native, m) {
       .def_prop_ro("block_count", [](const PyMatch& m) { return m.match.blocks.size(); })
       .def("__len__", [](const PyMatch& m) { return m.match.blocks.size(); })
       .def_prop_ro("lease", [](const PyMatch& m) { return m.match.lease; })
+      .def_prop_ro("held_back_blocks", [](const PyMatch& m) { return m.match.held_back_blocks; },
+                   "Cached blocks after the match not offered: slower to restore than to recompute at the "
+                   "namespace's declared prefill speed (0 when it declares none).")
+      .def_prop_ro("seconds_saved", [](const PyMatch& m) { return m.match.seconds_saved; },
+                   "Estimated recompute minus restore time of the matched blocks (0 without a declared speed).")
       .def_prop_ro("released", [](const PyMatch& m) { return !m.owner; })
       .def_prop_ro(
           "tiers",
@@ -703,6 +710,7 @@ NB_MODULE(_native, m) {
            "Releases the lease; a client whose daemon went away has none left, and that is not an error.")
       .def("__repr__", [](const PyMatch& m) {
         return "Match(tokens=" + std::to_string(m.match.tokens) + ", blocks=" + std::to_string(m.match.blocks.size()) +
+               (m.match.held_back_blocks ? ", held_back=" + std::to_string(m.match.held_back_blocks) : std::string()) +
                (m.owner ? ")" : ", released)");
       });
 
@@ -733,7 +741,8 @@ NB_MODULE(_native, m) {
       .def_prop_ro("layout", &PyStore::layout)
       .def_prop_ro("closed", &PyStore::closed)
       .def("close", &PyStore::close)
-      .def("open_namespace", &PyStore::open_namespace, "model"_a, "tenant"_a = "", "adapter"_a = "", "revision"_a = "")
+      .def("open_namespace", &PyStore::open_namespace, "model"_a, "tenant"_a = "", "adapter"_a = "", "revision"_a = "",
+           "prefill_tokens_per_second"_a = 0.0)
       .def("lookup", &PyStore::lookup, "ns"_a, "tokens"_a)
       .def("load", &PyStore::load, "match"_a, "dst"_a, "layer_begin"_a = 0, "layer_count"_a = 0, "first_block"_a = 0)
       .def("release", &PyStore::release, "match"_a)

@@ -34,7 +34,7 @@ def store(tmp_path):
 @pytest.fixture
 def client(daemon_factory):
     d = daemon_factory(layout={"layers": 2, "kv_heads": 2, "head_dim": 8, "dtype": "bf16", "block_tokens": 4},
-                       host_bytes="256KiB", nvme_bytes="8MiB")
+                       host_bytes="1MiB", nvme_bytes="8MiB")  # 256 slots: the tests' blocks stay in DRAM
     with kvtier.Client(d.socket) as c:
         yield c
 
@@ -236,7 +236,7 @@ uids = [54321]
 
 def test_a_daemon_that_dies_fails_calls_with_unavailable(daemon_factory):
     d = daemon_factory(layout={"layers": 2, "kv_heads": 2, "head_dim": 8, "dtype": "bf16", "block_tokens": 4},
-                       host_bytes="256KiB", nvme_bytes="8MiB")
+                       host_bytes="1MiB", nvme_bytes="8MiB")  # 256 slots: the tests' blocks stay in DRAM
     c = kvtier.Client(d.socket)
     ns = c.open_namespace("m")
     c.save(ns, tokens(8), kv_blocks(2))
@@ -374,3 +374,30 @@ def test_vllm_cpu_pages_of_two_blocks_and_a_load_that_skips_cached_blocks(kv):
         kv.save(ns, tokens(16), kvtier.PagedKv("vllm_cpu", layers, [0], page_tokens=6))
     with pytest.raises(kvtier.InvalidArgument, match="block piece 10"):
         kv.save(ns, tokens(16), kvtier.PagedKv("vllm_cpu", layers, [10, 0, 1, 2], page_tokens=bt * per_page))
+
+
+def test_restore_or_recompute_offers_only_what_restores_faster_than_the_declared_prefill(kv):
+    t = tokens(40)  # 10 blocks
+    kv.save(kv.open_namespace("rr"), t, kv_blocks(10, seed=7))
+    # A slow engine (10 tokens/s: 0.4 s a block to recompute) gets everything, and the estimate
+    # of what it saves.
+    ns = kv.open_namespace("rr", prefill_tokens_per_second=10.0)
+    with kv.lookup(ns, t) as m:
+        assert (m.block_count, m.held_back_blocks) == (10, 0)
+        assert 3.0 < m.seconds_saved <= 4.0
+        out = torch.empty(10, ELEMS, dtype=torch.bfloat16)
+        kv.load(m, out).wait()
+        assert torch.equal(out, kv_blocks(10, seed=7))
+    # An engine faster than any restore (1e15 tokens/s) is offered nothing: no lease, nothing pinned.
+    ns = kv.open_namespace("rr", prefill_tokens_per_second=1e15)
+    with kv.lookup(ns, t) as m:
+        assert (m.block_count, m.held_back_blocks, m.lease) == (0, 10, 0)
+        assert "held_back=10" in repr(m)
+    # Declaring nothing again (0) offers everything; a bad speed is refused.
+    ns = kv.open_namespace("rr", prefill_tokens_per_second=0.0)
+    with kv.lookup(ns, t) as m:
+        assert (m.block_count, m.held_back_blocks, m.seconds_saved) == (10, 0, 0.0)
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(kvtier.InvalidArgument):
+            kv.open_namespace("rr", prefill_tokens_per_second=bad)
+    assert "kvtier_restore_held_back_tokens_total 40" in kv.metrics_text()

@@ -85,3 +85,30 @@ def test_the_revision_is_a_digest_of_the_weights(tmp_path):
     assert kvtier.hf.weights_revision(tmp_path / "a").startswith("sha256:")
     with pytest.raises(kvtier.InvalidArgument, match="no weight files"):
         kvtier.hf.weights_revision(tmp_path / "nothing-here")
+
+
+def test_generate_times_its_prefill_and_recomputes_what_restores_slower():
+    hf = kvtier.hf
+    model = model_of(torch.float32, 2, "cpu")
+    layout = hf.layout_for(model)
+    with kvtier.Store(layout, "64MiB") as kv:
+        ns = hf.open_namespace(kv, model, model_id="tiny")
+        ids = torch.randint(0, model.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(5))
+        ref = model.generate(ids, max_new_tokens=4, do_sample=False)
+        out, first = hf.generate(kv, ns, model, ids, max_new_tokens=4, do_sample=False)
+        assert torch.equal(out, ref)
+        assert first.restored_tokens == 0 and first.prefill_seconds > 0
+        meter = hf._meter(kv, ns)
+        assert meter is not None and meter.declared == meter.measured > 0  # declared to the store
+        # An engine declared faster than any restore recomputes the cached prefix, and its output
+        # is unchanged; the match says what it held back.
+        fast = hf.open_namespace(kv, model, model_id="tiny", prefill_tokens_per_second=1e15)
+        assert fast == ns and hf._meter(kv, ns) is None
+        out, info = hf.generate(kv, ns, model, ids, max_new_tokens=4, do_sample=False)
+        assert torch.equal(out, ref)
+        assert info.restored_tokens == 0 and info.held_back_blocks == 4
+        # A slow one restores it all.
+        hf.open_namespace(kv, model, model_id="tiny", prefill_tokens_per_second=1.0)
+        out, info = hf.generate(kv, ns, model, ids, max_new_tokens=4, do_sample=False)
+        assert torch.equal(out, ref)
+        assert info.restored_tokens == 64 and info.held_back_blocks == 0

@@ -87,7 +87,10 @@ def run_prompts(tmp_path: Path, daemon, model: Path, indices: list[int], name: s
 
 
 def test_processes_restore_kv_through_kvtierd_and_match_recompute(tmp_path, daemon_factory, tiny_llama, reference):
-    daemon = daemon_factory(hf_config=tiny_llama / "config.json", host_bytes="1MiB")
+    # Every demoted block to NVMe (admission off): the restart below restores the whole first prompt,
+    # though its tail was used once.
+    daemon = daemon_factory(hf_config=tiny_llama / "config.json", host_bytes="1MiB",
+                            extra={"tiers.nvme_admission_min_uses": 1})
 
     # Process A prefills two prompts that share the system prompt and saves their KV.
     a = run_prompts(tmp_path, daemon, tiny_llama, [0, 1], "a")

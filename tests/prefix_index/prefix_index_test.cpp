@@ -177,6 +177,54 @@ TEST_CASE("Leases pin matched blocks until released or expired") {
   CHECK(index->stats().entries == 0);
 }
 
+TEST_CASE("A shortened lease keeps pinning its first blocks and gives back the rest, across runs") {
+  for (size_t keep : {0, 2, 4, 6, 8}) {
+    INFO("keep " << keep);
+    TestIndex t({.shards = 4});
+    auto& [chain, index, ns] = t;
+    std::mt19937_64 rng(8);
+    auto shared = random_tokens(rng, 16);  // 4 blocks
+    auto a = shared, b = shared;
+    auto a_more = random_tokens(rng, 16), b_more = random_tokens(rng, 16);
+    a.insert(a.end(), a_more.begin(), a_more.end());
+    b.insert(b.end(), b_more.begin(), b_more.end());
+    insert_prompt(*index, ns, a);
+    insert_prompt(*index, ns, b);  // b branches off after block 3: a's 8 blocks lie in two runs
+
+    auto m = index->match(ns, a, {}, {.take_lease = true});
+    REQUIRE(m->blocks.size() == 8);
+    const uint64_t hits = index->stats().hit_blocks;
+    REQUIRE(index->shorten(*m, keep).is_ok());
+    CHECK(m->blocks.size() == keep);
+    CHECK(m->tokens == keep * 4);
+    CHECK(index->stats().hit_blocks == hits - (8 - keep));
+    // Everything the lease gave back can go; exactly what it keeps stays (pinned, or the
+    // parent of a pinned block).
+    index->evict(Tier::kHost, 100);
+    CHECK(index->stats().entries == keep);
+    if (keep > 0) {
+      REQUIRE(index->release(m->lease).is_ok());  // fails if the lease names a block it gave back
+    } else {
+      CHECK(m->lease == kNoLease);  // nothing kept: the lease is gone
+      CHECK(index->stats().leases_active == 0);
+    }
+    index->evict(Tier::kHost, 100);
+    CHECK(index->stats().entries == 0);
+    REQUIRE(index->check_invariants().is_ok());
+  }
+  // A match with no lease is shortened too; keeping more than it has changes nothing.
+  TestIndex t({.shards = 4});
+  auto& [chain, index, ns] = t;
+  std::mt19937_64 rng(9);
+  auto p = random_tokens(rng, 32);
+  insert_prompt(*index, ns, p);
+  auto plain = index->match(ns, p);
+  REQUIRE(index->shorten(*plain, 9).is_ok());
+  CHECK(plain->blocks.size() == 8);
+  REQUIRE(index->shorten(*plain, 3).is_ok());
+  CHECK(plain->blocks.size() == 3);
+}
+
 TEST_CASE("Explicit pins and priorities") {
   TestIndex t;
   auto& [chain, index, ns] = t;

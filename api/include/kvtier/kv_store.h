@@ -35,6 +35,13 @@ struct NamespaceRequest {
   /// known. Part of the namespace's root key, so KV computed with other weights of the same model
   /// id never matches. "" for none (every revision then shares the namespace).
   std::string revision;
+  /// Restore or recompute: the engine's prefill speed in tokens per second, declared (or
+  /// measured by the engine integration). With it, a lookup offers only the cached prefix that
+  /// restores faster than the engine would recompute it, from each tier's measured restore
+  /// bandwidth, and the match says what it held back (Match::held_back_blocks). Opening the
+  /// namespace again with another speed replaces it. 0 (the default) declares nothing: every
+  /// cached block is offered. Must be finite and >= 0.
+  double prefill_tokens_per_second = 0;
 };
 
 class KVTIER_API KvStore {

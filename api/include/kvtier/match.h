@@ -38,6 +38,12 @@ struct Match {
   LeaseId lease = kNoLease;            // pins every matched block until released or expired
   uint64_t lease_expiry_ns = 0;
   uint32_t first_block = 0;            // blocks[0] is this block of the prompt (tail() sets it)
+  /// Restore or recompute (NamespaceRequest::prefill_tokens_per_second): the cached blocks
+  /// after `blocks` that were not offered, slower to restore from where they live than to
+  /// recompute, and the estimated seconds the offered blocks save over recomputing them.
+  /// Both 0 when the namespace declares no prefill speed.
+  uint32_t held_back_blocks = 0;
+  double seconds_saved = 0;
 
   /// The blocks from `skip` on, under the same lease: a load of it fills the blocks an engine
   /// does not hold yet. Releasing either releases the lease. `skip` past the end gives no blocks.
@@ -49,6 +55,7 @@ struct Match {
     m.lease = lease;
     m.lease_expiry_ns = lease_expiry_ns;
     m.first_block = first_block + static_cast<uint32_t>(k);
+    m.held_back_blocks = held_back_blocks;
     return m;
   }
 };

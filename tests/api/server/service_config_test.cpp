@@ -43,6 +43,7 @@ high_watermark = 0.9
 low_watermark = 0.7
 write_policy = "write-through"
 promote_on_hit = false
+nvme_admission_min_uses = 3
 fdatasync = false
 
 [service]
@@ -105,6 +106,7 @@ TEST_CASE("A full kvtierd.toml parses into every field") {
   CHECK(c.low_watermark == 0.7);
   CHECK(c.write_policy == WritePolicy::kWriteThrough);
   CHECK_FALSE(c.promote_on_hit);
+  CHECK(c.nvme_admission_min_uses == 3);
   CHECK_FALSE(c.fdatasync);
   CHECK(c.max_clients == 64);
   CHECK(c.max_clients_per_uid == 8);
@@ -226,6 +228,8 @@ TEST_CASE("Every bad input is refused with a message naming its key") {
       {"[tiers]\nhigh_watermark = 0.5\nlow_watermark = 0.8", "tiers.low_watermark (0.800000) must not exceed tiers.high_watermark"},
       {"[tiers]\nwrite_policy = \"sometimes\"", "tiers.write_policy"},
       {"[tiers]\npromote_on_hit = \"yes\"", "tiers.promote_on_hit must be true or false"},
+      {"[tiers]\nnvme_admission_min_uses = 16", "tiers.nvme_admission_min_uses"},
+      {"[tiers]\nnvme_admission_min_uses = -1", "tiers.nvme_admission_min_uses"},
       {"[tiers]\nfdatasync = 1", "tiers.fdatasync"},
       {"[service]\nlease_ms = 0", "service.lease_ms"},
       {"[service]\nmax_clients = \"many\"", "service.max_clients"},
@@ -457,6 +461,7 @@ TEST_CASE("to_tier_options carries sizes, watermarks, NVMe dir and durability, l
   c.lease_ms = 1234;
   c.write_policy = WritePolicy::kWriteThrough;
   c.promote_on_hit = false;
+  c.nvme_admission_min_uses = 5;
   REQUIRE(resolve(c).is_ok());
   auto o = to_tier_options(c);
   REQUIRE(o.is_ok());
@@ -474,6 +479,7 @@ TEST_CASE("to_tier_options carries sizes, watermarks, NVMe dir and durability, l
   CHECK_FALSE(o->shared_host_arena);
   CHECK(o->write_policy == WritePolicy::kWriteThrough);
   CHECK_FALSE(o->promote_on_hit);
+  CHECK(o->nvme_admission_min_uses == 5);
   CHECK(o->index.default_lease_ns == 1234ull * 1'000'000);
   REQUIRE(o->tenants.size() == 1);  // resolve() added the shared default tenant
   CHECK(o->tenants[0].name.empty());

@@ -2,6 +2,8 @@
 // every malformed payload (truncated, oversized, trailing, unknown enum or op) is kProtocolError.
 #include <catch2/catch.hpp>
 
+#include <limits>
+
 #include <set>
 #include <string_view>
 
@@ -95,7 +97,7 @@ HelloReply sample_hello_reply() {
 OpenNamespaceRequest sample_open() {
   return {.model_id = "meta-llama/Llama-3.1-8B-Instruct@main", .tenant = "team-a",
           .adapter_id = "lora-sql", .layout_fingerprint = 0xDEADBEEFCAFEF00Dull,
-          .revision = "0123abcd"};
+          .revision = "0123abcd", .prefill_tokens_per_second = 12345.5};
 }
 LookupRequest sample_lookup() {
   return {.namespace_id = 0x00C0FFEE, .take_lease = false, .tokens = sample_tokens(37),
@@ -104,7 +106,8 @@ LookupRequest sample_lookup() {
 LookupReply sample_lookup_reply() {
   return {.lease = 0x1234567890ull, .tokens = 48,
           .tier_masks = {tier_bit(Tier::kHbm), uint8_t(tier_bit(Tier::kHost) | tier_bit(Tier::kNvme)),
-                         tier_bit(Tier::kNvme)}};
+                         tier_bit(Tier::kNvme)},
+          .held_back_blocks = 9, .saved_ns = 0x0102030405ull};
 }
 LoadRequest sample_load() {
   return {.lease = 0x1234567890ull, .first_block = 2, .block_count = 5,
@@ -206,6 +209,7 @@ TEST_CASE("Every request round-trips field by field") {
     CHECK(out.adapter_id == in.adapter_id);
     CHECK(out.layout_fingerprint == in.layout_fingerprint);
     CHECK(out.revision == in.revision);
+    CHECK(out.prefill_tokens_per_second == in.prefill_tokens_per_second);
   }
   {
     LookupRequest in = sample_lookup(), out;
@@ -341,6 +345,8 @@ TEST_CASE("Every reply round-trips field by field") {
     CHECK(out.lease == in.lease);
     CHECK(out.tokens == in.tokens);
     CHECK(out.tier_masks == in.tier_masks);
+    CHECK(out.held_back_blocks == in.held_back_blocks);
+    CHECK(out.saved_ns == in.saved_ns);
   }
   {
     LoadReply out;
@@ -391,7 +397,7 @@ TEST_CASE("The byte format is little-endian in field order") {
   std::byte header[kHeaderBytes];
   encode_header({.op = 3, .request_id = 0x0A0B0C0Du, .payload_bytes = 0x100}, header);
   CHECK(Bytes(header, header + kHeaderBytes) ==
-        bytes_of({'K', 'V', 'T', '1', 3, 0, 3, 0, 0x0D, 0x0C, 0x0B, 0x0A, 0, 1, 0, 0}));
+        bytes_of({'K', 'V', 'T', '1', 4, 0, 3, 0, 0x0D, 0x0C, 0x0B, 0x0A, 0, 1, 0, 0}));
 
   Bytes status;
   encode_status(Status(StatusCode::kBusy, "pinned"), status);
@@ -647,6 +653,20 @@ TEST_CASE("Unknown enum values are refused") {
     check(Op::kUnpin, 0, true);
     check(Op::kUnpin, 1, false);
   }
+}
+
+TEST_CASE("A prefill speed that is negative, infinite or NaN is a protocol error naming the field") {
+  for (double bad : {-1.0, std::numeric_limits<double>::infinity(), std::numeric_limits<double>::quiet_NaN()}) {
+    OpenNamespaceRequest m = sample_open();
+    m.prefill_tokens_per_second = bad;
+    OpenNamespaceRequest out;
+    const Status s = decode(encoded(m), out);
+    CHECK(s.code() == StatusCode::kProtocolError);
+    CHECK(s.message().find("prefill_tokens_per_second") != std::string::npos);
+  }
+  OpenNamespaceRequest zero = sample_open(), out;
+  zero.prefill_tokens_per_second = 0;
+  CHECK(decode(encoded(zero), out).is_ok());
 }
 
 TEST_CASE("An invalid layout is a protocol error carrying the reason") {

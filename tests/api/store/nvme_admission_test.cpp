@@ -1,0 +1,133 @@
+// Admission to NVMe: a block demoted from host DRAM is written to NVMe only once it was used
+// again (or is of class high and above); the rest are dropped, sparing the disk the writes of
+// one-off prompts. Write-through, flush and pins still persist.
+#include <catch2/catch.hpp>
+
+#include "api/store/store.h"
+#include "tier_manager_fixture.h"
+
+using namespace kvtier;
+using namespace kvtier::store_testing;
+
+namespace {
+
+/// 8 host blocks, admission at `min_uses`, and reclaim inside each save (the order is the test's).
+struct AdmissionFixture : Fixture {
+  explicit AdmissionFixture(uint32_t min_uses) : Fixture(/*host_blocks=*/8, /*nvme_blocks=*/256) {
+    opts.nvme_admission_min_uses = min_uses;
+    opts.background_reclaim = false;
+    reopen();
+  }
+};
+
+bool on_nvme(Fixture& f, const std::vector<TokenId>& t) {
+  auto m = f.tm->index().match(f.ns, t, {}, {.touch = false});
+  if (m->blocks.size() != t.size() / 16) return false;
+  for (const BlockResidency& b : m->blocks) {
+    if (!b.resident_in(Tier::kNvme)) return false;
+  }
+  return true;
+}
+
+size_t cached_blocks(Fixture& f, const std::vector<TokenId>& t) {
+  return f.tm->index().match(f.ns, t, {}, {.touch = false})->blocks.size();
+}
+
+/// Fills the host tier with prompts saved once, pushing every older block out of it.
+void push_out_of_host(Fixture& f, uint64_t seed) {
+  for (uint64_t i = 0; i < 3; ++i) {
+    auto filler = prompt(seed + i, 8);
+    REQUIRE(f.tm->save(f.ns, filler, kv_for(filler, layout())).is_ok());
+  }
+}
+
+}  // namespace
+
+TEST_CASE("Under the default admission a reused block is written to NVMe and a one-off block is dropped") {
+  AdmissionFixture f(2);
+  CHECK(TierManagerOptions{}.nvme_admission_min_uses == 2);  // the default this test runs with
+  const auto reused = prompt(1, 4), once = prompt(2, 4);
+  REQUIRE(*f.tm->save(f.ns, reused, kv_for(reused, layout())) == 4);
+  CHECK(f.load_and_check(reused) == 4);  // its second use
+  REQUIRE(*f.tm->save(f.ns, once, kv_for(once, layout())) == 4);
+  CHECK(f.tm->recent_uses(f.tm->index().match(f.ns, reused, {}, {.touch = false})->blocks[0].key) >= 2);
+
+  push_out_of_host(f, 100);
+  CHECK(on_nvme(f, reused));
+  CHECK(cached_blocks(f, once) == 0);  // dropped with its demotion, never written
+  const TierManagerStats s = f.tm->stats();
+  CHECK(s.nvme_admitted == 4);  // the reused prompt's 4 blocks (the first with its ancestors)
+  CHECK(s.nvme_refused >= 4);
+  // Only admitted blocks were written: the reused prompt's 4, and nothing of the fillers or `once`.
+  CHECK(s.nvme_blocks_written == s.nvme_admitted);
+  CHECK(s.nvme.blocks == 4);
+  CHECK(f.load_and_check(reused) == 4);  // from NVMe, byte-identical
+  REQUIRE(f.tm->index().check_invariants().is_ok());
+}
+
+TEST_CASE("Admission remembers a dropped block: saved again, it is written on its next demotion") {
+  AdmissionFixture f(2);
+  const auto t = prompt(3, 4);
+  REQUIRE(*f.tm->save(f.ns, t, kv_for(t, layout())) == 4);
+  push_out_of_host(f, 200);
+  REQUIRE(cached_blocks(f, t) == 0);  // one use: refused
+  // The engine recomputes it and saves it again: its second use, though the index forgot it.
+  REQUIRE(*f.tm->save(f.ns, t, kv_for(t, layout())) == 4);
+  push_out_of_host(f, 300);
+  CHECK(on_nvme(f, t));
+  CHECK(f.load_and_check(t) == 4);
+}
+
+TEST_CASE("Blocks of class high and above are admitted without reuse, and min uses 1 admits every block") {
+  SECTION("class high") {
+    AdmissionFixture f(2);
+    const auto high = prompt(4, 4);
+    REQUIRE(*f.tm->save(f.ns, high, kv_for(high, layout()), Tier::kHost, Priority::kHigh) == 4);
+    push_out_of_host(f, 400);
+    CHECK(on_nvme(f, high));
+  }
+  SECTION("min uses 1") {
+    AdmissionFixture f(1);
+    const auto once = prompt(5, 4);
+    REQUIRE(*f.tm->save(f.ns, once, kv_for(once, layout())) == 4);
+    push_out_of_host(f, 500);
+    CHECK(on_nvme(f, once));
+    CHECK(f.tm->stats().nvme_refused == 0);
+  }
+}
+
+TEST_CASE("Write-through and flush persist blocks admission would refuse") {
+  SECTION("write-through") {
+    Fixture f(/*host_blocks=*/8, /*nvme_blocks=*/256);
+    f.opts.nvme_admission_min_uses = 2;
+    f.opts.write_policy = WritePolicy::kWriteThrough;
+    f.reopen();
+    const auto t = prompt(6, 4);
+    REQUIRE(*f.tm->save(f.ns, t, kv_for(t, layout())) == 4);
+    CHECK(on_nvme(f, t));
+  }
+  SECTION("flush at shutdown") {
+    AdmissionFixture f(2);
+    const auto t = prompt(7, 4);
+    REQUIRE(*f.tm->save(f.ns, t, kv_for(t, layout())) == 4);
+    CHECK(*f.tm->flush() == 4);
+    f.reopen();
+    CHECK(f.load_and_check(t) == 4);
+  }
+}
+
+TEST_CASE("NVMe admission shows in the metrics: admitted, refused and bytes written") {
+  AdmissionFixture f(2);
+  const auto reused = prompt(8, 4), once = prompt(9, 4);
+  REQUIRE(f.tm->save(f.ns, reused, kv_for(reused, layout())).is_ok());
+  CHECK(f.load_and_check(reused) == 4);
+  REQUIRE(f.tm->save(f.ns, once, kv_for(once, layout())).is_ok());
+  push_out_of_host(f, 600);
+  const TierManagerStats s = f.tm->stats();
+  const std::string text = render_tier_metrics(*f.tm);
+  CHECK_THAT(text, Catch::Contains("kvtier_nvme_admission_total{decision=\"admitted\"} " + std::to_string(s.nvme_admitted)));
+  CHECK_THAT(text, Catch::Contains("kvtier_nvme_admission_total{decision=\"refused\"} " + std::to_string(s.nvme_refused)));
+  CHECK_THAT(text, Catch::Contains("kvtier_nvme_written_bytes_total " +
+                                   std::to_string(s.nvme_blocks_written * layout().bytes_per_block())));
+  CHECK(s.nvme_refused > 0);
+}
