@@ -18,7 +18,10 @@ Extra config (all optional): ``socket`` (default ``$KVTIER_SOCKET`` or kvtier's 
 ``tenant`` (for requests without a ``cache_salt``; default ``""``), ``model`` and ``revision``
 (the namespace; default vLLM's model and revision, or a digest of a local model's weight files),
 ``priority`` of saves (``normal``), ``load`` / ``save`` (default true), ``window_bytes``,
-``retry_seconds`` (how long after a failure to leave kvtierd alone, default 1).
+``retry_seconds`` (how long after a failure to leave kvtierd alone, default 1),
+``prefill_tokens_per_second`` (restore or recompute: by default the worker times its prefill
+steps and the scheduler declares the speed to kvtierd, which then offers only the cached prefix
+that restores faster than vLLM recomputes it; a number declares that speed instead, 0 turns it off).
 
 See docs/engines.md for the KV layouts, what each backend stores, and the limits.
 """
@@ -83,16 +86,26 @@ class _Transfer:
 class KvtierConnectorMetadata(KVConnectorMetadata):
     loads: list[_Transfer] = dataclasses.field(default_factory=list)
     saves: list[_Transfer] = dataclasses.field(default_factory=list)
+    step_tokens: int = 0  # tokens this step computes (the worker times the steps that load nothing)
 
 
 @dataclasses.dataclass
 class _SavesDone(KVConnectorWorkerMetadata):
-    """Worker → scheduler: the saves (request id, end block) that finished, and whether they did."""
+    """Worker → scheduler: the saves (request id, end block) that finished, and whether they did;
+    and the prefill speed the worker measured lately (0: nothing new)."""
     done: list[tuple[str, int, bool]] = dataclasses.field(default_factory=list)
+    prefill_tokens_per_second: float = 0.0
 
     def aggregate(self, other: "KVConnectorWorkerMetadata") -> "KVConnectorWorkerMetadata":
         assert isinstance(other, _SavesDone)
-        return _SavesDone(self.done + other.done)
+        return _SavesDone(self.done + other.done,
+                          max(self.prefill_tokens_per_second, other.prefill_tokens_per_second))
+
+
+# Restore or recompute: steps of at least this many tokens, loading nothing, time the prefill.
+_MIN_TIMED_TOKENS = 128
+_SPEED_SMOOTHING = 0.5   # weight of a new step in the worker's moving average
+_REDECLARE = 0.25        # the scheduler declares the speed again when it moves by more than this
 
 
 _STAT_KEYS = ("loaded_tokens", "load_failures", "saved_blocks", "save_bytes", "save_failures", "unavailable")
@@ -160,6 +173,7 @@ class _Link:
         self.down_until = 0.0
         self.fresh = False  # the client was made by the last get(): no call has used it yet
         self.lock = threading.Lock()
+        self.speed = 0.0  # the prefill speed namespaces are opened with (restore or recompute)
 
     def get(self) -> kvtier.Client | None:
         if self.client is not None and not self.client.closed:
@@ -201,13 +215,25 @@ class _Link:
         ns = self.namespaces.get(key)
         if ns is None:
             try:
-                ns = client.open_namespace(model, tenant, adapter, revision)
+                ns = client.open_namespace(model, tenant, adapter, revision, prefill_tokens_per_second=self.speed)
             except kvtier.PermissionDenied as e:
                 log.warning("kvtier: tenant %r refused (%s): its requests neither hit nor save", tenant, e)
                 self.refused.add(key)
                 return None
             self.namespaces[key] = ns
         return ns
+
+    def declare(self, speed: float) -> None:
+        """Declares a new prefill speed for every namespace this connection opened (and those it
+        opens later); a connection that fails is dropped, and the next one opens with the speed."""
+        self.speed = speed
+        if self.client is None or self.client.closed:
+            return
+        try:
+            for key in list(self.namespaces):
+                self.client.open_namespace(*key, prefill_tokens_per_second=speed)
+        except kvtier.Error as e:
+            self.failed(e)
 
 
 def _cpu_isa(vllm_config: "VllmConfig") -> str | None:
@@ -277,11 +303,14 @@ class KvtierConnector(KVConnectorBase_V1):
         socket = str(extra.get("socket") or os.environ.get("KVTIER_SOCKET", kvtier.DEFAULT_SOCKET))
         window = extra.get("window_bytes")
         retry = float(extra.get("retry_seconds", 1.0))
+        declared = extra.get("prefill_tokens_per_second")
+        self._measure_prefill = declared is None
         self.stats = ConnectorStats()
         side = "scheduler" if role == KVConnectorRole.SCHEDULER else "worker"
         # The scheduler only looks up and releases: a window of one page, not 256 MiB of address space.
         window_bytes = int(window) if window else (4096 if role == KVConnectorRole.SCHEDULER else None)
         self._link = _Link(socket, window_bytes, retry, f"vllm-{side}-{os.getpid()}", self.stats)
+        self._link.speed = float(declared or 0.0)
         if vllm_config.parallel_config.tensor_parallel_size * vllm_config.parallel_config.pipeline_parallel_size > 1:
             raise kvtier.InvalidArgument("kvtier's vLLM connector supports one worker (tensor and pipeline "
                                          "parallel size 1) for now")
@@ -318,6 +347,10 @@ class KvtierConnector(KVConnectorBase_V1):
         self._finish_wanted: set[str] = set()
         self._save_cv = threading.Condition()
         self._saves_done: list[tuple[str, int, bool]] = []  # for the scheduler's KV events
+        self._step_start = 0.0   # restore or recompute: when this step's forward pass began ...
+        self._step_tokens = 0    # ... and its tokens, when it loads nothing and is long enough to time
+        self._prefill_speed = 0.0  # the worker's moving average, tokens per second
+        self._speed_to_send = 0.0
         self._stats_reported = ConnectorStats()
         self._events: list[Any] = []  # scheduler side: KV events not yet taken
         self._pending_events: dict[tuple[str, int], BlockStored] = {}
@@ -444,7 +477,7 @@ class KvtierConnector(KVConnectorBase_V1):
                          end, st.block_ids[:need])
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KvtierConnectorMetadata:
-        meta = KvtierConnectorMetadata()
+        meta = KvtierConnectorMetadata(step_tokens=int(getattr(scheduler_output, "total_num_scheduled_tokens", 0)))
         progress: list[tuple[str, int]] = []  # (req, tokens computed once this step ran)
         for new in scheduler_output.scheduled_new_reqs:
             st = self._requests.get(new.req_id)
@@ -508,6 +541,11 @@ class KvtierConnector(KVConnectorBase_V1):
                 event = self._pending_events.pop((rid, end), None)
                 if ok and event is not None:
                     self._events.append(event)
+            speed = meta.prefill_tokens_per_second
+            old = self._link.speed
+            if self._measure_prefill and speed > 0 and (old == 0 or abs(speed - old) > _REDECLARE * old):
+                with self._link.lock:
+                    self._link.declare(speed)
         # The step that loaded has run: its workers hold their own leases no longer, so neither
         # need the scheduler's.
         for rid in self._release_after_step:
@@ -561,6 +599,16 @@ class KvtierConnector(KVConnectorBase_V1):
     def _lookup_for_load(self, client: kvtier.Client, ns: int, t: _Transfer) -> kvtier.Match:
         """The worker's own lease on the blocks it is about to load (tests override it to fault)."""
         return client.lookup(ns, t.tokens)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        # vLLM binds a step's metadata before its forward pass and calls wait_for_save after it. A
+        # step that loads nothing times vLLM's own compute: its tokens per second are the speed a
+        # restore must beat (a step that loads would count the restore's time as compute).
+        meta = connector_metadata
+        timed = isinstance(meta, KvtierConnectorMetadata) and not meta.loads and meta.step_tokens >= _MIN_TIMED_TOKENS
+        self._step_tokens = meta.step_tokens if timed else 0
+        self._step_start = time.perf_counter()
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._connector_metadata
@@ -641,7 +689,20 @@ class KvtierConnector(KVConnectorBase_V1):
         except kvtier.Error as e:
             self._link.failed(e)
 
+    def _time_step(self) -> None:
+        if not self._measure_prefill or not self._step_tokens:
+            return
+        seconds = time.perf_counter() - self._step_start
+        self._step_tokens, tokens = 0, self._step_tokens
+        if seconds <= 0:
+            return
+        speed = tokens / seconds
+        self._prefill_speed = speed if not self._prefill_speed else \
+            self._prefill_speed + _SPEED_SMOOTHING * (speed - self._prefill_speed)
+        self._speed_to_send = self._prefill_speed
+
     def wait_for_save(self) -> None:
+        self._time_step()
         self._finish_loads()
         meta = self._connector_metadata
         if not isinstance(meta, KvtierConnectorMetadata) or not meta.saves:
@@ -711,7 +772,8 @@ class KvtierConnector(KVConnectorBase_V1):
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         with self._save_cv:
             done, self._saves_done = self._saves_done, []
-        return _SavesDone(done) if done else None
+        speed, self._speed_to_send = self._speed_to_send, 0.0
+        return _SavesDone(done, speed) if done or speed else None
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         now = dataclasses.asdict(self.stats)

@@ -132,13 +132,19 @@ def test_a_later_engine_restores_what_an_earlier_one_saved(model, baseline, daem
     # B: a new engine process. Every prompt is a hit from kvtierd (its own prefix cache is empty
     # for the first), and the output does not change. A cache_salt is another tenant: no hit.
     salted = prompts[0]
-    b = _engine(tmp_path, "B", model, d.socket, [prompts[0], prompts[1], salted], salts=[None, None, "other"],
-                extra={}, batches=[[0], [1], [2]])
+    asked = [prompts[0], prompts[1], salted, prompts[1]]
+    b = _engine(tmp_path, "B", model, d.socket, asked, salts=[None, None, "other", None],
+                extra={}, batches=[[0], [1], [2], [3]])
     assert b[0]["num_cached_tokens"] == (len(prompts[0]) - 1) // 32 * 32
-    for p, o in zip([prompts[0], prompts[1], salted], b):
+    for p, o in zip(asked, b):
         assert o["tokens"] == baseline[tuple(p)]
     assert b[2]["num_cached_tokens"] == 0, "a request with another cache_salt must not see the default tenant's KV"
     assert _restored_tokens(d) >= b[0]["num_cached_tokens"]
+    # Restore or recompute: the salted prompt's prefill (a step that loaded nothing) was timed by
+    # B's worker, and its scheduler declared the speed, so the last lookup was weighed against it.
+    with kvtier.Client(d.socket) as kv:
+        m = kv.metrics()
+    assert m["kvtier_restore_offered_tokens_total"] + m["kvtier_restore_held_back_tokens_total"] > 0
 
     if ISA != "vec":  # (fp32 takes the vec path on every x86 vLLM-CPU build we know)
         return
