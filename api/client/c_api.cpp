@@ -118,12 +118,19 @@ kvtier_status kvtier_open_namespace(kvtier_client* c, const char* model_id, cons
 
 kvtier_status kvtier_open_namespace_revision(kvtier_client* c, const char* model_id, const char* revision,
                                              const char* tenant, const char* adapter_id, uint32_t* namespace_out) {
+  return kvtier_open_namespace_prefill(c, model_id, revision, tenant, adapter_id, 0.0, namespace_out);
+}
+
+kvtier_status kvtier_open_namespace_prefill(kvtier_client* c, const char* model_id, const char* revision,
+                                            const char* tenant, const char* adapter_id, double prefill_tokens_per_second,
+                                            uint32_t* namespace_out) {
   return guarded([&]() -> kvtier_status {
     if (!c || !model_id || !namespace_out) return bad("client, model_id and namespace_out are required");
     auto id = c->client->open_namespace({.model_id = model_id,
                                          .tenant = tenant ? tenant : "",
                                          .adapter_id = adapter_id ? adapter_id : "",
-                                         .revision = revision ? revision : ""});
+                                         .revision = revision ? revision : "",
+                                         .prefill_tokens_per_second = prefill_tokens_per_second});
     if (!id) return fail(id.status());
     *namespace_out = *id;
     return ok();
@@ -144,6 +151,7 @@ kvtier_status kvtier_lookup(kvtier_client* c, uint32_t ns, const uint32_t* token
 
 uint64_t kvtier_match_tokens(const kvtier_match* m) { return m ? m->match.tokens : 0; }
 size_t kvtier_match_blocks(const kvtier_match* m) { return m ? m->match.blocks.size() : 0; }
+uint32_t kvtier_match_held_back_blocks(const kvtier_match* m) { return m ? m->match.held_back_blocks : 0; }
 
 kvtier_status kvtier_load(kvtier_client* c, const kvtier_match* m, void* const* blocks, size_t n, int device_memory) {
   return guarded([&]() -> kvtier_status {

@@ -283,7 +283,16 @@ void TierManager::probe(std::span<const BlockResidency> blocks, Tier tier) {
   };
   counters_->probes++;
   auto h = engine_->submit(std::move(job));
-  if (!h) done();  // the callback does not fire for a job that was refused
+  if (!h) return done();  // the callback does not fire for a job that was refused
+  // Fire and forget: the handle is kept until the next probe replaces it (or the manager goes).
+  // The one it replaces is let go outside the lock: should it still be live, its wait must not
+  // hold the lock its own callback takes.
+  std::optional<TransferHandle> previous;
+  {
+    std::lock_guard lock(counters_->probe_mu);
+    previous.swap(counters_->probe_job);
+    counters_->probe_job.emplace(std::move(*h));
+  }
 }
 
 void TierManager::wait_for_probes() {

@@ -49,10 +49,12 @@ struct TierManager::Counters {
   std::atomic<uint64_t> orphan_count{0}, orphans_adopted{0}, orphans_dropped{0};
   std::atomic<uint64_t> nvme_admitted{0}, nvme_refused{0}, nvme_writes{0};
   std::atomic<uint64_t> offered_tokens{0}, held_back_tokens{0}, saved_ns{0}, probes{0};
-  // One probe in flight at a time; wait_for_probes waits on probe_cv.
+  // One probe in flight at a time; wait_for_probes waits on probe_cv. The last probe's handle is
+  // kept here, so the lookup that started it does not wait for it (a handle's destructor waits).
   std::mutex probe_mu;
   std::condition_variable probe_cv;
-  bool probing = false;  // guarded by probe_mu
+  bool probing = false;                      // guarded by probe_mu
+  std::optional<TransferHandle> probe_job;   // guarded by probe_mu
 };
 
 namespace tier_detail {

@@ -64,11 +64,23 @@ KVTIER_API kvtier_status kvtier_open_namespace_revision(kvtier_client* client, c
                                                        const char* revision, const char* tenant,
                                                        const char* adapter_id, uint32_t* namespace_out);
 
+/* The same, declaring the engine's prefill speed (tokens per second, finite and >= 0): a lookup in
+ * the namespace then offers only the cached prefix that restores faster than the engine would
+ * compute it (kvtier_match_held_back_blocks says what it held back). Opening the namespace again
+ * declares a new speed; 0 declares nothing (every cached block is offered), as the calls above. */
+KVTIER_API kvtier_status kvtier_open_namespace_prefill(kvtier_client* client, const char* model_id,
+                                                      const char* revision, const char* tenant,
+                                                      const char* adapter_id, double prefill_tokens_per_second,
+                                                      uint32_t* namespace_out);
+
 /* The longest cached prefix of tokens, under a lease; free it with kvtier_match_free. */
 KVTIER_API kvtier_status kvtier_lookup(kvtier_client* client, uint32_t ns, const uint32_t* tokens, size_t num_tokens,
                             kvtier_match** out);
 KVTIER_API uint64_t kvtier_match_tokens(const kvtier_match* match);
 KVTIER_API size_t kvtier_match_blocks(const kvtier_match* match);
+/* Cached blocks after the match not offered: slower to restore than to recompute at the
+ * namespace's declared prefill speed (0 when it declares none). */
+KVTIER_API uint32_t kvtier_match_held_back_blocks(const kvtier_match* match);
 /* Copies the first num_blocks matched blocks into blocks[i] (canonical layout, block_bytes each;
  * device_memory != 0 for GPU pointers). Returns when every byte is in place. */
 KVTIER_API kvtier_status kvtier_load(kvtier_client* client, const kvtier_match* match, void* const* blocks,

@@ -41,6 +41,28 @@ int capi_smoke(const char* socket_path, const unsigned* tokens, size_t num_token
   }
   CHECK(kvtier_load(c, m, back_ptrs, blocks, 0));
   kvtier_match_free(c, m);
+  /* Restore or recompute: an engine declared faster than any restore is offered nothing, and
+   * told what was held back; declaring 0 again offers everything; a negative speed is refused. */
+  uint32_t fast = 0;
+  CHECK(kvtier_open_namespace_prefill(c, "c-model", "", "", "", 1e15, &fast));
+  CHECK(kvtier_lookup(c, fast, tokens, num_tokens, &m));
+  if (fast != ns || kvtier_match_blocks(m) != 0 || kvtier_match_held_back_blocks(m) != blocks) {
+    fprintf(stderr, "capi_smoke: a 1e15 tokens/s engine was offered %zu blocks, %u held back\n",
+            kvtier_match_blocks(m), kvtier_match_held_back_blocks(m));
+    return 1;
+  }
+  kvtier_match_free(c, m);
+  CHECK(kvtier_open_namespace_prefill(c, "c-model", "", "", "", 0.0, &fast));
+  CHECK(kvtier_lookup(c, fast, tokens, num_tokens, &m));
+  if (kvtier_match_blocks(m) != blocks || kvtier_match_held_back_blocks(m) != 0) {
+    fprintf(stderr, "capi_smoke: declaring 0 again did not offer every block\n");
+    return 1;
+  }
+  kvtier_match_free(c, m);
+  if (kvtier_open_namespace_prefill(c, "c-model", "", "", "", -1.0, &fast) != KVTIER_INVALID_ARGUMENT) {
+    fprintf(stderr, "capi_smoke: a negative prefill speed was not refused\n");
+    return 1;
+  }
   /* Another revision of the same model is another namespace: nothing saved above matches there. */
   uint32_t other_rev = 0;
   CHECK(kvtier_open_namespace_revision(c, "c-model", "rev-2", "", "", &other_rev));

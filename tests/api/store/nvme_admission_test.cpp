@@ -131,3 +131,16 @@ TEST_CASE("NVMe admission shows in the metrics: admitted, refused and bytes writ
                                    std::to_string(s.nvme_blocks_written * layout().bytes_per_block())));
   CHECK(s.nvme_refused > 0);
 }
+
+TEST_CASE("A pinned prefix is never refused: it stays in memory under pressure and a flush persists it") {
+  AdmissionFixture f(2);
+  const auto pinned = prompt(10, 4);
+  REQUIRE(*f.tm->save(f.ns, pinned, kv_for(pinned, layout())) == 4);  // one use: admission would refuse it
+  auto m = f.tm->index().match(f.ns, pinned, {}, {.touch = false});
+  for (const BlockResidency& b : m->blocks) REQUIRE(f.tm->index().pin(b.key, Priority::kRetained).is_ok());
+  push_out_of_host(f, 700);
+  CHECK(cached_blocks(f, pinned) == 4);  // not a victim while pinned
+  CHECK(*f.tm->flush() >= 4);            // the graceful shutdown's flush writes it
+  CHECK(on_nvme(f, pinned));
+  for (const BlockResidency& b : m->blocks) REQUIRE(f.tm->index().unpin(b.key, Priority::kRetained).is_ok());
+}
