@@ -1,10 +1,18 @@
 // `kvtier`: the command line. Subcommands: service-demo, crash-loop, demo, tier-demo, keys, layout, info, serve,
-// stats, plan (and the hidden service-demo-user, the user processes service-demo starts).
+// stats, plan, warm (and the hidden service-demo-user, the user processes service-demo starts).
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <sstream>
+#include <string_view>
+#include <vector>
 
 #include "prefix_index/key_chain.h"
 #include "tiers/device_probe.h"
@@ -35,9 +43,37 @@ std::vector<TokenId> parse_tokens(const std::string& text) {
   return tokens;
 }
 
+// Subcommands the Python package implements, because they run a model: `kvtier warm ...` is
+// `python -m kvtier.warm ...`. The python is $KVTIER_PYTHON, else the one this build was configured
+// with (the project's .venv when there is one, else python3); a build tree's python/ joins
+// PYTHONPATH so its own package is the one that runs.
+int run_python_tool(const char* module, int argc, char** argv) {
+  const char* env_python = std::getenv("KVTIER_PYTHON");
+  std::string python = env_python && *env_python ? env_python : KVTIER_DEFAULT_PYTHON;
+  if (python.front() == '/' && !std::filesystem::exists(python) && !(env_python && *env_python)) {
+    python = "python3";  // the configured venv is not on this machine (an installed package)
+  }
+  const std::string package_dir = KVTIER_SOURCE_PYTHON_DIR;
+  if (!package_dir.empty() && std::filesystem::exists(package_dir + "/kvtier/__init__.py")) {
+    const char* old = std::getenv("PYTHONPATH");
+    const std::string path = old && *old ? package_dir + ":" + old : package_dir;
+    ::setenv("PYTHONPATH", path.c_str(), 1);
+  }
+  std::vector<char*> args{const_cast<char*>(python.c_str()), const_cast<char*>("-m"), const_cast<char*>(module)};
+  for (int i = 2; i < argc; ++i) args.push_back(argv[i]);
+  args.push_back(nullptr);
+  ::execvp(python.c_str(), args.data());
+  std::fprintf(stderr,
+               "kvtier %s: cannot run %s (%s): this command runs the kvtier Python package; set KVTIER_PYTHON to a "
+               "python that has it (pip install kvtier)\n",
+               argv[1], python.c_str(), std::strerror(errno));
+  return 2;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc >= 2 && std::string_view(argv[1]) == "warm") return run_python_tool("kvtier.warm", argc, argv);
   CLI::App app{"kvtier: hierarchical KV-cache storage tier for LLM serving"};
   app.require_subcommand(1);
 
@@ -132,6 +168,11 @@ int main(int argc, char** argv) {
   auto* stats_cmd = app.add_subcommand("stats", "Print a running kvtierd's metrics");
   stats_cmd->add_option("--socket", stats_socket, "daemon socket (default /var/lib/kvtier/kvtierd.sock)");
   stats_cmd->add_flag("--raw", stats_raw, "Prometheus text instead of the summary");
+
+  // Listed for --help; main() hands `warm` to the Python package before parsing.
+  app.add_subcommand("warm", "Compute and store the KV of a list of prompts ahead of traffic, with a model "
+                             "(kvtier warm --help; runs the Python package)")
+      ->allow_extras();
 
   CLI11_PARSE(app, argc, argv);
 
