@@ -7,6 +7,7 @@
 
 #include <bit>
 #include <cerrno>
+#include <chrono>
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
@@ -370,6 +371,18 @@ Result<std::unique_ptr<Catalog>> Catalog::open(const std::string& dir, CatalogOp
     // Recovery left the WALs of every run that crashed in place (avoid_flush_during_recovery):
     // one flush now turns them into a table and deletes them, so files do not pile up over
     // restarts and the next open replays nothing. A failure here only delays that.
+    // A WAL that held nothing (a run killed before its first catalog write) leaves an empty
+    // memtable, and a flush of nothing moves no log number on: those WALs would stay for good,
+    // one per such restart (kvtier crash-loop found 62 after 100 kills once NVMe admission made
+    // write-free runs common). One small record makes the flush real, so every older WAL goes.
+    rocksdb::WriteOptions wo;
+    wo.sync = false;  // the flush below persists it
+    const std::string opened = std::to_string(std::chrono::duration_cast<std::chrono::seconds>(
+                                                  std::chrono::system_clock::now().time_since_epoch())
+                                                  .count());
+    if (rocksdb::Status ps = raw->Put(wo, std::string(1, kMetaPrefix) + "last_open", opened); !ps.ok()) {
+      spdlog::warn("kvtier catalog {}: recording the open failed: {}", dir, ps.ToString());
+    }
     rocksdb::FlushOptions fo;
     if (rocksdb::Status fs = raw->Flush(fo); !fs.ok()) {
       spdlog::warn("kvtier catalog {}: flush after open failed: {}", dir, fs.ToString());
