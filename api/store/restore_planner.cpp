@@ -3,17 +3,13 @@
 #include <chrono>
 
 namespace kvtier {
-namespace {
 
-// The tier a load reads a block from: the fastest one holding it.
-int fastest_tier(const BlockResidency& block) noexcept {
+Tier fastest_tier(const BlockResidency& block) noexcept {
   for (Tier t : kAllTiers) {
-    if (block.resident_in(t)) return static_cast<int>(t);
+    if (block.resident_in(t)) return t;
   }
-  return static_cast<int>(Tier::kNvme);
+  return Tier::kNvme;
 }
-
-}  // namespace
 
 uint64_t steady_ns() noexcept {
   return static_cast<uint64_t>(
@@ -70,7 +66,7 @@ RestoreOffer RestorePlanner::plan(std::span<const BlockResidency> blocks, double
   double saved = 0, best_saved = 0;
   size_t best = 0;
   for (size_t b = 0; b < blocks.size(); ++b) {
-    saved += recompute_s - double(blocks[b].byte_size) * spb[fastest_tier(blocks[b])];
+    saved += recompute_s - double(blocks[b].byte_size) * spb[static_cast<int>(fastest_tier(blocks[b]))];
     if (saved > best_saved) {
       best_saved = saved;
       best = b + 1;
@@ -80,7 +76,7 @@ RestoreOffer RestorePlanner::plan(std::span<const BlockResidency> blocks, double
   offer.held_back = blocks.size() - best;
   offer.seconds_saved = best_saved;
   for (size_t b = best; b < blocks.size(); ++b) {
-    const int fastest = fastest_tier(blocks[b]);
+    const int fastest = static_cast<int>(fastest_tier(blocks[b]));
     offer.held_back_tier = offer.held_back_tier == kNumTiers ? fastest : std::max(offer.held_back_tier, fastest);
   }
   return offer;

@@ -67,6 +67,9 @@ class RestorePlanner {
   std::array<TierEstimate, kNumTiers> tiers_{};  // guarded by mu_
 };
 
+/// The tier a load reads `block` from: the fastest one holding it (NVMe for none).
+Tier fastest_tier(const BlockResidency& block) noexcept;
+
 /// Steady-clock nanoseconds, the clock RestorePlanner::last_sample_ns reads.
 uint64_t steady_ns() noexcept;
 

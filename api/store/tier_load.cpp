@@ -242,19 +242,9 @@ void TierManager::probe(std::span<const BlockResidency> blocks, Tier tier) {
   // may end first), each read whole into scratch as a load would: verified when from NVMe.
   constexpr size_t kProbeBlocks = 8;
   auto pinned = std::make_shared<std::vector<BlockKey>>();
-  JobSpec job;
-  auto scratch = std::make_shared<AlignedBuffer>();
-  std::vector<BlockResidency> chosen;
   for (const BlockResidency& b : blocks) {
-    if (chosen.size() == kProbeBlocks) break;
-    bool faster_copy = false;
-    for (Tier t : kAllTiers) {
-      if (t == tier) break;
-      faster_copy |= b.resident_in(t);
-    }
-    if (faster_copy || !b.resident_in(tier) || !index_->pin(b.key).is_ok()) continue;
-    pinned->push_back(b.key);
-    chosen.push_back(b);
+    if (pinned->size() == kProbeBlocks) break;
+    if (fastest_tier(b) == tier && b.resident_in(tier) && index_->pin(b.key).is_ok()) pinned->push_back(b.key);
   }
   auto done = [this, pinned] {
     for (const BlockKey& k : *pinned) index_->unpin(k).ignore();
@@ -262,13 +252,15 @@ void TierManager::probe(std::span<const BlockResidency> blocks, Tier tier) {
     counters_->probing = false;
     counters_->probe_cv.notify_all();
   };
-  if (chosen.empty()) return done();
-  *scratch = make_aligned_buffer(chosen.size() * align_up(block_bytes_, kIoAlignment));
-  for (size_t i = 0; i < chosen.size(); ++i) {
-    auto where = index_->get(chosen[i].key);  // pinned: its slots stay
+  if (pinned->empty()) return done();
+  const uint64_t slot_bytes = align_up(block_bytes_, kIoAlignment);
+  auto scratch = std::make_shared<AlignedBuffer>(make_aligned_buffer(pinned->size() * slot_bytes));
+  JobSpec job;
+  for (const BlockKey& key : *pinned) {
+    auto where = index_->get(key);  // pinned: its slots stay
     if (!where) continue;
     Segment seg{.layer = 0, .bytes = block_bytes_, .src = block_location(*where, tier),
-                .dst = Location::host(scratch->get() + i * align_up(block_bytes_, kIoAlignment))};
+                .dst = Location::host(scratch->get() + job.segments.size() * slot_bytes)};
     if (tier == Tier::kNvme) {
       seg.verify = true;
       seg.expected_xxh3_64 = where->checksum;

@@ -322,6 +322,9 @@ class TierManager {
   /// the catalog and the index to it and returns true; false when it is not damaged.
   Result<bool> repair(const BlockKey& key, const std::function<CatalogEntry()>& entry, const std::byte* src,
                       bool src_is_device);
+  /// After a residency left the index (evict, remove_residency): frees its slot (an NVMe copy
+  /// through the catalog), forgets a block that left the index as dirty, counts the drop.
+  void release_evicted(const EvictedBlock& e);
   /// Whether a block demoted from the host tier may be written to NVMe (nvme_admission_min_uses).
   bool admit_to_nvme(const BlockResidency& block) const;
   /// Write-back of one round of victims of `t` (the host tier, NVMe below it), in the order

@@ -66,16 +66,7 @@ Status TierManager::reclaim(Tier t, uint64_t target_used, const std::atomic<bool
     // be dropped though the lower tier could take it — maybe its only copy.
     if (progressed == 0 && (!lower || failed > 0)) {
       for (const EvictedBlock& e : index_->evict(t, batch)) {
-        if (t == Tier::kNvme) {
-          nvme_->erase(e.key).ignore();  // already out of the index; a failure leaves a catalog orphan
-        } else {
-          free_slot(t, e.slot);
-        }
-        if (e.left_index) {
-          std::lock_guard dl(counters_->dirty_mu);
-          counters_->dirty.erase(e.key);
-        }
-        counters_->drops[static_cast<int>(t)]++;
+        release_evicted(e);
         ++progressed;
       }
     }
@@ -125,15 +116,23 @@ std::vector<Status> TierManager::write_back_victims(Tier t, std::span<const Bloc
       result[v] = removed.status();
       continue;
     }
-    free_slot(t, removed->slot);
-    if (removed->left_index) {
-      std::lock_guard dl(counters_->dirty_mu);
-      counters_->dirty.erase(victims[v]);
-    }
-    counters_->drops[static_cast<int>(t)]++;
+    release_evicted(*removed);
     counters_->nvme_refused++;
   }
   return result;
+}
+
+void TierManager::release_evicted(const EvictedBlock& e) {
+  if (e.tier == Tier::kNvme) {
+    nvme_->erase(e.key).ignore();  // already out of the index; a failure leaves a catalog orphan
+  } else {
+    free_slot(e.tier, e.slot);
+  }
+  if (e.left_index) {
+    std::lock_guard dl(counters_->dirty_mu);
+    counters_->dirty.erase(e.key);
+  }
+  counters_->drops[static_cast<int>(e.tier)]++;
 }
 
 Status TierManager::demote_block(const BlockKey& key, Tier from) {
