@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from . import Client, KvLayout, _errors, tokens_list
+from ._prefill import PrefillSpeed
 
 _log = logging.getLogger("kvtier.hf")
 
@@ -98,31 +99,22 @@ def weights_revision(model_or_path: Any) -> str:
 
 class _PrefillMeter:
     """Restore or recompute for one namespace of one store: the model's prefill speed as
-    :func:`generate` measures it (a moving average), declared to the store whenever it moves by
-    more than a quarter, so lookups offer only what restores faster than this model computes."""
-
-    SMOOTHING = 0.5
-    REDECLARE = 0.25
+    :func:`generate` times it, declared to the store whenever it moves by more than a quarter, so
+    lookups offer only what restores faster than this model computes."""
 
     def __init__(self, store: Any, args: dict[str, str]) -> None:
         self.store = weakref.ref(store)
         self.args = args
-        self.measured = 0.0   # tokens per second, 0 until a prefill is timed
-        self.declared = 0.0
+        self.speed = PrefillSpeed()
 
     def add(self, tokens: int, seconds: float) -> None:
-        if tokens <= 0 or seconds <= 0:
-            return
-        speed = tokens / seconds
-        self.measured = speed if self.measured == 0 else self.measured + self.SMOOTHING * (speed - self.measured)
-        if self.declared and abs(self.measured - self.declared) <= self.REDECLARE * self.declared:
-            return
+        self.speed.add(tokens, seconds)
         store = self.store()
-        if store is None:
+        if store is None or not self.speed.due():
             return
         try:  # the same namespace id, its new speed
-            store.open_namespace(**self.args, prefill_tokens_per_second=self.measured)
-            self.declared = self.measured
+            store.open_namespace(**self.args, prefill_tokens_per_second=self.speed.measured)
+            self.speed.declared = self.speed.measured
         except _errors.Error as e:  # a daemon that went away: the next generate declares it
             _log.debug("kvtier: could not declare the prefill speed: %s", e)
 

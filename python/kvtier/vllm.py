@@ -41,6 +41,7 @@ import torch
 
 import kvtier
 from kvtier import PagedKv
+from kvtier._prefill import PrefillSpeed
 
 from vllm.distributed.kv_events import MEDIUM_STORAGE, BlockStored
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1,
@@ -104,8 +105,6 @@ class _SavesDone(KVConnectorWorkerMetadata):
 
 # Restore or recompute: steps of at least this many tokens, loading nothing, time the prefill.
 _MIN_TIMED_TOKENS = 128
-_SPEED_SMOOTHING = 0.5   # weight of a new step in the worker's moving average
-_REDECLARE = 0.25        # the scheduler declares the speed again when it moves by more than this
 
 
 _STAT_KEYS = ("loaded_tokens", "load_failures", "saved_blocks", "save_bytes", "save_failures", "unavailable")
@@ -349,7 +348,9 @@ class KvtierConnector(KVConnectorBase_V1):
         self._saves_done: list[tuple[str, int, bool]] = []  # for the scheduler's KV events
         self._step_start = 0.0   # restore or recompute: when this step's forward pass began ...
         self._step_tokens = 0    # ... and its tokens, when it loads nothing and is long enough to time
-        self._prefill_speed = 0.0  # the worker's moving average, tokens per second
+        # The worker's moving average (sent in its metadata once it moved); on the scheduler, the
+        # speed it received and declared.
+        self._prefill = PrefillSpeed()
         self._speed_to_send = 0.0
         self._stats_reported = ConnectorStats()
         self._events: list[Any] = []  # scheduler side: KV events not yet taken
@@ -541,11 +542,11 @@ class KvtierConnector(KVConnectorBase_V1):
                 event = self._pending_events.pop((rid, end), None)
                 if ok and event is not None:
                     self._events.append(event)
-            speed = meta.prefill_tokens_per_second
-            old = self._link.speed
-            if self._measure_prefill and speed > 0 and (old == 0 or abs(speed - old) > _REDECLARE * old):
+            self._prefill.set(meta.prefill_tokens_per_second)
+            if self._measure_prefill and self._prefill.due():
                 with self._link.lock:
-                    self._link.declare(speed)
+                    self._link.declare(self._prefill.measured)
+                self._prefill.declared = self._prefill.measured
         # The step that loaded has run: its workers hold their own leases no longer, so neither
         # need the scheduler's.
         for rid in self._release_after_step:
@@ -694,12 +695,8 @@ class KvtierConnector(KVConnectorBase_V1):
             return
         seconds = time.perf_counter() - self._step_start
         self._step_tokens, tokens = 0, self._step_tokens
-        if seconds <= 0:
-            return
-        speed = tokens / seconds
-        self._prefill_speed = speed if not self._prefill_speed else \
-            self._prefill_speed + _SPEED_SMOOTHING * (speed - self._prefill_speed)
-        self._speed_to_send = self._prefill_speed
+        self._prefill.add(tokens, seconds)
+        self._speed_to_send = self._prefill.measured
 
     def wait_for_save(self) -> None:
         self._time_step()

@@ -214,10 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 if progress is not None:
                     progress.close()
-    except UsageError as e:
-        print(f"kvtier warm: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (kvtier.LayoutMismatch, kvtier.InvalidArgument, kvtier.PermissionDenied) as e:
+    except (UsageError, kvtier.LayoutMismatch, kvtier.InvalidArgument, kvtier.PermissionDenied) as e:
         print(f"kvtier warm: {e}", file=sys.stderr)
         return EXIT_USAGE
     except kvtier.Unavailable as e:
