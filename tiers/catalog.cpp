@@ -268,8 +268,8 @@ std::string Catalog::encode_entry(const CatalogEntry& e) {
 }
 
 std::string Catalog::encode_namespace(const NamespaceRecord& r) {
-  // A record without a tenant keeps version 1, which a kvtierd from before tier shares reads too.
-  const uint8_t version = r.tenant.empty() ? 1 : kNamespaceRecordVersion;
+  // The lowest version that holds the record, so a kvtierd from before reads it too.
+  const uint8_t version = !r.adapter_id.empty() || !r.revision.empty() ? 3 : !r.tenant.empty() ? 2 : 1;
   Writer w;
   w.put<uint8_t>(version);
   w.put_key(r.root);
@@ -281,6 +281,10 @@ std::string Catalog::encode_namespace(const NamespaceRecord& r) {
   w.put<uint32_t>(r.layout.block_tokens);
   w.put_bytes(r.model_id);
   if (version >= 2) w.put_bytes(r.tenant);
+  if (version >= 3) {
+    w.put_bytes(r.adapter_id);
+    w.put_bytes(r.revision);
+  }
   return w.take();
 }
 
@@ -289,14 +293,15 @@ Result<NamespaceRecord> Catalog::decode_namespace(std::string_view value) {
   NamespaceRecord rec;
   uint8_t version = 0, kind = 0, dtype = 0;
   if (!r.get(version)) return undecodable("empty namespace record");
-  if (version != 1 && version != kNamespaceRecordVersion) {
+  if (version < 1 || version > kNamespaceRecordVersion) {
     return invalid_argument("catalog namespace record version " + std::to_string(version));
   }
   // Version 1 (before tenant shares) has no tenant: its blocks count under no tenant.
   if (!r.get_key(rec.root) || !r.get(kind) || !r.get(rec.layout.num_layers) ||
       !r.get(rec.layout.num_kv_heads) || !r.get(rec.layout.head_dim) || !r.get(dtype) ||
       !r.get(rec.layout.block_tokens) || !r.get_bytes(rec.model_id) ||
-      (version >= 2 && !r.get_bytes(rec.tenant)) || !r.done()) {
+      (version >= 2 && !r.get_bytes(rec.tenant)) ||
+      (version >= 3 && (!r.get_bytes(rec.adapter_id) || !r.get_bytes(rec.revision))) || !r.done()) {
     return undecodable("truncated namespace record");
   }
   rec.layout.kind = static_cast<AttentionKind>(kind);
@@ -347,9 +352,10 @@ Result<std::unique_ptr<Catalog>> Catalog::open(const std::string& dir, CatalogOp
   }
   const rocksdb::Options db_options = db_options_for(dir, options);
   rocksdb::DB* raw = nullptr;
-  rocksdb::Status s = rocksdb::DB::Open(db_options, dir, &raw);
-  bool read_only = false;
-  if (!s.ok() && !s.IsCorruption() && free_bytes_of(dir) < options.resume_headroom_bytes) {
+  bool read_only = options.read_only;
+  rocksdb::Status s = read_only ? rocksdb::DB::OpenForReadOnly(db_options, dir, &raw)
+                                : rocksdb::DB::Open(db_options, dir, &raw);
+  if (!s.ok() && !read_only && !s.IsCorruption() && free_bytes_of(dir) < options.resume_headroom_bytes) {
     // A full file system: RocksDB cannot write the MANIFEST and OPTIONS file an open writes.
     // Read-only still serves what is committed; the first write with room reopens.
     rocksdb::DB* ro = nullptr;
@@ -388,7 +394,7 @@ Result<std::unique_ptr<Catalog>> Catalog::open(const std::string& dir, CatalogOp
       spdlog::warn("kvtier catalog {}: flush after open failed: {}", dir, fs.ToString());
     }
   }
-  remove_old_info_logs(dir);
+  if (!options.read_only) remove_old_info_logs(dir);
   return std::unique_ptr<Catalog>(
       new Catalog(dir, std::unique_ptr<rocksdb::DB>(raw), read_only, std::move(options), lock_fd));
 }
@@ -400,7 +406,7 @@ Catalog::Catalog(std::string dir, std::unique_ptr<rocksdb::DB> db, bool read_onl
       read_only_(read_only),
       options_(std::move(options)),
       lock_fd_(lock_fd),
-      out_of_space_(read_only) {}
+      out_of_space_(read_only && !options_.read_only) {}
 
 Catalog::~Catalog() {
   {
@@ -473,6 +479,9 @@ Status Catalog::checked_write(const std::string& what, const std::function<rocks
   rocksdb::Status s;
   {
     std::shared_lock lock(db_mu_);
+    if (options_.read_only) {
+      return {StatusCode::kInvalidArgument, "catalog " + what + " in " + dir_ + ": opened read-only"};
+    }
     if (read_only_) {
       return {StatusCode::kResourceExhausted,
               "catalog " + what + " in " + dir_ +

@@ -53,14 +53,18 @@ struct NamespaceRecord {
   KvLayout layout;
   std::string model_id;
   std::string tenant;  // the tenant its blocks are counted under (tenant shares); "" for none
+  std::string adapter_id;  // the LoRA adapter; "" for none
+  std::string revision;    // the weights' revision; "" for none
 
   friend bool operator==(const NamespaceRecord&, const NamespaceRecord&) = default;
 };
 
 inline constexpr uint8_t kCatalogValueVersion = 1;
-/// Namespace records: 2 adds the tenant. A record with no tenant is still written as version 1,
-/// and version 1 records decode with no tenant.
-inline constexpr uint8_t kNamespaceRecordVersion = 2;
+/// Namespace records: 2 adds the tenant, 3 the adapter id and the revision (for kvtier inspect and
+/// kvtier doctor). A record is written at the lowest version that holds it (one with no tenant,
+/// adapter or revision as version 1), so a kvtierd from before reads what it can; older versions
+/// decode with those fields empty.
+inline constexpr uint8_t kNamespaceRecordVersion = 3;
 
 struct CatalogOptions {
   /// Sync every write to the RocksDB WAL before it returns (WriteOptions::sync; default true).
@@ -76,6 +80,10 @@ struct CatalogOptions {
   /// Free bytes the file system must have, beyond what RocksDB's memtables hold, before a write
   /// after a no-space failure asks RocksDB to resume (default 1 MiB).
   uint64_t resume_headroom_bytes = 1 << 20;
+  /// Open for reading only (default false): nothing is written, not even at open; every write
+  /// fails with kInvalidArgument. For tools that look at a data dir (kvtier fsck without
+  /// --repair, kvtier inspect). `lock_file` still keeps a live kvtierd out.
+  bool read_only = false;
 };
 
 class Catalog {

@@ -1,5 +1,5 @@
 // `kvtier`: the command line. Subcommands: service-demo, crash-loop, demo, tier-demo, keys, layout, info, serve,
-// stats, plan, warm (and the hidden service-demo-user, the user processes service-demo starts).
+// stats, plan, warm, fsck (and the hidden service-demo-user, the user processes service-demo starts).
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
@@ -73,7 +73,12 @@ int run_python_tool(const char* module, int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc >= 2 && std::string_view(argv[1]) == "warm") return run_python_tool("kvtier.warm", argc, argv);
+  // The operator commands that live in the Python package (a model, tqdm's progress bar).
+  for (const char* tool : {"warm", "fsck"}) {
+    if (argc >= 2 && std::string_view(argv[1]) == tool) {
+      return run_python_tool(("kvtier." + std::string(tool)).c_str(), argc, argv);
+    }
+  }
   CLI::App app{"kvtier: hierarchical KV-cache storage tier for LLM serving"};
   app.require_subcommand(1);
 
@@ -169,9 +174,12 @@ int main(int argc, char** argv) {
   stats_cmd->add_option("--socket", stats_socket, "daemon socket (default /var/lib/kvtier/kvtierd.sock)");
   stats_cmd->add_flag("--raw", stats_raw, "Prometheus text instead of the summary");
 
-  // Listed for --help; main() hands `warm` to the Python package before parsing.
+  // Listed for --help; main() hands these to the Python package before parsing.
   app.add_subcommand("warm", "Compute and store the KV of a list of prompts ahead of traffic, with a model "
                              "(kvtier warm --help; runs the Python package)")
+      ->allow_extras();
+  app.add_subcommand("fsck", "Check a data dir's NVMe slots against its catalog; --repair fixes what is safe "
+                             "(kvtier fsck --help; runs the Python package)")
       ->allow_extras();
 
   CLI11_PARSE(app, argc, argv);

@@ -108,8 +108,9 @@ Result<Namespace> TierManager::add_namespace(const NamespaceSpec& spec, std::str
   // whose namespace has no record is dropped then: every open writes it (the first opener's may
   // have failed). Only a listed tenant's name is kept (in-process, a tenant is named by its salt).
   if (nvme_) {
-    KVTIER_RETURN_IF_ERROR(nvme_->put_namespace(
-        {ns->root, ns->layout, spec.model_id, g != kNoGroup ? options_.tenants[g - 1].name : std::string()}));
+    KVTIER_RETURN_IF_ERROR(nvme_->put_namespace({ns->root, ns->layout, spec.model_id,
+                                                 g != kNoGroup ? options_.tenants[g - 1].name : std::string(),
+                                                 spec.adapter_id, spec.revision}));
   }
   return ns;
 }

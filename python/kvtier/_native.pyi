@@ -195,4 +195,9 @@ def connect(socket_path: str | None = None, window_bytes: int | None = None, nam
 
 def open_store(layout: KvLayout, host_bytes: object, nvme_dir: str | None = None, nvme_bytes: object = 0, secret: str = '', write_through: bool = False) -> KvStore: ...
 
+def check_nvme_tier(dir: str, repair: bool = False, progress: object | None = None, max_listed: int = 1000) -> dict:
+    """
+    kvtier fsck: checks an NVMe tier (or a kvtierd data dir) no kvtierd holds; a dict of findings.
+    """
+
 def status_codes() -> list[str]: ...

@@ -28,6 +28,8 @@ from typing import Any, Callable, Sequence
 
 import kvtier
 
+from . import _cli
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
 
@@ -205,10 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with kvtier.Client(args.socket, name="kvtier-warm") as kv:
             ns = hf.open_namespace(kv, model, tenant=args.tenant, adapter=args.adapter, revision=args.revision,
                                    model_id=args.model_id, prefill_tokens_per_second=0)
-            progress = None
-            if not args.quiet and sys.stderr.isatty():
-                from tqdm import tqdm
-                progress = tqdm(total=len(prompts), unit="prompt", desc="kvtier warm", file=sys.stderr)
+            progress = _cli.progress_bar(args.quiet, "kvtier warm", len(prompts), unit="prompt")
             try:
                 summary = warm(kv, ns, model, prompts, args.priority, progress)
             finally:
@@ -221,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kvtier warm: kvtierd cannot be reached: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     if args.json:
-        print(json.dumps(dataclasses.asdict(summary)))
+        _cli.print_json(dataclasses.asdict(summary))
     else:
         _print_summary(summary, sys.stdout)
     return EXIT_FAILED if summary.failed else EXIT_OK

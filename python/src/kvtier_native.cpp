@@ -29,6 +29,7 @@
 #include "api/vocab/byte_size.h"
 #include "kvtier/client.h"
 #include "kvtier/kv_store.h"
+#include "tiers/nvme_check.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -618,6 +619,56 @@ KvLayout layout_from_hf(std::string_view json, uint32_t block_tokens, std::optio
   return unwrap(KvLayout::from_hf_config(json, block_tokens, d ? &*d : nullptr));
 }
 
+// kvtier fsck (python/kvtier/fsck.py): the check runs without the GIL; `progress(done, total)`
+// takes it for each call.
+nb::dict check_nvme_tier_py(const std::string& dir, bool repair, nb::object progress, size_t max_listed) {
+  NvmeCheckOptions o;
+  o.repair = repair;
+  o.max_listed = max_listed;
+  if (!progress.is_none()) {
+    o.progress = [&progress](uint64_t done, uint64_t total) {
+      nb::gil_scoped_acquire locked;
+      progress(done, total);
+    };
+  }
+  std::optional<Result<NvmeCheckReport>> r;
+  {
+    nb::gil_scoped_release unlocked;
+    r.emplace(check_nvme_tier(dir, o));
+  }
+  const NvmeCheckReport rep = unwrap(std::move(*r));
+  nb::dict d;
+  d["dir"] = rep.dir;
+  d["layout"] = rep.layout;
+  d["slot_bytes"] = rep.slot_bytes;
+  d["files"] = rep.files;
+  d["slots"] = rep.slots;
+  d["namespaces"] = rep.namespaces;
+  d["entries"] = rep.entries;
+  d["good_blocks"] = rep.good_blocks;
+  d["good_bytes"] = rep.good_bytes;
+  d["bytes_read"] = rep.bytes_read;
+  d["undecodable_entries"] = rep.undecodable_entries;
+  d["bad_slots"] = rep.bad_slots;
+  d["broken_chains"] = rep.broken_chains;
+  d["no_namespace"] = rep.no_namespace;
+  d["slots_without_entry"] = rep.slots_without_entry;
+  d["errors"] = rep.errors();
+  d["repaired"] = rep.repaired;
+  nb::list problems;
+  for (const NvmeCheckProblem& p : rep.problems) {
+    nb::dict e;
+    e["kind"] = p.kind;
+    e["key"] = p.key.to_hex();
+    e["slot"] = p.slot == kNoSlot ? nb::object(nb::none()) : nb::cast(p.slot);
+    e["detail"] = p.detail;
+    e["repaired"] = p.repaired;
+    problems.append(e);
+  }
+  d["problems"] = problems;
+  return d;
+}
+
 }  // namespace
 }  // namespace kvtier::python
 
@@ -763,6 +814,9 @@ NB_MODULE(_native, m) {
   m.def("connect", &connect, "socket_path"_a = nb::none(), "window_bytes"_a = nb::none(), "name"_a = nb::none());
   m.def("open_store", &open_store, "layout"_a, "host_bytes"_a, "nvme_dir"_a = nb::none(), "nvme_bytes"_a = 0,
         "secret"_a = "", "write_through"_a = false);
+  m.def("check_nvme_tier", &check_nvme_tier_py, "dir"_a, "repair"_a = false, "progress"_a = nb::none(),
+        "max_listed"_a = 1000,
+        "kvtier fsck: checks an NVMe tier (or a kvtierd data dir) no kvtierd holds; a dict of findings.");
   m.def("status_codes", []() {
     std::vector<std::string> out;
     for (int c = 0; c <= static_cast<int>(StatusCode::kInternal); ++c) {

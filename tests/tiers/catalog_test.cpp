@@ -150,3 +150,54 @@ TEST_CASE("Opens with no write between them leave no WAL files behind") {
   REQUIRE(cat.is_ok());
   CHECK((*cat)->get(make_entry(1).key).is_ok());
 }
+
+TEST_CASE("A namespace record keeps its adapter and revision; one without them is written as before") {
+  NamespaceRecord ns{{5, 6}, *KvLayout::standard(2, 2, 64, Dtype::kFp16), "m", "", "lora-7", "abc123"};
+  const std::string v3 = Catalog::encode_namespace(ns);
+  CHECK(v3[0] == 3);
+  auto back = Catalog::decode_namespace(v3);
+  REQUIRE(back.is_ok());
+  CHECK(*back == ns);
+  ns.tenant = "team-a";
+  back = Catalog::decode_namespace(Catalog::encode_namespace(ns));
+  REQUIRE(back.is_ok());
+  CHECK(*back == ns);
+  for (size_t cut = 1; cut < v3.size(); ++cut) CHECK_FALSE(Catalog::decode_namespace(v3.substr(0, cut)).is_ok());
+  ns.adapter_id.clear();
+  ns.revision.clear();
+  CHECK(Catalog::encode_namespace(ns)[0] == 2);  // a tenant alone: version 2, as before revisions
+}
+
+TEST_CASE("A catalog opened read-only reads everything and writes nothing") {
+  TempDir dir;
+  REQUIRE(dir.ok());
+  {
+    auto cat = Catalog::open(dir.file("catalog"));
+    REQUIRE(cat.is_ok());
+    REQUIRE((*cat)->put(make_entry(1)).is_ok());
+  }
+  auto listing = [&] {
+    std::map<std::string, uintmax_t> files;
+    for (const auto& f : std::filesystem::directory_iterator(dir.file("catalog"))) {
+      files[f.path().filename().string()] = f.file_size();
+    }
+    return files;
+  };
+  const auto before = listing();
+  CatalogOptions o;
+  o.read_only = true;
+  o.create = false;
+  {
+    auto cat = Catalog::open(dir.file("catalog"), o);
+    REQUIRE(cat.is_ok());
+    CHECK((*cat)->get(make_entry(1).key).is_ok());
+    Status put = (*cat)->put(make_entry(2));
+    CHECK(put.code() == StatusCode::kInvalidArgument);
+    CHECK(put.message().find("read-only") != std::string::npos);
+    CHECK((*cat)->remove(make_entry(1).key).code() == StatusCode::kInvalidArgument);
+    CHECK_FALSE((*cat)->out_of_space());
+  }
+  CHECK(listing() == before);
+  auto missing = Catalog::open(dir.file("nothing-here"), o);
+  CHECK_FALSE(missing.is_ok());
+}

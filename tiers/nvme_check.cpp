@@ -1,0 +1,341 @@
+// kvtier fsck's engine (tiers/nvme_check.h): the catalog is read first, then each slot's header
+// once and each claimed payload once, in slot order, through one buffer (constant memory beyond
+// the catalog's entries).
+#include "tiers/nvme_check.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "tiers/block_header.h"
+#include "tiers/catalog.h"
+#include "tiers/storage_device.h"
+
+namespace kvtier {
+
+namespace {
+
+Status os_error(const std::string& what, const std::string& path, int err) {
+  return {StatusCode::kIoError, what + " " + path + ": " + std::strerror(err)};
+}
+
+struct Geometry {
+  uint64_t fingerprint = 0;
+  uint64_t slot_bytes = 0;
+  uint32_t files = 0;
+};
+
+// The catalog's "geometry" record, as NvmeTier::check_geometry writes it:
+// "slot_format=1 layout=<fingerprint> slot_bytes=<n> files=<n>".
+Result<Geometry> parse_geometry(const std::string& text, const std::string& dir) {
+  Geometry g;
+  std::map<std::string, std::string> fields;
+  std::istringstream in(text);
+  for (std::string part; in >> part;) {
+    if (auto eq = part.find('='); eq != std::string::npos) fields[part.substr(0, eq)] = part.substr(eq + 1);
+  }
+  try {
+    if (fields.at("slot_format") != std::to_string(kSlotFormatVersion)) {
+      return invalid_argument("nvme tier in " + dir + " has slot format " + fields.at("slot_format") +
+                              ", this kvtier reads format " + std::to_string(kSlotFormatVersion));
+    }
+    g.fingerprint = std::stoull(fields.at("layout"));
+    g.slot_bytes = std::stoull(fields.at("slot_bytes"));
+    g.files = static_cast<uint32_t>(std::stoul(fields.at("files")));
+  } catch (const std::exception&) {
+    return Status(StatusCode::kChecksumMismatch, "nvme tier in " + dir + ": its geometry record '" + text +
+                                                     "' does not parse");
+  }
+  if (g.slot_bytes == 0 || g.slot_bytes % kIoAlignment != 0 || g.files == 0) {
+    return Status(StatusCode::kChecksumMismatch, "nvme tier in " + dir + ": impossible geometry '" + text + "'");
+  }
+  return g;
+}
+
+class SlotFiles {
+ public:
+  static Result<SlotFiles> open(const std::string& dir, const Geometry& g, bool writable) {
+    SlotFiles f;
+    f.slot_bytes_ = g.slot_bytes;
+    for (uint32_t i = 0; i < g.files; ++i) {
+      const std::string path = dir + "/slots." + std::to_string(i);
+      const int fd = ::open(path.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+      if (fd < 0) return os_error("open", path, errno);
+      f.fds_.push_back(fd);
+      const off_t size = ::lseek(fd, 0, SEEK_END);
+      if (size < 0) return os_error("seek", path, errno);
+      f.per_file_.push_back(static_cast<uint64_t>(size) / g.slot_bytes);
+    }
+    return f;
+  }
+  SlotFiles() = default;
+  SlotFiles(SlotFiles&& o) noexcept : fds_(std::move(o.fds_)), per_file_(std::move(o.per_file_)), slot_bytes_(o.slot_bytes_) {
+    o.fds_.clear();
+  }
+  ~SlotFiles() {
+    for (int fd : fds_) ::close(fd);
+  }
+
+  /// Slot s lives in file s % files at (s / files) * slot_bytes (tiers/nvme_tier.h).
+  uint64_t count() const {
+    uint64_t n = 0;
+    for (uint64_t c : per_file_) n += c;
+    return n;
+  }
+  bool in_range(SlotId s) const {
+    const size_t file = s % fds_.size();
+    return s / fds_.size() < per_file_[file];
+  }
+  Status read(SlotId s, uint64_t offset, std::span<std::byte> out) const {
+    const int fd = fds_[s % fds_.size()];
+    const uint64_t at = (s / fds_.size()) * slot_bytes_ + offset;
+    size_t done = 0;
+    while (done < out.size()) {
+      const ssize_t n = ::pread(fd, out.data() + done, out.size() - done, static_cast<off_t>(at + done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return os_error("read slot " + std::to_string(s) + " of", "its slot file", errno);
+      if (n == 0) return {StatusCode::kIoError, "slot " + std::to_string(s) + ": short read"};
+      done += static_cast<size_t>(n);
+    }
+    return Status::ok();
+  }
+  /// Zeroes the slot's first page: its header no longer decodes, so the slot reads as free.
+  Status wipe_header(SlotId s) const {
+    std::vector<std::byte> zero(kIoAlignment);
+    const int fd = fds_[s % fds_.size()];
+    const uint64_t at = (s / fds_.size()) * slot_bytes_;
+    if (::pwrite(fd, zero.data(), zero.size(), static_cast<off_t>(at)) != static_cast<ssize_t>(zero.size())) {
+      return os_error("wipe the header of slot " + std::to_string(s) + " in", "its slot file", errno);
+    }
+    return Status::ok();
+  }
+  Status sync() const {
+    for (int fd : fds_) {
+      if (::fdatasync(fd) != 0) return os_error("fdatasync", "a slot file", errno);
+    }
+    return Status::ok();
+  }
+
+ private:
+  std::vector<int> fds_;
+  std::vector<uint64_t> per_file_;
+  uint64_t slot_bytes_ = 0;
+};
+
+/// A slot's header, decoded, with the bytes its region takes.
+struct SlotHeader {
+  BlockHeaderInfo info;
+  uint32_t header_bytes = 0;
+};
+
+Result<SlotHeader> read_header(const SlotFiles& files, SlotId s, uint64_t slot_bytes, std::vector<std::byte>& buf,
+                               uint64_t& bytes_read) {
+  buf.resize(kIoAlignment);
+  KVTIER_RETURN_IF_ERROR(files.read(s, 0, buf));
+  bytes_read += kIoAlignment;
+  uint32_t magic = 0, header_bytes = 0;
+  std::memcpy(&magic, buf.data(), 4);
+  std::memcpy(&header_bytes, buf.data() + 8, 4);
+  if (magic != kSlotMagic) return Status(StatusCode::kNotFound, "no block header (magic)");
+  if (header_bytes == 0 || header_bytes % kIoAlignment != 0 || header_bytes >= slot_bytes) {
+    return Status(StatusCode::kChecksumMismatch, "header region of " + std::to_string(header_bytes) + " bytes");
+  }
+  if (header_bytes > kIoAlignment) {
+    buf.resize(header_bytes);
+    KVTIER_RETURN_IF_ERROR(files.read(s, 0, buf));
+    bytes_read += header_bytes - kIoAlignment;
+  }
+  auto info = decode_block_header(std::span<const std::byte>(buf.data(), header_bytes));
+  if (!info) return info.status();
+  return SlotHeader{std::move(info).value(), header_bytes};
+}
+
+}  // namespace
+
+Result<std::string> find_nvme_tier_dir(const std::string& dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::is_directory(dir + "/catalog", ec)) return dir;
+  if (fs::is_directory(dir + "/nvme/catalog", ec)) return dir + "/nvme";
+  if (!fs::exists(dir, ec)) return Status(StatusCode::kNotFound, dir + ": no such directory");
+  return Status(StatusCode::kNotFound, dir + " holds no NVMe tier: neither " + dir + "/catalog nor " + dir +
+                                           "/nvme/catalog exists");
+}
+
+Result<NvmeCheckReport> check_nvme_tier(const std::string& path, const NvmeCheckOptions& options) {
+  auto found = find_nvme_tier_dir(path);
+  if (!found) return found.status();
+  const std::string dir = *found;
+
+  CatalogOptions co;
+  co.create = false;
+  co.read_only = !options.repair;
+  co.lock_file = dir + "/LOCK";  // a live kvtierd holds it: kUnavailable naming the holder
+  auto catalog = Catalog::open(dir + "/catalog", co);
+  if (!catalog) return catalog.status();
+  auto geometry_text = (*catalog)->get_meta("geometry");
+  if (!geometry_text) {
+    return Status(geometry_text.status().code(), "nvme tier in " + dir + ": no geometry record: " +
+                                                     std::string(geometry_text.status().message()));
+  }
+  auto geometry = parse_geometry(*geometry_text, dir);
+  if (!geometry) return geometry.status();
+  auto files = SlotFiles::open(dir, *geometry, options.repair);
+  if (!files) return files.status();
+
+  NvmeCheckReport report;
+  report.dir = dir;
+  auto layout_name = (*catalog)->get_meta("layout");
+  report.layout = layout_name ? *layout_name : "(not named: written before kvtier named layouts)";
+  report.slot_bytes = geometry->slot_bytes;
+  report.files = geometry->files;
+  report.slots = files->count();
+
+  std::unordered_set<BlockKey> roots;
+  KVTIER_RETURN_IF_ERROR((*catalog)->for_each_namespace([&](const NamespaceRecord& r) { roots.insert(r.root); }));
+  report.namespaces = roots.size();
+  std::vector<CatalogEntry> entries;
+  std::vector<BlockKey> undecodable;
+  KVTIER_RETURN_IF_ERROR((*catalog)->for_each([&](const CatalogEntry& e) { entries.push_back(e); }, &undecodable));
+  report.entries = entries.size() + undecodable.size();
+
+  std::vector<BlockKey> to_remove;             // catalog entries repair deletes
+  std::unordered_set<SlotId> to_wipe;          // slot headers repair zeroes
+  auto problem = [&](const char* kind, uint64_t& count, const BlockKey& key, SlotId slot, std::string detail) {
+    ++count;
+    if (report.problems.size() < options.max_listed) {
+      report.problems.push_back({kind, key, slot, std::move(detail), false});
+    }
+  };
+  for (const BlockKey& key : undecodable) {
+    problem("undecodable_entry", report.undecodable_entries, key, kNoSlot, "the catalog value does not decode");
+    to_remove.push_back(key);
+  }
+
+  // Which entries claim each slot, and what the check reads.
+  std::map<SlotId, std::vector<size_t>> claims;
+  uint64_t total = report.slots * kIoAlignment;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const CatalogEntry& e = entries[i];
+    if (!files->in_range(e.slot)) {
+      problem("bad_slot", report.bad_slots, e.key, e.slot,
+              "slot " + std::to_string(e.slot) + " is out of range (" + std::to_string(report.slots) + " slots)");
+      to_remove.push_back(e.key);
+      continue;
+    }
+    claims[e.slot].push_back(i);
+    total += e.payload_bytes;
+  }
+  auto progress = [&] {
+    if (options.progress) options.progress(report.bytes_read, std::max(total, report.bytes_read));
+  };
+
+  std::vector<bool> good(entries.size(), false);
+  std::vector<std::byte> header_buf, payload;
+  std::vector<bool> claimed(report.slots, false);
+  for (const auto& [slot, who] : claims) claimed[slot] = true;
+  for (SlotId s = 0; s < report.slots; ++s) {
+    if (!files->in_range(s)) continue;
+    auto header = read_header(*files, s, geometry->slot_bytes, header_buf, report.bytes_read);
+    if (!claimed[s]) {
+      if (header) {
+        problem("slot_without_entry", report.slots_without_entry, header->info.key, s,
+                "holds block " + header->info.key.to_hex() + " (index " + std::to_string(header->info.block_index) +
+                    "), which no catalog entry names");
+        to_wipe.insert(s);
+      }
+      if (s % 256 == 0) progress();
+      continue;
+    }
+    for (size_t i : claims[s]) {
+      const CatalogEntry& e = entries[i];
+      std::string why;
+      if (!header) {
+        why = "its header does not decode: " + std::string(header.status().message());
+      } else if (header->info.key != e.key) {
+        why = "the slot holds block " + header->info.key.to_hex() + " (claimed by another entry, or reused)";
+      } else if (e.layout_fingerprint != geometry->fingerprint || header->info.layout_fingerprint != e.layout_fingerprint) {
+        why = "the block's layout is not the tier's";
+      } else if (header->info.payload_bytes != e.payload_bytes || header->info.payload_checksum != e.checksum ||
+                 header->info.parent != e.parent || header->info.tokens != e.tokens) {
+        why = "the slot header disagrees with the catalog entry";
+      } else if (header->header_bytes + e.payload_bytes > geometry->slot_bytes) {
+        why = "its payload of " + std::to_string(e.payload_bytes) + " bytes overruns the slot";
+      } else {
+        payload.resize(e.payload_bytes);
+        if (Status st = files->read(s, header->header_bytes, payload); !st) return st;
+        report.bytes_read += e.payload_bytes;
+        if (Status st = verify_payload(header->info, payload); !st) why = "payload: " + std::string(st.message());
+      }
+      if (why.empty()) {
+        good[i] = true;
+      } else {
+        problem("bad_slot", report.bad_slots, e.key, s, std::move(why));
+        to_remove.push_back(e.key);
+        if (header && header->info.key == e.key) to_wipe.insert(s);
+      }
+    }
+    progress();
+  }
+
+  // Chains, in block order so a parent is settled before its children (as recovery indexes them).
+  std::vector<size_t> order;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    if (good[i]) order.push_back(i);
+  }
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return entries[a].block_index < entries[b].block_index; });
+  std::unordered_map<BlockKey, BlockKey> root_of;
+  for (size_t i : order) {
+    const CatalogEntry& e = entries[i];
+    BlockKey root;
+    if (e.block_index == 0) {
+      root = e.parent.is_zero() ? e.ns_root : e.parent;
+    } else if (auto it = root_of.find(e.parent); it != root_of.end()) {
+      root = it->second;
+    } else {
+      problem("broken_chain", report.broken_chains, e.key, e.slot,
+              "block " + std::to_string(e.block_index) + " of its prefix, whose parent " + e.parent.to_hex() +
+                  " is not stored (or was bad)");
+      to_remove.push_back(e.key);
+      to_wipe.insert(e.slot);
+      continue;
+    }
+    root_of.emplace(e.key, root);  // a child of a block without a namespace has none either
+    if (!roots.contains(root)) {
+      problem("no_namespace", report.no_namespace, e.key, e.slot,
+              "its prefix starts at root " + root.to_hex() + ", which has no namespace record");
+      to_remove.push_back(e.key);
+      to_wipe.insert(e.slot);
+      continue;
+    }
+    ++report.good_blocks;
+    report.good_bytes += e.payload_bytes;
+  }
+  progress();
+
+  if (options.repair) {
+    // The catalog entry first, then the slot (a crash between them leaves a slot without an entry,
+    // which is free already), as NvmeTier::erase orders them.
+    for (const BlockKey& key : to_remove) KVTIER_RETURN_IF_ERROR((*catalog)->remove(key));
+    for (SlotId s : to_wipe) KVTIER_RETURN_IF_ERROR(files->wipe_header(s));
+    KVTIER_RETURN_IF_ERROR(files->sync());
+    std::unordered_set<BlockKey> removed(to_remove.begin(), to_remove.end());
+    for (NvmeCheckProblem& p : report.problems) {
+      p.repaired = p.kind == "slot_without_entry" ? to_wipe.contains(p.slot) : removed.contains(p.key);
+    }
+    report.repaired = removed.size() + report.slots_without_entry;
+  }
+  return report;
+}
+
+}  // namespace kvtier
