@@ -6,6 +6,7 @@
 //   pin_ledger.cpp        PinLedger, a holder's priority pins
 //   index_eviction.cpp    the eviction choice
 //   index_invariants.cpp  check_invariants
+//   index_summary.cpp     summarize (kvtier inspect)
 // Not for other users: include prefix_index/prefix_index.h.
 #pragma once
 

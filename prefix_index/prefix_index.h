@@ -129,6 +129,32 @@ struct IndexStats {
   uint64_t over_share_evictions = 0;  // blocks evict() dropped early, their group over its share
 };
 
+/// kvtier inspect's view of the blocks of one namespace root.
+struct RootSummary {
+  BlockKey root;
+  uint64_t blocks = 0;
+  std::array<uint64_t, kNumTiers> resident{};  // blocks with a copy in each tier
+  uint64_t bytes = 0;                          // blocks × their size
+  uint64_t hits = 0;                           // matches that returned a block, summed over blocks
+  std::array<uint64_t, kNumPriorities> by_priority{};
+  uint32_t longest_blocks = 0;                 // the longest cached prefix, in blocks
+};
+
+/// A prefix that matches returned often: the chain from its root to `key`.
+struct ReusedPrefix {
+  BlockKey root;
+  BlockKey key;                      // its last block
+  uint32_t blocks = 0;               // its length in blocks
+  uint64_t hits = 0;                 // matches that returned its last block
+  uint8_t tier_mask = 0;             // where its last block is
+  std::vector<TokenId> last_tokens;  // its last block's tokens
+};
+
+struct IndexSummary {
+  std::vector<RootSummary> roots;
+  std::vector<ReusedPrefix> most_reused;  // by tokens restored (hits × length), most first
+};
+
 class PrefixIndex {
  public:
   static Result<std::unique_ptr<PrefixIndex>> create(const KeyChain& keys, IndexOptions options = {});
@@ -236,6 +262,10 @@ class PrefixIndex {
   std::vector<EvictedBlock> evict(Tier tier, size_t max_blocks);
 
   IndexStats stats() const;
+  /// One pass over every block, one run locked at a time (a snapshot per run, not of the whole
+  /// index): per-root counts, and the `top` prefixes that saved the most tokens. A prefix counts
+  /// where its hits end: its last block has more hits than its child in the same chain.
+  IndexSummary summarize(size_t top) const;
 
   /// Checks every structural invariant (prefix closure, child counts, residency masks);
   /// for tests and `kvtier demo`, which checks it after its workload. Locks the whole index.

@@ -5,6 +5,7 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <bit>
 #include <cerrno>
 #include <chrono>
@@ -337,6 +338,25 @@ Result<CatalogEntry> Catalog::decode_entry(std::string_view value) {
   }
   if (!r.done()) return undecodable("trailing bytes");
   return e;
+}
+
+std::unordered_map<BlockKey, BlockKey> chain_roots(std::span<const CatalogEntry> entries) {
+  std::vector<const CatalogEntry*> order;
+  order.reserve(entries.size());
+  for (const CatalogEntry& e : entries) order.push_back(&e);
+  std::sort(order.begin(), order.end(),
+            [](const CatalogEntry* a, const CatalogEntry* b) { return a->block_index < b->block_index; });
+  std::unordered_map<BlockKey, BlockKey> root_of;
+  root_of.reserve(entries.size());
+  for (const CatalogEntry* e : order) {
+    if (e->block_index == 0) {
+      root_of.emplace(e->key, e->parent.is_zero() ? e->ns_root : e->parent);
+    } else if (auto it = root_of.find(e->parent); it != root_of.end()) {
+      const BlockKey root = it->second;  // emplace may rehash
+      root_of.emplace(e->key, root);
+    }
+  }
+  return root_of;
 }
 
 Result<std::unique_ptr<Catalog>> Catalog::open(const std::string& dir, CatalogOptions options) {

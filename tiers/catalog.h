@@ -13,6 +13,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "kvtier/block_key.h"
@@ -58,6 +59,11 @@ struct NamespaceRecord {
 
   friend bool operator==(const NamespaceRecord&, const NamespaceRecord&) = default;
 };
+
+/// The namespace root of every entry whose chain reaches its block 0 through `entries`: key → root.
+/// Block 0's parent is the root (records of older kvtiers name it in ns_root and leave the parent
+/// zero); a later block's root is its parent's. An entry whose parent is not among them is left out.
+std::unordered_map<BlockKey, BlockKey> chain_roots(std::span<const CatalogEntry> entries);
 
 inline constexpr uint8_t kCatalogValueVersion = 1;
 /// Namespace records: 2 adds the tenant, 3 the adapter id and the revision (for kvtier inspect and

@@ -288,38 +288,28 @@ Result<NvmeCheckReport> check_nvme_tier(const std::string& path, const NvmeCheck
     progress();
   }
 
-  // Chains, in block order so a parent is settled before its children (as recovery indexes them).
-  std::vector<size_t> order;
+  // Chains: a block is reachable when its parent is a good block, back to block 0.
+  std::vector<CatalogEntry> good_entries;
   for (size_t i = 0; i < entries.size(); ++i) {
-    if (good[i]) order.push_back(i);
+    if (good[i]) good_entries.push_back(entries[i]);
   }
-  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return entries[a].block_index < entries[b].block_index; });
-  std::unordered_map<BlockKey, BlockKey> root_of;
-  for (size_t i : order) {
-    const CatalogEntry& e = entries[i];
-    BlockKey root;
-    if (e.block_index == 0) {
-      root = e.parent.is_zero() ? e.ns_root : e.parent;
-    } else if (auto it = root_of.find(e.parent); it != root_of.end()) {
-      root = it->second;
-    } else {
+  const auto root_of = chain_roots(good_entries);
+  for (const CatalogEntry& e : good_entries) {
+    auto it = root_of.find(e.key);
+    if (it == root_of.end()) {
       problem("broken_chain", report.broken_chains, e.key, e.slot,
               "block " + std::to_string(e.block_index) + " of its prefix, whose parent " + e.parent.to_hex() +
                   " is not stored (or was bad)");
-      to_remove.push_back(e.key);
-      to_wipe.insert(e.slot);
-      continue;
-    }
-    root_of.emplace(e.key, root);  // a child of a block without a namespace has none either
-    if (!roots.contains(root)) {
+    } else if (!roots.contains(it->second)) {
       problem("no_namespace", report.no_namespace, e.key, e.slot,
-              "its prefix starts at root " + root.to_hex() + ", which has no namespace record");
-      to_remove.push_back(e.key);
-      to_wipe.insert(e.slot);
+              "its prefix starts at root " + it->second.to_hex() + ", which has no namespace record");
+    } else {
+      ++report.good_blocks;
+      report.good_bytes += e.payload_bytes;
       continue;
     }
-    ++report.good_blocks;
-    report.good_bytes += e.payload_bytes;
+    to_remove.push_back(e.key);
+    to_wipe.insert(e.slot);
   }
   progress();
 

@@ -1,5 +1,5 @@
 // `kvtier`: the command line. Subcommands: service-demo, crash-loop, demo, tier-demo, keys, layout, info, serve,
-// stats, plan, warm, fsck (and the hidden service-demo-user, the user processes service-demo starts).
+// stats, plan, warm, fsck, inspect, doctor, prefetch (and the hidden service-demo-user, the user processes service-demo starts).
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
@@ -74,7 +74,7 @@ int run_python_tool(const char* module, int argc, char** argv) {
 
 int main(int argc, char** argv) {
   // The operator commands that live in the Python package (a model, tqdm's progress bar).
-  for (const char* tool : {"warm", "fsck"}) {
+  for (const char* tool : {"warm", "fsck", "inspect", "doctor", "prefetch"}) {
     if (argc >= 2 && std::string_view(argv[1]) == tool) {
       return run_python_tool(("kvtier." + std::string(tool)).c_str(), argc, argv);
     }
@@ -180,6 +180,15 @@ int main(int argc, char** argv) {
       ->allow_extras();
   app.add_subcommand("fsck", "Check a data dir's NVMe slots against its catalog; --repair fixes what is safe "
                              "(kvtier fsck --help; runs the Python package)")
+      ->allow_extras();
+  app.add_subcommand("inspect", "What a running kvtierd or a data dir holds: namespaces, tiers, the most reused "
+                                "prefixes (kvtier inspect --help; runs the Python package)")
+      ->allow_extras();
+  app.add_subcommand("doctor", "Explain why a prompt's lookup missed: where its chain breaks and why "
+                               "(kvtier doctor --help; runs the Python package)")
+      ->allow_extras();
+  app.add_subcommand("prefetch", "Promote warmed prefixes to host or HBM before a traffic peak "
+                                 "(kvtier prefetch --help; runs the Python package)")
       ->allow_extras();
 
   CLI11_PARSE(app, argc, argv);

@@ -665,4 +665,32 @@ Result<std::string> SocketClient::metrics_text() {
   return std::move(out.prometheus_text);
 }
 
+Result<std::string> SocketClient::inspect(uint32_t top_prefixes) {
+  std::vector<std::byte> payload, reply;
+  proto::encode(proto::InspectRequest{top_prefixes}, payload);
+  std::lock_guard lock(gate_);
+  KVTIER_RETURN_IF_ERROR(call(Op::kInspect, payload, reply));
+  proto::JsonReply out;
+  KVTIER_RETURN_IF_ERROR(proto::decode(reply, out));
+  return std::move(out.json);
+}
+
+Result<std::string> SocketClient::doctor(const NamespaceRequest& request, std::span<const TokenId> tokens,
+                                         std::span<const BlockExtra> extras, uint32_t engine_block_tokens,
+                                         uint64_t engine_layout_fingerprint) {
+  std::vector<std::byte> payload, reply;
+  proto::encode(proto::DoctorRequest{.model_id = request.model_id, .tenant = request.tenant,
+                                     .adapter_id = request.adapter_id, .revision = request.revision,
+                                     .engine_block_tokens = engine_block_tokens,
+                                     .engine_layout_fingerprint = engine_layout_fingerprint,
+                                     .tokens = {tokens.begin(), tokens.end()},
+                                     .extras = {extras.begin(), extras.end()}},
+                payload);
+  std::lock_guard lock(gate_);
+  KVTIER_RETURN_IF_ERROR(call(Op::kDoctor, payload, reply));
+  proto::JsonReply out;
+  KVTIER_RETURN_IF_ERROR(proto::decode(reply, out));
+  return std::move(out.json);
+}
+
 }  // namespace kvtier

@@ -58,6 +58,10 @@ class SocketClient final : public Client {
   Result<size_t> unpin(NamespaceId ns, std::span<const TokenId> tokens,
                        std::span<const BlockExtra> extras = {}) override;
   Result<std::string> metrics_text() override;
+  Result<std::string> inspect(uint32_t top_prefixes) override;
+  Result<std::string> doctor(const NamespaceRequest& request, std::span<const TokenId> tokens,
+                             std::span<const BlockExtra> extras, uint32_t engine_block_tokens,
+                             uint64_t engine_layout_fingerprint) override;
 
  private:
   SocketClient() = default;

@@ -19,6 +19,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "api/store/doctor.h"
 #include "api/wire/mailbox.h"
 #include "api/wire/protocol.h"
 #include "api/wire/socket_io.h"
@@ -455,6 +456,45 @@ Status Handler::prefix_op(Op op, std::span<const std::byte> payload) {
     }
   }
   proto::encode(proto::CountReply{.count = count}, body);
+  return Status::ok();
+}
+
+// ---- operator calls: kvtier inspect and kvtier doctor --------------------------------------------
+
+Status Handler::check_operator(std::string_view what) const {
+  // They show every tenant's namespaces and prompts' cache state: the daemon's own uid and root only.
+  if (s.uid == 0 || s.uid == ::geteuid()) return Status::ok();
+  return Status(StatusCode::kPermissionDenied, std::string(what) + " is for operators: uid " + std::to_string(s.uid) +
+                                                   " is neither root nor kvtierd's own uid " +
+                                                   std::to_string(::geteuid()));
+}
+
+Status Handler::inspect(std::span<const std::byte> payload) {
+  proto::InspectRequest req;
+  KVTIER_RETURN_IF_ERROR(decode(payload, req));
+  KVTIER_RETURN_IF_ERROR(check_operator("inspect"));
+  proto::encode(proto::JsonReply{inspect_json(store, req.top_prefixes, "kvtierd")}, body);
+  return Status::ok();
+}
+
+Status Handler::doctor(std::span<const std::byte> payload) {
+  proto::DoctorRequest req;
+  KVTIER_RETURN_IF_ERROR(decode(payload, req));
+  KVTIER_RETURN_IF_ERROR(check_operator("doctor"));
+  const TenantRule* rule = find_tenant(config, req.tenant);
+  if (!rule) return Status(StatusCode::kNotFound, "kvtierd's config has no tenant named '" + req.tenant + "'");
+  std::vector<TenantSalt> tenants;
+  for (const TenantRule& t : config.tenants) tenants.push_back({t.name, t.salt});
+  kvtier::DoctorRequest d{.spec = {.model_id = req.model_id, .layout = store.layout(), .tenant_salt = rule->salt,
+                                   .adapter_id = req.adapter_id, .revision = req.revision},
+                          .tenant = rule->name,
+                          .tokens = std::move(req.tokens),
+                          .extras = std::move(req.extras),
+                          .engine_block_tokens = req.engine_block_tokens,
+                          .engine_layout_fingerprint = req.engine_layout_fingerprint};
+  auto text = doctor_json(store, d, tenants);
+  if (!text) return text.status();
+  proto::encode(proto::JsonReply{std::move(text).value()}, body);
   return Status::ok();
 }
 

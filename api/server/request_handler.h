@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <span>
+#include <string_view>
 #include <vector>
 
 #include "api/server/session.h"
@@ -80,6 +81,10 @@ struct Handler {
   Status release(std::span<const std::byte> payload);
   Status save(std::span<const std::byte> payload);
   Status prefix_op(Op op, std::span<const std::byte> payload);
+  /// kPermissionDenied unless the peer is root or kvtierd's own uid.
+  Status check_operator(std::string_view what) const;
+  Status inspect(std::span<const std::byte> payload);
+  Status doctor(std::span<const std::byte> payload);
 };
 
 }  // namespace kvtier::server_detail

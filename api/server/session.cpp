@@ -228,6 +228,8 @@ void Server::serve(std::shared_ptr<Session> session) {
         case Op::kPrefetch:
         case Op::kPin:
         case Op::kUnpin: st = h.prefix_op(static_cast<Op>(header.op), payload); break;
+        case Op::kInspect: st = h.inspect(payload); break;
+        case Op::kDoctor: st = h.doctor(payload); break;
         case Op::kDoorbell: break;  // refused above: it never reaches a handler
         case Op::kStats:
           if (!payload.empty()) {

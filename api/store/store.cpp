@@ -67,8 +67,14 @@ Result<NamespaceId> Store::open_namespace_spec(const NamespaceSpec& spec, std::s
   const auto id = static_cast<NamespaceId>(namespaces_.size());
   namespaces_.push_back(*ns);
   prefill_speed_.push_back(0);
+  opened_.push_back({spec, std::string(tenant)});
   ns_ids_.emplace(std::move(key), id);
   return id;
+}
+
+std::vector<Store::OpenedNamespace> Store::opened_namespaces() const {
+  std::shared_lock lock(ns_mu_);
+  return opened_;
 }
 
 Result<NamespaceId> Store::open_namespace(const NamespaceRequest& request) {

@@ -41,6 +41,13 @@ class Store final : public KvStore {
   /// Resolves a namespace from its full spec (the daemon passes the tenant's salt here), its
   /// blocks counted under `tenant` (TierManager::add_namespace).
   Result<NamespaceId> open_namespace_spec(const NamespaceSpec& spec, std::string_view tenant = {});
+  /// A namespace opened since the store opened: its spec (the tenant's salt in it) and the tenant
+  /// name it was opened under.
+  struct OpenedNamespace {
+    NamespaceSpec spec;
+    std::string tenant;
+  };
+  std::vector<OpenedNamespace> opened_namespaces() const;
 
   /// Writes back every memory-only block to NVMe and stops the transfer engine: what a graceful
   /// shutdown calls. Idempotent; the store refuses work afterwards.
@@ -94,6 +101,7 @@ class Store final : public KvStore {
   mutable std::shared_mutex ns_mu_;
   std::vector<Namespace> namespaces_;                                   // id → namespace
   std::vector<double> prefill_speed_;  // id → the prefill speed its last open_namespace declared
+  std::vector<OpenedNamespace> opened_;  // id → how it was opened
   // (model, tenant salt, adapter, revision) → id
   std::map<std::tuple<std::string, std::string, std::string, std::string>, NamespaceId> ns_ids_;
   bool closed_ = false;

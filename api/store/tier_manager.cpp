@@ -8,7 +8,9 @@ TierManager::TierManager(const KeyChain& keys, TierManagerOptions options)
     : keys_(keys),
       options_(std::move(options)),
       restore_(std::make_unique<RestorePlanner>(options_.restore)),
-      counters_(std::make_unique<Counters>()) {}
+      counters_(std::make_unique<Counters>()) {
+  counters_->evicted = std::make_unique<EvictionLog>(options_.eviction_log_entries);
+}
 
 TierManager::~TierManager() { close(); }
 
@@ -107,12 +109,27 @@ Result<Namespace> TierManager::add_namespace(const NamespaceSpec& spec, std::str
   // The record's tenant is what counts the namespace's blocks again after a restart, and a block
   // whose namespace has no record is dropped then: every open writes it (the first opener's may
   // have failed). Only a listed tenant's name is kept (in-process, a tenant is named by its salt).
-  if (nvme_) {
-    KVTIER_RETURN_IF_ERROR(nvme_->put_namespace({ns->root, ns->layout, spec.model_id,
-                                                 g != kNoGroup ? options_.tenants[g - 1].name : std::string(),
-                                                 spec.adapter_id, spec.revision}));
-  }
+  const NamespaceRecord record{ns->root, ns->layout, spec.model_id,
+                               g != kNoGroup ? options_.tenants[g - 1].name : std::string(), spec.adapter_id,
+                               spec.revision};
+  if (nvme_) KVTIER_RETURN_IF_ERROR(nvme_->put_namespace(record));
+  std::lock_guard lock(counters_->ns_mu);
+  counters_->namespaces.insert_or_assign(record.root, record);
   return ns;
+}
+
+std::optional<EvictionRecord> TierManager::evicted(const BlockKey& key) const { return counters_->evicted->find(key); }
+
+std::vector<NamespaceRecord> TierManager::namespace_records() const {
+  std::lock_guard lock(counters_->ns_mu);
+  std::vector<NamespaceRecord> out;
+  out.reserve(counters_->namespaces.size());
+  for (const auto& [root, r] : counters_->namespaces) out.push_back(r);
+  return out;
+}
+
+void TierManager::for_each_nvme_block(const std::function<void(const CatalogEntry&)>& fn) const {
+  if (nvme_) nvme_->for_each(fn);
 }
 
 Status TierManager::copy_block(std::byte* dst, bool dst_is_device, const std::byte* src, bool src_is_device) {

@@ -34,6 +34,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "api/store/eviction_log.h"
 #include "api/store/reclaimer.h"
 #include "api/store/restore_planner.h"
 #include "kvtier/kv_layout.h"
@@ -125,6 +126,9 @@ struct TierManagerOptions {
   /// Tenants counted apart, with their tier shares (at most kMaxGroups − 1). Blocks of a
   /// namespace opened under no listed tenant are counted together and have no share.
   std::vector<TenantShare> tenants;
+  /// Blocks remembered after they leave the index for good, with the tier of their last copy,
+  /// for kvtier doctor's "evicted from host" (default 65536; 0: none).
+  size_t eviction_log_entries = 65536;
 };
 
 struct TierCounters {
@@ -235,6 +239,13 @@ class TierManager {
   /// Waits until no probe plan_restore started is in flight.
   void wait_for_probes();
   const RestorePlanner& restore_planner() const noexcept { return *restore_; }
+  /// Where `key`'s last copy was when it left the index, if it did lately (EvictionLog).
+  std::optional<EvictionRecord> evicted(const BlockKey& key) const;
+  /// Every namespace this manager knows: the NVMe catalog's records (earlier runs included) and
+  /// those opened since, each once.
+  std::vector<NamespaceRecord> namespace_records() const;
+  /// Calls `fn` for every block on NVMe (a copy of its catalog entry).
+  void for_each_nvme_block(const std::function<void(const CatalogEntry&)>& fn) const;
   /// Uses of `key` counted lately for NVMe admission (FrequencySketch::estimate).
   uint32_t recent_uses(const BlockKey& key) const { return uses_->estimate(key); }
 

@@ -55,6 +55,10 @@ struct TierManager::Counters {
   std::condition_variable probe_cv;
   bool probing = false;                      // guarded by probe_mu
   std::optional<TransferHandle> probe_job;   // guarded by probe_mu
+  std::unique_ptr<EvictionLog> evicted;      // blocks that left the index, for kvtier doctor
+  // Every namespace known (the catalog's records and those added since), for inspect and doctor.
+  mutable std::mutex ns_mu;
+  std::unordered_map<BlockKey, NamespaceRecord> namespaces;  // guarded by ns_mu
 };
 
 namespace tier_detail {

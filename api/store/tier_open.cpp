@@ -107,6 +107,10 @@ Status TierManager::recover() {
   if (!nvme_) return Status::ok();
   std::unordered_map<BlockKey, NamespaceRecord> namespaces;
   KVTIER_RETURN_IF_ERROR(nvme_->for_each_namespace([&](const NamespaceRecord& r) { namespaces.emplace(r.root, r); }));
+  {
+    std::lock_guard lock(counters_->ns_mu);
+    counters_->namespaces = namespaces;
+  }
   // Before the namespaces' blocks go in: each block takes its group when indexed.
   for (const auto& [root, record] : namespaces) {
     if (const GroupId g = group_of(record.tenant); g != kNoGroup) index_->set_root_group(root, g).ignore();

@@ -129,8 +129,11 @@ void TierManager::release_evicted(const EvictedBlock& e) {
     free_slot(e.tier, e.slot);
   }
   if (e.left_index) {
-    std::lock_guard dl(counters_->dirty_mu);
-    counters_->dirty.erase(e.key);
+    {
+      std::lock_guard dl(counters_->dirty_mu);
+      counters_->dirty.erase(e.key);
+    }
+    counters_->evicted->record(e.key, e.tier, tier_detail::wall_ns());
   }
   counters_->drops[static_cast<int>(e.tier)]++;
 }

@@ -516,6 +516,48 @@ Status decode(std::span<const std::byte> in, StatsReply& m) {
   });
 }
 
+void encode(const InspectRequest& m, std::vector<std::byte>& out) { Writer(out).u32(m.top_prefixes); }
+
+Status decode(std::span<const std::byte> in, InspectRequest& m) {
+  return decode_whole(in, "InspectRequest", m, [](Reader& r, InspectRequest& t) -> Status {
+    KVTIER_RETURN_IF_ERROR(r.u32(t.top_prefixes, "top_prefixes"));
+    if (t.top_prefixes > 10000) return r.error("top_prefixes", "at most 10000");
+    return Status::ok();
+  });
+}
+
+void encode(const DoctorRequest& m, std::vector<std::byte>& out) {
+  Writer w(out);
+  w.string(m.model_id);
+  w.string(m.tenant);
+  w.string(m.adapter_id);
+  w.string(m.revision);
+  w.u32(m.engine_block_tokens);
+  w.u64(m.engine_layout_fingerprint);
+  w.tokens(m.tokens);
+  w.extras(m.extras);
+}
+
+Status decode(std::span<const std::byte> in, DoctorRequest& m) {
+  return decode_whole(in, "DoctorRequest", m, [](Reader& r, DoctorRequest& t) -> Status {
+    KVTIER_RETURN_IF_ERROR(r.string(t.model_id, "model_id"));
+    KVTIER_RETURN_IF_ERROR(r.string(t.tenant, "tenant"));
+    KVTIER_RETURN_IF_ERROR(r.string(t.adapter_id, "adapter_id"));
+    KVTIER_RETURN_IF_ERROR(r.string(t.revision, "revision"));
+    KVTIER_RETURN_IF_ERROR(r.u32(t.engine_block_tokens, "engine_block_tokens"));
+    KVTIER_RETURN_IF_ERROR(r.u64(t.engine_layout_fingerprint, "engine_layout_fingerprint"));
+    KVTIER_RETURN_IF_ERROR(r.tokens(t.tokens, "tokens"));
+    return r.extras(t.extras, "extras");
+  });
+}
+
+void encode(const JsonReply& m, std::vector<std::byte>& out) { Writer(out).string(m.json); }
+
+Status decode(std::span<const std::byte> in, JsonReply& m) {
+  return decode_whole(in, "JsonReply", m,
+                      [](Reader& r, JsonReply& t) { return r.string(t.json, "json", kMaxStatsText); });
+}
+
 void encode(const RegisterMemoryRequest& m, std::vector<std::byte>& out) {
   Writer w(out);
   w.u8(m.kind);
@@ -723,6 +765,14 @@ Status validate_request(uint16_t op, std::span<const std::byte> payload) {
     }
     case Op::kSaveFrom: {
       SaveFromRequest m;
+      return decode(payload, m);
+    }
+    case Op::kInspect: {
+      InspectRequest m;
+      return decode(payload, m);
+    }
+    case Op::kDoctor: {
+      DoctorRequest m;
       return decode(payload, m);
     }
     case Op::kStats:

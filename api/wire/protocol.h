@@ -34,8 +34,8 @@ namespace kvtier::proto {
 
 inline constexpr uint32_t kMagic = 0x3154564Bu;  // "KVT1" little-endian
 // 2: OpenNamespaceRequest carries the revision; 3: RegionBuffer::page_tokens; 4: the prefill
-// speed in OpenNamespaceRequest, what a lookup held back in LookupReply.
-inline constexpr uint16_t kVersion = 4;
+// speed in OpenNamespaceRequest, what a lookup held back in LookupReply; 5: kInspect, kDoctor.
+inline constexpr uint16_t kVersion = 5;
 inline constexpr size_t kHeaderBytes = 16;
 inline constexpr uint32_t kMaxPayload = 8u << 20;  // 8 MiB: ~2M tokens
 inline constexpr uint32_t kMaxString = 4096;
@@ -61,8 +61,10 @@ enum class Op : uint16_t {
   kUnregisterMemory = 13,  // end a registration
   kLoadTo = 14,        // copy leased blocks straight into a registered region
   kSaveFrom = 15,      // save blocks straight from a registered region
+  kInspect = 16,       // what the daemon holds, as JSON (operators only: kvtier inspect)
+  kDoctor = 17,        // why a prompt's lookup missed, as JSON (operators only: kvtier doctor)
 };
-inline constexpr uint16_t kLastOp = static_cast<uint16_t>(Op::kSaveFrom);
+inline constexpr uint16_t kLastOp = static_cast<uint16_t>(Op::kDoctor);
 
 /// The ops once, in wire order: each one's name (logs, the daemon's per-op metrics) and whether a
 /// request of it is answered (a doorbell is not: no payload, no reply). op_name, is_known_op and
@@ -88,6 +90,8 @@ inline constexpr OpInfo kOps[] = {
     {Op::kUnregisterMemory, "unregister_memory", true},
     {Op::kLoadTo, "load_to", true},
     {Op::kSaveFrom, "save_from", true},
+    {Op::kInspect, "inspect", true},
+    {Op::kDoctor, "doctor", true},
 };
 consteval bool ops_table_matches_enum() {
   if (std::size(kOps) != kLastOp) return false;
@@ -255,6 +259,23 @@ struct StatsReply {
   std::string prometheus_text;  // the one string not bound by kMaxString: only by kMaxPayload
 };
 
+struct InspectRequest {
+  uint32_t top_prefixes = 10;  // the most reused prefixes listed (at most 10000)
+};
+struct DoctorRequest {
+  std::string model_id;
+  std::string tenant;              // a tenant name from the daemon's config
+  std::string adapter_id;
+  std::string revision;
+  uint32_t engine_block_tokens = 0;       // the engine's page size (0: the daemon's)
+  uint64_t engine_layout_fingerprint = 0; // the engine's KV layout (0: the daemon's)
+  std::vector<TokenId> tokens;
+  std::vector<BlockExtra> extras;
+};
+struct JsonReply {  // kInspect, kDoctor
+  std::string json;  // bound by kMaxPayload only, as StatsReply's text
+};
+
 // Each encode appends the payload (not the header) to `out`. Each decode reads one whole
 // payload: kProtocolError on any malformed, truncated, oversized or trailing input.
 void encode(const HelloRequest& m, std::vector<std::byte>& out);
@@ -276,6 +297,9 @@ void encode(const RegisterMemoryReply& m, std::vector<std::byte>& out);
 void encode(const UnregisterMemoryRequest& m, std::vector<std::byte>& out);
 void encode(const LoadToRequest& m, std::vector<std::byte>& out);
 void encode(const SaveFromRequest& m, std::vector<std::byte>& out);
+void encode(const InspectRequest& m, std::vector<std::byte>& out);
+void encode(const DoctorRequest& m, std::vector<std::byte>& out);
+void encode(const JsonReply& m, std::vector<std::byte>& out);
 
 Status decode(std::span<const std::byte> in, HelloRequest& m);
 Status decode(std::span<const std::byte> in, HelloReply& m);
@@ -296,6 +320,9 @@ Status decode(std::span<const std::byte> in, RegisterMemoryReply& m);
 Status decode(std::span<const std::byte> in, UnregisterMemoryRequest& m);
 Status decode(std::span<const std::byte> in, LoadToRequest& m);
 Status decode(std::span<const std::byte> in, SaveFromRequest& m);
+Status decode(std::span<const std::byte> in, InspectRequest& m);
+Status decode(std::span<const std::byte> in, DoctorRequest& m);
+Status decode(std::span<const std::byte> in, JsonReply& m);
 
 /// A reply payload's status prefix: u8 code, string message. encode_status appends it;
 /// decode_status reads it and returns the body that follows (empty unless the code is kOk).

@@ -136,6 +136,25 @@ class _StoreApi:
         """Undoes one :meth:`pin` of the cached prefix of ``tokens``."""
         return self._native.unpin(ns, tokens)
 
+    def inspect(self, top_prefixes: int = 10) -> dict[str, Any]:
+        """What the store holds (``kvtier inspect``): namespaces (model, tenant, adapter,
+        revision, layout) with blocks and bytes per tier, hits, priorities and NVMe ages; each
+        tier's use; the ``top_prefixes`` most reused prefixes. Through kvtierd, for its own uid and
+        root only (:class:`PermissionDenied` otherwise). Fields: docs/operations.md."""
+        import json
+        return json.loads(self._native.inspect(top_prefixes))
+
+    def doctor(self, tokens: Tokens, model: str, tenant: str = "", adapter: str = "", revision: str = "",
+               engine_block_tokens: int = 0, engine_layout_fingerprint: int = 0) -> dict[str, Any]:
+        """Why a lookup of ``tokens`` in this namespace misses (``kvtier doctor``): its full
+        blocks, the cached prefix, where the chain breaks and the ``cause`` (evicted, and from
+        which tier; another tenant, revision, adapter or model; a block size or layout the store
+        does not have; never saved), and what another namespace would hit. Looks only: no lease,
+        no hit counted. Operators only through kvtierd. Fields: docs/operations.md."""
+        import json
+        return json.loads(self._native.doctor(model, tenant, adapter, revision, tokens, engine_block_tokens,
+                                              engine_layout_fingerprint))
+
     def metrics_text(self) -> str:
         """Counters, occupancy and latencies in Prometheus text format."""
         return self._native.metrics_text()

@@ -29,12 +29,9 @@ from typing import Any, Callable, Sequence
 import kvtier
 
 from . import _cli
+from ._cli import UsageError, read_prompts  # noqa: F401  (read_prompts is part of this module's API)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
-
-
-class UsageError(Exception):
-    """Bad input: exit status 2."""
 
 
 @dataclasses.dataclass
@@ -53,46 +50,6 @@ class Summary:
     blocks_per_tier: dict[str, int] = dataclasses.field(default_factory=dict)  # after the warm
     seconds: float = 0.0
     errors: list[str] = dataclasses.field(default_factory=list)
-
-
-def read_prompts(path: str | Path, tokenizer: Callable[[], Any] | None = None) -> list[list[int]]:
-    """The prompts of a JSONL file, as token ids. ``tokenizer()`` gives a tokenizer for lines with
-    ``"text"`` (called once, when the first such line comes); without one such a line is refused.
-    Raises UsageError naming the file and line of anything that is not a prompt."""
-    prompts: list[list[int]] = []
-    tok = None
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise UsageError(f"{path}: {e.strerror or e}") from e
-    for n, line in enumerate(lines, 1):
-        where = f"{path}:{n}"
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{where}: not JSON ({e.msg})") from e
-        if isinstance(item, dict) and "text" in item and "tokens" not in item:
-            if not isinstance(item["text"], str):
-                raise UsageError(f"{where}: \"text\" must be a string")
-            if tok is None:
-                if tokenizer is None:
-                    raise UsageError(f"{where}: a text prompt needs a tokenizer, and none was found with the model: "
-                                     "give token ids instead")
-                try:
-                    tok = tokenizer()
-                except UsageError as e:
-                    raise UsageError(f"{where}: a text prompt needs a tokenizer: {e}") from e
-            prompts.append(list(tok(item["text"])["input_ids"]))
-            continue
-        ids = item.get("tokens") if isinstance(item, dict) else item
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32
-                                                for t in ids):
-            raise UsageError(f"{where}: a prompt is a list of token ids (0 <= id < 2^32), "
-                             "{\"tokens\": [...]} or {\"text\": \"...\"}")
-        prompts.append(ids)
-    return prompts
 
 
 def cached_blocks(store: Any, ns: int, tokens: Sequence[int]) -> tuple[int, list[str]]:

@@ -25,6 +25,7 @@
 #include <utility>
 #include <vector>
 
+#include "api/store/doctor.h"
 #include "api/store/store.h"
 #include "api/vocab/byte_size.h"
 #include "kvtier/client.h"
@@ -429,6 +430,34 @@ class PyStore {
     return unwrap(s->open_namespace(req));
   }
 
+  // kvtier inspect / kvtier doctor: JSON text, from kvtierd (operators only) or the in-process Store.
+  std::string inspect(uint32_t top_prefixes) {
+    auto s = get();
+    nb::gil_scoped_release unlocked;
+    if (auto* c = dynamic_cast<Client*>(s.get())) return unwrap(c->inspect(top_prefixes));
+    return inspect_json(static_cast<Store&>(*s), top_prefixes, "store");
+  }
+  std::string doctor(std::string model, std::string tenant, std::string adapter, std::string revision,
+                     nb::handle tokens, uint32_t engine_block_tokens, uint64_t engine_layout_fingerprint) {
+    auto s = get();
+    std::vector<TokenId> t = tokens_of(tokens);
+    nb::gil_scoped_release unlocked;
+    if (auto* c = dynamic_cast<Client*>(s.get())) {
+      NamespaceRequest req{.model_id = std::move(model), .tenant = std::move(tenant),
+                           .adapter_id = std::move(adapter), .revision = std::move(revision)};
+      return unwrap(c->doctor(req, t, {}, engine_block_tokens, engine_layout_fingerprint));
+    }
+    Store& store = static_cast<Store&>(*s);
+    // In-process a tenant is its own salt (Store::open_namespace).
+    DoctorRequest d{.spec = {.model_id = std::move(model), .layout = store.layout(), .tenant_salt = tenant,
+                             .adapter_id = std::move(adapter), .revision = std::move(revision)},
+                    .tenant = tenant,
+                    .tokens = std::move(t),
+                    .engine_block_tokens = engine_block_tokens,
+                    .engine_layout_fingerprint = engine_layout_fingerprint};
+    return unwrap(doctor_json(store, d, {}));
+  }
+
   PyMatch lookup(NamespaceId ns, nb::handle tokens) {
     auto s = get();
     std::vector<TokenId> t = tokens_of(tokens);
@@ -795,6 +824,9 @@ NB_MODULE(_native, m) {
       .def("open_namespace", &PyStore::open_namespace, "model"_a, "tenant"_a = "", "adapter"_a = "", "revision"_a = "",
            "prefill_tokens_per_second"_a = 0.0)
       .def("lookup", &PyStore::lookup, "ns"_a, "tokens"_a)
+      .def("inspect", &PyStore::inspect, "top_prefixes"_a = 10)
+      .def("doctor", &PyStore::doctor, "model"_a, "tenant"_a, "adapter"_a, "revision"_a, "tokens"_a,
+           "engine_block_tokens"_a = 0, "engine_layout_fingerprint"_a = 0)
       .def("load", &PyStore::load, "match"_a, "dst"_a, "layer_begin"_a = 0, "layer_count"_a = 0, "first_block"_a = 0)
       .def("release", &PyStore::release, "match"_a)
       .def("save", &PyStore::save, "ns"_a, "tokens"_a, "src"_a, "first_block"_a = 0, "priority"_a = "normal")
@@ -814,6 +846,14 @@ NB_MODULE(_native, m) {
   m.def("connect", &connect, "socket_path"_a = nb::none(), "window_bytes"_a = nb::none(), "name"_a = nb::none());
   m.def("open_store", &open_store, "layout"_a, "host_bytes"_a, "nvme_dir"_a = nb::none(), "nvme_bytes"_a = 0,
         "secret"_a = "", "write_through"_a = false);
+  m.def("inspect_data_dir", [](const std::string& dir) {
+    std::optional<Result<std::string>> r;
+    {
+      nb::gil_scoped_release unlocked;
+      r.emplace(inspect_data_dir_json(dir));
+    }
+    return unwrap(std::move(*r));
+  }, "dir"_a, "kvtier inspect of a data dir no kvtierd holds: JSON text.");
   m.def("check_nvme_tier", &check_nvme_tier_py, "dir"_a, "repair"_a = false, "progress"_a = nb::none(),
         "max_listed"_a = 1000,
         "kvtier fsck: checks an NVMe tier (or a kvtierd data dir) no kvtierd holds; a dict of findings.");

@@ -47,6 +47,7 @@ void check_replies(std::span<const std::byte> body) {
   check_decode<CountReply>(body, "CountReply");
   check_decode<StatsReply>(body, "StatsReply");
   check_decode<RegisterMemoryReply>(body, "RegisterMemoryReply");
+  check_decode<JsonReply>(body, "JsonReply");
 }
 
 }  // namespace
@@ -85,6 +86,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   check_decode<UnregisterMemoryRequest>(payload, "UnregisterMemoryRequest");
   check_decode<LoadToRequest>(payload, "LoadToRequest");
   check_decode<SaveFromRequest>(payload, "SaveFromRequest");
+  check_decode<InspectRequest>(payload, "InspectRequest");
+  check_decode<DoctorRequest>(payload, "DoctorRequest");
   check_replies(payload);
 
   Status remote;

@@ -80,6 +80,21 @@ class KVTIER_API Client : public KvStore {
   /// registered with it (the limits of register_memory). kResourceExhausted when it cannot be had.
   virtual Result<std::unique_ptr<SharedHostMemory>> allocate_shared_host(uint64_t bytes) = 0;
 
+  /// Operator calls, for the daemon's own uid and root only (kPermissionDenied for anyone else):
+  /// they see every tenant. Both answer JSON, described in docs/operations.md.
+  /// What kvtierd holds (kvtier inspect): each namespace's blocks and bytes per tier, hits,
+  /// priorities and ages, each tier's use, and the `top_prefixes` most reused prefixes (≤ 10000).
+  virtual Result<std::string> inspect(uint32_t top_prefixes) = 0;
+  /// Why a lookup of `tokens` in the namespace `request` names missed (kvtier doctor): its full
+  /// blocks, the cached prefix, the block where the chain breaks and why (evicted from which tier,
+  /// another tenant, revision, adapter or model, a block size or layout the daemon does not
+  /// have, never saved), and the hit another namespace would give. Looks only: no lease, no hit
+  /// counted. `engine_block_tokens` and `engine_layout_fingerprint`: what the engine used (0: the
+  /// daemon's). kNotFound for a tenant the daemon's config does not name.
+  virtual Result<std::string> doctor(const NamespaceRequest& request, std::span<const TokenId> tokens,
+                                     std::span<const BlockExtra> extras, uint32_t engine_block_tokens,
+                                     uint64_t engine_layout_fingerprint) = 0;
+
   /// A small load runs to completion before it returns. A larger one returns at once and streams in
   /// layer order (see above): wait_layer(l) returns once layer l of every block is in `dst`.
   /// `dst` must stay valid until the handle is final; cancel() stops after the slice in flight.

@@ -55,7 +55,7 @@ int check_shared(Client& c, NamespaceId ns, const std::vector<TokenId>& prompt, 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 5) return fail("usage: service_child share|save|hold|tenant|refused|uid-limit|capi SOCKET SEED TOKENS [ARG]");
+  if (argc < 5) return fail("usage: service_child share|save|hold|tenant|refused|operator|uid-limit|capi SOCKET SEED TOKENS [ARG]");
   const std::string cmd = argv[1], socket = argv[2];
   const uint64_t seed = std::strtoull(argv[3], nullptr, 10);
   const auto prompt = synthetic_tokens(seed, std::strtoull(argv[4], nullptr, 10));
@@ -78,6 +78,22 @@ int main(int argc, char** argv) {
     if (c || c.status().code() != StatusCode::kPermissionDenied) {
       return fail("connect was not refused with permission_denied", c ? Status::ok() : c.status());
     }
+    return 0;
+  }
+  if (cmd == "operator") {  // as another identity: inspect and doctor are refused, the rest served
+    if (::setgid(static_cast<gid_t>(arg)) != 0 || ::setuid(static_cast<uid_t>(arg)) != 0) return fail("setuid");
+    auto c = connect_or_die(socket);
+    auto inspected = c->inspect(5);
+    if (inspected || inspected.status().code() != StatusCode::kPermissionDenied ||
+        inspected.status().message().find("operators") == std::string_view::npos) {
+      return fail("inspect by a non-operator was not refused", inspected ? Status::ok() : inspected.status());
+    }
+    auto doctored = c->doctor({"m", "", ""}, prompt, {}, 0, 0);
+    if (doctored || doctored.status().code() != StatusCode::kPermissionDenied) {
+      return fail("doctor by a non-operator was not refused", doctored ? Status::ok() : doctored.status());
+    }
+    auto ns = c->open_namespace({"m", "", ""});
+    if (!ns) return fail("open_namespace after the refusals", ns.status());
     return 0;
   }
   if (cmd == "uid-limit") {  // as another identity: SEED clients connect, the next is refused

@@ -831,3 +831,37 @@ TEST_CASE("C API: save, lookup, load from a C program", "[service]") {
   auto server = start_server(test_config(dir.path()));
   CHECK(wait_exit(spawn_child({"capi", server->socket_path(), "71", "100"})) == 0);
 }
+
+TEST_CASE("Daemon: inspect and doctor answer operators, and refuse everyone else", "[service]") {
+  TempDir dir("kvtier_svc");
+  ::chmod(dir.path().c_str(), 0755);  // another uid must reach the socket
+  auto config = test_config(dir.path());
+  config.socket_mode = 0666;
+  auto server = start_server(config);
+  auto c = connect(*server);
+  auto ns = c->open_namespace({"m", "", "", "r1"});
+  REQUIRE(ns.is_ok());
+  const auto prompt = synthetic_tokens(62, 128);
+  REQUIRE(save_prompt(*c, *ns, prompt) == 8);
+
+  auto inspected = c->inspect(3);
+  INFO(inspected.status().to_string());
+  REQUIRE(inspected.is_ok());
+  CHECK(inspected->find("\"source\":\"kvtierd\"") != std::string::npos);
+  CHECK(inspected->find("\"model\":\"m\"") != std::string::npos);
+  CHECK(inspected->find("\"revision\":\"r1\"") != std::string::npos);
+  auto cached = c->doctor({"m", "", "", "r1"}, prompt, {}, 0, 0);
+  REQUIRE(cached.is_ok());
+  CHECK(cached->find("\"cause\":\"all_cached\"") != std::string::npos);
+  auto other = c->doctor({"m", "", "", "r2"}, prompt, {}, 0, 0);
+  REQUIRE(other.is_ok());
+  CHECK(other->find("\"cause\":\"other_revision\"") != std::string::npos);
+  CHECK(c->doctor({"m", "nobody", "", ""}, prompt, {}, 0, 0).status().code() == StatusCode::kNotFound);
+  CHECK(c->inspect(10001).status().code() == StatusCode::kProtocolError);  // refused by the decoder
+
+  if (::geteuid() != 0) {
+    WARN("not root: refusing another identity needs setuid; skipped");
+    return;
+  }
+  CHECK(wait_exit(spawn_child({"operator", server->socket_path(), "62", "128", "65534"})) == 0);
+}

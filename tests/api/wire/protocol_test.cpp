@@ -136,6 +136,11 @@ SaveFromRequest sample_save_from() {
   return {.namespace_id = 9, .priority = static_cast<uint8_t>(Priority::kHigh), .first_block = 1,
           .tokens = sample_tokens(64), .extras = sample_extras(), .src = sample_region_buffer(true)};
 }
+DoctorRequest sample_doctor() {
+  return {.model_id = "org/model", .tenant = "team-a", .adapter_id = "lora-1", .revision = "abc123",
+          .engine_block_tokens = 32, .engine_layout_fingerprint = 0x0102030405060708ull,
+          .tokens = sample_tokens(40), .extras = sample_extras()};
+}
 PrefixRequest sample_prefix() {
   return {.namespace_id = 3, .arg = static_cast<uint8_t>(Tier::kHost),
           .tokens = sample_tokens(16), .extras = {}};
@@ -169,6 +174,9 @@ std::vector<Sample> all_samples() {
       {"UnregisterMemoryRequest", encoded(UnregisterMemoryRequest{5}), &decode_as<UnregisterMemoryRequest>},
       {"LoadToRequest", encoded(sample_load_to()), &decode_as<LoadToRequest>},
       {"SaveFromRequest", encoded(sample_save_from()), &decode_as<SaveFromRequest>},
+      {"InspectRequest", encoded(InspectRequest{25}), &decode_as<InspectRequest>},
+      {"DoctorRequest", encoded(sample_doctor()), &decode_as<DoctorRequest>},
+      {"JsonReply", encoded(JsonReply{"{\"cause\": \"evicted\"}"}), &decode_as<JsonReply>},
   };
 }
 
@@ -186,7 +194,9 @@ std::vector<std::pair<Op, Bytes>> all_requests() {
           {Op::kRegisterMemory, encoded(sample_register())},
           {Op::kUnregisterMemory, encoded(UnregisterMemoryRequest{1})},
           {Op::kLoadTo, encoded(sample_load_to())},
-          {Op::kSaveFrom, encoded(sample_save_from())}};
+          {Op::kSaveFrom, encoded(sample_save_from())},
+          {Op::kInspect, encoded(InspectRequest{25})},
+          {Op::kDoctor, encoded(sample_doctor())}};
 }
 
 }  // namespace
@@ -300,7 +310,24 @@ TEST_CASE("Registered-memory requests round-trip field by field") {
     check_same_buffer(out.src, in.src);
     CHECK(out.src.block_count() == 3);
   }
+  {
+    DoctorRequest in = sample_doctor(), out;
+    REQUIRE(decode(encoded(in), out).is_ok());
+    CHECK(out.model_id == in.model_id);
+    CHECK(out.tenant == in.tenant);
+    CHECK(out.adapter_id == in.adapter_id);
+    CHECK(out.revision == in.revision);
+    CHECK(out.engine_block_tokens == in.engine_block_tokens);
+    CHECK(out.engine_layout_fingerprint == in.engine_layout_fingerprint);
+    CHECK(out.tokens == in.tokens);
+    check_same_extras(out.extras, in.extras);
+    InspectRequest i_out;
+    REQUIRE(decode(encoded(InspectRequest{25}), i_out).is_ok());
+    CHECK(i_out.top_prefixes == 25);
+  }
   SECTION("shapes the decoder refuses") {
+    InspectRequest too_many{10001}, i_out;
+    CHECK(is_protocol_error(decode(encoded(too_many), i_out)));
     RegisterMemoryRequest empty = sample_register();
     empty.bytes = 0;
     RegisterMemoryRequest out;
@@ -397,7 +424,7 @@ TEST_CASE("The byte format is little-endian in field order") {
   std::byte header[kHeaderBytes];
   encode_header({.op = 3, .request_id = 0x0A0B0C0Du, .payload_bytes = 0x100}, header);
   CHECK(Bytes(header, header + kHeaderBytes) ==
-        bytes_of({'K', 'V', 'T', '1', 4, 0, 3, 0, 0x0D, 0x0C, 0x0B, 0x0A, 0, 1, 0, 0}));
+        bytes_of({'K', 'V', 'T', '1', 5, 0, 3, 0, 0x0D, 0x0C, 0x0B, 0x0A, 0, 1, 0, 0}));
 
   Bytes status;
   encode_status(Status(StatusCode::kBusy, "pinned"), status);
