@@ -3,164 +3,18 @@
 // the catalog's entries).
 #include "tiers/nvme_check.h"
 
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cerrno>
-#include <cstring>
 #include <filesystem>
 #include <map>
-#include <memory>
-#include <sstream>
 #include <unordered_map>
 #include <unordered_set>
 
 #include "tiers/block_header.h"
 #include "tiers/catalog.h"
+#include "tiers/slot_files.h"
 #include "tiers/storage_device.h"
 
 namespace kvtier {
-
-namespace {
-
-Status os_error(const std::string& what, const std::string& path, int err) {
-  return {StatusCode::kIoError, what + " " + path + ": " + std::strerror(err)};
-}
-
-struct Geometry {
-  uint64_t fingerprint = 0;
-  uint64_t slot_bytes = 0;
-  uint32_t files = 0;
-};
-
-// The catalog's "geometry" record, as NvmeTier::check_geometry writes it:
-// "slot_format=1 layout=<fingerprint> slot_bytes=<n> files=<n>".
-Result<Geometry> parse_geometry(const std::string& text, const std::string& dir) {
-  Geometry g;
-  std::map<std::string, std::string> fields;
-  std::istringstream in(text);
-  for (std::string part; in >> part;) {
-    if (auto eq = part.find('='); eq != std::string::npos) fields[part.substr(0, eq)] = part.substr(eq + 1);
-  }
-  try {
-    if (fields.at("slot_format") != std::to_string(kSlotFormatVersion)) {
-      return invalid_argument("nvme tier in " + dir + " has slot format " + fields.at("slot_format") +
-                              ", this kvtier reads format " + std::to_string(kSlotFormatVersion));
-    }
-    g.fingerprint = std::stoull(fields.at("layout"));
-    g.slot_bytes = std::stoull(fields.at("slot_bytes"));
-    g.files = static_cast<uint32_t>(std::stoul(fields.at("files")));
-  } catch (const std::exception&) {
-    return Status(StatusCode::kChecksumMismatch, "nvme tier in " + dir + ": its geometry record '" + text +
-                                                     "' does not parse");
-  }
-  if (g.slot_bytes == 0 || g.slot_bytes % kIoAlignment != 0 || g.files == 0) {
-    return Status(StatusCode::kChecksumMismatch, "nvme tier in " + dir + ": impossible geometry '" + text + "'");
-  }
-  return g;
-}
-
-class SlotFiles {
- public:
-  static Result<SlotFiles> open(const std::string& dir, const Geometry& g, bool writable) {
-    SlotFiles f;
-    f.slot_bytes_ = g.slot_bytes;
-    for (uint32_t i = 0; i < g.files; ++i) {
-      const std::string path = dir + "/slots." + std::to_string(i);
-      const int fd = ::open(path.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
-      if (fd < 0) return os_error("open", path, errno);
-      f.fds_.push_back(fd);
-      const off_t size = ::lseek(fd, 0, SEEK_END);
-      if (size < 0) return os_error("seek", path, errno);
-      f.per_file_.push_back(static_cast<uint64_t>(size) / g.slot_bytes);
-    }
-    return f;
-  }
-  SlotFiles() = default;
-  SlotFiles(SlotFiles&& o) noexcept : fds_(std::move(o.fds_)), per_file_(std::move(o.per_file_)), slot_bytes_(o.slot_bytes_) {
-    o.fds_.clear();
-  }
-  ~SlotFiles() {
-    for (int fd : fds_) ::close(fd);
-  }
-
-  /// Slot s lives in file s % files at (s / files) * slot_bytes (tiers/nvme_tier.h).
-  uint64_t count() const {
-    uint64_t n = 0;
-    for (uint64_t c : per_file_) n += c;
-    return n;
-  }
-  bool in_range(SlotId s) const {
-    const size_t file = s % fds_.size();
-    return s / fds_.size() < per_file_[file];
-  }
-  Status read(SlotId s, uint64_t offset, std::span<std::byte> out) const {
-    const int fd = fds_[s % fds_.size()];
-    const uint64_t at = (s / fds_.size()) * slot_bytes_ + offset;
-    size_t done = 0;
-    while (done < out.size()) {
-      const ssize_t n = ::pread(fd, out.data() + done, out.size() - done, static_cast<off_t>(at + done));
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0) return os_error("read slot " + std::to_string(s) + " of", "its slot file", errno);
-      if (n == 0) return {StatusCode::kIoError, "slot " + std::to_string(s) + ": short read"};
-      done += static_cast<size_t>(n);
-    }
-    return Status::ok();
-  }
-  /// Zeroes the slot's first page: its header no longer decodes, so the slot reads as free.
-  Status wipe_header(SlotId s) const {
-    std::vector<std::byte> zero(kIoAlignment);
-    const int fd = fds_[s % fds_.size()];
-    const uint64_t at = (s / fds_.size()) * slot_bytes_;
-    if (::pwrite(fd, zero.data(), zero.size(), static_cast<off_t>(at)) != static_cast<ssize_t>(zero.size())) {
-      return os_error("wipe the header of slot " + std::to_string(s) + " in", "its slot file", errno);
-    }
-    return Status::ok();
-  }
-  Status sync() const {
-    for (int fd : fds_) {
-      if (::fdatasync(fd) != 0) return os_error("fdatasync", "a slot file", errno);
-    }
-    return Status::ok();
-  }
-
- private:
-  std::vector<int> fds_;
-  std::vector<uint64_t> per_file_;
-  uint64_t slot_bytes_ = 0;
-};
-
-/// A slot's header, decoded, with the bytes its region takes.
-struct SlotHeader {
-  BlockHeaderInfo info;
-  uint32_t header_bytes = 0;
-};
-
-Result<SlotHeader> read_header(const SlotFiles& files, SlotId s, uint64_t slot_bytes, std::vector<std::byte>& buf,
-                               uint64_t& bytes_read) {
-  buf.resize(kIoAlignment);
-  KVTIER_RETURN_IF_ERROR(files.read(s, 0, buf));
-  bytes_read += kIoAlignment;
-  uint32_t magic = 0, header_bytes = 0;
-  std::memcpy(&magic, buf.data(), 4);
-  std::memcpy(&header_bytes, buf.data() + 8, 4);
-  if (magic != kSlotMagic) return Status(StatusCode::kNotFound, "no block header (magic)");
-  if (header_bytes == 0 || header_bytes % kIoAlignment != 0 || header_bytes >= slot_bytes) {
-    return Status(StatusCode::kChecksumMismatch, "header region of " + std::to_string(header_bytes) + " bytes");
-  }
-  if (header_bytes > kIoAlignment) {
-    buf.resize(header_bytes);
-    KVTIER_RETURN_IF_ERROR(files.read(s, 0, buf));
-    bytes_read += header_bytes - kIoAlignment;
-  }
-  auto info = decode_block_header(std::span<const std::byte>(buf.data(), header_bytes));
-  if (!info) return info.status();
-  return SlotHeader{std::move(info).value(), header_bytes};
-}
-
-}  // namespace
 
 Result<std::string> find_nvme_tier_dir(const std::string& dir) {
   namespace fs = std::filesystem;
@@ -188,7 +42,7 @@ Result<NvmeCheckReport> check_nvme_tier(const std::string& path, const NvmeCheck
     return Status(geometry_text.status().code(), "nvme tier in " + dir + ": no geometry record: " +
                                                      std::string(geometry_text.status().message()));
   }
-  auto geometry = parse_geometry(*geometry_text, dir);
+  auto geometry = SlotGeometry::parse(*geometry_text, dir);
   if (!geometry) return geometry.status();
   auto files = SlotFiles::open(dir, *geometry, options.repair);
   if (!files) return files.status();
@@ -246,7 +100,7 @@ Result<NvmeCheckReport> check_nvme_tier(const std::string& path, const NvmeCheck
   for (const auto& [slot, who] : claims) claimed[slot] = true;
   for (SlotId s = 0; s < report.slots; ++s) {
     if (!files->in_range(s)) continue;
-    auto header = read_header(*files, s, geometry->slot_bytes, header_buf, report.bytes_read);
+    auto header = files->read_header(s, header_buf, report.bytes_read);
     if (!claimed[s]) {
       if (header) {
         problem("slot_without_entry", report.slots_without_entry, header->info.key, s,

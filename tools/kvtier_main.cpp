@@ -1,5 +1,5 @@
 // `kvtier`: the command line. Subcommands: service-demo, crash-loop, demo, tier-demo, keys, layout, info, serve,
-// stats, plan, warm, fsck, inspect, doctor, prefetch (and the hidden service-demo-user, the user processes service-demo starts).
+// stats, plan, warm, fsck, inspect, doctor, prefetch, export, import (and the hidden service-demo-user, the user processes service-demo starts).
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
@@ -74,9 +74,11 @@ int run_python_tool(const char* module, int argc, char** argv) {
 
 int main(int argc, char** argv) {
   // The operator commands that live in the Python package (a model, tqdm's progress bar).
-  for (const char* tool : {"warm", "fsck", "inspect", "doctor", "prefetch"}) {
+  // `import` is a Python keyword: its module is kvtier.import_.
+  for (std::string_view tool : {"warm", "fsck", "inspect", "doctor", "prefetch", "export", "import"}) {
     if (argc >= 2 && std::string_view(argv[1]) == tool) {
-      return run_python_tool(("kvtier." + std::string(tool)).c_str(), argc, argv);
+      const std::string module = "kvtier." + std::string(tool) + (tool == "import" ? "_" : "");
+      return run_python_tool(module.c_str(), argc, argv);
     }
   }
   CLI::App app{"kvtier: hierarchical KV-cache storage tier for LLM serving"};
@@ -189,6 +191,12 @@ int main(int argc, char** argv) {
       ->allow_extras();
   app.add_subcommand("prefetch", "Promote warmed prefixes to host or HBM before a traffic peak "
                                  "(kvtier prefetch --help; runs the Python package)")
+      ->allow_extras();
+  app.add_subcommand("export", "Write a data dir's cached KV to a portable archive "
+                               "(kvtier export --help; runs the Python package)")
+      ->allow_extras();
+  app.add_subcommand("import", "Load an archive into a kvtierd or a data dir, re-keyed under its secret "
+                               "(kvtier import --help; runs the Python package)")
       ->allow_extras();
 
   CLI11_PARSE(app, argc, argv);

@@ -54,7 +54,7 @@ def read_prompts(path: str | Path, tokenizer: Callable[[], Any] | None = None) -
     return prompts
 
 
-def progress_bar(quiet: bool, desc: str, total: int, unit: str = "it", unit_scale: bool = False) -> Any:
+def progress_bar(quiet: bool, desc: str, total: int | None, unit: str = "it", unit_scale: bool = False) -> Any:
     """A tqdm bar on stderr (items or bytes, rate, ETA), or None with ``--quiet`` or when stderr is
     not a terminal."""
     if quiet or not sys.stderr.isatty():

@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list < 0:
         ap.error("--list must be >= 0")
 
-    bar = _cli.progress_bar(args.quiet, "kvtier fsck", 0, unit="B", unit_scale=True)
+    bar = _cli.progress_bar(args.quiet, "kvtier fsck", None, unit="B", unit_scale=True)
 
     def progress(done: int, total: int) -> None:
         bar.total = total

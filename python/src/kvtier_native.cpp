@@ -30,7 +30,9 @@
 #include "api/vocab/byte_size.h"
 #include "kvtier/client.h"
 #include "kvtier/kv_store.h"
+#include "tiers/block_header.h"
 #include "tiers/nvme_check.h"
+#include "tiers/nvme_walk.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -698,6 +700,67 @@ nb::dict check_nvme_tier_py(const std::string& dir, bool repair, nb::object prog
   return d;
 }
 
+nb::dict namespace_dict(const NamespaceRecord& r) {
+  nb::dict d;
+  d["root"] = r.root.to_hex();
+  d["model"] = r.model_id;
+  d["tenant"] = r.tenant;
+  d["adapter"] = r.adapter_id;
+  d["revision"] = r.revision;
+  d["layout"] = r.layout;
+  return d;
+}
+
+nb::dict block_dict(const CatalogEntry& e) {
+  nb::dict d;
+  d["key"] = e.key.to_hex();
+  d["parent"] = e.parent.to_hex();
+  d["block_index"] = e.block_index;
+  d["tokens"] = e.tokens;
+  nb::list extras;
+  for (const BlockKey& x : e.extras) extras.append(nb::bytes(reinterpret_cast<const char*>(&x), sizeof x));
+  d["extras"] = extras;
+  d["priority"] = std::string(priority_name(e.priority));
+  d["created_ns"] = e.created_ns;
+  return d;
+}
+
+// kvtier export (python/kvtier/export.py): a data dir's blocks, depth first, each payload verified.
+// The walk runs without the GIL; each callback takes it.
+nb::dict walk_data_dir(const std::string& dir, nb::object want_namespace, nb::object want_block, nb::object emit) {
+  NvmeWalkOptions o;
+  if (!want_namespace.is_none()) {
+    o.want_namespace = [&](const NamespaceRecord& r) {
+      nb::gil_scoped_acquire locked;
+      return nb::cast<bool>(want_namespace(namespace_dict(r)));
+    };
+  }
+  if (!want_block.is_none()) {
+    o.want_block = [&](const NamespaceRecord& r, const CatalogEntry& e) {
+      nb::gil_scoped_acquire locked;
+      return nb::cast<bool>(want_block(namespace_dict(r), block_dict(e)));
+    };
+  }
+  o.emit = [&](const NamespaceRecord& r, const CatalogEntry& e, std::span<const std::byte> payload) {
+    nb::gil_scoped_acquire locked;
+    emit(namespace_dict(r), block_dict(e), nb::bytes(reinterpret_cast<const char*>(payload.data()), payload.size()));
+    return Status::ok();
+  };
+  std::optional<Result<NvmeWalkReport>> r;
+  {
+    nb::gil_scoped_release unlocked;
+    r.emplace(walk_nvme_tier(dir, o));
+  }
+  const NvmeWalkReport rep = unwrap(std::move(*r));
+  nb::dict d;
+  d["namespaces"] = rep.namespaces;
+  d["blocks"] = rep.blocks;
+  d["bytes"] = rep.bytes;
+  d["corrupt"] = rep.corrupt;
+  d["unreachable"] = rep.unreachable;
+  return d;
+}
+
 }  // namespace
 }  // namespace kvtier::python
 
@@ -854,6 +917,11 @@ NB_MODULE(_native, m) {
     }
     return unwrap(std::move(*r));
   }, "dir"_a, "kvtier inspect of a data dir no kvtierd holds: JSON text.");
+  m.def("walk_data_dir", &walk_data_dir, "dir"_a, "want_namespace"_a, "want_block"_a, "emit"_a,
+        "kvtier export: every namespace's blocks of a data dir no kvtierd holds, depth first, payloads verified.");
+  m.def("checksum", [](nb::bytes data) {
+    return payload_checksum(std::span<const std::byte>(reinterpret_cast<const std::byte*>(data.c_str()), data.size()));
+  }, "data"_a, "XXH3-64 of the bytes, as kvtier's slot and archive checksums.");
   m.def("check_nvme_tier", &check_nvme_tier_py, "dir"_a, "repair"_a = false, "progress"_a = nb::none(),
         "max_listed"_a = 1000,
         "kvtier fsck: checks an NVMe tier (or a kvtierd data dir) no kvtierd holds; a dict of findings.");

@@ -1,0 +1,60 @@
+// SlotFiles: an NVMe tier's slot files read (and, for repair, written) directly, for the tools
+// that work on a data dir no kvtierd holds: kvtier fsck (tiers/nvme_check.h) and kvtier export
+// (tiers/nvme_walk.h). The tier itself goes through StorageDevice and the transfer engine.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "kvtier/status.h"
+#include "kvtier/tier.h"
+#include "tiers/block_header.h"
+
+namespace kvtier {
+
+/// The catalog's "geometry" record, as NvmeTier::check_geometry writes it:
+/// "slot_format=1 layout=<fingerprint> slot_bytes=<n> files=<n>".
+struct SlotGeometry {
+  uint64_t fingerprint = 0;
+  uint64_t slot_bytes = 0;
+  uint32_t files = 0;
+  /// kInvalidArgument for another slot format; kChecksumMismatch for a record that does not parse.
+  static Result<SlotGeometry> parse(const std::string& text, const std::string& dir);
+};
+
+/// A slot's header, decoded, and the bytes its region takes.
+struct SlotHeader {
+  BlockHeaderInfo info;
+  uint32_t header_bytes = 0;
+};
+
+class SlotFiles {
+ public:
+  /// Opens DIR/slots.<i> for every file of `g` (read-write when `writable`).
+  static Result<SlotFiles> open(const std::string& dir, const SlotGeometry& g, bool writable);
+  SlotFiles() = default;
+  SlotFiles(SlotFiles&& o) noexcept;
+  SlotFiles& operator=(SlotFiles&&) = delete;
+  ~SlotFiles();
+
+  /// Slots over all files: slot s lives in file s % files at (s / files) * slot_bytes.
+  uint64_t count() const;
+  bool in_range(SlotId s) const;
+  /// `out.size()` bytes of slot s from `offset` in it.
+  Status read(SlotId s, uint64_t offset, std::span<std::byte> out) const;
+  /// The slot's header (kNotFound when it holds none: no magic; kChecksumMismatch when damaged).
+  /// `bytes_read` grows by what was read; `buf` is scratch.
+  Result<SlotHeader> read_header(SlotId s, std::vector<std::byte>& buf, uint64_t& bytes_read) const;
+  /// Zeroes the slot's first page: its header no longer decodes, so the slot reads as free.
+  Status wipe_header(SlotId s) const;
+  Status sync() const;
+
+ private:
+  std::vector<int> fds_;
+  std::vector<uint64_t> per_file_;
+  uint64_t slot_bytes_ = 0;
+};
+
+}  // namespace kvtier
