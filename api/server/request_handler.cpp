@@ -19,7 +19,6 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include "api/store/doctor.h"
 #include "api/wire/mailbox.h"
 #include "api/wire/protocol.h"
 #include "api/wire/socket_io.h"
@@ -469,11 +468,17 @@ Status Handler::check_operator(std::string_view what) const {
                                                    std::to_string(::geteuid()));
 }
 
+std::vector<TenantSalt> Handler::config_tenants() const {
+  std::vector<TenantSalt> out;
+  for (const TenantRule& t : config.tenants) out.push_back({t.name, t.salt});
+  return out;
+}
+
 Status Handler::inspect(std::span<const std::byte> payload) {
   proto::InspectRequest req;
   KVTIER_RETURN_IF_ERROR(decode(payload, req));
   KVTIER_RETURN_IF_ERROR(check_operator("inspect"));
-  proto::encode(proto::JsonReply{inspect_json(store, req.top_prefixes, "kvtierd")}, body);
+  proto::encode(proto::JsonReply{inspect_json(store, req.top_prefixes, "kvtierd", config_tenants())}, body);
   return Status::ok();
 }
 
@@ -483,8 +488,7 @@ Status Handler::doctor(std::span<const std::byte> payload) {
   KVTIER_RETURN_IF_ERROR(check_operator("doctor"));
   const TenantRule* rule = find_tenant(config, req.tenant);
   if (!rule) return Status(StatusCode::kNotFound, "kvtierd's config has no tenant named '" + req.tenant + "'");
-  std::vector<TenantSalt> tenants;
-  for (const TenantRule& t : config.tenants) tenants.push_back({t.name, t.salt});
+  const std::vector<TenantSalt> tenants = config_tenants();
   kvtier::DoctorRequest d{.spec = {.model_id = req.model_id, .layout = store.layout(), .tenant_salt = rule->salt,
                                    .adapter_id = req.adapter_id, .revision = req.revision},
                           .tenant = rule->name,

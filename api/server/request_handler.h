@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "api/server/session.h"
+#include "api/store/doctor.h"
 #include "api/store/store.h"
 
 namespace kvtier::server_detail {
@@ -83,6 +84,8 @@ struct Handler {
   Status prefix_op(Op op, std::span<const std::byte> payload);
   /// kPermissionDenied unless the peer is root or kvtierd's own uid.
   Status check_operator(std::string_view what) const;
+  /// The config's tenants with their salts, for inspect and doctor to name a record's tenant.
+  std::vector<TenantSalt> config_tenants() const;
   Status inspect(std::span<const std::byte> payload);
   Status doctor(std::span<const std::byte> payload);
 };

@@ -230,7 +230,7 @@ Result<std::string> doctor_json(Store& store, const DoctorRequest& req, std::spa
   return out.dump();
 }
 
-std::string inspect_json(Store& store, size_t top, std::string_view source) {
+std::string inspect_json(Store& store, size_t top, std::string_view source, std::span<const TenantSalt> tenants) {
   TierManager& tm = store.tiers();
   const IndexSummary summary = tm.index().summarize(top);
   const TierManagerStats stats = tm.stats();
@@ -269,27 +269,26 @@ std::string inspect_json(Store& store, size_t top, std::string_view source) {
   }
   std::unordered_map<BlockKey, NamespaceRecord> records;
   for (const NamespaceRecord& r : tm.namespace_records()) records.emplace(r.root, r);
-  std::unordered_map<BlockKey, std::pair<std::string, std::string>> opened;  // root → model, tenant
-  for (const auto& o : store.opened_namespaces()) {
-    if (auto ns = store.keys().make_namespace(o.spec)) opened[ns->root] = {o.spec.model_id, o.tenant};
-  }
+  std::unordered_map<BlockKey, const Candidate*> known;  // root → how it is opened (its tenant's name)
+  const std::vector<Candidate> candidates = known_namespaces(store, tenants);
+  for (const Candidate& c : candidates) known.emplace(c.root, &c);
   const uint64_t now = now_wall_ns();
   json namespaces = json::array();
   std::unordered_set<BlockKey> listed;
   auto describe = [&](const BlockKey& root) {
     json n;
     n["root"] = root.to_hex();
+    auto k = known.find(root);
     if (auto it = records.find(root); it != records.end()) {
       n["model"] = it->second.model_id;
-      // A record names listed tenants only; the tenant it was opened under names the others.
-      auto o = opened.find(root);
-      n["tenant"] = it->second.tenant.empty() && o != opened.end() ? o->second.second : it->second.tenant;
+      // A record names tenants with shares only; the root rebuilt from a tenant's salt names the others.
+      n["tenant"] = it->second.tenant.empty() && k != known.end() ? k->second->tenant : it->second.tenant;
       n["adapter"] = it->second.adapter_id;
       n["revision"] = it->second.revision;
       n["layout"] = it->second.layout.describe();
-    } else if (auto o = opened.find(root); o != opened.end()) {
-      n["model"] = o->second.first;
-      n["tenant"] = o->second.second;
+    } else if (k != known.end()) {
+      n["model"] = k->second->spec.model_id;
+      n["tenant"] = k->second->tenant;
     } else {
       n["model"] = nullptr;  // blocks whose namespace has no record: a restart drops them
     }

@@ -42,8 +42,9 @@ Result<std::string> doctor_json(Store& store, const DoctorRequest& request, std:
 
 /// Namespaces (model, tenant, adapter, revision, layout) with their blocks and bytes per tier,
 /// hits, priorities and ages; each tier's use; the `top` most reused prefixes.
-/// `source` names where it came from ("kvtierd", "store" in-process).
-std::string inspect_json(Store& store, size_t top, std::string_view source);
+/// `source` names where it came from ("kvtierd", "store" in-process); `tenants` as doctor_json
+/// takes them, to name the tenant of a namespace whose record does not.
+std::string inspect_json(Store& store, size_t top, std::string_view source, std::span<const TenantSalt> tenants);
 
 /// The same from a data dir (DATA_DIR/nvme or the NVMe tier directory itself) no kvtierd holds,
 /// its catalog opened read-only: NVMe blocks only, and no hit counts (those live in a daemon).

@@ -4,10 +4,11 @@ files, the flags that name a namespace, the progress bar, and how a summary is p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 class UsageError(Exception):
@@ -54,14 +55,25 @@ def read_prompts(path: str | Path, tokenizer: Callable[[], Any] | None = None) -
     return prompts
 
 
-def progress_bar(quiet: bool, desc: str, total: int | None, unit: str = "it", unit_scale: bool = False) -> Any:
-    """A tqdm bar on stderr (items or bytes, rate, ETA), or None with ``--quiet`` or when stderr is
-    not a terminal."""
+def add_quiet_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--quiet", action="store_true", help="no progress bar (also off when stderr is not a terminal)")
+
+
+@contextlib.contextmanager
+def progress_bar(quiet: bool, desc: str, total: int | None, unit: str = "it",
+                 unit_scale: bool = False) -> Iterator[Any]:
+    """A tqdm bar on stderr (items or bytes, rate, ETA), closed on the way out; None with
+    ``--quiet`` or when stderr is not a terminal."""
     if quiet or not sys.stderr.isatty():
-        return None
+        yield None
+        return
     from tqdm import tqdm
-    return tqdm(total=total, unit=unit, unit_scale=unit_scale, unit_divisor=1024 if unit_scale else 1000,
-                desc=desc, file=sys.stderr)
+    bar = tqdm(total=total, unit=unit, unit_scale=unit_scale, unit_divisor=1024 if unit_scale else 1000,
+               desc=desc, file=sys.stderr)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 def print_json(obj: Any) -> None:

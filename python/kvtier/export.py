@@ -121,24 +121,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--adapter", default=None, help="only namespaces of this adapter")
     ap.add_argument("--revision", default=None, help="only namespaces of this revision")
     ap.add_argument("--prompts", default=None, help="JSONL prompts (token ids): only the blocks on their prefixes")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar (also off when stderr is not a terminal)")
+    _cli.add_quiet_arg(ap)
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     args = ap.parse_args(argv)
-    bar = None
     try:
         prompts = _cli.read_prompts(args.prompts) if args.prompts else None
-        bar = _cli.progress_bar(args.quiet, "kvtier export", None, unit="B", unit_scale=True)
-        s = export_data_dir(args.data_dir, args.output, args.model_id, args.tenant, args.adapter, args.revision,
-                            prompts, bar)
+        with _cli.progress_bar(args.quiet, "kvtier export", None, unit="B", unit_scale=True) as bar:
+            s = export_data_dir(args.data_dir, args.output, args.model_id, args.tenant, args.adapter, args.revision,
+                                prompts, bar)
     except UsageError as e:
         print(f"kvtier export: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (kvtier.Error, OSError) as e:
         print(f"kvtier export: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    finally:
-        if bar is not None:
-            bar.close()
     if args.json:
         _cli.print_json(dataclasses.asdict(s))
     else:

@@ -83,27 +83,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--repair", action="store_true",
                     help="remove entries that cannot be served and wipe slots without an entry")
     ap.add_argument("--list", type=int, default=50, metavar="N", help="problems listed one by one (default 50)")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar (also off when stderr is not a terminal)")
+    _cli.add_quiet_arg(ap)
     ap.add_argument("--json", action="store_true", help="print the findings as one JSON object")
     args = ap.parse_args(argv)
     if args.list < 0:
         ap.error("--list must be >= 0")
 
-    bar = _cli.progress_bar(args.quiet, "kvtier fsck", None, unit="B", unit_scale=True)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
     try:
-        report = check(args.data_dir, args.repair, progress if bar is not None else None, args.list)
+        with _cli.progress_bar(args.quiet, "kvtier fsck", None, unit="B", unit_scale=True) as bar:
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+
+            report = check(args.data_dir, args.repair, progress if bar is not None else None, args.list)
     except kvtier.Error as e:
         print(f"kvtier fsck: {e}", file=sys.stderr)
         return EXIT_OPERATIONAL
-    finally:
-        if bar is not None:
-            bar.close()
     if args.json:
         _cli.print_json(report)
     else:

@@ -198,18 +198,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tenant", default=None, help="import every namespace under this tenant (default the archive's)")
     ap.add_argument("--priority", default=None, choices=archive.PRIORITIES,
                     help="save at this class (default each block's own)")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar (also off when stderr is not a terminal)")
+    _cli.add_quiet_arg(ap)
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     args = ap.parse_args(argv)
-    bar = None
     try:
         header = archive.verify(args.archive)
-        bar = _cli.progress_bar(args.quiet, "kvtier import", header["counts"]["blocks"], unit="block")
         if args.config or args.data_dir:
             store, salts = _offline_store(args, _archive_layout(header))
         else:
             store, salts = kvtier.Client(args.socket, name="kvtier-import"), None
-        with store:
+        with store, _cli.progress_bar(args.quiet, "kvtier import", header["counts"]["blocks"], unit="block") as bar:
             s = import_archive(store, args.archive, args.tenant, args.priority, bar, salts)
     except (archive.ArchiveError, UsageError) as e:
         print(f"kvtier import: refused, nothing imported: {e}", file=sys.stderr)
@@ -223,9 +221,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # after kvtier's errors, some of which are OSErrors too
         print(f"kvtier import: {args.archive}: {e.strerror or e}", file=sys.stderr)
         return EXIT_REFUSED
-    finally:
-        if bar is not None:
-            bar.close()
     if args.json:
         _cli.print_json(dataclasses.asdict(s))
     else:

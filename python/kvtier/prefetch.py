@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--prompts", required=True, help="JSONL prompts, as kvtier warm reads them")
     ap.add_argument("--to", required=True, choices=["host", "hbm"], help="the tier to promote into")
     ap.add_argument("--socket", default=None, help="kvtierd's socket (default $KVTIER_SOCKET or kvtier's default)")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar (also off when stderr is not a terminal)")
+    _cli.add_quiet_arg(ap)
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     args = ap.parse_args(argv)
     try:
@@ -74,12 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompts = _cli.read_prompts(args.prompts, _cli.tokenizer_of(args))
         with kvtier.Client(args.socket, name="kvtier-prefetch") as kv:
             ns = kv.open_namespace(**ns_args)
-            bar = _cli.progress_bar(args.quiet, "kvtier prefetch", len(prompts), unit="prompt")
-            try:
+            with _cli.progress_bar(args.quiet, "kvtier prefetch", len(prompts), unit="prompt") as bar:
                 summary = prefetch(kv, ns, prompts, args.to, bar)
-            finally:
-                if bar is not None:
-                    bar.close()
     except (UsageError, kvtier.InvalidArgument, kvtier.PermissionDenied, kvtier.NotFound) as e:
         print(f"kvtier prefetch: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="where the model runs (default cpu)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="the model's dtype (default the checkpoint's)")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar (also off when stderr is not a terminal)")
+    _cli.add_quiet_arg(ap)
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     args = ap.parse_args(argv)
 
@@ -162,12 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with kvtier.Client(args.socket, name="kvtier-warm") as kv:
             ns = hf.open_namespace(kv, model, tenant=args.tenant, adapter=args.adapter, revision=args.revision,
                                    model_id=args.model_id, prefill_tokens_per_second=0)
-            progress = _cli.progress_bar(args.quiet, "kvtier warm", len(prompts), unit="prompt")
-            try:
-                summary = warm(kv, ns, model, prompts, args.priority, progress)
-            finally:
-                if progress is not None:
-                    progress.close()
+            with _cli.progress_bar(args.quiet, "kvtier warm", len(prompts), unit="prompt") as bar:
+                summary = warm(kv, ns, model, prompts, args.priority, bar)
     except (UsageError, kvtier.LayoutMismatch, kvtier.InvalidArgument, kvtier.PermissionDenied) as e:
         print(f"kvtier warm: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -57,6 +57,16 @@ T unwrap(Result<T> r) {
   return std::move(r).value();
 }
 [[noreturn]] void bad(std::string message) { raise(invalid_argument(std::move(message))); }
+/// `f()` (a call returning a Result) run without the GIL, its value or its error raised.
+template <typename F>
+auto unwrap_without_gil(F&& f) {
+  std::optional<decltype(f())> r;
+  {
+    nb::gil_scoped_release unlocked;
+    r.emplace(f());
+  }
+  return unwrap(std::move(*r));
+}
 
 void translate(const std::exception_ptr& p, void*) {
   try {
@@ -437,7 +447,7 @@ class PyStore {
     auto s = get();
     nb::gil_scoped_release unlocked;
     if (auto* c = dynamic_cast<Client*>(s.get())) return unwrap(c->inspect(top_prefixes));
-    return inspect_json(static_cast<Store&>(*s), top_prefixes, "store");
+    return inspect_json(static_cast<Store&>(*s), top_prefixes, "store", {});
   }
   std::string doctor(std::string model, std::string tenant, std::string adapter, std::string revision,
                      nb::handle tokens, uint32_t engine_block_tokens, uint64_t engine_layout_fingerprint) {
@@ -662,12 +672,7 @@ nb::dict check_nvme_tier_py(const std::string& dir, bool repair, nb::object prog
       progress(done, total);
     };
   }
-  std::optional<Result<NvmeCheckReport>> r;
-  {
-    nb::gil_scoped_release unlocked;
-    r.emplace(check_nvme_tier(dir, o));
-  }
-  const NvmeCheckReport rep = unwrap(std::move(*r));
+  const NvmeCheckReport rep = unwrap_without_gil([&] { return check_nvme_tier(dir, o); });
   nb::dict d;
   d["dir"] = rep.dir;
   d["layout"] = rep.layout;
@@ -746,12 +751,7 @@ nb::dict walk_data_dir(const std::string& dir, nb::object want_namespace, nb::ob
     emit(namespace_dict(r), block_dict(e), nb::bytes(reinterpret_cast<const char*>(payload.data()), payload.size()));
     return Status::ok();
   };
-  std::optional<Result<NvmeWalkReport>> r;
-  {
-    nb::gil_scoped_release unlocked;
-    r.emplace(walk_nvme_tier(dir, o));
-  }
-  const NvmeWalkReport rep = unwrap(std::move(*r));
+  const NvmeWalkReport rep = unwrap_without_gil([&] { return walk_nvme_tier(dir, o); });
   nb::dict d;
   d["namespaces"] = rep.namespaces;
   d["blocks"] = rep.blocks;
@@ -910,12 +910,7 @@ NB_MODULE(_native, m) {
   m.def("open_store", &open_store, "layout"_a, "host_bytes"_a, "nvme_dir"_a = nb::none(), "nvme_bytes"_a = 0,
         "secret"_a = "", "write_through"_a = false);
   m.def("inspect_data_dir", [](const std::string& dir) {
-    std::optional<Result<std::string>> r;
-    {
-      nb::gil_scoped_release unlocked;
-      r.emplace(inspect_data_dir_json(dir));
-    }
-    return unwrap(std::move(*r));
+    return unwrap_without_gil([&] { return inspect_data_dir_json(dir); });
   }, "dir"_a, "kvtier inspect of a data dir no kvtierd holds: JSON text.");
   m.def("walk_data_dir", &walk_data_dir, "dir"_a, "want_namespace"_a, "want_block"_a, "emit"_a,
         "kvtier export: every namespace's blocks of a data dir no kvtierd holds, depth first, payloads verified.");

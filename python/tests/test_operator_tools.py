@@ -106,6 +106,13 @@ def test_inspect_and_doctor_explain_what_is_cached_and_why_a_prompt_misses(daemo
     code, _, _, err = run(capsys, doctor, "--socket", sock, "--model-id", "m", "--tenant", "nobody", "--tokens", "1")
     assert code == doctor.EXIT_USAGE and "nobody" in err
 
+    # After a restart the namespace's record names no tenant (team-a has no tier share): its root,
+    # rebuilt from the config's salts, names it again.
+    d.restart()
+    code, r, _, _ = run(capsys, inspect, "--socket", sock, "--json")
+    [n] = [n for n in r["namespaces"] if n["blocks"]]
+    assert (n["tenant"], n["blocks"], n["resident_blocks"]["nvme"]) == ("team-a", 6, 6)
+
     # The data dir is the live daemon's: refused, then read once it stopped.
     code, _, _, err = run(capsys, inspect, "--data-dir", str(d.data_dir))
     assert code == inspect.EXIT_UNAVAILABLE and "LOCK" in err

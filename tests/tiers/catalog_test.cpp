@@ -151,7 +151,7 @@ TEST_CASE("Opens with no write between them leave no WAL files behind") {
   CHECK((*cat)->get(make_entry(1).key).is_ok());
 }
 
-TEST_CASE("A namespace record keeps its adapter and revision; one without them is written as before") {
+TEST_CASE("A namespace record keeps its adapter and revision, and one without them is written as before") {
   NamespaceRecord ns{{5, 6}, *KvLayout::standard(2, 2, 64, Dtype::kFp16), "m", "", "lora-7", "abc123"};
   const std::string v3 = Catalog::encode_namespace(ns);
   CHECK(v3[0] == 3);

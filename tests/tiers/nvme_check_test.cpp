@@ -47,7 +47,7 @@ NvmeCheckReport check(const std::string& dir, bool repair = false) {
 
 }  // namespace
 
-TEST_CASE("fsck: a healthy tier checks clean; an erased block's slot is reported, not an error", "[tiers][fsck]") {
+TEST_CASE("fsck: a healthy tier checks clean, and an erased block's slot is reported, not an error", "[tiers][fsck]") {
   NvmeHarness h(NvmeHarness::Backing::kFile, 16);
   {
     auto tier = h.open();
@@ -80,7 +80,7 @@ TEST_CASE("fsck: a healthy tier checks clean; an erased block's slot is reported
   CHECK(last_done == r->bytes_read);
 }
 
-TEST_CASE("fsck: planted damage is named; repair removes what cannot be served and keeps the rest", "[tiers][fsck]") {
+TEST_CASE("fsck: planted damage is named, and repair removes what cannot be served and keeps the rest", "[tiers][fsck]") {
   NvmeHarness h(NvmeHarness::Backing::kFile, 32);
   const std::string dir = h.dir().path() + "/tier";
   {

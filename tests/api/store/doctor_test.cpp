@@ -157,7 +157,7 @@ TEST_CASE("inspect counts each namespace's blocks, hits and the most reused pref
     REQUIRE(m.is_ok());
     REQUIRE(d.store->release(*m).is_ok());
   }
-  const json r = json::parse(inspect_json(*d.store, 5, "store"));
+  const json r = json::parse(inspect_json(*d.store, 5, "store", {}));
   CHECK(r["source"] == "store");
   CHECK(r["block_bytes"] == layout().bytes_per_block());
   REQUIRE(r["tiers"].size() == 1);
