@@ -11,6 +11,10 @@ traffic) in the model's namespace, its weights' revision included. A rerun skips
 full blocks are cached already (a lookup), and computes only what a prompt lacks beyond its cached
 prefix, so an interrupted warm continues where it stopped.
 
+``--engine vllm`` computes the KV with vLLM itself through kvtier's connector (:mod:`kvtier.warm_vllm`):
+the blocks vLLM engines restore, byte for byte. There a cached prompt is restored by the connector
+rather than skipped, and vLLM computes at least its last token.
+
 Exit status: 0 every prompt is warmed or was cached already; 1 some prompts failed (the summary says
 which and why); 2 bad usage or input (a line that is not a prompt, text without a tokenizer, a model
 whose KV layout is not kvtierd's); 3 kvtierd cannot be reached.
@@ -134,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--revision", default=None, help="the weights' revision (default a digest of the weight files)")
     ap.add_argument("--priority", default="retained", choices=["low", "normal", "high", "retained"],
                     help="the class the blocks are saved at (default retained)")
+    ap.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                    help="the engine that computes the KV: HF transformers (default) or vLLM with kvtier's connector")
+    ap.add_argument("--block-size", type=int, default=32,
+                    help="--engine vllm: vLLM's block size, a multiple of kvtierd's block_tokens (default 32)")
     ap.add_argument("--device", default="cpu", help="where the model runs (default cpu)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="the model's dtype (default the checkpoint's)")
@@ -154,16 +162,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"none loads with the model {args.model} ({e}); give token ids instead") from e
 
         prompts = read_prompts(args.prompts, tokenizer)
-        try:
-            kw = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
-            model = AutoModelForCausalLM.from_pretrained(args.model, **kw).to(args.device).eval()
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot load the model {args.model}: {e}") from e
-        with kvtier.Client(args.socket, name="kvtier-warm") as kv:
-            ns = hf.open_namespace(kv, model, tenant=args.tenant, adapter=args.adapter, revision=args.revision,
-                                   model_id=args.model_id, prefill_tokens_per_second=0)
-            with _cli.progress_bar(args.quiet, "kvtier warm", len(prompts), unit="prompt") as bar:
-                summary = warm(kv, ns, model, prompts, args.priority, bar)
+        if args.engine == "vllm":
+            from . import warm_vllm
+            summary = warm_vllm.warm(args, prompts, Summary(prompts=len(prompts)))
+        else:
+            try:
+                kw = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
+                model = AutoModelForCausalLM.from_pretrained(args.model, **kw).to(args.device).eval()
+            except (OSError, ValueError) as e:
+                raise UsageError(f"cannot load the model {args.model}: {e}") from e
+            with kvtier.Client(args.socket, name="kvtier-warm") as kv:
+                ns = hf.open_namespace(kv, model, tenant=args.tenant, adapter=args.adapter, revision=args.revision,
+                                       model_id=args.model_id, prefill_tokens_per_second=0)
+                with _cli.progress_bar(args.quiet, "kvtier warm", len(prompts), unit="prompt") as bar:
+                    summary = warm(kv, ns, model, prompts, args.priority, bar)
     except (UsageError, kvtier.LayoutMismatch, kvtier.InvalidArgument, kvtier.PermissionDenied) as e:
         print(f"kvtier warm: {e}", file=sys.stderr)
         return EXIT_USAGE

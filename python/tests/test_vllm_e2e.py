@@ -249,3 +249,42 @@ def test_two_engines_at_once_share_one_kvtierd(model, baseline, daemon_factory, 
         for p in prompts:
             with kv.lookup(ns, p) as m:
                 assert m.block_count == (len(p) // 16 if ISA == "vec" else len(p) // 32 * 2)
+
+
+def test_kvtier_warm_through_vllm_then_an_hf_engine_and_a_rerun_hit_it(model, daemon_factory, tmp_path):
+    d = _daemon(daemon_factory, model)
+    prompts = _prompts(11, 2)
+    f = tmp_path / "warm.jsonl"
+    f.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    cmd = [sys.executable, "-m", "kvtier.warm", "--engine", "vllm", "--model", str(model), "--prompts", str(f),
+           "--socket", d.socket, "--dtype", "float32", "--quiet", "--json"]
+    p = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-6000:]
+    s = json.loads(p.stdout.strip().splitlines()[-1])
+    assert (s["prompts"], s["warmed"], s["failed"]) == (2, 2, 0)
+    # The shared system prompt once, then each prompt's own full vLLM blocks (32 tokens, 2 of kvtier's).
+    distinct = SYSTEM_TOKENS // 32 * 2 + sum((len(q) // 32 - SYSTEM_TOKENS // 32) * 2 for q in prompts)
+    assert s["blocks_saved"] >= distinct
+    with kvtier.Client(d.socket) as kv:
+        r = kv.inspect()
+    assert sum(n["by_priority"].get("retained", 0) for n in r["namespaces"] if n["blocks"]) == s["blocks_saved"]
+
+    again = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-6000:]
+    s2 = json.loads(again.stdout.strip().splitlines()[-1])
+    assert (s2["cached"], s2["blocks_saved"]) == (2, 0)  # restored, nothing new to save
+    assert s2["restored_tokens"] >= sum(len(q) // 32 * 32 for q in prompts) - 2 * 32
+
+    if ISA != "vec":
+        return
+    # vLLM's vec path stores kvtier's canonical blocks: an HF engine hits them, its output unchanged.
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    ids = torch.tensor([prompts[1]])
+    ref = hf.generate(ids, max_new_tokens=4, do_sample=False)
+    with kvtier.Client(d.socket) as kv:
+        ns = kvtier.hf.open_namespace(kv, hf, prefill_tokens_per_second=0)
+        out, info = kvtier.hf.generate(kv, ns, hf, ids, max_new_tokens=4, do_sample=False)
+    assert info.restored_tokens >= len(prompts[1]) // 32 * 32
+    assert torch.equal(out, ref)
