@@ -202,13 +202,15 @@ def open_store(layout: KvLayout, host_bytes: object, nvme_dir: str | None = None
 def inspect_data_dir(dir: str) -> str:
     """kvtier inspect of a data dir no kvtierd holds: JSON text."""
 
-def walk_data_dir(dir: str, want_namespace: object, want_block: object, emit: object) -> dict:
+def walk_data_dir(dir: str, want_namespace: object | None, want_block: object | None, emit: object) -> dict:
     """
     kvtier export: every namespace's blocks of a data dir no kvtierd holds, depth first, payloads verified.
     """
 
-def checksum(data: bytes) -> int:
-    """XXH3-64 of the bytes, as kvtier's slot and archive checksums."""
+def checksum(*args) -> int:
+    """
+    XXH3-64 of the bytes objects back to back, as kvtier's slot and archive checksums.
+    """
 
 def check_nvme_tier(dir: str, repair: bool = False, progress: object | None = None, max_listed: int = 1000) -> dict:
     """

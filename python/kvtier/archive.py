@@ -76,11 +76,13 @@ class Writer:
         self.counts = Counts()
         self._header = False
 
-    def _record(self, kind: int, body: bytes) -> None:
-        head = _RECORD.pack(kind, len(body))
+    def _record(self, kind: int, *body: bytes) -> None:
+        """One record whose body is the parts of ``body`` back to back (a payload is written as it is)."""
+        head = _RECORD.pack(kind, sum(len(b) for b in body))
         self._f.write(head)
-        self._f.write(body)
-        self._f.write(_CHECKSUM.pack(_native.checksum(head + body)))
+        for b in body:
+            self._f.write(b)
+        self._f.write(_CHECKSUM.pack(_native.checksum(head, *body)))
 
     def header(self, layout: Any, source: str) -> None:
         from . import __version__
@@ -97,15 +99,14 @@ class Writer:
         self.counts.namespaces += 1
 
     def block(self, b: Block) -> None:
-        body = bytearray(_BLOCK_FIXED.pack(b.block_index, PRIORITIES.index(b.priority), b.key, b.parent,
+        meta = bytearray(_BLOCK_FIXED.pack(b.block_index, PRIORITIES.index(b.priority), b.key, b.parent,
                                            len(b.tokens)))
-        body += struct.pack(f"<{len(b.tokens)}I", *b.tokens)
-        body += struct.pack("<I", len(b.extras))
+        meta += struct.pack(f"<{len(b.tokens)}I", *b.tokens)
+        meta += struct.pack("<I", len(b.extras))
         for x in b.extras:
-            body += x
-        body += struct.pack("<Q", len(b.payload))
-        body += b.payload
-        self._record(BLOCK, bytes(body))
+            meta += x
+        meta += struct.pack("<Q", len(b.payload))
+        self._record(BLOCK, bytes(meta), b.payload)
         self.counts.blocks += 1
         self.counts.bytes += len(b.payload)
 
@@ -164,7 +165,7 @@ def read(f: BinaryIO) -> Iterator[tuple[int, Any]]:
         tail = f.read(_CHECKSUM.size)
         if len(body) < length or len(tail) < _CHECKSUM.size:
             raise ArchiveError(f"truncated: {where} ({length} bytes) is cut short")
-        if _CHECKSUM.unpack(tail)[0] != _native.checksum(head + body):
+        if _CHECKSUM.unpack(tail)[0] != _native.checksum(head, body):
             raise ArchiveError(f"checksum mismatch: {where} is damaged")
         if ended:
             raise ArchiveError(f"{where}: data after the END record")

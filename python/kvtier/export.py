@@ -61,8 +61,7 @@ def export_data_dir(data_dir: str, out_path: str, model_id: str | None = None, t
                    (("model", model_id), ("tenant", tenant), ("adapter", adapter), ("revision", revision)))
 
     def want_block(ns: dict[str, Any], b: dict[str, Any]) -> bool:
-        if chosen is None:
-            return True
+        assert chosen is not None
         del stack[b["block_index"]:]
         stack.append(b["tokens"])
         prefix = [t for blk in stack for t in blk]
@@ -85,7 +84,9 @@ def export_data_dir(data_dir: str, out_path: str, model_id: str | None = None, t
                 if progress is not None:
                     progress.update(len(payload))
 
-            report = _native.walk_data_dir(data_dir, want_namespace, want_block, emit)
+            filtered = any(x is not None for x in (model_id, tenant, adapter, revision))
+            report = _native.walk_data_dir(data_dir, want_namespace if filtered else None,
+                                           want_block if chosen is not None else None, emit)
             if current[0] is None:
                 raise UsageError("nothing to export: no block of the chosen namespaces and prompts is on NVMe")
             w.end()

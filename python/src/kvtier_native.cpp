@@ -14,6 +14,7 @@
 #include <nanobind/stl/string_view.h>
 #include <nanobind/stl/unique_ptr.h>
 #include <spdlog/spdlog.h>
+#include <xxhash.h>
 #include <nanobind/stl/vector.h>
 
 #include <cstdlib>
@@ -912,11 +913,20 @@ NB_MODULE(_native, m) {
   m.def("inspect_data_dir", [](const std::string& dir) {
     return unwrap_without_gil([&] { return inspect_data_dir_json(dir); });
   }, "dir"_a, "kvtier inspect of a data dir no kvtierd holds: JSON text.");
-  m.def("walk_data_dir", &walk_data_dir, "dir"_a, "want_namespace"_a, "want_block"_a, "emit"_a,
+  m.def("walk_data_dir", &walk_data_dir, "dir"_a, "want_namespace"_a.none(), "want_block"_a.none(), "emit"_a,
         "kvtier export: every namespace's blocks of a data dir no kvtierd holds, depth first, payloads verified.");
-  m.def("checksum", [](nb::bytes data) {
-    return payload_checksum(std::span<const std::byte>(reinterpret_cast<const std::byte*>(data.c_str()), data.size()));
-  }, "data"_a, "XXH3-64 of the bytes, as kvtier's slot and archive checksums.");
+  m.def("checksum", [](nb::args parts) {
+    // One XXH3-64 over the parts back to back, as over their concatenation, without making it.
+    XXH3_state_t* st = XXH3_createState();
+    XXH3_64bits_reset(st);
+    for (nb::handle h : parts) {
+      const nb::bytes b = nb::cast<nb::bytes>(h);
+      XXH3_64bits_update(st, b.c_str(), b.size());
+    }
+    const uint64_t sum = XXH3_64bits_digest(st);
+    XXH3_freeState(st);
+    return sum;
+  }, "XXH3-64 of the bytes objects back to back, as kvtier's slot and archive checksums.");
   m.def("check_nvme_tier", &check_nvme_tier_py, "dir"_a, "repair"_a = false, "progress"_a = nb::none(),
         "max_listed"_a = 1000,
         "kvtier fsck: checks an NVMe tier (or a kvtierd data dir) no kvtierd holds; a dict of findings.");

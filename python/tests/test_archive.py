@@ -128,7 +128,7 @@ def rewrite_header(path, out, **changes) -> None:
     header.update(changes)
     body = json.dumps(header).encode()
     head = struct.pack("<BI", kind, len(body))
-    out.write_bytes(data[:8] + head + body + struct.pack("<Q", _native.checksum(head + body)) +
+    out.write_bytes(data[:8] + head + body + struct.pack("<Q", _native.checksum(head, body)) +
                     data[13 + length + 8:])
 
 
