@@ -4,7 +4,6 @@
 #include "tiers/nvme_check.h"
 
 #include <algorithm>
-#include <filesystem>
 #include <map>
 #include <unordered_map>
 #include <unordered_set>
@@ -16,51 +15,27 @@
 
 namespace kvtier {
 
-Result<std::string> find_nvme_tier_dir(const std::string& dir) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  if (fs::is_directory(dir + "/catalog", ec)) return dir;
-  if (fs::is_directory(dir + "/nvme/catalog", ec)) return dir + "/nvme";
-  if (!fs::exists(dir, ec)) return Status(StatusCode::kNotFound, dir + ": no such directory");
-  return Status(StatusCode::kNotFound, dir + " holds no NVMe tier: neither " + dir + "/catalog nor " + dir +
-                                           "/nvme/catalog exists");
-}
-
 Result<NvmeCheckReport> check_nvme_tier(const std::string& path, const NvmeCheckOptions& options) {
-  auto found = find_nvme_tier_dir(path);
-  if (!found) return found.status();
-  const std::string dir = *found;
-
-  CatalogOptions co;
-  co.create = false;
-  co.read_only = !options.repair;
-  co.lock_file = dir + "/LOCK";  // a live kvtierd holds it: kUnavailable naming the holder
-  auto catalog = Catalog::open(dir + "/catalog", co);
-  if (!catalog) return catalog.status();
-  auto geometry_text = (*catalog)->get_meta("geometry");
-  if (!geometry_text) {
-    return Status(geometry_text.status().code(), "nvme tier in " + dir + ": no geometry record: " +
-                                                     std::string(geometry_text.status().message()));
-  }
-  auto geometry = SlotGeometry::parse(*geometry_text, dir);
-  if (!geometry) return geometry.status();
-  auto files = SlotFiles::open(dir, *geometry, options.repair);
-  if (!files) return files.status();
+  auto tier = open_offline_tier(path, options.repair);
+  if (!tier) return tier.status();
+  const auto& catalog = tier->catalog;
+  const SlotGeometry& geometry = tier->geometry;
+  SlotFiles& files = tier->files;
 
   NvmeCheckReport report;
-  report.dir = dir;
-  auto layout_name = (*catalog)->get_meta("layout");
+  report.dir = tier->dir;
+  auto layout_name = catalog->get_meta("layout");
   report.layout = layout_name ? *layout_name : "(not named: written before kvtier named layouts)";
-  report.slot_bytes = geometry->slot_bytes;
-  report.files = geometry->files;
-  report.slots = files->count();
+  report.slot_bytes = geometry.slot_bytes;
+  report.files = geometry.files;
+  report.slots = files.count();
 
   std::unordered_set<BlockKey> roots;
-  KVTIER_RETURN_IF_ERROR((*catalog)->for_each_namespace([&](const NamespaceRecord& r) { roots.insert(r.root); }));
+  KVTIER_RETURN_IF_ERROR(catalog->for_each_namespace([&](const NamespaceRecord& r) { roots.insert(r.root); }));
   report.namespaces = roots.size();
   std::vector<CatalogEntry> entries;
   std::vector<BlockKey> undecodable;
-  KVTIER_RETURN_IF_ERROR((*catalog)->for_each([&](const CatalogEntry& e) { entries.push_back(e); }, &undecodable));
+  KVTIER_RETURN_IF_ERROR(catalog->for_each([&](const CatalogEntry& e) { entries.push_back(e); }, &undecodable));
   report.entries = entries.size() + undecodable.size();
 
   std::vector<BlockKey> to_remove;             // catalog entries repair deletes
@@ -81,7 +56,7 @@ Result<NvmeCheckReport> check_nvme_tier(const std::string& path, const NvmeCheck
   uint64_t total = report.slots * kIoAlignment;
   for (size_t i = 0; i < entries.size(); ++i) {
     const CatalogEntry& e = entries[i];
-    if (!files->in_range(e.slot)) {
+    if (!files.in_range(e.slot)) {
       problem("bad_slot", report.bad_slots, e.key, e.slot,
               "slot " + std::to_string(e.slot) + " is out of range (" + std::to_string(report.slots) + " slots)");
       to_remove.push_back(e.key);
@@ -99,8 +74,8 @@ Result<NvmeCheckReport> check_nvme_tier(const std::string& path, const NvmeCheck
   std::vector<bool> claimed(report.slots, false);
   for (const auto& [slot, who] : claims) claimed[slot] = true;
   for (SlotId s = 0; s < report.slots; ++s) {
-    if (!files->in_range(s)) continue;
-    auto header = files->read_header(s, header_buf, report.bytes_read);
+    if (!files.in_range(s)) continue;
+    auto header = files.read_header(s, header_buf, report.bytes_read);
     if (!claimed[s]) {
       if (header) {
         problem("slot_without_entry", report.slots_without_entry, header->info.key, s,
@@ -113,21 +88,11 @@ Result<NvmeCheckReport> check_nvme_tier(const std::string& path, const NvmeCheck
     }
     for (size_t i : claims[s]) {
       const CatalogEntry& e = entries[i];
-      std::string why;
-      if (!header) {
-        why = "its header does not decode: " + std::string(header.status().message());
-      } else if (header->info.key != e.key) {
-        why = "the slot holds block " + header->info.key.to_hex() + " (claimed by another entry, or reused)";
-      } else if (e.layout_fingerprint != geometry->fingerprint || header->info.layout_fingerprint != e.layout_fingerprint) {
-        why = "the block's layout is not the tier's";
-      } else if (header->info.payload_bytes != e.payload_bytes || header->info.payload_checksum != e.checksum ||
-                 header->info.parent != e.parent || header->info.tokens != e.tokens) {
-        why = "the slot header disagrees with the catalog entry";
-      } else if (header->header_bytes + e.payload_bytes > geometry->slot_bytes) {
-        why = "its payload of " + std::to_string(e.payload_bytes) + " bytes overruns the slot";
-      } else {
+      std::string why = header ? header_mismatch(*header, e, geometry)
+                               : "its header does not decode: " + std::string(header.status().message());
+      if (why.empty()) {
         payload.resize(e.payload_bytes);
-        if (Status st = files->read(s, header->header_bytes, payload); !st) return st;
+        if (Status st = files.read(s, header->header_bytes, payload); !st) return st;
         report.bytes_read += e.payload_bytes;
         if (Status st = verify_payload(header->info, payload); !st) why = "payload: " + std::string(st.message());
       }
@@ -170,9 +135,9 @@ Result<NvmeCheckReport> check_nvme_tier(const std::string& path, const NvmeCheck
   if (options.repair) {
     // The catalog entry first, then the slot (a crash between them leaves a slot without an entry,
     // which is free already), as NvmeTier::erase orders them.
-    for (const BlockKey& key : to_remove) KVTIER_RETURN_IF_ERROR((*catalog)->remove(key));
-    for (SlotId s : to_wipe) KVTIER_RETURN_IF_ERROR(files->wipe_header(s));
-    KVTIER_RETURN_IF_ERROR(files->sync());
+    for (const BlockKey& key : to_remove) KVTIER_RETURN_IF_ERROR(catalog->remove(key));
+    for (SlotId s : to_wipe) KVTIER_RETURN_IF_ERROR(files.wipe_header(s));
+    KVTIER_RETURN_IF_ERROR(files.sync());
     std::unordered_set<BlockKey> removed(to_remove.begin(), to_remove.end());
     for (NvmeCheckProblem& p : report.problems) {
       p.repaired = p.kind == "slot_without_entry" ? to_wipe.contains(p.slot) : removed.contains(p.key);

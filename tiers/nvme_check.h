@@ -75,8 +75,4 @@ struct NvmeCheckReport {
 /// read. A tier with problems is not an error: the report lists them.
 Result<NvmeCheckReport> check_nvme_tier(const std::string& dir, const NvmeCheckOptions& options = {});
 
-/// The tier directory `dir` names: dir itself when it holds a catalog, else dir/nvme when that
-/// does. kNotFound (naming both) otherwise.
-Result<std::string> find_nvme_tier_dir(const std::string& dir);
-
 }  // namespace kvtier

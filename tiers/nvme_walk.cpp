@@ -6,36 +6,24 @@
 #include <unordered_map>
 #include <vector>
 
-#include "tiers/nvme_check.h"
 #include "tiers/slot_files.h"
 
 namespace kvtier {
 
 Result<NvmeWalkReport> walk_nvme_tier(const std::string& path, const NvmeWalkOptions& options) {
-  auto found = find_nvme_tier_dir(path);
-  if (!found) return found.status();
-  const std::string dir = *found;
-  CatalogOptions co;
-  co.create = false;
-  co.read_only = true;
-  co.lock_file = dir + "/LOCK";
-  auto catalog = Catalog::open(dir + "/catalog", co);
-  if (!catalog) return catalog.status();
-  auto geometry_text = (*catalog)->get_meta("geometry");
-  if (!geometry_text) return geometry_text.status();
-  auto geometry = SlotGeometry::parse(*geometry_text, dir);
-  if (!geometry) return geometry.status();
-  auto files = SlotFiles::open(dir, *geometry, false);
-  if (!files) return files.status();
+  auto tier = open_offline_tier(path, /*writable=*/false);
+  if (!tier) return tier.status();
+  const auto& catalog = tier->catalog;
+  const SlotFiles& files = tier->files;
 
   std::vector<NamespaceRecord> records;
-  KVTIER_RETURN_IF_ERROR((*catalog)->for_each_namespace([&](const NamespaceRecord& r) { records.push_back(r); }));
+  KVTIER_RETURN_IF_ERROR(catalog->for_each_namespace([&](const NamespaceRecord& r) { records.push_back(r); }));
   std::sort(records.begin(), records.end(), [](const NamespaceRecord& a, const NamespaceRecord& b) {
     return std::tie(a.model_id, a.tenant, a.adapter_id, a.revision, a.root) <
            std::tie(b.model_id, b.tenant, b.adapter_id, b.revision, b.root);
   });
   std::vector<CatalogEntry> entries;
-  KVTIER_RETURN_IF_ERROR((*catalog)->for_each([&](const CatalogEntry& e) { entries.push_back(e); }));
+  KVTIER_RETURN_IF_ERROR(catalog->for_each([&](const CatalogEntry& e) { entries.push_back(e); }));
   // Children of each block, and of each root (block 0's parent, or ns_root in older records).
   std::unordered_map<BlockKey, std::vector<uint32_t>> children;
   for (uint32_t i = 0; i < entries.size(); ++i) {
@@ -90,15 +78,13 @@ Result<NvmeWalkReport> walk_nvme_tier(const std::string& path, const NvmeWalkOpt
       }
       // The checks fsck makes (tiers/nvme_check.h): the slot's header names this block and
       // agrees with its entry, and the payload matches its checksum.
-      bool ok = files->in_range(e.slot) && e.layout_fingerprint == geometry->fingerprint;
+      bool ok = files.in_range(e.slot);
       if (ok) {
-        auto header = files->read_header(e.slot, header_buf, scratch);
-        ok = header && header->info.key == e.key && header->info.payload_bytes == e.payload_bytes &&
-             header->info.payload_checksum == e.checksum && header->info.parent == e.parent &&
-             header->info.tokens == e.tokens && header->header_bytes + e.payload_bytes <= geometry->slot_bytes;
+        auto header = files.read_header(e.slot, header_buf, scratch);
+        ok = header && header_mismatch(*header, e, tier->geometry).empty();
         if (ok) {
           payload.resize(e.payload_bytes);
-          KVTIER_RETURN_IF_ERROR(files->read(e.slot, header->header_bytes, payload));
+          KVTIER_RETURN_IF_ERROR(files.read(e.slot, header->header_bytes, payload));
           ok = verify_payload(header->info, payload).is_ok();
         }
       }

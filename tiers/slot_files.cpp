@@ -6,6 +6,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <map>
 #include <sstream>
 
@@ -128,6 +129,59 @@ Status SlotFiles::sync() const {
     if (::fdatasync(fd) != 0) return os_error("fdatasync", "a slot file", errno);
   }
   return Status::ok();
+}
+
+Result<std::string> find_nvme_tier_dir(const std::string& dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::is_directory(dir + "/catalog", ec)) return dir;
+  if (fs::is_directory(dir + "/nvme/catalog", ec)) return dir + "/nvme";
+  if (!fs::exists(dir, ec)) return Status(StatusCode::kNotFound, dir + ": no such directory");
+  return Status(StatusCode::kNotFound, dir + " holds no NVMe tier: neither " + dir + "/catalog nor " + dir +
+                                           "/nvme/catalog exists");
+}
+
+Result<OfflineCatalog> open_offline_catalog(const std::string& path, bool writable) {
+  auto dir = find_nvme_tier_dir(path);
+  if (!dir) return dir.status();
+  CatalogOptions co;
+  co.create = false;
+  co.read_only = !writable;
+  co.lock_file = *dir + "/LOCK";  // a live kvtierd holds it
+  auto catalog = Catalog::open(*dir + "/catalog", co);
+  if (!catalog) return catalog.status();
+  return OfflineCatalog{*dir, std::move(catalog).value()};
+}
+
+Result<OfflineTier> open_offline_tier(const std::string& path, bool writable) {
+  auto c = open_offline_catalog(path, writable);
+  if (!c) return c.status();
+  auto text = c->catalog->get_meta("geometry");
+  if (!text) {
+    return Status(text.status().code(),
+                  "nvme tier in " + c->dir + ": no geometry record: " + std::string(text.status().message()));
+  }
+  auto geometry = SlotGeometry::parse(*text, c->dir);
+  if (!geometry) return geometry.status();
+  auto files = SlotFiles::open(c->dir, *geometry, writable);
+  if (!files) return files.status();
+  return OfflineTier{std::move(c->dir), std::move(c->catalog), *geometry, std::move(files).value()};
+}
+
+std::string header_mismatch(const SlotHeader& header, const CatalogEntry& e, const SlotGeometry& geometry) {
+  const BlockHeaderInfo& h = header.info;
+  if (h.key != e.key) return "the slot holds block " + h.key.to_hex() + " (claimed by another entry, or reused)";
+  if (e.layout_fingerprint != geometry.fingerprint || h.layout_fingerprint != e.layout_fingerprint) {
+    return "the block's layout is not the tier's";
+  }
+  if (h.payload_bytes != e.payload_bytes || h.payload_checksum != e.checksum || h.parent != e.parent ||
+      h.tokens != e.tokens) {
+    return "the slot header disagrees with the catalog entry";
+  }
+  if (header.header_bytes + e.payload_bytes > geometry.slot_bytes) {
+    return "its payload of " + std::to_string(e.payload_bytes) + " bytes overruns the slot";
+  }
+  return {};
 }
 
 }  // namespace kvtier

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
@@ -11,6 +12,7 @@
 #include "kvtier/status.h"
 #include "kvtier/tier.h"
 #include "tiers/block_header.h"
+#include "tiers/catalog.h"
 
 namespace kvtier {
 
@@ -56,5 +58,33 @@ class SlotFiles {
   std::vector<uint64_t> per_file_;
   uint64_t slot_bytes_ = 0;
 };
+
+/// The tier directory `dir` names: dir itself when it holds a catalog, else dir/nvme when that
+/// does. kNotFound (naming both) otherwise.
+Result<std::string> find_nvme_tier_dir(const std::string& dir);
+
+/// An NVMe tier opened by a tool, as no kvtierd holds it.
+struct OfflineCatalog {
+  std::string dir;  // the tier directory
+  std::unique_ptr<Catalog> catalog;
+};
+struct OfflineTier {
+  std::string dir;
+  std::unique_ptr<Catalog> catalog;
+  SlotGeometry geometry;
+  SlotFiles files;
+};
+
+/// The catalog of the tier in `path` (a kvtierd data dir or the tier directory), under the tier's
+/// lock file: kUnavailable, naming the holder, while a kvtierd holds it. Read-only unless
+/// `writable`; never created.
+Result<OfflineCatalog> open_offline_catalog(const std::string& path, bool writable);
+/// open_offline_catalog, then the tier's geometry and its slot files.
+Result<OfflineTier> open_offline_tier(const std::string& path, bool writable);
+
+/// Why the slot `header` does not serve `entry`: "" when it names that block, both are of the
+/// tier's layout, it agrees with the entry (length, checksum, parent, tokens) and the payload fits
+/// the slot. The payload itself is checked by verify_payload.
+std::string header_mismatch(const SlotHeader& header, const CatalogEntry& entry, const SlotGeometry& geometry);
 
 }  // namespace kvtier

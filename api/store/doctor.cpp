@@ -10,8 +10,9 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "api/store/restore_planner.h"
 #include "tiers/catalog.h"
-#include "tiers/nvme_check.h"
+#include "tiers/slot_files.h"
 
 namespace kvtier {
 
@@ -24,6 +25,9 @@ uint64_t now_wall_ns() {
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch())
           .count());
 }
+
+/// Seconds from wall-clock `then` to `now` (0 for a `then` after it).
+double seconds_since(uint64_t now, uint64_t then) { return static_cast<double>(now - std::min(now, then)) / 1e9; }
 
 json tier_list(uint8_t mask) {
   json out = json::array();
@@ -56,6 +60,22 @@ struct Candidate {
 
 json namespace_json(const NamespaceSpec& spec, const std::string& tenant) {
   return {{"model", spec.model_id}, {"tenant", tenant}, {"adapter", spec.adapter_id}, {"revision", spec.revision}};
+}
+
+/// A namespace record as inspect shows it.
+json record_json(const BlockKey& root, const NamespaceRecord& r) {
+  return {{"root", root.to_hex()}, {"model", r.model_id}, {"tenant", r.tenant}, {"adapter", r.adapter_id},
+          {"revision", r.revision}, {"layout", r.layout.describe()}};
+}
+
+/// The parts of a namespace's name in which `c` differs from `spec` opened as `tenant`.
+std::vector<std::string> differing_fields(const Candidate& c, const NamespaceSpec& spec, const std::string& tenant) {
+  std::vector<std::string> out;
+  if (c.tenant != tenant || c.spec.tenant_salt != spec.tenant_salt) out.push_back("tenant");
+  if (c.spec.revision != spec.revision) out.push_back("revision");
+  if (c.spec.adapter_id != spec.adapter_id) out.push_back("adapter");
+  if (c.spec.model_id != spec.model_id) out.push_back("model");
+  return out;
 }
 
 /// Every namespace the store knows and can rebuild a root for: those opened in this run, and the
@@ -126,14 +146,7 @@ Result<std::string> doctor_json(Store& store, const DoctorRequest& req, std::spa
   const size_t hit = cached_prefix(store, ns->root, req.tokens, req.extras, keys);
   std::array<uint64_t, kNumTiers> by_tier{};
   for (size_t i = 0; i < hit; ++i) {
-    if (auto r = store.tiers().index().get(keys[i])) {
-      for (int t = 0; t < kNumTiers; ++t) {
-        if (r->tier_mask & tier_bit(static_cast<Tier>(t))) {
-          ++by_tier[t];
-          break;  // its fastest tier (tiers in order: HBM, host, NVMe)
-        }
-      }
-    }
+    if (auto r = store.tiers().index().get(keys[i])) ++by_tier[static_cast<int>(fastest_tier(*r))];
   }
   out["hit_blocks"] = hit;
   out["hit_tokens"] = hit * bt;
@@ -167,7 +180,7 @@ Result<std::string> doctor_json(Store& store, const DoctorRequest& req, std::spa
     why = of_block + " failed its checksum on NVMe and waits to be saved again";
   } else if (auto e = store.tiers().evicted(keys[hit])) {
     cause = "evicted";
-    const double ago = static_cast<double>(now_wall_ns() - std::min(e->wall_ns, now_wall_ns())) / 1e9;
+    const double ago = seconds_since(now_wall_ns(), e->wall_ns);
     evicted = {{"tier", std::string(tier_name(e->tier))}, {"seconds_ago", ago}};
     why = of_block + " was evicted " + std::to_string(static_cast<uint64_t>(ago)) + " s ago from the " +
           std::string(tier_name(e->tier)) + " tier, its last copy" +
@@ -183,14 +196,9 @@ Result<std::string> doctor_json(Store& store, const DoctorRequest& req, std::spa
       if (c.root == ns->root) continue;
       const size_t h = cached_prefix(store, c.root, req.tokens, req.extras, other_keys);
       if (h == 0) continue;
-      json differs = json::array();
-      if (c.tenant != req.tenant || c.spec.tenant_salt != spec.tenant_salt) differs.push_back("tenant");
-      if (c.spec.revision != spec.revision) differs.push_back("revision");
-      if (c.spec.adapter_id != spec.adapter_id) differs.push_back("adapter");
-      if (c.spec.model_id != spec.model_id) differs.push_back("model");
       json a = namespace_json(c.spec, c.tenant);
       a["hit_blocks"] = h;
-      a["differs"] = differs;
+      a["differs"] = differing_fields(c, spec, req.tenant);
       alternatives.push_back(a);
       if (h > best_hit) {
         best_hit = h;
@@ -199,11 +207,7 @@ Result<std::string> doctor_json(Store& store, const DoctorRequest& req, std::spa
     }
     if (cause.empty() && best != nullptr) {
       would_hit = best_hit;
-      std::vector<std::string> fields;
-      if (best->tenant != req.tenant || best->spec.tenant_salt != spec.tenant_salt) fields.push_back("tenant");
-      if (best->spec.revision != spec.revision) fields.push_back("revision");
-      if (best->spec.adapter_id != spec.adapter_id) fields.push_back("adapter");
-      if (best->spec.model_id != spec.model_id) fields.push_back("model");
+      const std::vector<std::string> fields = differing_fields(*best, spec, req.tenant);
       cause = fields.size() == 1 ? "other_" + fields[0] : "other_namespace";
       std::string list;
       for (const auto& f : fields) list += (list.empty() ? "" : ", ") + f;
@@ -276,23 +280,16 @@ std::string inspect_json(Store& store, size_t top, std::string_view source, std:
   json namespaces = json::array();
   std::unordered_set<BlockKey> listed;
   auto describe = [&](const BlockKey& root) {
-    json n;
-    n["root"] = root.to_hex();
     auto k = known.find(root);
     if (auto it = records.find(root); it != records.end()) {
-      n["model"] = it->second.model_id;
+      json n = record_json(root, it->second);
       // A record names tenants with shares only; the root rebuilt from a tenant's salt names the others.
-      n["tenant"] = it->second.tenant.empty() && k != known.end() ? k->second->tenant : it->second.tenant;
-      n["adapter"] = it->second.adapter_id;
-      n["revision"] = it->second.revision;
-      n["layout"] = it->second.layout.describe();
-    } else if (k != known.end()) {
-      n["model"] = k->second->spec.model_id;
-      n["tenant"] = k->second->tenant;
-    } else {
-      n["model"] = nullptr;  // blocks whose namespace has no record: a restart drops them
+      if (it->second.tenant.empty() && k != known.end()) n["tenant"] = k->second->tenant;
+      return n;
     }
-    return n;
+    if (k != known.end()) return json{{"root", root.to_hex()}, {"model", k->second->spec.model_id},
+                                      {"tenant", k->second->tenant}};
+    return json{{"root", root.to_hex()}, {"model", nullptr}};  // no record: a restart drops these blocks
   };
   for (const RootSummary& r : summary.roots) {
     json n = describe(r.root);
@@ -303,8 +300,8 @@ std::string inspect_json(Store& store, size_t top, std::string_view source, std:
     n["by_priority"] = per_priority(r.by_priority);
     n["longest_blocks"] = r.longest_blocks;
     if (auto a = ages.find(r.root); a != ages.end()) {
-      n["nvme_oldest_seconds"] = static_cast<double>(now - std::min(now, a->second.oldest)) / 1e9;
-      n["nvme_newest_seconds"] = static_cast<double>(now - std::min(now, a->second.newest)) / 1e9;
+      n["nvme_oldest_seconds"] = seconds_since(now, a->second.oldest);
+      n["nvme_newest_seconds"] = seconds_since(now, a->second.newest);
     }
     listed.insert(r.root);
     namespaces.push_back(n);
@@ -335,25 +332,19 @@ std::string inspect_json(Store& store, size_t top, std::string_view source, std:
 }
 
 Result<std::string> inspect_data_dir_json(const std::string& path) {
-  auto dir = find_nvme_tier_dir(path);
-  if (!dir) return dir.status();
-  CatalogOptions co;
-  co.create = false;
-  co.read_only = true;
-  co.lock_file = *dir + "/LOCK";
-  auto catalog = Catalog::open(*dir + "/catalog", co);
-  if (!catalog) return catalog.status();
+  auto tier = open_offline_catalog(path, /*writable=*/false);
+  if (!tier) return tier.status();
+  const auto& catalog = tier->catalog;
   std::map<BlockKey, NamespaceRecord> records;
-  KVTIER_RETURN_IF_ERROR((*catalog)->for_each_namespace([&](const NamespaceRecord& r) { records.emplace(r.root, r); }));
+  KVTIER_RETURN_IF_ERROR(catalog->for_each_namespace([&](const NamespaceRecord& r) { records.emplace(r.root, r); }));
   struct Sum {
-    uint64_t blocks = 0, bytes = 0, oldest = UINT64_MAX, newest = 0, last_access = 0;
+    uint64_t blocks = 0, bytes = 0, oldest = UINT64_MAX, newest = 0;
     uint32_t longest = 0;
     std::array<uint64_t, kNumPriorities> by_priority{};
   };
   std::vector<CatalogEntry> entries;
-  uint64_t undecodable = 0;
   std::vector<BlockKey> bad;
-  KVTIER_RETURN_IF_ERROR((*catalog)->for_each([&](const CatalogEntry& e) { entries.push_back(e); }, &bad));
+  KVTIER_RETURN_IF_ERROR(catalog->for_each([&](const CatalogEntry& e) { entries.push_back(e); }, &bad));
   const auto root_of = chain_roots(entries);
   std::map<BlockKey, Sum> sums;  // BlockKey{} gathers the blocks whose chain is broken
   for (const CatalogEntry& e : entries) {
@@ -363,53 +354,43 @@ Result<std::string> inspect_data_dir_json(const std::string& path) {
     s.bytes += e.payload_bytes;
     s.oldest = std::min(s.oldest, e.created_ns);
     s.newest = std::max(s.newest, e.created_ns);
-    s.last_access = std::max(s.last_access, e.last_access_ns);
     s.longest = std::max(s.longest, e.block_index + 1);
     ++s.by_priority[static_cast<int>(e.priority)];
   }
-  undecodable = bad.size();
   const uint64_t now = now_wall_ns();
   json out;
   out["source"] = "data_dir";
-  out["dir"] = *dir;
-  auto layout = (*catalog)->get_meta("layout");
+  out["dir"] = tier->dir;
+  auto layout = catalog->get_meta("layout");
   out["layout"] = layout ? *layout : std::string();
   uint64_t blocks = 0, bytes = 0;
   json namespaces = json::array();
-  auto age = [&](uint64_t t) { return static_cast<double>(now - std::min(now, t)) / 1e9; };
   for (const auto& [root, s] : sums) {
-    json n;
-    n["root"] = root.to_hex();
-    if (auto it = records.find(root); it != records.end()) {
-      n["model"] = it->second.model_id;
-      n["tenant"] = it->second.tenant;
-      n["adapter"] = it->second.adapter_id;
-      n["revision"] = it->second.revision;
-      n["layout"] = it->second.layout.describe();
-    } else {
-      n["model"] = nullptr;  // no record, or (root zero) blocks whose parent is gone: fsck names them
-    }
+    auto it = records.find(root);
+    // No record, or (root zero) blocks whose parent is gone: fsck names them.
+    json n = it != records.end() ? record_json(root, it->second) : json{{"root", root.to_hex()}, {"model", nullptr}};
     n["blocks"] = s.blocks;
     n["bytes"] = s.bytes;
     n["resident_blocks"] = {{"nvme", s.blocks}};
     n["by_priority"] = per_priority(s.by_priority);
     n["longest_blocks"] = s.longest;
-    n["nvme_oldest_seconds"] = age(s.oldest);
-    n["nvme_newest_seconds"] = age(s.newest);
+    n["nvme_oldest_seconds"] = seconds_since(now, s.oldest);
+    n["nvme_newest_seconds"] = seconds_since(now, s.newest);
     blocks += s.blocks;
     bytes += s.bytes;
     namespaces.push_back(n);
   }
   for (const auto& [root, r] : records) {
     if (sums.contains(root)) continue;
-    namespaces.push_back({{"root", root.to_hex()}, {"model", r.model_id}, {"tenant", r.tenant},
-                          {"adapter", r.adapter_id}, {"revision", r.revision}, {"layout", r.layout.describe()},
-                          {"blocks", 0}, {"bytes", 0}});
+    json n = record_json(root, r);
+    n["blocks"] = 0;
+    n["bytes"] = 0;
+    namespaces.push_back(n);
   }
   out["tiers"] = json::array({{{"tier", "nvme"}, {"used_blocks", blocks}, {"used_bytes", bytes}}});
   out["namespaces"] = namespaces;
   out["most_reused"] = json::array();  // hit counts live in a running kvtierd only
-  out["undecodable_entries"] = undecodable;
+  out["undecodable_entries"] = bad.size();
   return out.dump();
 }
 
