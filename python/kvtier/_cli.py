@@ -8,7 +8,7 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 
 class UsageError(Exception):
@@ -53,6 +53,12 @@ def read_prompts(path: str | Path, tokenizer: Callable[[], Any] | None = None) -
                              "{\"tokens\": [...]} or {\"text\": \"...\"}")
         prompts.append(ids)
     return prompts
+
+
+def cached_blocks(store: Any, ns: int, tokens: Sequence[int]) -> tuple[int, list[str]]:
+    """How many full blocks of ``tokens`` are cached, and the fastest tier of each (a lookup)."""
+    with store.lookup(ns, tokens) as m:
+        return m.block_count, list(m.tiers)
 
 
 def add_quiet_arg(ap: argparse.ArgumentParser) -> None:

@@ -49,11 +49,11 @@ def prefetch(store: Any, ns: int, prompts: Sequence[Sequence[int]], to: str, pro
         if progress is not None:
             progress.update(1)
     for p in prompts:
-        with store.lookup(ns, list(p)) as m:
-            s.cached_blocks += m.block_count
-            s.uncached_prompts += m.block_count == 0
-            for tier in m.tiers:
-                s.blocks_per_tier[tier] = s.blocks_per_tier.get(tier, 0) + 1
+        count, tiers = _cli.cached_blocks(store, ns, list(p))
+        s.cached_blocks += count
+        s.uncached_prompts += count == 0
+        for tier in tiers:
+            s.blocks_per_tier[tier] = s.blocks_per_tier.get(tier, 0) + 1
     s.seconds = time.perf_counter() - start
     return s
 

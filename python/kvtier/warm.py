@@ -54,12 +54,6 @@ class Summary:
     errors: list[str] = dataclasses.field(default_factory=list)
 
 
-def cached_blocks(store: Any, ns: int, tokens: Sequence[int]) -> tuple[int, list[str]]:
-    """How many full blocks of ``tokens`` are cached, and the fastest tier of each."""
-    with store.lookup(ns, tokens) as m:
-        return m.block_count, list(m.tiers)
-
-
 def warm(store: Any, ns: int, model: Any, prompts: Sequence[Sequence[int]], priority: str = "retained",
          progress: Any = None) -> Summary:
     """Computes and saves the KV of every prompt not fully cached yet (see the module's doc)."""
@@ -80,7 +74,7 @@ def warm(store: Any, ns: int, model: Any, prompts: Sequence[Sequence[int]], prio
             if full == 0:
                 s.short += 1
                 continue
-            have, _ = cached_blocks(store, ns, tokens)
+            have, _ = _cli.cached_blocks(store, ns, tokens)
             if have >= full:
                 s.cached += 1
                 continue
@@ -108,7 +102,7 @@ def warm(store: Any, ns: int, model: Any, prompts: Sequence[Sequence[int]], prio
                 progress.set_postfix_str(f"{s.bytes_saved / 2**20:.1f} MiB saved", refresh=False)
     for prompt in prompts:  # where the warmed blocks are now
         if len(prompt) >= bt:
-            for tier in cached_blocks(store, ns, list(prompt))[1]:
+            for tier in _cli.cached_blocks(store, ns, list(prompt))[1]:
                 s.blocks_per_tier[tier] = s.blocks_per_tier.get(tier, 0) + 1
     s.seconds = time.perf_counter() - start
     return s
@@ -151,17 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         from . import hf
 
-        def tokenizer() -> Any:
-            try:
-                return AutoTokenizer.from_pretrained(args.model)
-            except (OSError, ValueError) as e:
-                raise UsageError(f"none loads with the model {args.model} ({e}); give token ids instead") from e
-
-        prompts = read_prompts(args.prompts, tokenizer)
+        prompts = read_prompts(args.prompts, _cli.tokenizer_of(args))
         if args.engine == "vllm":
             from . import warm_vllm
             summary = warm_vllm.warm(args, prompts, Summary(prompts=len(prompts)))
