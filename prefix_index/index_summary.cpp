@@ -1,4 +1,5 @@
-// PrefixIndex::summarize: what kvtier inspect shows of the index (prefix_index.h).
+// PrefixIndex::summarize and for_each_block: what kvtier inspect shows of the index and what kvtier
+// export walks (prefix_index.h).
 #include <algorithm>
 
 #include "prefix_index/index_internals.h"
@@ -45,6 +46,13 @@ IndexSummary PrefixIndex::summarize(size_t top) const {
     return a.blocks != b.blocks ? a.blocks > b.blocks : a.root < b.root;
   });
   return out;
+}
+
+void PrefixIndex::for_each_block(const std::function<void(const ChainLink&)>& fn) const {
+  for (const auto& run : runs_->snapshot()) {
+    std::lock_guard lock(run->mu);
+    for (uint32_t p = 0; p < run->size(); ++p) fn({run->root, run->hot[p].key, run->parent_of(p), run->block_index(p)});
+  }
 }
 
 }  // namespace kvtier

@@ -67,6 +67,14 @@ struct BlockRecord {
   uint64_t hits = 0;  // matches that returned this block since it was inserted
 };
 
+/// One indexed block's place in its chain (PrefixIndex::for_each_block).
+struct ChainLink {
+  BlockKey root;    // its namespace root
+  BlockKey key;
+  BlockKey parent;  // the namespace root for block 0
+  uint32_t block_index = 0;
+};
+
 struct MatchOptions {
   /// Pin every matched block under a lease, so none is evicted before the caller loads it.
   bool take_lease = false;
@@ -266,6 +274,9 @@ class PrefixIndex {
   /// index): per-root counts, and the `top` prefixes that saved the most tokens. A prefix counts
   /// where its hits end: its last block has more hits than its child in the same chain.
   IndexSummary summarize(size_t top) const;
+  /// Calls `fn` for every indexed block, one run locked at a time as summarize() does (`fn` must
+  /// not call the index): kvtier export's snapshot of what the daemon holds.
+  void for_each_block(const std::function<void(const ChainLink&)>& fn) const;
 
   /// Checks every structural invariant (prefix closure, child counts, residency masks);
   /// for tests and `kvtier demo`, which checks it after its workload. Locks the whole index.

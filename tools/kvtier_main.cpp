@@ -192,7 +192,7 @@ int main(int argc, char** argv) {
   app.add_subcommand("prefetch", "Promote warmed prefixes to host or HBM before a traffic peak "
                                  "(kvtier prefetch --help; runs the Python package)")
       ->allow_extras();
-  app.add_subcommand("export", "Write a data dir's cached KV to a portable archive "
+  app.add_subcommand("export", "Write kvtierd's or a data dir's cached KV to a portable archive "
                                "(kvtier export --help; runs the Python package)")
       ->allow_extras();
   app.add_subcommand("import", "Load an archive into a kvtierd or a data dir, re-keyed under its secret "

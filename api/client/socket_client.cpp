@@ -693,4 +693,50 @@ Result<std::string> SocketClient::doctor(const NamespaceRequest& request, std::s
   return std::move(out.json);
 }
 
+Result<std::string> SocketClient::export_list(bool restart, std::span<const BlockKey> roots, uint32_t max_blocks) {
+  std::vector<std::byte> payload, reply;
+  proto::encode(proto::ExportListRequest{.restart = restart, .max_blocks = max_blocks,
+                                         .roots = {roots.begin(), roots.end()}},
+                payload);
+  std::lock_guard lock(gate_);
+  KVTIER_RETURN_IF_ERROR(call(Op::kExportList, payload, reply));
+  proto::JsonReply out;
+  KVTIER_RETURN_IF_ERROR(proto::decode(reply, out));
+  return std::move(out.json);
+}
+
+Result<std::vector<Status>> SocketClient::export_read(std::span<const BlockKey> keys, std::span<std::byte> dst) {
+  const uint64_t bpb = layout_.bytes_per_block();
+  if (dst.size() != keys.size() * bpb) {
+    return invalid_argument("export_read: " + std::to_string(dst.size()) + " bytes for " + std::to_string(keys.size()) +
+                            " blocks of " + std::to_string(bpb));
+  }
+  const size_t per_call = window_bytes_ / bpb;
+  if (per_call == 0 && !keys.empty()) {
+    return invalid_argument("a " + std::to_string(bpb) + "-byte block does not fit the " +
+                            std::to_string(window_bytes_) + "-byte window");
+  }
+  std::vector<Status> out;
+  out.reserve(keys.size());
+  std::lock_guard lock(gate_);
+  for (size_t at = 0; at < keys.size(); at += per_call) {
+    const size_t n = std::min(per_call, keys.size() - at);
+    std::vector<std::byte> payload, reply;
+    proto::encode(proto::ExportReadRequest{.window_offset = 0, .keys = {keys.begin() + at, keys.begin() + at + n}},
+                  payload);
+    KVTIER_RETURN_IF_ERROR(call(Op::kExportRead, payload, reply));
+    proto::ExportReadReply r;
+    KVTIER_RETURN_IF_ERROR(proto::decode(reply, r));
+    if (r.blocks.size() != n) {
+      return Status(StatusCode::kProtocolError, "export_read: " + std::to_string(r.blocks.size()) + " answers for " + std::to_string(n) +
+                            " blocks");
+    }
+    for (size_t i = 0; i < n; ++i) {
+      if (r.blocks[i].is_ok()) std::memcpy(dst.data() + (at + i) * bpb, window_ + i * bpb, bpb);
+      out.push_back(std::move(r.blocks[i]));
+    }
+  }
+  return out;
+}
+
 }  // namespace kvtier

@@ -62,6 +62,8 @@ class SocketClient final : public Client {
   Result<std::string> doctor(const NamespaceRequest& request, std::span<const TokenId> tokens,
                              std::span<const BlockExtra> extras, uint32_t engine_block_tokens,
                              uint64_t engine_layout_fingerprint) override;
+  Result<std::string> export_list(bool restart, std::span<const BlockKey> roots, uint32_t max_blocks) override;
+  Result<std::vector<Status>> export_read(std::span<const BlockKey> keys, std::span<std::byte> dst) override;
 
  private:
   SocketClient() = default;

@@ -458,7 +458,7 @@ Status Handler::prefix_op(Op op, std::span<const std::byte> payload) {
   return Status::ok();
 }
 
-// ---- operator calls: kvtier inspect and kvtier doctor --------------------------------------------
+// ---- operator calls: kvtier inspect, kvtier doctor and kvtier export --------------------------------------------
 
 Status Handler::check_operator(std::string_view what) const {
   // They show every tenant's namespaces and prompts' cache state: the daemon's own uid and root only.
@@ -499,6 +499,42 @@ Status Handler::doctor(std::span<const std::byte> payload) {
   auto text = doctor_json(store, d, tenants);
   if (!text) return text.status();
   proto::encode(proto::JsonReply{std::move(text).value()}, body);
+  return Status::ok();
+}
+
+Status Handler::export_list(std::span<const std::byte> payload) {
+  proto::ExportListRequest req;
+  KVTIER_RETURN_IF_ERROR(decode(payload, req));
+  KVTIER_RETURN_IF_ERROR(check_operator("export"));
+  PrefixIndex& index = store.tiers().index();
+  if (req.restart) {
+    s.export_walk = IndexExport::start(index, req.roots);
+  } else if (!s.export_walk) {
+    return invalid_argument("no export walk is under way on this connection: restart one");
+  }
+  uint64_t gone = 0;
+  const std::vector<ExportedBlock> page = s.export_walk->next(index, req.max_blocks, gone);
+  proto::encode(proto::JsonReply{export_page_json(*s.export_walk, page, gone)}, body);
+  if (s.export_walk->done()) s.export_walk.reset();
+  return Status::ok();
+}
+
+Status Handler::export_read(std::span<const std::byte> payload) {
+  proto::ExportReadRequest req;
+  KVTIER_RETURN_IF_ERROR(decode(payload, req));
+  KVTIER_RETURN_IF_ERROR(check_operator("export"));
+  const uint64_t bpb = store.layout().bytes_per_block();
+  if (req.keys.size() > s.window_bytes / bpb) {
+    return invalid_argument(std::to_string(req.keys.size()) + " blocks do not fit the " +
+                            std::to_string(s.window_bytes) + "-byte window");
+  }
+  auto base = s.window_span(req.window_offset, uint64_t(req.keys.size()) * bpb);
+  if (!base) return base.status();
+  std::vector<std::byte*> dsts;
+  for (size_t i = 0; i < req.keys.size(); ++i) dsts.push_back(*base + i * bpb);
+  proto::ExportReadReply reply{store.tiers().read_blocks(req.keys, dsts)};
+  for (const Status& st : reply.blocks) loaded_bytes += st.is_ok() ? bpb : 0;
+  proto::encode(reply, body);
   return Status::ok();
 }
 

@@ -88,6 +88,8 @@ struct Handler {
   std::vector<TenantSalt> config_tenants() const;
   Status inspect(std::span<const std::byte> payload);
   Status doctor(std::span<const std::byte> payload);
+  Status export_list(std::span<const std::byte> payload);
+  Status export_read(std::span<const std::byte> payload);
 };
 
 }  // namespace kvtier::server_detail

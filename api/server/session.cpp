@@ -230,6 +230,8 @@ void Server::serve(std::shared_ptr<Session> session) {
         case Op::kUnpin: st = h.prefix_op(static_cast<Op>(header.op), payload); break;
         case Op::kInspect: st = h.inspect(payload); break;
         case Op::kDoctor: st = h.doctor(payload); break;
+        case Op::kExportList: st = h.export_list(payload); break;
+        case Op::kExportRead: st = h.export_read(payload); break;
         case Op::kDoorbell: break;  // refused above: it never reaches a handler
         case Op::kStats:
           if (!payload.empty()) {

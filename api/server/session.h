@@ -10,10 +10,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <unordered_map>
 
 #include "api/server/server.h"
+#include "api/store/index_export.h"
 #include "api/wire/mailbox.h"
 #include "api/wire/protocol.h"
 #include "transfer/shared_device_memory.h"
@@ -51,6 +53,7 @@ struct Server::Session {
   // Memory the client registered (kRegisterMemory): the daemon loads into and saves from it.
   std::unordered_map<uint32_t, std::unique_ptr<MappedDeviceMemory>> regions;
   uint32_t next_region = 1;
+  std::optional<IndexExport> export_walk;  // kvtier export's walk (kExportList), an operator's
 
   /// The window bytes [offset, offset + bytes), or kInvalidArgument when outside the window.
   Result<std::byte*> window_span(uint64_t offset, uint64_t bytes) const {

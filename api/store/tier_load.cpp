@@ -213,6 +213,73 @@ Result<TransferHandle> TierManager::load(const Match& match, std::span<std::byte
   return engine_->submit(std::move(job));
 }
 
+std::vector<Status> TierManager::read_blocks(std::span<const BlockKey> keys, std::span<std::byte* const> dsts) {
+  std::vector<Status> out(keys.size(), Status::ok());
+  if (dsts.size() != keys.size()) {
+    std::fill(out.begin(), out.end(), invalid_argument("read_blocks: " + std::to_string(dsts.size()) +
+                                                       " destinations for " + std::to_string(keys.size()) + " keys"));
+    return out;
+  }
+  // Each block pinned until it is read, so its slots stay; where it is read from, as a load
+  // into host memory reads: the host copy, else HBM, else NVMe (verified by the engine).
+  struct Read {
+    size_t i;
+    Tier from;
+    uint64_t checksum;
+    Segment seg;
+  };
+  std::vector<Read> reads;
+  std::vector<BlockKey> pinned;
+  for (size_t i = 0; i < keys.size(); ++i) {
+    if (!index_->pin(keys[i]).is_ok()) {
+      out[i] = not_found("block " + keys[i].to_hex() + " is not cached (evicted?)");
+      continue;
+    }
+    pinned.push_back(keys[i]);
+    auto where = index_->get(keys[i]);
+    if (!where) {
+      out[i] = not_found("block " + keys[i].to_hex() + " is not cached (evicted?)");
+      continue;
+    }
+    const Tier from = where->resident_in(Tier::kHost) ? Tier::kHost
+                      : where->resident_in(Tier::kHbm) ? Tier::kHbm
+                                                        : Tier::kNvme;
+    if (from == Tier::kNvme && where->damaged) {
+      out[i] = Status(StatusCode::kChecksumMismatch, "block " + keys[i].to_hex() + " is marked corrupt on NVMe");
+      continue;
+    }
+    Segment seg{.layer = 0, .bytes = block_bytes_, .src = block_location(*where, from), .dst = Location::host(dsts[i])};
+    if (from == Tier::kNvme) {
+      seg.verify = true;
+      seg.expected_xxh3_64 = where->checksum;
+    }
+    reads.push_back({i, from, where->checksum, seg});
+  }
+  auto run = [&](std::span<const Read> batch) {
+    JobSpec job;
+    for (const Read& r : batch) job.segments.push_back(r.seg);
+    auto h = engine_->submit(std::move(job));
+    return h ? h->wait() : h.status();
+  };
+  // One job for all; when it fails, each block again on its own to find which.
+  const bool all_ok = reads.empty() || run(reads).is_ok();
+  std::vector<BlockKey> bad_on_nvme;
+  for (const Read& r : reads) {
+    Status s = all_ok ? Status::ok() : run(std::span(&r, 1));
+    // Memory copies were checked on their way in; checked again here, as the bytes go out.
+    if (s.is_ok() && r.from != Tier::kNvme && XXH3_64bits(dsts[r.i], block_bytes_) != r.checksum) {
+      s = Status(StatusCode::kChecksumMismatch, std::string("block ") + keys[r.i].to_hex() + "'s " +
+                                                    std::string(tier_name(r.from)) + " copy fails its checksum");
+    }
+    if (s.code() == StatusCode::kChecksumMismatch && r.from == Tier::kNvme) bad_on_nvme.push_back(keys[r.i]);
+    if (!s.is_ok()) counters_->errors++;
+    out[r.i] = std::move(s);
+  }
+  quarantine(bad_on_nvme);
+  for (const BlockKey& k : pinned) index_->unpin(k).ignore();
+  return out;
+}
+
 void TierManager::record_restore(Tier from, uint64_t bytes, uint64_t start_ns, const Status& s) {
   if (s.is_ok()) restore_->record(from, bytes, steady_ns() - start_ns);
 }

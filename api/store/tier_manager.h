@@ -230,6 +230,13 @@ class TierManager {
   /// runs as one pipelined job through staging. Blocks already there are skipped.
   Result<size_t> promote(std::span<const BlockKey> keys, Tier to);
 
+  /// Copies each of `keys` whole into dsts[i] (host memory, bytes_per_block each) from its
+  /// fastest copy for the host, each pinned while it is read and verified against its checksum
+  /// whichever tier it came from: kvtier export never writes a block out unchecked. Per key: ok,
+  /// kNotFound when it is not cached, kChecksumMismatch (a bad NVMe copy is quarantined, as a
+  /// load's is), or the copy's error. Counts no hit, no use and no restore.
+  std::vector<Status> read_blocks(std::span<const BlockKey> keys, std::span<std::byte* const> dsts);
+
   /// Restore or recompute: how much of `blocks` (a match, in order) a lookup by an engine that
   /// prefills `prefill_tokens_per_second` should offer (RestorePlanner::plan over this manager's
   /// measured restore bandwidths), counted in the stats. When blocks are held back and their

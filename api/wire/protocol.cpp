@@ -551,6 +551,81 @@ Status decode(std::span<const std::byte> in, DoctorRequest& m) {
   });
 }
 
+namespace {
+void write_keys(Writer& w, std::span<const BlockKey> keys) {
+  w.u32(static_cast<uint32_t>(keys.size()));
+  for (const BlockKey& k : keys) w.key(k);
+}
+Status read_keys(Reader& r, std::vector<BlockKey>& keys, const char* field, uint32_t max) {
+  uint32_t n = 0;
+  KVTIER_RETURN_IF_ERROR(r.count(n, field, max, 16));
+  keys.resize(n);
+  for (BlockKey& k : keys) KVTIER_RETURN_IF_ERROR(r.key(k, field));
+  return Status::ok();
+}
+}  // namespace
+
+void encode(const ExportListRequest& m, std::vector<std::byte>& out) {
+  Writer w(out);
+  w.u8(m.restart ? 1 : 0);
+  w.u32(m.max_blocks);
+  write_keys(w, m.roots);
+}
+
+Status decode(std::span<const std::byte> in, ExportListRequest& m) {
+  return decode_whole(in, "ExportListRequest", m, [](Reader& r, ExportListRequest& t) -> Status {
+    KVTIER_RETURN_IF_ERROR(r.boolean(t.restart, "restart"));
+    KVTIER_RETURN_IF_ERROR(r.u32(t.max_blocks, "max_blocks"));
+    if (t.max_blocks == 0 || t.max_blocks > kMaxExportPage) {
+      return r.error("max_blocks", std::to_string(t.max_blocks) + " is not in [1, " + std::to_string(kMaxExportPage) + "]");
+    }
+    KVTIER_RETURN_IF_ERROR(read_keys(r, t.roots, "roots", kMaxBlocks));
+    if (!t.restart && !t.roots.empty()) return r.error("roots", "are named only when a walk restarts");
+    return Status::ok();
+  });
+}
+
+void encode(const ExportReadRequest& m, std::vector<std::byte>& out) {
+  Writer w(out);
+  w.u64(m.window_offset);
+  write_keys(w, m.keys);
+}
+
+Status decode(std::span<const std::byte> in, ExportReadRequest& m) {
+  return decode_whole(in, "ExportReadRequest", m, [](Reader& r, ExportReadRequest& t) -> Status {
+    KVTIER_RETURN_IF_ERROR(r.u64(t.window_offset, "window_offset"));
+    return read_keys(r, t.keys, "keys", kMaxBlocks);
+  });
+}
+
+void encode(const ExportReadReply& m, std::vector<std::byte>& out) {
+  Writer w(out);
+  w.u32(static_cast<uint32_t>(m.blocks.size()));
+  for (const Status& s : m.blocks) {
+    w.u8(static_cast<uint8_t>(s.code()));
+    w.string(std::string(s.message().substr(0, kMaxString)));
+  }
+}
+
+Status decode(std::span<const std::byte> in, ExportReadReply& m) {
+  return decode_whole(in, "ExportReadReply", m, [](Reader& r, ExportReadReply& t) -> Status {
+    uint32_t n = 0;
+    KVTIER_RETURN_IF_ERROR(r.count(n, "blocks", kMaxBlocks, 5));
+    t.blocks.clear();
+    t.blocks.reserve(n);
+    for (uint32_t i = 0; i < n; ++i) {
+      uint8_t code = 0;
+      std::string message;
+      KVTIER_RETURN_IF_ERROR(r.u8(code, "blocks.code"));
+      if (code > static_cast<uint8_t>(StatusCode::kInternal)) return r.error("blocks.code", std::to_string(code) + " is not a status code");
+      KVTIER_RETURN_IF_ERROR(r.string(message, "blocks.message"));
+      if (code == 0 && !message.empty()) return r.error("blocks.message", "an ok status carries no message");
+      t.blocks.push_back(code == 0 ? Status::ok() : Status(static_cast<StatusCode>(code), std::move(message)));
+    }
+    return Status::ok();
+  });
+}
+
 void encode(const JsonReply& m, std::vector<std::byte>& out) { Writer(out).string(m.json); }
 
 Status decode(std::span<const std::byte> in, JsonReply& m) {
@@ -773,6 +848,14 @@ Status validate_request(uint16_t op, std::span<const std::byte> payload) {
     }
     case Op::kDoctor: {
       DoctorRequest m;
+      return decode(payload, m);
+    }
+    case Op::kExportList: {
+      ExportListRequest m;
+      return decode(payload, m);
+    }
+    case Op::kExportRead: {
+      ExportReadRequest m;
       return decode(payload, m);
     }
     case Op::kStats:

@@ -34,8 +34,9 @@ namespace kvtier::proto {
 
 inline constexpr uint32_t kMagic = 0x3154564Bu;  // "KVT1" little-endian
 // 2: OpenNamespaceRequest carries the revision; 3: RegionBuffer::page_tokens; 4: the prefill
-// speed in OpenNamespaceRequest, what a lookup held back in LookupReply; 5: kInspect, kDoctor.
-inline constexpr uint16_t kVersion = 5;
+// speed in OpenNamespaceRequest, what a lookup held back in LookupReply; 5: kInspect, kDoctor;
+// 6: kExportList, kExportRead.
+inline constexpr uint16_t kVersion = 6;
 inline constexpr size_t kHeaderBytes = 16;
 inline constexpr uint32_t kMaxPayload = 8u << 20;  // 8 MiB: ~2M tokens
 inline constexpr uint32_t kMaxString = 4096;
@@ -63,8 +64,10 @@ enum class Op : uint16_t {
   kSaveFrom = 15,      // save blocks straight from a registered region
   kInspect = 16,       // what the daemon holds, as JSON (operators only: kvtier inspect)
   kDoctor = 17,        // why a prompt's lookup missed, as JSON (operators only: kvtier doctor)
+  kExportList = 18,    // the daemon's blocks depth first, a page at a time, as JSON (operators only)
+  kExportRead = 19,    // blocks by key into the window, each verified (operators only: kvtier export)
 };
-inline constexpr uint16_t kLastOp = static_cast<uint16_t>(Op::kDoctor);
+inline constexpr uint16_t kLastOp = static_cast<uint16_t>(Op::kExportRead);
 
 /// The ops once, in wire order: each one's name (logs, the daemon's per-op metrics) and whether a
 /// request of it is answered (a doorbell is not: no payload, no reply). op_name, is_known_op and
@@ -92,6 +95,8 @@ inline constexpr OpInfo kOps[] = {
     {Op::kSaveFrom, "save_from", true},
     {Op::kInspect, "inspect", true},
     {Op::kDoctor, "doctor", true},
+    {Op::kExportList, "export_list", true},
+    {Op::kExportRead, "export_read", true},
 };
 consteval bool ops_table_matches_enum() {
   if (std::size(kOps) != kLastOp) return false;
@@ -272,7 +277,20 @@ struct DoctorRequest {
   std::vector<TokenId> tokens;
   std::vector<BlockExtra> extras;
 };
-struct JsonReply {  // kInspect, kDoctor
+inline constexpr uint32_t kMaxExportPage = 4096;  // blocks per kExportList reply
+struct ExportListRequest {
+  bool restart = false;          // a new walk over a snapshot of the index; false: its next page
+  uint32_t max_blocks = 256;     // 1..kMaxExportPage
+  std::vector<BlockKey> roots;   // restart: the namespaces walked, in this order (empty: all)
+};  // reply: JsonReply
+struct ExportReadRequest {
+  uint64_t window_offset = 0;    // block i lands at window_offset + i × bytes_per_block
+  std::vector<BlockKey> keys;    // at most kMaxBlocks
+};
+struct ExportReadReply {
+  std::vector<Status> blocks;    // per key: ok (its bytes are in the window) or why not
+};
+struct JsonReply {  // kInspect, kDoctor, kExportList
   std::string json;  // bound by kMaxPayload only, as StatsReply's text
 };
 
@@ -299,6 +317,9 @@ void encode(const LoadToRequest& m, std::vector<std::byte>& out);
 void encode(const SaveFromRequest& m, std::vector<std::byte>& out);
 void encode(const InspectRequest& m, std::vector<std::byte>& out);
 void encode(const DoctorRequest& m, std::vector<std::byte>& out);
+void encode(const ExportListRequest& m, std::vector<std::byte>& out);
+void encode(const ExportReadRequest& m, std::vector<std::byte>& out);
+void encode(const ExportReadReply& m, std::vector<std::byte>& out);
 void encode(const JsonReply& m, std::vector<std::byte>& out);
 
 Status decode(std::span<const std::byte> in, HelloRequest& m);
@@ -322,6 +343,9 @@ Status decode(std::span<const std::byte> in, LoadToRequest& m);
 Status decode(std::span<const std::byte> in, SaveFromRequest& m);
 Status decode(std::span<const std::byte> in, InspectRequest& m);
 Status decode(std::span<const std::byte> in, DoctorRequest& m);
+Status decode(std::span<const std::byte> in, ExportListRequest& m);
+Status decode(std::span<const std::byte> in, ExportReadRequest& m);
+Status decode(std::span<const std::byte> in, ExportReadReply& m);
 Status decode(std::span<const std::byte> in, JsonReply& m);
 
 /// A reply payload's status prefix: u8 code, string message. encode_status appends it;

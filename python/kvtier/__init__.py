@@ -227,6 +227,19 @@ class Client(_StoreApi):
     def unregister_memory(self, tensor: Any) -> None:
         self._native.unregister_memory(tensor)
 
+    def export_list(self, restart: bool, roots: Sequence[str] = (), max_blocks: int = 256) -> dict[str, Any]:
+        """``kvtier export``'s walk over what kvtierd caches (operators only): a page of up to
+        ``max_blocks`` blocks (1..4096), depth first, of the namespaces ``roots`` (hex; every one
+        when empty). ``restart`` snapshots the cache and begins a new walk; later calls continue it
+        until a page says ``done``. Fields: docs/operations.md."""
+        import json
+        return json.loads(self._native.export_list(restart, list(roots), max_blocks))
+
+    def export_read(self, keys: Sequence[str]) -> list[tuple[str | None, bytes | None]]:
+        """The blocks ``keys`` (hex) whole, each verified against its checksum (operators only):
+        per key ``(None, payload)`` or ``(why, None)`` when it is no longer cached or is corrupt."""
+        return self._native.export_read(list(keys))
+
     def shared_host(self, nbytes: int) -> Any:
         """``nbytes`` (rounded up to whole pages) of zero-filled host memory shared with kvtierd,
         as a 1-D numpy uint8 array (``torch.from_numpy`` views it without a copy; needs numpy).

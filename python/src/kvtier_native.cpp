@@ -471,6 +471,45 @@ class PyStore {
     return unwrap(doctor_json(store, d, {}));
   }
 
+  // kvtier export through kvtierd (python/kvtier/export.py): pages of the daemon's blocks, and
+  // their verified bytes.
+  Client& daemon(const char* what) {
+    auto* c = dynamic_cast<Client*>(get().get());
+    if (!c) throw std::invalid_argument(std::string(what) + " reads a running kvtierd: connect a kvtier.Client");
+    return *c;
+  }
+  std::string export_list(bool restart, const std::vector<std::string>& roots, uint32_t max_blocks) {
+    auto keep = get();
+    Client& c = daemon("export_list");
+    std::vector<BlockKey> keys;
+    for (const std::string& r : roots) keys.push_back(unwrap(BlockKey::from_hex(r)));
+    nb::gil_scoped_release unlocked;
+    return unwrap(c.export_list(restart, keys, max_blocks));
+  }
+  /// Per key (hex): (None, bytes) or (the status's text, None).
+  nb::list export_read(const std::vector<std::string>& hex_keys) {
+    auto keep = get();
+    Client& c = daemon("export_read");
+    std::vector<BlockKey> keys;
+    for (const std::string& k : hex_keys) keys.push_back(unwrap(BlockKey::from_hex(k)));
+    const uint64_t bpb = c.layout().bytes_per_block();
+    std::vector<std::byte> buf(keys.size() * bpb);
+    std::vector<Status> got;
+    {
+      nb::gil_scoped_release unlocked;
+      got = unwrap(c.export_read(keys, buf));
+    }
+    nb::list out;
+    for (size_t i = 0; i < got.size(); ++i) {
+      if (got[i].is_ok()) {
+        out.append(nb::make_tuple(nb::none(), nb::bytes(reinterpret_cast<const char*>(buf.data() + i * bpb), bpb)));
+      } else {
+        out.append(nb::make_tuple(got[i].to_string(), nb::none()));
+      }
+    }
+    return out;
+  }
+
   PyMatch lookup(NamespaceId ns, nb::handle tokens) {
     auto s = get();
     std::vector<TokenId> t = tokens_of(tokens);
@@ -889,6 +928,8 @@ NB_MODULE(_native, m) {
            "prefill_tokens_per_second"_a = 0.0)
       .def("lookup", &PyStore::lookup, "ns"_a, "tokens"_a)
       .def("inspect", &PyStore::inspect, "top_prefixes"_a = 10)
+      .def("export_list", &PyStore::export_list, "restart"_a, "roots"_a, "max_blocks"_a = 256)
+      .def("export_read", &PyStore::export_read, "keys"_a)
       .def("doctor", &PyStore::doctor, "model"_a, "tenant"_a, "adapter"_a, "revision"_a, "tokens"_a,
            "engine_block_tokens"_a = 0, "engine_layout_fingerprint"_a = 0)
       .def("load", &PyStore::load, "match"_a, "dst"_a, "layer_begin"_a = 0, "layer_count"_a = 0, "first_block"_a = 0)

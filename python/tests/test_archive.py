@@ -2,7 +2,8 @@
 "machine" restores byte-identical KV that an engine hits with output identical to recompute; bad
 archives (truncated, another format version, another layout, a flipped byte) are refused with the
 problem named and nothing imported; an interrupted export or import leaves nothing half-visible and
-an import rerun continues; an offline import into a data dir; filters by namespace and prompt."""
+an import rerun continues; an offline import into a data dir; filters by namespace and prompt; an export
+through a running kvtierd holds what it caches in memory too, the same blocks as the offline export."""
 
 from __future__ import annotations
 
@@ -118,6 +119,66 @@ def test_export_chooses_namespaces_and_prompts_and_refuses_a_live_data_dir(daemo
     code, _, err = run(capsys, export, "--data-dir", str(src.data_dir), "-o", str(tmp_path / "live.kvtar"))
     assert code == export.EXIT_UNAVAILABLE and "LOCK" in err
     assert not (tmp_path / "live.kvtar").exists()
+
+
+def archive_blocks(path) -> set[tuple]:
+    """The archive's blocks, each with its namespace: (model, tenant, adapter, revision, index, key,
+    parent, tokens, priority, payload)."""
+    out, ns = set(), None
+    with open(path, "rb") as f:
+        for kind, rec in archive.read(f):
+            if kind == archive.NAMESPACE:
+                ns = (rec["model"], rec["tenant"], rec["adapter"], rec["revision"])
+            elif kind == archive.BLOCK:
+                out.add((*ns, rec.block_index, rec.key, rec.parent, tuple(rec.tokens), rec.priority, rec.payload))
+    return out
+
+
+def test_an_export_through_a_running_kvtierd_holds_what_it_caches_in_memory_too(daemon_factory, tmp_path,
+                                                                                capsys):
+    src = small(daemon_factory, "secret-a")
+    with kvtier.Client(src.socket) as c:
+        for i, (model, rev) in {1: ("m", "r1"), 2: ("m", "r1"), 3: ("other", "r7")}.items():
+            c.save(c.open_namespace(model, revision=rev), prompt(i), kv_of(i), priority="retained")
+        tiers = {n["model"]: n["resident_blocks"] for n in c.inspect()["namespaces"] if n["blocks"]}
+    assert tiers["m"]["nvme"] == 0 and tiers["m"]["host"] == 12  # write-back: nothing on NVMe yet
+
+    live = tmp_path / "live.kvtar"
+    code, s, err = run(capsys, export, "--socket", src.socket, "-o", str(live), "--json")
+    assert code == export.EXIT_OK, err
+    assert (s["namespaces"], s["blocks"], s["corrupt_blocks"], s["unreachable_blocks"]) == (2, 18, 0, 0)
+    assert s["bytes"] == 18 * BLOCK_ELEMS * 2
+    # Filters choose as they do offline.
+    chosen = tmp_path / "chosen.jsonl"
+    chosen.write_text(json.dumps(prompt(2)[:10]) + "\n")  # its first 2 full blocks
+    code, s, _ = run(capsys, export, "--socket", src.socket, "-o", str(tmp_path / "p.kvtar"), "--prompts",
+                     str(chosen), "--json")
+    assert (code, s["namespaces"], s["blocks"]) == (0, 1, 2)
+    code, s, _ = run(capsys, export, "--socket", src.socket, "-o", str(tmp_path / "o.kvtar"), "--model-id",
+                     "other", "--json")
+    assert (code, s["namespaces"], s["blocks"]) == (0, 1, 6)
+    code, _, err = run(capsys, export, "--socket", src.socket, "-o", str(tmp_path / "n.kvtar"), "--model-id",
+                       "nobody")
+    assert code == export.EXIT_USAGE and "nothing to export" in err
+    assert not (tmp_path / "n.kvtar").exists()
+
+    # The same blocks, bytes and order rules as the export of the data dir once kvtierd has stopped.
+    src.stop()
+    offline = tmp_path / "offline.kvtar"
+    export.export_data_dir(str(src.data_dir), str(offline))
+    assert archive_blocks(live) == archive_blocks(offline) and len(archive_blocks(live)) == 18
+
+    # And it moves the cache: another kvtierd with another secret serves it, bytes checked.
+    dst = small(daemon_factory, "secret-b")
+    code, s, _ = run(capsys, import_, str(live), "--socket", dst.socket, "--json")
+    assert (code, s["imported"], s["failed"]) == (0, 18, 0)
+    assert cached(dst, 1) == 6 and cached(dst, 2) == 6 and cached(dst, 3, "other", "r7") == 6
+
+    # No daemon: a clear error, exit 3, no archive.
+    gone = tmp_path / "gone.kvtar"
+    code, _, err = run(capsys, export, "--socket", str(tmp_path / "no.sock"), "-o", str(gone))
+    assert code == export.EXIT_UNAVAILABLE and "no.sock" in err
+    assert not gone.exists() and [p.name for p in tmp_path.iterdir() if ".tmp." in p.name] == []
 
 
 def rewrite_header(path, out, **changes) -> None:

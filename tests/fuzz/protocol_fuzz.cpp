@@ -48,6 +48,7 @@ void check_replies(std::span<const std::byte> body) {
   check_decode<StatsReply>(body, "StatsReply");
   check_decode<RegisterMemoryReply>(body, "RegisterMemoryReply");
   check_decode<JsonReply>(body, "JsonReply");
+  check_decode<ExportReadReply>(body, "ExportReadReply");
 }
 
 }  // namespace
@@ -88,6 +89,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   check_decode<SaveFromRequest>(payload, "SaveFromRequest");
   check_decode<InspectRequest>(payload, "InspectRequest");
   check_decode<DoctorRequest>(payload, "DoctorRequest");
+  check_decode<ExportListRequest>(payload, "ExportListRequest");
+  check_decode<ExportReadRequest>(payload, "ExportReadRequest");
   check_replies(payload);
 
   Status remote;

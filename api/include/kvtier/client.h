@@ -94,6 +94,16 @@ class KVTIER_API Client : public KvStore {
   virtual Result<std::string> doctor(const NamespaceRequest& request, std::span<const TokenId> tokens,
                                      std::span<const BlockExtra> extras, uint32_t engine_block_tokens,
                                      uint64_t engine_layout_fingerprint) = 0;
+  /// kvtier export through the daemon. export_list pages through the daemon's blocks under
+  /// `roots` (every namespace when empty), depth first (a parent right before its subtree), up to
+  /// `max_blocks` (1..4096) a page, as JSON (docs/operations.md); `restart` begins a new walk over
+  /// a snapshot of what is cached, later calls continue it until a page says "done".
+  virtual Result<std::string> export_list(bool restart, std::span<const BlockKey> roots, uint32_t max_blocks) = 0;
+  /// Copies the blocks `keys` whole into `dst` (bytes_per_block each, back to back, canonical
+  /// layout), each verified against its checksum whichever tier it is read from, through the
+  /// window as many at a time as it holds. Per key: ok, or why its bytes are not there
+  /// (kNotFound: no longer cached; kChecksumMismatch). kInvalidArgument for a `dst` of another size.
+  virtual Result<std::vector<Status>> export_read(std::span<const BlockKey> keys, std::span<std::byte> dst) = 0;
 
   /// A small load runs to completion before it returns. A larger one returns at once and streams in
   /// layer order (see above): wait_layer(l) returns once layer l of every block is in `dst`.

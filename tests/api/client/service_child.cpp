@@ -80,7 +80,7 @@ int main(int argc, char** argv) {
     }
     return 0;
   }
-  if (cmd == "operator") {  // as another identity: inspect and doctor are refused, the rest served
+  if (cmd == "operator") {  // as another identity: inspect, doctor and export are refused, the rest served
     if (::setgid(static_cast<gid_t>(arg)) != 0 || ::setuid(static_cast<uid_t>(arg)) != 0) return fail("setuid");
     auto c = connect_or_die(socket);
     auto inspected = c->inspect(5);
@@ -91,6 +91,16 @@ int main(int argc, char** argv) {
     auto doctored = c->doctor({"m", "", ""}, prompt, {}, 0, 0);
     if (doctored || doctored.status().code() != StatusCode::kPermissionDenied) {
       return fail("doctor by a non-operator was not refused", doctored ? Status::ok() : doctored.status());
+    }
+    auto listed = c->export_list(true, {}, 16);
+    if (listed || listed.status().code() != StatusCode::kPermissionDenied) {
+      return fail("export_list by a non-operator was not refused", listed ? Status::ok() : listed.status());
+    }
+    std::vector<std::byte> one(c->layout().bytes_per_block());
+    const BlockKey key{1, 2};
+    auto read = c->export_read(std::span(&key, 1), one);
+    if (read || read.status().code() != StatusCode::kPermissionDenied) {
+      return fail("export_read by a non-operator was not refused", read ? Status::ok() : read.status());
     }
     auto ns = c->open_namespace({"m", "", ""});
     if (!ns) return fail("open_namespace after the refusals", ns.status());

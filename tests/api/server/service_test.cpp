@@ -832,7 +832,7 @@ TEST_CASE("C API: save, lookup, load from a C program", "[service]") {
   CHECK(wait_exit(spawn_child({"capi", server->socket_path(), "71", "100"})) == 0);
 }
 
-TEST_CASE("Daemon: inspect and doctor answer operators, and refuse everyone else", "[service]") {
+TEST_CASE("Daemon: inspect, doctor and export answer operators, and refuse everyone else", "[service]") {
   TempDir dir("kvtier_svc");
   ::chmod(dir.path().c_str(), 0755);  // another uid must reach the socket
   auto config = test_config(dir.path());
@@ -858,6 +858,39 @@ TEST_CASE("Daemon: inspect and doctor answer operators, and refuse everyone else
   CHECK(other->find("\"cause\":\"other_revision\"") != std::string::npos);
   CHECK(c->doctor({"m", "nobody", "", ""}, prompt, {}, 0, 0).status().code() == StatusCode::kNotFound);
   CHECK(c->inspect(10001).status().code() == StatusCode::kProtocolError);  // refused by the decoder
+
+  // kvtier export's walk and reads: every block, depth first, its bytes as saved (on a connection of
+  // its own: the refusal above closed that one).
+  c = connect(*server);
+  CHECK(c->export_list(false, {}, 4).status().code() == StatusCode::kInvalidArgument);  // no walk under way
+  std::vector<BlockKey> keys;
+  std::vector<std::string> pages;
+  for (bool first = true;; first = false) {
+    auto page = c->export_list(first, {}, 3);
+    INFO(page.status().to_string());
+    REQUIRE(page.is_ok());
+    pages.push_back(*page);
+    // The page's keys, in order (each block's "key" field).
+    for (size_t at = page->find("\"key\":\""); at != std::string::npos; at = page->find("\"key\":\"", at + 1)) {
+      keys.push_back(*BlockKey::from_hex(page->substr(at + 7, 32)));
+    }
+    if (page->find("\"done\":true") != std::string::npos) break;
+  }
+  CHECK(pages.size() == 3);  // 8 blocks, 3 a page
+  REQUIRE(keys.size() == 8);
+  const uint64_t bpb = c->layout().bytes_per_block();
+  std::vector<std::byte> got(keys.size() * bpb);
+  auto read = c->export_read(keys, got);
+  REQUIRE(read.is_ok());
+  for (const Status& st : *read) CHECK(st.is_ok());
+  CHECK(got == prompt_kv(prompt, c->layout(), 0, 8));  // one chain: depth first is prompt order
+  BlockKey unknown = keys[0];
+  unknown.hi ^= 1;
+  std::vector<std::byte> one(bpb);
+  auto missing = c->export_read(std::span(&unknown, 1), one);
+  REQUIRE(missing.is_ok());
+  CHECK(missing->at(0).code() == StatusCode::kNotFound);
+  CHECK(c->export_read(keys, one).status().code() == StatusCode::kInvalidArgument);  // dst of another size
 
   if (::geteuid() != 0) {
     WARN("not root: refusing another identity needs setuid; skipped");

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <catch2/catch.hpp>
+#include <fcntl.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <memory>
@@ -38,6 +40,18 @@ inline std::vector<TokenId> prompt(uint64_t seed, size_t blocks) {
   std::vector<TokenId> t(blocks * 16);
   for (auto& x : t) x = static_cast<TokenId>(rng() % 32000);
   return t;
+}
+
+/// Overwrites bytes in the middle of an NVMe slot's payload, leaving its header intact: the block
+/// stays indexed across a restart, and only its payload checksum can tell.
+inline void corrupt_payload(const std::string& dir, SlotId slot) {
+  int fd = ::open((dir + "/slots.0").c_str(), O_RDWR);
+  REQUIRE(fd >= 0);
+  const uint64_t slot_bytes = align_up(layout().bytes_per_block(), 4096) + 4096;  // header, then payload
+  char junk[64];
+  std::memset(junk, 0xEE, sizeof junk);
+  REQUIRE(pwrite(fd, junk, sizeof junk, static_cast<off_t>(slot * slot_bytes + 4096 + 5000)) == sizeof junk);
+  ::close(fd);
 }
 
 struct Fixture {

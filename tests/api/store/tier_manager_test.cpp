@@ -358,18 +358,6 @@ TEST_CASE("A corrupted block on NVMe is never returned") {
   }
 }
 
-/// Overwrites bytes in the middle of an NVMe slot's payload, leaving its header intact: the block
-/// stays indexed across a restart, and only its payload checksum can tell.
-void corrupt_payload(const std::string& dir, SlotId slot) {
-  int fd = ::open((dir + "/slots.0").c_str(), O_RDWR);
-  REQUIRE(fd >= 0);
-  const uint64_t slot_bytes = align_up(layout().bytes_per_block(), 4096) + 4096;  // header, then payload
-  char junk[64];
-  std::memset(junk, 0xEE, sizeof junk);
-  REQUIRE(pwrite(fd, junk, sizeof junk, static_cast<off_t>(slot * slot_bytes + 4096 + 5000)) == sizeof junk);
-  ::close(fd);
-}
-
 TEST_CASE("A corrupt block on NVMe fails one load, then lookups stop before it until a save repairs it") {
   Fixture f;
   const auto t = prompt(33, 4);

@@ -136,6 +136,16 @@ SaveFromRequest sample_save_from() {
   return {.namespace_id = 9, .priority = static_cast<uint8_t>(Priority::kHigh), .first_block = 1,
           .tokens = sample_tokens(64), .extras = sample_extras(), .src = sample_region_buffer(true)};
 }
+ExportListRequest sample_export_list() {
+  return {.restart = true, .max_blocks = 300, .roots = {BlockKey{1, 2}, BlockKey{0xFFFF, 0x8000000000000000ull}}};
+}
+ExportReadRequest sample_export_read() {
+  return {.window_offset = 8192, .keys = {BlockKey{9, 10}, BlockKey{11, 12}, BlockKey{13, 14}}};
+}
+ExportReadReply sample_export_reply() {
+  return {{Status::ok(), Status(StatusCode::kChecksumMismatch, "bad copy"), Status(StatusCode::kNotFound, "gone")}};
+}
+
 DoctorRequest sample_doctor() {
   return {.model_id = "org/model", .tenant = "team-a", .adapter_id = "lora-1", .revision = "abc123",
           .engine_block_tokens = 32, .engine_layout_fingerprint = 0x0102030405060708ull,
@@ -177,6 +187,9 @@ std::vector<Sample> all_samples() {
       {"InspectRequest", encoded(InspectRequest{25}), &decode_as<InspectRequest>},
       {"DoctorRequest", encoded(sample_doctor()), &decode_as<DoctorRequest>},
       {"JsonReply", encoded(JsonReply{"{\"cause\": \"evicted\"}"}), &decode_as<JsonReply>},
+      {"ExportListRequest", encoded(sample_export_list()), &decode_as<ExportListRequest>},
+      {"ExportReadRequest", encoded(sample_export_read()), &decode_as<ExportReadRequest>},
+      {"ExportReadReply", encoded(sample_export_reply()), &decode_as<ExportReadReply>},
   };
 }
 
@@ -196,7 +209,9 @@ std::vector<std::pair<Op, Bytes>> all_requests() {
           {Op::kLoadTo, encoded(sample_load_to())},
           {Op::kSaveFrom, encoded(sample_save_from())},
           {Op::kInspect, encoded(InspectRequest{25})},
-          {Op::kDoctor, encoded(sample_doctor())}};
+          {Op::kDoctor, encoded(sample_doctor())},
+          {Op::kExportList, encoded(sample_export_list())},
+          {Op::kExportRead, encoded(sample_export_read())}};
 }
 
 }  // namespace
@@ -325,9 +340,35 @@ TEST_CASE("Registered-memory requests round-trip field by field") {
     REQUIRE(decode(encoded(InspectRequest{25}), i_out).is_ok());
     CHECK(i_out.top_prefixes == 25);
   }
+  {
+    ExportListRequest in = sample_export_list(), out;
+    REQUIRE(decode(encoded(in), out).is_ok());
+    CHECK(out.restart);
+    CHECK(out.max_blocks == 300);
+    CHECK(out.roots == in.roots);
+    ExportReadRequest r_in = sample_export_read(), r_out;
+    REQUIRE(decode(encoded(r_in), r_out).is_ok());
+    CHECK(r_out.window_offset == 8192);
+    CHECK(r_out.keys == r_in.keys);
+    ExportReadReply p_out;
+    REQUIRE(decode(encoded(sample_export_reply()), p_out).is_ok());
+    REQUIRE(p_out.blocks.size() == 3);
+    CHECK(p_out.blocks[0].is_ok());
+    CHECK(p_out.blocks[1].code() == StatusCode::kChecksumMismatch);
+    CHECK(p_out.blocks[1].message() == "bad copy");
+    CHECK(p_out.blocks[2].code() == StatusCode::kNotFound);
+  }
   SECTION("shapes the decoder refuses") {
     InspectRequest too_many{10001}, i_out;
     CHECK(is_protocol_error(decode(encoded(too_many), i_out)));
+    ExportListRequest page = sample_export_list(), page_out;
+    page.max_blocks = 0;
+    CHECK(is_protocol_error(decode(encoded(page), page_out)));
+    page.max_blocks = kMaxExportPage + 1;
+    CHECK(is_protocol_error(decode(encoded(page), page_out)));
+    page = sample_export_list();
+    page.restart = false;  // roots name a new walk only
+    CHECK(is_protocol_error(decode(encoded(page), page_out)));
     RegisterMemoryRequest empty = sample_register();
     empty.bytes = 0;
     RegisterMemoryRequest out;
@@ -424,7 +465,7 @@ TEST_CASE("The byte format is little-endian in field order") {
   std::byte header[kHeaderBytes];
   encode_header({.op = 3, .request_id = 0x0A0B0C0Du, .payload_bytes = 0x100}, header);
   CHECK(Bytes(header, header + kHeaderBytes) ==
-        bytes_of({'K', 'V', 'T', '1', 5, 0, 3, 0, 0x0D, 0x0C, 0x0B, 0x0A, 0, 1, 0, 0}));
+        bytes_of({'K', 'V', 'T', '1', 6, 0, 3, 0, 0x0D, 0x0C, 0x0B, 0x0A, 0, 1, 0, 0}));
 
   Bytes status;
   encode_status(Status(StatusCode::kBusy, "pinned"), status);
