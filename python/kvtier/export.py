@@ -39,6 +39,7 @@ from ._cli import UsageError
 
 EXIT_OK, EXIT_LEFT_OUT, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 PAGE_BLOCKS = 256  # blocks listed per request to kvtierd
+READ_BYTES = 8 << 20  # payload bytes read per request
 
 
 @dataclasses.dataclass
@@ -199,6 +200,7 @@ def export_daemon(client: kvtier.Client, out_path: str, model_id: str | None = N
             namespaces[n["root"]] = {"root": n["root"], "model": n["model"], "tenant": n.get("tenant", ""),
                                      "adapter": n.get("adapter", ""), "revision": n.get("revision", ""),
                                      "layout": client.layout}
+    batch = max(1, READ_BYTES // client.layout.bytes_per_block)
     with ArchiveFile(out_path, source, progress) as out:
         if namespaces:
             # A block left out takes its subtree with it: the blocks after it, deeper, in its
@@ -222,7 +224,10 @@ def export_daemon(client: kvtier.Client, out_path: str, model_id: str | None = N
                         unwanted = (b["root"], b["block_index"])
                         continue
                     wanted.append(b)
-                for b, (error, payload) in zip(wanted, client.export_read([b["key"] for b in wanted])):
+                got: list[tuple[str | None, bytes | None]] = []
+                for at in range(0, len(wanted), batch):  # a few MiB at a time: the window and buffers stay warm
+                    got += client.export_read([b["key"] for b in wanted[at:at + batch]])
+                for b, (error, payload) in zip(wanted, got):
                     if below(failed, b):
                         summary.corrupt_blocks += failed[2] == "corrupt"  # type: ignore[index]
                         summary.unreachable_blocks += failed[2] == "unreachable"  # type: ignore[index]
