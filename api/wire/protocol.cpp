@@ -1,5 +1,6 @@
-// The kvtierd wire codec (protocol.h): a little-endian Writer, a bounds-checked Reader, and one
-// encode/decode pair per message.
+// The kvtierd wire codec (protocol.h): a little-endian Writer, a bounds-checked Reader, and per
+// message one list of its fields, in wire order, that both its encode and its decode run (an
+// Encoder or a Decoder over it), so the two directions cannot drift apart.
 //
 // Decoders fill a temporary and move it out only when the whole payload decoded, so a failed
 // decode leaves the caller's message untouched. Every count is checked against its limit and
@@ -11,7 +12,10 @@
 #include <bit>
 #include <cmath>
 #include <cstring>
+#include <array>
+#include <concepts>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 
 #include "kvtier/kv_buffer.h"
@@ -218,6 +222,164 @@ class Reader {
   const char* message_;
 };
 
+/// The writing side of a message's fields() (see "messages" below): appends each field, checks
+/// nothing (the peer's decode refuses what is over a limit) and never fails.
+class Encoder {
+ public:
+  explicit Encoder(std::vector<std::byte>& out) noexcept : w_(out) {}
+
+  Status u8(uint8_t v, const char*) {
+    w_.u8(v);
+    return Status::ok();
+  }
+  Status u16(uint16_t v, const char*) {
+    w_.u16(v);
+    return Status::ok();
+  }
+  Status u32(uint32_t v, const char*) {
+    w_.u32(v);
+    return Status::ok();
+  }
+  Status u64(uint64_t v, const char*) {
+    w_.u64(v);
+    return Status::ok();
+  }
+  Status i32(int32_t v, const char*) {
+    w_.u32(static_cast<uint32_t>(v));
+    return Status::ok();
+  }
+  Status f64(double v, const char*) {
+    w_.u64(std::bit_cast<uint64_t>(v));
+    return Status::ok();
+  }
+  Status boolean(bool v, const char*) {
+    w_.boolean(v);
+    return Status::ok();
+  }
+  Status string(std::string_view s, const char*, uint32_t = kMaxString) {
+    w_.string(s);
+    return Status::ok();
+  }
+  Status key(const BlockKey& k, const char*) {
+    w_.key(k);
+    return Status::ok();
+  }
+  Status tokens(std::span<const TokenId> t, const char*) {
+    w_.tokens(t);
+    return Status::ok();
+  }
+  Status extras(std::span<const BlockExtra> e, const char*) {
+    w_.extras(e);
+    return Status::ok();
+  }
+  Status layout(const KvLayout& l) {
+    w_.layout(l);
+    return Status::ok();
+  }
+  template <size_t N>
+  Status bytes(const std::array<std::byte, N>& a, const char*) {
+    for (std::byte b : a) w_.u8(std::to_integer<uint8_t>(b));
+    return Status::ok();
+  }
+  /// A u32 count, then each element by `each`.
+  template <class V, class Each>
+  Status list(const V& v, const char*, uint32_t, size_t, Each&& each) {
+    w_.u32(static_cast<uint32_t>(v.size()));
+    for (const auto& e : v) each(e).ignore();
+    return Status::ok();
+  }
+  /// u8 code, string message. The message is for humans; cutting it keeps a long one from making
+  /// the whole reply undecodable at the peer.
+  Status status(const Status& s, const char*) {
+    w_.u8(static_cast<uint8_t>(s.code()));
+    w_.string(s.message().substr(0, kMaxString));
+    return Status::ok();
+  }
+  template <class What>
+  Status check(bool, const char*, What&&) {
+    return Status::ok();
+  }
+
+ private:
+  Writer w_;
+};
+
+/// The reading side of a message's fields(): reads each field and judges it, failing with
+/// kProtocolError "<message>.<field>: ..." at the first that is malformed or out of range.
+class Decoder {
+ public:
+  explicit Decoder(Reader& r) noexcept : r_(r) {}
+
+  Status u8(uint8_t& v, const char* f) { return r_.u8(v, f); }
+  Status u16(uint16_t& v, const char* f) { return r_.u16(v, f); }
+  Status u32(uint32_t& v, const char* f) { return r_.u32(v, f); }
+  Status u64(uint64_t& v, const char* f) { return r_.u64(v, f); }
+  Status i32(int32_t& v, const char* f) {
+    uint32_t x = 0;
+    KVTIER_RETURN_IF_ERROR(r_.u32(x, f));
+    v = static_cast<int32_t>(x);
+    return Status::ok();
+  }
+  Status f64(double& v, const char* f) {
+    uint64_t bits = 0;
+    KVTIER_RETURN_IF_ERROR(r_.u64(bits, f));
+    v = std::bit_cast<double>(bits);
+    return Status::ok();
+  }
+  Status boolean(bool& v, const char* f) { return r_.boolean(v, f); }
+  Status string(std::string& s, const char* f, uint32_t max = kMaxString) { return r_.string(s, f, max); }
+  Status key(BlockKey& k, const char* f) { return r_.key(k, f); }
+  Status tokens(std::vector<TokenId>& t, const char* f) { return r_.tokens(t, f); }
+  Status extras(std::vector<BlockExtra>& e, const char* f) { return r_.extras(e, f); }
+  Status layout(KvLayout& l) { return r_.layout(l); }
+  template <size_t N>
+  Status bytes(std::array<std::byte, N>& a, const char* f) {
+    for (std::byte& b : a) {
+      uint8_t v = 0;
+      KVTIER_RETURN_IF_ERROR(r_.u8(v, f));
+      b = std::byte{v};
+    }
+    return Status::ok();
+  }
+  /// A u32 count (at most `max`, and `min_element_bytes` each must still be there), then each
+  /// element by `each`.
+  template <class V, class Each>
+  Status list(V& v, const char* f, uint32_t max, size_t min_element_bytes, Each&& each) {
+    uint32_t n = 0;
+    KVTIER_RETURN_IF_ERROR(r_.count(n, f, max, min_element_bytes));
+    v.clear();
+    v.resize(n);
+    for (auto& e : v) KVTIER_RETURN_IF_ERROR(each(e));
+    return Status::ok();
+  }
+  /// A status as Encoder::status writes it; `prefix` names it in errors ("" for a reply's own).
+  Status status(Status& s, const char* prefix) {
+    const std::string p = *prefix ? std::string(prefix) + "." : std::string();
+    uint8_t code = 0;
+    std::string message;
+    KVTIER_RETURN_IF_ERROR(r_.u8(code, (p + "code").c_str()));
+    if (code > static_cast<uint8_t>(StatusCode::kInternal)) {
+      return r_.error((p + "code").c_str(), std::to_string(code) + " is not a status code");
+    }
+    KVTIER_RETURN_IF_ERROR(r_.string(message, (p + "message").c_str()));
+    if (code == static_cast<uint8_t>(StatusCode::kOk)) {
+      // Status drops an ok's message, so one on the wire could not survive a re-encode.
+      if (!message.empty()) return r_.error((p + "message").c_str(), "an ok status carries no message");
+      s = Status::ok();
+    } else {
+      s = Status(static_cast<StatusCode>(code), std::move(message));
+    }
+    return Status::ok();
+  }
+  template <class What>
+  Status check(bool ok, const char* f, What&& what) {
+    return ok ? Status::ok() : r_.error(f, what());
+  }
+
+ private:
+  Reader& r_;
+};
+
 /// Decodes a whole payload with `read_fields` into a fresh M, moved into `m` on success only.
 template <typename M, typename ReadFields>
 Status decode_whole(std::span<const std::byte> in, const char* name, M& m,
@@ -280,514 +442,266 @@ Result<FrameHeader> decode_header(std::span<const std::byte> bytes) {
 }
 
 // ---- messages --------------------------------------------------------------------------------
+//
+// Each message's fields are listed once, in wire order, by a fields(codec, message) function that
+// serves both directions: with an Encoder (the message const) it appends each field, with a
+// Decoder it reads and checks each one. KVTIER_WIRE_MESSAGE below makes the encode/decode pair.
 
-void encode(const HelloRequest& m, std::vector<std::byte>& out) {
-  Writer w(out);
-  w.u16(m.min_version);
-  w.u16(m.max_version);
-  w.u64(m.window_bytes);
-  w.string(m.client_name);
-  w.u32(m.mailbox_bytes);
+namespace {
+
+template <class T, class M>
+concept Message = std::same_as<std::remove_const_t<T>, M>;
+
+Status fields(auto& c, Message<HelloRequest> auto& m) {
+  KVTIER_RETURN_IF_ERROR(c.u16(m.min_version, "min_version"));
+  KVTIER_RETURN_IF_ERROR(c.u16(m.max_version, "max_version"));
+  KVTIER_RETURN_IF_ERROR(c.u64(m.window_bytes, "window_bytes"));
+  KVTIER_RETURN_IF_ERROR(c.string(m.client_name, "client_name"));
+  return c.u32(m.mailbox_bytes, "mailbox_bytes");
 }
 
-Status decode(std::span<const std::byte> in, HelloRequest& m) {
-  return decode_whole(in, "HelloRequest", m, [](Reader& r, HelloRequest& t) -> Status {
-    KVTIER_RETURN_IF_ERROR(r.u16(t.min_version, "min_version"));
-    KVTIER_RETURN_IF_ERROR(r.u16(t.max_version, "max_version"));
-    KVTIER_RETURN_IF_ERROR(r.u64(t.window_bytes, "window_bytes"));
-    KVTIER_RETURN_IF_ERROR(r.string(t.client_name, "client_name"));
-    return r.u32(t.mailbox_bytes, "mailbox_bytes");
-  });
+Status fields(auto& c, Message<HelloReply> auto& m) {
+  KVTIER_RETURN_IF_ERROR(c.u16(m.version, "version"));
+  KVTIER_RETURN_IF_ERROR(c.layout(m.layout));
+  KVTIER_RETURN_IF_ERROR(c.u64(m.client_id, "client_id"));
+  KVTIER_RETURN_IF_ERROR(c.u32(m.uid, "uid"));
+  KVTIER_RETURN_IF_ERROR(c.u32(m.gid, "gid"));
+  return c.list(m.tenants, "tenants", kMaxTenants, sizeof(uint32_t),
+                [&](auto& tenant) { return c.string(tenant, "tenants"); });
 }
 
-void encode(const HelloReply& m, std::vector<std::byte>& out) {
-  Writer w(out);
-  w.u16(m.version);
-  w.layout(m.layout);
-  w.u64(m.client_id);
-  w.u32(m.uid);
-  w.u32(m.gid);
-  w.u32(static_cast<uint32_t>(m.tenants.size()));
-  for (const std::string& t : m.tenants) w.string(t);
+Status fields(auto& c, Message<OpenNamespaceRequest> auto& m) {
+  KVTIER_RETURN_IF_ERROR(c.string(m.model_id, "model_id"));
+  KVTIER_RETURN_IF_ERROR(c.string(m.tenant, "tenant"));
+  KVTIER_RETURN_IF_ERROR(c.string(m.adapter_id, "adapter_id"));
+  KVTIER_RETURN_IF_ERROR(c.u64(m.layout_fingerprint, "layout_fingerprint"));
+  KVTIER_RETURN_IF_ERROR(c.string(m.revision, "revision"));
+  KVTIER_RETURN_IF_ERROR(c.f64(m.prefill_tokens_per_second, "prefill_tokens_per_second"));
+  return c.check(std::isfinite(m.prefill_tokens_per_second) && m.prefill_tokens_per_second >= 0,
+                 "prefill_tokens_per_second", [] { return std::string("must be finite and >= 0"); });
 }
 
-Status decode(std::span<const std::byte> in, HelloReply& m) {
-  return decode_whole(in, "HelloReply", m, [](Reader& r, HelloReply& t) -> Status {
-    KVTIER_RETURN_IF_ERROR(r.u16(t.version, "version"));
-    KVTIER_RETURN_IF_ERROR(r.layout(t.layout));
-    KVTIER_RETURN_IF_ERROR(r.u64(t.client_id, "client_id"));
-    KVTIER_RETURN_IF_ERROR(r.u32(t.uid, "uid"));
-    KVTIER_RETURN_IF_ERROR(r.u32(t.gid, "gid"));
-    uint32_t n = 0;
-    KVTIER_RETURN_IF_ERROR(r.count(n, "tenants", kMaxTenants, sizeof(uint32_t)));
-    t.tenants.resize(n);
-    for (std::string& tenant : t.tenants) KVTIER_RETURN_IF_ERROR(r.string(tenant, "tenants"));
-    return Status::ok();
-  });
+Status fields(auto& c, Message<OpenNamespaceReply> auto& m) { return c.u32(m.namespace_id, "namespace_id"); }
+
+Status fields(auto& c, Message<LookupRequest> auto& m) {
+  KVTIER_RETURN_IF_ERROR(c.u32(m.namespace_id, "namespace_id"));
+  KVTIER_RETURN_IF_ERROR(c.boolean(m.take_lease, "take_lease"));
+  KVTIER_RETURN_IF_ERROR(c.tokens(m.tokens, "tokens"));
+  return c.extras(m.extras, "extras");
 }
 
-void encode(const OpenNamespaceRequest& m, std::vector<std::byte>& out) {
-  Writer w(out);
-  w.string(m.model_id);
-  w.string(m.tenant);
-  w.string(m.adapter_id);
-  w.u64(m.layout_fingerprint);
-  w.string(m.revision);
-  w.u64(std::bit_cast<uint64_t>(m.prefill_tokens_per_second));
+Status fields(auto& c, Message<LookupReply> auto& m) {
+  KVTIER_RETURN_IF_ERROR(c.u64(m.lease, "lease"));
+  KVTIER_RETURN_IF_ERROR(c.u64(m.tokens, "tokens"));
+  KVTIER_RETURN_IF_ERROR(c.list(m.tier_masks, "tier_masks", kMaxBlocks, 1, [&](auto& mask) -> Status {
+    KVTIER_RETURN_IF_ERROR(c.u8(mask, "tier_masks"));
+    return c.check((mask & ~kKnownTierBits) == 0, "tier_masks",
+                   [&] { return "mask " + std::to_string(mask) + " names an unknown tier"; });
+  }));
+  KVTIER_RETURN_IF_ERROR(c.u32(m.held_back_blocks, "held_back_blocks"));
+  return c.u64(m.saved_ns, "saved_ns");
 }
 
-Status decode(std::span<const std::byte> in, OpenNamespaceRequest& m) {
-  return decode_whole(in, "OpenNamespaceRequest", m,
-                      [](Reader& r, OpenNamespaceRequest& t) -> Status {
-                        KVTIER_RETURN_IF_ERROR(r.string(t.model_id, "model_id"));
-                        KVTIER_RETURN_IF_ERROR(r.string(t.tenant, "tenant"));
-                        KVTIER_RETURN_IF_ERROR(r.string(t.adapter_id, "adapter_id"));
-                        KVTIER_RETURN_IF_ERROR(r.u64(t.layout_fingerprint, "layout_fingerprint"));
-                        KVTIER_RETURN_IF_ERROR(r.string(t.revision, "revision"));
-                        uint64_t bits = 0;
-                        KVTIER_RETURN_IF_ERROR(r.u64(bits, "prefill_tokens_per_second"));
-                        t.prefill_tokens_per_second = std::bit_cast<double>(bits);
-                        if (!std::isfinite(t.prefill_tokens_per_second) || t.prefill_tokens_per_second < 0) {
-                          return r.error("prefill_tokens_per_second", "must be finite and >= 0");
-                        }
-                        return Status::ok();
-                      });
+Status fields(auto& c, Message<LoadRequest> auto& m) {
+  KVTIER_RETURN_IF_ERROR(c.u64(m.lease, "lease"));
+  KVTIER_RETURN_IF_ERROR(c.u32(m.first_block, "first_block"));
+  KVTIER_RETURN_IF_ERROR(c.u32(m.block_count, "block_count"));
+  KVTIER_RETURN_IF_ERROR(c.u64(m.window_offset, "window_offset"));
+  KVTIER_RETURN_IF_ERROR(c.u32(m.layer_begin, "layer_begin"));
+  return c.u32(m.layer_count, "layer_count");
 }
 
-void encode(const OpenNamespaceReply& m, std::vector<std::byte>& out) {
-  Writer(out).u32(m.namespace_id);
+Status fields(auto& c, Message<LoadReply> auto& m) {
+  KVTIER_RETURN_IF_ERROR(c.u32(m.blocks, "blocks"));
+  return c.u32(m.from_nvme, "from_nvme");
 }
 
-Status decode(std::span<const std::byte> in, OpenNamespaceReply& m) {
-  return decode_whole(in, "OpenNamespaceReply", m, [](Reader& r, OpenNamespaceReply& t) {
-    return r.u32(t.namespace_id, "namespace_id");
-  });
+Status fields(auto& c, Message<ReleaseRequest> auto& m) { return c.u64(m.lease, "lease"); }
+
+Status priority_field(auto& c, auto& priority) {
+  KVTIER_RETURN_IF_ERROR(c.u8(priority, "priority"));
+  return c.check(priority < kNumPriorities, "priority",
+                 [&] { return std::to_string(priority) + " is not a priority"; });
 }
 
-void encode(const LookupRequest& m, std::vector<std::byte>& out) {
-  Writer w(out);
-  w.u32(m.namespace_id);
-  w.boolean(m.take_lease);
-  w.tokens(m.tokens);
-  w.extras(m.extras);
+Status fields(auto& c, Message<SaveRequest> auto& m) {
+  KVTIER_RETURN_IF_ERROR(c.u32(m.namespace_id, "namespace_id"));
+  KVTIER_RETURN_IF_ERROR(priority_field(c, m.priority));
+  KVTIER_RETURN_IF_ERROR(c.u32(m.first_block, "first_block"));
+  KVTIER_RETURN_IF_ERROR(c.u64(m.window_offset, "window_offset"));
+  KVTIER_RETURN_IF_ERROR(c.tokens(m.tokens, "tokens"));
+  return c.extras(m.extras, "extras");
 }
 
-Status decode(std::span<const std::byte> in, LookupRequest& m) {
-  return decode_whole(in, "LookupRequest", m, [](Reader& r, LookupRequest& t) -> Status {
-    KVTIER_RETURN_IF_ERROR(r.u32(t.namespace_id, "namespace_id"));
-    KVTIER_RETURN_IF_ERROR(r.boolean(t.take_lease, "take_lease"));
-    KVTIER_RETURN_IF_ERROR(r.tokens(t.tokens, "tokens"));
-    return r.extras(t.extras, "extras");
-  });
-}
-
-void encode(const LookupReply& m, std::vector<std::byte>& out) {
-  Writer w(out);
-  w.u64(m.lease);
-  w.u64(m.tokens);
-  w.u32(static_cast<uint32_t>(m.tier_masks.size()));
-  for (uint8_t mask : m.tier_masks) w.u8(mask);
-  w.u32(m.held_back_blocks);
-  w.u64(m.saved_ns);
-}
-
-Status decode(std::span<const std::byte> in, LookupReply& m) {
-  return decode_whole(in, "LookupReply", m, [](Reader& r, LookupReply& t) -> Status {
-    KVTIER_RETURN_IF_ERROR(r.u64(t.lease, "lease"));
-    KVTIER_RETURN_IF_ERROR(r.u64(t.tokens, "tokens"));
-    uint32_t n = 0;
-    KVTIER_RETURN_IF_ERROR(r.count(n, "tier_masks", kMaxBlocks, 1));
-    t.tier_masks.resize(n);
-    for (uint8_t& mask : t.tier_masks) {
-      KVTIER_RETURN_IF_ERROR(r.u8(mask, "tier_masks"));
-      if ((mask & ~kKnownTierBits) != 0) {
-        return r.error("tier_masks", "mask " + std::to_string(mask) + " names an unknown tier");
-      }
-    }
-    KVTIER_RETURN_IF_ERROR(r.u32(t.held_back_blocks, "held_back_blocks"));
-    return r.u64(t.saved_ns, "saved_ns");
-  });
-}
-
-void encode(const LoadRequest& m, std::vector<std::byte>& out) {
-  Writer w(out);
-  w.u64(m.lease);
-  w.u32(m.first_block);
-  w.u32(m.block_count);
-  w.u64(m.window_offset);
-  w.u32(m.layer_begin);
-  w.u32(m.layer_count);
-}
-
-Status decode(std::span<const std::byte> in, LoadRequest& m) {
-  return decode_whole(in, "LoadRequest", m, [](Reader& r, LoadRequest& t) -> Status {
-    KVTIER_RETURN_IF_ERROR(r.u64(t.lease, "lease"));
-    KVTIER_RETURN_IF_ERROR(r.u32(t.first_block, "first_block"));
-    KVTIER_RETURN_IF_ERROR(r.u32(t.block_count, "block_count"));
-    KVTIER_RETURN_IF_ERROR(r.u64(t.window_offset, "window_offset"));
-    KVTIER_RETURN_IF_ERROR(r.u32(t.layer_begin, "layer_begin"));
-    return r.u32(t.layer_count, "layer_count");
-  });
-}
-
-void encode(const LoadReply& m, std::vector<std::byte>& out) {
-  Writer w(out);
-  w.u32(m.blocks);
-  w.u32(m.from_nvme);
-}
-
-Status decode(std::span<const std::byte> in, LoadReply& m) {
-  return decode_whole(in, "LoadReply", m, [](Reader& r, LoadReply& t) -> Status {
-    KVTIER_RETURN_IF_ERROR(r.u32(t.blocks, "blocks"));
-    return r.u32(t.from_nvme, "from_nvme");
-  });
-}
-
-void encode(const ReleaseRequest& m, std::vector<std::byte>& out) { Writer(out).u64(m.lease); }
-
-Status decode(std::span<const std::byte> in, ReleaseRequest& m) {
-  return decode_whole(in, "ReleaseRequest", m,
-                      [](Reader& r, ReleaseRequest& t) { return r.u64(t.lease, "lease"); });
-}
-
-void encode(const SaveRequest& m, std::vector<std::byte>& out) {
-  Writer w(out);
-  w.u32(m.namespace_id);
-  w.u8(m.priority);
-  w.u32(m.first_block);
-  w.u64(m.window_offset);
-  w.tokens(m.tokens);
-  w.extras(m.extras);
-}
-
-Status decode(std::span<const std::byte> in, SaveRequest& m) {
-  return decode_whole(in, "SaveRequest", m, [](Reader& r, SaveRequest& t) -> Status {
-    KVTIER_RETURN_IF_ERROR(r.u32(t.namespace_id, "namespace_id"));
-    KVTIER_RETURN_IF_ERROR(r.u8(t.priority, "priority"));
-    if (t.priority >= kNumPriorities) {
-      return r.error("priority", std::to_string(t.priority) + " is not a priority");
-    }
-    KVTIER_RETURN_IF_ERROR(r.u32(t.first_block, "first_block"));
-    KVTIER_RETURN_IF_ERROR(r.u64(t.window_offset, "window_offset"));
-    KVTIER_RETURN_IF_ERROR(r.tokens(t.tokens, "tokens"));
-    return r.extras(t.extras, "extras");
-  });
-}
-
-void encode(const SaveReply& m, std::vector<std::byte>& out) { Writer(out).u32(m.saved); }
-
-Status decode(std::span<const std::byte> in, SaveReply& m) {
-  return decode_whole(in, "SaveReply", m,
-                      [](Reader& r, SaveReply& t) { return r.u32(t.saved, "saved"); });
-}
-
-void encode(const PrefixRequest& m, std::vector<std::byte>& out) {
-  Writer w(out);
-  w.u32(m.namespace_id);
-  w.u8(m.arg);
-  w.tokens(m.tokens);
-  w.extras(m.extras);
-}
+Status fields(auto& c, Message<SaveReply> auto& m) { return c.u32(m.saved, "saved"); }
 
 // `arg` is judged by validate_request, which knows the op that gives it a meaning.
-Status decode(std::span<const std::byte> in, PrefixRequest& m) {
-  return decode_whole(in, "PrefixRequest", m, [](Reader& r, PrefixRequest& t) -> Status {
-    KVTIER_RETURN_IF_ERROR(r.u32(t.namespace_id, "namespace_id"));
-    KVTIER_RETURN_IF_ERROR(r.u8(t.arg, "arg"));
-    KVTIER_RETURN_IF_ERROR(r.tokens(t.tokens, "tokens"));
-    return r.extras(t.extras, "extras");
-  });
+Status fields(auto& c, Message<PrefixRequest> auto& m) {
+  KVTIER_RETURN_IF_ERROR(c.u32(m.namespace_id, "namespace_id"));
+  KVTIER_RETURN_IF_ERROR(c.u8(m.arg, "arg"));
+  KVTIER_RETURN_IF_ERROR(c.tokens(m.tokens, "tokens"));
+  return c.extras(m.extras, "extras");
 }
 
-void encode(const CountReply& m, std::vector<std::byte>& out) { Writer(out).u64(m.count); }
+Status fields(auto& c, Message<CountReply> auto& m) { return c.u64(m.count, "count"); }
 
-Status decode(std::span<const std::byte> in, CountReply& m) {
-  return decode_whole(in, "CountReply", m,
-                      [](Reader& r, CountReply& t) { return r.u64(t.count, "count"); });
+Status fields(auto& c, Message<StatsReply> auto& m) {
+  return c.string(m.prometheus_text, "prometheus_text", kMaxStatsText);
 }
 
-void encode(const StatsReply& m, std::vector<std::byte>& out) {
-  Writer(out).string(m.prometheus_text);
+Status fields(auto& c, Message<InspectRequest> auto& m) {
+  KVTIER_RETURN_IF_ERROR(c.u32(m.top_prefixes, "top_prefixes"));
+  return c.check(m.top_prefixes <= 10000, "top_prefixes", [] { return std::string("at most 10000"); });
 }
 
-Status decode(std::span<const std::byte> in, StatsReply& m) {
-  return decode_whole(in, "StatsReply", m, [](Reader& r, StatsReply& t) {
-    return r.string(t.prometheus_text, "prometheus_text", kMaxStatsText);
-  });
+Status fields(auto& c, Message<DoctorRequest> auto& m) {
+  KVTIER_RETURN_IF_ERROR(c.string(m.model_id, "model_id"));
+  KVTIER_RETURN_IF_ERROR(c.string(m.tenant, "tenant"));
+  KVTIER_RETURN_IF_ERROR(c.string(m.adapter_id, "adapter_id"));
+  KVTIER_RETURN_IF_ERROR(c.string(m.revision, "revision"));
+  KVTIER_RETURN_IF_ERROR(c.u32(m.engine_block_tokens, "engine_block_tokens"));
+  KVTIER_RETURN_IF_ERROR(c.u64(m.engine_layout_fingerprint, "engine_layout_fingerprint"));
+  KVTIER_RETURN_IF_ERROR(c.tokens(m.tokens, "tokens"));
+  return c.extras(m.extras, "extras");
 }
 
-void encode(const InspectRequest& m, std::vector<std::byte>& out) { Writer(out).u32(m.top_prefixes); }
-
-Status decode(std::span<const std::byte> in, InspectRequest& m) {
-  return decode_whole(in, "InspectRequest", m, [](Reader& r, InspectRequest& t) -> Status {
-    KVTIER_RETURN_IF_ERROR(r.u32(t.top_prefixes, "top_prefixes"));
-    if (t.top_prefixes > 10000) return r.error("top_prefixes", "at most 10000");
-    return Status::ok();
-  });
+Status fields(auto& c, Message<ExportListRequest> auto& m) {
+  KVTIER_RETURN_IF_ERROR(c.boolean(m.restart, "restart"));
+  KVTIER_RETURN_IF_ERROR(c.u32(m.max_blocks, "max_blocks"));
+  KVTIER_RETURN_IF_ERROR(c.check(m.max_blocks != 0 && m.max_blocks <= kMaxExportPage, "max_blocks", [&] {
+    return std::to_string(m.max_blocks) + " is not in [1, " + std::to_string(kMaxExportPage) + "]";
+  }));
+  KVTIER_RETURN_IF_ERROR(c.list(m.roots, "roots", kMaxBlocks, 16, [&](auto& k) { return c.key(k, "roots"); }));
+  return c.check(m.restart || m.roots.empty(), "roots",
+                 [] { return std::string("are named only when a walk restarts"); });
 }
 
-void encode(const DoctorRequest& m, std::vector<std::byte>& out) {
-  Writer w(out);
-  w.string(m.model_id);
-  w.string(m.tenant);
-  w.string(m.adapter_id);
-  w.string(m.revision);
-  w.u32(m.engine_block_tokens);
-  w.u64(m.engine_layout_fingerprint);
-  w.tokens(m.tokens);
-  w.extras(m.extras);
+Status fields(auto& c, Message<ExportReadRequest> auto& m) {
+  KVTIER_RETURN_IF_ERROR(c.u64(m.window_offset, "window_offset"));
+  return c.list(m.keys, "keys", kMaxBlocks, 16, [&](auto& k) { return c.key(k, "keys"); });
 }
 
-Status decode(std::span<const std::byte> in, DoctorRequest& m) {
-  return decode_whole(in, "DoctorRequest", m, [](Reader& r, DoctorRequest& t) -> Status {
-    KVTIER_RETURN_IF_ERROR(r.string(t.model_id, "model_id"));
-    KVTIER_RETURN_IF_ERROR(r.string(t.tenant, "tenant"));
-    KVTIER_RETURN_IF_ERROR(r.string(t.adapter_id, "adapter_id"));
-    KVTIER_RETURN_IF_ERROR(r.string(t.revision, "revision"));
-    KVTIER_RETURN_IF_ERROR(r.u32(t.engine_block_tokens, "engine_block_tokens"));
-    KVTIER_RETURN_IF_ERROR(r.u64(t.engine_layout_fingerprint, "engine_layout_fingerprint"));
-    KVTIER_RETURN_IF_ERROR(r.tokens(t.tokens, "tokens"));
-    return r.extras(t.extras, "extras");
-  });
+Status fields(auto& c, Message<ExportReadReply> auto& m) {
+  return c.list(m.blocks, "blocks", kMaxBlocks, 5, [&](auto& s) { return c.status(s, "blocks"); });
 }
 
-namespace {
-void write_keys(Writer& w, std::span<const BlockKey> keys) {
-  w.u32(static_cast<uint32_t>(keys.size()));
-  for (const BlockKey& k : keys) w.key(k);
-}
-Status read_keys(Reader& r, std::vector<BlockKey>& keys, const char* field, uint32_t max) {
-  uint32_t n = 0;
-  KVTIER_RETURN_IF_ERROR(r.count(n, field, max, 16));
-  keys.resize(n);
-  for (BlockKey& k : keys) KVTIER_RETURN_IF_ERROR(r.key(k, field));
-  return Status::ok();
-}
-}  // namespace
+Status fields(auto& c, Message<JsonReply> auto& m) { return c.string(m.json, "json", kMaxStatsText); }
 
-void encode(const ExportListRequest& m, std::vector<std::byte>& out) {
-  Writer w(out);
-  w.u8(m.restart ? 1 : 0);
-  w.u32(m.max_blocks);
-  write_keys(w, m.roots);
+Status fields(auto& c, Message<RegisterMemoryRequest> auto& m) {
+  KVTIER_RETURN_IF_ERROR(c.u8(m.kind, "kind"));
+  KVTIER_RETURN_IF_ERROR(c.check(m.kind <= 1, "kind", [&] {
+    return std::to_string(m.kind) + " is not a share kind (0 CUDA IPC, 1 memfd)";
+  }));
+  KVTIER_RETURN_IF_ERROR(c.bytes(m.ipc_handle, "ipc_handle"));
+  KVTIER_RETURN_IF_ERROR(c.u64(m.offset, "offset"));
+  KVTIER_RETURN_IF_ERROR(c.u64(m.bytes, "bytes"));
+  KVTIER_RETURN_IF_ERROR(c.check(m.bytes != 0, "bytes", [] { return std::string("a region must not be empty"); }));
+  return c.u64(m.address, "address");
 }
 
-Status decode(std::span<const std::byte> in, ExportListRequest& m) {
-  return decode_whole(in, "ExportListRequest", m, [](Reader& r, ExportListRequest& t) -> Status {
-    KVTIER_RETURN_IF_ERROR(r.boolean(t.restart, "restart"));
-    KVTIER_RETURN_IF_ERROR(r.u32(t.max_blocks, "max_blocks"));
-    if (t.max_blocks == 0 || t.max_blocks > kMaxExportPage) {
-      return r.error("max_blocks", std::to_string(t.max_blocks) + " is not in [1, " + std::to_string(kMaxExportPage) + "]");
-    }
-    KVTIER_RETURN_IF_ERROR(read_keys(r, t.roots, "roots", kMaxBlocks));
-    if (!t.restart && !t.roots.empty()) return r.error("roots", "are named only when a walk restarts");
-    return Status::ok();
-  });
-}
+Status fields(auto& c, Message<RegisterMemoryReply> auto& m) { return c.u32(m.region, "region"); }
 
-void encode(const ExportReadRequest& m, std::vector<std::byte>& out) {
-  Writer w(out);
-  w.u64(m.window_offset);
-  write_keys(w, m.keys);
-}
-
-Status decode(std::span<const std::byte> in, ExportReadRequest& m) {
-  return decode_whole(in, "ExportReadRequest", m, [](Reader& r, ExportReadRequest& t) -> Status {
-    KVTIER_RETURN_IF_ERROR(r.u64(t.window_offset, "window_offset"));
-    return read_keys(r, t.keys, "keys", kMaxBlocks);
-  });
-}
-
-void encode(const ExportReadReply& m, std::vector<std::byte>& out) {
-  Writer w(out);
-  w.u32(static_cast<uint32_t>(m.blocks.size()));
-  for (const Status& s : m.blocks) {
-    w.u8(static_cast<uint8_t>(s.code()));
-    w.string(std::string(s.message().substr(0, kMaxString)));
-  }
-}
-
-Status decode(std::span<const std::byte> in, ExportReadReply& m) {
-  return decode_whole(in, "ExportReadReply", m, [](Reader& r, ExportReadReply& t) -> Status {
-    uint32_t n = 0;
-    KVTIER_RETURN_IF_ERROR(r.count(n, "blocks", kMaxBlocks, 5));
-    t.blocks.clear();
-    t.blocks.reserve(n);
-    for (uint32_t i = 0; i < n; ++i) {
-      uint8_t code = 0;
-      std::string message;
-      KVTIER_RETURN_IF_ERROR(r.u8(code, "blocks.code"));
-      if (code > static_cast<uint8_t>(StatusCode::kInternal)) return r.error("blocks.code", std::to_string(code) + " is not a status code");
-      KVTIER_RETURN_IF_ERROR(r.string(message, "blocks.message"));
-      if (code == 0 && !message.empty()) return r.error("blocks.message", "an ok status carries no message");
-      t.blocks.push_back(code == 0 ? Status::ok() : Status(static_cast<StatusCode>(code), std::move(message)));
-    }
-    return Status::ok();
-  });
-}
-
-void encode(const JsonReply& m, std::vector<std::byte>& out) { Writer(out).string(m.json); }
-
-Status decode(std::span<const std::byte> in, JsonReply& m) {
-  return decode_whole(in, "JsonReply", m,
-                      [](Reader& r, JsonReply& t) { return r.string(t.json, "json", kMaxStatsText); });
-}
-
-void encode(const RegisterMemoryRequest& m, std::vector<std::byte>& out) {
-  Writer w(out);
-  w.u8(m.kind);
-  out.insert(out.end(), m.ipc_handle.begin(), m.ipc_handle.end());
-  w.u64(m.offset);
-  w.u64(m.bytes);
-  w.u64(m.address);
-}
-
-Status decode(std::span<const std::byte> in, RegisterMemoryRequest& m) {
-  return decode_whole(in, "RegisterMemoryRequest", m, [](Reader& r, RegisterMemoryRequest& t) -> Status {
-    KVTIER_RETURN_IF_ERROR(r.u8(t.kind, "kind"));
-    if (t.kind > 1) return r.error("kind", std::to_string(t.kind) + " is not a share kind (0 CUDA IPC, 1 memfd)");
-    for (std::byte& b : t.ipc_handle) {
-      uint8_t v = 0;
-      KVTIER_RETURN_IF_ERROR(r.u8(v, "ipc_handle"));
-      b = std::byte{v};
-    }
-    KVTIER_RETURN_IF_ERROR(r.u64(t.offset, "offset"));
-    KVTIER_RETURN_IF_ERROR(r.u64(t.bytes, "bytes"));
-    if (t.bytes == 0) return r.error("bytes", "a region must not be empty");
-    return r.u64(t.address, "address");
-  });
-}
-
-void encode(const RegisterMemoryReply& m, std::vector<std::byte>& out) { Writer(out).u32(m.region); }
-
-Status decode(std::span<const std::byte> in, RegisterMemoryReply& m) {
-  return decode_whole(in, "RegisterMemoryReply", m,
-                      [](Reader& r, RegisterMemoryReply& t) { return r.u32(t.region, "region"); });
-}
-
-void encode(const UnregisterMemoryRequest& m, std::vector<std::byte>& out) { Writer(out).u32(m.region); }
-
-Status decode(std::span<const std::byte> in, UnregisterMemoryRequest& m) {
-  return decode_whole(in, "UnregisterMemoryRequest", m,
-                      [](Reader& r, UnregisterMemoryRequest& t) { return r.u32(t.region, "region"); });
-}
-
-namespace {
-
-void write_region_buffer(Writer& w, const RegionBuffer& b) {
-  w.u8(b.layout);
-  w.u32(b.engine_num_pages);
-  w.u32(b.page_tokens);
-  w.u32(static_cast<uint32_t>(b.places.size()));
-  for (const RegionRef& p : b.places) {
-    w.u32(p.region);
-    w.u64(p.offset);
-  }
-  w.u32(static_cast<uint32_t>(b.pages.size()));
-  for (int32_t p : b.pages) w.u32(static_cast<uint32_t>(p));
-}
+Status fields(auto& c, Message<UnregisterMemoryRequest> auto& m) { return c.u32(m.region, "region"); }
 
 // The shape is checked here (a paged buffer has pages and a canonical one none); offsets, pages
 // and the region itself are checked by the daemon against the region and the layout.
-Status read_region_buffer(Reader& r, RegionBuffer& b) {
-  KVTIER_RETURN_IF_ERROR(r.u8(b.layout, "layout"));
-  if (b.layout > kNumEngineLayouts) {
-    return r.error("layout", std::to_string(b.layout) + " is not a KV buffer layout (0 canonical, 1-" +
-                                 std::to_string(kNumEngineLayouts) + " paged)");
-  }
-  KVTIER_RETURN_IF_ERROR(r.u32(b.engine_num_pages, "engine_num_pages"));
-  KVTIER_RETURN_IF_ERROR(r.u32(b.page_tokens, "page_tokens"));
-  uint32_t n = 0;
-  KVTIER_RETURN_IF_ERROR(r.count(n, "places", kMaxBlocks, 12));
-  b.places.resize(n);
-  for (RegionRef& p : b.places) {
-    KVTIER_RETURN_IF_ERROR(r.u32(p.region, "places.region"));
-    KVTIER_RETURN_IF_ERROR(r.u64(p.offset, "places.offset"));
-  }
-  KVTIER_RETURN_IF_ERROR(r.count(n, "pages", kMaxBlocks, sizeof(uint32_t)));
-  b.pages.resize(n);
-  for (int32_t& p : b.pages) {
-    uint32_t v = 0;
-    KVTIER_RETURN_IF_ERROR(r.u32(v, "pages"));
-    p = static_cast<int32_t>(v);
-  }
-  if (b.layout == 0 && !b.pages.empty()) return r.error("pages", "a canonical buffer has no pages");
-  if (b.layout != 0 && b.places.empty()) return r.error("places", "a paged buffer needs its layer tensors");
-  return Status::ok();
+Status region_buffer(auto& c, Message<RegionBuffer> auto& b) {
+  KVTIER_RETURN_IF_ERROR(c.u8(b.layout, "layout"));
+  KVTIER_RETURN_IF_ERROR(c.check(b.layout <= kNumEngineLayouts, "layout", [&] {
+    return std::to_string(b.layout) + " is not a KV buffer layout (0 canonical, 1-" +
+           std::to_string(kNumEngineLayouts) + " paged)";
+  }));
+  KVTIER_RETURN_IF_ERROR(c.u32(b.engine_num_pages, "engine_num_pages"));
+  KVTIER_RETURN_IF_ERROR(c.u32(b.page_tokens, "page_tokens"));
+  KVTIER_RETURN_IF_ERROR(c.list(b.places, "places", kMaxBlocks, 12, [&](auto& p) -> Status {
+    KVTIER_RETURN_IF_ERROR(c.u32(p.region, "places.region"));
+    return c.u64(p.offset, "places.offset");
+  }));
+  KVTIER_RETURN_IF_ERROR(
+      c.list(b.pages, "pages", kMaxBlocks, sizeof(uint32_t), [&](auto& p) { return c.i32(p, "pages"); }));
+  KVTIER_RETURN_IF_ERROR(
+      c.check(b.layout != 0 || b.pages.empty(), "pages", [] { return std::string("a canonical buffer has no pages"); }));
+  return c.check(b.layout == 0 || !b.places.empty(), "places",
+                 [] { return std::string("a paged buffer needs its layer tensors"); });
+}
+
+Status fields(auto& c, Message<LoadToRequest> auto& m) {
+  KVTIER_RETURN_IF_ERROR(c.u64(m.lease, "lease"));
+  KVTIER_RETURN_IF_ERROR(c.u32(m.first_block, "first_block"));
+  KVTIER_RETURN_IF_ERROR(c.u32(m.layer_begin, "layer_begin"));
+  KVTIER_RETURN_IF_ERROR(c.u32(m.layer_count, "layer_count"));
+  return region_buffer(c, m.dst);
+}
+
+Status fields(auto& c, Message<SaveFromRequest> auto& m) {
+  KVTIER_RETURN_IF_ERROR(c.u32(m.namespace_id, "namespace_id"));
+  KVTIER_RETURN_IF_ERROR(priority_field(c, m.priority));
+  KVTIER_RETURN_IF_ERROR(c.u32(m.first_block, "first_block"));
+  KVTIER_RETURN_IF_ERROR(c.tokens(m.tokens, "tokens"));
+  KVTIER_RETURN_IF_ERROR(c.extras(m.extras, "extras"));
+  return region_buffer(c, m.src);
 }
 
 }  // namespace
 
-void encode(const LoadToRequest& m, std::vector<std::byte>& out) {
-  Writer w(out);
-  w.u64(m.lease);
-  w.u32(m.first_block);
-  w.u32(m.layer_begin);
-  w.u32(m.layer_count);
-  write_region_buffer(w, m.dst);
-}
+#define KVTIER_WIRE_MESSAGE(M)                                                                    \
+  void encode(const M& m, std::vector<std::byte>& out) {                                          \
+    Encoder e(out);                                                                               \
+    fields(e, m).ignore(); /* an encoder checks nothing and cannot fail */                        \
+  }                                                                                               \
+  Status decode(std::span<const std::byte> in, M& m) {                                            \
+    return decode_whole(in, #M, m, [](Reader& r, M& t) {                                          \
+      Decoder d(r);                                                                               \
+      return fields(d, t);                                                                        \
+    });                                                                                           \
+  }
 
-Status decode(std::span<const std::byte> in, LoadToRequest& m) {
-  return decode_whole(in, "LoadToRequest", m, [](Reader& r, LoadToRequest& t) -> Status {
-    KVTIER_RETURN_IF_ERROR(r.u64(t.lease, "lease"));
-    KVTIER_RETURN_IF_ERROR(r.u32(t.first_block, "first_block"));
-    KVTIER_RETURN_IF_ERROR(r.u32(t.layer_begin, "layer_begin"));
-    KVTIER_RETURN_IF_ERROR(r.u32(t.layer_count, "layer_count"));
-    return read_region_buffer(r, t.dst);
-  });
-}
+KVTIER_WIRE_MESSAGE(HelloRequest)
+KVTIER_WIRE_MESSAGE(HelloReply)
+KVTIER_WIRE_MESSAGE(OpenNamespaceRequest)
+KVTIER_WIRE_MESSAGE(OpenNamespaceReply)
+KVTIER_WIRE_MESSAGE(LookupRequest)
+KVTIER_WIRE_MESSAGE(LookupReply)
+KVTIER_WIRE_MESSAGE(LoadRequest)
+KVTIER_WIRE_MESSAGE(LoadReply)
+KVTIER_WIRE_MESSAGE(ReleaseRequest)
+KVTIER_WIRE_MESSAGE(SaveRequest)
+KVTIER_WIRE_MESSAGE(SaveReply)
+KVTIER_WIRE_MESSAGE(PrefixRequest)
+KVTIER_WIRE_MESSAGE(CountReply)
+KVTIER_WIRE_MESSAGE(StatsReply)
+KVTIER_WIRE_MESSAGE(InspectRequest)
+KVTIER_WIRE_MESSAGE(DoctorRequest)
+KVTIER_WIRE_MESSAGE(ExportListRequest)
+KVTIER_WIRE_MESSAGE(ExportReadRequest)
+KVTIER_WIRE_MESSAGE(ExportReadReply)
+KVTIER_WIRE_MESSAGE(JsonReply)
+KVTIER_WIRE_MESSAGE(RegisterMemoryRequest)
+KVTIER_WIRE_MESSAGE(RegisterMemoryReply)
+KVTIER_WIRE_MESSAGE(UnregisterMemoryRequest)
+KVTIER_WIRE_MESSAGE(LoadToRequest)
+KVTIER_WIRE_MESSAGE(SaveFromRequest)
 
-void encode(const SaveFromRequest& m, std::vector<std::byte>& out) {
-  Writer w(out);
-  w.u32(m.namespace_id);
-  w.u8(m.priority);
-  w.u32(m.first_block);
-  w.tokens(m.tokens);
-  w.extras(m.extras);
-  write_region_buffer(w, m.src);
-}
-
-Status decode(std::span<const std::byte> in, SaveFromRequest& m) {
-  return decode_whole(in, "SaveFromRequest", m, [](Reader& r, SaveFromRequest& t) -> Status {
-    KVTIER_RETURN_IF_ERROR(r.u32(t.namespace_id, "namespace_id"));
-    KVTIER_RETURN_IF_ERROR(r.u8(t.priority, "priority"));
-    if (t.priority >= kNumPriorities) {
-      return r.error("priority", std::to_string(t.priority) + " is not a priority");
-    }
-    KVTIER_RETURN_IF_ERROR(r.u32(t.first_block, "first_block"));
-    KVTIER_RETURN_IF_ERROR(r.tokens(t.tokens, "tokens"));
-    KVTIER_RETURN_IF_ERROR(r.extras(t.extras, "extras"));
-    return read_region_buffer(r, t.src);
-  });
-}
+#undef KVTIER_WIRE_MESSAGE
 
 // ---- status ----------------------------------------------------------------------------------
 
 void encode_status(const Status& s, std::vector<std::byte>& out) {
-  Writer w(out);
-  w.u8(static_cast<uint8_t>(s.code()));
-  // The message is for humans; cutting it keeps a long one from making the whole reply
-  // undecodable at the peer.
-  w.string(s.message().substr(0, kMaxString));
+  Encoder e(out);
+  e.status(s, "status").ignore();
 }
 
 Result<std::span<const std::byte>> decode_status(std::span<const std::byte> in, Status& remote) {
   Reader r(in, "status");
-  uint8_t code = 0;
-  std::string message;
-  KVTIER_RETURN_IF_ERROR(r.u8(code, "code"));
-  if (code > static_cast<uint8_t>(StatusCode::kInternal)) {
-    return r.error("code", std::to_string(code) + " is not a status code");
-  }
-  KVTIER_RETURN_IF_ERROR(r.string(message, "message"));
-  if (code == static_cast<uint8_t>(StatusCode::kOk)) {
-    // Status drops an ok's message, so one on the wire could not survive a re-encode.
-    if (!message.empty()) return r.error("message", "an ok status carries no message");
+  Decoder d(r);
+  Status s;
+  KVTIER_RETURN_IF_ERROR(d.status(s, ""));
+  if (s.is_ok()) {
     remote = Status::ok();
     return r.rest();
   }
   KVTIER_RETURN_IF_ERROR(r.finish());  // an error reply has no body
-  remote = Status(static_cast<StatusCode>(code), std::move(message));
+  remote = std::move(s);
   return std::span<const std::byte>();
 }
 
