@@ -1,6 +1,7 @@
 // The tier manager, load and promotion: a match's blocks copied out to the caller, NVMe copies
 // restored (checksums verified) and promoted on a hit.
 #include "api/store/tier_manager_internals.h"
+#include "api/vocab/sequence_point.h"
 
 namespace kvtier {
 
@@ -176,6 +177,7 @@ Result<TransferHandle> TierManager::load(const Match& match, std::span<std::byte
     }
   }
   if (!direct.segments.empty()) {
+    KVTIER_SEQUENCE_POINT("tier_manager.load.nvme_read");  // the blocks are leased, their slots chosen
     const uint64_t bytes = uint64_t(direct.segments.size()) * block_bytes_;
     const uint64_t start = steady_ns();
     auto h = engine_->submit(std::move(direct));
@@ -261,6 +263,7 @@ std::vector<Status> TierManager::read_blocks(std::span<const BlockKey> keys, std
     auto h = engine_->submit(std::move(job));
     return h ? h->wait() : h.status();
   };
+  KVTIER_SEQUENCE_POINT("tier_manager.read_blocks.copy");  // the blocks are pinned, their slots chosen
   // One job for all; when it fails, each block again on its own to find which.
   const bool all_ok = reads.empty() || run(reads).is_ok();
   std::vector<BlockKey> bad_on_nvme;

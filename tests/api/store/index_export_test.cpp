@@ -6,7 +6,10 @@
 
 #include <nlohmann/json.hpp>
 
+#include <thread>
 #include <unordered_map>
+
+#include "api/vocab/sequence_point.h"
 
 #include "tier_manager_fixture.h"
 
@@ -174,6 +177,32 @@ TEST_CASE("read_blocks hands out each block's bytes verified, from memory or NVM
     const auto got = f.tm->read_blocks(asked, std::span(dst).first(2));
     for (const Status& s : got) CHECK(s.code() == StatusCode::kInvalidArgument);
   }
+}
+
+TEST_CASE("A block evicted while kvtier export reads it stays until the read is done", "[store][export]") {
+  // The read is held by a sequence point after it pinned the blocks and chose their copies.
+  Fixture f(/*host_blocks=*/64);
+  const auto t = prompt(8, 3);
+  const auto kv = kv_for(t, layout());
+  REQUIRE(f.tm->save(f.ns, t, kv).is_ok());
+  std::vector<BlockKey> keys;
+  REQUIRE(f.tm->index().key_chain().chain(f.ns, t, {}, keys).is_ok());
+  const uint64_t bb = layout().bytes_per_block();
+  std::vector<std::byte> out(3 * bb);
+  std::vector<std::byte*> dst{out.data(), out.data() + bb, out.data() + 2 * bb};
+  std::vector<Status> got;
+  {
+    sequence::Hold hold("tier_manager.read_blocks.copy");
+    std::thread reader([&] { got = f.tm->read_blocks(keys, dst); });
+    hold.wait_reached();
+    CHECK(f.tm->index().erase(keys[2]).status().code() == StatusCode::kBusy);  // pinned by the read
+    hold.release();
+    reader.join();
+  }
+  REQUIRE(got.size() == 3);
+  for (const Status& s : got) CHECK(s.is_ok());
+  CHECK(std::memcmp(out.data(), kv.data(), 3 * bb) == 0);
+  CHECK(f.tm->index().erase(keys[2]).is_ok());  // unpinned once read
 }
 
 }  // namespace kvtier::store_testing

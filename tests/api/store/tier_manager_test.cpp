@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "api/store/tier_manager.h"
+#include "api/vocab/sequence_point.h"
 #include "tiers/fault_device.h"
 #include "transfer/copy_engine.h"
 #include "temp_dir.h"
@@ -1084,4 +1085,42 @@ TEST_CASE("A save past the high watermark leaves the reclaim to the stepped recl
   CHECK(st.tiers[int(Tier::kHost)].used_slots <= 2);
   CHECK(nvme_prefix(*f.tm, f.ns, tokens) == 7);
   CHECK(f.tm->index().check_invariants().is_ok());
+}
+
+TEST_CASE("Evicting a block while a restore reads it from NVMe is refused until the restore is done") {
+  // Replayed in one order by a sequence point: the load is held after choosing its NVMe slots and
+  // before reading them, and the eviction runs then.
+  Fixture f;
+  const auto t = prompt(71, 4);
+  const auto kv = kv_for(t, layout());
+  REQUIRE(*f.tm->save(f.ns, t, kv) == 4);
+  REQUIRE(*f.tm->flush() == 4);
+  f.opts.promote_on_hit = false;
+  f.reopen();  // every block is on NVMe only, and a load reads it from there
+  std::vector<BlockKey> keys;
+  REQUIRE(f.tm->index().key_chain().chain(f.ns, t, {}, keys).is_ok());
+  auto m = f.tm->index().match(f.ns, t, {}, {.take_lease = true});
+  REQUIRE(m->blocks.size() == 4);
+
+  const uint64_t bb = layout().bytes_per_block();
+  std::vector<std::byte> out(4 * bb);
+  std::vector<std::byte*> dst;
+  for (int b = 0; b < 4; ++b) dst.push_back(out.data() + b * bb);
+  Status loaded = Status(StatusCode::kInternal, "not run");
+  {
+    sequence::Hold hold("tier_manager.load.nvme_read");
+    std::thread restore([&] {
+      auto h = f.tm->load(*m, dst);
+      loaded = h ? h->wait() : h.status();
+    });
+    hold.wait_reached();
+    CHECK(f.tm->index().erase(keys[3]).status().code() == StatusCode::kBusy);  // leased: it stays
+    hold.release();
+    restore.join();
+  }
+  INFO(loaded.to_string());
+  REQUIRE(loaded.is_ok());
+  CHECK(std::memcmp(out.data(), kv.data(), 4 * bb) == 0);
+  REQUIRE(f.tm->index().release(m->lease).is_ok());
+  CHECK(f.tm->index().erase(keys[3]).is_ok());  // and goes once the lease does
 }
