@@ -12,6 +12,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <string>
@@ -625,10 +626,14 @@ TEST_CASE("Daemon: bad protocol input closes that connection only", "[service]")
     } else if (what == "shorter than a header") {
       bad = std::vector<std::byte>(3, std::byte{1});
     } else {
+      // Written by hand in mailbox.h's layout, the length word before the sequence number: the
+      // daemon is spinning on the mailbox and would answer a well-formed request published first.
       bad = frame(proto::kVersion, static_cast<uint16_t>(proto::Op::kStats), 0, {});
-      box.publish(proto::Mailbox::kRequest, bad, 1);
-      uint32_t huge = 0xFFFFFFFFu;  // the length word of the request slot (mailbox.h layout)
-      std::memcpy(static_cast<std::byte*>(mapped) + 256, &huge, 4);
+      auto* base = static_cast<std::byte*>(mapped);
+      std::memcpy(base + 4096, bad.data(), bad.size());  // the request slot's frame
+      const uint32_t huge = 0xFFFFFFFFu;
+      std::memcpy(base + 256, &huge, 4);  // the request slot's length word
+      std::atomic_ref<uint32_t>(*reinterpret_cast<uint32_t*>(base)).store(1, std::memory_order_release);  // its seq
       bad.clear();
     }
     if (!bad.empty()) box.publish(proto::Mailbox::kRequest, bad, 1);
