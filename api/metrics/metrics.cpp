@@ -1,7 +1,5 @@
 #include "api/metrics/metrics.h"
 
-#include "api/metrics/prometheus_text.h"
-
 #include <httplib.h>
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
@@ -16,10 +14,24 @@
 #include <limits>
 #include <system_error>
 #include <thread>
+#include <unordered_map>
 
 namespace kvtier {
 
 namespace {
+
+/// A label value as the text format wants it inside double quotes: \, " and newline escaped.
+std::string escape_label_value(std::string_view v) {
+  std::string out;
+  out.reserve(v.size());
+  for (char c : v) {
+    if (c == '\\') out += "\\\\";
+    else if (c == '"') out += "\\\"";
+    else if (c == '\n') out += "\\n";
+    else out += c;
+  }
+  return out;
+}
 
 constexpr double kDefaultLatencyBuckets[] = {
     5e-6,  10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3,
@@ -127,6 +139,7 @@ struct MetricsRegistry::Family {
     std::unique_ptr<Counter> counter;
     std::unique_ptr<Gauge> gauge;
     std::unique_ptr<Histogram> histogram;
+    std::function<double()> read;  // a sampled series (counter_fn, gauge_fn): rendered from this
   };
 
   std::string name, help;
@@ -199,6 +212,25 @@ Histogram& MetricsRegistry::histogram(std::string_view name, std::string_view he
   return *f.series_for(canonical_labels(std::move(labels), true)).histogram;
 }
 
+void MetricsRegistry::sampled(std::string_view name, std::string_view help, Kind kind, MetricLabels labels,
+                              std::function<double()> read) {
+  std::lock_guard lock(mu_);
+  bool clash = false;
+  Family& f = family_locked(name, help, kind, clash);
+  if (clash) return;  // logged: never rendered
+  f.series_for(canonical_labels(std::move(labels), false)).read = std::move(read);
+}
+
+void MetricsRegistry::counter_fn(std::string_view name, std::string_view help, MetricLabels labels,
+                                 std::function<double()> read) {
+  sampled(name, help, Kind::kCounter, std::move(labels), std::move(read));
+}
+
+void MetricsRegistry::gauge_fn(std::string_view name, std::string_view help, MetricLabels labels,
+                               std::function<double()> read) {
+  sampled(name, help, Kind::kGauge, std::move(labels), std::move(read));
+}
+
 void MetricsRegistry::add_collector(std::function<void(MetricsRegistry&)> collector) {
   std::lock_guard lock(mu_);
   collectors_.push_back(std::move(collector));
@@ -212,6 +244,19 @@ std::string MetricsRegistry::render() {
   }
   for (auto& c : collectors) c(*this);  // unlocked: collectors register and set metrics
 
+  // Sampled series read unlocked too (their sources take their own locks); series never move.
+  std::vector<std::pair<const Family::Series*, std::function<double()>>> reads;
+  {
+    std::lock_guard lock(mu_);
+    for (const auto& f : families_) {
+      for (const auto& s : f->series) {
+        if (s->read) reads.emplace_back(s.get(), s->read);
+      }
+    }
+  }
+  std::unordered_map<const Family::Series*, double> sampled;
+  for (auto& [series, read] : reads) sampled.emplace(series, read());
+
   std::lock_guard lock(mu_);
   std::string out;
   for (const auto& f : families_) {
@@ -220,7 +265,10 @@ std::string MetricsRegistry::render() {
     out += "# TYPE " + f->name + " ";
     out += f->kind == Kind::kCounter ? "counter\n" : f->kind == Kind::kGauge ? "gauge\n" : "histogram\n";
     for (const auto& s : f->series) {
-      if (s->counter) {
+      if (s->read) {
+        auto it = sampled.find(s.get());  // absent: registered since the reads
+        out += f->name + braces(s->labels) + " " + format_value(it != sampled.end() ? it->second : 0.0) + "\n";
+      } else if (s->counter) {
         out += f->name + braces(s->labels) + " " + std::to_string(s->counter->value()) + "\n";
       } else if (s->gauge) {
         out += f->name + braces(s->labels) + " " + format_value(s->gauge->value()) + "\n";

@@ -96,6 +96,13 @@ class MetricsRegistry {
                        std::span<const double> buckets = default_latency_buckets(),
                        MetricLabels labels = {});
 
+  /// A series whose value another component keeps (the index's lookups, a tier's capacity),
+  /// registered here once so it renders with the rest: `read` runs at every render, outside the
+  /// registry's lock, possibly concurrently with itself. Registering the same name and labels
+  /// again replaces `read`. A family may mix these with counters (gauges) registered above.
+  void counter_fn(std::string_view name, std::string_view help, MetricLabels labels, std::function<double()> read);
+  void gauge_fn(std::string_view name, std::string_view help, MetricLabels labels, std::function<double()> read);
+
   /// Runs before every render, outside the registry's lock (it may register and set metrics):
   /// for gauges that mirror other components' stats at scrape time. Collectors may run
   /// concurrently when renders do.
@@ -109,6 +116,8 @@ class MetricsRegistry {
   struct Family;
   enum class Kind : uint8_t { kCounter, kGauge, kHistogram };
   Family& family_locked(std::string_view name, std::string_view help, Kind kind, bool& kind_clash);
+  void sampled(std::string_view name, std::string_view help, Kind kind, MetricLabels labels,
+               std::function<double()> read);
 
   std::mutex mu_;
   std::vector<std::unique_ptr<Family>> families_;  // registration order; never moves a metric

@@ -267,6 +267,6 @@ ServerCounters Server::counters() const {
   return c;
 }
 
-std::string Server::metrics_text() { return metrics_.render() + render_tier_metrics(store_->tiers()); }
+std::string Server::metrics_text() { return metrics_.render() + store_->tiers().metrics().render(); }
 
 }  // namespace kvtier

@@ -7,10 +7,8 @@
 #include <mutex>
 #include <string>
 
-#include <fmt/format.h>
-
 #include "api/kv_copy/kv_copy.h"
-#include "api/metrics/prometheus_text.h"
+#include "api/metrics/metrics.h"
 
 namespace kvtier {
 namespace {
@@ -293,142 +291,6 @@ Result<size_t> Store::unpin(NamespaceId id, std::span<const TokenId> tokens, std
   return unpinned;
 }
 
-Result<std::string> Store::metrics_text() { return render_tier_metrics(*tiers_); }
-
-std::string render_tier_metrics(TierManager& tiers) {
-  const TierManagerStats s = tiers.stats();
-  const IndexStats ix = tiers.index().stats();
-  const uint64_t bpb = tiers.layout().bytes_per_block();
-  std::string out;
-  auto family = [&](std::string_view name, std::string_view type, std::string_view help) {
-    out += fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
-  };
-  // One series per tier; capacity and use only for the tiers this store has.
-  auto per_tier = [&](std::string_view name, std::string_view type, std::string_view help, bool present_only,
-                      auto value) {
-    family(name, type, help);
-    for (Tier t : kAllTiers) {
-      if (present_only && !tiers.has_tier(t)) continue;
-      out += fmt::format("{}{{tier=\"{}\"}} {}\n", name, tier_name(t), value(int(t)));
-    }
-  };
-  per_tier("kvtier_tier_capacity_bytes", "gauge", "Capacity of each tier in bytes.", true,
-           [&](int t) { return s.tiers[t].capacity_slots * bpb; });
-  per_tier("kvtier_tier_used_bytes", "gauge", "Bytes of KV blocks held in each tier.", true,
-           [&](int t) { return s.tiers[t].used_slots * bpb; });
-  per_tier("kvtier_tier_blocks", "gauge", "Blocks resident in each tier.", false,
-           [&](int t) { return ix.resident_blocks[t]; });
-  per_tier("kvtier_tier_demotions_total", "counter", "Blocks copied down out of each tier under pressure.", false,
-           [&](int t) { return s.tiers[t].demotions_out; });
-  per_tier("kvtier_tier_promotions_total", "counter", "Blocks copied up into each tier.", false,
-           [&](int t) { return s.tiers[t].promotions_in; });
-  per_tier("kvtier_tier_evictions_total", "counter", "Blocks evicted from each tier by the index.", false,
-           [&](int t) { return ix.evictions[t]; });
-  auto scalar = [&](std::string_view name, std::string_view type, std::string_view help, uint64_t v) {
-    family(name, type, help);
-    out += fmt::format("{} {}\n", name, v);
-  };
-  scalar("kvtier_index_entries", "gauge", "Blocks in the prefix index.", ix.entries);
-  scalar("kvtier_lookups_total", "counter", "Prefix lookups.", ix.lookups);
-  scalar("kvtier_lookup_tokens_total", "counter", "Full-block tokens asked about by lookups.", ix.lookup_tokens);
-  scalar("kvtier_hit_tokens_total", "counter", "Tokens found cached by lookups.", ix.hit_tokens);
-  scalar("kvtier_hit_blocks_total", "counter", "Blocks found cached by lookups.", ix.hit_blocks);
-  scalar("kvtier_leases_active", "gauge", "Leases currently pinning matched blocks.", ix.leases_active);
-  scalar("kvtier_leases_expired_total", "counter", "Leases released by expiry.", ix.leases_expired);
-  scalar("kvtier_collisions_total", "counter", "Inserts refused because a key held another block.", ix.collisions);
-  scalar("kvtier_saved_blocks_total", "counter", "Blocks written by save.", s.saved_blocks);
-  scalar("kvtier_loaded_blocks_total", "counter", "Blocks copied out by load.", s.loaded_blocks);
-  scalar("kvtier_recovered_blocks_total", "counter", "Blocks indexed from the NVMe catalog at open.", s.recovered_blocks);
-  scalar("kvtier_checksum_errors_total", "counter", "NVMe reads refused for a bad checksum.", s.nvme.checksum_errors);
-  scalar("kvtier_corrupt_blocks_total", "counter",
-         "Blocks whose only copy (on NVMe) failed its checksum, or whose slot header failed its check at open; "
-         "lookups stop before them until repaired.",
-         s.corrupt_blocks_found + s.nvme.corrupt_at_open);
-  family("kvtier_recovery_dropped_blocks_total", "counter",
-         "NVMe blocks dropped at open, by cause: corrupt (a slot header unreadable or disagreeing with the "
-         "catalog), misplaced (a slot out of range or claimed twice), no_namespace (no namespace record).");
-  out += fmt::format("kvtier_recovery_dropped_blocks_total{{cause=\"corrupt\"}} {}\n", s.nvme.corrupt_at_open);
-  out += fmt::format("kvtier_recovery_dropped_blocks_total{{cause=\"misplaced\"}} {}\n", s.nvme.misplaced_at_open);
-  out += fmt::format("kvtier_recovery_dropped_blocks_total{{cause=\"no_namespace\"}} {}\n", s.recovery_dropped);
-  scalar("kvtier_orphan_blocks", "gauge",
-         "NVMe blocks kept at open whose parent is missing: indexed again once a save of their prefix indexes the "
-         "parent; the first to go when NVMe needs room.",
-         s.orphans);
-  scalar("kvtier_orphans_adopted_total", "counter", "Orphan blocks indexed again under a newly saved parent.",
-         s.orphans_adopted);
-  scalar("kvtier_orphans_dropped_total", "counter", "Orphan blocks erased to make room on NVMe.", s.orphans_dropped);
-  scalar("kvtier_ancestor_writes_total", "counter",
-         "Blocks written back to NVMe early, as the parents of a write-back (NVMe stays prefix-closed).",
-         s.ancestor_writes);
-  scalar("kvtier_damaged_blocks", "gauge", "Blocks marked corrupt and not yet repaired or evicted.", ix.damaged_blocks);
-  scalar("kvtier_repaired_blocks_total", "counter",
-         "Corrupt blocks replaced by a save of the same tokens.", s.blocks_repaired);
-  scalar("kvtier_io_errors_total", "counter", "NVMe device operations that failed.", s.nvme.io_errors);
-  scalar("kvtier_store_errors_total", "counter", "Failed transfers and storage operations.", s.errors);
-  family("kvtier_transfer_bytes_total", "counter", "Bytes moved by the transfer engine, per route.");
-  for (int r = 0; r < kNumRoutes; ++r) {
-    out += fmt::format("kvtier_transfer_bytes_total{{route=\"{}\"}} {}\n", route_name(static_cast<Route>(r)),
-                       s.transfer.bytes_per_route[r]);
-  }
-  scalar("kvtier_transfer_jobs_failed_total", "counter", "Transfer jobs that failed.", s.transfer.jobs_failed);
-  family("kvtier_reclaim_rounds_total", "counter",
-         "Reclaim rounds (up to 64 blocks demoted or dropped), by who ran them: the background thread, "
-         "or a save that found its tier full.");
-  out += fmt::format("kvtier_reclaim_rounds_total{{by=\"background\"}} {}\n", s.background_rounds);
-  out += fmt::format("kvtier_reclaim_rounds_total{{by=\"foreground\"}} {}\n", s.foreground_rounds);
-  if (!s.tenants.empty()) {
-    family("kvtier_tenant_blocks", "gauge", "Blocks each tenant's namespaces hold in each tier.");
-    for (const TenantResidency& t : s.tenants) {
-      for (Tier tier : kAllTiers) {
-        if (!tiers.has_tier(tier)) continue;
-        out += fmt::format("kvtier_tenant_blocks{{tenant=\"{}\",tier=\"{}\"}} {}\n", escape_label_value(t.name),
-                           tier_name(tier), t.resident_blocks[int(tier)]);
-      }
-    }
-    family("kvtier_tenant_share_blocks", "gauge",
-           "Each tenant's share of each tier in blocks (tier_share): beyond it, its blocks are evicted first. "
-           "Tenants without a share have no series.");
-    for (const TenantResidency& t : s.tenants) {
-      for (Tier tier : kAllTiers) {
-        if (t.share_blocks[int(tier)] == 0) continue;
-        out += fmt::format("kvtier_tenant_share_blocks{{tenant=\"{}\",tier=\"{}\"}} {}\n",
-                           escape_label_value(t.name), tier_name(tier), t.share_blocks[int(tier)]);
-      }
-    }
-  }
-  scalar("kvtier_over_share_evictions_total", "counter",
-         "Blocks demoted or dropped ahead of the usual order because their tenant held more than its tier_share.",
-         ix.over_share_evictions + s.over_share_demotions);
-  family("kvtier_nvme_admission_total", "counter",
-         "Blocks demoted from host DRAM, by NVMe admission's decision: admitted (used often enough lately, or of "
-         "class high or above) and written, or refused and dropped from memory.");
-  out += fmt::format("kvtier_nvme_admission_total{{decision=\"admitted\"}} {}\n", s.nvme_admitted);
-  out += fmt::format("kvtier_nvme_admission_total{{decision=\"refused\"}} {}\n", s.nvme_refused);
-  scalar("kvtier_nvme_written_bytes_total", "counter",
-         "Payload bytes of the blocks committed to NVMe (write-back, write-through, flush, repair).",
-         s.nvme_blocks_written * bpb);
-  scalar("kvtier_restore_offered_tokens_total", "counter",
-         "Tokens lookups offered where the engine declared its prefill speed (restore or recompute).",
-         s.restore_offered_tokens);
-  scalar("kvtier_restore_held_back_tokens_total", "counter",
-         "Cached tokens lookups held back as slower to restore than to recompute.", s.restore_held_back_tokens);
-  family("kvtier_restore_seconds_saved_total", "counter",
-         "Estimated recompute time minus restore time of the tokens offered.");
-  out += fmt::format("kvtier_restore_seconds_saved_total {}\n", s.restore_seconds_saved);
-  scalar("kvtier_restore_probes_total", "counter",
-         "Probe reads of a tier whose blocks were held back, so its estimate can recover.", s.restore_probes);
-  family("kvtier_restore_bandwidth_bytes_per_second", "gauge",
-         "Each tier's restore bandwidth as measured from loads (a moving estimate; the prior until a load).");
-  for (Tier t : kAllTiers) {
-    if (!tiers.has_tier(t)) continue;
-    out += fmt::format("kvtier_restore_bandwidth_bytes_per_second{{tier=\"{}\"}} {}\n", tier_name(t),
-                       s.restore_bytes_per_second[int(t)]);
-  }
-  const IoEngineStats io = tiers.transfer().io_engine().stats();
-  scalar("kvtier_io_ops_total", "counter", "Reads and writes sent to the storage devices.", io.ops);
-  scalar("kvtier_io_submit_calls_total", "counter",
-         "System calls that sent them (io_uring_submit; fewer than ops when batched).", io.submit_calls);
-  return out;
-}
+Result<std::string> Store::metrics_text() { return tiers_->metrics().render(); }
 
 }  // namespace kvtier

@@ -110,7 +110,4 @@ class Store final : public KvStore {
   PinLedger pins_;  // the pins pin() took, for unpin(); guarded by pins_mu_
 };
 
-/// Tier occupancy, index and transfer counters of a TierManager in Prometheus text format.
-std::string render_tier_metrics(TierManager& tiers);
-
 }  // namespace kvtier

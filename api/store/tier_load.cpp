@@ -32,7 +32,7 @@ Result<SlotId> TierManager::copy_into_memory_tier(const BlockResidency& from, Ti
   Status s = handle ? handle->wait() : handle.status();
   if (!s) {
     free_slot(to, *slot);
-    counters_->errors++;
+    counters_->errors.add();
     return s;
   }
   return *slot;
@@ -70,7 +70,7 @@ Result<size_t> TierManager::promote(std::span<const BlockKey> keys, Tier to) {
     Status s = h ? h->wait() : h.status();
     if (all_nvme) record_restore(Tier::kNvme, bytes, start, s);
     if (!s) {
-      counters_->errors++;
+      counters_->errors.add();
       for (auto& [key, slot] : moved) free_slot(to, slot);
       if (s.code() == StatusCode::kChecksumMismatch) quarantine(from_nvme);
       failure = s;
@@ -78,7 +78,7 @@ Result<size_t> TierManager::promote(std::span<const BlockKey> keys, Tier to) {
       for (auto& [key, slot] : moved) {
         if (index_->add_residency(key, to, slot).is_ok()) {
           ++promoted;
-          counters_->promotions_in[static_cast<int>(to)]++;
+          counters_->promotions_in[static_cast<int>(to)]->add();
         } else {
           free_slot(to, slot);
         }
@@ -184,7 +184,7 @@ Result<TransferHandle> TierManager::load(const Match& match, std::span<std::byte
     Status s = h ? h->wait() : h.status();
     record_restore(Tier::kNvme, bytes, start, s);
     if (!s) {
-      counters_->errors++;
+      counters_->errors.add();
       // Which block: each is read again on its own. A corrupt one is marked so the next lookup
       // stops before it (and the engine's save of those tokens repairs it), instead of every
       // lookup matching it and every load failing on it.
@@ -192,7 +192,7 @@ Result<TransferHandle> TierManager::load(const Match& match, std::span<std::byte
       return s;
     }
   }
-  counters_->loaded += match.blocks.size();
+  counters_->loaded.add(match.blocks.size());
   {
     // A load is a use of every block it copies out (NVMe admission counts them).
     std::vector<BlockKey> keys;
@@ -275,7 +275,7 @@ std::vector<Status> TierManager::read_blocks(std::span<const BlockKey> keys, std
                                                     std::string(tier_name(r.from)) + " copy fails its checksum");
     }
     if (s.code() == StatusCode::kChecksumMismatch && r.from == Tier::kNvme) bad_on_nvme.push_back(keys[r.i]);
-    if (!s.is_ok()) counters_->errors++;
+    if (!s.is_ok()) counters_->errors.add();
     out[r.i] = std::move(s);
   }
   quarantine(bad_on_nvme);
@@ -290,10 +290,10 @@ void TierManager::record_restore(Tier from, uint64_t bytes, uint64_t start_ns, c
 RestoreOffer TierManager::plan_restore(std::span<const BlockResidency> blocks, double prefill_tokens_per_second) {
   const uint32_t bt = options_.layout.block_tokens;
   RestoreOffer offer = restore_->plan(blocks, prefill_tokens_per_second, bt);
-  counters_->offered_tokens += uint64_t(offer.keep) * bt;
+  counters_->offered_tokens.add(uint64_t(offer.keep) * bt);
   if (offer.seconds_saved > 0) counters_->saved_ns += static_cast<uint64_t>(offer.seconds_saved * 1e9);
   if (offer.held_back == 0) return offer;
-  counters_->held_back_tokens += uint64_t(offer.held_back) * bt;
+  counters_->held_back_tokens.add(uint64_t(offer.held_back) * bt);
   const Tier slow = static_cast<Tier>(offer.held_back_tier);
   // Nothing is read from a tier whose blocks are held back, so its estimate would never learn
   // that the device got faster again: probe it once the estimate is stale.
@@ -343,7 +343,7 @@ void TierManager::probe(std::span<const BlockResidency> blocks, Tier tier) {
     record_restore(tier, bytes, start, s);
     done();
   };
-  counters_->probes++;
+  counters_->probes.add();
   auto h = engine_->submit(std::move(job));
   if (!h) return done();  // the callback does not fire for a job that was refused
   // Fire and forget: the handle is kept until the next probe replaces it (or the manager goes).

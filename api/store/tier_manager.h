@@ -49,6 +49,8 @@
 
 namespace kvtier {
 
+class MetricsRegistry;
+
 enum class WritePolicy : uint8_t {
   kWriteBack = 0,     // blocks reach NVMe when demoted from host (or on flush())
   kWriteThrough = 1,  // every saved block is stored on NVMe before save returns
@@ -268,6 +270,9 @@ class TierManager {
   Reclaimer* reclaimer() noexcept { return reclaimer_.get(); }
 
   TierManagerStats stats() const;
+  /// The manager's metrics, each series registered once (at open): its own counts and the series
+  /// mirrored from the index, the tiers and the transfer engine. kvtierd's /metrics renders them.
+  MetricsRegistry& metrics() noexcept;
 
  private:
   struct MemoryTier {
@@ -283,6 +288,8 @@ class TierManager {
   /// The index group of a tenant named in options.tenants; kNoGroup for any other name.
   GroupId group_of(std::string_view tenant) const noexcept;
   Status recover();
+  /// Registers the series read from the index, the tiers and the transfer engine (tier_metrics.cpp).
+  void register_metrics();
   /// Indexes the orphans kept at open whose parent is `parent` (just indexed in `ns`), then
   /// theirs in turn. The number indexed; an orphan the index refuses is erased.
   size_t adopt_orphans(const Namespace& ns, const BlockKey& parent);

@@ -18,6 +18,7 @@ Result<std::unique_ptr<TierManager>> TierManager::open(const KeyChain& keys, Tie
   KVTIER_RETURN_IF_ERROR(m->open_tiers());
   KVTIER_RETURN_IF_ERROR(m->set_tenant_shares());
   KVTIER_RETURN_IF_ERROR(m->recover());
+  m->register_metrics();
   if (m->options_.background_reclaim) {
     m->reclaimer_ = std::make_unique<Reclaimer>(
         m->options_.reclaimer_mode, [tm = m.get()](const std::atomic<bool>& stop) { tm->reclaim_pass(stop); });
@@ -127,7 +128,7 @@ Status TierManager::recover() {
       root = it->second;
     } else {
       counters_->orphans.emplace(e.parent, std::move(e));  // its parent is missing: kept aside
-      counters_->orphan_count++;
+      counters_->orphan_count.add(1);
       continue;
     }
     auto ns_it = namespaces.find(root);
@@ -140,21 +141,21 @@ Status TierManager::recover() {
     }
     if (indexed) {
       root_of.emplace(e.key, root);
-      counters_->recovered++;
+      counters_->recovered.add();
     } else {
-      counters_->recovery_dropped++;
+      counters_->recovery_dropped.add();
       nvme_->erase(e.key).ignore();  // unreachable: give the slot back
     }
   }
   if (!entries.empty()) {
     spdlog::info("kvtier: recovered {} blocks from NVMe ({} kept whose parent is missing, {} without a namespace dropped)",
-                 counters_->recovered.load(), counters_->orphan_count.load(), counters_->recovery_dropped.load());
+                 counters_->recovered.value(), counters_->orphan_count.value(), counters_->recovery_dropped.value());
   }
   return Status::ok();
 }
 
 size_t TierManager::adopt_orphans(const Namespace& ns, const BlockKey& parent) {
-  if (counters_->orphan_count.load(std::memory_order_relaxed) == 0) return 0;
+  if (counters_->orphan_count.value() == 0) return 0;
   size_t adopted = 0;
   std::vector<BlockKey> parents{parent};
   while (!parents.empty()) {
@@ -166,7 +167,7 @@ size_t TierManager::adopt_orphans(const Namespace& ns, const BlockKey& parent) {
       auto [begin, end] = counters_->orphans.equal_range(p);
       for (auto it = begin; it != end; ++it) children.push_back(std::move(it->second));
       counters_->orphans.erase(begin, end);
-      counters_->orphan_count -= children.size();
+      counters_->orphan_count.add(-double(children.size()));
     }
     for (const CatalogEntry& e : children) {
       // The index checks the key against parent, tokens and extras: an orphan that does not
@@ -175,12 +176,12 @@ size_t TierManager::adopt_orphans(const Namespace& ns, const BlockKey& parent) {
       if (r) {
         // kAddedResidency: the block was saved again in memory meanwhile; this copy joins it.
         ++adopted;
-        counters_->orphans_adopted++;
+        counters_->orphans_adopted.add();
         parents.push_back(e.key);
       } else {
         spdlog::warn("kvtier: orphan block {} not indexed: {}", e.key.to_hex(), r.status().to_string());
         nvme_->erase(e.key).ignore();
-        counters_->orphans_dropped++;
+        counters_->orphans_dropped.add();
       }
     }
   }
@@ -188,7 +189,7 @@ size_t TierManager::adopt_orphans(const Namespace& ns, const BlockKey& parent) {
 }
 
 size_t TierManager::drop_orphans(size_t n) {
-  if (!nvme_ || counters_->orphan_count.load(std::memory_order_relaxed) == 0) return 0;
+  if (!nvme_ || counters_->orphan_count.value() == 0) return 0;
   std::vector<BlockKey> victims;
   {
     std::lock_guard lock(counters_->orphan_mu);
@@ -196,12 +197,12 @@ size_t TierManager::drop_orphans(size_t n) {
       victims.push_back(it->second.key);
       it = counters_->orphans.erase(it);
     }
-    counters_->orphan_count -= victims.size();
+    counters_->orphan_count.add(-double(victims.size()));
   }
   size_t dropped = 0;
   for (const BlockKey& k : victims) {
     if (nvme_->erase(k).is_ok()) ++dropped;  // catalog first, then the slot
-    counters_->orphans_dropped++;
+    counters_->orphans_dropped.add();
   }
   return dropped;
 }

@@ -33,7 +33,7 @@ Status TierManager::reclaim(Tier t, uint64_t target_used, const std::atomic<bool
     if (used_slots(t) <= target_used) return Status::ok();
     // Orphans kept at open go first: no prefix reaches them until their parent is saved again.
     if (t == Tier::kNvme && drop_orphans(std::min<uint64_t>(used_slots(t) - target_used, 64)) > 0) continue;
-    (stop != nullptr ? counters_->background_rounds : counters_->foreground_rounds)++;
+    (stop != nullptr ? counters_->background_rounds : counters_->foreground_rounds).add();
     const size_t batch = std::min<uint64_t>(used_slots(t) - target_used, 64);
     size_t progressed = 0, failed = 0;
     bool raced = false;  // a victim was pinned between the pick and its move
@@ -95,7 +95,7 @@ std::vector<Status> TierManager::write_back_victims(Tier t, std::span<const Bloc
   // Admitted: what this write-back wrote, the admitted blocks' ancestors included.
   size_t written = 0;
   const std::vector<Status> stored = store_batch_to_nvme(to_store, &written);
-  counters_->nvme_admitted += written;
+  counters_->nvme_admitted.add(written);
   size_t s = 0;
   for (size_t v = 0; v < victims.size(); ++v) {
     if (!refused[v]) {
@@ -117,7 +117,7 @@ std::vector<Status> TierManager::write_back_victims(Tier t, std::span<const Bloc
       continue;
     }
     release_evicted(*removed);
-    counters_->nvme_refused++;
+    counters_->nvme_refused.add();
   }
   return result;
 }
@@ -135,7 +135,7 @@ void TierManager::release_evicted(const EvictedBlock& e) {
     }
     counters_->evicted->record(e.key, e.tier, tier_detail::wall_ns());
   }
-  counters_->drops[static_cast<int>(e.tier)]++;
+  counters_->drops[static_cast<int>(e.tier)]->add();
 }
 
 Status TierManager::demote_block(const BlockKey& key, Tier from) {
@@ -161,7 +161,7 @@ Status TierManager::drop_residency(const BlockKey& key, Tier from) {
   auto removed = index_->remove_residency(key, from);
   if (!removed) return removed.status();  // pinned meanwhile: both copies stay
   free_slot(from, removed->slot);
-  counters_->demotions_out[static_cast<int>(from)]++;
+  counters_->demotions_out[static_cast<int>(from)]->add();
   return Status::ok();
 }
 
@@ -203,10 +203,10 @@ Result<CatalogEntry> TierManager::write_to_nvme(const CatalogEntry& entry, const
   Status s = !written ? written.status() : replace ? nvme_->replace(*written) : nvme_->commit(*written);
   if (!s) {
     nvme_->release_uncommitted(*slot).ignore();
-    counters_->errors++;
+    counters_->errors.add();
     return s;
   }
-  counters_->nvme_writes++;
+  counters_->nvme_written_bytes.add(block_bytes_);
   return written;
 }
 

@@ -74,7 +74,7 @@ Result<size_t> TierManager::save_blocks(const Namespace& ns, std::span<const Tok
     Status first_error;
     for (const Status& st : stored) {
       if (st.is_ok()) {
-        counters_->write_through++;
+        counters_->write_through.add();
       } else if (first_error.is_ok()) {
         first_error = st;
       }
@@ -101,15 +101,15 @@ Result<size_t> TierManager::save_blocks(const Namespace& ns, std::span<const Tok
                             }, blocks[b - first_block], src_on_device);
       if (repaired && *repaired) {
         ++saved;
-        counters_->saved++;
+        counters_->saved.add();
       } else {
         // A failed repair (NVMe full, a write error) leaves the block damaged for a later save;
         // the rest of this save goes on.
         if (!repaired) {
-          counters_->errors++;
+          counters_->errors.add();
           spdlog::warn("kvtier: repair of block {} failed: {}", keys[b].to_hex(), repaired.status().to_string());
         }
-        counters_->skipped++;
+        counters_->skipped.add();
       }
       continue;
     }
@@ -187,7 +187,7 @@ Result<size_t> TierManager::save_blocks(const Namespace& ns, std::span<const Tok
       release_slot();
       if (r.status().code() == StatusCode::kAlreadyExists && index_->pin(keys[b]).is_ok()) {
         pin_only(keys[b]);  // another saver won the race: same bytes, keep theirs
-        counters_->skipped++;
+        counters_->skipped.add();
         continue;
       }
       failure = r.status();
@@ -195,7 +195,7 @@ Result<size_t> TierManager::save_blocks(const Namespace& ns, std::span<const Tok
     }
     pin_only(keys[b]);  // the insert took the pin
     ++saved;
-    counters_->saved++;
+    counters_->saved.add();
     adopt_orphans(ns, keys[b]);  // blocks kept at open below it match again (the next ones skip)
     if (on_nvme) continue;
     {

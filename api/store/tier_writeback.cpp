@@ -59,7 +59,7 @@ std::vector<Status> TierManager::store_batch_to_nvme(std::span<const BlockKey> k
   for (const BlockKey& k : pinned) index_->unpin(k).ignore();
   const std::unordered_set<BlockKey> asked(keys.begin(), keys.end());
   for (const BlockKey& k : written_now) {
-    if (!asked.contains(k)) counters_->ancestor_writes++;
+    if (!asked.contains(k)) counters_->ancestor_writes.add();
   }
   if (written != nullptr) *written = written_now.size();
   for (size_t i = 0; i < keys.size(); ++i) {
@@ -105,7 +105,7 @@ void TierManager::store_round_to_nvme(std::span<const BlockKey> keys, std::unord
       const MemoryArena& arena = *memory_tier(from)->arena;
       copy = make_aligned_buffer(align_up(block_bytes_, kIoAlignment));
       if (Status s = copy_block(copy.get(), false, arena.slot_ptr(where.slot(from)), arena.is_device_memory()); !s) {
-        counters_->errors++;
+        counters_->errors.add();
         result.insert_or_assign(key, s);
         continue;
       }
@@ -123,7 +123,7 @@ void TierManager::store_round_to_nvme(std::span<const BlockKey> keys, std::unord
     auto handle = engine_->submit(std::move(job));  // every write in flight at once
     if (!handle) {
       nvme_->release_uncommitted(*slot).ignore();
-      counters_->errors++;
+      counters_->errors.add();
       result.insert_or_assign(key, handle.status());
       continue;
     }
@@ -150,7 +150,7 @@ void TierManager::store_round_to_nvme(std::span<const BlockKey> keys, std::unord
     Status s = w.handle.wait();
     if (s) s = w.header_status;
     if (!s) {
-      counters_->errors++;
+      counters_->errors.add();
       refuse(w, s);
       continue;
     }
@@ -174,11 +174,11 @@ void TierManager::store_round_to_nvme(std::span<const BlockKey> keys, std::unord
   for (size_t c = 0; c < written.size(); ++c) {
     Pending& w = pending[written_of[c]];
     if (!committed[c]) {
-      counters_->errors++;
+      counters_->errors.add();
       refuse(w, committed[c]);
       continue;
     }
-    counters_->nvme_writes++;
+    counters_->nvme_written_bytes.add(block_bytes_);
     Status indexed = index_nvme_copy(w.key, w.slot);
     if (indexed) written_now.insert(w.key);
     result.insert_or_assign(w.key, std::move(indexed));
@@ -235,7 +235,7 @@ Result<bool> TierManager::repair(const BlockKey& key, const std::function<Catalo
   if (!written) return written.status();
   auto old = index_->repair(key, Tier::kNvme, written->slot, written->checksum);
   if (!old) return internal_error("repair of " + key.to_hex() + " left the index behind: " + old.status().to_string());
-  counters_->repaired++;
+  counters_->repaired.add();
   spdlog::info("kvtier: block {} repaired: NVMe slot {} replaces corrupt slot {}", key.to_hex(), written->slot, *old);
   return true;
 }

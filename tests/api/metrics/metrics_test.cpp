@@ -4,6 +4,7 @@
 
 #include <httplib.h>
 
+#include <atomic>
 #include <cmath>
 #include <thread>
 #include <vector>
@@ -130,6 +131,40 @@ TEST_CASE("Collectors run before each render") {
   });
   CHECK(r.render().find("kvtier_scrapes 1\n") != std::string::npos);
   CHECK(r.render().find("kvtier_scrapes 2\n") != std::string::npos);
+}
+
+TEST_CASE("A sampled series reads its source at each render, beside the registry's own series") {
+  MetricsRegistry r;
+  std::atomic<uint64_t> lookups{0};  // kept by another component
+  double level = 0.5;
+  r.counter("kvtier_dropped_total", "Dropped.", {{"cause", "owned"}}).add(2);
+  r.counter_fn("kvtier_dropped_total", "Dropped.", {{"cause", "mirrored"}}, [&] { return 7.0; });
+  r.counter_fn("kvtier_lookups_total", "Lookups.", {}, [&] { return double(lookups.load()); });
+  r.gauge_fn("kvtier_level", "Level.", {{"tier", "host"}}, [&] { return level; });
+  CHECK(r.render() ==
+        "# HELP kvtier_dropped_total Dropped.\n# TYPE kvtier_dropped_total counter\n"
+        "kvtier_dropped_total{cause=\"owned\"} 2\nkvtier_dropped_total{cause=\"mirrored\"} 7\n"
+        "# HELP kvtier_lookups_total Lookups.\n# TYPE kvtier_lookups_total counter\nkvtier_lookups_total 0\n"
+        "# HELP kvtier_level Level.\n# TYPE kvtier_level gauge\nkvtier_level{tier=\"host\"} 0.5\n");
+  lookups = 12;
+  level = 3;
+  const std::string text = r.render();
+  CHECK_THAT(text, Catch::Contains("kvtier_lookups_total 12\n"));
+  CHECK_THAT(text, Catch::Contains("kvtier_level{tier=\"host\"} 3\n"));
+  SECTION("registering it again replaces the read") {
+    r.gauge_fn("kvtier_level", "Level.", {{"tier", "host"}}, [] { return 9.0; });
+    CHECK_THAT(r.render(), Catch::Contains("kvtier_level{tier=\"host\"} 9\n"));
+  }
+  SECTION("a read that takes the registry does not deadlock a render") {
+    r.gauge_fn("kvtier_families", "Counters registered.", {},
+               [&r] { return double(r.counter("kvtier_lookups_total", "Lookups.").value()); });
+    CHECK_THAT(r.render(), Catch::Contains("kvtier_families 0\n"));
+  }
+  SECTION("another metric type under a sampled name is refused, and the sampled one stays") {
+    r.gauge("kvtier_lookups_total", "Lookups.").set(99);
+    CHECK_THAT(r.render(), Catch::Contains("kvtier_lookups_total 12\n"));
+    CHECK_THAT(r.render(), !Catch::Contains("99"));
+  }
 }
 
 TEST_CASE("format_for_humans shows one line per series, histograms as count, mean, p50, p99") {

@@ -3,6 +3,11 @@
 // one-off prompts. Write-through, flush and pins still persist.
 #include <catch2/catch.hpp>
 
+#include <map>
+#include <sstream>
+#include <string>
+
+#include "api/metrics/metrics.h"
 #include "api/store/store.h"
 #include "tier_manager_fixture.h"
 
@@ -124,12 +129,70 @@ TEST_CASE("NVMe admission shows in the metrics: admitted, refused and bytes writ
   REQUIRE(f.tm->save(f.ns, once, kv_for(once, layout())).is_ok());
   push_out_of_host(f, 600);
   const TierManagerStats s = f.tm->stats();
-  const std::string text = render_tier_metrics(*f.tm);
+  const std::string text = f.tm->metrics().render();
   CHECK_THAT(text, Catch::Contains("kvtier_nvme_admission_total{decision=\"admitted\"} " + std::to_string(s.nvme_admitted)));
   CHECK_THAT(text, Catch::Contains("kvtier_nvme_admission_total{decision=\"refused\"} " + std::to_string(s.nvme_refused)));
   CHECK_THAT(text, Catch::Contains("kvtier_nvme_written_bytes_total " +
                                    std::to_string(s.nvme_blocks_written * layout().bytes_per_block())));
   CHECK(s.nvme_refused > 0);
+}
+
+TEST_CASE("The metrics tell the counts the stats tell, each series once") {
+  AdmissionFixture f(2);
+  const auto reused = prompt(11, 4);
+  REQUIRE(*f.tm->save(f.ns, reused, kv_for(reused, layout())) == 4);
+  REQUIRE(*f.tm->save(f.ns, reused, kv_for(reused, layout())) == 0);  // skipped: cached
+  CHECK(f.load_and_check(reused) == 4);
+  push_out_of_host(f, 700);
+  CHECK(f.load_and_check(reused) == 4);  // from NVMe: promoted into host again
+  const TierManagerStats s = f.tm->stats();
+  const IndexStats ix = f.tm->index().stats();
+  // Each series line of the text, by name and labels.
+  std::map<std::string, double> series;
+  std::map<std::string, int> helps;
+  std::istringstream lines(f.tm->metrics().render());
+  for (std::string line; std::getline(lines, line);) {
+    if (line.starts_with("# HELP ")) {
+      helps[line.substr(7, line.find(' ', 7) - 7)]++;
+    } else if (!line.starts_with("#")) {
+      const size_t space = line.rfind(' ');
+      CHECK(series.emplace(line.substr(0, space), std::stod(line.substr(space + 1))).second);
+    }
+  }
+  for (const auto& [name, n] : helps) CHECK(n == 1);
+  auto value = [&](const std::string& key) {
+    INFO(key);
+    REQUIRE(series.contains(key));
+    return series.at(key);
+  };
+  const double bpb = double(layout().bytes_per_block());
+  CHECK(value("kvtier_saved_blocks_total") == double(s.saved_blocks));
+  CHECK(value("kvtier_save_skipped_blocks_total") == 4);
+  CHECK(value("kvtier_loaded_blocks_total") == 8);
+  CHECK(value("kvtier_tier_demotions_total{tier=\"host\"}") == double(s.tiers[int(Tier::kHost)].demotions_out));
+  CHECK(value("kvtier_tier_promotions_total{tier=\"host\"}") == double(s.tiers[int(Tier::kHost)].promotions_in));
+  CHECK(s.tiers[int(Tier::kHost)].promotions_in > 0);
+  CHECK(value("kvtier_tier_drops_total{tier=\"host\"}") == double(s.tiers[int(Tier::kHost)].drops));
+  CHECK(value("kvtier_nvme_admission_total{decision=\"admitted\"}") == double(s.nvme_admitted));
+  CHECK(value("kvtier_nvme_admission_total{decision=\"refused\"}") == double(s.nvme_refused));
+  CHECK(value("kvtier_nvme_written_bytes_total") == double(s.nvme_blocks_written) * bpb);
+  CHECK(value("kvtier_reclaim_rounds_total{by=\"foreground\"}") == double(s.foreground_rounds));
+  CHECK(s.foreground_rounds > 0);
+  CHECK(value("kvtier_reclaim_rounds_total{by=\"background\"}") == 0);
+  CHECK(value("kvtier_store_errors_total") == 0);
+  CHECK(value("kvtier_tier_capacity_bytes{tier=\"host\"}") == double(s.tiers[int(Tier::kHost)].capacity_slots) * bpb);
+  CHECK(value("kvtier_tier_used_bytes{tier=\"nvme\"}") == double(s.tiers[int(Tier::kNvme)].used_slots) * bpb);
+  CHECK_FALSE(series.contains("kvtier_tier_capacity_bytes{tier=\"hbm\"}"));  // no HBM tier here
+  CHECK(value("kvtier_tier_blocks{tier=\"nvme\"}") == double(ix.resident_blocks[int(Tier::kNvme)]));
+  CHECK(value("kvtier_index_entries") == double(ix.entries));
+  CHECK(value("kvtier_lookups_total") == double(ix.lookups));
+  CHECK(ix.lookups >= 2);
+  CHECK(value("kvtier_hit_blocks_total") == double(ix.hit_blocks));
+  CHECK(value("kvtier_transfer_bytes_total{route=\"storage_to_host\"}") ==
+        double(s.transfer.bytes_per_route[int(Route::kStorageToHost)]));
+  CHECK(value("kvtier_recovery_dropped_blocks_total{cause=\"no_namespace\"}") == 0);
+  CHECK(value("kvtier_recovery_dropped_blocks_total{cause=\"corrupt\"}") == 0);
+  CHECK(value("kvtier_io_ops_total") > 0);
 }
 
 TEST_CASE("A pinned prefix is never refused: it stays in memory under pressure and a flush persists it") {
