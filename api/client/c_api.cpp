@@ -7,6 +7,8 @@
 #include <memory>
 #include <new>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include "kvtier/client.h"
 
@@ -208,6 +210,74 @@ kvtier_status kvtier_pin(kvtier_client* c, uint32_t ns, const uint32_t* tokens, 
     auto r = c->client->pin(ns, token_span(tokens, n), static_cast<kvtier::Priority>(priority));
     if (!r) return fail(r.status());
     if (count_out) *count_out = *r;
+    return ok();
+  });
+}
+
+namespace {
+std::string_view bytes_view(const void* p, size_t n) { return {static_cast<const char*>(p), n}; }
+
+kvtier::Result<std::vector<std::string>> object_keys(const void* const* keys, const size_t* lens, size_t n) {
+  if (n && (!keys || !lens)) return kvtier::invalid_argument("keys and their lengths are required");
+  std::vector<std::string> out;
+  out.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (!keys[i] && lens[i]) return kvtier::invalid_argument("key " + std::to_string(i) + " is NULL");
+    out.emplace_back(bytes_view(keys[i], lens[i]));
+  }
+  return out;
+}
+}  // namespace
+
+kvtier_status kvtier_object_put(kvtier_client* c, uint32_t ns, const void* key, size_t key_len, const void* bytes,
+                                size_t num_bytes, int priority, int* stored_out) {
+  return guarded([&]() -> kvtier_status {
+    if (!c || (!key && key_len) || (!bytes && num_bytes)) return bad("client, key and bytes are required");
+    if (priority < 0 || priority >= kvtier::kNumPriorities) return bad("priority must be 0..3");
+    auto r = c->client->object_put(ns, bytes_view(key, key_len),
+                                   {static_cast<const std::byte*>(bytes), num_bytes},
+                                   static_cast<kvtier::Priority>(priority));
+    if (!r) return fail(r.status());
+    if (stored_out) *stored_out = *r ? 1 : 0;
+    return ok();
+  });
+}
+
+kvtier_status kvtier_object_get(kvtier_client* c, uint32_t ns, const void* key, size_t key_len, void* dst,
+                                size_t dst_bytes, size_t* length_out) {
+  return guarded([&]() -> kvtier_status {
+    if (!c || (!key && key_len) || (!dst && dst_bytes) || !length_out) {
+      return bad("client, key, dst and length_out are required");
+    }
+    auto r = c->client->object_get(ns, bytes_view(key, key_len), {static_cast<std::byte*>(dst), dst_bytes});
+    if (!r) return fail(r.status());
+    *length_out = *r;
+    return ok();
+  });
+}
+
+kvtier_status kvtier_object_exists(kvtier_client* c, uint32_t ns, const void* const* keys, const size_t* key_lens,
+                                   size_t num_keys, size_t* present_out) {
+  return guarded([&]() -> kvtier_status {
+    if (!c || !present_out) return bad("client and present_out are required");
+    auto k = object_keys(keys, key_lens, num_keys);
+    if (!k) return fail(k.status());
+    auto r = c->client->object_exists(ns, *k);
+    if (!r) return fail(r.status());
+    *present_out = *r;
+    return ok();
+  });
+}
+
+kvtier_status kvtier_object_remove(kvtier_client* c, uint32_t ns, const void* const* keys, const size_t* key_lens,
+                                   size_t num_keys, size_t* removed_out) {
+  return guarded([&]() -> kvtier_status {
+    if (!c) return bad("a client is required");
+    auto k = object_keys(keys, key_lens, num_keys);
+    if (!k) return fail(k.status());
+    auto r = c->client->object_remove(ns, *k);
+    if (!r) return fail(r.status());
+    if (removed_out) *removed_out = *r;
     return ok();
   });
 }

@@ -665,6 +665,75 @@ Result<std::string> SocketClient::metrics_text() {
   return std::move(out.prometheus_text);
 }
 
+Result<bool> SocketClient::object_put(NamespaceId ns, std::string_view key, std::span<const std::byte> bytes,
+                                      Priority priority) {
+  KVTIER_RETURN_IF_ERROR(check_object_key(key));
+  const uint64_t bpb = layout_.bytes_per_block();
+  const uint64_t laid = object_blocks(bytes.size(), bpb) * bpb;
+  std::lock_guard lock(gate_);
+  if (laid > window_bytes_) {
+    return invalid_argument("an object of " + std::to_string(bytes.size()) + " bytes takes " + std::to_string(laid) +
+                            " bytes of window; this client's window has " + std::to_string(window_bytes_));
+  }
+  lay_out_object(bytes, {window_, laid});
+  std::vector<std::byte> req, reply;
+  proto::encode(proto::ObjectPutRequest{.namespace_id = ns, .priority = static_cast<uint8_t>(priority),
+                                        .length = bytes.size(), .window_offset = 0, .key = std::string(key)},
+                req);
+  KVTIER_RETURN_IF_ERROR(call(Op::kObjectPut, req, reply));
+  proto::ObjectPutReply out;
+  KVTIER_RETURN_IF_ERROR(proto::decode(reply, out));
+  return out.stored;
+}
+
+Result<uint64_t> SocketClient::object_get(NamespaceId ns, std::string_view key, std::span<std::byte> dst) {
+  KVTIER_RETURN_IF_ERROR(check_object_key(key));
+  std::lock_guard lock(gate_);
+  std::vector<std::byte> req, reply;
+  proto::encode(proto::ObjectGetRequest{.namespace_id = ns, .window_offset = 0, .window_bytes = window_bytes_,
+                                        .key = std::string(key)},
+                req);
+  KVTIER_RETURN_IF_ERROR(call(Op::kObjectGet, req, reply));
+  proto::ObjectGetReply out;
+  KVTIER_RETURN_IF_ERROR(proto::decode(reply, out));
+  if (out.length > window_bytes_) {
+    return Status(StatusCode::kProtocolError, "object_get: a length of " + std::to_string(out.length) +
+                                                  " bytes past the window");
+  }
+  if (out.length > dst.size()) {
+    return invalid_argument("the object is " + std::to_string(out.length) + " bytes; the buffer has " +
+                            std::to_string(dst.size()));
+  }
+  if (out.length != 0) std::memcpy(dst.data(), window_, out.length);
+  return out.length;
+}
+
+Result<size_t> SocketClient::object_keys(Op op, NamespaceId ns, std::span<const std::string> keys) {
+  size_t count = 0;
+  std::lock_guard lock(gate_);
+  // In requests of up to kMaxObjectKeys keys; exists stops at the first request short of all.
+  for (size_t at = 0; at < keys.size(); at += kMaxObjectKeys) {
+    const size_t n = std::min<size_t>(kMaxObjectKeys, keys.size() - at);
+    std::vector<std::byte> req, reply;
+    proto::encode(proto::ObjectKeysRequest{.namespace_id = ns, .keys = {keys.begin() + at, keys.begin() + at + n}},
+                  req);
+    KVTIER_RETURN_IF_ERROR(call(op, req, reply));
+    proto::CountReply out;
+    KVTIER_RETURN_IF_ERROR(proto::decode(reply, out));
+    count += out.count;
+    if (op == Op::kObjectExists && out.count < n) break;
+  }
+  return count;
+}
+
+Result<size_t> SocketClient::object_exists(NamespaceId ns, std::span<const std::string> keys) {
+  return object_keys(Op::kObjectExists, ns, keys);
+}
+
+Result<size_t> SocketClient::object_remove(NamespaceId ns, std::span<const std::string> keys) {
+  return object_keys(Op::kObjectRemove, ns, keys);
+}
+
 Result<std::string> SocketClient::inspect(uint32_t top_prefixes) {
   std::vector<std::byte> payload, reply;
   proto::encode(proto::InspectRequest{top_prefixes}, payload);

@@ -58,6 +58,11 @@ class SocketClient final : public Client {
   Result<size_t> unpin(NamespaceId ns, std::span<const TokenId> tokens,
                        std::span<const BlockExtra> extras = {}) override;
   Result<std::string> metrics_text() override;
+  Result<bool> object_put(NamespaceId ns, std::string_view key, std::span<const std::byte> bytes,
+                          Priority priority = Priority::kNormal) override;
+  Result<uint64_t> object_get(NamespaceId ns, std::string_view key, std::span<std::byte> dst) override;
+  Result<size_t> object_exists(NamespaceId ns, std::span<const std::string> keys) override;
+  Result<size_t> object_remove(NamespaceId ns, std::span<const std::string> keys) override;
   Result<std::string> inspect(uint32_t top_prefixes) override;
   Result<std::string> doctor(const NamespaceRequest& request, std::span<const TokenId> tokens,
                              std::span<const BlockExtra> extras, uint32_t engine_block_tokens,
@@ -115,6 +120,8 @@ class SocketClient final : public Client {
   };
   /// Registers [base, base + bytes) with the daemon as `share` describes it.
   Status register_share(void* base, uint64_t bytes, const DeviceShare& share);
+  /// kObjectExists or kObjectRemove over `keys`, in requests of up to kMaxObjectKeys.
+  Result<size_t> object_keys(proto::Op op, NamespaceId ns, std::span<const std::string> keys);
   Result<uint64_t> prefix_call(proto::Op op, NamespaceId ns, uint8_t arg, std::span<const TokenId> tokens,
                                std::span<const BlockExtra> extras);
   /// The copy engine and page packer for device buffers, made on first use.

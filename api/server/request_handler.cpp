@@ -538,4 +538,61 @@ Status Handler::export_read(std::span<const std::byte> payload) {
   return Status::ok();
 }
 
+Status Handler::object_put(std::span<const std::byte> payload) {
+  proto::ObjectPutRequest req;
+  KVTIER_RETURN_IF_ERROR(decode(payload, req));
+  auto n = ns(req.namespace_id);
+  if (!n) return n.status();
+  KVTIER_RETURN_IF_ERROR(check_priority(req.namespace_id, static_cast<Priority>(req.priority)));
+  const uint64_t bpb = store.layout().bytes_per_block();
+  const uint64_t blocks = object_blocks(req.length, bpb);
+  if (blocks > s.window_bytes / bpb) {
+    return invalid_argument("an object of " + std::to_string(req.length) + " bytes (" + std::to_string(blocks) +
+                            " blocks) does not fit the " + std::to_string(s.window_bytes) + "-byte window");
+  }
+  auto base = s.window_span(req.window_offset, blocks * bpb);
+  if (!base) return base.status();
+  auto stored = store.objects().put(*n, req.key, req.length, {*base, blocks * bpb}, static_cast<Priority>(req.priority));
+  if (!stored) return stored.status();
+  if (*stored) saved_bytes = blocks * bpb;
+  proto::encode(proto::ObjectPutReply{.stored = *stored}, body);
+  return Status::ok();
+}
+
+Status Handler::object_get(std::span<const std::byte> payload) {
+  proto::ObjectGetRequest req;
+  KVTIER_RETURN_IF_ERROR(decode(payload, req));
+  auto n = ns(req.namespace_id);
+  if (!n) return n.status();
+  auto base = s.window_span(req.window_offset, req.window_bytes);
+  if (!base) return base.status();
+  auto length = store.objects().get(*n, req.key, {*base, req.window_bytes});
+  if (!length) return length.status();
+  loaded_bytes = *length;
+  proto::encode(proto::ObjectGetReply{.length = *length}, body);
+  return Status::ok();
+}
+
+Status Handler::object_keys(Op op, std::span<const std::byte> payload) {
+  proto::ObjectKeysRequest req;
+  KVTIER_RETURN_IF_ERROR(decode(payload, req));
+  auto n = ns(req.namespace_id);
+  if (!n) return n.status();
+  uint64_t count = 0;
+  if (op == Op::kObjectExists) {
+    auto present = store.objects().exists(*n, req.keys);
+    if (!present) return present.status();
+    count = *present;
+  } else {
+    // A tenant that may save into the namespace may erase from it: the same rule as a save.
+    for (const std::string& key : req.keys) {
+      auto erased = store.objects().remove(*n, key);
+      if (!erased) return erased.status();
+      count += *erased != 0;
+    }
+  }
+  proto::encode(proto::CountReply{.count = count}, body);
+  return Status::ok();
+}
+
 }  // namespace kvtier::server_detail

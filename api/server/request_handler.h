@@ -90,6 +90,11 @@ struct Handler {
   Status doctor(std::span<const std::byte> payload);
   Status export_list(std::span<const std::byte> payload);
   Status export_read(std::span<const std::byte> payload);
+  Status object_put(std::span<const std::byte> payload);
+  Status object_get(std::span<const std::byte> payload);
+  /// kObjectExists (CountReply: how many of the keys, from the first, are stored) and
+  /// kObjectRemove (CountReply: how many objects were erased).
+  Status object_keys(Op op, std::span<const std::byte> payload);
 };
 
 }  // namespace kvtier::server_detail

@@ -232,6 +232,10 @@ void Server::serve(std::shared_ptr<Session> session) {
         case Op::kDoctor: st = h.doctor(payload); break;
         case Op::kExportList: st = h.export_list(payload); break;
         case Op::kExportRead: st = h.export_read(payload); break;
+        case Op::kObjectPut: st = h.object_put(payload); break;
+        case Op::kObjectGet: st = h.object_get(payload); break;
+        case Op::kObjectExists:
+        case Op::kObjectRemove: st = h.object_keys(static_cast<Op>(header.op), payload); break;
         case Op::kDoorbell: break;  // refused above: it never reaches a handler
         case Op::kStats:
           if (!payload.empty()) {

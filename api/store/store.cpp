@@ -29,6 +29,7 @@ Result<std::unique_ptr<Store>> Store::open(StoreOptions options) {
                                       std::min<uint64_t>(uint64_t(store->options_.scratch_blocks) * bpb, 64ull << 20),
                                       bpb);
   store->copier_ = std::make_unique<EngineCopier>(store->tiers_->transfer());
+  store->objects_ = std::make_unique<ObjectStore>(*store->tiers_, store->keys_);
   return store;
 }
 
@@ -292,5 +293,40 @@ Result<size_t> Store::unpin(NamespaceId id, std::span<const TokenId> tokens, std
 }
 
 Result<std::string> Store::metrics_text() { return tiers_->metrics().render(); }
+
+Result<bool> Store::object_put(NamespaceId id, std::string_view key, std::span<const std::byte> bytes,
+                               Priority priority) {
+  auto ns = namespace_of(id);
+  if (!ns) return ns.status();
+  KVTIER_RETURN_IF_ERROR(check_object_key(key));
+  const uint64_t bpb = layout().bytes_per_block();
+  std::vector<std::byte> laid(object_blocks(bytes.size(), bpb) * bpb);
+  lay_out_object(bytes, laid);
+  return objects_->put(*ns, key, bytes.size(), laid, priority);
+}
+
+Result<uint64_t> Store::object_get(NamespaceId id, std::string_view key, std::span<std::byte> dst) {
+  auto ns = namespace_of(id);
+  if (!ns) return ns.status();
+  return objects_->get(*ns, key, dst);
+}
+
+Result<size_t> Store::object_exists(NamespaceId id, std::span<const std::string> keys) {
+  auto ns = namespace_of(id);
+  if (!ns) return ns.status();
+  return objects_->exists(*ns, keys);
+}
+
+Result<size_t> Store::object_remove(NamespaceId id, std::span<const std::string> keys) {
+  auto ns = namespace_of(id);
+  if (!ns) return ns.status();
+  size_t removed = 0;
+  for (const std::string& key : keys) {
+    auto erased = objects_->remove(*ns, key);
+    if (!erased) return erased.status();
+    removed += *erased != 0;
+  }
+  return removed;
+}
 
 }  // namespace kvtier

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "api/store/engine_copier.h"
+#include "api/store/object_store.h"
 #include "api/store/tier_manager.h"
 #include "kernels/page_packer.h"
 #include "kvtier/kv_store.h"
@@ -35,6 +36,8 @@ class Store final : public KvStore {
   ~Store() override;
 
   TierManager& tiers() noexcept { return *tiers_; }
+  /// Key-addressed objects in this store's tiers (object_store.h).
+  ObjectStore& objects() noexcept { return *objects_; }
   const KeyChain& keys() const noexcept { return keys_; }
   /// The namespace an id stands for; kNotFound for an unknown id.
   Result<Namespace> namespace_of(NamespaceId id) const;
@@ -70,6 +73,11 @@ class Store final : public KvStore {
   Result<size_t> unpin(NamespaceId ns, std::span<const TokenId> tokens,
                        std::span<const BlockExtra> extras = {}) override;
   Result<std::string> metrics_text() override;
+  Result<bool> object_put(NamespaceId ns, std::string_view key, std::span<const std::byte> bytes,
+                          Priority priority = Priority::kNormal) override;
+  Result<uint64_t> object_get(NamespaceId ns, std::string_view key, std::span<std::byte> dst) override;
+  Result<size_t> object_exists(NamespaceId ns, std::span<const std::string> keys) override;
+  Result<size_t> object_remove(NamespaceId ns, std::span<const std::string> keys) override;
 
   /// The index's match, then restore or recompute for an engine that prefills
   /// `prefill_tokens_per_second` (TierManager::plan_restore): the blocks not worth restoring
@@ -98,6 +106,7 @@ class Store final : public KvStore {
   std::unique_ptr<TierManager> tiers_;
   std::unique_ptr<kernels::DevicePagePacker> packer_;  // paged KV in device memory
   std::unique_ptr<EngineCopier> copier_;               // canonical KV in device memory, via tiers_
+  std::unique_ptr<ObjectStore> objects_;
   mutable std::shared_mutex ns_mu_;
   std::vector<Namespace> namespaces_;                                   // id → namespace
   std::vector<double> prefill_speed_;  // id → the prefill speed its last open_namespace declared

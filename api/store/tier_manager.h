@@ -239,6 +239,12 @@ class TierManager {
   /// load's is), or the copy's error. Counts no hit, no use and no restore.
   std::vector<Status> read_blocks(std::span<const BlockKey> keys, std::span<std::byte* const> dsts);
 
+  /// Erases `keys` from every tier in the order given (children before their parents), as an
+  /// eviction does: slots freed, NVMe copies and their catalog entries erased. A key that is not
+  /// indexed is skipped. The number erased; kBusy, and the rest kept, at the first one pinned
+  /// (read, loaded, written back) or with other children.
+  Result<size_t> erase(std::span<const BlockKey> keys);
+
   /// Restore or recompute: how much of `blocks` (a match, in order) a lookup by an engine that
   /// prefills `prefill_tokens_per_second` should offer (RestorePlanner::plan over this manager's
   /// measured restore bandwidths), counted in the stats. When blocks are held back and their

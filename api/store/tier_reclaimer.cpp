@@ -122,6 +122,20 @@ std::vector<Status> TierManager::write_back_victims(Tier t, std::span<const Bloc
   return result;
 }
 
+Result<size_t> TierManager::erase(std::span<const BlockKey> keys) {
+  size_t erased = 0;
+  for (const BlockKey& key : keys) {
+    auto gone = index_->erase(key);
+    if (!gone) {
+      if (gone.status().code() == StatusCode::kNotFound) continue;
+      return gone.status();
+    }
+    for (const EvictedBlock& e : *gone) release_evicted(e);
+    ++erased;
+  }
+  return erased;
+}
+
 void TierManager::release_evicted(const EvictedBlock& e) {
   if (e.tier == Tier::kNvme) {
     nvme_->erase(e.key).ignore();  // already out of the index; a failure leaves a catalog orphan

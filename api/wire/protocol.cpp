@@ -585,6 +585,37 @@ Status fields(auto& c, Message<ExportReadReply> auto& m) {
   return c.list(m.blocks, "blocks", kMaxBlocks, 5, [&](auto& s) { return c.status(s, "blocks"); });
 }
 
+Status object_key_field(auto& c, auto& key, const char* field) {
+  KVTIER_RETURN_IF_ERROR(c.string(key, field, kMaxObjectKeyBytes));
+  return c.check(!key.empty(), field, [] { return std::string("an object key must not be empty"); });
+}
+
+Status fields(auto& c, Message<ObjectPutRequest> auto& m) {
+  KVTIER_RETURN_IF_ERROR(c.u32(m.namespace_id, "namespace_id"));
+  KVTIER_RETURN_IF_ERROR(priority_field(c, m.priority));
+  KVTIER_RETURN_IF_ERROR(c.u64(m.length, "length"));
+  KVTIER_RETURN_IF_ERROR(c.u64(m.window_offset, "window_offset"));
+  return object_key_field(c, m.key, "key");
+}
+
+Status fields(auto& c, Message<ObjectPutReply> auto& m) { return c.boolean(m.stored, "stored"); }
+
+Status fields(auto& c, Message<ObjectGetRequest> auto& m) {
+  KVTIER_RETURN_IF_ERROR(c.u32(m.namespace_id, "namespace_id"));
+  KVTIER_RETURN_IF_ERROR(c.u64(m.window_offset, "window_offset"));
+  KVTIER_RETURN_IF_ERROR(c.u64(m.window_bytes, "window_bytes"));
+  return object_key_field(c, m.key, "key");
+}
+
+Status fields(auto& c, Message<ObjectGetReply> auto& m) { return c.u64(m.length, "length"); }
+
+Status fields(auto& c, Message<ObjectKeysRequest> auto& m) {
+  KVTIER_RETURN_IF_ERROR(c.u32(m.namespace_id, "namespace_id"));
+  KVTIER_RETURN_IF_ERROR(c.list(m.keys, "keys", kMaxObjectKeys, sizeof(uint32_t) + 1,
+                                [&](auto& key) { return object_key_field(c, key, "keys"); }));
+  return c.check(!m.keys.empty(), "keys", [] { return std::string("name at least one key"); });
+}
+
 Status fields(auto& c, Message<JsonReply> auto& m) { return c.string(m.json, "json", kMaxStatsText); }
 
 Status fields(auto& c, Message<RegisterMemoryRequest> auto& m) {
@@ -675,6 +706,11 @@ KVTIER_WIRE_MESSAGE(DoctorRequest)
 KVTIER_WIRE_MESSAGE(ExportListRequest)
 KVTIER_WIRE_MESSAGE(ExportReadRequest)
 KVTIER_WIRE_MESSAGE(ExportReadReply)
+KVTIER_WIRE_MESSAGE(ObjectPutRequest)
+KVTIER_WIRE_MESSAGE(ObjectPutReply)
+KVTIER_WIRE_MESSAGE(ObjectGetRequest)
+KVTIER_WIRE_MESSAGE(ObjectGetReply)
+KVTIER_WIRE_MESSAGE(ObjectKeysRequest)
 KVTIER_WIRE_MESSAGE(JsonReply)
 KVTIER_WIRE_MESSAGE(RegisterMemoryRequest)
 KVTIER_WIRE_MESSAGE(RegisterMemoryReply)
@@ -770,6 +806,19 @@ Status validate_request(uint16_t op, std::span<const std::byte> payload) {
     }
     case Op::kExportRead: {
       ExportReadRequest m;
+      return decode(payload, m);
+    }
+    case Op::kObjectPut: {
+      ObjectPutRequest m;
+      return decode(payload, m);
+    }
+    case Op::kObjectGet: {
+      ObjectGetRequest m;
+      return decode(payload, m);
+    }
+    case Op::kObjectExists:
+    case Op::kObjectRemove: {
+      ObjectKeysRequest m;
       return decode(payload, m);
     }
     case Op::kStats:

@@ -26,6 +26,7 @@
 
 #include "kvtier/block_key.h"
 #include "kvtier/kv_layout.h"
+#include "kvtier/object.h"
 #include "kvtier/status.h"
 #include "kvtier/tier.h"
 #include "kvtier/tokens.h"
@@ -35,8 +36,8 @@ namespace kvtier::proto {
 inline constexpr uint32_t kMagic = 0x3154564Bu;  // "KVT1" little-endian
 // 2: OpenNamespaceRequest carries the revision; 3: RegionBuffer::page_tokens; 4: the prefill
 // speed in OpenNamespaceRequest, what a lookup held back in LookupReply; 5: kInspect, kDoctor;
-// 6: kExportList, kExportRead.
-inline constexpr uint16_t kVersion = 6;
+// 6: kExportList, kExportRead; 7: kObjectPut, kObjectGet, kObjectExists, kObjectRemove.
+inline constexpr uint16_t kVersion = 7;
 inline constexpr size_t kHeaderBytes = 16;
 inline constexpr uint32_t kMaxPayload = 8u << 20;  // 8 MiB: ~2M tokens
 inline constexpr uint32_t kMaxString = 4096;
@@ -66,8 +67,12 @@ enum class Op : uint16_t {
   kDoctor = 17,        // why a prompt's lookup missed, as JSON (operators only: kvtier doctor)
   kExportList = 18,    // the daemon's blocks depth first, a page at a time, as JSON (operators only)
   kExportRead = 19,    // blocks by key into the window, each verified (operators only: kvtier export)
+  kObjectPut = 20,     // a key-addressed object from the window (api/store/object_store.h)
+  kObjectGet = 21,     // a key-addressed object into the window
+  kObjectExists = 22,  // how many of some keys, from the first, are stored
+  kObjectRemove = 23,  // erase objects by key
 };
-inline constexpr uint16_t kLastOp = static_cast<uint16_t>(Op::kExportRead);
+inline constexpr uint16_t kLastOp = static_cast<uint16_t>(Op::kObjectRemove);
 
 /// The ops once, in wire order: each one's name (logs, the daemon's per-op metrics) and whether a
 /// request of it is answered (a doorbell is not: no payload, no reply). op_name, is_known_op and
@@ -97,6 +102,10 @@ inline constexpr OpInfo kOps[] = {
     {Op::kDoctor, "doctor", true},
     {Op::kExportList, "export_list", true},
     {Op::kExportRead, "export_read", true},
+    {Op::kObjectPut, "object_put", true},
+    {Op::kObjectGet, "object_get", true},
+    {Op::kObjectExists, "object_exists", true},
+    {Op::kObjectRemove, "object_remove", true},
 };
 consteval bool ops_table_matches_enum() {
   if (std::size(kOps) != kLastOp) return false;
@@ -209,7 +218,7 @@ struct PrefixRequest {  // kPrefetch, kPin, kUnpin
   std::vector<TokenId> tokens;
   std::vector<BlockExtra> extras;
 };
-struct CountReply {     // kPrefetch, kPin, kUnpin, kRelease: a count (blocks touched)
+struct CountReply {     // kPrefetch, kPin, kUnpin, kRelease: blocks touched; kObjectExists, kObjectRemove: objects
   uint64_t count = 0;
 };
 
@@ -290,6 +299,29 @@ struct ExportReadRequest {
 struct ExportReadReply {
   std::vector<Status> blocks;    // per key: ok (its bytes are in the window) or why not
 };
+struct ObjectPutRequest {
+  uint32_t namespace_id = 0;
+  uint8_t priority = 1;          // Priority
+  uint64_t length = 0;           // the object's bytes, laid out in the window as object_store.h says
+  uint64_t window_offset = 0;
+  std::string key;               // 1..kMaxObjectKeyBytes bytes, any
+};
+struct ObjectPutReply {
+  bool stored = false;           // false: the key was stored whole already and is kept
+};
+struct ObjectGetRequest {
+  uint32_t namespace_id = 0;
+  uint64_t window_offset = 0;    // the object's blocks land here, laid out
+  uint64_t window_bytes = 0;     // the room there
+  std::string key;
+};
+struct ObjectGetReply {
+  uint64_t length = 0;           // its bytes: window_offset + [0, length)
+};
+struct ObjectKeysRequest {       // kObjectExists, kObjectRemove; reply: CountReply
+  uint32_t namespace_id = 0;
+  std::vector<std::string> keys; // 1..kMaxObjectKeys, each 1..kMaxObjectKeyBytes bytes
+};
 struct JsonReply {  // kInspect, kDoctor, kExportList
   std::string json;  // bound by kMaxPayload only, as StatsReply's text
 };
@@ -320,6 +352,11 @@ void encode(const DoctorRequest& m, std::vector<std::byte>& out);
 void encode(const ExportListRequest& m, std::vector<std::byte>& out);
 void encode(const ExportReadRequest& m, std::vector<std::byte>& out);
 void encode(const ExportReadReply& m, std::vector<std::byte>& out);
+void encode(const ObjectPutRequest& m, std::vector<std::byte>& out);
+void encode(const ObjectPutReply& m, std::vector<std::byte>& out);
+void encode(const ObjectGetRequest& m, std::vector<std::byte>& out);
+void encode(const ObjectGetReply& m, std::vector<std::byte>& out);
+void encode(const ObjectKeysRequest& m, std::vector<std::byte>& out);
 void encode(const JsonReply& m, std::vector<std::byte>& out);
 
 Status decode(std::span<const std::byte> in, HelloRequest& m);
@@ -346,6 +383,11 @@ Status decode(std::span<const std::byte> in, DoctorRequest& m);
 Status decode(std::span<const std::byte> in, ExportListRequest& m);
 Status decode(std::span<const std::byte> in, ExportReadRequest& m);
 Status decode(std::span<const std::byte> in, ExportReadReply& m);
+Status decode(std::span<const std::byte> in, ObjectPutRequest& m);
+Status decode(std::span<const std::byte> in, ObjectPutReply& m);
+Status decode(std::span<const std::byte> in, ObjectGetRequest& m);
+Status decode(std::span<const std::byte> in, ObjectGetReply& m);
+Status decode(std::span<const std::byte> in, ObjectKeysRequest& m);
 Status decode(std::span<const std::byte> in, JsonReply& m);
 
 /// A reply payload's status prefix: u8 code, string message. encode_status appends it;

@@ -48,6 +48,11 @@ DEFAULT_SOCKET = "/var/lib/kvtier/kvtierd.sock"
 
 Tokens = Union[Sequence[int], Any]  # a sequence of ints, or a 1-D integer tensor on the CPU
 Buffer = Any  # a tensor / buffer / __cuda_array_interface__ object, a list of them, or PagedKv
+ObjectKey = Union[bytes, str]  # an object's key: bytes, or a str taken as UTF-8
+
+
+def _object_key(key: ObjectKey) -> bytes:
+    return key.encode() if isinstance(key, str) else bytes(key)
 
 
 class _StoreApi:
@@ -135,6 +140,31 @@ class _StoreApi:
     def unpin(self, ns: int, tokens: Tokens) -> int:
         """Undoes one :meth:`pin` of the cached prefix of ``tokens``."""
         return self._native.unpin(ns, tokens)
+
+    # Key-addressed objects: bytes named by an engine's own keys (SGLang's page hashes, LMCache's
+    # chunk keys), kept in a namespace's tiers like its blocks. A key is 1..1024 bytes (a str is
+    # taken as UTF-8). Keys name content: a put of a key already stored keeps what is there.
+
+    def object_put(self, ns: int, key: ObjectKey, data: Any, priority: str = "normal") -> bool:
+        """Stores ``data`` (bytes or a contiguous host tensor/buffer) under ``key``. True when
+        stored, False when the key was stored already (kept as it is). Through kvtierd the object
+        must fit the client's window laid out: its bytes and an 8-byte length, in whole blocks."""
+        return self._native.object_put(ns, _object_key(key), data, priority)
+
+    def object_get(self, ns: int, key: ObjectKey, out: Any = None) -> bytes | int | None:
+        """The object stored under ``key``: its bytes, or with ``out`` (a writable host buffer)
+        copied into ``out`` and its length returned. None when it is not stored (never put, or
+        evicted: an object loses its tail first and is then not stored). :class:`InvalidArgument`
+        when ``out`` is too short."""
+        return self._native.object_get(ns, _object_key(key), out)
+
+    def object_exists(self, ns: int, keys: Iterable[ObjectKey]) -> int:
+        """How many of ``keys``, from the first, are stored: the first missing one ends the count."""
+        return self._native.object_exists(ns, [_object_key(k) for k in keys])
+
+    def object_remove(self, ns: int, keys: Iterable[ObjectKey]) -> int:
+        """Erases the objects named by ``keys``; how many of them were stored."""
+        return self._native.object_remove(ns, [_object_key(k) for k in keys])
 
     def inspect(self, top_prefixes: int = 10) -> dict[str, Any]:
         """What the store holds (``kvtier inspect``): namespaces (model, tenant, adapter,

@@ -58,6 +58,12 @@ T unwrap(Result<T> r) {
   return std::move(r).value();
 }
 [[noreturn]] void bad(std::string message) { raise(invalid_argument(std::move(message))); }
+/// `f()` run without the GIL; what it returns (a Result left for the caller to judge).
+template <typename F>
+auto without_gil(F&& f) {
+  nb::gil_scoped_release unlocked;
+  return f();
+}
 /// `f()` (a call returning a Result) run without the GIL, its value or its error raised.
 template <typename F>
 auto unwrap_without_gil(F&& f) {
@@ -582,6 +588,74 @@ class PyStore {
     return unwrap(s->unpin(ns, t));
   }
 
+  // Key-addressed objects (KvStore::object_put and friends); keys are bytes.
+  static std::span<const std::byte> host_bytes(const ArrayView& a, const char* what) {
+    if (a.memory != LocationKind::kHost) bad(std::string(what) + " must be in host memory");
+    return {static_cast<const std::byte*>(a.data), a.nbytes};
+  }
+  bool object_put(NamespaceId ns, nb::bytes key, nb::handle data, std::string_view priority) {
+    auto s = get();
+    const Priority p = priority_of(priority);
+    const ArrayView a = array_of(data, /*writable=*/false, "data");
+    const std::span<const std::byte> bytes = host_bytes(a, "data");
+    const std::string k(key.c_str(), key.size());
+    nb::gil_scoped_release unlocked;
+    return unwrap(s->object_put(ns, k, bytes, p));
+  }
+  /// The object's bytes (a new bytes object when `out` is None, else its length in `out`), or
+  /// None when it is not stored.
+  nb::object object_get(NamespaceId ns, nb::bytes key, nb::handle out) {
+    auto s = get();
+    const std::string k(key.c_str(), key.size());
+    auto length_or_none = [](Result<uint64_t> got) -> std::optional<uint64_t> {
+      if (!got && got.status().code() == StatusCode::kNotFound) return std::nullopt;
+      return unwrap(std::move(got));
+    };
+    if (!out.is_none()) {
+      const ArrayView a = array_of(out, /*writable=*/true, "out");
+      if (a.memory != LocationKind::kHost) bad("out must be in host memory");
+      auto got = without_gil([&] { return s->object_get(ns, k, {static_cast<std::byte*>(a.data), a.nbytes}); });
+      auto n = length_or_none(std::move(got));
+      return n ? nb::object(nb::int_(*n)) : nb::none();
+    }
+    // Room for the largest object it can be: a client's window (left unwritten, so only the
+    // pages the object fills are touched), or the stored chain in-process.
+    std::unique_ptr<std::byte[]> buf;
+    uint64_t room = 0;
+    auto got = without_gil([&] {
+      if (auto* c = dynamic_cast<Client*>(s.get())) {
+        room = c->window_bytes();
+      } else if (auto n = static_cast<Store&>(*s).namespace_of(ns); n) {
+        if (auto chain = static_cast<Store&>(*s).objects().chain(*n, k); chain) {
+          room = chain->keys.size() * s->layout().bytes_per_block();
+        }
+      }
+      buf = std::make_unique_for_overwrite<std::byte[]>(room);
+      return s->object_get(ns, k, {buf.get(), room});
+    });
+    auto n = length_or_none(std::move(got));
+    if (!n) return nb::none();
+    return nb::bytes(reinterpret_cast<const char*>(buf.get()), *n);
+  }
+  static std::vector<std::string> keys_of(const std::vector<nb::bytes>& keys) {
+    std::vector<std::string> out;
+    out.reserve(keys.size());
+    for (const nb::bytes& k : keys) out.emplace_back(k.c_str(), k.size());
+    return out;
+  }
+  size_t object_exists(NamespaceId ns, const std::vector<nb::bytes>& keys) {
+    auto s = get();
+    const std::vector<std::string> k = keys_of(keys);
+    nb::gil_scoped_release unlocked;
+    return unwrap(s->object_exists(ns, k));
+  }
+  size_t object_remove(NamespaceId ns, const std::vector<nb::bytes>& keys) {
+    auto s = get();
+    const std::vector<std::string> k = keys_of(keys);
+    nb::gil_scoped_release unlocked;
+    return unwrap(s->object_remove(ns, k));
+  }
+
   std::string metrics_text() {
     auto s = get();
     nb::gil_scoped_release unlocked;
@@ -938,6 +1012,10 @@ NB_MODULE(_native, m) {
       .def("prefetch", &PyStore::prefetch, "ns"_a, "tokens"_a, "to"_a = "host")
       .def("pin", &PyStore::pin, "ns"_a, "tokens"_a, "priority"_a = "retained")
       .def("unpin", &PyStore::unpin, "ns"_a, "tokens"_a)
+      .def("object_put", &PyStore::object_put, "ns"_a, "key"_a, "data"_a, "priority"_a = "normal")
+      .def("object_get", &PyStore::object_get, "ns"_a, "key"_a, "out"_a = nb::none())
+      .def("object_exists", &PyStore::object_exists, "ns"_a, "keys"_a)
+      .def("object_remove", &PyStore::object_remove, "ns"_a, "keys"_a)
       .def("metrics_text", &PyStore::metrics_text);
 
   nb::class_<PyClient, PyStore>(m, "NativeClient")

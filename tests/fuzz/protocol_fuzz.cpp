@@ -49,6 +49,8 @@ void check_replies(std::span<const std::byte> body) {
   check_decode<RegisterMemoryReply>(body, "RegisterMemoryReply");
   check_decode<JsonReply>(body, "JsonReply");
   check_decode<ExportReadReply>(body, "ExportReadReply");
+  check_decode<ObjectPutReply>(body, "ObjectPutReply");
+  check_decode<ObjectGetReply>(body, "ObjectGetReply");
 }
 
 }  // namespace
@@ -91,6 +93,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   check_decode<DoctorRequest>(payload, "DoctorRequest");
   check_decode<ExportListRequest>(payload, "ExportListRequest");
   check_decode<ExportReadRequest>(payload, "ExportReadRequest");
+  check_decode<ObjectPutRequest>(payload, "ObjectPutRequest");
+  check_decode<ObjectGetRequest>(payload, "ObjectGetRequest");
+  check_decode<ObjectKeysRequest>(payload, "ObjectKeysRequest");
   check_replies(payload);
 
   Status remote;

@@ -11,11 +11,13 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <string_view>
 
 #include "kvtier/export.h"
 #include "kvtier/kv_buffer.h"
 #include "kvtier/kv_layout.h"
 #include "kvtier/match.h"
+#include "kvtier/object.h"
 #include "kvtier/status.h"
 #include "kvtier/tier.h"
 #include "kvtier/tokens.h"
@@ -101,6 +103,24 @@ class KVTIER_API KvStore {
 
   /// Counters, occupancy and latencies in Prometheus text format.
   virtual Result<std::string> metrics_text() = 0;
+
+  /// Key-addressed objects: bytes an engine names by a key of its own (SGLang's page hashes,
+  /// LMCache's chunk keys) instead of by tokens, kept in namespace `ns`'s tiers like its blocks:
+  /// persisted, checksummed, evicted and counted against its tenant the same way. A key is
+  /// 1..kMaxObjectKeyBytes bytes, any. An object takes whole blocks (its bytes and an 8-byte
+  /// length); through kvtierd it must fit the client's window so laid out.
+  /// Stores `bytes` under `key`. False when the key was stored whole already: keys name content,
+  /// so what is there is kept.
+  virtual Result<bool> object_put(NamespaceId ns, std::string_view key, std::span<const std::byte> bytes,
+                                  Priority priority = Priority::kNormal) = 0;
+  /// Copies the object named `key` into `dst` and returns its length. kNotFound when it is not
+  /// stored (never put, or evicted: an object loses its tail first and is then not stored);
+  /// kInvalidArgument when `dst` is shorter than the object (the message gives its length).
+  virtual Result<uint64_t> object_get(NamespaceId ns, std::string_view key, std::span<std::byte> dst) = 0;
+  /// How many of `keys`, from the first, are stored: the first missing one ends the count.
+  virtual Result<size_t> object_exists(NamespaceId ns, std::span<const std::string> keys) = 0;
+  /// Erases the objects named `keys`: how many of them were stored. kBusy while one is being read.
+  virtual Result<size_t> object_remove(NamespaceId ns, std::span<const std::string> keys) = 0;
 };
 
 }  // namespace kvtier

@@ -109,6 +109,23 @@ KVTIER_API kvtier_status kvtier_pin(kvtier_client* client, uint32_t ns, const ui
 KVTIER_API kvtier_status kvtier_unpin(kvtier_client* client, uint32_t ns, const uint32_t* tokens, size_t num_tokens,
                            size_t* count_out);
 
+/* Key-addressed objects: bytes named by the engine's own key (key_len 1..1024 bytes, any), kept in
+ * namespace ns's tiers like its blocks. A put keeps what is stored already under the key (*stored_out,
+ * may be NULL: 1 stored, 0 kept); the object must fit the window laid out (its bytes and an 8-byte
+ * length, in whole blocks). A get copies the object into dst and sets *length_out:
+ * KVTIER_NOT_FOUND when it is not stored, KVTIER_INVALID_ARGUMENT when dst_bytes is too short. */
+KVTIER_API kvtier_status kvtier_object_put(kvtier_client* client, uint32_t ns, const void* key, size_t key_len,
+                                           const void* bytes, size_t num_bytes, int priority, int* stored_out);
+KVTIER_API kvtier_status kvtier_object_get(kvtier_client* client, uint32_t ns, const void* key, size_t key_len,
+                                           void* dst, size_t dst_bytes, size_t* length_out);
+/* How many of keys[0..num_keys) (key_lens[i] bytes each), from the first, are stored; the first
+ * missing one ends the count. */
+KVTIER_API kvtier_status kvtier_object_exists(kvtier_client* client, uint32_t ns, const void* const* keys,
+                                              const size_t* key_lens, size_t num_keys, size_t* present_out);
+/* Erases the objects named by keys; *removed_out (may be NULL) receives how many were stored. */
+KVTIER_API kvtier_status kvtier_object_remove(kvtier_client* client, uint32_t ns, const void* const* keys,
+                                              const size_t* key_lens, size_t num_keys, size_t* removed_out);
+
 /* The daemon's metrics in Prometheus text; free the string with kvtier_free_string. */
 KVTIER_API kvtier_status kvtier_metrics(kvtier_client* client, char** text_out);
 KVTIER_API void kvtier_free_string(char* text);

@@ -155,6 +155,15 @@ ExportReadReply sample_export_reply() {
   return {{Status::ok(), Status(StatusCode::kChecksumMismatch, "bad copy"), Status(StatusCode::kNotFound, "gone")}};
 }
 
+ObjectPutRequest sample_object_put() {
+  return {.namespace_id = 4, .priority = static_cast<uint8_t>(Priority::kHigh), .length = 70000,
+          .window_offset = 4096, .key = std::string("page\0hash", 9)};
+}
+ObjectGetRequest sample_object_get() {
+  return {.namespace_id = 4, .window_offset = 0, .window_bytes = 1 << 20, .key = "chunk@model@0"};
+}
+ObjectKeysRequest sample_object_keys() { return {.namespace_id = 4, .keys = {"a", std::string(kMaxObjectKeyBytes, 'k')}}; }
+
 DoctorRequest sample_doctor() {
   return {.model_id = "org/model", .tenant = "team-a", .adapter_id = "lora-1", .revision = "abc123",
           .engine_block_tokens = 32, .engine_layout_fingerprint = 0x0102030405060708ull,
@@ -200,6 +209,11 @@ std::vector<Sample> all_samples() {
       {"ExportListRequest", encoded(sample_export_list()), &decode_as<ExportListRequest>, &reencode_as<ExportListRequest>},
       {"ExportReadRequest", encoded(sample_export_read()), &decode_as<ExportReadRequest>, &reencode_as<ExportReadRequest>},
       {"ExportReadReply", encoded(sample_export_reply()), &decode_as<ExportReadReply>, &reencode_as<ExportReadReply>},
+      {"ObjectPutRequest", encoded(sample_object_put()), &decode_as<ObjectPutRequest>, &reencode_as<ObjectPutRequest>},
+      {"ObjectPutReply", encoded(ObjectPutReply{true}), &decode_as<ObjectPutReply>, &reencode_as<ObjectPutReply>},
+      {"ObjectGetRequest", encoded(sample_object_get()), &decode_as<ObjectGetRequest>, &reencode_as<ObjectGetRequest>},
+      {"ObjectGetReply", encoded(ObjectGetReply{70000}), &decode_as<ObjectGetReply>, &reencode_as<ObjectGetReply>},
+      {"ObjectKeysRequest", encoded(sample_object_keys()), &decode_as<ObjectKeysRequest>, &reencode_as<ObjectKeysRequest>},
   };
 }
 
@@ -221,7 +235,11 @@ std::vector<std::pair<Op, Bytes>> all_requests() {
           {Op::kInspect, encoded(InspectRequest{25})},
           {Op::kDoctor, encoded(sample_doctor())},
           {Op::kExportList, encoded(sample_export_list())},
-          {Op::kExportRead, encoded(sample_export_read())}};
+          {Op::kExportRead, encoded(sample_export_read())},
+          {Op::kObjectPut, encoded(sample_object_put())},
+          {Op::kObjectGet, encoded(sample_object_get())},
+          {Op::kObjectExists, encoded(sample_object_keys())},
+          {Op::kObjectRemove, encoded(sample_object_keys())}};
 }
 
 }  // namespace
@@ -368,7 +386,35 @@ TEST_CASE("Registered-memory requests round-trip field by field") {
     CHECK(p_out.blocks[1].message() == "bad copy");
     CHECK(p_out.blocks[2].code() == StatusCode::kNotFound);
   }
+  {
+    ObjectPutRequest put = sample_object_put(), put_out;
+    REQUIRE(decode(encoded(put), put_out).is_ok());
+    CHECK(put_out.key == put.key);  // any bytes, a NUL included
+    CHECK(put_out.length == 70000);
+    CHECK(put_out.window_offset == 4096);
+    CHECK(put_out.priority == put.priority);
+    ObjectGetRequest get = sample_object_get(), get_out;
+    REQUIRE(decode(encoded(get), get_out).is_ok());
+    CHECK(get_out.key == get.key);
+    CHECK(get_out.window_bytes == get.window_bytes);
+    ObjectKeysRequest keys = sample_object_keys(), keys_out;
+    REQUIRE(decode(encoded(keys), keys_out).is_ok());
+    CHECK(keys_out.keys == keys.keys);
+  }
   SECTION("shapes the decoder refuses") {
+    ObjectPutRequest put = sample_object_put(), put_out;
+    put.key.clear();
+    CHECK(is_protocol_error(decode(encoded(put), put_out)));
+    put.key = std::string(kMaxObjectKeyBytes + 1, 'k');
+    CHECK(is_protocol_error(decode(encoded(put), put_out)));
+    put = sample_object_put();
+    put.priority = kNumPriorities;
+    CHECK(is_protocol_error(decode(encoded(put), put_out)));
+    ObjectKeysRequest keys = sample_object_keys(), keys_out;
+    keys.keys.clear();
+    CHECK(is_protocol_error(decode(encoded(keys), keys_out)));
+    keys.keys.assign(kMaxObjectKeys + 1, "k");
+    CHECK(is_protocol_error(decode(encoded(keys), keys_out)));
     InspectRequest too_many{10001}, i_out;
     CHECK(is_protocol_error(decode(encoded(too_many), i_out)));
     ExportListRequest page = sample_export_list(), page_out;
@@ -475,7 +521,7 @@ TEST_CASE("The byte format is little-endian in field order") {
   std::byte header[kHeaderBytes];
   encode_header({.op = 3, .request_id = 0x0A0B0C0Du, .payload_bytes = 0x100}, header);
   CHECK(Bytes(header, header + kHeaderBytes) ==
-        bytes_of({'K', 'V', 'T', '1', 6, 0, 3, 0, 0x0D, 0x0C, 0x0B, 0x0A, 0, 1, 0, 0}));
+        bytes_of({'K', 'V', 'T', '1', 7, 0, 3, 0, 0x0D, 0x0C, 0x0B, 0x0A, 0, 1, 0, 0}));
 
   Bytes status;
   encode_status(Status(StatusCode::kBusy, "pinned"), status);
