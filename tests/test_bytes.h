@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <span>
+#include <vector>
 
 namespace kvtier::testing {
 
@@ -24,6 +25,13 @@ inline void fill_pattern(std::span<std::byte> out, uint64_t seed) {
     if (i % 8 == 0) state = mix64(state + i);
     out[i] = static_cast<std::byte>(state >> (8 * (i % 8)));
   }
+}
+
+/// `n` bytes of the pattern of `seed`, as a new vector.
+inline std::vector<std::byte> pattern_bytes(uint64_t seed, size_t n) {
+  std::vector<std::byte> out(n);
+  fill_pattern(out, seed);
+  return out;
 }
 
 inline bool same_bytes(const void* a, const void* b, size_t n) { return std::memcmp(a, b, n) == 0; }

@@ -20,18 +20,21 @@ namespace kvtier {
 
 namespace {
 
-/// A label value as the text format wants it inside double quotes: \, " and newline escaped.
-std::string escape_label_value(std::string_view v) {
+/// Text as the exposition format wants it: \ and newline escaped, and " too in a label value
+/// (inside double quotes) but not in a HELP line.
+std::string escape_text(std::string_view v, bool quoted) {
   std::string out;
   out.reserve(v.size());
   for (char c : v) {
     if (c == '\\') out += "\\\\";
-    else if (c == '"') out += "\\\"";
+    else if (c == '"' && quoted) out += "\\\"";
     else if (c == '\n') out += "\\n";
     else out += c;
   }
   return out;
 }
+std::string escape_label_value(std::string_view v) { return escape_text(v, true); }
+std::string escape_help(std::string_view v) { return escape_text(v, false); }
 
 constexpr double kDefaultLatencyBuckets[] = {
     5e-6,  10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3,
@@ -60,16 +63,6 @@ std::string sanitize_name(std::string_view name, bool allow_colon) {
   return out;
 }
 
-std::string escape_help(std::string_view v) {
-  std::string out;
-  out.reserve(v.size());
-  for (char c : v) {
-    if (c == '\\') out += "\\\\";
-    else if (c == '\n') out += "\\n";
-    else out += c;
-  }
-  return out;
-}
 
 /// Canonical label text without braces: keys sanitized, sorted, first of duplicates kept.
 /// Doubles as the series identity, so {a,b} and {b,a} name one series.

@@ -175,4 +175,14 @@ Result<size_t> ObjectStore::remove(const Namespace& ns, std::string_view key) {
   return *erased;
 }
 
+Result<size_t> ObjectStore::remove(const Namespace& ns, std::span<const std::string> keys) {
+  size_t removed = 0;
+  for (const std::string& key : keys) {
+    auto erased = remove(ns, key);
+    if (!erased) return erased.status();
+    removed += *erased != 0;
+  }
+  return removed;
+}
+
 }  // namespace kvtier

@@ -60,6 +60,9 @@ class ObjectStore {
   /// Erases the object named `key` (what is left of it): the number of blocks erased, 0 when
   /// nothing was stored. kBusy while a reader holds one of its blocks.
   Result<size_t> remove(const Namespace& ns, std::string_view key);
+  /// remove() of each of `keys` in order: how many of them had anything stored. Stops at the
+  /// first error (the keys before it stay removed).
+  Result<size_t> remove(const Namespace& ns, std::span<const std::string> keys);
 
   /// The keys of the object's blocks in chain order, and whether the chain ends in its last
   /// block (false: only a part is stored, or nothing).

@@ -298,7 +298,6 @@ Result<bool> Store::object_put(NamespaceId id, std::string_view key, std::span<c
                                Priority priority) {
   auto ns = namespace_of(id);
   if (!ns) return ns.status();
-  KVTIER_RETURN_IF_ERROR(check_object_key(key));
   const uint64_t bpb = layout().bytes_per_block();
   std::vector<std::byte> laid(object_blocks(bytes.size(), bpb) * bpb);
   lay_out_object(bytes, laid);
@@ -320,13 +319,7 @@ Result<size_t> Store::object_exists(NamespaceId id, std::span<const std::string>
 Result<size_t> Store::object_remove(NamespaceId id, std::span<const std::string> keys) {
   auto ns = namespace_of(id);
   if (!ns) return ns.status();
-  size_t removed = 0;
-  for (const std::string& key : keys) {
-    auto erased = objects_->remove(*ns, key);
-    if (!erased) return erased.status();
-    removed += *erased != 0;
-  }
-  return removed;
+  return objects_->remove(*ns, keys);
 }
 
 }  // namespace kvtier

@@ -9,6 +9,7 @@
 #include "kvtier/kvtier.h"
 #include "service_fixture.h"
 #include "temp_dir.h"
+#include "test_bytes.h"
 
 using namespace kvtier;
 using namespace kvtier::testing;
@@ -25,16 +26,6 @@ std::unique_ptr<Client> connect(const Server& s, uint64_t window = 16 * kBlock) 
   return std::move(*c);
 }
 
-std::vector<std::byte> bytes_of(uint64_t seed, size_t n) {
-  std::vector<std::byte> out(n);
-  uint64_t x = seed * 0x9E3779B97F4A7C15ull + 7;
-  for (auto& b : out) {
-    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-    b = static_cast<std::byte>(x);
-  }
-  return out;
-}
-
 /// The object under `key`, or empty with the status in `why`.
 std::vector<std::byte> get(Client& c, NamespaceId ns, std::string_view key, Status* why = nullptr) {
   std::vector<std::byte> dst(c.window_bytes());
@@ -49,7 +40,7 @@ std::vector<std::byte> get(Client& c, NamespaceId ns, std::string_view key, Stat
 
 TEST_CASE("Daemon: an object one client puts, another gets byte for byte, also after a restart", "[service]") {
   TempDir dir("kvtier_obj");
-  const auto page = bytes_of(1, 3 * kBlock + 123);
+  const auto page = pattern_bytes(1, 3 * kBlock + 123);
   const std::string key("sglang\0page-hash-1", 18);  // any bytes
   {
     auto server = start_test_server(test_config(dir.path()));
@@ -60,7 +51,7 @@ TEST_CASE("Daemon: an object one client puts, another gets byte for byte, also a
     REQUIRE(na.is_ok());
     REQUIRE(nb.is_ok());
     REQUIRE(*a->object_put(*na, key, page));
-    CHECK_FALSE(*b->object_put(*nb, key, bytes_of(2, 10)));  // stored already: kept
+    CHECK_FALSE(*b->object_put(*nb, key, pattern_bytes(2, 10)));  // stored already: kept
     CHECK(get(*b, *nb, key) == page);
     const std::vector<std::string> keys = {key, "absent", key};
     CHECK(*b->object_exists(*nb, keys) == 1);
@@ -74,7 +65,7 @@ TEST_CASE("Daemon: an object one client puts, another gets byte for byte, also a
     CHECK_THAT(text, Catch::Contains("kvtier_object_puts_total 1\n"));
     CHECK_THAT(text, Catch::Contains("kvtier_object_gets_total{result=\"hit\"} 1\n"));
     CHECK_THAT(text, Catch::Contains("kvtierd_requests_total{op=\"object_put\"} 2\n"));
-    REQUIRE(*a->object_put(*na, "to-remove", bytes_of(3, 100)));
+    REQUIRE(*a->object_put(*na, "to-remove", pattern_bytes(3, 100)));
     server->request_stop();  // a graceful stop writes memory-only blocks back to NVMe
     REQUIRE(server->wait().is_ok());
   }
@@ -95,25 +86,25 @@ TEST_CASE("Daemon: bad object requests get a clear error and store nothing", "[s
   auto ns = c->open_namespace({"objects/model", "", ""});
   REQUIRE(ns.is_ok());
   SECTION("an object larger than the window, laid out") {
-    auto r = c->object_put(*ns, "big", bytes_of(1, 4 * kBlock - 7));  // + 8 bytes of length: 5 blocks
+    auto r = c->object_put(*ns, "big", pattern_bytes(1, 4 * kBlock - 7));  // + 8 bytes of length: 5 blocks
     CHECK(r.status().code() == StatusCode::kInvalidArgument);
     CHECK_THAT(std::string(r.status().message()), Catch::Contains("window"));
-    CHECK(*c->object_put(*ns, "fits", bytes_of(1, 4 * kBlock - 8)));
+    CHECK(*c->object_put(*ns, "fits", pattern_bytes(1, 4 * kBlock - 8)));
   }
   SECTION("an empty key and one over the limit") {
-    CHECK(c->object_put(*ns, "", bytes_of(1, 10)).status().code() == StatusCode::kInvalidArgument);
+    CHECK(c->object_put(*ns, "", pattern_bytes(1, 10)).status().code() == StatusCode::kInvalidArgument);
     const std::string long_key(kMaxObjectKeyBytes + 1, 'k');
-    CHECK(c->object_put(*ns, long_key, bytes_of(1, 10)).status().code() == StatusCode::kInvalidArgument);
+    CHECK(c->object_put(*ns, long_key, pattern_bytes(1, 10)).status().code() == StatusCode::kInvalidArgument);
     std::vector<std::byte> dst(16);
     CHECK(c->object_get(*ns, "", dst).status().code() == StatusCode::kInvalidArgument);
   }
   SECTION("a namespace this connection did not open") {
-    CHECK(c->object_put(*ns + 100, "k", bytes_of(1, 10)).status().code() == StatusCode::kNotFound);
+    CHECK(c->object_put(*ns + 100, "k", pattern_bytes(1, 10)).status().code() == StatusCode::kNotFound);
     const std::vector<std::string> keys = {"k"};
     CHECK(c->object_exists(*ns + 100, keys).status().code() == StatusCode::kNotFound);
   }
   SECTION("a buffer shorter than the object") {
-    const auto bytes = bytes_of(4, 5000);
+    const auto bytes = pattern_bytes(4, 5000);
     REQUIRE(*c->object_put(*ns, "k", bytes));
     std::vector<std::byte> dst(4999);
     auto r = c->object_get(*ns, "k", dst);
@@ -123,8 +114,8 @@ TEST_CASE("Daemon: bad object requests get a clear error and store nothing", "[s
   const std::vector<std::string> keys = {"big", "k"};
   CHECK(*c->object_exists(*ns, keys) == 0);  // "big" was never stored
   // The connection is still good.
-  REQUIRE(*c->object_put(*ns, "after", bytes_of(5, 10)));
-  CHECK(get(*c, *ns, "after") == bytes_of(5, 10));
+  REQUIRE(*c->object_put(*ns, "after", pattern_bytes(5, 10)));
+  CHECK(get(*c, *ns, "after") == pattern_bytes(5, 10));
 }
 
 TEST_CASE("C API: objects put, got, counted and removed", "[service]") {
@@ -134,7 +125,7 @@ TEST_CASE("C API: objects put, got, counted and removed", "[service]") {
   REQUIRE(kvtier_connect(server->socket_path().c_str(), 16 * kBlock, &c) == KVTIER_OK);
   uint32_t ns = 0;
   REQUIRE(kvtier_open_namespace(c, "objects/model", "", "", &ns) == KVTIER_OK);
-  const auto bytes = bytes_of(9, 2 * kBlock);
+  const auto bytes = pattern_bytes(9, 2 * kBlock);
   int stored = -1;
   REQUIRE(kvtier_object_put(c, ns, "key", 3, bytes.data(), bytes.size(), 1, &stored) == KVTIER_OK);
   CHECK(stored == 1);

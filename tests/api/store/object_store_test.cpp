@@ -7,22 +7,14 @@
 
 #include "api/metrics/metrics.h"
 #include "api/store/object_store.h"
+#include "test_bytes.h"
 #include "tier_manager_fixture.h"
 
 using namespace kvtier;
 using namespace kvtier::store_testing;
+using kvtier::testing::pattern_bytes;
 
 namespace {
-
-std::vector<std::byte> bytes_of(uint64_t seed, size_t n) {
-  std::vector<std::byte> out(n);
-  uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
-  for (auto& b : out) {
-    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-    b = static_cast<std::byte>(x);
-  }
-  return out;
-}
 
 struct Objects : Fixture {
   std::unique_ptr<ObjectStore> objects;
@@ -59,13 +51,13 @@ TEST_CASE("An object put under a key is got back byte for byte, whatever its siz
   // Sizes around the block boundaries: the length trailer pushes bpb - 8 + 1 into a second block.
   const size_t size = GENERATE_COPY(values<size_t>({0, 1, 100, bpb - 8, bpb - 7, bpb, 3 * bpb + 5, 10 * bpb - 8}));
   CAPTURE(size);
-  const auto bytes = bytes_of(size + 1, size);
+  const auto bytes = pattern_bytes(size + 1, size);
   const std::string key = "page/" + std::to_string(size);
   REQUIRE(*f.put(key, bytes));
   CHECK(f.objects->chain(f.ns, key)->keys.size() == object_blocks(size, bpb));
   CHECK(f.get(key) == bytes);
   SECTION("a second put of the key keeps what is there") {
-    CHECK_FALSE(*f.put(key, bytes_of(99, 10)));
+    CHECK_FALSE(*f.put(key, pattern_bytes(99, 10)));
     CHECK(f.get(key) == bytes);
   }
   SECTION("after a restart, from NVMe") {
@@ -77,7 +69,7 @@ TEST_CASE("An object put under a key is got back byte for byte, whatever its siz
 
 TEST_CASE("exists counts the stored keys from the first and stops at the first missing one") {
   Objects f;
-  for (const char* k : {"a", "b", "d"}) REQUIRE(*f.put(k, bytes_of(k[0], 3000)));
+  for (const char* k : {"a", "b", "d"}) REQUIRE(*f.put(k, pattern_bytes(k[0], 3000)));
   const std::vector<std::string> keys = {"a", "b", "c", "d"};
   CHECK(*f.objects->exists(f.ns, keys) == 2);
   CHECK(*f.objects->exists(f.ns, std::vector<std::string>{"d"}) == 1);
@@ -94,7 +86,7 @@ TEST_CASE("exists counts the stored keys from the first and stops at the first m
 
 TEST_CASE("remove erases an object from every tier, and a missing key removes nothing") {
   Objects f;
-  const auto bytes = bytes_of(5, 5 * layout().bytes_per_block());
+  const auto bytes = pattern_bytes(5, 5 * layout().bytes_per_block());
   REQUIRE(*f.put("gone", bytes));
   REQUIRE(*f.put("kept", bytes));
   REQUIRE(f.tm->flush().is_ok());  // on NVMe too
@@ -115,7 +107,7 @@ TEST_CASE("remove erases an object from every tier, and a missing key removes no
 TEST_CASE("An object whose tail was evicted is missing for exists and get, and a put stores it whole again") {
   Objects f;
   const uint64_t bpb = layout().bytes_per_block();
-  const auto bytes = bytes_of(6, 3 * bpb);  // 4 blocks
+  const auto bytes = pattern_bytes(6, 3 * bpb);  // 4 blocks
   REQUIRE(*f.put("tail", bytes));
   auto chain = f.objects->chain(f.ns, "tail");
   REQUIRE(chain->whole);
@@ -136,14 +128,14 @@ TEST_CASE("Objects are evicted under pressure like blocks, never returned torn")
   std::vector<std::string> keys;
   for (int i = 0; i < 12; ++i) {
     keys.push_back("obj" + std::to_string(i));
-    REQUIRE(f.put(keys.back(), bytes_of(i, 2 * bpb)).is_ok());  // 3 blocks each, 36 in all
+    REQUIRE(f.put(keys.back(), pattern_bytes(i, 2 * bpb)).is_ok());  // 3 blocks each, 36 in all
   }
   size_t whole = 0;
   for (int i = 0; i < 12; ++i) {
     Status why;
     const auto got = f.get(keys[i], &why);
     if (why.is_ok()) {
-      CHECK(got == bytes_of(i, 2 * bpb));
+      CHECK(got == pattern_bytes(i, 2 * bpb));
       ++whole;
     } else {
       CHECK(why.code() == StatusCode::kNotFound);
@@ -151,7 +143,7 @@ TEST_CASE("Objects are evicted under pressure like blocks, never returned torn")
   }
   CHECK(whole >= 1);
   CHECK(whole <= 5);
-  CHECK(f.get(keys.back()) == bytes_of(11, 2 * bpb));  // the newest stays
+  CHECK(f.get(keys.back()) == pattern_bytes(11, 2 * bpb));  // the newest stays
   REQUIRE(f.tm->index().check_invariants().is_ok());
 }
 
@@ -159,21 +151,21 @@ TEST_CASE("Bad object input is refused with a clear error and nothing stored") {
   Objects f;
   const uint64_t bpb = layout().bytes_per_block();
   SECTION("an empty key or one over the limit") {
-    CHECK(f.put("", bytes_of(1, 10)).status().code() == StatusCode::kInvalidArgument);
-    CHECK(f.put(std::string(kMaxObjectKeyBytes + 1, 'k'), bytes_of(1, 10)).status().code() ==
+    CHECK(f.put("", pattern_bytes(1, 10)).status().code() == StatusCode::kInvalidArgument);
+    CHECK(f.put(std::string(kMaxObjectKeyBytes + 1, 'k'), pattern_bytes(1, 10)).status().code() ==
           StatusCode::kInvalidArgument);
-    CHECK(*f.put(std::string(kMaxObjectKeyBytes, 'k'), bytes_of(1, 10)));
+    CHECK(*f.put(std::string(kMaxObjectKeyBytes, 'k'), pattern_bytes(1, 10)));
   }
   SECTION("a layout that does not end in the length given") {
     std::vector<std::byte> laid(bpb);
-    lay_out_object(bytes_of(1, 10), laid);
+    lay_out_object(pattern_bytes(1, 10), laid);
     auto r = f.objects->put(f.ns, "k", 11, laid);
     CHECK(r.status().code() == StatusCode::kInvalidArgument);
     CHECK(f.objects->put(f.ns, "k", bpb, laid).status().code() == StatusCode::kInvalidArgument);  // 2 blocks
     CHECK(f.tm->index().stats().entries == 0);
   }
   SECTION("a buffer shorter than the object, and one just long enough") {
-    const auto bytes = bytes_of(2, 2 * bpb + 100);
+    const auto bytes = pattern_bytes(2, 2 * bpb + 100);
     REQUIRE(*f.put("big", bytes));
     std::vector<std::byte> small(bytes.size() - 1);
     auto r = f.objects->get(f.ns, "big", small);
@@ -205,7 +197,7 @@ TEST_CASE("Bad object input is refused with a clear error and nothing stored") {
 
 TEST_CASE("An object being read cannot be removed until the read is done") {
   Objects f;
-  REQUIRE(*f.put("held", bytes_of(3, 100)));
+  REQUIRE(*f.put("held", pattern_bytes(3, 100)));
   auto chain = f.objects->chain(f.ns, "held");
   REQUIRE(f.tm->index().pin(chain->keys[0]).is_ok());  // as read_blocks holds it while it reads
   CHECK(f.objects->remove(f.ns, "held").status().code() == StatusCode::kBusy);
@@ -215,8 +207,8 @@ TEST_CASE("An object being read cannot be removed until the read is done") {
 
 TEST_CASE("Object puts, gets and removes show in the metrics") {
   Objects f;
-  REQUIRE(*f.put("m", bytes_of(4, 10)));
-  CHECK_FALSE(*f.put("m", bytes_of(4, 10)));
+  REQUIRE(*f.put("m", pattern_bytes(4, 10)));
+  CHECK_FALSE(*f.put("m", pattern_bytes(4, 10)));
   CHECK_FALSE(f.get("m").empty());
   Status why;
   CHECK(f.get("absent", &why).empty());
